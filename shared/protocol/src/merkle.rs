@@ -1,0 +1,142 @@
+//! The Merkle tree over one run's chain hashes, shaped as RFC 6962 §2.1 with BLAKE3:
+//!
+//! ```text
+//! leaf(h)    = BLAKE3(0x00 || h)
+//! node(l, r) = BLAKE3(0x01 || l || r)
+//! MTH([h])   = leaf(h)
+//! MTH(D[n])  = node(MTH(D[0:k]), MTH(D[k:n])), k = the largest power of two < n
+//! ```
+//!
+//! One signature over the root commits to every assignment of the run, and each
+//! assignment's receipt carries its audit path (at most ⌈log2 n⌉ hashes), so a client
+//! can check its own receipt without the rest of the run.
+
+use crate::hash::Hash32;
+use crate::{Error, Result};
+
+fn leaf(h: &Hash32) -> Hash32 {
+    let mut x = blake3::Hasher::new();
+    x.update(&[0]);
+    x.update(&h.0);
+    x.finalize().into()
+}
+
+fn node(l: &Hash32, r: &Hash32) -> Hash32 {
+    let mut x = blake3::Hasher::new();
+    x.update(&[1]);
+    x.update(&l.0);
+    x.update(&r.0);
+    x.finalize().into()
+}
+
+fn split(n: usize) -> usize {
+    // Largest power of two strictly below n (n >= 2).
+    let mut k = 1;
+    while k * 2 < n {
+        k *= 2;
+    }
+    k
+}
+
+/// The root of the tree over `leaves`; `Hash32::ZERO` for an empty slice, which no
+/// run ever has.
+pub fn root(leaves: &[Hash32]) -> Hash32 {
+    match leaves.len() {
+        0 => Hash32::ZERO,
+        1 => leaf(&leaves[0]),
+        n => {
+            let k = split(n);
+            node(&root(&leaves[..k]), &root(&leaves[k..]))
+        }
+    }
+}
+
+/// The audit path of leaf `index`, from the leaf's sibling up to the root's children.
+pub fn proof(leaves: &[Hash32], index: usize) -> Result<Vec<Hash32>> {
+    if index >= leaves.len() {
+        return Err(Error::InvalidProof("index outside the tree"));
+    }
+    let mut path = Vec::new();
+    let mut lo = 0;
+    let mut hi = leaves.len();
+    // Walk down, collecting the sibling subtree roots, then reverse (leaf first).
+    while hi - lo > 1 {
+        let k = split(hi - lo);
+        if index < lo + k {
+            path.push(root(&leaves[lo + k..hi]));
+            hi = lo + k;
+        } else {
+            path.push(root(&leaves[lo..lo + k]));
+            lo += k;
+        }
+    }
+    path.reverse();
+    Ok(path)
+}
+
+/// Recomputes the root from one leaf and its audit path (RFC 9162 §2.1.3.2).
+pub fn root_from_proof(leaf_hash: &Hash32, index: usize, size: usize, path: &[Hash32]) -> Result<Hash32> {
+    if index >= size {
+        return Err(Error::InvalidProof("index outside the tree"));
+    }
+    let (mut f_n, mut s_n) = (index, size - 1);
+    let mut r = leaf(leaf_hash);
+    for p in path {
+        if s_n == 0 {
+            return Err(Error::InvalidProof("path longer than the tree is deep"));
+        }
+        if f_n & 1 == 1 || f_n == s_n {
+            r = node(p, &r);
+            if f_n & 1 == 0 {
+                while f_n & 1 == 0 && f_n != 0 {
+                    f_n >>= 1;
+                    s_n >>= 1;
+                }
+            }
+        } else {
+            r = node(&r, p);
+        }
+        f_n >>= 1;
+        s_n >>= 1;
+    }
+    if s_n != 0 {
+        return Err(Error::InvalidProof("path shorter than the tree is deep"));
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_proof_of_every_size_leads_to_the_root() {
+        for n in 1..=40usize {
+            let leaves: Vec<Hash32> = (0..n).map(|i| Hash32::digest(&i.to_be_bytes())).collect();
+            let r = root(&leaves);
+            for i in 0..n {
+                let p = proof(&leaves, i).unwrap();
+                assert!(p.len() <= 6);
+                assert_eq!(root_from_proof(&leaves[i], i, n, &p).unwrap(), r, "n={n} i={i}");
+                // A wrong leaf, index or path must not reach the root.
+                let wrong = Hash32::digest(b"wrong");
+                assert_ne!(root_from_proof(&wrong, i, n, &p).unwrap(), r);
+                if n > 1 {
+                    let other = (i + 1) % n;
+                    assert_ne!(root_from_proof(&leaves[i], other, n, &p).ok(), Some(r));
+                    let mut bent = p.clone();
+                    bent[0] = wrong;
+                    assert_ne!(root_from_proof(&leaves[i], i, n, &bent).unwrap(), r);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_single_leaf_tree_has_an_empty_path() {
+        let h = Hash32::digest(b"x");
+        assert_eq!(proof(&[h], 0).unwrap(), vec![]);
+        assert_eq!(root_from_proof(&h, 0, 1, &[]).unwrap(), root(&[h]));
+        assert!(proof(&[h], 1).is_err());
+    }
+}
