@@ -1,1 +1,296 @@
-//! placeholder
+//! The turnstile scheduler service.
+//!
+//! A client sends a message as a NATS request to `<prefix>.schedule.<process>`;
+//! the scheduler gives it the next slot of that process and appends a signed,
+//! hash-chained run of assignments to the assignment log (stream `<PREFIX>_LOG`).
+//! Any number of replicas may run: the log's expected-last-subject-sequence check
+//! arbitrates, so a slot is never given twice and never skipped.
+//!
+//! # Layout
+//! - [`core`]: the pure decisions (head, dedupe window, plan, run building).
+//! - [`actor`]: one task per active process: batching, writing, catching up.
+//! - [`intake`]: the services-API endpoints (schedule, slot, range, keys).
+//! - [`reply`]: receipts and typed refusals.
+//! - [`config`]: configuration and the signing keyring.
+//! - [`error`]: the crate's error type.
+
+pub mod actor;
+pub mod config;
+pub mod core;
+pub mod error;
+pub mod intake;
+pub mod reply;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::service::ServiceExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use journal::reader::{LogReader, RunMeta};
+use journal::setup::{self, LogOptions};
+use journal::subjects::Subjects;
+use protocol::keys::Keypair;
+use protocol::wire::{ErrorCode, ProcessConfig, Run};
+use protocol::ProcessId;
+
+pub use config::{Config, Keyring};
+pub use error::{Error, Result};
+
+use crate::actor::Job;
+use crate::reply::Refusal;
+
+/// Where time comes from; the only clock the scheduler reads.
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+}
+
+/// The operating system's clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    }
+}
+
+/// Limits derived from the configuration and the server's `max_payload`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub max_body: usize,
+    pub max_run_entries: usize,
+    pub max_run_bytes: usize,
+}
+
+/// Headroom kept below the server's `max_payload` for a run's framing and headers.
+const RUN_HEADROOM: usize = 64 * 1024;
+
+/// State every task of one scheduler shares.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub limits: Limits,
+    pub subjects: Subjects,
+    pub js: jetstream::Context,
+    pub log_stream: stream::Stream,
+    pub reader: LogReader,
+    pub keyring: Keyring,
+    pub processes: RwLock<HashMap<String, ProcessConfig>>,
+    pub actors: Actors,
+    pub clock: Arc<dyn Clock>,
+    pub remote: Option<stream::Stream<()>>,
+    pub tracker: TaskTracker,
+}
+
+impl Shared {
+    /// The process's settings (defaults when it has none).
+    pub fn process_config(&self, p: &ProcessId) -> ProcessConfig {
+        self.processes.read().map(|m| m.get(p.as_str()).cloned().unwrap_or_default()).unwrap_or_default()
+    }
+
+    /// The keys that must sign `p`'s runs, or the first required id this scheduler lacks.
+    pub fn keys_for(&self, p: &ProcessId) -> Result<Vec<&Keypair>, String> {
+        self.keyring.select(&self.process_config(p).keys)
+    }
+
+    /// Answers `jobs` once `run` is present in the remote stream, or with
+    /// `remote_timeout` when it does not get there in time.
+    pub fn confirm_remote(self: &Arc<Self>, run: Arc<Run>, jobs: Vec<(Job, usize, bool)>) {
+        let shared = Arc::clone(self);
+        self.tracker.spawn(async move {
+            let Some(remote) = &shared.remote else { return };
+            let Ok(process) = ProcessId::new(run.process.clone()) else { return };
+            let subject = shared.subjects.log(&process);
+            let deadline = tokio::time::Instant::now() + shared.config.remote_timeout;
+            loop {
+                let there = match remote.get_last_raw_message_by_subject(&subject).await {
+                    Ok(m) => RunMeta::from_headers(m.sequence, &m.headers).is_some_and(|meta| meta.last_slot >= run.last_slot()),
+                    Err(_) => false,
+                };
+                if there {
+                    for (job, pos, dup) in &jobs {
+                        job.reply.receipt(&run, *pos, true, *dup).await;
+                    }
+                    return;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    let msg = format!(
+                        "durable in the local log at slots {}..={}, but not confirmed by the remote stream within {:?}",
+                        run.first_slot,
+                        run.last_slot(),
+                        shared.config.remote_timeout
+                    );
+                    for (job, _, _) in &jobs {
+                        job.reply.refuse(Refusal::new(ErrorCode::RemoteTimeout, msg.clone())).await;
+                    }
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+    }
+}
+
+/// The live process actors: one queue each.
+#[derive(Default)]
+pub(crate) struct Actors {
+    queues: Mutex<HashMap<ProcessId, mpsc::Sender<Job>>>,
+}
+
+impl Actors {
+    /// Queues `job` for `process`, starting its actor if needed. A full queue refuses.
+    pub fn submit(&self, shared: &Arc<Shared>, process: ProcessId, job: Job) -> Result<(), (Job, Refusal)> {
+        let Ok(mut queues) = self.queues.lock() else {
+            return Err((job, Refusal::new(ErrorCode::Internal, "actor registry poisoned")));
+        };
+        let mut job = job;
+        for _ in 0..2 {
+            let tx = queues.entry(process.clone()).or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(shared.config.queue_per_process);
+                shared.tracker.spawn(actor::run(Arc::clone(shared), process.clone(), rx));
+                tx
+            });
+            match tx.try_send(job) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Full(j)) => {
+                    return Err((j, Refusal::new(ErrorCode::Unavailable, "too many requests queued for this process; retry")));
+                }
+                Err(mpsc::error::TrySendError::Closed(j)) => {
+                    // The actor idled out between our lookup and our send: start a new one.
+                    queues.remove(&process);
+                    job = j;
+                }
+            }
+        }
+        Err((job, Refusal::new(ErrorCode::Internal, "could not start the process actor")))
+    }
+
+    /// Forgets an actor whose queue is closed.
+    pub fn retire(&self, process: &ProcessId) {
+        if let Ok(mut queues) = self.queues.lock() {
+            if queues.get(process).is_some_and(|tx| tx.is_closed()) {
+                queues.remove(process);
+            }
+        }
+    }
+
+    /// Drops every queue: actors finish what is queued and stop.
+    pub fn close_all(&self) {
+        if let Ok(mut queues) = self.queues.lock() {
+            queues.clear();
+        }
+    }
+}
+
+/// Runs the scheduler until `shutdown` is cancelled, with the system clock.
+pub async fn run(config: Config, keyring: Keyring, client: async_nats::Client, shutdown: CancellationToken) -> Result<()> {
+    run_with_clock(config, keyring, client, shutdown, Arc::new(SystemClock)).await
+}
+
+/// Runs the scheduler with an injected clock.
+pub async fn run_with_clock(
+    config: Config,
+    keyring: Keyring,
+    client: async_nats::Client,
+    shutdown: CancellationToken,
+    clock: Arc<dyn Clock>,
+) -> Result<()> {
+    let version = setup::check_server(&client)?;
+    let subjects = Subjects::new(&config.prefix)?;
+    let js = jetstream::new(client.clone());
+    let options = LogOptions { replicas: config.replicas };
+    let log_stream = setup::ensure_log(&js, &subjects, &options).await?;
+    let processes_kv = setup::ensure_processes(&js, &subjects, &options).await?;
+    let keys_kv = setup::ensure_keys(&js, &subjects, &options).await?;
+    journal::keyring::publish(&keys_kv, &keyring.all()).await?;
+
+    let server_max = client.server_info().max_payload;
+    let room = server_max.saturating_sub(RUN_HEADROOM);
+    let limits = Limits {
+        max_body: config.max_body.min(room),
+        max_run_entries: config.max_run_entries.clamp(1, 10_000),
+        max_run_bytes: config.max_run_bytes.min(room).max(1),
+    };
+    if limits.max_body < config.max_body {
+        warn!(configured = config.max_body, server_max_payload = server_max, effective = limits.max_body, "max_body capped by the server's max_payload; raise max_payload in the server config");
+    }
+    let remote = match &config.remote_stream {
+        Some(name) => {
+            let rjs = match &config.remote_domain {
+                Some(d) => jetstream::with_domain(client.clone(), d),
+                None => js.clone(),
+            };
+            Some(rjs.get_stream_no_info(name).await.map_err(|e| Error::Config(format!("remote stream {name}: {e}")))?)
+        }
+        None => None,
+    };
+
+    let stream_handle = js
+        .get_stream_no_info(subjects.log_stream())
+        .await
+        .map_err(|e| journal::Error::JetStream { op: "open log stream", reason: e.to_string() })?;
+    let reader = LogReader::new(js.clone(), stream_handle, subjects.clone());
+    let initial = intake::load_process_configs(&processes_kv).await?;
+    let shared = Arc::new(Shared {
+        config,
+        limits,
+        subjects: subjects.clone(),
+        js,
+        log_stream,
+        reader,
+        keyring,
+        processes: RwLock::new(initial),
+        actors: Actors::default(),
+        clock,
+        remote,
+        tracker: TaskTracker::new(),
+    });
+
+    let service = client
+        .service_builder()
+        .description("turnstile scheduler: slots, hash-chained signed assignments")
+        .queue_group("turnstile-scheduler")
+        .start("turnstile-scheduler", env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| Error::Service(e.to_string()))?;
+    let endpoint = |name: &'static str, subject: String| {
+        let b = service.endpoint_builder().name(name);
+        async move { b.add(subject).await.map_err(|e| Error::Service(e.to_string())) }
+    };
+    let schedule = endpoint("schedule", subjects.schedule_all()).await?;
+    let slot = endpoint("slot", subjects.slot_all()).await?;
+    let range = endpoint("range", subjects.range_all()).await?;
+    let keys = endpoint("keys", subjects.keys()).await?;
+
+    info!(server = %version, prefix = %subjects.prefix(), keys = ?shared.keyring.all().iter().map(|k| k.id()).collect::<Vec<_>>(), "scheduler ready");
+
+    let loops = TaskTracker::new();
+    loops.spawn(intake::watch_process_configs(Arc::clone(&shared), processes_kv, shutdown.clone()));
+    loops.spawn(intake::schedule_loop(Arc::clone(&shared), schedule, shutdown.clone()));
+    loops.spawn(intake::slot_loop(Arc::clone(&shared), slot, shutdown.clone()));
+    loops.spawn(intake::range_loop(Arc::clone(&shared), range, shutdown.clone()));
+    loops.spawn(intake::keys_loop(Arc::clone(&shared), keys, keys_kv, shutdown.clone()));
+    loops.close();
+
+    shutdown.cancelled().await;
+    info!("shutting down: draining queued requests");
+    if let Err(e) = service.stop().await {
+        warn!(error = %e, "stopping the services API");
+    }
+    loops.wait().await;
+    shared.actors.close_all();
+    shared.tracker.close();
+    if tokio::time::timeout(Duration::from_secs(15), shared.tracker.wait()).await.is_err() {
+        warn!("some process actors did not finish within 15 s");
+    }
+    // Make sure every reply has left before the connection goes.
+    let _ = client.flush().await;
+    info!("scheduler stopped");
+    Ok(())
+}

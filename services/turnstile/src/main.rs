@@ -1,1 +1,384 @@
-fn main() {}
+//! `turnstile`: the command-line client. Schedules messages, reads and tails the
+//! assignment log, verifies it against the published keys, makes key files and
+//! edits per-process settings. Everything it does is plain NATS; see `schemas/`.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use serde_json::json;
+
+use journal::audit::{self, Scope};
+use journal::client::{Client, Schedule};
+use journal::reader::LogReader;
+use journal::subjects::Subjects;
+use journal::{keyring, setup};
+use protocol::keys::{KeyFile, Keypair};
+use protocol::verify::TrustedKeys;
+use protocol::wire::{Entry, Mode, ProcessConfig, Receipt};
+use protocol::ProcessId;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "turnstile: schedule messages, read and verify the assignment log")]
+struct Cli {
+    /// NATS server URL(s), as the nats CLI reads it.
+    #[arg(long, global = true, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Subject prefix of the turnstile deployment.
+    #[arg(long, global = true, env = "TS_PREFIX", default_value = "ts")]
+    prefix: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Make a new signing key file (keep it secret; the scheduler publishes the public half).
+    Keygen {
+        /// Write the key here (mode 0600) instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also write the public key file here.
+        #[arg(long)]
+        public_out: Option<PathBuf>,
+    },
+    /// Schedule one message; prints the receipt as JSON.
+    Schedule {
+        /// The process.
+        process: String,
+        /// The body (default: standard input).
+        #[arg(long, short)]
+        data: Option<String>,
+        /// Message id, for idempotent retries.
+        #[arg(long)]
+        id: Option<String>,
+        /// aggressive, local_confirmation, remote_confirmation or disabled.
+        #[arg(long)]
+        mode: Option<String>,
+        /// A header to store with the message, NAME=VALUE (repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+    },
+    /// The current slot and chain head of a process.
+    Slot {
+        /// The process.
+        process: String,
+    },
+    /// Print assignments in slot order, one JSON object a line.
+    Log {
+        /// The process.
+        process: String,
+        /// First slot.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Last slot (inclusive).
+        #[arg(long)]
+        to: Option<u64>,
+        /// Keep printing new assignments as they are written.
+        #[arg(long)]
+        follow: bool,
+        /// Print the body as text (lossy UTF-8) instead of hex.
+        #[arg(long)]
+        text: bool,
+    },
+    /// Recompute the chain and check every signature; names the first bad slot.
+    Verify {
+        /// The process.
+        process: String,
+        /// First slot.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Last slot (inclusive); default: the head.
+        #[arg(long)]
+        to: Option<u64>,
+        /// Trust only these public key files instead of the published keys.
+        #[arg(long = "trust")]
+        trust: Vec<PathBuf>,
+        /// Key ids that must have signed every run (default: the process's settings).
+        #[arg(long = "require")]
+        require: Vec<String>,
+    },
+    /// Per-process settings.
+    Process {
+        #[command(subcommand)]
+        action: ProcessAction,
+    },
+    /// List the published scheduler keys.
+    Keys,
+}
+
+#[derive(Subcommand, Debug)]
+enum ProcessAction {
+    /// Set a process's default mode and required keys.
+    Set {
+        /// The process.
+        process: String,
+        /// Default mode (disabled refuses every request).
+        #[arg(long)]
+        mode: Option<String>,
+        /// Key ids that must all sign (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        keys: Vec<String>,
+    },
+    /// Show a process's settings.
+    Get {
+        /// The process.
+        process: String,
+    },
+    /// Remove a process's settings (back to the defaults).
+    Clear {
+        /// The process.
+        process: String,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("turnstile: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+async fn connect(url: &str) -> Result<async_nats::Client> {
+    let client = async_nats::ConnectOptions::new()
+        .name("turnstile-cli")
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to {url} (set NATS_URL)"))?;
+    setup::check_server(&client)?;
+    Ok(client)
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    let subjects = Subjects::new(&cli.prefix)?;
+    match cli.command {
+        Command::Keygen { out, public_out } => {
+            let kp = Keypair::generate();
+            let text = kp.to_key_file();
+            match out {
+                Some(path) => {
+                    write_private(&path, &text)?;
+                    eprintln!("wrote key {} to {}", kp.id(), path.display());
+                }
+                None => print!("{text}"),
+            }
+            if let Some(path) = public_out {
+                let public = KeyFile { key_id: kp.id().into(), public_key: hex::encode(kp.public_key()), secret_seed: None };
+                std::fs::write(&path, serde_json::to_string_pretty(&public)? + "\n")?;
+            }
+            Ok(0)
+        }
+        Command::Schedule { process, data, id, mode, headers } => {
+            let process = ProcessId::new(process)?;
+            let body = match data {
+                Some(d) => Bytes::from(d),
+                None => {
+                    let mut buf = Vec::new();
+                    std::io::stdin().read_to_end(&mut buf)?;
+                    Bytes::from(buf)
+                }
+            };
+            let mode = mode.map(|m| m.parse::<Mode>()).transpose()?;
+            let headers = headers
+                .iter()
+                .map(|h| h.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).context("headers are NAME=VALUE"))
+                .collect::<Result<Vec<_>>>()?;
+            let client = Client::new(connect(&cli.nats_url).await?, subjects);
+            let receipt = client.schedule(&process, body, &Schedule { message_id: id, mode, headers }).await?;
+            println!("{}", serde_json::to_string_pretty(&receipt_json(&receipt))?);
+            Ok(0)
+        }
+        Command::Slot { process } => {
+            let process = ProcessId::new(process)?;
+            let client = Client::new(connect(&cli.nats_url).await?, subjects);
+            let info = client.slot(&process).await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "process": info.process,
+                    "slot": info.slot,
+                    "next_slot": info.next_slot,
+                    "chain_head": info.chain_head.to_hex(),
+                    "timestamp_ms": info.timestamp_ms,
+                }))?
+            );
+            Ok(0)
+        }
+        Command::Log { process, from, to, follow, text } => {
+            let process = ProcessId::new(process)?;
+            let js = async_nats::jetstream::new(connect(&cli.nats_url).await?);
+            let reader = LogReader::open(js, subjects).await?;
+            let mut runs = reader.runs(&process, from, follow).await?;
+            let mut out = std::io::stdout().lock();
+            while let Some(stored) = runs.next().await {
+                let stored = stored?;
+                for e in &stored.run.entries {
+                    if e.slot < from {
+                        continue;
+                    }
+                    if to.is_some_and(|t| e.slot > t) {
+                        return Ok(0);
+                    }
+                    writeln!(out, "{}", serde_json::to_string(&entry_json(e, text))?)?;
+                }
+                out.flush()?;
+            }
+            Ok(0)
+        }
+        Command::Verify { process, from, to, trust, require } => {
+            let process = ProcessId::new(process)?;
+            let client = connect(&cli.nats_url).await?;
+            let js = async_nats::jetstream::new(client);
+            let trusted = if trust.is_empty() {
+                let store = setup::open_bucket(&js, &subjects.keys_bucket()).await?;
+                keyring::trust(&keyring::fetch(&store).await?)
+            } else {
+                let mut t = TrustedKeys::default();
+                for path in &trust {
+                    let file = KeyFile::parse(&std::fs::read_to_string(path)?)?;
+                    t.insert(file.public_key_bytes()?);
+                }
+                t
+            };
+            if trusted.is_empty() {
+                bail!("no trusted keys: none are published and none were given with --trust");
+            }
+            let required = if require.is_empty() {
+                match setup::open_bucket(&js, &subjects.processes_bucket()).await {
+                    Ok(store) => match store.get(process.as_str()).await {
+                        Ok(Some(b)) => ProcessConfig::decode(&b).map(|c| c.keys).unwrap_or_default(),
+                        _ => vec![],
+                    },
+                    Err(_) => vec![],
+                }
+            } else {
+                require
+            };
+            let reader = LogReader::open(js, subjects).await?;
+            let scope = Scope { process: process.clone(), from, to, required };
+            let tty = std::io::stderr().is_terminal();
+            let started = Instant::now();
+            let mut last_print = Instant::now();
+            let report = audit::verify(&reader, &scope, trusted, |slot| {
+                if last_print.elapsed().as_millis() >= 500 {
+                    last_print = Instant::now();
+                    let rate = slot.saturating_sub(from) as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                    if tty {
+                        eprint!("\rverified through slot {slot} ({rate:.0} slots/s)   ");
+                    } else {
+                        eprintln!("verified through slot {slot} ({rate:.0} slots/s)");
+                    }
+                }
+            })
+            .await?;
+            if tty {
+                eprint!("\r");
+            }
+            match report.fault {
+                None => {
+                    let range = match report.last_good {
+                        Some(l) => format!("slots {from}..={l}"),
+                        None => "no assignments".into(),
+                    };
+                    println!("ok: {process} {range} verified ({} assignments checked)", report.checked);
+                    Ok(0)
+                }
+                Some(f) => {
+                    println!("FAILED: {process} {f}");
+                    Ok(1)
+                }
+            }
+        }
+        Command::Process { action } => {
+            let js = async_nats::jetstream::new(connect(&cli.nats_url).await?);
+            let store = setup::ensure_processes(&js, &subjects, &Default::default()).await?;
+            match action {
+                ProcessAction::Set { process, mode, keys } => {
+                    let process = ProcessId::new(process)?;
+                    let mode = mode.map(|m| m.parse::<Mode>()).transpose()?;
+                    let config = ProcessConfig { mode, keys };
+                    store.put(process.as_str(), config.encode()?.into()).await?;
+                    println!("{process}: mode={} keys={:?}", mode.map(|m| m.as_str()).unwrap_or("default"), config.keys);
+                }
+                ProcessAction::Get { process } => {
+                    let process = ProcessId::new(process)?;
+                    let config = match store.get(process.as_str()).await? {
+                        Some(b) => ProcessConfig::decode(&b)?,
+                        None => ProcessConfig::default(),
+                    };
+                    println!("{process}: mode={} keys={:?}", config.mode.map(|m| m.as_str()).unwrap_or("default"), config.keys);
+                }
+                ProcessAction::Clear { process } => {
+                    let process = ProcessId::new(process)?;
+                    store.delete(process.as_str()).await?;
+                    println!("{process}: settings cleared");
+                }
+            }
+            Ok(0)
+        }
+        Command::Keys => {
+            let js = async_nats::jetstream::new(connect(&cli.nats_url).await?);
+            let store = setup::open_bucket(&js, &subjects.keys_bucket()).await?;
+            for k in keyring::fetch(&store).await? {
+                println!("{} {}", k.key_id, hex::encode(&k.public_key));
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn write_private(path: &PathBuf, text: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {} (it must not exist)", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn receipt_json(r: &Receipt) -> serde_json::Value {
+    json!({
+        "process": r.process,
+        "slot": r.slot,
+        "message_id": r.message_id,
+        "timestamp_ms": r.timestamp_ms,
+        "headers": r.headers,
+        "body_hash": r.body_hash.to_hex(),
+        "prev_hash": r.prev_hash.to_hex(),
+        "chain_hash": r.chain_hash.to_hex(),
+        "durable": r.durable,
+        "duplicate": r.duplicate,
+        "run": { "first_slot": r.run_first_slot, "count": r.run_count },
+        "merkle_path": r.merkle_path.iter().map(|h| h.to_hex()).collect::<Vec<_>>(),
+        "commitments": r.commitments.iter().map(|c| json!({"key_id": c.key_id, "signature": hex::encode(&c.signature)})).collect::<Vec<_>>(),
+        "verified": r.check(None).is_ok(),
+    })
+}
+
+fn entry_json(e: &Entry, text: bool) -> serde_json::Value {
+    let body = if text { json!(String::from_utf8_lossy(&e.body)) } else { json!(hex::encode(&e.body)) };
+    json!({
+        "slot": e.slot,
+        "message_id": e.message_id,
+        "timestamp_ms": e.timestamp_ms,
+        "headers": e.headers,
+        "body": body,
+        "chain_hash": e.chain_hash.to_hex(),
+    })
+}

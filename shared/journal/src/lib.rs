@@ -1,1 +1,74 @@
-//! placeholder
+//! turnstile's NATS side, shared by the services, the CLI and the tests.
+//!
+//! # Layout
+//! - [`subjects`]: every subject, stream, bucket and header name (nowhere else
+//!   formats one).
+//! - [`setup`]: the server version check and idempotent stream/bucket creation.
+//! - [`reader`]: reading the assignment log: head in O(1), slot lookup in
+//!   O(log n) reads, ordered range scans and live tails.
+//! - [`audit`]: the verification driver (reads the log, feeds the pure verifier).
+//! - [`client`]: the request/reply client of the scheduler (what the CLI uses).
+//! - [`keyring`]: publishing and fetching scheduler public keys.
+
+pub mod audit;
+pub mod client;
+pub mod keyring;
+pub mod reader;
+pub mod setup;
+pub mod subjects;
+
+pub use protocol;
+
+use protocol::wire::ErrorCode;
+
+/// Everything that can go wrong talking to NATS about the log.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The server is older than turnstile supports.
+    #[error("nats-server {found} is too old: turnstile needs >= {required} (atomic expectations on replicated streams, see ANCHORS.md); run `make tools` or set NATS_SERVER_BIN")]
+    ServerTooOld {
+        /// The version the server reported.
+        found: String,
+        /// The minimum version.
+        required: String,
+    },
+    /// The server has JetStream disabled.
+    #[error("JetStream is not enabled on the server (start nats-server with -js)")]
+    NoJetStream,
+    /// A JetStream API call failed.
+    #[error("jetstream {op}: {reason}")]
+    JetStream {
+        /// What was being done.
+        op: &'static str,
+        /// The server's or client's reason.
+        reason: String,
+    },
+    /// Nobody answers on the subject (no scheduler running).
+    #[error("no scheduler answers on {0}")]
+    NoResponders(String),
+    /// A request timed out.
+    #[error("request on {0} timed out")]
+    Timeout(String),
+    /// The scheduler refused the request.
+    #[error("refused ({code}): {message}", code = code.as_str())]
+    Refused {
+        /// The typed reason.
+        code: ErrorCode,
+        /// The human-readable message.
+        message: String,
+    },
+    /// A stored record or reply is not what the protocol says.
+    #[error("bad record at stream sequence {seq}: {reason}")]
+    BadRecord {
+        /// Stream sequence of the record (0 for a reply).
+        seq: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A protocol-level error (invalid process id, decode failure, ...).
+    #[error(transparent)]
+    Protocol(#[from] protocol::Error),
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,423 @@
+//! One task per active process: it owns the process's head and dedupe index,
+//! batches the queued requests into one run, and writes the run with an
+//! expected-last-subject-sequence check, so the log itself arbitrates between
+//! replicas. A lost race (or an ambiguous failure) is followed by a catch-up read
+//! of every run written since the known head, then a fresh plan.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, context::PublishErrorKind};
+use async_nats::HeaderMap;
+use base64::Engine;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tracing::{debug, info_span, warn, Instrument};
+
+use journal::reader::{LogReader, RunMeta, StoredRun};
+use journal::subjects;
+use protocol::wire::{ErrorCode, Mode, Run};
+use protocol::ProcessId;
+
+use crate::core::{self, Decision, DedupeIndex, Head, NewMessage, Seen};
+use crate::reply::{Refusal, Replier};
+use crate::Shared;
+
+/// One scheduling request, validated by the intake.
+pub struct Job {
+    /// Where the answer goes.
+    pub reply: Replier,
+    /// The client's message id.
+    pub message_id: Option<String>,
+    /// The resolved mode (never `Disabled`).
+    pub mode: Mode,
+    /// Stored headers.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl Job {
+    fn cost(&self) -> usize {
+        // Body, headers and a generous allowance for the entry's fixed fields.
+        self.body.len() + self.headers.iter().map(|(k, v)| k.len() + v.len() + 10).sum::<usize>() + 200
+    }
+}
+
+/// Runs the actor of `process` until its queue closes or it idles out.
+pub(crate) async fn run(shared: Arc<Shared>, process: ProcessId, mut rx: mpsc::Receiver<Job>) {
+    let span = info_span!("process", process = %process);
+    async move {
+        let mut actor = Actor { shared, process, head: None, index: DedupeIndex::new(0) };
+        let mut carry: Option<Job> = None;
+        loop {
+            let first = match carry.take() {
+                Some(j) => j,
+                None => match tokio::time::timeout(actor.shared.config.idle_actor, rx.recv()).await {
+                    Ok(Some(j)) => j,
+                    Ok(None) => break,
+                    Err(_) => {
+                        // Idle: close the queue, then finish whatever raced in before closing.
+                        rx.close();
+                        let mut rest = Vec::new();
+                        while let Ok(j) = rx.try_recv() {
+                            rest.push(j);
+                        }
+                        if !rest.is_empty() {
+                            actor.batch(rest).await;
+                        }
+                        break;
+                    }
+                },
+            };
+            let mut bytes = first.cost();
+            let mut batch = vec![first];
+            while batch.len() < actor.shared.limits.max_run_entries {
+                match rx.try_recv() {
+                    Ok(j) => {
+                        if bytes + j.cost() > actor.shared.limits.max_run_bytes {
+                            carry = Some(j);
+                            break;
+                        }
+                        bytes += j.cost();
+                        batch.push(j);
+                    }
+                    Err(_) => break,
+                }
+            }
+            actor.batch(batch).await;
+        }
+        actor.shared.actors.retire(&actor.process);
+    }
+    .instrument(span)
+    .await
+}
+
+struct Actor {
+    shared: Arc<Shared>,
+    process: ProcessId,
+    head: Option<Head>,
+    index: DedupeIndex,
+}
+
+enum WriteOutcome {
+    Stored(u64),
+    Lost,
+    Failed(String),
+}
+
+impl Actor {
+    fn reader(&self) -> &LogReader {
+        &self.shared.reader
+    }
+
+    /// Schedules one batch: answers duplicates, writes the rest as one run.
+    async fn batch(&mut self, mut jobs: Vec<Job>) {
+        let started = Instant::now();
+        let mut answered_early = vec![false; jobs.len()];
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let head = match self.load().await {
+                Ok(h) => h,
+                Err(e) => {
+                    if started.elapsed() > self.shared.config.write_deadline {
+                        refuse_all(&jobs, &answered_early, ErrorCode::Unavailable, &format!("cannot read the log: {e}")).await;
+                        return;
+                    }
+                    warn!(error = %e, "reading the head failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let now = self.shared.clock.now_ms();
+            self.index.prune(now);
+            let ids: Vec<Option<&str>> = jobs.iter().map(|j| j.message_id.as_deref()).collect();
+            let decisions = core::plan(&self.index, &ids);
+
+            // Duplicates of earlier runs: answer with the stored original and drop them.
+            let mut keep = Vec::with_capacity(jobs.len());
+            let mut keep_early = Vec::with_capacity(jobs.len());
+            let mut keep_decisions = Vec::with_capacity(jobs.len());
+            for ((job, d), early) in jobs.into_iter().zip(decisions).zip(answered_early) {
+                match d {
+                    Decision::Duplicate(seen) => self.answer_duplicate(job, seen).await,
+                    d => {
+                        keep.push(job);
+                        keep_early.push(early);
+                        keep_decisions.push(d);
+                    }
+                }
+            }
+            jobs = keep;
+            answered_early = keep_early;
+            if jobs.is_empty() {
+                return;
+            }
+
+            let mut supplied = Vec::new();
+            let messages: Vec<NewMessage> = jobs
+                .iter()
+                .zip(&keep_decisions)
+                .filter(|(_, d)| matches!(d, Decision::Assign(_)))
+                .map(|(j, _)| {
+                    supplied.push(j.message_id.is_some());
+                    NewMessage {
+                        message_id: j.message_id.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+                        headers: j.headers.clone(),
+                        body: j.body.to_vec(),
+                    }
+                })
+                .collect();
+            let keys = match self.shared.keys_for(&self.process) {
+                Ok(k) => k,
+                Err(id) => {
+                    let msg = format!("process requires key {id}, which this scheduler does not hold");
+                    refuse_all(&jobs, &answered_early, ErrorCode::MissingKey, &msg).await;
+                    return;
+                }
+            };
+            let run = core::build_run(&self.process, &head, messages, now, &keys);
+
+            // Aggressive requests are answered now, signed but not yet durable.
+            for (i, job) in jobs.iter().enumerate() {
+                if job.mode == Mode::Aggressive && !answered_early[i] {
+                    answered_early[i] = true;
+                    let (pos, same) = position(keep_decisions[i]);
+                    job.reply.receipt(&run, pos, false, same).await;
+                }
+            }
+
+            let outcome = self.write(&head, &run, &supplied).await;
+            let landed = match outcome {
+                WriteOutcome::Stored(seq) => Some(seq),
+                WriteOutcome::Lost => {
+                    debug!(slot = head.next_slot, "lost the write race; catching up");
+                    backoff = Duration::from_millis(5);
+                    None
+                }
+                WriteOutcome::Failed(reason) => {
+                    if started.elapsed() > self.shared.config.write_deadline {
+                        let msg = format!("the log did not confirm the write ({reason}); retry with the same message id");
+                        refuse_all(&jobs, &answered_early, ErrorCode::Unavailable, &msg).await;
+                        // The write may still land; forget the head so the next batch re-reads it.
+                        self.head = None;
+                        return;
+                    }
+                    warn!(%reason, "write failed; catching up and retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    None
+                }
+            };
+            // After a failure the log knows what happened: read every run since our head.
+            // If our own run is among them (an ambiguous failure that did land), it stored.
+            let landed = match landed {
+                Some(seq) => Some(seq),
+                None => match self.catch_up(&run).await {
+                    Ok(found) => found,
+                    Err(e) => {
+                        warn!(error = %e, "catch-up failed; re-reading the head");
+                        self.head = None;
+                        None
+                    }
+                },
+            };
+            if let Some(seq) = landed {
+                self.head = Some(Head::after(&run, seq));
+                for (e, supplied) in run.entries.iter().zip(&supplied) {
+                    if *supplied {
+                        self.index.insert(e.message_id.clone(), Seen { slot: e.slot, seq }, e.timestamp_ms);
+                    }
+                }
+                let run = Arc::new(run);
+                let mut remote = Vec::new();
+                for ((job, d), early) in jobs.into_iter().zip(keep_decisions).zip(answered_early) {
+                    if early {
+                        continue;
+                    }
+                    let (pos, same) = position(d);
+                    if job.mode == Mode::RemoteConfirmation {
+                        remote.push((job, pos, same));
+                    } else {
+                        job.reply.receipt(&run, pos, true, same).await;
+                    }
+                }
+                if !remote.is_empty() {
+                    self.shared.confirm_remote(run, remote);
+                }
+                return;
+            }
+        }
+    }
+
+    /// The head, loading it (and the dedupe window) from the log on first use.
+    async fn load(&mut self) -> journal::Result<Head> {
+        if let Some(h) = self.head {
+            return Ok(h);
+        }
+        let meta = self.reader().head(&self.process).await?;
+        let head = match meta {
+            Some(m) => Head { next_slot: m.last_slot + 1, prev: m.head, seq: m.seq, timestamp_ms: m.timestamp_ms },
+            None => Head::genesis(&self.process),
+        };
+        self.index = DedupeIndex::new(self.shared.config.dedupe_window.as_millis() as u64);
+        if let Some(m) = meta {
+            self.load_window(&m).await?;
+        }
+        self.head = Some(head);
+        Ok(head)
+    }
+
+    /// Reads the message ids of the runs within the dedupe window, headers only.
+    async fn load_window(&mut self, head: &RunMeta) -> journal::Result<()> {
+        let window = self.shared.config.dedupe_window.as_millis() as u64;
+        let now = self.shared.clock.now_ms();
+        if window == 0 || head.timestamp_ms < now.saturating_sub(window) {
+            return Ok(());
+        }
+        let start = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now.saturating_sub(window)) * 1_000_000)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let err = |e: &dyn std::fmt::Display| journal::Error::JetStream { op: "load dedupe window", reason: e.to_string() };
+        let consumer = self
+            .shared
+            .log_stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.shared.subjects.log(&self.process),
+                deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: start },
+                headers_only: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(&e))?;
+        let mut messages = consumer.messages().await.map_err(|e| err(&e))?;
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| err(&e))?;
+            let seq = m.info().map(|i| i.stream_sequence).map_err(|e| err(&e))?;
+            if let Some(h) = &m.headers {
+                let ts = RunMeta::from_headers(seq, h).map(|r| r.timestamp_ms).unwrap_or(now);
+                for (slot, id) in decode_ids(h) {
+                    self.index.insert(id, Seen { slot, seq }, ts);
+                }
+            }
+            if seq >= head.seq {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes `run` expecting the head's subject sequence.
+    async fn write(&self, head: &Head, run: &Run, supplied: &[bool]) -> WriteOutcome {
+        let payload = match run.encode() {
+            Ok(p) => p,
+            Err(e) => return WriteOutcome::Failed(e.to_string()),
+        };
+        let mut headers = RunMeta::headers_of(run);
+        if let Some(ids) = encode_ids(run, supplied) {
+            headers.insert(subjects::IDS, ids.as_str());
+        }
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .headers(headers)
+            .expected_last_subject_sequence(head.seq);
+        let ack = match self.shared.js.send_publish(self.shared.subjects.log(&self.process), publish).await {
+            Ok(f) => f.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(ack) => WriteOutcome::Stored(ack.sequence),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => WriteOutcome::Lost,
+            Err(e) if jetstream_code(&e) == Some(10164) || jetstream_code(&e) == Some(10071) => WriteOutcome::Lost,
+            Err(e) => WriteOutcome::Failed(e.to_string()),
+        }
+    }
+
+    /// Reads every run after the known head; returns the sequence of `ours` if it is
+    /// among them, else applies them all (head and index) and returns none.
+    async fn catch_up(&mut self, ours: &Run) -> journal::Result<Option<u64>> {
+        let Some(mut head) = self.head else { return Ok(None) };
+        loop {
+            let Some(StoredRun { seq, run, headers }) = self.reader().next_run(&self.process, head.seq + 1).await? else {
+                break;
+            };
+            if run.first_slot == ours.first_slot && run.head() == ours.head() {
+                return Ok(Some(seq));
+            }
+            if run.first_slot != head.next_slot || run.entries.first().map(|e| e.prev_hash) != Some(head.prev) {
+                // Someone wrote a run that does not continue the chain: refuse to build on
+                // guesses; the operator must look (verify names the slot).
+                warn!(seq, first_slot = run.first_slot, expected = head.next_slot, "log run does not continue the chain");
+            }
+            let ts = run.entries.last().map(|e| e.timestamp_ms).unwrap_or(0);
+            for (slot, id) in decode_ids(&headers) {
+                self.index.insert(id, Seen { slot, seq }, ts);
+            }
+            head = Head::after(&run, seq);
+        }
+        self.head = Some(head);
+        Ok(None)
+    }
+
+    async fn answer_duplicate(&self, job: Job, seen: Seen) {
+        match self.reader().run_at(seen.seq).await {
+            Ok(stored) => {
+                let index = seen.slot.saturating_sub(stored.run.first_slot) as usize;
+                job.reply.receipt(&stored.run, index, true, true).await;
+            }
+            Err(e) => {
+                job.reply
+                    .refuse(Refusal::new(ErrorCode::Unavailable, format!("message id already scheduled at slot {}, but its run cannot be read now: {e}", seen.slot)))
+                    .await
+            }
+        }
+    }
+}
+
+async fn refuse_all(jobs: &[Job], answered: &[bool], code: ErrorCode, message: &str) {
+    for (job, early) in jobs.iter().zip(answered) {
+        if !early {
+            job.reply.refuse(Refusal::new(code, message.to_string())).await;
+        }
+    }
+}
+
+fn jetstream_code(e: &jetstream::context::PublishError) -> Option<u64> {
+    use std::error::Error as _;
+    let src = e.source()?;
+    src.downcast_ref::<jetstream::Error>().map(|j| j.error_code().0 as u64)
+}
+
+/// `Ts-Ids`: base64 of MessagePack `[[slot, id], ...]` for the client-supplied ids.
+fn encode_ids(run: &Run, supplied: &[bool]) -> Option<String> {
+    let pairs: Vec<(u64, &str)> = run
+        .entries
+        .iter()
+        .zip(supplied)
+        .filter(|(_, s)| **s)
+        .map(|(e, _)| (e.slot, e.message_id.as_str()))
+        .collect();
+    if pairs.is_empty() {
+        return None;
+    }
+    let bytes = rmp_serde::to_vec(&pairs).ok()?;
+    Some(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// Position in the run and whether the request repeats an id of the same batch.
+fn position(d: Decision) -> (usize, bool) {
+    match d {
+        Decision::Assign(i) => (i, false),
+        Decision::SameAs(i) => (i, true),
+        Decision::Duplicate(_) => (0, true),
+    }
+}
+
+/// The `[slot, id]` pairs of a `Ts-Ids` header; a malformed header yields none.
+pub fn decode_ids(h: &HeaderMap) -> Vec<(u64, String)> {
+    h.get(subjects::IDS)
+        .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v.as_str()).ok())
+        .and_then(|b| rmp_serde::from_slice::<Vec<(u64, String)>>(&b).ok())
+        .unwrap_or_default()
+}

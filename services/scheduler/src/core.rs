@@ -1,0 +1,252 @@
+//! The scheduling decisions, pure: no NATS, no tokio, no clock. The actor feeds
+//! requests and the log's state in and carries the decisions out.
+//!
+//! - [`Head`]: where a process's chain stands (next slot, previous hash, the
+//!   subject sequence the next write must expect).
+//! - [`DedupeIndex`]: client message ids seen within the idempotency window.
+//! - [`plan`]: which requests are duplicates and which get new slots.
+//! - [`build_run`]: the run of new assignments, chained and signed.
+
+use std::collections::{HashMap, VecDeque};
+
+use protocol::chain;
+use protocol::hash::Hash32;
+use protocol::keys::Keypair;
+use protocol::wire::{Entry, Run, RECORD_VERSION};
+use protocol::ProcessId;
+
+/// Where a process's chain stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// The slot the next assignment gets.
+    pub next_slot: u64,
+    /// The chain hash the next assignment links to.
+    pub prev: Hash32,
+    /// The stream's last sequence on the process's subject (0: none); the next write
+    /// expects exactly this (`Nats-Expected-Last-Subject-Sequence`).
+    pub seq: u64,
+    /// Timestamp of the last assignment; timestamps never go backwards.
+    pub timestamp_ms: u64,
+}
+
+impl Head {
+    /// The head of a process with no assignment.
+    pub fn genesis(process: &ProcessId) -> Head {
+        Head { next_slot: 0, prev: chain::genesis(process), seq: 0, timestamp_ms: 0 }
+    }
+
+    /// The head after `run` was stored at stream sequence `seq`.
+    pub fn after(run: &Run, seq: u64) -> Head {
+        Head {
+            next_slot: run.last_slot() + 1,
+            prev: run.head(),
+            seq,
+            timestamp_ms: run.entries.last().map(|e| e.timestamp_ms).unwrap_or(0),
+        }
+    }
+}
+
+/// Where an already scheduled message id lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// Its slot.
+    pub slot: u64,
+    /// The stream sequence of its run.
+    pub seq: u64,
+}
+
+/// Client message ids scheduled within the idempotency window, oldest first.
+/// After the window an id is forgotten and the same id gets a new slot.
+#[derive(Debug, Default)]
+pub struct DedupeIndex {
+    window_ms: u64,
+    ids: HashMap<String, Seen>,
+    order: VecDeque<(u64, String)>,
+}
+
+impl DedupeIndex {
+    /// An index remembering ids for `window_ms`.
+    pub fn new(window_ms: u64) -> DedupeIndex {
+        DedupeIndex { window_ms, ..Default::default() }
+    }
+
+    /// Records `id` as scheduled at `slot` in the run at `seq`, at `timestamp_ms`.
+    pub fn insert(&mut self, id: String, seen: Seen, timestamp_ms: u64) {
+        if self.window_ms == 0 {
+            return;
+        }
+        if self.ids.insert(id.clone(), seen).is_none() {
+            self.order.push_back((timestamp_ms, id));
+        }
+    }
+
+    /// Where `id` was scheduled, if within the window.
+    pub fn get(&self, id: &str) -> Option<Seen> {
+        self.ids.get(id).copied()
+    }
+
+    /// Forgets ids older than the window as of `now_ms`.
+    pub fn prune(&mut self, now_ms: u64) {
+        let horizon = now_ms.saturating_sub(self.window_ms);
+        while let Some((ts, _)) = self.order.front() {
+            if *ts >= horizon {
+                break;
+            }
+            if let Some((_, id)) = self.order.pop_front() {
+                self.ids.remove(&id);
+            }
+        }
+    }
+
+    /// How many ids are remembered.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// True when no id is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// What to do with one request of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Give it the next slot (its position in the new run).
+    Assign(usize),
+    /// Its id was already scheduled: answer with that assignment.
+    Duplicate(Seen),
+    /// Its id appears earlier in this same batch: answer with that request's
+    /// assignment (the position in the new run).
+    SameAs(usize),
+}
+
+/// Decides, for each request's optional message id, whether it gets a new slot.
+pub fn plan(index: &DedupeIndex, ids: &[Option<&str>]) -> Vec<Decision> {
+    let mut in_batch: HashMap<&str, usize> = HashMap::new();
+    let mut next = 0;
+    ids.iter()
+        .map(|id| match id {
+            Some(id) => {
+                if let Some(seen) = index.get(id) {
+                    Decision::Duplicate(seen)
+                } else if let Some(pos) = in_batch.get(id) {
+                    Decision::SameAs(*pos)
+                } else {
+                    in_batch.insert(id, next);
+                    next += 1;
+                    Decision::Assign(next - 1)
+                }
+            }
+            None => {
+                next += 1;
+                Decision::Assign(next - 1)
+            }
+        })
+        .collect()
+}
+
+/// One new assignment's content.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// The message id (client's or generated).
+    pub message_id: String,
+    /// Stored headers.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// Builds the run of `messages` on top of `head`, timestamped `max(now_ms, head's)`,
+/// and signs it with every key in `keys`.
+pub fn build_run(process: &ProcessId, head: &Head, messages: Vec<NewMessage>, now_ms: u64, keys: &[&Keypair]) -> Run {
+    let ts = now_ms.max(head.timestamp_ms);
+    let mut prev = head.prev;
+    let entries = messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let slot = head.next_slot + i as u64;
+            let body_hash = Hash32::digest(&m.body);
+            let fields = chain::Fields {
+                process: process.as_str(),
+                slot,
+                message_id: &m.message_id,
+                timestamp_ms: ts,
+                headers: &m.headers,
+                body_hash,
+            };
+            let chain_hash = chain::chain_hash(&prev, &fields);
+            let e = Entry { slot, message_id: m.message_id, timestamp_ms: ts, headers: m.headers, body: m.body, prev_hash: prev, chain_hash };
+            prev = chain_hash;
+            e
+        })
+        .collect();
+    let mut run = Run { v: RECORD_VERSION, process: process.to_string(), first_slot: head.next_slot, entries, commitments: vec![] };
+    let statement = run.statement();
+    run.commitments = keys.iter().map(|k| k.commit(&statement)).collect();
+    run
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::verify::{ChainVerifier, TrustedKeys};
+
+    fn msg(id: &str) -> NewMessage {
+        NewMessage { message_id: id.into(), headers: vec![], body: id.as_bytes().to_vec() }
+    }
+
+    #[test]
+    fn given_seen_and_repeated_ids_when_planning_then_only_new_ones_get_slots() {
+        let mut index = DedupeIndex::new(1000);
+        index.insert("old".into(), Seen { slot: 3, seq: 9 }, 100);
+        let d = plan(&index, &[None, Some("a"), Some("old"), Some("a"), None, Some("b")]);
+        assert_eq!(
+            d,
+            vec![
+                Decision::Assign(0),
+                Decision::Assign(1),
+                Decision::Duplicate(Seen { slot: 3, seq: 9 }),
+                Decision::SameAs(1),
+                Decision::Assign(2),
+                Decision::Assign(3),
+            ]
+        );
+    }
+
+    #[test]
+    fn given_a_window_when_time_passes_then_ids_are_forgotten_in_order() {
+        let mut index = DedupeIndex::new(100);
+        index.insert("a".into(), Seen { slot: 0, seq: 1 }, 1000);
+        index.insert("b".into(), Seen { slot: 1, seq: 2 }, 1050);
+        index.prune(1100);
+        assert!(index.get("a").is_some(), "exactly at the horizon is still inside");
+        index.prune(1101);
+        assert_eq!((index.get("a"), index.get("b").map(|s| s.slot)), (None, Some(1)));
+        index.prune(1151);
+        assert!(index.is_empty());
+        // A zero window remembers nothing.
+        let mut off = DedupeIndex::new(0);
+        off.insert("a".into(), Seen { slot: 0, seq: 1 }, 1);
+        assert!(off.get("a").is_none());
+    }
+
+    #[test]
+    fn given_consecutive_runs_when_built_then_they_chain_sign_and_never_go_back_in_time() {
+        let p = ProcessId::new("p").unwrap();
+        let kp = Keypair::from_seed([9; 32]);
+        let mut head = Head::genesis(&p);
+        let mut t = TrustedKeys::default();
+        t.insert(kp.public_key());
+        let mut v = ChainVerifier::new(p.clone(), t, vec![]);
+        for (round, now) in [(0u64, 500u64), (1, 400), (2, 600)] {
+            let run = build_run(&p, &head, vec![msg(&format!("x{round}")), msg(&format!("y{round}"))], now, &[&kp]);
+            assert_eq!(run.first_slot, round * 2);
+            v.feed(&run).unwrap();
+            assert!(run.entries.iter().all(|e| e.timestamp_ms >= head.timestamp_ms));
+            head = Head::after(&run, round + 10);
+        }
+        assert_eq!((head.next_slot, head.timestamp_ms, v.checked()), (6, 600, 6));
+    }
+}

@@ -1,0 +1,72 @@
+//! Answers to clients. Every request gets exactly one: a receipt or a typed
+//! refusal (the `Ts-Error` code plus the services API's error headers).
+
+use async_nats::service::{self, Request};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use tracing::warn;
+
+use journal::subjects;
+use protocol::wire::{ErrorCode, Run};
+
+/// A refusal: a code and a message for the client.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The typed reason.
+    pub code: ErrorCode,
+    /// What to tell the client.
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal { code, message: message.into() }
+    }
+}
+
+/// The reply handle of one request.
+#[derive(Debug)]
+pub struct Replier(Request);
+
+impl Replier {
+    /// Wraps a services-API request.
+    pub fn new(req: Request) -> Replier {
+        Replier(req)
+    }
+
+    /// The request's message.
+    pub fn message(&self) -> &async_nats::Message {
+        &self.0.message
+    }
+
+    /// Answers with the receipt of entry `index` of `run`.
+    pub async fn receipt(&self, run: &Run, index: usize, durable: bool, duplicate: bool) {
+        match run.receipt(index, durable, duplicate).and_then(|r| r.encode()) {
+            Ok(bytes) => self.ok(bytes.into()).await,
+            Err(e) => self.refuse(Refusal::new(ErrorCode::Internal, format!("cannot encode receipt: {e}"))).await,
+        }
+    }
+
+    /// Answers with `payload`.
+    pub async fn ok(&self, payload: Bytes) {
+        if let Err(e) = self.0.respond(Ok(payload)).await {
+            warn!(error = %e, "could not send a reply");
+        }
+    }
+
+    /// Answers with a typed refusal.
+    pub async fn refuse(&self, r: Refusal) {
+        if r.code == ErrorCode::Internal || r.code == ErrorCode::Unavailable {
+            warn!(code = r.code.as_str(), message = %r.message, "request failed");
+        } else {
+            tracing::debug!(code = r.code.as_str(), message = %r.message, "request refused");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(subjects::ERROR, r.code.as_str());
+        let err = service::error::Error { status: r.message, code: usize::from(r.code.status()) };
+        if let Err(e) = self.0.respond_with_headers(Err(err), h).await {
+            warn!(error = %e, "could not send a refusal");
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Every subject, stream, bucket and header name turnstile uses. Nothing else in
+//! the workspace formats a subject string.
+//!
+//! With the default prefix `ts`:
+//!
+//! | what | subject / name |
+//! |---|---|
+//! | schedule a message (request) | `ts.schedule.<process>` |
+//! | current slot (request) | `ts.slot.<process>` |
+//! | one page of a range (request) | `ts.range.<process>` |
+//! | published keys (request) | `ts.keys` |
+//! | the assignment log, one run a message | `ts.log.<process>` in stream `TS_LOG` |
+//! | per-process settings | KV bucket `TS_PROCESSES` |
+//! | published public keys | KV bucket `TS_KEYS` |
+
+use protocol::ProcessId;
+
+/// Request header: the client's message id (the NATS-wide idempotency header).
+pub const MSG_ID: &str = "Nats-Msg-Id";
+/// Request header: the confirmation mode.
+pub const MODE: &str = "Ts-Mode";
+/// Reply header: the error code of a refused request.
+pub const ERROR: &str = "Ts-Error";
+/// Services-API reply header: the error message.
+pub const SERVICE_ERROR: &str = "Nats-Service-Error";
+/// Services-API reply header: the HTTP-like error status.
+pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+/// Log header: first slot of the run.
+pub const FIRST_SLOT: &str = "Ts-First-Slot";
+/// Log header: last slot of the run.
+pub const LAST_SLOT: &str = "Ts-Last-Slot";
+/// Log header: hex chain hash of the run's last slot.
+pub const HEAD: &str = "Ts-Head";
+/// Log header: timestamp (ms) of the run's last slot.
+pub const TIME: &str = "Ts-Time";
+/// Log header: the client-supplied message ids of the run, base64 of MessagePack
+/// `[[slot, id], ...]`; absent when the run has none.
+pub const IDS: &str = "Ts-Ids";
+
+/// Headers a scheduler never stores as part of a message (they steer the request).
+pub fn is_control_header(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.starts_with("nats-") || lower.starts_with("ts-")
+}
+
+/// The names derived from one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Subjects { prefix: "ts".into() }
+    }
+}
+
+impl Subjects {
+    /// Names under `prefix`: one or more tokens of `A-Z a-z 0-9 - _` joined by dots.
+    pub fn new(prefix: &str) -> Result<Subjects, protocol::Error> {
+        let ok = !prefix.is_empty()
+            && prefix.split('.').all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        if ok {
+            Ok(Subjects { prefix: prefix.to_string() })
+        } else {
+            Err(protocol::Error::InvalidProcess(format!("prefix {prefix:?}")))
+        }
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `<prefix>.schedule.<process>`.
+    pub fn schedule(&self, p: &ProcessId) -> String {
+        format!("{}.schedule.{p}", self.prefix)
+    }
+    /// `<prefix>.slot.<process>`.
+    pub fn slot(&self, p: &ProcessId) -> String {
+        format!("{}.slot.{p}", self.prefix)
+    }
+    /// `<prefix>.range.<process>`.
+    pub fn range(&self, p: &ProcessId) -> String {
+        format!("{}.range.{p}", self.prefix)
+    }
+    /// `<prefix>.keys`.
+    pub fn keys(&self) -> String {
+        format!("{}.keys", self.prefix)
+    }
+    /// The services-API group: `<prefix>`; endpoints are `schedule.>`, `slot.>`, ...
+    /// so the catch-all subjects below are what the scheduler listens on.
+    pub fn schedule_all(&self) -> String {
+        format!("{}.schedule.>", self.prefix)
+    }
+    /// `<prefix>.slot.>`.
+    pub fn slot_all(&self) -> String {
+        format!("{}.slot.>", self.prefix)
+    }
+    /// `<prefix>.range.>`.
+    pub fn range_all(&self) -> String {
+        format!("{}.range.>", self.prefix)
+    }
+    /// `<prefix>.log.<process>`: the subject of a process's runs.
+    pub fn log(&self, p: &ProcessId) -> String {
+        format!("{}.log.{p}", self.prefix)
+    }
+    /// `<prefix>.log.*`: every process's runs (the stream's subject).
+    pub fn log_all(&self) -> String {
+        format!("{}.log.*", self.prefix)
+    }
+
+    /// The process token of a request subject `<prefix>.<kind>.<rest>`; the rest must
+    /// be exactly one valid process token.
+    pub fn process_of(&self, kind: &str, subject: &str) -> Result<ProcessId, protocol::Error> {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|s| s.strip_prefix('.'))
+            .and_then(|s| s.strip_prefix(kind))
+            .and_then(|s| s.strip_prefix('.'))
+            .ok_or_else(|| protocol::Error::InvalidProcess(subject.to_string()))?;
+        ProcessId::new(rest)
+    }
+
+    fn upper(&self) -> String {
+        self.prefix.to_ascii_uppercase().replace(['.', '-'], "_")
+    }
+    /// The log stream: `<PREFIX>_LOG`.
+    pub fn log_stream(&self) -> String {
+        format!("{}_LOG", self.upper())
+    }
+    /// The per-process settings bucket: `<PREFIX>_PROCESSES`.
+    pub fn processes_bucket(&self) -> String {
+        format!("{}_PROCESSES", self.upper())
+    }
+    /// The public-keys bucket: `<PREFIX>_KEYS`.
+    pub fn keys_bucket(&self) -> String {
+        format!("{}_KEYS", self.upper())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_prefix_and_requests_parse_back() {
+        let s = Subjects::default();
+        let p = ProcessId::new("p-1").unwrap();
+        assert_eq!(s.schedule(&p), "ts.schedule.p-1");
+        assert_eq!(s.log(&p), "ts.log.p-1");
+        assert_eq!(s.log_stream(), "TS_LOG");
+        assert_eq!(s.process_of("schedule", "ts.schedule.p-1").unwrap(), p);
+        for bad in ["ts.schedule.a.b", "ts.schedule.", "ts.slot.p", "xx.schedule.p", "ts.schedule"] {
+            assert!(s.process_of("schedule", bad).is_err(), "{bad}");
+        }
+        let t = Subjects::new("acme.prod").unwrap();
+        assert_eq!(t.log_stream(), "ACME_PROD_LOG");
+        assert_eq!(t.slot(&p), "acme.prod.slot.p-1");
+        assert!(Subjects::new("a..b").is_err() && Subjects::new("a.*").is_err());
+    }
+
+    #[test]
+    fn control_headers_are_recognised_case_blind() {
+        assert!(is_control_header("Nats-Msg-Id") && is_control_header("ts-mode"));
+        assert!(!is_control_header("content-type"));
+    }
+}
