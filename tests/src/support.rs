@@ -1,0 +1,185 @@
+//! Shared set-up for system tests and the benchmark.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use harness::NatsServer;
+use journal::audit::{self, Report, Scope};
+use journal::client::{Client, Schedule};
+use journal::reader::LogReader;
+use journal::subjects::Subjects;
+use protocol::keys::Keypair;
+use protocol::verify::TrustedKeys;
+use protocol::wire::{Entry, ErrorCode, Receipt};
+use protocol::ProcessId;
+use scheduler::{Config, Keyring};
+
+/// A deterministic key for tests (seed `[n; 32]`).
+pub fn test_key(n: u8) -> Keypair {
+    Keypair::from_seed([n; 32])
+}
+
+/// Writes `key` to a file in `dir` and returns its path.
+pub fn key_file(dir: &std::path::Path, key: &Keypair) -> Result<PathBuf> {
+    let path = dir.join(format!("{}.json", key.id()));
+    std::fs::write(&path, key.to_key_file())?;
+    Ok(path)
+}
+
+/// Connects to `url`.
+pub async fn connect(url: &str) -> Result<async_nats::Client> {
+    Ok(async_nats::connect(url).await?)
+}
+
+/// A scheduler running inside the test process, with its own NATS connection.
+pub struct InProcess {
+    shutdown: CancellationToken,
+    handle: JoinHandle<scheduler::Result<()>>,
+}
+
+impl InProcess {
+    /// Starts a scheduler with `config`, signing with `keys`.
+    pub async fn start(url: &str, config: Config, keys: Vec<Keypair>) -> Result<InProcess> {
+        let client = connect(url).await?;
+        let shutdown = CancellationToken::new();
+        let keyring = Keyring::new(keys)?;
+        let handle = tokio::spawn(scheduler::run(config, keyring, client, shutdown.clone()));
+        Ok(InProcess { shutdown, handle })
+    }
+
+    /// Stops it gracefully and returns how it ended.
+    pub async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        self.handle.await?.map_err(|e| anyhow!(e))
+    }
+}
+
+/// Waits until `n` schedulers answer the services-API PING.
+pub async fn wait_for_schedulers(client: &async_nats::Client, n: usize) -> Result<()> {
+    for _ in 0..200 {
+        let inbox = client.new_inbox();
+        let mut sub = client.subscribe(inbox.clone()).await?;
+        client.publish_with_reply("$SRV.PING.turnstile-scheduler", inbox, Bytes::new()).await?;
+        let mut seen = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+        while let Ok(Some(_)) = tokio::time::timeout_at(deadline, sub.next()).await {
+            seen += 1;
+        }
+        if seen >= n {
+            return Ok(());
+        }
+    }
+    bail!("fewer than {n} schedulers answered PING within 20 s")
+}
+
+/// Starts a scheduler as a separate process (so a test can SIGKILL it).
+pub fn spawn_scheduler(url: &str, key: &std::path::Path, extra: &[&str]) -> Result<harness::Process> {
+    let bin = harness::workspace_bin("scheduler")?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--key").arg(key).args(extra).env("NATS_URL", url).env("RUST_LOG", "warn");
+    Ok(harness::Process::spawn(cmd)?)
+}
+
+/// Schedules with retries on the failures a client should retry (no responders,
+/// timeouts, `unavailable`), keeping the same message id so a retry is idempotent.
+pub async fn schedule_retrying(client: &Client, process: &ProcessId, body: Bytes, opts: &Schedule) -> Result<Receipt> {
+    let mut last = None;
+    for attempt in 0..60 {
+        match client.schedule(process, body.clone(), opts).await {
+            Ok(r) => return Ok(r),
+            Err(journal::Error::NoResponders(_) | journal::Error::Timeout(_)) => {}
+            Err(journal::Error::Refused { code: ErrorCode::Unavailable, .. }) => {}
+            Err(e) => return Err(e).context("scheduling"),
+        }
+        last = Some(attempt);
+        tokio::time::sleep(Duration::from_millis(100 + 50 * attempt.min(10))).await;
+    }
+    bail!("still failing after {last:?} retries")
+}
+
+/// Every entry of `process`'s log, in log order.
+pub async fn read_log(url: &str, process: &ProcessId) -> Result<Vec<Entry>> {
+    let js = async_nats::jetstream::new(connect(url).await?);
+    let reader = LogReader::open(js, Subjects::default()).await?;
+    let mut runs = reader.runs(process, 0, false).await?;
+    let mut out = Vec::new();
+    while let Some(r) = runs.next().await {
+        out.extend(r?.run.entries);
+    }
+    Ok(out)
+}
+
+/// Verifies `process`'s whole log against `keys`.
+pub async fn verify(url: &str, process: &ProcessId, keys: &[&Keypair]) -> Result<Report> {
+    let js = async_nats::jetstream::new(connect(url).await?);
+    let reader = LogReader::open(js, Subjects::default()).await?;
+    let mut trusted = TrustedKeys::default();
+    for k in keys {
+        trusted.insert(k.public_key());
+    }
+    let scope = Scope { process: process.clone(), from: 0, to: None, required: vec![] };
+    Ok(audit::verify(&reader, &scope, trusted, |_| {}).await?)
+}
+
+/// Asserts that `entries` hold slots `0..n` in order, each message id exactly once,
+/// and that these are exactly `expected_ids`.
+pub fn assert_exactly_once(entries: &[Entry], expected_ids: &HashSet<String>) {
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(e.slot, i as u64, "slot {} at position {i}: a gap or a repeat", e.slot);
+    }
+    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+    for e in entries {
+        *count.entry(e.message_id.as_str()).or_default() += 1;
+    }
+    let twice: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "message ids scheduled more than once: {twice:?}");
+    let got: HashSet<String> = count.keys().map(|s| s.to_string()).collect();
+    let missing: Vec<_> = expected_ids.difference(&got).collect();
+    let extra: Vec<_> = got.difference(expected_ids).collect();
+    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}, unexpected {extra:?}");
+}
+
+/// Runs `clients` concurrent clients, each scheduling `per_client` messages with
+/// `window` requests in flight, ids `c<i>-m<j>`; returns every receipt.
+pub async fn load(url: &str, process: &ProcessId, clients: usize, per_client: usize, window: usize) -> Result<Vec<Receipt>> {
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let nats = connect(url).await?;
+        let client = Arc::new(Client::new(nats, Subjects::default()).with_timeout(Duration::from_secs(2)));
+        let process = process.clone();
+        tasks.push(tokio::spawn(async move {
+            let results: Vec<Result<Receipt>> = futures::stream::iter(0..per_client)
+                .map(|m| {
+                    let client = Arc::clone(&client);
+                    let process = process.clone();
+                    async move {
+                        let opts = Schedule { message_id: Some(format!("c{c}-m{m}")), ..Default::default() };
+                        schedule_retrying(&client, &process, Bytes::from(format!("client {c} message {m}")), &opts).await
+                    }
+                })
+                .buffer_unordered(window)
+                .collect()
+                .await;
+            results.into_iter().collect::<Result<Vec<_>>>()
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok(all)
+}
+
+/// A fresh server plus the default test key.
+pub fn server() -> Result<NatsServer> {
+    Ok(NatsServer::start()?)
+}
