@@ -66,6 +66,7 @@ async fn a_record_altered_on_disk_makes_verify_name_its_slot() -> anyhow::Result
 
     let report = verify(server.url(), &p, &[&key]).await?;
     let fault = report.fault.expect("tampering must be detected");
+    eprintln!("tamper detected as: {fault}");
     assert_eq!(fault.slot, 6, "{fault}");
     // Either the altered body fails its chain hash, or the server dropped the damaged
     // record and the log has a gap there: both name slot 6.

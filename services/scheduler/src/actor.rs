@@ -178,14 +178,14 @@ impl Actor {
                     return;
                 }
             };
-            let run = core::build_run(&self.process, &head, messages, now, &keys);
+            let (run, tree) = core::build_run(&self.process, &head, messages, now, &keys);
 
             // Aggressive requests are answered now, signed but not yet durable.
             for (i, job) in jobs.iter().enumerate() {
                 if job.mode == Mode::Aggressive && !answered_early[i] {
                     answered_early[i] = true;
                     let (pos, same) = position(keep_decisions[i]);
-                    job.reply.receipt(&run, pos, false, same).await;
+                    job.reply.receipt(&run, &tree, pos, false, same).await;
                 }
             }
 
@@ -231,7 +231,7 @@ impl Actor {
                         self.index.insert(e.message_id.clone(), Seen { slot: e.slot, seq }, e.timestamp_ms);
                     }
                 }
-                let run = Arc::new(run);
+                let written = Arc::new((run, tree));
                 let mut remote = Vec::new();
                 for ((job, d), early) in jobs.into_iter().zip(keep_decisions).zip(answered_early) {
                     if early {
@@ -241,11 +241,11 @@ impl Actor {
                     if job.mode == Mode::RemoteConfirmation {
                         remote.push((job, pos, same));
                     } else {
-                        job.reply.receipt(&run, pos, true, same).await;
+                        job.reply.receipt(&written.0, &written.1, pos, true, same).await;
                     }
                 }
                 if !remote.is_empty() {
-                    self.shared.confirm_remote(run, remote);
+                    self.shared.confirm_remote(written, remote);
                 }
                 return;
             }
@@ -364,7 +364,7 @@ impl Actor {
         match self.reader().run_at(seen.seq).await {
             Ok(stored) => {
                 let index = seen.slot.saturating_sub(stored.run.first_slot) as usize;
-                job.reply.receipt(&stored.run, index, true, true).await;
+                job.reply.receipt(&stored.run, &stored.run.tree(), index, true, true).await;
             }
             Err(e) => {
                 job.reply

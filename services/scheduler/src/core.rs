@@ -12,6 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use protocol::chain;
 use protocol::hash::Hash32;
 use protocol::keys::Keypair;
+use protocol::merkle::Tree;
 use protocol::wire::{Entry, Run, RECORD_VERSION};
 use protocol::ProcessId;
 
@@ -158,8 +159,8 @@ pub struct NewMessage {
 }
 
 /// Builds the run of `messages` on top of `head`, timestamped `max(now_ms, head's)`,
-/// and signs it with every key in `keys`.
-pub fn build_run(process: &ProcessId, head: &Head, messages: Vec<NewMessage>, now_ms: u64, keys: &[&Keypair]) -> Run {
+/// and signs it with every key in `keys`. Returns the run's Merkle tree too, for receipts.
+pub fn build_run(process: &ProcessId, head: &Head, messages: Vec<NewMessage>, now_ms: u64, keys: &[&Keypair]) -> (Run, Tree) {
     let ts = now_ms.max(head.timestamp_ms);
     let mut prev = head.prev;
     let entries = messages
@@ -183,9 +184,10 @@ pub fn build_run(process: &ProcessId, head: &Head, messages: Vec<NewMessage>, no
         })
         .collect();
     let mut run = Run { v: RECORD_VERSION, process: process.to_string(), first_slot: head.next_slot, entries, commitments: vec![] };
-    let statement = run.statement();
+    let tree = run.tree();
+    let statement = run.statement_for(&tree);
     run.commitments = keys.iter().map(|k| k.commit(&statement)).collect();
-    run
+    (run, tree)
 }
 
 #[cfg(test)]
@@ -241,7 +243,8 @@ mod tests {
         t.insert(kp.public_key());
         let mut v = ChainVerifier::new(p.clone(), t, vec![]);
         for (round, now) in [(0u64, 500u64), (1, 400), (2, 600)] {
-            let run = build_run(&p, &head, vec![msg(&format!("x{round}")), msg(&format!("y{round}"))], now, &[&kp]);
+            let (run, tree) = build_run(&p, &head, vec![msg(&format!("x{round}")), msg(&format!("y{round}"))], now, &[&kp]);
+            assert_eq!(tree.root(), run.tree().root());
             assert_eq!(run.first_slot, round * 2);
             v.feed(&run).unwrap();
             assert!(run.entries.iter().all(|e| e.timestamp_ms >= head.timestamp_ms));

@@ -36,6 +36,7 @@ use journal::reader::{LogReader, RunMeta};
 use journal::setup::{self, LogOptions};
 use journal::subjects::Subjects;
 use protocol::keys::Keypair;
+use protocol::merkle::Tree;
 use protocol::wire::{ErrorCode, ProcessConfig, Run};
 use protocol::ProcessId;
 
@@ -101,10 +102,11 @@ impl Shared {
 
     /// Answers `jobs` once `run` is present in the remote stream, or with
     /// `remote_timeout` when it does not get there in time.
-    pub fn confirm_remote(self: &Arc<Self>, run: Arc<Run>, jobs: Vec<(Job, usize, bool)>) {
+    pub fn confirm_remote(self: &Arc<Self>, written: Arc<(Run, Tree)>, jobs: Vec<(Job, usize, bool)>) {
         let shared = Arc::clone(self);
         self.tracker.spawn(async move {
             let Some(remote) = &shared.remote else { return };
+            let (run, tree) = (&written.0, &written.1);
             let Ok(process) = ProcessId::new(run.process.clone()) else { return };
             let subject = shared.subjects.log(&process);
             let deadline = tokio::time::Instant::now() + shared.config.remote_timeout;
@@ -115,7 +117,7 @@ impl Shared {
                 };
                 if there {
                     for (job, pos, dup) in &jobs {
-                        job.reply.receipt(&run, *pos, true, *dup).await;
+                        job.reply.receipt(run, tree, *pos, true, *dup).await;
                     }
                     return;
                 }

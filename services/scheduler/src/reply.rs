@@ -7,6 +7,7 @@ use bytes::Bytes;
 use tracing::warn;
 
 use journal::subjects;
+use protocol::merkle::Tree;
 use protocol::wire::{ErrorCode, Run};
 
 /// A refusal: a code and a message for the client.
@@ -40,9 +41,9 @@ impl Replier {
         &self.0.message
     }
 
-    /// Answers with the receipt of entry `index` of `run`.
-    pub async fn receipt(&self, run: &Run, index: usize, durable: bool, duplicate: bool) {
-        match run.receipt(index, durable, duplicate).and_then(|r| r.encode()) {
+    /// Answers with the receipt of entry `index` of `run`, whose tree is `tree`.
+    pub async fn receipt(&self, run: &Run, tree: &Tree, index: usize, durable: bool, duplicate: bool) {
+        match run.receipt_in(tree, index, durable, duplicate).and_then(|r| r.encode()) {
             Ok(bytes) => self.ok(bytes.into()).await,
             Err(e) => self.refuse(Refusal::new(ErrorCode::Internal, format!("cannot encode receipt: {e}"))).await,
         }

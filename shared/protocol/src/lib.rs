@@ -12,6 +12,7 @@
 //! - [`merkle`]: the RFC 6962-shaped Merkle tree over one run's chain hashes.
 //! - [`keys`]: key files, key ids, signing and checking commitments.
 //! - [`wire`]: every record on the wire (MessagePack, named fields).
+//! - [`vectors`]: the golden vectors of `schemas/vectors.json`.
 //! - [`verify`]: a streaming verifier of a process's log, fed run by run.
 
 pub mod chain;
@@ -19,6 +20,7 @@ pub mod hash;
 pub mod keys;
 pub mod merkle;
 pub mod process;
+pub mod vectors;
 pub mod verify;
 pub mod wire;
 

@@ -74,6 +74,48 @@ pub fn proof(leaves: &[Hash32], index: usize) -> Result<Vec<Hash32>> {
     Ok(path)
 }
 
+/// The whole tree of one run, built once so that every audit path costs O(log n)
+/// instead of O(n). Built bottom-up: each level pairs nodes left to right and carries
+/// an odd last node up unchanged, which is the same tree as RFC 6962's recursive split.
+#[derive(Debug, Clone)]
+pub struct Tree {
+    levels: Vec<Vec<Hash32>>,
+}
+
+impl Tree {
+    /// The tree over `leaves` (chain hashes).
+    pub fn new(leaves: &[Hash32]) -> Tree {
+        let mut levels = vec![leaves.iter().map(leaf).collect::<Vec<_>>()];
+        while levels.last().is_some_and(|l| l.len() > 1) {
+            let below = levels.last().map(Vec::as_slice).unwrap_or_default();
+            let up = below.chunks(2).map(|c| if c.len() == 2 { node(&c[0], &c[1]) } else { c[0] }).collect();
+            levels.push(up);
+        }
+        Tree { levels }
+    }
+
+    /// The root (`Hash32::ZERO` for no leaves).
+    pub fn root(&self) -> Hash32 {
+        self.levels.last().and_then(|l| l.first()).copied().unwrap_or(Hash32::ZERO)
+    }
+
+    /// The audit path of leaf `index`, leaf side first.
+    pub fn proof(&self, index: usize) -> Result<Vec<Hash32>> {
+        if index >= self.levels.first().map_or(0, Vec::len) {
+            return Err(Error::InvalidProof("index outside the tree"));
+        }
+        let mut path = Vec::new();
+        let mut i = index;
+        for level in &self.levels[..self.levels.len() - 1] {
+            if let Some(sibling) = level.get(i ^ 1) {
+                path.push(*sibling);
+            }
+            i /= 2;
+        }
+        Ok(path)
+    }
+}
+
 /// Recomputes the root from one leaf and its audit path (RFC 9162 §2.1.3.2).
 pub fn root_from_proof(leaf_hash: &Hash32, index: usize, size: usize, path: &[Hash32]) -> Result<Hash32> {
     if index >= size {
@@ -129,6 +171,19 @@ mod tests {
                     assert_ne!(root_from_proof(&leaves[i], i, n, &bent).unwrap(), r);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_built_tree_equals_the_recursive_definition() {
+        for n in 1..=70usize {
+            let leaves: Vec<Hash32> = (0..n).map(|i| Hash32::digest(&(i * 7).to_be_bytes())).collect();
+            let tree = Tree::new(&leaves);
+            assert_eq!(tree.root(), root(&leaves), "n={n}");
+            for i in 0..n {
+                assert_eq!(tree.proof(i).unwrap(), proof(&leaves, i).unwrap(), "n={n} i={i}");
+            }
+            assert!(tree.proof(n).is_err());
         }
     }
 

@@ -134,7 +134,17 @@ impl Run {
 
     /// The statement every commitment of this run signs.
     pub fn statement(&self) -> Vec<u8> {
-        keys::run_statement(&self.process, self.first_slot, self.entries.len() as u64, &merkle::root(&self.leaves()))
+        self.statement_for(&merkle::Tree::new(&self.leaves()))
+    }
+
+    /// The statement, given this run's already built Merkle tree.
+    pub fn statement_for(&self, tree: &merkle::Tree) -> Vec<u8> {
+        keys::run_statement(&self.process, self.first_slot, self.entries.len() as u64, &tree.root())
+    }
+
+    /// This run's Merkle tree (build it once to make many receipts).
+    pub fn tree(&self) -> merkle::Tree {
+        merkle::Tree::new(&self.leaves())
     }
 
     /// MessagePack bytes of the run.
@@ -161,7 +171,13 @@ impl Run {
     }
 
     /// The receipt of entry `index` (a client's reply), with its Merkle audit path.
+    /// Builds the tree: for many receipts of one run use [`Run::receipt_in`].
     pub fn receipt(&self, index: usize, durable: bool, duplicate: bool) -> Result<Receipt> {
+        self.receipt_in(&self.tree(), index, durable, duplicate)
+    }
+
+    /// The receipt of entry `index`, with `tree` = [`Run::tree`].
+    pub fn receipt_in(&self, tree: &merkle::Tree, index: usize, durable: bool, duplicate: bool) -> Result<Receipt> {
         let e = self.entries.get(index).ok_or(Error::InvalidProof("index outside the run"))?;
         Ok(Receipt {
             v: RECORD_VERSION,
@@ -177,7 +193,7 @@ impl Run {
             duplicate,
             run_first_slot: self.first_slot,
             run_count: self.entries.len() as u64,
-            merkle_path: merkle::proof(&self.leaves(), index)?,
+            merkle_path: tree.proof(index)?,
             commitments: self.commitments.clone(),
         })
     }

