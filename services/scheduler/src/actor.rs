@@ -170,15 +170,16 @@ impl Actor {
                     }
                 })
                 .collect();
-            let keys = match self.shared.keys_for(&self.process) {
-                Ok(k) => k,
+            let (mut run, tree) = core::build_run(&self.process, &head, messages, now);
+            let digest = protocol::seal::run_digest(&run.statement_for(&tree));
+            match self.shared.signer.seal(self.shared.process_config(&self.process).keys, digest).await {
+                Ok(seal) => run.seal = seal,
                 Err(id) => {
                     let msg = format!("process requires key {id}, which this scheduler does not hold");
                     refuse_all(&jobs, &answered_early, ErrorCode::MissingKey, &msg).await;
                     return;
                 }
-            };
-            let (run, tree) = core::build_run(&self.process, &head, messages, now, &keys);
+            }
 
             // Aggressive requests are answered now, signed but not yet durable.
             for (i, job) in jobs.iter().enumerate() {

@@ -5,14 +5,14 @@
 //!   subject sequence the next write must expect).
 //! - [`DedupeIndex`]: client message ids seen within the idempotency window.
 //! - [`plan`]: which requests are duplicates and which get new slots.
-//! - [`build_run`]: the run of new assignments, chained and signed.
+//! - [`build_run`]: the run of new assignments, chained (the signer seals it).
 
 use std::collections::{HashMap, VecDeque};
 
 use protocol::chain;
 use protocol::hash::Hash32;
-use protocol::keys::Keypair;
 use protocol::merkle::Tree;
+use protocol::seal::Seal;
 use protocol::wire::{Entry, Run, RECORD_VERSION};
 use protocol::ProcessId;
 
@@ -159,8 +159,8 @@ pub struct NewMessage {
 }
 
 /// Builds the run of `messages` on top of `head`, timestamped `max(now_ms, head's)`,
-/// and signs it with every key in `keys`. Returns the run's Merkle tree too, for receipts.
-pub fn build_run(process: &ProcessId, head: &Head, messages: Vec<NewMessage>, now_ms: u64, keys: &[&Keypair]) -> (Run, Tree) {
+/// not yet sealed. Returns the run's Merkle tree too (for its statement and receipts).
+pub fn build_run(process: &ProcessId, head: &Head, messages: Vec<NewMessage>, now_ms: u64) -> (Run, Tree) {
     let ts = now_ms.max(head.timestamp_ms);
     let mut prev = head.prev;
     let entries = messages
@@ -183,16 +183,16 @@ pub fn build_run(process: &ProcessId, head: &Head, messages: Vec<NewMessage>, no
             e
         })
         .collect();
-    let mut run = Run { v: RECORD_VERSION, process: process.to_string(), first_slot: head.next_slot, entries, commitments: vec![] };
+    let run = Run { v: RECORD_VERSION, process: process.to_string(), first_slot: head.next_slot, entries, seal: Seal::default() };
     let tree = run.tree();
-    let statement = run.statement_for(&tree);
-    run.commitments = keys.iter().map(|k| k.commit(&statement)).collect();
     (run, tree)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::keys::Keypair;
+    use protocol::seal;
     use protocol::verify::{ChainVerifier, TrustedKeys};
 
     fn msg(id: &str) -> NewMessage {
@@ -235,7 +235,7 @@ mod tests {
     }
 
     #[test]
-    fn given_consecutive_runs_when_built_then_they_chain_sign_and_never_go_back_in_time() {
+    fn given_consecutive_runs_when_built_and_sealed_then_they_verify_and_never_go_back_in_time() {
         let p = ProcessId::new("p").unwrap();
         let kp = Keypair::from_seed([9; 32]);
         let mut head = Head::genesis(&p);
@@ -243,8 +243,9 @@ mod tests {
         t.insert(kp.public_key());
         let mut v = ChainVerifier::new(p.clone(), t, vec![]);
         for (round, now) in [(0u64, 500u64), (1, 400), (2, 600)] {
-            let (run, tree) = build_run(&p, &head, vec![msg(&format!("x{round}")), msg(&format!("y{round}"))], now, &[&kp]);
+            let (mut run, tree) = build_run(&p, &head, vec![msg(&format!("x{round}")), msg(&format!("y{round}"))], now);
             assert_eq!(tree.root(), run.tree().root());
+            run.seal = seal::seal(&[seal::run_digest(&run.statement_for(&tree))], &[&kp]).remove(0);
             assert_eq!(run.first_slot, round * 2);
             v.feed(&run).unwrap();
             assert!(run.entries.iter().all(|e| e.timestamp_ms >= head.timestamp_ms));

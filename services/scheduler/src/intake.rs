@@ -95,6 +95,8 @@ fn validate(shared: &Shared, msg: &async_nats::Message) -> Result<(ProcessId, Jo
             }
         }
     }
+    // NATS header maps have no order; store them sorted, as the canonical encoding does.
+    headers.sort();
     if header_bytes > MAX_HEADER_BYTES {
         return Err(Refusal::new(ErrorCode::TooLarge, format!("headers are {header_bytes} bytes; the maximum is {MAX_HEADER_BYTES}")));
     }

@@ -11,6 +11,7 @@
 //! - [`actor`]: one task per active process: batching, writing, catching up.
 //! - [`intake`]: the services-API endpoints (schedule, slot, range, keys).
 //! - [`reply`]: receipts and typed refusals.
+//! - `signer`: one task sealing the runs of all processes in batches.
 //! - [`config`]: configuration and the signing keyring.
 //! - [`error`]: the crate's error type.
 
@@ -20,6 +21,7 @@ pub mod core;
 pub mod error;
 pub mod intake;
 pub mod reply;
+mod signer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -35,7 +37,6 @@ use tracing::{info, warn};
 use journal::reader::{LogReader, RunMeta};
 use journal::setup::{self, LogOptions};
 use journal::subjects::Subjects;
-use protocol::keys::Keypair;
 use protocol::merkle::Tree;
 use protocol::wire::{ErrorCode, ProcessConfig, Run};
 use protocol::ProcessId;
@@ -81,7 +82,8 @@ pub(crate) struct Shared {
     pub js: jetstream::Context,
     pub log_stream: stream::Stream,
     pub reader: LogReader,
-    pub keyring: Keyring,
+    pub keyring: Arc<Keyring>,
+    pub signer: signer::Signer,
     pub processes: RwLock<HashMap<String, ProcessConfig>>,
     pub actors: Actors,
     pub clock: Arc<dyn Clock>,
@@ -93,11 +95,6 @@ impl Shared {
     /// The process's settings (defaults when it has none).
     pub fn process_config(&self, p: &ProcessId) -> ProcessConfig {
         self.processes.read().map(|m| m.get(p.as_str()).cloned().unwrap_or_default()).unwrap_or_default()
-    }
-
-    /// The keys that must sign `p`'s runs, or the first required id this scheduler lacks.
-    pub fn keys_for(&self, p: &ProcessId) -> Result<Vec<&Keypair>, String> {
-        self.keyring.select(&self.process_config(p).keys)
     }
 
     /// Answers `jobs` once `run` is present in the remote stream, or with
@@ -239,6 +236,9 @@ pub async fn run_with_clock(
         .map_err(|e| journal::Error::JetStream { op: "open log stream", reason: e.to_string() })?;
     let reader = LogReader::new(js.clone(), stream_handle, subjects.clone());
     let initial = intake::load_process_configs(&processes_kv).await?;
+    let tracker = TaskTracker::new();
+    let keyring = Arc::new(keyring);
+    let signer = signer::Signer::start(Arc::clone(&keyring));
     let shared = Arc::new(Shared {
         config,
         limits,
@@ -247,11 +247,12 @@ pub async fn run_with_clock(
         log_stream,
         reader,
         keyring,
+        signer,
         processes: RwLock::new(initial),
         actors: Actors::default(),
         clock,
         remote,
-        tracker: TaskTracker::new(),
+        tracker,
     });
 
     let service = client

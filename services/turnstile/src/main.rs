@@ -366,7 +366,8 @@ fn receipt_json(r: &Receipt) -> serde_json::Value {
         "duplicate": r.duplicate,
         "run": { "first_slot": r.run_first_slot, "count": r.run_count },
         "merkle_path": r.merkle_path.iter().map(|h| h.to_hex()).collect::<Vec<_>>(),
-        "commitments": r.commitments.iter().map(|c| json!({"key_id": c.key_id, "signature": hex::encode(&c.signature)})).collect::<Vec<_>>(),
+        "batch": { "size": r.seal.batch_size, "index": r.seal.batch_index },
+        "commitments": r.seal.commitments.iter().map(|c| json!({"key_id": c.key_id, "signature": hex::encode(&c.signature)})).collect::<Vec<_>>(),
         "verified": r.check(None).is_ok(),
     })
 }

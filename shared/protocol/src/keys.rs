@@ -1,8 +1,8 @@
 //! Scheduler keys and commitments.
 //!
 //! A key id is the first 16 hex characters of BLAKE3(public key), so an id can
-//! never name two keys by accident. A commitment is an ed25519 signature over the
-//! run statement (see [`run_statement`]), with the signer's id and public key.
+//! never name two keys by accident. A commitment is an ed25519 signature over a
+//! batch statement (see [`crate::seal`]), with the signer's id and public key.
 
 use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -10,10 +10,10 @@ use serde::{Deserialize, Serialize};
 use crate::hash::Hash32;
 use crate::{Error, Result};
 
-/// Domain separator of the signed run statement.
+/// Domain separator of the run statement.
 pub const RUN_DOMAIN: &[u8] = b"turnstile/run/v1";
 
-/// The bytes a scheduler key signs for one run:
+/// The statement of one run, whose digest is sealed in a batch (see [`crate::seal`]):
 ///
 /// ```text
 /// "turnstile/run/v1" || u32be(len(process)) || process || u64be(first_slot)
@@ -35,7 +35,7 @@ pub fn key_id(public_key: &[u8; 32]) -> String {
     hex::encode(&blake3::hash(public_key).as_bytes()[..8])
 }
 
-/// One signature over a run statement.
+/// One signature over a batch statement.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Commitment {
     /// [`key_id`] of the signing key.

@@ -11,6 +11,7 @@
 //! - [`chain`]: canonical assignment encoding, genesis hash and chain step.
 //! - [`merkle`]: the RFC 6962-shaped Merkle tree over one run's chain hashes.
 //! - [`keys`]: key files, key ids, signing and checking commitments.
+//! - [`seal`]: one signature over a batch of runs, and each run's proof in it.
 //! - [`wire`]: every record on the wire (MessagePack, named fields).
 //! - [`vectors`]: the golden vectors of `schemas/vectors.json`.
 //! - [`verify`]: a streaming verifier of a process's log, fed run by run.
@@ -20,6 +21,7 @@ pub mod hash;
 pub mod keys;
 pub mod merkle;
 pub mod process;
+pub mod seal;
 pub mod vectors;
 pub mod verify;
 pub mod wire;

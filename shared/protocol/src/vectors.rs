@@ -1,6 +1,6 @@
 //! The golden test vectors of `schemas/vectors.json`: fixed inputs, fixed seed key,
-//! and every derived value (encoding, hashes, Merkle root and paths, signature,
-//! MessagePack record). `cargo run -p protocol --example vectors` prints them; the
+//! and every derived value (encoding, hashes, Merkle roots and paths, run digests,
+//! the batch seal and its signature, the MessagePack records). `cargo run -p protocol --example vectors` prints them; the
 //! tests recompute them and compare with the committed file.
 
 use serde_json::{json, Value};
@@ -9,6 +9,7 @@ use crate::chain::{self, Fields};
 use crate::hash::Hash32;
 use crate::keys::Keypair;
 use crate::merkle;
+use crate::seal::{self, Seal};
 use crate::wire::{Entry, Run, RECORD_VERSION};
 use crate::ProcessId;
 
@@ -47,14 +48,51 @@ pub fn compute() -> crate::Result<Value> {
         entries.push(Entry { slot, message_id: id.into(), timestamp_ms: ts, headers, body: body.to_vec(), prev_hash: prev, chain_hash });
         prev = chain_hash;
     }
-    let mut run = Run { v: RECORD_VERSION, process: process.to_string(), first_slot: 0, entries, commitments: vec![] };
-    let leaves = run.leaves();
-    let root = merkle::root(&leaves);
-    let statement = run.statement();
-    run.commitments = vec![key.commit(&statement)];
-    let paths: Vec<Vec<String>> = (0..leaves.len())
-        .map(|i| merkle::proof(&leaves, i).map(|p| p.iter().map(Hash32::to_hex).collect()))
-        .collect::<crate::Result<_>>()?;
+    let run = Run { v: RECORD_VERSION, process: process.to_string(), first_slot: 0, entries, seal: Seal::default() };
+
+    // A second run, of another process, sealed in the same batch.
+    let other = ProcessId::new("proc-B")?;
+    let (headers, body): (Vec<(String, String)>, &[u8]) = (vec![], "héllo wörld".as_bytes());
+    let b_fields = Fields { process: other.as_str(), slot: 0, message_id: "b-0", timestamp_ms: 1_700_000_000_002, headers: &headers, body_hash: Hash32::digest(body) };
+    let b_prev = chain::genesis(&other);
+    let b_entry = Entry {
+        slot: 0,
+        message_id: "b-0".into(),
+        timestamp_ms: 1_700_000_000_002,
+        headers: vec![],
+        body: body.to_vec(),
+        prev_hash: b_prev,
+        chain_hash: chain::chain_hash(&b_prev, &b_fields),
+    };
+    let run_b = Run { v: RECORD_VERSION, process: other.to_string(), first_slot: 0, entries: vec![b_entry], seal: Seal::default() };
+
+    let mut runs = vec![run, run_b];
+    let statements: Vec<Vec<u8>> = runs.iter().map(Run::statement).collect();
+    let digests: Vec<Hash32> = statements.iter().map(|s| seal::run_digest(s)).collect();
+    let batch_root = merkle::root(&digests);
+    let batch_statement = seal::batch_statement(digests.len() as u64, &batch_root);
+    for (run, s) in runs.iter_mut().zip(seal::seal(&digests, &[&key])) {
+        run.seal = s;
+    }
+    let mut run_docs = Vec::new();
+    for (run, statement) in runs.iter().zip(&statements) {
+        let leaves = run.leaves();
+        let paths: Vec<Vec<String>> = (0..leaves.len())
+            .map(|i| merkle::proof(&leaves, i).map(|p| p.iter().map(Hash32::to_hex).collect()))
+            .collect::<crate::Result<_>>()?;
+        run_docs.push(json!({
+            "process": run.process,
+            "first_slot": run.first_slot,
+            "count": leaves.len(),
+            "merkle_root": merkle::root(&leaves).to_hex(),
+            "merkle_paths": paths,
+            "statement_hex": hex::encode(statement),
+            "run_digest": seal::run_digest(statement).to_hex(),
+            "batch_index": run.seal.batch_index,
+            "batch_path": run.seal.batch_path.iter().map(Hash32::to_hex).collect::<Vec<_>>(),
+            "record_msgpack_hex": hex::encode(run.encode()?),
+        }));
+    }
     Ok(json!({
         "description": "turnstile golden vectors; see schemas/chain.md. All hex is lowercase.",
         "key": {
@@ -65,14 +103,22 @@ pub fn compute() -> crate::Result<Value> {
         "process": process.as_str(),
         "genesis": genesis.to_hex(),
         "assignments": assignments,
-        "run": {
-            "first_slot": 0,
-            "count": leaves.len(),
-            "merkle_root": root.to_hex(),
-            "merkle_paths": paths,
-            "statement_hex": hex::encode(&statement),
-            "signature": hex::encode(&run.commitments[0].signature),
-            "record_msgpack_hex": hex::encode(run.encode()?),
+        "other_process": {
+            "process": other.as_str(),
+            "genesis": b_prev.to_hex(),
+            "assignment": {
+                "slot": 0, "message_id": "b-0", "timestamp_ms": 1_700_000_000_002u64, "headers": [],
+                "body_hex": hex::encode(body),
+                "canonical_hex": hex::encode(chain::canonical_encoding(&b_fields)),
+                "chain_hash": runs[1].entries[0].chain_hash.to_hex(),
+            },
+        },
+        "runs": run_docs,
+        "batch": {
+            "size": digests.len(),
+            "root": batch_root.to_hex(),
+            "statement_hex": hex::encode(&batch_statement),
+            "signature": hex::encode(&runs[0].seal.commitments[0].signature),
         },
     }))
 }
@@ -89,12 +135,14 @@ mod tests {
         let computed = compute().unwrap();
         assert_eq!(committed, computed, "regenerate with `cargo run -p protocol --example vectors > schemas/vectors.json` only if the format changed on purpose");
         // And the committed record decodes to a run that verifies with the vector key.
-        let record = hex::decode(committed["run"]["record_msgpack_hex"].as_str().unwrap()).unwrap();
-        let run = Run::decode(&record).unwrap();
-        let mut trusted = crate::verify::TrustedKeys::default();
-        trusted.insert(Keypair::from_seed(SEED).public_key());
-        let mut v = crate::verify::ChainVerifier::new(ProcessId::new("proc-A").unwrap(), trusted, vec![]);
-        v.feed(&run).unwrap();
-        assert_eq!(v.checked(), 3);
+        for (doc, process, count) in [(&committed["runs"][0], "proc-A", 3), (&committed["runs"][1], "proc-B", 1)] {
+            let record = hex::decode(doc["record_msgpack_hex"].as_str().unwrap()).unwrap();
+            let run = Run::decode(&record).unwrap();
+            let mut trusted = crate::verify::TrustedKeys::default();
+            trusted.insert(Keypair::from_seed(SEED).public_key());
+            let mut v = crate::verify::ChainVerifier::new(ProcessId::new(process).unwrap(), trusted, vec![]);
+            v.feed(&run).unwrap();
+            assert_eq!(v.checked(), count);
+        }
     }
 }

@@ -142,11 +142,14 @@ impl ChainVerifier {
             prev = Some(e.chain_hash);
         }
         let first = run.first_slot;
-        if run.commitments.is_empty() {
+        let commitments = &run.seal.commitments;
+        if commitments.is_empty() {
             return fault(first, FaultKind::Unsigned);
         }
-        let statement = run.statement();
-        for c in &run.commitments {
+        let Some(statement) = run.seal.signed_statement(&run.statement()) else {
+            return fault(first, FaultKind::BadSignature("(batch path)".into()));
+        };
+        for c in commitments {
             if !self.trusted.trusts(&c.key_id, &c.public_key) {
                 return fault(first, FaultKind::UntrustedKey(c.key_id.clone()));
             }
@@ -155,7 +158,7 @@ impl ChainVerifier {
             }
         }
         for k in &self.required {
-            if !run.commitments.iter().any(|c| &c.key_id == k) {
+            if !commitments.iter().any(|c| &c.key_id == k) {
                 return fault(first, FaultKind::MissingKey(k.clone()));
             }
         }
@@ -170,6 +173,7 @@ impl ChainVerifier {
 mod tests {
     use super::*;
     use crate::keys::Keypair;
+    use crate::seal::Seal;
     use crate::wire::{Entry, RECORD_VERSION};
 
     /// Builds `runs` consecutive runs of `per` entries each, signed by `kp`.
@@ -196,9 +200,12 @@ mod tests {
                 entries.push(e);
                 slot += 1;
             }
-            let mut run = Run { v: RECORD_VERSION, process: process.into(), first_slot: first, entries, commitments: vec![] };
-            run.commitments.push(kp.commit(&run.statement()));
-            out.push(run);
+            out.push(Run { v: RECORD_VERSION, process: process.into(), first_slot: first, entries, seal: Seal::default() });
+        }
+        // Seal all runs as one batch, as the scheduler's signer does under load.
+        let digests: Vec<Hash32> = out.iter().map(|r| crate::seal::run_digest(&r.statement())).collect();
+        for (run, seal) in out.iter_mut().zip(crate::seal::seal(&digests, &[kp])) {
+            run.seal = seal;
         }
         out
     }
@@ -230,8 +237,9 @@ mod tests {
             ("header", |l| l[3].entries[2].headers.clear(), 11, |k| *k == FaultKind::BadChainHash),
             ("dropped run", |l| { l.remove(1); }, 3, |k| matches!(k, FaultKind::Gap { expected: 3, found: 6 })),
             ("relinked", |l| l[2].entries[0].prev_hash = Hash32::ZERO, 6, |k| *k == FaultKind::BrokenLink),
-            ("unsigned", |l| l[0].commitments.clear(), 0, |k| *k == FaultKind::Unsigned),
-            ("bad signature", |l| l[1].commitments[0].signature[0] ^= 1, 3, |k| matches!(k, FaultKind::BadSignature(_))),
+            ("unsigned", |l| l[0].seal.commitments.clear(), 0, |k| *k == FaultKind::Unsigned),
+            ("bad signature", |l| l[1].seal.commitments[0].signature[0] ^= 1, 3, |k| matches!(k, FaultKind::BadSignature(_))),
+            ("moved in its batch", |l| l[2].seal.batch_index = 0, 6, |k| matches!(k, FaultKind::BadSignature(_))),
         ];
         for (name, tamper, slot, kind) in cases {
             let mut l = honest.clone();

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::chain::{self, Fields};
 use crate::hash::Hash32;
-use crate::keys::{self, Commitment};
+use crate::keys;
+use crate::seal::Seal;
 use crate::merkle;
 use crate::process::ProcessId;
 use crate::{Error, Result};
@@ -112,8 +113,8 @@ pub struct Run {
     pub first_slot: u64,
     /// The assignments, in slot order (never empty).
     pub entries: Vec<Entry>,
-    /// Signatures over [`keys::run_statement`] of this run's Merkle root.
-    pub commitments: Vec<Commitment>,
+    /// The run's place in its signed batch and the batch's signatures.
+    pub seal: Seal,
 }
 
 impl Run {
@@ -194,14 +195,14 @@ impl Run {
             run_first_slot: self.first_slot,
             run_count: self.entries.len() as u64,
             merkle_path: tree.proof(index)?,
-            commitments: self.commitments.clone(),
+            seal: self.seal.clone(),
         })
     }
 }
 
 /// The reply to a successful scheduling request: the assignment (the body replaced by
 /// its BLAKE3 digest) with what a client needs to check it alone: the chain step, the
-/// Merkle path to the run's root and the run's commitments.
+/// Merkle path to the run's root and the run's seal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
     /// [`RECORD_VERSION`].
@@ -232,13 +233,13 @@ pub struct Receipt {
     pub run_count: u64,
     /// Merkle audit path of this assignment within its run, leaf first.
     pub merkle_path: Vec<Hash32>,
-    /// The run's commitments.
-    pub commitments: Vec<Commitment>,
+    /// The run's seal: its place in the signed batch and the signatures.
+    pub seal: Seal,
 }
 
 impl Receipt {
     /// Checks the receipt on its own: the chain step from `prev_hash`, the Merkle path
-    /// to the run root, and at least one valid commitment over the run statement. Pass
+    /// to the run root, the seal's path to the batch root and its commitments. Pass
     /// the body to check it too. Returns the key ids whose commitments verified.
     pub fn check(&self, body: Option<&[u8]>) -> Result<Vec<String>, &'static str> {
         if let Some(b) = body {
@@ -270,11 +271,7 @@ impl Receipt {
         let root = merkle::root_from_proof(&self.chain_hash, index, self.run_count as usize, &self.merkle_path)
             .map_err(|_| "merkle path does not fit the run")?;
         let statement = keys::run_statement(&self.process, self.run_first_slot, self.run_count, &root);
-        let good: Vec<String> = self.commitments.iter().filter(|c| c.check(&statement)).map(|c| c.key_id.clone()).collect();
-        if good.is_empty() || good.len() != self.commitments.len() {
-            return Err("a commitment does not verify");
-        }
-        Ok(good)
+        self.seal.check(&statement)
     }
 
     /// MessagePack bytes.
@@ -522,8 +519,8 @@ mod tests {
             prev = e.chain_hash;
             entries.push(e);
         }
-        let mut run = Run { v: RECORD_VERSION, process: process.into(), first_slot: 0, entries, commitments: vec![] };
-        run.commitments = vec![kp.commit(&run.statement())];
+        let mut run = Run { v: RECORD_VERSION, process: process.into(), first_slot: 0, entries, seal: Seal::default() };
+        run.seal = crate::seal::seal(&[crate::seal::run_digest(&run.statement())], &[kp]).remove(0);
         run
     }
 
