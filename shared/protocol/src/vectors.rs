@@ -29,7 +29,9 @@ pub fn compute() -> crate::Result<Value> {
     let mut prev = genesis;
     let mut entries = Vec::new();
     let mut assignments = Vec::new();
-    for (slot, id, ts, headers, body) in inputs {
+    for (slot, id, ts, mut headers, body) in inputs {
+        // Stored sorted, as the scheduler stores them; the canonical encoding sorts anyway.
+        headers.sort();
         let body_hash = Hash32::digest(body);
         let fields = Fields { process: process.as_str(), slot, message_id: id, timestamp_ms: ts, headers: &headers, body_hash };
         let canonical = chain::canonical_encoding(&fields);
@@ -52,14 +54,15 @@ pub fn compute() -> crate::Result<Value> {
 
     // A second run, of another process, sealed in the same batch.
     let other = ProcessId::new("proc-B")?;
-    let (headers, body): (Vec<(String, String)>, &[u8]) = (vec![], "héllo wörld".as_bytes());
-    let b_fields = Fields { process: other.as_str(), slot: 0, message_id: "b-0", timestamp_ms: 1_700_000_000_002, headers: &headers, body_hash: Hash32::digest(body) };
+    let (headers, body): (Vec<(String, String)>, &[u8]) = (vec![("x-note".into(), "grüße".into())], "héllo wörld".as_bytes());
+    let b_id = "b-0-ü";
+    let b_fields = Fields { process: other.as_str(), slot: 0, message_id: b_id, timestamp_ms: 1_700_000_000_002, headers: &headers, body_hash: Hash32::digest(body) };
     let b_prev = chain::genesis(&other);
     let b_entry = Entry {
         slot: 0,
-        message_id: "b-0".into(),
+        message_id: b_id.into(),
         timestamp_ms: 1_700_000_000_002,
-        headers: vec![],
+        headers: headers.clone(),
         body: body.to_vec(),
         prev_hash: b_prev,
         chain_hash: chain::chain_hash(&b_prev, &b_fields),
@@ -107,13 +110,19 @@ pub fn compute() -> crate::Result<Value> {
             "process": other.as_str(),
             "genesis": b_prev.to_hex(),
             "assignment": {
-                "slot": 0, "message_id": "b-0", "timestamp_ms": 1_700_000_000_002u64, "headers": [],
+                "slot": 0, "message_id": b_id, "timestamp_ms": 1_700_000_000_002u64, "headers": headers,
                 "body_hex": hex::encode(body),
+                "body_hash": Hash32::digest(body).to_hex(),
+                "prev_hash": b_prev.to_hex(),
                 "canonical_hex": hex::encode(chain::canonical_encoding(&b_fields)),
                 "chain_hash": runs[1].entries[0].chain_hash.to_hex(),
             },
         },
         "runs": run_docs,
+        "receipt": {
+            "description": "receipt of proc-A slot 1 (durable, not a duplicate) as the scheduler replies it",
+            "msgpack_hex": hex::encode(runs[0].receipt(1, true, false)?.encode()?),
+        },
         "batch": {
             "size": digests.len(),
             "root": batch_root.to_hex(),

@@ -39,6 +39,9 @@ struct Args {
     /// Only the default storage setting (skip sync_interval: always).
     #[arg(long)]
     quick: bool,
+    /// Profiling aid: only run 1,000 processes open-loop at this rate for `seconds`.
+    #[arg(long)]
+    open_rate: Option<f64>,
 }
 
 const BODY: usize = 300;
@@ -70,6 +73,11 @@ async fn main() -> Result<()> {
         tests::support::wait_for_schedulers(&probe, 1).await?;
 
         let conns = connect_all(server.url()).await?;
+        if let Some(rate) = args.open_rate {
+            let l = open_loop(&conns, &body, PROCESSES, rate, args.seconds).await?;
+            println!("open loop {rate}/s over {PROCESSES} processes: p50 {:.2} ms, p99 {:.2} ms, achieved {:.0}/s", l.p50_ms, l.p99_ms, l.achieved);
+            return Ok(());
+        }
         let hot = closed_loop(&conns, &body, 1, args.window, args.seconds).await?;
         eprintln!("one hot process: {:.0} assignments/s", hot.rate);
         let many = closed_loop(&conns, &body, PROCESSES, args.window, args.seconds).await?;
@@ -289,9 +297,12 @@ struct Latency {
     achieved: f64,
 }
 
-/// Open loop at `rate` requests/s for `seconds`: latency percentiles from send to reply.
+/// Open loop at `rate` requests/s for a 1 s warm-up (actors start, not measured) and
+/// then `seconds`: latency percentiles from send to reply.
 async fn open_loop(conns: &[async_nats::Client], body: &Bytes, processes: usize, rate: f64, seconds: f64) -> Result<Latency> {
     let rate = rate.max(1.0);
+    let warmup = (rate * 1.0) as u64;
+    let seconds = seconds + 1.0;
     let tag = uuid_like();
     let mut inboxes = Vec::new();
     for c in conns {
@@ -313,6 +324,9 @@ async fn open_loop(conns: &[async_nats::Client], body: &Bytes, processes: usize,
             let n = sent;
             handles.push(tokio::spawn(async move {
                 if let Ok((d, true)) = send(&client, &inbox, n, subject, body).await {
+                    if n < warmup {
+                        return;
+                    }
                     if let Ok(mut l) = latencies.lock() {
                         l.push(d);
                     }
@@ -325,7 +339,7 @@ async fn open_loop(conns: &[async_nats::Client], body: &Bytes, processes: usize,
     for h in handles {
         h.await.context("latency sender")?;
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed().as_secs_f64() - 1.0;
     let mut l = latencies.lock().map(|l| l.clone()).unwrap_or_default();
     l.sort();
     let pct = |p: f64| l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN);
