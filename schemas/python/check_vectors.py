@@ -6,7 +6,11 @@ Everything here is derived from schemas/*.md only (no Rust source):
                shape with BLAKE3), run statement and digest, the seal (batch root,
                batch statement, one signature per batch), "Verifying a log"
   records.md - Run / Entry / Seal / Commitment / Receipt MessagePack records,
-               key_id, "A receipt verifies alone"
+               key_id, "A receipt verifies alone"; the Receipt vector
+               (receipt.msgpack_hex) is decoded, verified alone, compared field by
+               field with the receipt built from the decoded run, re-encoded
+               byte-identically, and altered in many ways that must all fail
+  subjects.md - process token, message id and stored-header rules
   README.md  - conventions (big-endian, BLAKE3-256, ed25519 pure, lowercase hex)
 
 Usage:
@@ -117,6 +121,12 @@ def canonical_bh(process: str, slot: int, message_id: str, timestamp_ms: int,
     for n, v in hs:
         out += s(n) + s(v)
     return out + body_hash
+
+
+def headers_sorted(headers) -> bool:
+    """records.md Entry.headers: sorted by (name bytes, value bytes), as chain.md sorts."""
+    hs = [(n.encode("utf-8"), v.encode("utf-8")) for n, v in headers]
+    return hs == sorted(hs)
 
 
 def canonical(process, slot, message_id, timestamp_ms, headers, body: bytes) -> bytes:
@@ -542,11 +552,27 @@ def run_checks(v: dict) -> dict:
     check_eq(len({p["process"] for p in procs}), len(procs), "process names distinct")
     chains = {p["process"]: check_process(p) for p in procs}
     assigns_of = {p["process"]: p["assignments"] for p in procs}
+    def non_ascii(x: str) -> bool:
+        return len(x.encode("utf-8")) != len(x)
+
     for p in procs:
+        check(0 < len(p["process"]) <= 200
+              and all(c.isascii() and (c.isalnum() or c in "-_") for c in p["process"]),
+              f"{p['process']}: valid process token (subjects.md)")
         for a in p["assignments"]:
-            if any(ord(c) > 127 for c in a["message_id"] + "".join(x for h in a["headers"] for x in h)) \
+            if non_ascii(a["message_id"] + "".join(x for h in a["headers"] for x in h)) \
                     or any(b > 127 for b in bytes.fromhex(a["body_hex"])):
                 CHECKS.append(f"{p['process']} slot {a['slot']}: non-ASCII content covered")
+    ob = v["other_process"]["assignment"]
+    check(non_ascii(ob["message_id"]),
+          "other_process: message id is non-ASCII (str() length counts UTF-8 bytes)")
+    check(any(non_ascii(val) for _, val in ob["headers"]),
+          "other_process: a header value is non-ASCII (chain.md 'Vectors')")
+    canon_b = bytes.fromhex(ob["canonical_hex"])
+    mid = ob["message_id"].encode("utf-8")
+    off = 4 + len(v["other_process"]["process"].encode("utf-8")) + 8
+    check_eq(canon_b[off:off + 4 + len(mid)], u32be(len(mid)) + mid,
+             "other_process: canonical str(message_id) prefix is the UTF-8 byte length")
 
     # --- runs: Merkle tree, audit paths, statement, digest -----------------
     runs_v = v["runs"]
@@ -744,8 +770,226 @@ def run_checks(v: dict) -> dict:
             CHECKS.append(f"{tag}: verifies alone (chain hash, run root, digest, seal)")
             receipts.append(back)
 
+    # --- The Receipt vector (records.md Receipt / Seal / Commitment) ---------
+    vraw, vrec = check_vector_receipt(v, decoded, trusted, kid, pk, sig, assigns_of, chains)
+
     negative_checks(v, decoded, receipts, trusted, kid, procs)
+    negative_receipt_vector(vraw, vrec, trusted, kid)
     return {"procs": procs, "runs": len(runs_v), "batch": n, "receipts": len(receipts)}
+
+
+def check_vector_receipt(v, decoded, trusted, kid, pk, sig, assigns_of, chains):
+    """Decode receipt.msgpack_hex, verify it alone, compare it field by field with the
+    receipt built from the decoded proc-A run and with the vectors, re-encode it."""
+    rv_all = v["runs"]
+    tag = "receipt vector"
+    raw = unhex(v["receipt"]["msgpack_hex"], f"{tag} msgpack_hex")
+    rec = decode(raw)
+    check(isinstance(rec, dict), f"{tag}: a MessagePack map")
+    check_eq(list(rec.keys()), RECEIPT_FIELDS, f"{tag}: Receipt fields in records.md order")
+    try:
+        r = parse_receipt(rec)
+    except RecordError as e:
+        raise CheckFailed(f"{tag}: refused by the records.md rules: {e}")
+    check_eq(list(rec["seal"].keys()), SEAL_FIELDS, f"{tag}: Seal fields in records.md order")
+    for i, c in enumerate(rec["seal"]["commitments"]):
+        check_eq(list(c.keys()), COMMITMENT_FIELDS, f"{tag}: commitment {i} fields in records.md order")
+    # chain.md "Vectors": one Receipt (proc-A, slot 1); durable, not a duplicate.
+    process = v["process"]
+    check_eq(r["process"], process, f"{tag}: process is {process} (chain.md 'Vectors')")
+    check_eq(r["slot"], 1, f"{tag}: slot 1 (chain.md 'Vectors')")
+    check_eq(r["durable"], True, f"{tag}: durable = true")
+    check_eq(r["duplicate"], False, f"{tag}: duplicate = false")
+
+    # records.md "A receipt verifies alone" (before any comparison with the runs).
+    verify_receipt(rec, trusted, [kid])
+    verify_receipt(rec, trusted, [])
+    CHECKS.append(f"{tag}: verifies alone (chain hash, run root from merkle_path, digest, seal)")
+
+    # The receipt this checker builds from the decoded run holding proc-A slot 1.
+    ri, (rrec, run) = next((j, d) for j, d in enumerate(decoded)
+                           if d[1]["process"] == process
+                           and d[1]["first_slot"] <= r["slot"] < d[1]["first_slot"] + len(d[1]["entries"]))
+    built = build_receipt(run, r["slot"] - run["first_slot"])
+    for f in RECEIPT_FIELDS:
+        if f == "seal":
+            continue
+        check_eq(r[f], built[f], f"{tag}: {f} = built from the decoded {process} run")
+    for f in SEAL_FIELDS:
+        if f == "commitments":
+            continue
+        check_eq(r["seal"][f], built["seal"][f], f"{tag}: seal.{f} = the run's seal")
+    check_eq(len(r["seal"]["commitments"]), len(built["seal"]["commitments"]),
+             f"{tag}: seal commitment count = the run's")
+    for i, (c, bc) in enumerate(zip(r["seal"]["commitments"], built["seal"]["commitments"])):
+        for f in COMMITMENT_FIELDS:
+            check_eq(c[f], bc[f], f"{tag}: seal.commitments[{i}].{f} = the run's")
+
+    # ... and directly with the vectors (independently of the Run record).
+    rv = rv_all[ri]
+    a = assigns_of[process][r["slot"]]
+    check_eq(r["message_id"], a["message_id"], f"{tag}: message_id = vector")
+    check_eq(r["timestamp_ms"], a["timestamp_ms"], f"{tag}: timestamp_ms = vector")
+    check_eq([list(h) for h in r["headers"]], [list(h) for h in a["headers"]], f"{tag}: headers = vector")
+    check(headers_sorted(r["headers"]), f"{tag}: headers sorted (as in Entry)")
+    check_eq(r["body_hash"].hex(), a["body_hash"], f"{tag}: body_hash = vector")
+    check_eq(r["body_hash"], H(bytes.fromhex(a["body_hex"])), f"{tag}: body_hash = BLAKE3(body)")
+    check_eq(r["prev_hash"].hex(), a["prev_hash"], f"{tag}: prev_hash = vector")
+    check_eq(r["prev_hash"], chains[process][r["slot"] - 1] if r["slot"] else genesis(process),
+             f"{tag}: prev_hash = recomputed previous chain hash")
+    check_eq(r["chain_hash"].hex(), a["chain_hash"], f"{tag}: chain_hash = vector")
+    check_eq(r["run_first_slot"], rv["first_slot"], f"{tag}: run_first_slot = vector run")
+    check_eq(r["run_count"], rv["count"], f"{tag}: run_count = vector run")
+    check_eq([p.hex() for p in r["merkle_path"]], rv["merkle_paths"][r["slot"] - rv["first_slot"]],
+             f"{tag}: merkle_path = vector audit path")
+    check_eq(r["seal"]["batch_size"], v["batch"]["size"], f"{tag}: seal.batch_size = vector batch")
+    check_eq(r["seal"]["batch_index"], rv["batch_index"], f"{tag}: seal.batch_index = vector run")
+    check_eq([p.hex() for p in r["seal"]["batch_path"]], rv["batch_path"],
+             f"{tag}: seal.batch_path = vector run")
+    check_eq(r["seal"]["commitments"], [{"key_id": kid, "public_key": pk, "signature": sig}],
+             f"{tag}: one commitment = (key_id, public_key, batch signature)")
+    check_eq(key_id(r["seal"]["commitments"][0]["public_key"]), r["seal"]["commitments"][0]["key_id"],
+             f"{tag}: key_id is the id of public_key")
+
+    # Byte-identical re-encoding (records.md: fields in table order, smallest ints,
+    # str as str, bin as bin, bool as bool) - of the built receipt and of the decoded map.
+    check_eq(encode(built).hex(), raw.hex(), f"{tag}: built receipt encodes byte-identically")
+    check_eq(encode(rec).hex(), raw.hex(), f"{tag}: decoded receipt re-encodes byte-identically")
+    check_eq(raw[raw.index(b"\xactimestamp_ms") + 13], 0xCF,
+             f"{tag}: timestamp_ms {r['timestamp_ms']} as uint 64 (smallest that holds it)")
+
+    # Readers ignore unknown fields and refuse a missing one or v != 1.
+    extra = dict(rec); extra["future_field"] = {"x": 1}
+    extra["seal"] = dict(rec["seal"]); extra["seal"]["later"] = True
+    check_eq(parse_receipt(decode(encode(extra)))["chain_hash"], r["chain_hash"],
+             f"{tag}: unknown fields ignored")
+    verify_receipt(decode(encode(extra)), trusted, [kid])
+    CHECKS.append(f"{tag}: with unknown fields still verifies")
+    for fld in RECEIPT_FIELDS:
+        try:
+            parse_receipt({k: x for k, x in rec.items() if k != fld}); refused = False
+        except RecordError:
+            refused = True
+        check(refused, f"{tag}: refused without field {fld!r}")
+    for fld in SEAL_FIELDS:
+        t = dict(rec); t["seal"] = {k: x for k, x in rec["seal"].items() if k != fld}
+        try:
+            parse_receipt(t); refused = False
+        except RecordError:
+            refused = True
+        check(refused, f"{tag}: refused without seal field {fld!r}")
+
+    # durable / duplicate are reply flags: the verification of records.md never reads
+    # them, so they are not covered by the seal.
+    for f in ("durable", "duplicate"):
+        t = copy.deepcopy(rec); t[f] = not t[f]
+        verify_receipt(t, trusted, [kid])
+        CHECKS.append(f"{tag}: {f} flipped still verifies (not covered by the seal)")
+    return raw, rec
+
+
+def negative_receipt_vector(raw: bytes, rc: dict, trusted, kid) -> None:
+    """Alterations of the decoded receipt vector: each must fail, naming its slot."""
+    def expect_fail(r, what, slot="own", trusted_=trusted, required=(kid,)):
+        want = r.get("slot") if slot == "own" else slot
+        try:
+            verify_receipt(r, trusted_, list(required))
+        except VerifyError as err:
+            if err.slot != want:
+                raise CheckFailed(f"NEG receipt vector {what}: failed at slot {err.slot}, "
+                                  f"expected {want} ({err})")
+            CHECKS.append(f"NEG receipt vector {what} -> rejected ({err})")
+            if VERBOSE:
+                print(f"  rejected as expected: receipt vector {what}: {err}")
+            return
+        raise CheckFailed(f"NEG receipt vector {what}: verification unexpectedly succeeded")
+
+    def flip(b: bytes, i: int = 0, bit: int = 1) -> bytes:
+        x = bytearray(b); x[i] ^= bit
+        return bytes(x)
+
+    def alt(**kw):
+        t = copy.deepcopy(rc); t.update(kw)
+        return t
+
+    def rechain(t):
+        t["chain_hash"] = chain_hash(t["prev_hash"], canonical_bh(
+            t["process"], t["slot"], t["message_id"], t["timestamp_ms"], t["headers"], t["body_hash"]))
+        return t
+
+    if VERBOSE:
+        print("negative checks on the receipt vector:")
+    slot = rc["slot"]
+    # slot
+    expect_fail(alt(slot=slot + 1), "slot altered")
+    expect_fail(alt(slot=0), "slot altered to 0 (prev_hash is not genesis)")
+    expect_fail(rechain(alt(slot=slot + 1)), "slot altered, chain_hash recomputed (Merkle index moves)")
+    expect_fail(rechain(alt(slot=slot + 1, run_first_slot=rc["run_first_slot"] + 1)),
+                "slot and run_first_slot shifted, chain_hash recomputed (run statement changes)")
+    # merkle_path
+    for i in range(len(rc["merkle_path"])):
+        t = copy.deepcopy(rc); t["merkle_path"][i] = flip(t["merkle_path"][i], 31, 0x80)
+        expect_fail(t, f"merkle_path[{i}] altered")
+        t = copy.deepcopy(rc); del t["merkle_path"][i]
+        expect_fail(t, f"merkle_path[{i}] dropped")
+    if len(rc["merkle_path"]) > 1:
+        expect_fail(alt(merkle_path=rc["merkle_path"][::-1]), "merkle_path reversed")
+    expect_fail(alt(merkle_path=rc["merkle_path"] + [rc["merkle_path"][0]]), "merkle_path extra element")
+    expect_fail(alt(merkle_path=[]), "merkle_path emptied")
+    # run position
+    expect_fail(alt(run_count=rc["run_count"] + 1), "run_count + 1")
+    expect_fail(alt(run_count=rc["run_count"] - 1), "run_count - 1")
+    expect_fail(alt(run_first_slot=rc["run_first_slot"] + 1), "run_first_slot moved past the slot")
+    # assignment fields
+    expect_fail(alt(message_id=rc["message_id"] + "x"), "message_id altered")
+    expect_fail(alt(timestamp_ms=rc["timestamp_ms"] + 1), "timestamp_ms altered")
+    expect_fail(alt(headers=rc["headers"] + [["x", "y"]]), "header added")
+    expect_fail(alt(body_hash=flip(rc["body_hash"])), "body_hash altered")
+    expect_fail(alt(prev_hash=flip(rc["prev_hash"])), "prev_hash altered")
+    expect_fail(rechain(alt(prev_hash=flip(rc["prev_hash"]))), "prev_hash altered, chain_hash recomputed")
+    expect_fail(alt(chain_hash=flip(rc["chain_hash"])), "chain_hash altered")
+    expect_fail(rechain(alt(process="proc-Z")), "process relabelled, chain_hash recomputed")
+    # seal
+    sl = rc["seal"]
+    t = copy.deepcopy(rc); t["seal"]["batch_index"] = (sl["batch_index"] + 1) % sl["batch_size"]
+    expect_fail(t, "seal.batch_index moved")
+    t = copy.deepcopy(rc); t["seal"]["batch_size"] += 1
+    expect_fail(t, "seal.batch_size changed")
+    for i in range(len(sl["batch_path"])):
+        t = copy.deepcopy(rc); t["seal"]["batch_path"][i] = flip(sl["batch_path"][i], 5)
+        expect_fail(t, f"seal.batch_path[{i}] altered")
+    t = copy.deepcopy(rc); t["seal"]["batch_path"] = []
+    expect_fail(t, "seal.batch_path emptied")
+    t = copy.deepcopy(rc); t["seal"]["commitments"] = []
+    expect_fail(t, "seal without commitment")
+    t = copy.deepcopy(rc)
+    t["seal"]["commitments"][0]["signature"] = flip(sl["commitments"][0]["signature"], 63)
+    expect_fail(t, "commitment signature altered")
+    t = copy.deepcopy(rc)
+    t["seal"]["commitments"][0]["public_key"] = flip(sl["commitments"][0]["public_key"], 0)
+    expect_fail(t, "commitment public_key altered (key_id no longer its id)")
+    other = nacl.signing.SigningKey(b"\x07" * 32)
+    opk = bytes(other.verify_key)
+    t = copy.deepcopy(rc)
+    t["seal"]["commitments"][0] = {"key_id": key_id(opk), "public_key": opk,
+                                   "signature": other.sign(b"x").signature}
+    expect_fail(t, "commitment by an untrusted key")
+    expect_fail(rc, "trusted key set empty", trusted_={})
+    expect_fail(rc, "required key absent", required=("ffffffffffffffff",))
+    # record rules
+    expect_fail(alt(v=2), "v != 1")
+    t = copy.deepcopy(rc); del t["seal"]
+    expect_fail(t, "seal missing")
+    # in the MessagePack bytes themselves
+    sig = sl["commitments"][0]["signature"]
+    pos = raw.index(b"\xc4\x40" + sig) + 2
+    for off in (0, 31, 63):
+        t = decode(raw[:pos + off] + bytes([raw[pos + off] ^ 0x10]) + raw[pos + off + 1:])
+        expect_fail(t, f"signature byte {off} flipped in msgpack_hex")
+    mp = rc["merkle_path"][-1]
+    pos = raw.index(b"\xc4\x20" + mp) + 2
+    t = decode(raw[:pos] + bytes([raw[pos] ^ 0x01]) + raw[pos + 1:])
+    expect_fail(t, "merkle_path byte flipped in msgpack_hex")
 
 
 def negative_checks(v, decoded, receipts, trusted, kid, procs) -> None:
@@ -922,6 +1166,8 @@ def main(argv: list[str]) -> int:
     print(f"  Run records: decoded, all fields incl. seal match, re-encode byte-identically,")
     print(f"      verify as logs (chain.md 'Verifying a log')")
     print(f"  {info['receipts']} receipts built from the decoded runs verify alone")
+    print(f"  receipt vector: decoded, verifies alone, equals the receipt built from the run")
+    print(f"      field by field and the vectors, re-encodes byte-identically")
     print(f"  {neg} negative checks rejected as expected")
     print(f"  {len(CHECKS)} checks in total, all passed")
     return 0

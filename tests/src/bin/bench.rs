@@ -4,7 +4,9 @@
 //!
 //! For each storage setting (default `sync_interval`, and `sync_interval: always`):
 //! 1. the raw ceiling: pipelined JetStream publishes of 300-byte messages spread over
-//!    1,000 subjects, no scheduler;
+//!    1,000 subjects, no scheduler; and the request/reply ceiling: the same load as
+//!    below against a responder that answers at once (what any per-message
+//!    request/reply service could reach here);
 //! 2. one hot process: closed-loop requests from several connections;
 //! 3. 1,000 processes together, same load spread evenly;
 //! 4. latency p50/p99 of both at half of the peak each reached, open loop.
@@ -42,6 +44,10 @@ struct Args {
     /// Profiling aid: only run 1,000 processes open-loop at this rate for `seconds`.
     #[arg(long)]
     open_rate: Option<f64>,
+    /// Internal: serve as the echo responder at this NATS URL (the request/reply
+    /// transport ceiling: replies at once with a receipt-sized payload).
+    #[arg(long, hide = true)]
+    serve_echo: Option<String>,
 }
 
 const BODY: usize = 300;
@@ -51,6 +57,9 @@ const CONNECTIONS: usize = 4;
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(url) = &args.serve_echo {
+        return serve_echo(url).await;
+    }
     let body = Bytes::from(vec![b'x'; BODY]);
     let mut runs = Vec::new();
     let settings: &[bool] = if args.quick { &[false] } else { &[false, true] };
@@ -60,6 +69,19 @@ async fn main() -> Result<()> {
         let server = NatsServer::start_with(Options { sync_always })?;
         let raw = raw_ceiling(server.url(), &body, args.seconds).await?;
         eprintln!("raw JetStream pipelined publish, {PROCESSES} subjects: {raw:.0} msg/s");
+
+        // The request/reply ceiling: the same load against a responder that does nothing.
+        let echo = {
+            let mut cmd = std::process::Command::new(std::env::current_exe()?);
+            cmd.arg("--serve-echo").arg(server.url());
+            let mut p = harness::Process::spawn(cmd)?;
+            let conns = connect_all(server.url()).await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let t = closed_loop(&conns, &body, PROCESSES, args.window, args.seconds).await?;
+            p.kill();
+            t.rate
+        };
+        eprintln!("request/reply echo ceiling, {PROCESSES} subjects: {echo:.0} msg/s");
 
         let dir = tempfile::tempdir()?;
         let key = protocol::keys::Keypair::generate();
@@ -89,6 +111,8 @@ async fn main() -> Result<()> {
         runs.push(json!({
             "storage": label,
             "raw_ceiling_msgs_per_s": raw.round(),
+            "echo_ceiling_msgs_per_s": echo.round(),
+            "processes_1000_vs_echo": (many.rate / echo * 1000.0).round() / 1000.0,
             "hot_process_assignments_per_s": hot.rate.round(),
             "hot_process_errors": hot.errors,
             "processes_1000_assignments_per_s": many.rate.round(),
@@ -120,18 +144,20 @@ async fn main() -> Result<()> {
 
 fn print_table(doc: &serde_json::Value) {
     println!();
-    println!("| storage | raw ceiling msg/s | hot process /s | 1000 processes /s | 1000 vs raw | hot p50/p99 ms @½ | 1000 p50/p99 ms @½ |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| storage | raw ceiling msg/s | echo ceiling msg/s | hot process /s | 1000 processes /s | 1000 vs raw | 1000 vs echo | hot p50/p99 ms @½ | 1000 p50/p99 ms @½ |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in doc["runs"].as_array().into_iter().flatten() {
         println!(
-            "| {} | {} | {} {} | {} | {} {} | {:.2} / {:.2} | {:.2} / {:.2} |",
+            "| {} | {} | {} | {} {} | {} | {} {} | {} | {:.2} / {:.2} | {:.2} / {:.2} |",
             r["storage"].as_str().unwrap_or(""),
             r["raw_ceiling_msgs_per_s"],
+            r["echo_ceiling_msgs_per_s"],
             r["hot_process_assignments_per_s"],
             if r["hot_process_meets_target"].as_bool() == Some(true) { "✓" } else { "✗ (<50k)" },
             r["processes_1000_assignments_per_s"],
             r["processes_1000_vs_raw"],
             if r["processes_1000_meets_target"].as_bool() == Some(true) { "✓" } else { "✗ (<0.8)" },
+            r["processes_1000_vs_echo"],
             r["hot_latency_at_half_peak"]["p50_ms"].as_f64().unwrap_or(0.0),
             r["hot_latency_at_half_peak"]["p99_ms"].as_f64().unwrap_or(0.0),
             r["processes_1000_latency_at_half_peak"]["p50_ms"].as_f64().unwrap_or(0.0),
@@ -344,4 +370,17 @@ async fn open_loop(conns: &[async_nats::Client], body: &Bytes, processes: usize,
     l.sort();
     let pct = |p: f64| l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN);
     Ok(Latency { p50_ms: (pct(0.50) * 100.0).round() / 100.0, p99_ms: (pct(0.99) * 100.0).round() / 100.0, achieved: l.len() as f64 / elapsed })
+}
+
+/// Replies to every `ts.schedule.>` request at once with a receipt-sized payload.
+async fn serve_echo(url: &str) -> Result<()> {
+    let client = async_nats::ConnectOptions::new().subscription_capacity(1 << 20).connect(url).await?;
+    let mut sub = client.queue_subscribe("ts.schedule.>", "echo".into()).await?;
+    let reply = Bytes::from(vec![b'r'; 400]);
+    while let Some(msg) = sub.next().await {
+        if let Some(to) = msg.reply {
+            client.publish(to, reply.clone()).await?;
+        }
+    }
+    Ok(())
 }
