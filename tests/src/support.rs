@@ -183,3 +183,21 @@ pub async fn load(url: &str, process: &ProcessId, clients: usize, per_client: us
 pub fn server() -> Result<NatsServer> {
     Ok(NatsServer::start()?)
 }
+
+/// Sums the `schedule` endpoint counters (`$SRV.STATS`) of `n` schedulers.
+pub async fn scheduler_counters(url: &str, n: usize) -> Result<BTreeMap<String, u64>> {
+    let client = connect(url).await?;
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await?;
+    client.publish_with_reply("$SRV.STATS.turnstile-scheduler", inbox, Bytes::new()).await?;
+    let mut totals = BTreeMap::new();
+    for _ in 0..n {
+        let msg = tokio::time::timeout(Duration::from_secs(5), sub.next()).await?.context("stats reply")?;
+        let v: serde_json::Value = serde_json::from_slice(&msg.payload)?;
+        let schedule = v["endpoints"].as_array().into_iter().flatten().find(|e| e["name"] == "schedule").cloned().unwrap_or_default();
+        for (k, c) in schedule["data"].as_object().into_iter().flatten() {
+            *totals.entry(k.clone()).or_default() += c.as_u64().unwrap_or(0);
+        }
+    }
+    Ok(totals)
+}

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer, context::PublishErrorKind};
+use async_nats::jetstream::consumer;
 use async_nats::HeaderMap;
 use base64::Engine;
 use bytes::Bytes;
@@ -22,6 +22,8 @@ use protocol::ProcessId;
 
 use crate::core::{self, Decision, DedupeIndex, Head, NewMessage, Seen};
 use crate::reply::{Refusal, Replier};
+use crate::metrics::Metrics;
+use crate::writer::{Outcome, Write};
 use crate::Shared;
 
 /// One scheduling request, validated by the intake.
@@ -99,12 +101,6 @@ struct Actor {
     process: ProcessId,
     head: Option<Head>,
     index: DedupeIndex,
-}
-
-enum WriteOutcome {
-    Stored(u64),
-    Lost,
-    Failed(String),
 }
 
 impl Actor {
@@ -192,13 +188,14 @@ impl Actor {
 
             let outcome = self.write(&head, &run, &supplied).await;
             let landed = match outcome {
-                WriteOutcome::Stored(seq) => Some(seq),
-                WriteOutcome::Lost => {
+                Outcome::Stored(seq) => Some(seq),
+                Outcome::Lost => {
+                    Metrics::bump(&self.shared.metrics.races_lost);
                     debug!(slot = head.next_slot, "lost the write race; catching up");
                     backoff = Duration::from_millis(5);
                     None
                 }
-                WriteOutcome::Failed(reason) => {
+                Outcome::Failed(reason) => {
                     if started.elapsed() > self.shared.config.write_deadline {
                         let msg = format!("the log did not confirm the write ({reason}); retry with the same message id");
                         refuse_all(&jobs, &answered_early, ErrorCode::Unavailable, &msg).await;
@@ -226,6 +223,8 @@ impl Actor {
                 },
             };
             if let Some(seq) = landed {
+                Metrics::bump(&self.shared.metrics.runs_stored);
+                self.shared.metrics.assignments_stored.fetch_add(run.entries.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 self.head = Some(Head::after(&run, seq));
                 for (e, supplied) in run.entries.iter().zip(&supplied) {
                     if *supplied {
@@ -309,30 +308,18 @@ impl Actor {
         Ok(())
     }
 
-    /// Publishes `run` expecting the head's subject sequence.
-    async fn write(&self, head: &Head, run: &Run, supplied: &[bool]) -> WriteOutcome {
+    /// Hands `run` to the writer, expecting the head's subject sequence.
+    async fn write(&self, head: &Head, run: &Run, supplied: &[bool]) -> Outcome {
         let payload = match run.encode() {
             Ok(p) => p,
-            Err(e) => return WriteOutcome::Failed(e.to_string()),
+            Err(e) => return Outcome::Failed(e.to_string()),
         };
         let mut headers = RunMeta::headers_of(run);
         if let Some(ids) = encode_ids(run, supplied) {
             headers.insert(subjects::IDS, ids.as_str());
         }
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(payload.into())
-            .headers(headers)
-            .expected_last_subject_sequence(head.seq);
-        let ack = match self.shared.js.send_publish(self.shared.subjects.log(&self.process), publish).await {
-            Ok(f) => f.await,
-            Err(e) => Err(e),
-        };
-        match ack {
-            Ok(ack) => WriteOutcome::Stored(ack.sequence),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => WriteOutcome::Lost,
-            Err(e) if jetstream_code(&e) == Some(10164) || jetstream_code(&e) == Some(10071) => WriteOutcome::Lost,
-            Err(e) => WriteOutcome::Failed(e.to_string()),
-        }
+        let write = Write { subject: self.shared.subjects.log(&self.process), payload: payload.into(), headers, expected: head.seq };
+        self.shared.writer.write(write).await
     }
 
     /// Reads every run after the known head; returns the sequence of `ours` if it is
@@ -362,6 +349,7 @@ impl Actor {
     }
 
     async fn answer_duplicate(&self, job: Job, seen: Seen) {
+        Metrics::bump(&self.shared.metrics.duplicates);
         match self.reader().run_at(seen.seq).await {
             Ok(stored) => {
                 let index = seen.slot.saturating_sub(stored.run.first_slot) as usize;
@@ -384,11 +372,6 @@ async fn refuse_all(jobs: &[Job], answered: &[bool], code: ErrorCode, message: &
     }
 }
 
-fn jetstream_code(e: &jetstream::context::PublishError) -> Option<u64> {
-    use std::error::Error as _;
-    let src = e.source()?;
-    src.downcast_ref::<jetstream::Error>().map(|j| j.error_code().0 as u64)
-}
 
 /// `Ts-Ids`: base64 of MessagePack `[[slot, id], ...]` for the client-supplied ids.
 fn encode_ids(run: &Run, supplied: &[bool]) -> Option<String> {

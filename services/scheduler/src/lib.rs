@@ -12,6 +12,8 @@
 //! - [`intake`]: the services-API endpoints (schedule, slot, range, keys).
 //! - [`reply`]: receipts and typed refusals.
 //! - `signer`: one task sealing the runs of all processes in batches.
+//! - [`writer`]: one task writing the runs of many processes as atomic batches.
+//! - [`metrics`]: counters published through the services API's STATS.
 //! - [`config`]: configuration and the signing keyring.
 //! - [`error`]: the crate's error type.
 
@@ -20,8 +22,10 @@ pub mod config;
 pub mod core;
 pub mod error;
 pub mod intake;
+pub mod metrics;
 pub mod reply;
 mod signer;
+pub mod writer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -79,11 +83,12 @@ pub(crate) struct Shared {
     pub config: Config,
     pub limits: Limits,
     pub subjects: Subjects,
-    pub js: jetstream::Context,
     pub log_stream: stream::Stream,
     pub reader: LogReader,
     pub keyring: Arc<Keyring>,
     pub signer: signer::Signer,
+    pub writer: writer::Writer,
+    pub metrics: Arc<metrics::Metrics>,
     pub processes: RwLock<HashMap<String, ProcessConfig>>,
     pub actors: Actors,
     pub clock: Arc<dyn Clock>,
@@ -239,15 +244,22 @@ pub async fn run_with_clock(
     let tracker = TaskTracker::new();
     let keyring = Arc::new(keyring);
     let signer = signer::Signer::start(Arc::clone(&keyring));
+    let atomic = setup::allows_atomic(&log_stream).await;
+    if !atomic {
+        warn!("the log stream does not allow atomic batches; every run is written on its own");
+    }
+    let metrics = Arc::new(metrics::Metrics::default());
+    let writer = writer::Writer::start(js.clone(), client.clone(), atomic, Arc::clone(&metrics));
     let shared = Arc::new(Shared {
         config,
         limits,
         subjects: subjects.clone(),
-        js,
         log_stream,
         reader,
         keyring,
         signer,
+        writer,
+        metrics: Arc::clone(&metrics),
         processes: RwLock::new(initial),
         actors: Actors::default(),
         clock,
@@ -259,6 +271,7 @@ pub async fn run_with_clock(
         .service_builder()
         .description("turnstile scheduler: slots, hash-chained signed assignments")
         .queue_group("turnstile-scheduler")
+        .stats_handler(move |endpoint, _| if endpoint == "schedule" { metrics.snapshot() } else { serde_json::Value::Null })
         .start("turnstile-scheduler", env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| Error::Service(e.to_string()))?;

@@ -48,7 +48,7 @@ impl Default for LogOptions {
 }
 
 /// The log stream's configuration: append-only (no deletes, no purges), kept forever,
-/// direct gets allowed for readers.
+/// direct gets allowed for readers, atomic batches allowed for the writer.
 pub fn log_stream_config(subjects: &Subjects, options: &LogOptions) -> stream::Config {
     stream::Config {
         name: subjects.log_stream(),
@@ -61,6 +61,7 @@ pub fn log_stream_config(subjects: &Subjects, options: &LogOptions) -> stream::C
         deny_delete: true,
         deny_purge: true,
         allow_direct: true,
+        allow_atomic_publish: true,
         ..Default::default()
     }
 }
@@ -77,7 +78,24 @@ pub async fn ensure_log(js: &jetstream::Context, subjects: &Subjects, options: &
     if !info.config.deny_delete || !info.config.deny_purge {
         tracing::warn!(stream = %info.config.name, "log stream allows deletes or purges; the log is only append-only if it denies both");
     }
+    if !info.config.allow_atomic_publish {
+        // A stream made by an older turnstile: turn atomic batches on if we may.
+        let mut config = info.config.clone();
+        config.allow_atomic_publish = true;
+        if let Err(e) = js.update_stream(config).await {
+            tracing::warn!(error = %e, "cannot enable atomic batches on the log stream");
+        }
+    }
     Ok(stream)
+}
+
+/// Whether `stream` accepts atomic batch publishes (reads its info).
+pub async fn allows_atomic(stream: &stream::Stream) -> bool {
+    let mut stream = stream.clone();
+    match stream.info().await {
+        Ok(info) => info.config.allow_atomic_publish,
+        Err(_) => false,
+    }
 }
 
 /// Creates (or opens) the per-process settings bucket.

@@ -41,6 +41,9 @@ struct Args {
     /// Only the default storage setting (skip sync_interval: always).
     #[arg(long)]
     quick: bool,
+    /// Profiling aid: only the closed loop over this many processes.
+    #[arg(long)]
+    closed_processes: Option<usize>,
     /// Profiling aid: only run 1,000 processes open-loop at this rate for `seconds`.
     #[arg(long)]
     open_rate: Option<f64>,
@@ -89,12 +92,17 @@ async fn main() -> Result<()> {
         std::fs::write(&key_path, key.to_key_file())?;
         let bin = harness::workspace_bin("scheduler")?;
         let mut cmd = std::process::Command::new(bin);
-        cmd.arg("--key").arg(&key_path).env("NATS_URL", server.url()).env("RUST_LOG", "warn");
+        cmd.arg("--key").arg(&key_path).env("NATS_URL", server.url()).env("RUST_LOG", std::env::var("BENCH_SCHEDULER_LOG").unwrap_or_else(|_| "warn".into()));
         let _scheduler = harness::Process::spawn(cmd)?;
         let probe = async_nats::connect(server.url()).await?;
         tests::support::wait_for_schedulers(&probe, 1).await?;
 
         let conns = connect_all(server.url()).await?;
+        if let Some(n) = args.closed_processes {
+            let t = closed_loop(&conns, &body, n, args.window, args.seconds).await?;
+            println!("closed loop over {n} processes, window {}: {:.0}/s", args.window, t.rate);
+            return Ok(());
+        }
         if let Some(rate) = args.open_rate {
             let l = open_loop(&conns, &body, PROCESSES, rate, args.seconds).await?;
             println!("open loop {rate}/s over {PROCESSES} processes: p50 {:.2} ms, p99 {:.2} ms, achieved {:.0}/s", l.p50_ms, l.p99_ms, l.achieved);

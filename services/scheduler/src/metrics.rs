@@ -1,0 +1,41 @@
+//! Counters an operator reads from `$SRV.STATS.turnstile-scheduler` (the `data` of
+//! the `schedule` endpoint).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The scheduler's counters since start.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Runs stored in the log.
+    pub runs_stored: AtomicU64,
+    /// Assignments stored in the log.
+    pub assignments_stored: AtomicU64,
+    /// Atomic batches committed (two or more runs in one write).
+    pub batches_committed: AtomicU64,
+    /// Atomic batches refused as a whole and rewritten run by run.
+    pub batches_refused: AtomicU64,
+    /// Writes that lost the race for a slot to another writer.
+    pub races_lost: AtomicU64,
+    /// Requests answered as duplicates of an earlier message id.
+    pub duplicates: AtomicU64,
+}
+
+impl Metrics {
+    /// Adds one to `counter`.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters as JSON.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "runs_stored": get(&self.runs_stored),
+            "assignments_stored": get(&self.assignments_stored),
+            "batches_committed": get(&self.batches_committed),
+            "batches_refused": get(&self.batches_refused),
+            "races_lost": get(&self.races_lost),
+            "duplicates": get(&self.duplicates),
+        })
+    }
+}

@@ -1,0 +1,241 @@
+//! The writer: one task that puts the runs of many processes into the log. When
+//! several runs are waiting it commits them as one JetStream atomic batch (ADR-50,
+//! nats-server 2.12): each run is still its own message on its own subject with its
+//! own `Nats-Expected-Last-Subject-Sequence`, but the server stores them all or none
+//! with one acknowledgement (and one fsync under `sync_interval: always`). A lone run
+//! is an ordinary expectation-checked publish.
+//!
+//! If a batch is refused as a whole (one run lost its race, a server limit, a
+//! timeout), every run of it is published again on its own, so each gets its own
+//! verdict: the expectations make that safe whether or not the batch was stored.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishErrorKind};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::debug;
+
+use crate::metrics::Metrics;
+
+/// Most runs in one atomic batch (the server's limit is 1,000 messages).
+pub const MAX_BATCH_RUNS: usize = 1000;
+/// Most payload bytes in one atomic batch.
+pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Batches in flight from one scheduler (the server allows 50 per stream).
+const BATCHES_IN_FLIGHT: usize = 2;
+/// How long a batch commit may take before its runs are retried one by one.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What became of one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored at this stream sequence.
+    Stored(u64),
+    /// Refused: the subject's last sequence is not the one expected.
+    Lost,
+    /// Anything else; the run may or may not be stored (a catch-up read tells).
+    Failed(String),
+}
+
+/// One run to write.
+pub struct Write {
+    /// `<prefix>.log.<process>`.
+    pub subject: String,
+    /// The encoded run.
+    pub payload: Bytes,
+    /// Its log headers (`Ts-*`).
+    pub headers: HeaderMap,
+    /// The process's last subject sequence the write must find.
+    pub expected: u64,
+}
+
+struct Queued {
+    write: Write,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// A handle to the writer task.
+#[derive(Clone)]
+pub(crate) struct Writer {
+    tx: mpsc::UnboundedSender<Queued>,
+}
+
+impl Writer {
+    /// Starts the writer; `atomic` says whether the log stream allows atomic batches.
+    pub fn start(js: jetstream::Context, client: async_nats::Client, atomic: bool, metrics: Arc<Metrics>) -> Writer {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(js, client, atomic, rx, metrics));
+        Writer { tx }
+    }
+
+    /// Writes one run; resolves when the log has decided.
+    pub async fn write(&self, write: Write) -> Outcome {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Queued { write, reply }).is_err() {
+            return Outcome::Failed("writer stopped".into());
+        }
+        rx.await.unwrap_or_else(|_| Outcome::Failed("writer stopped".into()))
+    }
+}
+
+async fn run(js: jetstream::Context, client: async_nats::Client, atomic: bool, mut rx: mpsc::UnboundedReceiver<Queued>, metrics: Arc<Metrics>) {
+    let permits = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    let mut carry: Option<Queued> = None;
+    loop {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
+        let first = match carry.take() {
+            Some(q) => q,
+            None => match rx.recv().await {
+                Some(q) => q,
+                None => return,
+            },
+        };
+        let mut bytes = first.write.payload.len();
+        let mut batch = vec![first];
+        while atomic && batch.len() < MAX_BATCH_RUNS {
+            match rx.try_recv() {
+                Ok(q) => {
+                    if bytes + q.write.payload.len() > MAX_BATCH_BYTES {
+                        carry = Some(q);
+                        break;
+                    }
+                    bytes += q.write.payload.len();
+                    batch.push(q);
+                }
+                Err(_) => break,
+            }
+        }
+        let (js, client, metrics) = (js.clone(), client.clone(), Arc::clone(&metrics));
+        tokio::spawn(async move {
+            if batch.len() == 1 {
+                for q in batch {
+                    let outcome = publish_one(&js, q.write).await;
+                    let _ = q.reply.send(outcome);
+                }
+            } else {
+                write_batch(&js, &client, batch, &metrics).await;
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// An ordinary expectation-checked publish.
+async fn publish_one(js: &jetstream::Context, w: Write) -> Outcome {
+    let publish = jetstream::message::PublishMessage::build()
+        .payload(w.payload)
+        .headers(w.headers)
+        .expected_last_subject_sequence(w.expected);
+    let ack = match js.send_publish(w.subject, publish).await {
+        Ok(f) => f.await,
+        Err(e) => Err(e),
+    };
+    match ack {
+        Ok(ack) => Outcome::Stored(ack.sequence),
+        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Outcome::Lost,
+        Err(e) if is_conflict_code(jetstream_code(&e)) => Outcome::Lost,
+        Err(e) => Outcome::Failed(e.to_string()),
+    }
+}
+
+/// 10071: wrong last sequence; 10164: a conflicting write in flight on an R3 stream
+/// (ANCHORS.md: async-nats reports it as `Other`, so read the code).
+fn is_conflict_code(code: Option<u64>) -> bool {
+    matches!(code, Some(10071) | Some(10164))
+}
+
+fn jetstream_code(e: &jetstream::context::PublishError) -> Option<u64> {
+    use std::error::Error as _;
+    let src = e.source()?;
+    src.downcast_ref::<jetstream::Error>().map(|j| j.error_code().0 as u64)
+}
+
+/// Commits `batch` atomically; on any refusal, publishes each run on its own.
+async fn write_batch(js: &jetstream::Context, client: &async_nats::Client, batch: Vec<Queued>, metrics: &Metrics) {
+    let n = batch.len();
+    match commit(client, &batch).await {
+        Ok(last) => {
+            tracing::trace!(runs = n, last, "atomic batch stored");
+            Metrics::bump(&metrics.batches_committed);
+            for (i, q) in batch.into_iter().enumerate() {
+                let _ = q.reply.send(Outcome::Stored(sequence_of(last, n, i)));
+            }
+        }
+        Err(reason) => {
+            debug!(runs = n, %reason, "atomic batch refused; writing its runs one by one");
+            Metrics::bump(&metrics.batches_refused);
+            let results = futures::future::join_all(batch.into_iter().map(|q| async move {
+                let outcome = publish_one(js, q.write).await;
+                let _ = q.reply.send(outcome);
+            }));
+            results.await;
+        }
+    }
+}
+
+/// The stream sequence of run `i` of a batch of `n` whose last run got `last`: the
+/// server stores a batch's messages at consecutive sequences, in order.
+pub fn sequence_of(last: u64, n: usize, i: usize) -> u64 {
+    last - (n - 1 - i) as u64
+}
+
+/// Publishes the batch (ADR-50 headers) and returns the last message's sequence.
+async fn commit(client: &async_nats::Client, batch: &[Queued]) -> Result<u64, String> {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let n = batch.len();
+    for (i, q) in batch.iter().enumerate() {
+        let mut h = q.write.headers.clone();
+        h.insert("Nats-Batch-Id", id.as_str());
+        h.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+        h.insert("Nats-Expected-Last-Subject-Sequence", q.write.expected.to_string().as_str());
+        if i + 1 < n {
+            client
+                .publish_with_headers(q.write.subject.clone(), h, q.write.payload.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+        } else {
+            h.insert("Nats-Batch-Commit", "1");
+            let req = async_nats::Request::new().headers(h).payload(q.write.payload.clone()).timeout(Some(COMMIT_TIMEOUT));
+            let reply = client.send_request(q.write.subject.clone(), req).await.map_err(|e| e.to_string())?;
+            return parse_commit_ack(&reply.payload, n);
+        }
+    }
+    Err("empty batch".into())
+}
+
+/// Reads a batch commit's PubAck: `{"seq": N, "count": n, ...}` or `{"error": {...}}`.
+pub fn parse_commit_ack(payload: &[u8], n: usize) -> Result<u64, String> {
+    let v: serde_json::Value = serde_json::from_slice(payload).map_err(|e| format!("unreadable batch ack: {e}"))?;
+    if let Some(err) = v.get("error") {
+        return Err(format!("batch refused: {err}"));
+    }
+    let seq = v.get("seq").and_then(serde_json::Value::as_u64).ok_or("batch ack without seq")?;
+    let count = v.get("count").and_then(serde_json::Value::as_u64).ok_or("batch ack without count")?;
+    if count != n as u64 || seq < n as u64 {
+        return Err(format!("batch ack says {count} messages ending at {seq}; sent {n}"));
+    }
+    Ok(seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_committed_batch_gives_consecutive_sequences_ending_at_the_ack() {
+        assert_eq!((0..3).map(|i| sequence_of(10, 3, i)).collect::<Vec<_>>(), vec![8, 9, 10]);
+        assert_eq!(sequence_of(1, 1, 0), 1);
+    }
+
+    #[test]
+    fn commit_acks_are_checked_before_they_are_believed() {
+        assert_eq!(parse_commit_ack(br#"{"stream":"TS_LOG","seq":42,"batch":"x","count":3}"#, 3), Ok(42));
+        assert!(parse_commit_ack(br#"{"stream":"TS_LOG","seq":42,"batch":"x","count":2}"#, 3).is_err());
+        assert!(parse_commit_ack(br#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence"}}"#, 3).is_err());
+        assert!(parse_commit_ack(b"", 3).is_err());
+        assert!(parse_commit_ack(br#"{"stream":"TS_LOG","seq":1,"count":3}"#, 3).is_err());
+    }
+}
