@@ -137,3 +137,42 @@ async fn range_pages_carry_an_explicit_cursor_and_slot_lookups_find_every_run() 
     s.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn following_the_log_yields_new_runs_as_they_are_written() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let server = server()?;
+    let url = server.url();
+    let s = InProcess::start(url, Config::default(), vec![test_key(16)]).await?;
+    wait_for_schedulers(&connect(url).await?, 1).await?;
+    let client = Client::new(connect(url).await?, Subjects::default());
+    let p = ProcessId::new("tail")?;
+    for i in 0..3 {
+        client.schedule(&p, Bytes::from(format!("old {i}")), &Schedule::default()).await?;
+    }
+    let js = async_nats::jetstream::new(connect(url).await?);
+    let reader = journal::reader::LogReader::open(js, Subjects::default()).await?;
+    // Follow from slot 2: the old slot 2 first, then what is written afterwards.
+    let mut runs = reader.runs(&p, 2, true).await?;
+    let writer = tokio::spawn({
+        let client = client.clone();
+        let p = p.clone();
+        async move {
+            for i in 0..3 {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                client.schedule(&p, Bytes::from(format!("new {i}")), &Schedule::default()).await?;
+            }
+            Ok::<_, journal::Error>(())
+        }
+    });
+    let mut slots = Vec::new();
+    while slots.len() < 4 {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), runs.next()).await?;
+        let stored = next.expect("a following stream does not end")?;
+        slots.extend(stored.run.entries.iter().map(|e| e.slot).filter(|s| *s >= 2));
+    }
+    assert_eq!(slots, vec![2, 3, 4, 5]);
+    writer.await??;
+    s.stop().await?;
+    Ok(())
+}

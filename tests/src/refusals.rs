@@ -99,3 +99,63 @@ async fn the_service_is_discoverable_and_any_nats_client_can_schedule() -> anyho
     s.stop().await?;
     Ok(())
 }
+
+/// A small deterministic generator (xorshift64*), so a failure can be replayed.
+struct Noise(u64);
+
+impl Noise {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn bytes(&mut self, max: usize) -> Vec<u8> {
+        let n = (self.next() as usize) % (max + 1);
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+    fn token(&mut self) -> String {
+        const ALPHABET: &[u8] = b"abcXYZ019-_.*>%$\\\"";
+        let n = 1 + (self.next() as usize) % 12;
+        (0..n).map(|_| ALPHABET[(self.next() as usize) % ALPHABET.len()] as char).collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_garbage_on_every_endpoint_never_goes_unanswered_or_breaks_the_service() -> anyhow::Result<()> {
+    let server = server()?;
+    let url = server.url();
+    let config = Config { max_body: 4096, ..Config::default() };
+    let s = InProcess::start(url, config, vec![test_key(15)]).await?;
+    let nats = connect(url).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let mut noise = Noise(0x5eed_1234_abcd_0001);
+    let kinds = ["schedule", "slot", "range", "keys"];
+    for i in 0..400 {
+        let kind = kinds[(noise.next() as usize) % kinds.len()];
+        let token = noise.token();
+        let subject = if kind == "keys" { "ts.keys".to_string() } else { format!("ts.{kind}.{token}") };
+        if subject.contains(['*', '>']) || subject.ends_with('.') || subject.contains("..") {
+            continue; // not a publishable subject; NATS refuses it before us
+        }
+        let mut h = HeaderMap::new();
+        for _ in 0..(noise.next() % 3) {
+            let name = ["Nats-Msg-Id", "Ts-Mode", "x-any"][(noise.next() as usize) % 3];
+            let value: String = noise.bytes(40).into_iter().map(|b| (b'a' + b % 26) as char).collect();
+            h.insert(name, value.as_str());
+        }
+        let body = Bytes::from(noise.bytes(if i % 50 == 0 { 8000 } else { 300 }));
+        let req = async_nats::Request::new().headers(h).payload(body).timeout(Some(Duration::from_secs(5)));
+        // Every request is answered (a timeout or "no responders" fails the test).
+        let reply = nats.send_request(subject.clone(), req).await;
+        assert!(reply.is_ok(), "request {i} on {subject} was not answered: {:?}", reply.err());
+    }
+    // Still healthy: a good request gets its slot and the log verifies.
+    let client = Client::new(connect(url).await?, Subjects::default());
+    let p = ProcessId::new("after-noise")?;
+    let r = client.schedule(&p, Bytes::from("fine"), &Schedule::default()).await?;
+    assert_eq!(r.slot, 0);
+    assert_eq!(verify(url, &p, &[&test_key(15)]).await?.fault, None);
+    s.stop().await?;
+    Ok(())
+}
