@@ -53,7 +53,13 @@ async fn a_record_altered_on_disk_makes_verify_name_its_slot() -> anyhow::Result
     wait_for_schedulers(&connect(server.url()).await?, 1).await?;
     let client = Client::new(connect(server.url()).await?, Subjects::default());
     for i in 0..10 {
-        client.schedule(&p, Bytes::from(format!("payload-{i:02}")), &Schedule::default()).await?;
+        client
+            .schedule(
+                &p,
+                Bytes::from(format!("payload-{i:02}")),
+                &Schedule::default(),
+            )
+            .await?;
     }
     assert_eq!(verify(server.url(), &p, &[&key]).await?.fault, None);
     s.stop().await?;
@@ -70,7 +76,10 @@ async fn a_record_altered_on_disk_makes_verify_name_its_slot() -> anyhow::Result
     assert_eq!(fault.slot, 6, "{fault}");
     // Either the altered body fails its chain hash, or the server dropped the damaged
     // record and the log has a gap there: both name slot 6.
-    assert!(matches!(fault.kind, FaultKind::BadChainHash | FaultKind::Gap { .. }), "{fault}");
+    assert!(
+        matches!(fault.kind, FaultKind::BadChainHash | FaultKind::Gap { .. }),
+        "{fault}"
+    );
     assert_eq!(report.last_good, Some(5));
 
     // The CLI says the same, with exit code 1.
@@ -80,13 +89,19 @@ async fn a_record_altered_on_disk_makes_verify_name_its_slot() -> anyhow::Result
         .env("NATS_URL", server.url())
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("slot 6"), "{stdout}");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn range_pages_carry_an_explicit_cursor_and_slot_lookups_find_every_run() -> anyhow::Result<()> {
+async fn range_pages_carry_an_explicit_cursor_and_slot_lookups_find_every_run() -> anyhow::Result<()>
+{
     let server = server()?;
     let url = server.url();
     let s = InProcess::start(url, Config::default(), vec![test_key(13)]).await?;
@@ -95,19 +110,35 @@ async fn range_pages_carry_an_explicit_cursor_and_slot_lookups_find_every_run() 
     let p = ProcessId::new("pages")?;
     // Runs of different sizes: a burst (batched) between single writes.
     for i in 0..5 {
-        client.schedule(&p, Bytes::from(format!("single {i}")), &Schedule::default()).await?;
+        client
+            .schedule(&p, Bytes::from(format!("single {i}")), &Schedule::default())
+            .await?;
     }
     let plain = Schedule::default();
-    let burst = futures::future::join_all((0..30).map(|i| client.schedule(&p, Bytes::from(format!("burst {i}")), &plain))).await;
+    let burst = futures::future::join_all(
+        (0..30).map(|i| client.schedule(&p, Bytes::from(format!("burst {i}")), &plain)),
+    )
+    .await;
     assert!(burst.iter().all(Result::is_ok));
     for i in 0..5 {
-        client.schedule(&p, Bytes::from(format!("tail {i}")), &Schedule::default()).await?;
+        client
+            .schedule(&p, Bytes::from(format!("tail {i}")), &Schedule::default())
+            .await?;
     }
     // Walk the whole log in pages of 7: every slot once, in order, cursor to the end.
     let mut from = 0;
     let mut seen = Vec::new();
     loop {
-        let page = client.range(&p, &RangeRequest { from, to: None, limit: Some(7) }).await?;
+        let page = client
+            .range(
+                &p,
+                &RangeRequest {
+                    from,
+                    to: None,
+                    limit: Some(7),
+                },
+            )
+            .await?;
         assert!(page.entries.len() <= 7);
         seen.extend(page.entries.iter().map(|e| e.slot));
         match page.next {
@@ -120,10 +151,34 @@ async fn range_pages_carry_an_explicit_cursor_and_slot_lookups_find_every_run() 
     }
     assert_eq!(seen, (0..40).collect::<Vec<_>>());
     // A bounded range starting mid-run.
-    let page = client.range(&p, &RangeRequest { from: 13, to: Some(17), limit: None }).await?;
-    assert_eq!((page.entries.iter().map(|e| e.slot).collect::<Vec<_>>(), page.next), ((13..=17).collect(), None));
+    let page = client
+        .range(
+            &p,
+            &RangeRequest {
+                from: 13,
+                to: Some(17),
+                limit: None,
+            },
+        )
+        .await?;
+    assert_eq!(
+        (
+            page.entries.iter().map(|e| e.slot).collect::<Vec<_>>(),
+            page.next
+        ),
+        ((13..=17).collect(), None)
+    );
     // Beyond the head: empty and final.
-    let page = client.range(&p, &RangeRequest { from: 40, to: None, limit: None }).await?;
+    let page = client
+        .range(
+            &p,
+            &RangeRequest {
+                from: 40,
+                to: None,
+                limit: None,
+            },
+        )
+        .await?;
     assert!(page.entries.is_empty() && page.next.is_none());
     // The reader finds the run of every slot (binary search over the stream).
     let js = async_nats::jetstream::new(connect(url).await?);
@@ -131,7 +186,12 @@ async fn range_pages_carry_an_explicit_cursor_and_slot_lookups_find_every_run() 
     for slot in 0..40 {
         let seq = reader.locate(&p, slot).await?.expect("slot exists");
         let run = reader.run_at(seq).await?.run;
-        assert!(run.first_slot <= slot && slot <= run.last_slot(), "slot {slot} not in run {}..{}", run.first_slot, run.last_slot());
+        assert!(
+            run.first_slot <= slot && slot <= run.last_slot(),
+            "slot {slot} not in run {}..{}",
+            run.first_slot,
+            run.last_slot()
+        );
     }
     assert_eq!(reader.locate(&p, 40).await?, None);
     s.stop().await?;
@@ -148,7 +208,9 @@ async fn following_the_log_yields_new_runs_as_they_are_written() -> anyhow::Resu
     let client = Client::new(connect(url).await?, Subjects::default());
     let p = ProcessId::new("tail")?;
     for i in 0..3 {
-        client.schedule(&p, Bytes::from(format!("old {i}")), &Schedule::default()).await?;
+        client
+            .schedule(&p, Bytes::from(format!("old {i}")), &Schedule::default())
+            .await?;
     }
     let js = async_nats::jetstream::new(connect(url).await?);
     let reader = journal::reader::LogReader::open(js, Subjects::default()).await?;
@@ -160,7 +222,9 @@ async fn following_the_log_yields_new_runs_as_they_are_written() -> anyhow::Resu
         async move {
             for i in 0..3 {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                client.schedule(&p, Bytes::from(format!("new {i}")), &Schedule::default()).await?;
+                client
+                    .schedule(&p, Bytes::from(format!("new {i}")), &Schedule::default())
+                    .await?;
             }
             Ok::<_, journal::Error>(())
         }
@@ -169,7 +233,14 @@ async fn following_the_log_yields_new_runs_as_they_are_written() -> anyhow::Resu
     while slots.len() < 4 {
         let next = tokio::time::timeout(std::time::Duration::from_secs(10), runs.next()).await?;
         let stored = next.expect("a following stream does not end")?;
-        slots.extend(stored.run.entries.iter().map(|e| e.slot).filter(|s| *s >= 2));
+        slots.extend(
+            stored
+                .run
+                .entries
+                .iter()
+                .map(|e| e.slot)
+                .filter(|s| *s >= 2),
+        );
     }
     assert_eq!(slots, vec![2, 3, 4, 5]);
     writer.await??;

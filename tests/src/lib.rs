@@ -7,6 +7,8 @@
 //! - `refusals`: typed errors for bad input, nothing written.
 //! - `integrity`: verification, tampering on disk, receipts, range pages.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod support;
 
 #[cfg(test)]

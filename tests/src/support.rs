@@ -68,7 +68,9 @@ pub async fn wait_for_schedulers(client: &async_nats::Client, n: usize) -> Resul
     for _ in 0..200 {
         let inbox = client.new_inbox();
         let mut sub = client.subscribe(inbox.clone()).await?;
-        client.publish_with_reply("$SRV.PING.turnstile-scheduler", inbox, Bytes::new()).await?;
+        client
+            .publish_with_reply("$SRV.PING.turnstile-scheduler", inbox, Bytes::new())
+            .await?;
         let mut seen = 0;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
         while let Ok(Some(_)) = tokio::time::timeout_at(deadline, sub.next()).await {
@@ -82,22 +84,38 @@ pub async fn wait_for_schedulers(client: &async_nats::Client, n: usize) -> Resul
 }
 
 /// Starts a scheduler as a separate process (so a test can SIGKILL it).
-pub fn spawn_scheduler(url: &str, key: &std::path::Path, extra: &[&str]) -> Result<harness::Process> {
+pub fn spawn_scheduler(
+    url: &str,
+    key: &std::path::Path,
+    extra: &[&str],
+) -> Result<harness::Process> {
     let bin = harness::workspace_bin("scheduler")?;
     let mut cmd = Command::new(bin);
-    cmd.arg("--key").arg(key).args(extra).env("NATS_URL", url).env("RUST_LOG", "warn");
+    cmd.arg("--key")
+        .arg(key)
+        .args(extra)
+        .env("NATS_URL", url)
+        .env("RUST_LOG", "warn");
     Ok(harness::Process::spawn(cmd)?)
 }
 
 /// Schedules with retries on the failures a client should retry (no responders,
 /// timeouts, `unavailable`), keeping the same message id so a retry is idempotent.
-pub async fn schedule_retrying(client: &Client, process: &ProcessId, body: Bytes, opts: &Schedule) -> Result<Receipt> {
+pub async fn schedule_retrying(
+    client: &Client,
+    process: &ProcessId,
+    body: Bytes,
+    opts: &Schedule,
+) -> Result<Receipt> {
     let mut last = None;
     for attempt in 0..60 {
         match client.schedule(process, body.clone(), opts).await {
             Ok(r) => return Ok(r),
             Err(journal::Error::NoResponders(_) | journal::Error::Timeout(_)) => {}
-            Err(journal::Error::Refused { code: ErrorCode::Unavailable, .. }) => {}
+            Err(journal::Error::Refused {
+                code: ErrorCode::Unavailable,
+                ..
+            }) => {}
             Err(e) => return Err(e).context("scheduling"),
         }
         last = Some(attempt);
@@ -126,7 +144,12 @@ pub async fn verify(url: &str, process: &ProcessId, keys: &[&Keypair]) -> Result
     for k in keys {
         trusted.insert(k.public_key());
     }
-    let scope = Scope { process: process.clone(), from: 0, to: None, required: vec![] };
+    let scope = Scope {
+        process: process.clone(),
+        from: 0,
+        to: None,
+        required: vec![],
+    };
     Ok(audit::verify(&reader, &scope, trusted, |_| {}).await?)
 }
 
@@ -134,27 +157,44 @@ pub async fn verify(url: &str, process: &ProcessId, keys: &[&Keypair]) -> Result
 /// and that these are exactly `expected_ids`.
 pub fn assert_exactly_once(entries: &[Entry], expected_ids: &HashSet<String>) {
     for (i, e) in entries.iter().enumerate() {
-        assert_eq!(e.slot, i as u64, "slot {} at position {i}: a gap or a repeat", e.slot);
+        assert_eq!(
+            e.slot, i as u64,
+            "slot {} at position {i}: a gap or a repeat",
+            e.slot
+        );
     }
     let mut count: BTreeMap<&str, usize> = BTreeMap::new();
     for e in entries {
         *count.entry(e.message_id.as_str()).or_default() += 1;
     }
     let twice: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "message ids scheduled more than once: {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "message ids scheduled more than once: {twice:?}"
+    );
     let got: HashSet<String> = count.keys().map(|s| s.to_string()).collect();
     let missing: Vec<_> = expected_ids.difference(&got).collect();
     let extra: Vec<_> = got.difference(expected_ids).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}, unexpected {extra:?}");
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}, unexpected {extra:?}"
+    );
 }
 
 /// Runs `clients` concurrent clients, each scheduling `per_client` messages with
 /// `window` requests in flight, ids `c<i>-m<j>`; returns every receipt.
-pub async fn load(url: &str, process: &ProcessId, clients: usize, per_client: usize, window: usize) -> Result<Vec<Receipt>> {
+pub async fn load(
+    url: &str,
+    process: &ProcessId,
+    clients: usize,
+    per_client: usize,
+    window: usize,
+) -> Result<Vec<Receipt>> {
     let mut tasks = Vec::new();
     for c in 0..clients {
         let nats = connect(url).await?;
-        let client = Arc::new(Client::new(nats, Subjects::default()).with_timeout(Duration::from_secs(2)));
+        let client =
+            Arc::new(Client::new(nats, Subjects::default()).with_timeout(Duration::from_secs(2)));
         let process = process.clone();
         tasks.push(tokio::spawn(async move {
             let results: Vec<Result<Receipt>> = futures::stream::iter(0..per_client)
@@ -162,8 +202,17 @@ pub async fn load(url: &str, process: &ProcessId, clients: usize, per_client: us
                     let client = Arc::clone(&client);
                     let process = process.clone();
                     async move {
-                        let opts = Schedule { message_id: Some(format!("c{c}-m{m}")), ..Default::default() };
-                        schedule_retrying(&client, &process, Bytes::from(format!("client {c} message {m}")), &opts).await
+                        let opts = Schedule {
+                            message_id: Some(format!("c{c}-m{m}")),
+                            ..Default::default()
+                        };
+                        schedule_retrying(
+                            &client,
+                            &process,
+                            Bytes::from(format!("client {c} message {m}")),
+                            &opts,
+                        )
+                        .await
                     }
                 })
                 .buffer_unordered(window)
@@ -189,12 +238,22 @@ pub async fn scheduler_counters(url: &str, n: usize) -> Result<BTreeMap<String, 
     let client = connect(url).await?;
     let inbox = client.new_inbox();
     let mut sub = client.subscribe(inbox.clone()).await?;
-    client.publish_with_reply("$SRV.STATS.turnstile-scheduler", inbox, Bytes::new()).await?;
+    client
+        .publish_with_reply("$SRV.STATS.turnstile-scheduler", inbox, Bytes::new())
+        .await?;
     let mut totals = BTreeMap::new();
     for _ in 0..n {
-        let msg = tokio::time::timeout(Duration::from_secs(5), sub.next()).await?.context("stats reply")?;
+        let msg = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await?
+            .context("stats reply")?;
         let v: serde_json::Value = serde_json::from_slice(&msg.payload)?;
-        let schedule = v["endpoints"].as_array().into_iter().flatten().find(|e| e["name"] == "schedule").cloned().unwrap_or_default();
+        let schedule = v["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == "schedule")
+            .cloned()
+            .unwrap_or_default();
         for (k, c) in schedule["data"].as_object().into_iter().flatten() {
             *totals.entry(k.clone()).or_default() += c.as_u64().unwrap_or(0);
         }

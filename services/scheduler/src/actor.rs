@@ -21,8 +21,8 @@ use protocol::wire::{ErrorCode, Mode, Run};
 use protocol::ProcessId;
 
 use crate::core::{self, Decision, DedupeIndex, Head, NewMessage, Seen};
-use crate::reply::{Refusal, Replier};
 use crate::metrics::Metrics;
+use crate::reply::{Refusal, Replier};
 use crate::writer::{Outcome, Write};
 use crate::Shared;
 
@@ -43,7 +43,13 @@ pub struct Job {
 impl Job {
     fn cost(&self) -> usize {
         // Body, headers and a generous allowance for the entry's fixed fields.
-        self.body.len() + self.headers.iter().map(|(k, v)| k.len() + v.len() + 10).sum::<usize>() + 200
+        self.body.len()
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 10)
+                .sum::<usize>()
+            + 200
     }
 }
 
@@ -51,12 +57,18 @@ impl Job {
 pub(crate) async fn run(shared: Arc<Shared>, process: ProcessId, mut rx: mpsc::Receiver<Job>) {
     let span = info_span!("process", process = %process);
     async move {
-        let mut actor = Actor { shared, process, head: None, index: DedupeIndex::new(0) };
+        let mut actor = Actor {
+            shared,
+            process,
+            head: None,
+            index: DedupeIndex::new(0),
+        };
         let mut carry: Option<Job> = None;
         loop {
             let first = match carry.take() {
                 Some(j) => j,
-                None => match tokio::time::timeout(actor.shared.config.idle_actor, rx.recv()).await {
+                None => match tokio::time::timeout(actor.shared.config.idle_actor, rx.recv()).await
+                {
                     Ok(Some(j)) => j,
                     Ok(None) => break,
                     Err(_) => {
@@ -118,7 +130,13 @@ impl Actor {
                 Ok(h) => h,
                 Err(e) => {
                     if started.elapsed() > self.shared.config.write_deadline {
-                        refuse_all(&jobs, &answered_early, ErrorCode::Unavailable, &format!("cannot read the log: {e}")).await;
+                        refuse_all(
+                            &jobs,
+                            &answered_early,
+                            ErrorCode::Unavailable,
+                            &format!("cannot read the log: {e}"),
+                        )
+                        .await;
                         return;
                     }
                     warn!(error = %e, "reading the head failed; retrying");
@@ -160,7 +178,10 @@ impl Actor {
                 .map(|(j, _)| {
                     supplied.push(j.message_id.is_some());
                     NewMessage {
-                        message_id: j.message_id.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+                        message_id: j
+                            .message_id
+                            .clone()
+                            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
                         headers: j.headers.clone(),
                         body: j.body.to_vec(),
                     }
@@ -168,10 +189,16 @@ impl Actor {
                 .collect();
             let (mut run, tree) = core::build_run(&self.process, &head, messages, now);
             let digest = protocol::seal::run_digest(&run.statement_for(&tree));
-            match self.shared.signer.seal(self.shared.process_config(&self.process).keys, digest).await {
+            match self
+                .shared
+                .signer
+                .seal(self.shared.process_config(&self.process).keys, digest)
+                .await
+            {
                 Ok(seal) => run.seal = seal,
                 Err(id) => {
-                    let msg = format!("process requires key {id}, which this scheduler does not hold");
+                    let msg =
+                        format!("process requires key {id}, which this scheduler does not hold");
                     refuse_all(&jobs, &answered_early, ErrorCode::MissingKey, &msg).await;
                     return;
                 }
@@ -224,11 +251,18 @@ impl Actor {
             };
             if let Some(seq) = landed {
                 Metrics::bump(&self.shared.metrics.runs_stored);
-                self.shared.metrics.assignments_stored.fetch_add(run.entries.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                self.shared.metrics.assignments_stored.fetch_add(
+                    run.entries.len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 self.head = Some(Head::after(&run, seq));
                 for (e, supplied) in run.entries.iter().zip(&supplied) {
                     if *supplied {
-                        self.index.insert(e.message_id.clone(), Seen { slot: e.slot, seq }, e.timestamp_ms);
+                        self.index.insert(
+                            e.message_id.clone(),
+                            Seen { slot: e.slot, seq },
+                            e.timestamp_ms,
+                        );
                     }
                 }
                 let written = Arc::new((run, tree));
@@ -241,7 +275,9 @@ impl Actor {
                     if job.mode == Mode::RemoteConfirmation {
                         remote.push((job, pos, same));
                     } else {
-                        job.reply.receipt(&written.0, &written.1, pos, true, same).await;
+                        job.reply
+                            .receipt(&written.0, &written.1, pos, true, same)
+                            .await;
                     }
                 }
                 if !remote.is_empty() {
@@ -259,7 +295,12 @@ impl Actor {
         }
         let meta = self.reader().head(&self.process).await?;
         let head = match meta {
-            Some(m) => Head { next_slot: m.last_slot + 1, prev: m.head, seq: m.seq, timestamp_ms: m.timestamp_ms },
+            Some(m) => Head {
+                next_slot: m.last_slot + 1,
+                prev: m.head,
+                seq: m.seq,
+                timestamp_ms: m.timestamp_ms,
+            },
             None => Head::genesis(&self.process),
         };
         self.index = DedupeIndex::new(self.shared.config.dedupe_window.as_millis() as u64);
@@ -277,9 +318,14 @@ impl Actor {
         if window == 0 || head.timestamp_ms < now.saturating_sub(window) {
             return Ok(());
         }
-        let start = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now.saturating_sub(window)) * 1_000_000)
-            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-        let err = |e: &dyn std::fmt::Display| journal::Error::JetStream { op: "load dedupe window", reason: e.to_string() };
+        let start = time::OffsetDateTime::from_unix_timestamp_nanos(
+            i128::from(now.saturating_sub(window)) * 1_000_000,
+        )
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let err = |e: &dyn std::fmt::Display| journal::Error::JetStream {
+            op: "load dedupe window",
+            reason: e.to_string(),
+        };
         let consumer = self
             .shared
             .log_stream
@@ -296,7 +342,9 @@ impl Actor {
             let m = m.map_err(|e| err(&e))?;
             let seq = m.info().map(|i| i.stream_sequence).map_err(|e| err(&e))?;
             if let Some(h) = &m.headers {
-                let ts = RunMeta::from_headers(seq, h).map(|r| r.timestamp_ms).unwrap_or(now);
+                let ts = RunMeta::from_headers(seq, h)
+                    .map(|r| r.timestamp_ms)
+                    .unwrap_or(now);
                 for (slot, id) in decode_ids(h) {
                     self.index.insert(id, Seen { slot, seq }, ts);
                 }
@@ -318,25 +366,41 @@ impl Actor {
         if let Some(ids) = encode_ids(run, supplied) {
             headers.insert(subjects::IDS, ids.as_str());
         }
-        let write = Write { subject: self.shared.subjects.log(&self.process), payload: payload.into(), headers, expected: head.seq };
+        let write = Write {
+            subject: self.shared.subjects.log(&self.process),
+            payload: payload.into(),
+            headers,
+            expected: head.seq,
+        };
         self.shared.writer.write(write).await
     }
 
     /// Reads every run after the known head; returns the sequence of `ours` if it is
     /// among them, else applies them all (head and index) and returns none.
     async fn catch_up(&mut self, ours: &Run) -> journal::Result<Option<u64>> {
-        let Some(mut head) = self.head else { return Ok(None) };
+        let Some(mut head) = self.head else {
+            return Ok(None);
+        };
         loop {
-            let Some(StoredRun { seq, run, headers }) = self.reader().next_run(&self.process, head.seq + 1).await? else {
+            let Some(StoredRun { seq, run, headers }) =
+                self.reader().next_run(&self.process, head.seq + 1).await?
+            else {
                 break;
             };
             if run.first_slot == ours.first_slot && run.head() == ours.head() {
                 return Ok(Some(seq));
             }
-            if run.first_slot != head.next_slot || run.entries.first().map(|e| e.prev_hash) != Some(head.prev) {
+            if run.first_slot != head.next_slot
+                || run.entries.first().map(|e| e.prev_hash) != Some(head.prev)
+            {
                 // Someone wrote a run that does not continue the chain: refuse to build on
                 // guesses; the operator must look (verify names the slot).
-                warn!(seq, first_slot = run.first_slot, expected = head.next_slot, "log run does not continue the chain");
+                warn!(
+                    seq,
+                    first_slot = run.first_slot,
+                    expected = head.next_slot,
+                    "log run does not continue the chain"
+                );
             }
             let ts = run.entries.last().map(|e| e.timestamp_ms).unwrap_or(0);
             for (slot, id) in decode_ids(&headers) {
@@ -367,11 +431,12 @@ impl Actor {
 async fn refuse_all(jobs: &[Job], answered: &[bool], code: ErrorCode, message: &str) {
     for (job, early) in jobs.iter().zip(answered) {
         if !early {
-            job.reply.refuse(Refusal::new(code, message.to_string())).await;
+            job.reply
+                .refuse(Refusal::new(code, message.to_string()))
+                .await;
         }
     }
 }
-
 
 /// `Ts-Ids`: base64 of MessagePack `[[slot, id], ...]` for the client-supplied ids.
 fn encode_ids(run: &Run, supplied: &[bool]) -> Option<String> {
@@ -401,7 +466,11 @@ fn position(d: Decision) -> (usize, bool) {
 /// The `[slot, id]` pairs of a `Ts-Ids` header; a malformed header yields none.
 pub fn decode_ids(h: &HeaderMap) -> Vec<(u64, String)> {
     h.get(subjects::IDS)
-        .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v.as_str()).ok())
+        .and_then(|v| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.as_str())
+                .ok()
+        })
         .and_then(|b| rmp_serde::from_slice::<Vec<(u64, String)>>(&b).ok())
         .unwrap_or_default()
 }

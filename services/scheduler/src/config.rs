@@ -71,9 +71,15 @@ impl Keyring {
     /// A keyring of `keys` (at least one).
     pub fn new(keys: Vec<Keypair>) -> Result<Keyring> {
         if keys.is_empty() {
-            return Err(Error::Config("at least one signing key is needed (turnstile keygen)".into()));
+            return Err(Error::Config(
+                "at least one signing key is needed (turnstile keygen)".into(),
+            ));
         }
-        let by_id = keys.iter().enumerate().map(|(i, k)| (k.id().to_string(), i)).collect();
+        let by_id = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.id().to_string(), i))
+            .collect();
         Ok(Keyring { keys, by_id })
     }
 
@@ -81,7 +87,10 @@ impl Keyring {
     pub fn from_files(paths: &[String]) -> Result<Keyring> {
         let mut keys = Vec::new();
         for p in paths {
-            let text = std::fs::read_to_string(p).map_err(|source| Error::Io { path: p.clone(), source })?;
+            let text = std::fs::read_to_string(p).map_err(|source| Error::Io {
+                path: p.clone(),
+                source,
+            })?;
             keys.push(Keypair::from_key_file(&text)?);
         }
         Keyring::new(keys)
@@ -98,6 +107,13 @@ impl Keyring {
         if ids.is_empty() {
             return Ok(self.keys.first().into_iter().collect());
         }
-        ids.iter().map(|id| self.by_id.get(id).map(|&i| &self.keys[i]).ok_or_else(|| id.clone())).collect()
+        ids.iter()
+            .map(|id| {
+                self.by_id
+                    .get(id)
+                    .map(|&i| &self.keys[i])
+                    .ok_or_else(|| id.clone())
+            })
+            .collect()
     }
 }

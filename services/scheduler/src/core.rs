@@ -33,7 +33,12 @@ pub struct Head {
 impl Head {
     /// The head of a process with no assignment.
     pub fn genesis(process: &ProcessId) -> Head {
-        Head { next_slot: 0, prev: chain::genesis(process), seq: 0, timestamp_ms: 0 }
+        Head {
+            next_slot: 0,
+            prev: chain::genesis(process),
+            seq: 0,
+            timestamp_ms: 0,
+        }
     }
 
     /// The head after `run` was stored at stream sequence `seq`.
@@ -68,7 +73,10 @@ pub struct DedupeIndex {
 impl DedupeIndex {
     /// An index remembering ids for `window_ms`.
     pub fn new(window_ms: u64) -> DedupeIndex {
-        DedupeIndex { window_ms, ..Default::default() }
+        DedupeIndex {
+            window_ms,
+            ..Default::default()
+        }
     }
 
     /// Records `id` as scheduled at `slot` in the run at `seq`, at `timestamp_ms`.
@@ -160,7 +168,12 @@ pub struct NewMessage {
 
 /// Builds the run of `messages` on top of `head`, timestamped `max(now_ms, head's)`,
 /// not yet sealed. Returns the run's Merkle tree too (for its statement and receipts).
-pub fn build_run(process: &ProcessId, head: &Head, messages: Vec<NewMessage>, now_ms: u64) -> (Run, Tree) {
+pub fn build_run(
+    process: &ProcessId,
+    head: &Head,
+    messages: Vec<NewMessage>,
+    now_ms: u64,
+) -> (Run, Tree) {
     let ts = now_ms.max(head.timestamp_ms);
     let mut prev = head.prev;
     let entries = messages
@@ -178,12 +191,26 @@ pub fn build_run(process: &ProcessId, head: &Head, messages: Vec<NewMessage>, no
                 body_hash,
             };
             let chain_hash = chain::chain_hash(&prev, &fields);
-            let e = Entry { slot, message_id: m.message_id, timestamp_ms: ts, headers: m.headers, body: m.body, prev_hash: prev, chain_hash };
+            let e = Entry {
+                slot,
+                message_id: m.message_id,
+                timestamp_ms: ts,
+                headers: m.headers,
+                body: m.body,
+                prev_hash: prev,
+                chain_hash,
+            };
             prev = chain_hash;
             e
         })
         .collect();
-    let run = Run { v: RECORD_VERSION, process: process.to_string(), first_slot: head.next_slot, entries, seal: Seal::default() };
+    let run = Run {
+        v: RECORD_VERSION,
+        process: process.to_string(),
+        first_slot: head.next_slot,
+        entries,
+        seal: Seal::default(),
+    };
     let tree = run.tree();
     (run, tree)
 }
@@ -196,14 +223,21 @@ mod tests {
     use protocol::verify::{ChainVerifier, TrustedKeys};
 
     fn msg(id: &str) -> NewMessage {
-        NewMessage { message_id: id.into(), headers: vec![], body: id.as_bytes().to_vec() }
+        NewMessage {
+            message_id: id.into(),
+            headers: vec![],
+            body: id.as_bytes().to_vec(),
+        }
     }
 
     #[test]
     fn given_seen_and_repeated_ids_when_planning_then_only_new_ones_get_slots() {
         let mut index = DedupeIndex::new(1000);
         index.insert("old".into(), Seen { slot: 3, seq: 9 }, 100);
-        let d = plan(&index, &[None, Some("a"), Some("old"), Some("a"), None, Some("b")]);
+        let d = plan(
+            &index,
+            &[None, Some("a"), Some("old"), Some("a"), None, Some("b")],
+        );
         assert_eq!(
             d,
             vec![
@@ -223,9 +257,15 @@ mod tests {
         index.insert("a".into(), Seen { slot: 0, seq: 1 }, 1000);
         index.insert("b".into(), Seen { slot: 1, seq: 2 }, 1050);
         index.prune(1100);
-        assert!(index.get("a").is_some(), "exactly at the horizon is still inside");
+        assert!(
+            index.get("a").is_some(),
+            "exactly at the horizon is still inside"
+        );
         index.prune(1101);
-        assert_eq!((index.get("a"), index.get("b").map(|s| s.slot)), (None, Some(1)));
+        assert_eq!(
+            (index.get("a"), index.get("b").map(|s| s.slot)),
+            (None, Some(1))
+        );
         index.prune(1151);
         assert!(index.is_empty());
         // A zero window remembers nothing.
@@ -243,14 +283,25 @@ mod tests {
         t.insert(kp.public_key());
         let mut v = ChainVerifier::new(p.clone(), t, vec![]);
         for (round, now) in [(0u64, 500u64), (1, 400), (2, 600)] {
-            let (mut run, tree) = build_run(&p, &head, vec![msg(&format!("x{round}")), msg(&format!("y{round}"))], now);
+            let (mut run, tree) = build_run(
+                &p,
+                &head,
+                vec![msg(&format!("x{round}")), msg(&format!("y{round}"))],
+                now,
+            );
             assert_eq!(tree.root(), run.tree().root());
             run.seal = seal::seal(&[seal::run_digest(&run.statement_for(&tree))], &[&kp]).remove(0);
             assert_eq!(run.first_slot, round * 2);
             v.feed(&run).unwrap();
-            assert!(run.entries.iter().all(|e| e.timestamp_ms >= head.timestamp_ms));
+            assert!(run
+                .entries
+                .iter()
+                .all(|e| e.timestamp_ms >= head.timestamp_ms));
             head = Head::after(&run, round + 10);
         }
-        assert_eq!((head.next_slot, head.timestamp_ms, v.checked()), (6, 600, 6));
+        assert_eq!(
+            (head.next_slot, head.timestamp_ms, v.checked()),
+            (6, 600, 6)
+        );
     }
 }

@@ -26,7 +26,10 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Most entries in one range page.
 pub const MAX_PAGE_ENTRIES: u32 = 1000;
 
-async fn next_or_stop(endpoint: &mut Endpoint, shutdown: &CancellationToken) -> Option<async_nats::service::Request> {
+async fn next_or_stop(
+    endpoint: &mut Endpoint,
+    shutdown: &CancellationToken,
+) -> Option<async_nats::service::Request> {
     tokio::select! {
         r = endpoint.next() => r,
         _ = shutdown.cancelled() => None,
@@ -34,12 +37,22 @@ async fn next_or_stop(endpoint: &mut Endpoint, shutdown: &CancellationToken) -> 
 }
 
 /// Takes scheduling requests until shutdown.
-pub(crate) async fn schedule_loop(shared: Arc<Shared>, mut endpoint: Endpoint, shutdown: CancellationToken) {
+pub(crate) async fn schedule_loop(
+    shared: Arc<Shared>,
+    mut endpoint: Endpoint,
+    shutdown: CancellationToken,
+) {
     while let Some(req) = next_or_stop(&mut endpoint, &shutdown).await {
         let reply = Replier::new(req);
         match validate(&shared, reply.message()) {
             Ok((process, parts)) => {
-                let job = Job { reply, message_id: parts.message_id, mode: parts.mode, headers: parts.headers, body: parts.body };
+                let job = Job {
+                    reply,
+                    message_id: parts.message_id,
+                    mode: parts.mode,
+                    headers: parts.headers,
+                    body: parts.body,
+                };
                 if let Err((job, refusal)) = shared.actors.submit(&shared, process, job) {
                     job.reply.refuse(refusal).await;
                 }
@@ -66,7 +79,11 @@ fn validate(shared: &Shared, msg: &async_nats::Message) -> Result<(ProcessId, Jo
     if msg.payload.len() > shared.limits.max_body {
         return Err(Refusal::new(
             ErrorCode::TooLarge,
-            format!("body is {} bytes; the maximum is {}", msg.payload.len(), shared.limits.max_body),
+            format!(
+                "body is {} bytes; the maximum is {}",
+                msg.payload.len(),
+                shared.limits.max_body
+            ),
         ));
     }
     let mut message_id = None;
@@ -77,12 +94,21 @@ fn validate(shared: &Shared, msg: &async_nats::Message) -> Result<(ProcessId, Jo
         if let Some(id) = h.get(subjects::MSG_ID) {
             let id = id.as_str();
             if id.is_empty() || id.len() > MAX_MESSAGE_ID || id.chars().any(char::is_control) {
-                return Err(Refusal::new(ErrorCode::Malformed, format!("Nats-Msg-Id must be 1-{MAX_MESSAGE_ID} bytes without control characters")));
+                return Err(Refusal::new(
+                    ErrorCode::Malformed,
+                    format!(
+                        "Nats-Msg-Id must be 1-{MAX_MESSAGE_ID} bytes without control characters"
+                    ),
+                ));
             }
             message_id = Some(id.to_string());
         }
         if let Some(m) = h.get(subjects::MODE) {
-            requested = Some(m.as_str().parse::<Mode>().map_err(|e| Refusal::new(ErrorCode::UnknownMode, e.to_string()))?);
+            requested = Some(
+                m.as_str()
+                    .parse::<Mode>()
+                    .map_err(|e| Refusal::new(ErrorCode::UnknownMode, e.to_string()))?,
+            );
         }
         for (name, values) in h.iter() {
             let name: &str = name.as_ref();
@@ -98,28 +124,57 @@ fn validate(shared: &Shared, msg: &async_nats::Message) -> Result<(ProcessId, Jo
     // NATS header maps have no order; store them sorted, as the canonical encoding does.
     headers.sort();
     if header_bytes > MAX_HEADER_BYTES {
-        return Err(Refusal::new(ErrorCode::TooLarge, format!("headers are {header_bytes} bytes; the maximum is {MAX_HEADER_BYTES}")));
+        return Err(Refusal::new(
+            ErrorCode::TooLarge,
+            format!("headers are {header_bytes} bytes; the maximum is {MAX_HEADER_BYTES}"),
+        ));
     }
     let pc = shared.process_config(&process);
     if pc.mode == Some(Mode::Disabled) {
-        return Err(Refusal::new(ErrorCode::Disabled, format!("scheduling is disabled for process {process}")));
+        return Err(Refusal::new(
+            ErrorCode::Disabled,
+            format!("scheduling is disabled for process {process}"),
+        ));
     }
     let mode = requested.or(pc.mode).unwrap_or(shared.config.default_mode);
     match mode {
-        Mode::Disabled => return Err(Refusal::new(ErrorCode::Disabled, "mode disabled refuses every request")),
+        Mode::Disabled => {
+            return Err(Refusal::new(
+                ErrorCode::Disabled,
+                "mode disabled refuses every request",
+            ))
+        }
         Mode::RemoteConfirmation if shared.remote.is_none() => {
-            return Err(Refusal::new(ErrorCode::RemoteNotConfigured, "remote_confirmation needs a remote stream (--remote-stream); none is configured"));
+            return Err(Refusal::new(
+                ErrorCode::RemoteNotConfigured,
+                "remote_confirmation needs a remote stream (--remote-stream); none is configured",
+            ));
         }
         _ => {}
     }
     if let Err(id) = shared.keyring.select(&pc.keys) {
-        return Err(Refusal::new(ErrorCode::MissingKey, format!("process {process} requires key {id}, which this scheduler does not hold")));
+        return Err(Refusal::new(
+            ErrorCode::MissingKey,
+            format!("process {process} requires key {id}, which this scheduler does not hold"),
+        ));
     }
-    Ok((process, JobParts { message_id, mode, headers, body: msg.payload.clone() }))
+    Ok((
+        process,
+        JobParts {
+            message_id,
+            mode,
+            headers,
+            body: msg.payload.clone(),
+        },
+    ))
 }
 
 /// Answers `<prefix>.slot.<process>` from the log's head (one leader read).
-pub(crate) async fn slot_loop(shared: Arc<Shared>, mut endpoint: Endpoint, shutdown: CancellationToken) {
+pub(crate) async fn slot_loop(
+    shared: Arc<Shared>,
+    mut endpoint: Endpoint,
+    shutdown: CancellationToken,
+) {
     while let Some(req) = next_or_stop(&mut endpoint, &shutdown).await {
         let shared = Arc::clone(&shared);
         shared.tracker.clone().spawn(async move {
@@ -146,13 +201,23 @@ async fn slot(shared: &Shared, msg: &async_nats::Message) -> Result<Vec<u8>, Ref
             chain_head: m.head,
             timestamp_ms: Some(m.timestamp_ms),
         },
-        None => SlotInfo { process: process.to_string(), slot: None, next_slot: 0, chain_head: chain::genesis(&process), timestamp_ms: None },
+        None => SlotInfo {
+            process: process.to_string(),
+            slot: None,
+            next_slot: 0,
+            chain_head: chain::genesis(&process),
+            timestamp_ms: None,
+        },
     };
     info.encode().map_err(internal)
 }
 
 /// Answers `<prefix>.range.<process>` with one page; `next` says where the rest is.
-pub(crate) async fn range_loop(shared: Arc<Shared>, mut endpoint: Endpoint, shutdown: CancellationToken) {
+pub(crate) async fn range_loop(
+    shared: Arc<Shared>,
+    mut endpoint: Endpoint,
+    shutdown: CancellationToken,
+) {
     while let Some(req) = next_or_stop(&mut endpoint, &shutdown).await {
         let shared = Arc::clone(&shared);
         shared.tracker.clone().spawn(async move {
@@ -170,13 +235,24 @@ async fn range(shared: &Shared, msg: &async_nats::Message) -> Result<Vec<u8>, Re
         .subjects
         .process_of("range", msg.subject.as_str())
         .map_err(|e| Refusal::new(ErrorCode::InvalidProcess, e.to_string()))?;
-    let req = RangeRequest::decode(&msg.payload).map_err(|e| Refusal::new(ErrorCode::Malformed, e.to_string()))?;
+    let req = RangeRequest::decode(&msg.payload)
+        .map_err(|e| Refusal::new(ErrorCode::Malformed, e.to_string()))?;
     if req.to.is_some_and(|to| to < req.from) {
-        return Err(Refusal::new(ErrorCode::InvalidRange, format!("to ({:?}) is before from ({})", req.to, req.from)));
+        return Err(Refusal::new(
+            ErrorCode::InvalidRange,
+            format!("to ({:?}) is before from ({})", req.to, req.from),
+        ));
     }
-    let limit = req.limit.unwrap_or(MAX_PAGE_ENTRIES).clamp(1, MAX_PAGE_ENTRIES) as usize;
+    let limit = req
+        .limit
+        .unwrap_or(MAX_PAGE_ENTRIES)
+        .clamp(1, MAX_PAGE_ENTRIES) as usize;
     let byte_budget = shared.limits.max_run_bytes;
-    let mut page = RangePage { process: process.to_string(), entries: Vec::new(), next: None };
+    let mut page = RangePage {
+        process: process.to_string(),
+        entries: Vec::new(),
+        next: None,
+    };
     let Some(head) = shared.reader.head(&process).await.map_err(unavailable)? else {
         return page.encode().map_err(internal);
     };
@@ -184,24 +260,41 @@ async fn range(shared: &Shared, msg: &async_nats::Message) -> Result<Vec<u8>, Re
     if req.from > to {
         return page.encode().map_err(internal);
     }
-    let mut seq = shared.reader.locate(&process, req.from).await.map_err(unavailable)?.unwrap_or(head.seq + 1);
+    let mut seq = shared
+        .reader
+        .locate(&process, req.from)
+        .await
+        .map_err(unavailable)?
+        .unwrap_or(head.seq + 1);
     let mut want = req.from;
     let mut bytes = 0usize;
     'runs: while want <= to {
-        let Some(stored) = shared.reader.next_run(&process, seq).await.map_err(unavailable)? else { break };
+        let Some(stored) = shared
+            .reader
+            .next_run(&process, seq)
+            .await
+            .map_err(unavailable)?
+        else {
+            break;
+        };
         seq = stored.seq + 1;
         for e in stored.run.entries {
             if e.slot < want {
                 continue;
             }
             if e.slot != want {
-                return Err(Refusal::new(ErrorCode::Internal, format!("the log has a gap at slot {want}; run turnstile verify")));
+                return Err(Refusal::new(
+                    ErrorCode::Internal,
+                    format!("the log has a gap at slot {want}; run turnstile verify"),
+                ));
             }
             if e.slot > to {
                 break 'runs;
             }
             let cost = e.body.len() + 200;
-            if page.entries.len() >= limit || (bytes + cost > byte_budget && !page.entries.is_empty()) {
+            if page.entries.len() >= limit
+                || (bytes + cost > byte_budget && !page.entries.is_empty())
+            {
                 page.next = Some(want);
                 break 'runs;
             }
@@ -218,11 +311,17 @@ async fn range(shared: &Shared, msg: &async_nats::Message) -> Result<Vec<u8>, Re
 }
 
 /// Answers `<prefix>.keys` with every published key (MessagePack array of `PublishedKey`).
-pub(crate) async fn keys_loop(shared: Arc<Shared>, mut endpoint: Endpoint, store: kv::Store, shutdown: CancellationToken) {
+pub(crate) async fn keys_loop(
+    shared: Arc<Shared>,
+    mut endpoint: Endpoint,
+    store: kv::Store,
+    shutdown: CancellationToken,
+) {
     while let Some(req) = next_or_stop(&mut endpoint, &shutdown).await {
         let reply = Replier::new(req);
         let answer = match journal::keyring::fetch(&store).await {
-            Ok(keys) => rmp_serde::to_vec_named(&keys).map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string())),
+            Ok(keys) => rmp_serde::to_vec_named(&keys)
+                .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string())),
             Err(e) => Err(unavailable(e)),
         };
         match answer {
@@ -235,9 +334,20 @@ pub(crate) async fn keys_loop(shared: Arc<Shared>, mut endpoint: Endpoint, store
 
 /// Reads every process's settings (before the endpoints open, so a disabled process
 /// is never scheduled by a scheduler that just started).
-pub(crate) async fn load_process_configs(store: &kv::Store) -> journal::Result<HashMap<String, ProcessConfig>> {
-    let err = |e: &dyn std::fmt::Display| journal::Error::JetStream { op: "load process settings", reason: e.to_string() };
-    let keys: Vec<String> = store.keys().await.map_err(|e| err(&e))?.try_collect().await.map_err(|e| err(&e))?;
+pub(crate) async fn load_process_configs(
+    store: &kv::Store,
+) -> journal::Result<HashMap<String, ProcessConfig>> {
+    let err = |e: &dyn std::fmt::Display| journal::Error::JetStream {
+        op: "load process settings",
+        reason: e.to_string(),
+    };
+    let keys: Vec<String> = store
+        .keys()
+        .await
+        .map_err(|e| err(&e))?
+        .try_collect()
+        .await
+        .map_err(|e| err(&e))?;
     let mut out = HashMap::new();
     for k in keys {
         if let Some(bytes) = store.get(&k).await.map_err(|e| err(&e))? {
@@ -253,7 +363,11 @@ pub(crate) async fn load_process_configs(store: &kv::Store) -> journal::Result<H
 }
 
 /// Follows changes to process settings until shutdown.
-pub(crate) async fn watch_process_configs(shared: Arc<Shared>, store: kv::Store, shutdown: CancellationToken) {
+pub(crate) async fn watch_process_configs(
+    shared: Arc<Shared>,
+    store: kv::Store,
+    shutdown: CancellationToken,
+) {
     let mut watch = match store.watch_with_history(">").await {
         Ok(w) => w,
         Err(e) => {
@@ -268,14 +382,18 @@ pub(crate) async fn watch_process_configs(shared: Arc<Shared>, store: kv::Store,
         };
         let Some(entry) = entry else { return };
         let Ok(entry) = entry else { continue };
-        let Ok(mut map) = shared.processes.write() else { return };
+        let Ok(mut map) = shared.processes.write() else {
+            return;
+        };
         match entry.operation {
             kv::Operation::Put => match ProcessConfig::decode(&entry.value) {
                 Ok(c) => {
                     debug!(process = %entry.key, mode = ?c.mode, "process settings changed");
                     map.insert(entry.key, c);
                 }
-                Err(e) => warn!(process = %entry.key, error = %e, "ignoring malformed process settings"),
+                Err(e) => {
+                    warn!(process = %entry.key, error = %e, "ignoring malformed process settings")
+                }
             },
             kv::Operation::Delete | kv::Operation::Purge => {
                 map.remove(&entry.key);

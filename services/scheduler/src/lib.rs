@@ -17,6 +17,8 @@
 //! - [`config`]: configuration and the signing keyring.
 //! - [`error`]: the crate's error type.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod actor;
 pub mod config;
 pub mod core;
@@ -63,7 +65,10 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
     }
 }
 
@@ -99,12 +104,19 @@ pub(crate) struct Shared {
 impl Shared {
     /// The process's settings (defaults when it has none).
     pub fn process_config(&self, p: &ProcessId) -> ProcessConfig {
-        self.processes.read().map(|m| m.get(p.as_str()).cloned().unwrap_or_default()).unwrap_or_default()
+        self.processes
+            .read()
+            .map(|m| m.get(p.as_str()).cloned().unwrap_or_default())
+            .unwrap_or_default()
     }
 
     /// Answers `jobs` once `run` is present in the remote stream, or with
     /// `remote_timeout` when it does not get there in time.
-    pub fn confirm_remote(self: &Arc<Self>, written: Arc<(Run, Tree)>, jobs: Vec<(Job, usize, bool)>) {
+    pub fn confirm_remote(
+        self: &Arc<Self>,
+        written: Arc<(Run, Tree)>,
+        jobs: Vec<(Job, usize, bool)>,
+    ) {
         let shared = Arc::clone(self);
         self.tracker.spawn(async move {
             let Some(remote) = &shared.remote else { return };
@@ -148,22 +160,40 @@ pub(crate) struct Actors {
 }
 
 impl Actors {
-    /// Queues `job` for `process`, starting its actor if needed. A full queue refuses.
-    pub fn submit(&self, shared: &Arc<Shared>, process: ProcessId, job: Job) -> Result<(), (Job, Refusal)> {
+    /// Queues `job` for `process`, starting its actor if needed. A full queue refuses,
+    /// handing the job back so that it can still be answered.
+    #[allow(clippy::result_large_err)]
+    pub fn submit(
+        &self,
+        shared: &Arc<Shared>,
+        process: ProcessId,
+        job: Job,
+    ) -> Result<(), (Job, Refusal)> {
         let Ok(mut queues) = self.queues.lock() else {
-            return Err((job, Refusal::new(ErrorCode::Internal, "actor registry poisoned")));
+            return Err((
+                job,
+                Refusal::new(ErrorCode::Internal, "actor registry poisoned"),
+            ));
         };
         let mut job = job;
         for _ in 0..2 {
             let tx = queues.entry(process.clone()).or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(shared.config.queue_per_process);
-                shared.tracker.spawn(actor::run(Arc::clone(shared), process.clone(), rx));
+                shared
+                    .tracker
+                    .spawn(actor::run(Arc::clone(shared), process.clone(), rx));
                 tx
             });
             match tx.try_send(job) {
                 Ok(()) => return Ok(()),
                 Err(mpsc::error::TrySendError::Full(j)) => {
-                    return Err((j, Refusal::new(ErrorCode::Unavailable, "too many requests queued for this process; retry")));
+                    return Err((
+                        j,
+                        Refusal::new(
+                            ErrorCode::Unavailable,
+                            "too many requests queued for this process; retry",
+                        ),
+                    ));
                 }
                 Err(mpsc::error::TrySendError::Closed(j)) => {
                     // The actor idled out between our lookup and our send: start a new one.
@@ -172,7 +202,10 @@ impl Actors {
                 }
             }
         }
-        Err((job, Refusal::new(ErrorCode::Internal, "could not start the process actor")))
+        Err((
+            job,
+            Refusal::new(ErrorCode::Internal, "could not start the process actor"),
+        ))
     }
 
     /// Forgets an actor whose queue is closed.
@@ -193,7 +226,12 @@ impl Actors {
 }
 
 /// Runs the scheduler until `shutdown` is cancelled, with the system clock.
-pub async fn run(config: Config, keyring: Keyring, client: async_nats::Client, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(
+    config: Config,
+    keyring: Keyring,
+    client: async_nats::Client,
+    shutdown: CancellationToken,
+) -> Result<()> {
     run_with_clock(config, keyring, client, shutdown, Arc::new(SystemClock)).await
 }
 
@@ -208,7 +246,9 @@ pub async fn run_with_clock(
     let version = setup::check_server(&client)?;
     let subjects = Subjects::new(&config.prefix)?;
     let js = jetstream::new(client.clone());
-    let options = LogOptions { replicas: config.replicas };
+    let options = LogOptions {
+        replicas: config.replicas,
+    };
     let log_stream = setup::ensure_log(&js, &subjects, &options).await?;
     let processes_kv = setup::ensure_processes(&js, &subjects, &options).await?;
     let keys_kv = setup::ensure_keys(&js, &subjects, &options).await?;
@@ -222,7 +262,12 @@ pub async fn run_with_clock(
         max_run_bytes: config.max_run_bytes.min(room).max(1),
     };
     if limits.max_body < config.max_body {
-        warn!(configured = config.max_body, server_max_payload = server_max, effective = limits.max_body, "max_body capped by the server's max_payload; raise max_payload in the server config");
+        warn!(
+            configured = config.max_body,
+            server_max_payload = server_max,
+            effective = limits.max_body,
+            "max_body capped by the server's max_payload; raise max_payload in the server config"
+        );
     }
     let remote = match &config.remote_stream {
         Some(name) => {
@@ -230,7 +275,11 @@ pub async fn run_with_clock(
                 Some(d) => jetstream::with_domain(client.clone(), d),
                 None => js.clone(),
             };
-            Some(rjs.get_stream_no_info(name).await.map_err(|e| Error::Config(format!("remote stream {name}: {e}")))?)
+            Some(
+                rjs.get_stream_no_info(name)
+                    .await
+                    .map_err(|e| Error::Config(format!("remote stream {name}: {e}")))?,
+            )
         }
         None => None,
     };
@@ -238,7 +287,10 @@ pub async fn run_with_clock(
     let stream_handle = js
         .get_stream_no_info(subjects.log_stream())
         .await
-        .map_err(|e| journal::Error::JetStream { op: "open log stream", reason: e.to_string() })?;
+        .map_err(|e| journal::Error::JetStream {
+            op: "open log stream",
+            reason: e.to_string(),
+        })?;
     let reader = LogReader::new(js.clone(), stream_handle, subjects.clone());
     let initial = intake::load_process_configs(&processes_kv).await?;
     let tracker = TaskTracker::new();
@@ -271,13 +323,23 @@ pub async fn run_with_clock(
         .service_builder()
         .description("turnstile scheduler: slots, hash-chained signed assignments")
         .queue_group("turnstile-scheduler")
-        .stats_handler(move |endpoint, _| if endpoint == "schedule" { metrics.snapshot() } else { serde_json::Value::Null })
+        .stats_handler(move |endpoint, _| {
+            if endpoint == "schedule" {
+                metrics.snapshot()
+            } else {
+                serde_json::Value::Null
+            }
+        })
         .start("turnstile-scheduler", env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| Error::Service(e.to_string()))?;
     let endpoint = |name: &'static str, subject: String| {
         let b = service.endpoint_builder().name(name);
-        async move { b.add(subject).await.map_err(|e| Error::Service(e.to_string())) }
+        async move {
+            b.add(subject)
+                .await
+                .map_err(|e| Error::Service(e.to_string()))
+        }
     };
     let schedule = endpoint("schedule", subjects.schedule_all()).await?;
     let slot = endpoint("slot", subjects.slot_all()).await?;
@@ -287,11 +349,32 @@ pub async fn run_with_clock(
     info!(server = %version, prefix = %subjects.prefix(), keys = ?shared.keyring.all().iter().map(|k| k.id()).collect::<Vec<_>>(), "scheduler ready");
 
     let loops = TaskTracker::new();
-    loops.spawn(intake::watch_process_configs(Arc::clone(&shared), processes_kv, shutdown.clone()));
-    loops.spawn(intake::schedule_loop(Arc::clone(&shared), schedule, shutdown.clone()));
-    loops.spawn(intake::slot_loop(Arc::clone(&shared), slot, shutdown.clone()));
-    loops.spawn(intake::range_loop(Arc::clone(&shared), range, shutdown.clone()));
-    loops.spawn(intake::keys_loop(Arc::clone(&shared), keys, keys_kv, shutdown.clone()));
+    loops.spawn(intake::watch_process_configs(
+        Arc::clone(&shared),
+        processes_kv,
+        shutdown.clone(),
+    ));
+    loops.spawn(intake::schedule_loop(
+        Arc::clone(&shared),
+        schedule,
+        shutdown.clone(),
+    ));
+    loops.spawn(intake::slot_loop(
+        Arc::clone(&shared),
+        slot,
+        shutdown.clone(),
+    ));
+    loops.spawn(intake::range_loop(
+        Arc::clone(&shared),
+        range,
+        shutdown.clone(),
+    ));
+    loops.spawn(intake::keys_loop(
+        Arc::clone(&shared),
+        keys,
+        keys_kv,
+        shutdown.clone(),
+    ));
     loops.close();
 
     shutdown.cancelled().await;
@@ -302,7 +385,10 @@ pub async fn run_with_clock(
     loops.wait().await;
     shared.actors.close_all();
     shared.tracker.close();
-    if tokio::time::timeout(Duration::from_secs(15), shared.tracker.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(15), shared.tracker.wait())
+        .await
+        .is_err()
+    {
         warn!("some process actors did not finish within 15 s");
     }
     // Make sure every reply has left before the connection goes.

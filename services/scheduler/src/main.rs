@@ -54,7 +54,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
@@ -74,7 +76,11 @@ async fn main() -> anyhow::Result<()> {
     // Wait for the server (a service may start before NATS does), then check it.
     let mut attempt = 0;
     let client = loop {
-        match async_nats::ConnectOptions::new().name("turnstile-scheduler").connect(args.nats_url.as_str()).await {
+        match async_nats::ConnectOptions::new()
+            .name("turnstile-scheduler")
+            .connect(args.nats_url.as_str())
+            .await
+        {
             Ok(c) => break c,
             Err(e) if attempt < 30 => {
                 attempt += 1;
@@ -87,10 +93,11 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => return,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return,
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

@@ -22,7 +22,10 @@ pub struct Refusal {
 impl Refusal {
     /// A refusal with `code` and `message`.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
-        Refusal { code, message: message.into() }
+        Refusal {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -42,10 +45,26 @@ impl Replier {
     }
 
     /// Answers with the receipt of entry `index` of `run`, whose tree is `tree`.
-    pub async fn receipt(&self, run: &Run, tree: &Tree, index: usize, durable: bool, duplicate: bool) {
-        match run.receipt_in(tree, index, durable, duplicate).and_then(|r| r.encode()) {
+    pub async fn receipt(
+        &self,
+        run: &Run,
+        tree: &Tree,
+        index: usize,
+        durable: bool,
+        duplicate: bool,
+    ) {
+        match run
+            .receipt_in(tree, index, durable, duplicate)
+            .and_then(|r| r.encode())
+        {
             Ok(bytes) => self.ok(bytes.into()).await,
-            Err(e) => self.refuse(Refusal::new(ErrorCode::Internal, format!("cannot encode receipt: {e}"))).await,
+            Err(e) => {
+                self.refuse(Refusal::new(
+                    ErrorCode::Internal,
+                    format!("cannot encode receipt: {e}"),
+                ))
+                .await
+            }
         }
     }
 
@@ -65,7 +84,10 @@ impl Replier {
         }
         let mut h = HeaderMap::new();
         h.insert(subjects::ERROR, r.code.as_str());
-        let err = service::error::Error { status: r.message, code: usize::from(r.code.status()) };
+        let err = service::error::Error {
+            status: r.message,
+            code: usize::from(r.code.status()),
+        };
         if let Err(e) = self.0.respond_with_headers(Err(err), h).await {
             warn!(error = %e, "could not send a refusal");
         }

@@ -41,7 +41,13 @@ impl Signer {
     /// (empty: the default key). Errs with the first key id the keyring lacks.
     pub async fn seal(&self, keys: Vec<String>, digest: Hash32) -> Result<Seal, String> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Request { keys, digest, reply }).map_err(|_| "signer stopped".to_string())?;
+        self.tx
+            .send(Request {
+                keys,
+                digest,
+                reply,
+            })
+            .map_err(|_| "signer stopped".to_string())?;
         rx.await.map_err(|_| "signer stopped".to_string())?
     }
 }

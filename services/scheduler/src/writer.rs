@@ -65,7 +65,12 @@ pub(crate) struct Writer {
 
 impl Writer {
     /// Starts the writer; `atomic` says whether the log stream allows atomic batches.
-    pub fn start(js: jetstream::Context, client: async_nats::Client, atomic: bool, metrics: Arc<Metrics>) -> Writer {
+    pub fn start(
+        js: jetstream::Context,
+        client: async_nats::Client,
+        atomic: bool,
+        metrics: Arc<Metrics>,
+    ) -> Writer {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(js, client, atomic, rx, metrics));
         Writer { tx }
@@ -77,15 +82,24 @@ impl Writer {
         if self.tx.send(Queued { write, reply }).is_err() {
             return Outcome::Failed("writer stopped".into());
         }
-        rx.await.unwrap_or_else(|_| Outcome::Failed("writer stopped".into()))
+        rx.await
+            .unwrap_or_else(|_| Outcome::Failed("writer stopped".into()))
     }
 }
 
-async fn run(js: jetstream::Context, client: async_nats::Client, atomic: bool, mut rx: mpsc::UnboundedReceiver<Queued>, metrics: Arc<Metrics>) {
+async fn run(
+    js: jetstream::Context,
+    client: async_nats::Client,
+    atomic: bool,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
+    metrics: Arc<Metrics>,
+) {
     let permits = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
     let mut carry: Option<Queued> = None;
     loop {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
         let first = match carry.take() {
             Some(q) => q,
             None => match rx.recv().await {
@@ -150,11 +164,17 @@ fn is_conflict_code(code: Option<u64>) -> bool {
 fn jetstream_code(e: &jetstream::context::PublishError) -> Option<u64> {
     use std::error::Error as _;
     let src = e.source()?;
-    src.downcast_ref::<jetstream::Error>().map(|j| j.error_code().0 as u64)
+    src.downcast_ref::<jetstream::Error>()
+        .map(|j| j.error_code().0)
 }
 
 /// Commits `batch` atomically; on any refusal, publishes each run on its own.
-async fn write_batch(js: &jetstream::Context, client: &async_nats::Client, batch: Vec<Queued>, metrics: &Metrics) {
+async fn write_batch(
+    js: &jetstream::Context,
+    client: &async_nats::Client,
+    batch: Vec<Queued>,
+    metrics: &Metrics,
+) {
     let n = batch.len();
     match commit(client, &batch).await {
         Ok(last) => {
@@ -190,7 +210,10 @@ async fn commit(client: &async_nats::Client, batch: &[Queued]) -> Result<u64, St
         let mut h = q.write.headers.clone();
         h.insert("Nats-Batch-Id", id.as_str());
         h.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
-        h.insert("Nats-Expected-Last-Subject-Sequence", q.write.expected.to_string().as_str());
+        h.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            q.write.expected.to_string().as_str(),
+        );
         if i + 1 < n {
             client
                 .publish_with_headers(q.write.subject.clone(), h, q.write.payload.clone())
@@ -198,8 +221,14 @@ async fn commit(client: &async_nats::Client, batch: &[Queued]) -> Result<u64, St
                 .map_err(|e| e.to_string())?;
         } else {
             h.insert("Nats-Batch-Commit", "1");
-            let req = async_nats::Request::new().headers(h).payload(q.write.payload.clone()).timeout(Some(COMMIT_TIMEOUT));
-            let reply = client.send_request(q.write.subject.clone(), req).await.map_err(|e| e.to_string())?;
+            let req = async_nats::Request::new()
+                .headers(h)
+                .payload(q.write.payload.clone())
+                .timeout(Some(COMMIT_TIMEOUT));
+            let reply = client
+                .send_request(q.write.subject.clone(), req)
+                .await
+                .map_err(|e| e.to_string())?;
             return parse_commit_ack(&reply.payload, n);
         }
     }
@@ -208,14 +237,23 @@ async fn commit(client: &async_nats::Client, batch: &[Queued]) -> Result<u64, St
 
 /// Reads a batch commit's PubAck: `{"seq": N, "count": n, ...}` or `{"error": {...}}`.
 pub fn parse_commit_ack(payload: &[u8], n: usize) -> Result<u64, String> {
-    let v: serde_json::Value = serde_json::from_slice(payload).map_err(|e| format!("unreadable batch ack: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(payload).map_err(|e| format!("unreadable batch ack: {e}"))?;
     if let Some(err) = v.get("error") {
         return Err(format!("batch refused: {err}"));
     }
-    let seq = v.get("seq").and_then(serde_json::Value::as_u64).ok_or("batch ack without seq")?;
-    let count = v.get("count").and_then(serde_json::Value::as_u64).ok_or("batch ack without count")?;
+    let seq = v
+        .get("seq")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or("batch ack without seq")?;
+    let count = v
+        .get("count")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or("batch ack without count")?;
     if count != n as u64 || seq < n as u64 {
-        return Err(format!("batch ack says {count} messages ending at {seq}; sent {n}"));
+        return Err(format!(
+            "batch ack says {count} messages ending at {seq}; sent {n}"
+        ));
     }
     Ok(seq)
 }
@@ -226,15 +264,27 @@ mod tests {
 
     #[test]
     fn a_committed_batch_gives_consecutive_sequences_ending_at_the_ack() {
-        assert_eq!((0..3).map(|i| sequence_of(10, 3, i)).collect::<Vec<_>>(), vec![8, 9, 10]);
+        assert_eq!(
+            (0..3).map(|i| sequence_of(10, 3, i)).collect::<Vec<_>>(),
+            vec![8, 9, 10]
+        );
         assert_eq!(sequence_of(1, 1, 0), 1);
     }
 
     #[test]
     fn commit_acks_are_checked_before_they_are_believed() {
-        assert_eq!(parse_commit_ack(br#"{"stream":"TS_LOG","seq":42,"batch":"x","count":3}"#, 3), Ok(42));
-        assert!(parse_commit_ack(br#"{"stream":"TS_LOG","seq":42,"batch":"x","count":2}"#, 3).is_err());
-        assert!(parse_commit_ack(br#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence"}}"#, 3).is_err());
+        assert_eq!(
+            parse_commit_ack(br#"{"stream":"TS_LOG","seq":42,"batch":"x","count":3}"#, 3),
+            Ok(42)
+        );
+        assert!(
+            parse_commit_ack(br#"{"stream":"TS_LOG","seq":42,"batch":"x","count":2}"#, 3).is_err()
+        );
+        assert!(parse_commit_ack(
+            br#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence"}}"#,
+            3
+        )
+        .is_err());
         assert!(parse_commit_ack(b"", 3).is_err());
         assert!(parse_commit_ack(br#"{"stream":"TS_LOG","seq":1,"count":3}"#, 3).is_err());
     }

@@ -23,10 +23,18 @@ use protocol::wire::{Entry, Mode, ProcessConfig, Receipt};
 use protocol::ProcessId;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "turnstile: schedule messages, read and verify the assignment log")]
+#[command(
+    version,
+    about = "turnstile: schedule messages, read and verify the assignment log"
+)]
 struct Cli {
     /// NATS server URL(s), as the nats CLI reads it.
-    #[arg(long, global = true, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        global = true,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     nats_url: String,
     /// Subject prefix of the turnstile deployment.
     #[arg(long, global = true, env = "TS_PREFIX", default_value = "ts")]
@@ -139,7 +147,9 @@ enum ProcessAction {
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -176,12 +186,22 @@ async fn run(cli: Cli) -> Result<i32> {
                 None => print!("{text}"),
             }
             if let Some(path) = public_out {
-                let public = KeyFile { key_id: kp.id().into(), public_key: hex::encode(kp.public_key()), secret_seed: None };
+                let public = KeyFile {
+                    key_id: kp.id().into(),
+                    public_key: hex::encode(kp.public_key()),
+                    secret_seed: None,
+                };
                 std::fs::write(&path, serde_json::to_string_pretty(&public)? + "\n")?;
             }
             Ok(0)
         }
-        Command::Schedule { process, data, id, mode, headers } => {
+        Command::Schedule {
+            process,
+            data,
+            id,
+            mode,
+            headers,
+        } => {
             let process = ProcessId::new(process)?;
             let body = match data {
                 Some(d) => Bytes::from(d),
@@ -194,10 +214,24 @@ async fn run(cli: Cli) -> Result<i32> {
             let mode = mode.map(|m| m.parse::<Mode>()).transpose()?;
             let headers = headers
                 .iter()
-                .map(|h| h.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).context("headers are NAME=VALUE"))
+                .map(|h| {
+                    h.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .context("headers are NAME=VALUE")
+                })
                 .collect::<Result<Vec<_>>>()?;
             let client = Client::new(connect(&cli.nats_url).await?, subjects);
-            let receipt = client.schedule(&process, body, &Schedule { message_id: id, mode, headers }).await?;
+            let receipt = client
+                .schedule(
+                    &process,
+                    body,
+                    &Schedule {
+                        message_id: id,
+                        mode,
+                        headers,
+                    },
+                )
+                .await?;
             println!("{}", serde_json::to_string_pretty(&receipt_json(&receipt))?);
             Ok(0)
         }
@@ -217,7 +251,13 @@ async fn run(cli: Cli) -> Result<i32> {
             );
             Ok(0)
         }
-        Command::Log { process, from, to, follow, text } => {
+        Command::Log {
+            process,
+            from,
+            to,
+            follow,
+            text,
+        } => {
             let process = ProcessId::new(process)?;
             let js = async_nats::jetstream::new(connect(&cli.nats_url).await?);
             let reader = LogReader::open(js, subjects).await?;
@@ -238,7 +278,13 @@ async fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Verify { process, from, to, trust, require } => {
+        Command::Verify {
+            process,
+            from,
+            to,
+            trust,
+            require,
+        } => {
             let process = ProcessId::new(process)?;
             let client = connect(&cli.nats_url).await?;
             let js = async_nats::jetstream::new(client);
@@ -259,7 +305,9 @@ async fn run(cli: Cli) -> Result<i32> {
             let required = if require.is_empty() {
                 match setup::open_bucket(&js, &subjects.processes_bucket()).await {
                     Ok(store) => match store.get(process.as_str()).await {
-                        Ok(Some(b)) => ProcessConfig::decode(&b).map(|c| c.keys).unwrap_or_default(),
+                        Ok(Some(b)) => ProcessConfig::decode(&b)
+                            .map(|c| c.keys)
+                            .unwrap_or_default(),
                         _ => vec![],
                     },
                     Err(_) => vec![],
@@ -268,14 +316,20 @@ async fn run(cli: Cli) -> Result<i32> {
                 require
             };
             let reader = LogReader::open(js, subjects).await?;
-            let scope = Scope { process: process.clone(), from, to, required };
+            let scope = Scope {
+                process: process.clone(),
+                from,
+                to,
+                required,
+            };
             let tty = std::io::stderr().is_terminal();
             let started = Instant::now();
             let mut last_print = Instant::now();
             let report = audit::verify(&reader, &scope, trusted, |slot| {
                 if last_print.elapsed().as_millis() >= 500 {
                     last_print = Instant::now();
-                    let rate = slot.saturating_sub(from) as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                    let rate = slot.saturating_sub(from) as f64
+                        / started.elapsed().as_secs_f64().max(1e-3);
                     if tty {
                         eprint!("\rverified through slot {slot} ({rate:.0} slots/s)   ");
                     } else {
@@ -293,7 +347,10 @@ async fn run(cli: Cli) -> Result<i32> {
                         Some(l) => format!("slots {from}..={l}"),
                         None => "no assignments".into(),
                     };
-                    println!("ok: {process} {range} verified ({} assignments checked)", report.checked);
+                    println!(
+                        "ok: {process} {range} verified ({} assignments checked)",
+                        report.checked
+                    );
                     Ok(0)
                 }
                 Some(f) => {
@@ -306,12 +363,20 @@ async fn run(cli: Cli) -> Result<i32> {
             let js = async_nats::jetstream::new(connect(&cli.nats_url).await?);
             let store = setup::ensure_processes(&js, &subjects, &Default::default()).await?;
             match action {
-                ProcessAction::Set { process, mode, keys } => {
+                ProcessAction::Set {
+                    process,
+                    mode,
+                    keys,
+                } => {
                     let process = ProcessId::new(process)?;
                     let mode = mode.map(|m| m.parse::<Mode>()).transpose()?;
                     let config = ProcessConfig { mode, keys };
                     store.put(process.as_str(), config.encode()?.into()).await?;
-                    println!("{process}: mode={} keys={:?}", mode.map(|m| m.as_str()).unwrap_or("default"), config.keys);
+                    println!(
+                        "{process}: mode={} keys={:?}",
+                        mode.map(|m| m.as_str()).unwrap_or("default"),
+                        config.keys
+                    );
                 }
                 ProcessAction::Get { process } => {
                     let process = ProcessId::new(process)?;
@@ -319,7 +384,11 @@ async fn run(cli: Cli) -> Result<i32> {
                         Some(b) => ProcessConfig::decode(&b)?,
                         None => ProcessConfig::default(),
                     };
-                    println!("{process}: mode={} keys={:?}", config.mode.map(|m| m.as_str()).unwrap_or("default"), config.keys);
+                    println!(
+                        "{process}: mode={} keys={:?}",
+                        config.mode.map(|m| m.as_str()).unwrap_or("default"),
+                        config.keys
+                    );
                 }
                 ProcessAction::Clear { process } => {
                     let process = ProcessId::new(process)?;
@@ -373,7 +442,11 @@ fn receipt_json(r: &Receipt) -> serde_json::Value {
 }
 
 fn entry_json(e: &Entry, text: bool) -> serde_json::Value {
-    let body = if text { json!(String::from_utf8_lossy(&e.body)) } else { json!(hex::encode(&e.body)) };
+    let body = if text {
+        json!(String::from_utf8_lossy(&e.body))
+    } else {
+        json!(hex::encode(&e.body))
+    };
     json!({
         "slot": e.slot,
         "message_id": e.message_id,

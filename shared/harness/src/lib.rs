@@ -5,6 +5,8 @@
 //! drop. The binary is found by [`nats_server_bin`]; when none is there the error
 //! says how to install one (`make tools`).
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -31,7 +33,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The workspace root (two levels above this crate).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap_or_else(|_| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap_or_else(|_| PathBuf::from("."))
 }
 
 /// The nats-server binary: `$NATS_SERVER_BIN`, then `tools/bin/nats-server` in the
@@ -45,7 +50,11 @@ pub fn nats_server_bin() -> Result<PathBuf> {
         return Ok(local);
     }
     std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("nats-server")).find(|p| p.exists()))
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("nats-server"))
+                .find(|p| p.exists())
+        })
         .ok_or(Error::NoServerBinary)
 }
 
@@ -89,8 +98,15 @@ impl NatsServer {
 
     /// Starts a server with `options`.
     pub fn start_with(options: Options) -> Result<NatsServer> {
-        let dir = tempfile::Builder::new().prefix("turnstile-nats-").tempdir()?;
-        let mut s = NatsServer { child: None, dir, url: String::new(), options };
+        let dir = tempfile::Builder::new()
+            .prefix("turnstile-nats-")
+            .tempdir()?;
+        let mut s = NatsServer {
+            child: None,
+            dir,
+            url: String::new(),
+            options,
+        };
         s.launch()?;
         Ok(s)
     }
@@ -133,7 +149,11 @@ impl NatsServer {
         let ports_dir = self.dir.path().join("ports");
         let _ = std::fs::remove_dir_all(&ports_dir);
         std::fs::create_dir_all(&ports_dir)?;
-        let sync = if self.options.sync_always { "  sync_interval: always\n" } else { "" };
+        let sync = if self.options.sync_always {
+            "  sync_interval: always\n"
+        } else {
+            ""
+        };
         let config = format!(
             "listen: 127.0.0.1:-1\nmax_payload: 8MB\nports_file_dir: \"{ports}\"\njetstream {{\n  store_dir: \"{store}\"\n{sync}}}\n",
             ports = ports_dir.display(),
@@ -142,7 +162,10 @@ impl NatsServer {
         let config_path = self.dir.path().join("nats.conf");
         std::fs::write(&config_path, config)?;
         let log_path = self.dir.path().join("nats.log");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
         let child = Command::new(&bin)
             .arg("-c")
             .arg(&config_path)
@@ -153,7 +176,12 @@ impl NatsServer {
         self.child = Some(child);
         let timeout = Duration::from_secs(20);
         let deadline = Instant::now() + timeout;
-        let ports_file = ports_dir.join(format!("{}_{pid}.ports", bin.file_name().and_then(|n| n.to_str()).unwrap_or("nats-server")));
+        let ports_file = ports_dir.join(format!(
+            "{}_{pid}.ports",
+            bin.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("nats-server")
+        ));
         loop {
             if let Ok(text) = std::fs::read_to_string(&ports_file) {
                 if let Some(url) = serde_json::from_str::<serde_json::Value>(&text)
@@ -191,7 +219,9 @@ pub struct Process {
 impl Process {
     /// Spawns `cmd`, with its output going to the test's stderr.
     pub fn spawn(mut cmd: Command) -> Result<Process> {
-        Ok(Process { child: Some(cmd.stdout(Stdio::null()).spawn()?) })
+        Ok(Process {
+            child: Some(cmd.stdout(Stdio::null()).spawn()?),
+        })
     }
 
     /// Sends SIGKILL and reaps the process.
@@ -204,7 +234,9 @@ impl Process {
 
     /// Sends SIGTERM and waits up to `timeout`; returns whether it exited by itself.
     pub fn terminate(&mut self, timeout: Duration) -> bool {
-        let Some(mut c) = self.child.take() else { return true };
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
         signal(&c, "TERM");
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
@@ -227,5 +259,8 @@ impl Drop for Process {
 
 fn signal(c: &Child, sig: &str) {
     // `kill(1)` instead of libc keeps the workspace free of `unsafe`.
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(c.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(c.id().to_string())
+        .status();
 }

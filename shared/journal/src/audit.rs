@@ -36,14 +36,27 @@ pub struct Report {
 
 /// Verifies `scope` against `trusted`, calling `progress(checked_through_slot)` after
 /// each run so long ranges can show progress.
-pub async fn verify(reader: &LogReader, scope: &Scope, trusted: TrustedKeys, mut progress: impl FnMut(u64)) -> Result<Report> {
+pub async fn verify(
+    reader: &LogReader,
+    scope: &Scope,
+    trusted: TrustedKeys,
+    mut progress: impl FnMut(u64),
+) -> Result<Report> {
     let head = reader.head(&scope.process).await?;
     let Some(head) = head else {
-        return Ok(Report { checked: 0, last_good: None, fault: None });
+        return Ok(Report {
+            checked: 0,
+            last_good: None,
+            fault: None,
+        });
     };
     let to = scope.to.unwrap_or(head.last_slot).min(head.last_slot);
     if scope.from > to {
-        return Ok(Report { checked: 0, last_good: None, fault: None });
+        return Ok(Report {
+            checked: 0,
+            last_good: None,
+            fault: None,
+        });
     }
     let mut verifier = ChainVerifier::new(scope.process.clone(), trusted, scope.required.clone());
     let mut runs = reader.runs(&scope.process, scope.from, false).await?;
@@ -55,13 +68,24 @@ pub async fn verify(reader: &LogReader, scope: &Scope, trusted: TrustedKeys, mut
             Err(Error::BadRecord { seq, reason }) => {
                 let slot = verifier.next_slot().unwrap_or(expected);
                 tracing::warn!(seq, %reason, "undecodable record");
-                let fault = Fault { slot, kind: FaultKind::BadChainHash };
-                return Ok(Report { checked: verifier.checked(), last_good, fault: Some(fault) });
+                let fault = Fault {
+                    slot,
+                    kind: FaultKind::BadChainHash,
+                };
+                return Ok(Report {
+                    checked: verifier.checked(),
+                    last_good,
+                    fault: Some(fault),
+                });
             }
             Err(e) => return Err(e),
         };
         if let Err(fault) = verifier.feed(&stored.run) {
-            return Ok(Report { checked: verifier.checked(), last_good, fault: Some(fault) });
+            return Ok(Report {
+                checked: verifier.checked(),
+                last_good,
+                fault: Some(fault),
+            });
         }
         last_good = Some(stored.run.last_slot());
         expected = stored.run.last_slot() + 1;
@@ -71,9 +95,23 @@ pub async fn verify(reader: &LogReader, scope: &Scope, trusted: TrustedKeys, mut
         }
     }
     // The log must reach `to`: a log that ends early has lost slots.
-    if last_good.map_or(true, |s| s < to) {
-        let fault = Fault { slot: expected, kind: FaultKind::Gap { expected, found: head.last_slot + 1 } };
-        return Ok(Report { checked: verifier.checked(), last_good, fault: Some(fault) });
+    if last_good.is_none_or(|s| s < to) {
+        let fault = Fault {
+            slot: expected,
+            kind: FaultKind::Gap {
+                expected,
+                found: head.last_slot + 1,
+            },
+        };
+        return Ok(Report {
+            checked: verifier.checked(),
+            last_good,
+            fault: Some(fault),
+        });
     }
-    Ok(Report { checked: verifier.checked(), last_good, fault: None })
+    Ok(Report {
+        checked: verifier.checked(),
+        last_good,
+        fault: None,
+    })
 }

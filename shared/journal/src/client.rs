@@ -34,7 +34,11 @@ pub struct Client {
 impl Client {
     /// A client using `subjects` with a 10 s request timeout.
     pub fn new(nats: async_nats::Client, subjects: Subjects) -> Client {
-        Client { nats, subjects, timeout: Duration::from_secs(10) }
+        Client {
+            nats,
+            subjects,
+            timeout: Duration::from_secs(10),
+        }
     }
 
     /// Changes the request timeout.
@@ -44,7 +48,12 @@ impl Client {
     }
 
     /// Schedules `body` for `process`.
-    pub async fn schedule(&self, process: &ProcessId, body: Bytes, opts: &Schedule) -> Result<Receipt> {
+    pub async fn schedule(
+        &self,
+        process: &ProcessId,
+        body: Bytes,
+        opts: &Schedule,
+    ) -> Result<Receipt> {
         let mut h = HeaderMap::new();
         if let Some(id) = &opts.message_id {
             h.insert(subjects::MSG_ID, id.as_str());
@@ -55,30 +64,55 @@ impl Client {
         for (k, v) in &opts.headers {
             h.append(k.as_str(), v.as_str());
         }
-        let reply = self.request(self.subjects.schedule(process), h, body).await?;
+        let reply = self
+            .request(self.subjects.schedule(process), h, body)
+            .await?;
         Ok(Receipt::decode(&reply.payload)?)
     }
 
     /// The current slot of `process`, read from the log.
     pub async fn slot(&self, process: &ProcessId) -> Result<SlotInfo> {
-        let reply = self.request(self.subjects.slot(process), HeaderMap::new(), Bytes::new()).await?;
+        let reply = self
+            .request(self.subjects.slot(process), HeaderMap::new(), Bytes::new())
+            .await?;
         Ok(SlotInfo::decode(&reply.payload)?)
     }
 
     /// One page of `process`'s assignments.
     pub async fn range(&self, process: &ProcessId, req: &RangeRequest) -> Result<RangePage> {
-        let reply = self.request(self.subjects.range(process), HeaderMap::new(), req.encode()?.into()).await?;
+        let reply = self
+            .request(
+                self.subjects.range(process),
+                HeaderMap::new(),
+                req.encode()?.into(),
+            )
+            .await?;
         Ok(RangePage::decode(&reply.payload)?)
     }
 
     /// Sends a raw request and turns a typed error reply into [`Error::Refused`].
-    pub async fn request(&self, subject: String, headers: HeaderMap, body: Bytes) -> Result<Message> {
-        let req = async_nats::Request::new().payload(body).headers(headers).timeout(Some(self.timeout));
-        let msg = self.nats.send_request(subject.clone(), req).await.map_err(|e| match e.kind() {
-            async_nats::RequestErrorKind::NoResponders => Error::NoResponders(subject.clone()),
-            async_nats::RequestErrorKind::TimedOut => Error::Timeout(subject.clone()),
-            _ => Error::JetStream { op: "request", reason: e.to_string() },
-        })?;
+    pub async fn request(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Message> {
+        let req = async_nats::Request::new()
+            .payload(body)
+            .headers(headers)
+            .timeout(Some(self.timeout));
+        let msg = self
+            .nats
+            .send_request(subject.clone(), req)
+            .await
+            .map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => Error::NoResponders(subject.clone()),
+                async_nats::RequestErrorKind::TimedOut => Error::Timeout(subject.clone()),
+                _ => Error::JetStream {
+                    op: "request",
+                    reason: e.to_string(),
+                },
+            })?;
         if let Some(refusal) = refusal(&msg) {
             return Err(refusal);
         }
@@ -91,6 +125,9 @@ pub fn refusal(msg: &Message) -> Option<Error> {
     let h = msg.headers.as_ref()?;
     let code = h.get(subjects::ERROR)?;
     let code = ErrorCode::parse(code.as_str()).unwrap_or(ErrorCode::Internal);
-    let message = h.get(subjects::SERVICE_ERROR).map(|v| v.as_str().to_string()).unwrap_or_default();
+    let message = h
+        .get(subjects::SERVICE_ERROR)
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default();
     Some(Error::Refused { code, message })
 }

@@ -12,11 +12,17 @@ use crate::{Error, Result};
 /// Publishes the public half of each key under its id. Idempotent.
 pub async fn publish(store: &kv::Store, keys: &[&Keypair]) -> Result<()> {
     for k in keys {
-        let record = PublishedKey { key_id: k.id().to_string(), public_key: k.public_key().to_vec() };
+        let record = PublishedKey {
+            key_id: k.id().to_string(),
+            public_key: k.public_key().to_vec(),
+        };
         store
             .put(k.id(), record.encode()?.into())
             .await
-            .map_err(|e| Error::JetStream { op: "publish key", reason: e.to_string() })?;
+            .map_err(|e| Error::JetStream {
+                op: "publish key",
+                reason: e.to_string(),
+            })?;
     }
     Ok(())
 }
@@ -27,13 +33,23 @@ pub async fn fetch(store: &kv::Store) -> Result<Vec<PublishedKey>> {
     let keys: Vec<String> = store
         .keys()
         .await
-        .map_err(|e| Error::JetStream { op: "list keys", reason: e.to_string() })?
+        .map_err(|e| Error::JetStream {
+            op: "list keys",
+            reason: e.to_string(),
+        })?
         .try_collect()
         .await
-        .map_err(|e| Error::JetStream { op: "list keys", reason: e.to_string() })?;
+        .map_err(|e| Error::JetStream {
+            op: "list keys",
+            reason: e.to_string(),
+        })?;
     let mut out = Vec::new();
     for id in keys {
-        let Some(bytes) = store.get(&id).await.map_err(|e| Error::JetStream { op: "read key", reason: e.to_string() })? else {
+        let Some(bytes) = store.get(&id).await.map_err(|e| Error::JetStream {
+            op: "read key",
+            reason: e.to_string(),
+        })?
+        else {
             continue;
         };
         match PublishedKey::decode(&bytes) {

@@ -10,6 +10,8 @@
 //! - [`client`]: the request/reply client of the scheduler (what the CLI uses).
 //! - [`keyring`]: publishing and fetching scheduler public keys.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod audit;
 pub mod client;
 pub mod keyring;

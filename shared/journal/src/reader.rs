@@ -72,8 +72,15 @@ pub struct StoredRun {
 /// A message that was read but whose run does not decode.
 fn decode(msg: jetstream::message::StreamMessage) -> Result<StoredRun> {
     let seq = msg.sequence;
-    let run = Run::decode(&msg.payload).map_err(|e| Error::BadRecord { seq, reason: e.to_string() })?;
-    Ok(StoredRun { seq, run, headers: msg.headers })
+    let run = Run::decode(&msg.payload).map_err(|e| Error::BadRecord {
+        seq,
+        reason: e.to_string(),
+    })?;
+    Ok(StoredRun {
+        seq,
+        run,
+        headers: msg.headers,
+    })
 }
 
 /// Reads the log of any process.
@@ -94,13 +101,28 @@ impl LogReader {
         let stream = js
             .get_stream_no_info(subjects.log_stream())
             .await
-            .map_err(|e| Error::JetStream { op: "open log stream", reason: e.to_string() })?;
-        Ok(LogReader { js, stream, subjects })
+            .map_err(|e| Error::JetStream {
+                op: "open log stream",
+                reason: e.to_string(),
+            })?;
+        Ok(LogReader {
+            js,
+            stream,
+            subjects,
+        })
     }
 
     /// A reader over an already opened stream.
-    pub fn new(js: jetstream::Context, stream: stream::Stream<()>, subjects: Subjects) -> LogReader {
-        LogReader { js, stream, subjects }
+    pub fn new(
+        js: jetstream::Context,
+        stream: stream::Stream<()>,
+        subjects: Subjects,
+    ) -> LogReader {
+        LogReader {
+            js,
+            stream,
+            subjects,
+        }
     }
 
     /// The subjects this reader uses.
@@ -111,7 +133,11 @@ impl LogReader {
     /// The last run's meta for `process`, from the stream leader; none for a process
     /// with no assignment.
     pub async fn head(&self, process: &ProcessId) -> Result<Option<RunMeta>> {
-        match self.stream.get_last_raw_message_by_subject(&self.subjects.log(process)).await {
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&self.subjects.log(process))
+            .await
+        {
             Ok(msg) => {
                 if let Some(meta) = RunMeta::from_headers(msg.sequence, &msg.headers) {
                     return Ok(Some(meta));
@@ -121,16 +147,26 @@ impl LogReader {
                 Ok(Some(meta_of(&s)))
             }
             Err(e) if not_found(&e) => Ok(None),
-            Err(e) => Err(Error::JetStream { op: "read head", reason: e.to_string() }),
+            Err(e) => Err(Error::JetStream {
+                op: "read head",
+                reason: e.to_string(),
+            }),
         }
     }
 
     /// The last run of `process`, decoded.
     pub async fn head_run(&self, process: &ProcessId) -> Result<Option<StoredRun>> {
-        match self.stream.get_last_raw_message_by_subject(&self.subjects.log(process)).await {
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&self.subjects.log(process))
+            .await
+        {
             Ok(msg) => decode(msg).map(Some),
             Err(e) if not_found(&e) => Ok(None),
-            Err(e) => Err(Error::JetStream { op: "read head", reason: e.to_string() }),
+            Err(e) => Err(Error::JetStream {
+                op: "read head",
+                reason: e.to_string(),
+            }),
         }
     }
 
@@ -140,7 +176,10 @@ impl LogReader {
             .stream
             .get_raw_message(seq)
             .await
-            .map_err(|e| Error::JetStream { op: "read run", reason: e.to_string() })?;
+            .map_err(|e| Error::JetStream {
+                op: "read run",
+                reason: e.to_string(),
+            })?;
         decode(msg)
     }
 
@@ -153,16 +192,29 @@ impl LogReader {
         }
     }
 
-    async fn next_raw(&self, process: &ProcessId, seq: u64) -> Result<Option<jetstream::message::StreamMessage>> {
-        match self.stream.get_first_raw_message_by_subject(self.subjects.log(process), seq.max(1)).await {
+    async fn next_raw(
+        &self,
+        process: &ProcessId,
+        seq: u64,
+    ) -> Result<Option<jetstream::message::StreamMessage>> {
+        match self
+            .stream
+            .get_first_raw_message_by_subject(self.subjects.log(process), seq.max(1))
+            .await
+        {
             Ok(msg) => Ok(Some(msg)),
             Err(e) if not_found(&e) => Ok(None),
-            Err(e) => Err(Error::JetStream { op: "read next run", reason: e.to_string() }),
+            Err(e) => Err(Error::JetStream {
+                op: "read next run",
+                reason: e.to_string(),
+            }),
         }
     }
 
     async fn next_meta(&self, process: &ProcessId, seq: u64) -> Result<Option<RunMeta>> {
-        let Some(msg) = self.next_raw(process, seq).await? else { return Ok(None) };
+        let Some(msg) = self.next_raw(process, seq).await? else {
+            return Ok(None);
+        };
         match RunMeta::from_headers(msg.sequence, &msg.headers) {
             Some(m) => Ok(Some(m)),
             None => decode(msg).map(|s| Some(meta_of(&s))),
@@ -172,7 +224,9 @@ impl LogReader {
     /// The stream sequence of the run holding `slot`, by binary search over stream
     /// sequences; none if the process has no such slot (yet).
     pub async fn locate(&self, process: &ProcessId, slot: u64) -> Result<Option<u64>> {
-        let Some(head) = self.head(process).await? else { return Ok(None) };
+        let Some(head) = self.head(process).await? else {
+            return Ok(None);
+        };
         if slot > head.last_slot {
             return Ok(None);
         }
@@ -182,7 +236,9 @@ impl LogReader {
         let (mut lo, mut hi) = (1u64, head.seq);
         while lo <= hi {
             let mid = lo + (hi - lo) / 2;
-            let Some(m) = self.next_meta(process, mid).await? else { break };
+            let Some(m) = self.next_meta(process, mid).await? else {
+                break;
+            };
             if m.seq > hi || m.first_slot > slot {
                 // The run holding `slot` lies before `mid`.
                 if mid == 0 {
@@ -213,27 +269,49 @@ impl LogReader {
             // Nothing at `from` yet: a follower starts after the current head.
             None => head.map(|h| h.seq + 1).unwrap_or(1),
         };
-        let end_seq = if follow { u64::MAX } else { head.map(|h| h.seq).unwrap_or(0) };
+        let end_seq = if follow {
+            u64::MAX
+        } else {
+            head.map(|h| h.seq).unwrap_or(0)
+        };
         let config = consumer::pull::OrderedConfig {
             filter_subject: self.subjects.log(process),
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: start_seq },
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start_seq,
+            },
             ..Default::default()
         };
         let messages = if end_seq < start_seq {
             None
         } else {
-            let consumer = self
-                .stream
-                .create_consumer(config)
-                .await
-                .map_err(|e| Error::JetStream { op: "create reader", reason: e.to_string() })?;
-            Some(consumer.messages().await.map_err(|e| Error::JetStream { op: "read runs", reason: e.to_string() })?)
+            let consumer =
+                self.stream
+                    .create_consumer(config)
+                    .await
+                    .map_err(|e| Error::JetStream {
+                        op: "create reader",
+                        reason: e.to_string(),
+                    })?;
+            Some(consumer.messages().await.map_err(|e| Error::JetStream {
+                op: "read runs",
+                reason: e.to_string(),
+            })?)
         };
         let s = futures::stream::iter(messages).flatten().map(|m| {
-            let m = m.map_err(|e| Error::JetStream { op: "read runs", reason: e.to_string() })?;
+            let m = m.map_err(|e| Error::JetStream {
+                op: "read runs",
+                reason: e.to_string(),
+            })?;
             let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-            let run = Run::decode(&m.payload).map_err(|e| Error::BadRecord { seq, reason: e.to_string() })?;
-            Ok(StoredRun { seq, run, headers: m.headers.clone().unwrap_or_default() })
+            let run = Run::decode(&m.payload).map_err(|e| Error::BadRecord {
+                seq,
+                reason: e.to_string(),
+            })?;
+            Ok(StoredRun {
+                seq,
+                run,
+                headers: m.headers.clone().unwrap_or_default(),
+            })
         });
         // Stop right after the end run, without waiting for a message that may never come.
         let s = futures::stream::unfold((Box::pin(s), false), move |(mut s, done)| async move {

@@ -25,7 +25,10 @@ pub fn check_server(client: &async_nats::Client) -> Result<String> {
         Some(v) if v >= MIN_SERVER => {}
         _ => {
             let (a, b, c) = MIN_SERVER;
-            return Err(Error::ServerTooOld { found, required: format!("{a}.{b}.{c}") });
+            return Err(Error::ServerTooOld {
+                found,
+                required: format!("{a}.{b}.{c}"),
+            });
         }
     }
     if !info.jetstream {
@@ -52,7 +55,9 @@ impl Default for LogOptions {
 pub fn log_stream_config(subjects: &Subjects, options: &LogOptions) -> stream::Config {
     stream::Config {
         name: subjects.log_stream(),
-        description: Some("turnstile assignment log: one signed run of assignments per message".into()),
+        description: Some(
+            "turnstile assignment log: one signed run of assignments per message".into(),
+        ),
         subjects: vec![subjects.log_all()],
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::Limits,
@@ -68,13 +73,23 @@ pub fn log_stream_config(subjects: &Subjects, options: &LogOptions) -> stream::C
 
 /// Creates the log stream if it is missing and returns it. An existing stream is used
 /// as it is; if it allows deletes or purges a warning says so.
-pub async fn ensure_log(js: &jetstream::Context, subjects: &Subjects, options: &LogOptions) -> Result<stream::Stream> {
+pub async fn ensure_log(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    options: &LogOptions,
+) -> Result<stream::Stream> {
     let config = log_stream_config(subjects, options);
     let mut stream = js
         .get_or_create_stream(config)
         .await
-        .map_err(|e| Error::JetStream { op: "create log stream", reason: e.to_string() })?;
-    let info = stream.info().await.map_err(|e| Error::JetStream { op: "log stream info", reason: e.to_string() })?;
+        .map_err(|e| Error::JetStream {
+            op: "create log stream",
+            reason: e.to_string(),
+        })?;
+    let info = stream.info().await.map_err(|e| Error::JetStream {
+        op: "log stream info",
+        reason: e.to_string(),
+    })?;
     if !info.config.deny_delete || !info.config.deny_purge {
         tracing::warn!(stream = %info.config.name, "log stream allows deletes or purges; the log is only append-only if it denies both");
     }
@@ -99,16 +114,41 @@ pub async fn allows_atomic(stream: &stream::Stream) -> bool {
 }
 
 /// Creates (or opens) the per-process settings bucket.
-pub async fn ensure_processes(js: &jetstream::Context, subjects: &Subjects, options: &LogOptions) -> Result<kv::Store> {
-    ensure_bucket(js, subjects.processes_bucket(), "turnstile per-process settings", options).await
+pub async fn ensure_processes(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    options: &LogOptions,
+) -> Result<kv::Store> {
+    ensure_bucket(
+        js,
+        subjects.processes_bucket(),
+        "turnstile per-process settings",
+        options,
+    )
+    .await
 }
 
 /// Creates (or opens) the public-keys bucket.
-pub async fn ensure_keys(js: &jetstream::Context, subjects: &Subjects, options: &LogOptions) -> Result<kv::Store> {
-    ensure_bucket(js, subjects.keys_bucket(), "turnstile scheduler public keys", options).await
+pub async fn ensure_keys(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    options: &LogOptions,
+) -> Result<kv::Store> {
+    ensure_bucket(
+        js,
+        subjects.keys_bucket(),
+        "turnstile scheduler public keys",
+        options,
+    )
+    .await
 }
 
-async fn ensure_bucket(js: &jetstream::Context, bucket: String, description: &str, options: &LogOptions) -> Result<kv::Store> {
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    bucket: String,
+    description: &str,
+    options: &LogOptions,
+) -> Result<kv::Store> {
     if let Ok(store) = js.get_key_value(&bucket).await {
         return Ok(store);
     }
@@ -125,13 +165,24 @@ async fn ensure_bucket(js: &jetstream::Context, bucket: String, description: &st
     match created {
         Ok(store) => Ok(store),
         // Another replica may have created it between our get and our create.
-        Err(e) => js.get_key_value(&bucket).await.map_err(|_| Error::JetStream { op: "create bucket", reason: e.to_string() }),
+        Err(e) => js
+            .get_key_value(&bucket)
+            .await
+            .map_err(|_| Error::JetStream {
+                op: "create bucket",
+                reason: e.to_string(),
+            }),
     }
 }
 
 /// Opens an existing bucket without creating it (readers, the CLI).
 pub async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::Store> {
-    js.get_key_value(bucket).await.map_err(|e| Error::JetStream { op: "open bucket", reason: e.to_string() })
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| Error::JetStream {
+            op: "open bucket",
+            reason: e.to_string(),
+        })
 }
 
 #[cfg(test)]

@@ -51,7 +51,9 @@ pub struct Subjects {
 
 impl Default for Subjects {
     fn default() -> Self {
-        Subjects { prefix: "ts".into() }
+        Subjects {
+            prefix: "ts".into(),
+        }
     }
 }
 
@@ -59,11 +61,19 @@ impl Subjects {
     /// Names under `prefix`: one or more tokens of `A-Z a-z 0-9 - _` joined by dots.
     pub fn new(prefix: &str) -> Result<Subjects, protocol::Error> {
         let ok = !prefix.is_empty()
-            && prefix.split('.').all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+            && prefix.split('.').all(|t| {
+                !t.is_empty()
+                    && t.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
         if ok {
-            Ok(Subjects { prefix: prefix.to_string() })
+            Ok(Subjects {
+                prefix: prefix.to_string(),
+            })
         } else {
-            Err(protocol::Error::InvalidProcess(format!("prefix {prefix:?}")))
+            Err(protocol::Error::InvalidProcess(format!(
+                "prefix {prefix:?}"
+            )))
         }
     }
 
@@ -151,7 +161,13 @@ mod tests {
         assert_eq!(s.log(&p), "ts.log.p-1");
         assert_eq!(s.log_stream(), "TS_LOG");
         assert_eq!(s.process_of("schedule", "ts.schedule.p-1").unwrap(), p);
-        for bad in ["ts.schedule.a.b", "ts.schedule.", "ts.slot.p", "xx.schedule.p", "ts.schedule"] {
+        for bad in [
+            "ts.schedule.a.b",
+            "ts.schedule.",
+            "ts.slot.p",
+            "xx.schedule.p",
+            "ts.schedule",
+        ] {
             assert!(s.process_of("schedule", bad).is_err(), "{bad}");
         }
         let t = Subjects::new("acme.prod").unwrap();

@@ -116,9 +116,15 @@ mod tests {
 
     #[test]
     fn header_order_does_not_change_the_encoding() {
-        let a = vec![("a".to_string(), "1".to_string()), ("b".to_string(), "2".to_string())];
+        let a = vec![
+            ("a".to_string(), "1".to_string()),
+            ("b".to_string(), "2".to_string()),
+        ];
         let b = vec![a[1].clone(), a[0].clone()];
-        assert_eq!(canonical_encoding(&fields(&a)), canonical_encoding(&fields(&b)));
+        assert_eq!(
+            canonical_encoding(&fields(&a)),
+            canonical_encoding(&fields(&b))
+        );
     }
 
     #[test]
@@ -126,7 +132,10 @@ mod tests {
         // "ab"+"c" and "a"+"bc" must not collide.
         let h1 = vec![("ab".to_string(), "c".to_string())];
         let h2 = vec![("a".to_string(), "bc".to_string())];
-        assert_ne!(canonical_encoding(&fields(&h1)), canonical_encoding(&fields(&h2)));
+        assert_ne!(
+            canonical_encoding(&fields(&h1)),
+            canonical_encoding(&fields(&h2))
+        );
     }
 
     proptest! {

@@ -65,7 +65,8 @@ impl Commitment {
         let Ok(vk) = VerifyingKey::from_bytes(&pk) else {
             return false;
         };
-        vk.verify(statement, &ed25519_dalek::Signature::from_bytes(&sig)).is_ok()
+        vk.verify(statement, &ed25519_dalek::Signature::from_bytes(&sig))
+            .is_ok()
     }
 }
 
@@ -129,16 +130,18 @@ impl Keypair {
     /// match the secret.
     pub fn from_key_file(text: &str) -> Result<Keypair> {
         let file = KeyFile::parse(text)?;
-        let seed_hex = file
-            .secret_seed
-            .ok_or_else(|| Error::InvalidKey("key file has no secret_seed (is it a public key file?)".into()))?;
+        let seed_hex = file.secret_seed.ok_or_else(|| {
+            Error::InvalidKey("key file has no secret_seed (is it a public key file?)".into())
+        })?;
         let seed: [u8; 32] = hex::decode(seed_hex.trim())
             .ok()
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| Error::InvalidKey("secret_seed is not 64 hex characters".into()))?;
         let kp = Keypair::from_seed(seed);
         if kp.id != file.key_id || hex::encode(kp.public_key()) != file.public_key {
-            return Err(Error::InvalidKey("key_id or public_key does not match secret_seed".into()));
+            return Err(Error::InvalidKey(
+                "key_id or public_key does not match secret_seed".into(),
+            ));
         }
         Ok(kp)
     }
@@ -191,9 +194,18 @@ mod tests {
         assert_eq!(v["key_id"], kp.id());
         // A tampered public key is refused.
         let other = Keypair::generate();
-        let bad = text.replace(&hex::encode(kp.public_key()), &hex::encode(other.public_key()));
-        assert!(matches!(Keypair::from_key_file(&bad), Err(Error::InvalidKey(_))));
-        assert!(matches!(Keypair::from_key_file("nonsense"), Err(Error::InvalidKey(_))));
+        let bad = text.replace(
+            &hex::encode(kp.public_key()),
+            &hex::encode(other.public_key()),
+        );
+        assert!(matches!(
+            Keypair::from_key_file(&bad),
+            Err(Error::InvalidKey(_))
+        ));
+        assert!(matches!(
+            Keypair::from_key_file("nonsense"),
+            Err(Error::InvalidKey(_))
+        ));
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //! - [`vectors`]: the golden vectors of `schemas/vectors.json`.
 //! - [`verify`]: a streaming verifier of a process's log, fed run by run.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod chain;
 pub mod hash;
 pub mod keys;
@@ -55,7 +57,9 @@ pub enum Error {
     #[error("invalid key: {0}")]
     InvalidKey(String),
     /// A mode name that is not one of the four modes.
-    #[error("unknown mode {0:?}: use aggressive, local_confirmation, remote_confirmation or disabled")]
+    #[error(
+        "unknown mode {0:?}: use aggressive, local_confirmation, remote_confirmation or disabled"
+    )]
     UnknownMode(String),
     /// A Merkle proof or tree request that does not fit the tree.
     #[error("invalid merkle proof: {0}")]

@@ -88,7 +88,16 @@ impl Tree {
         let mut levels = vec![leaves.iter().map(leaf).collect::<Vec<_>>()];
         while levels.last().is_some_and(|l| l.len() > 1) {
             let below = levels.last().map(Vec::as_slice).unwrap_or_default();
-            let up = below.chunks(2).map(|c| if c.len() == 2 { node(&c[0], &c[1]) } else { c[0] }).collect();
+            let up = below
+                .chunks(2)
+                .map(|c| {
+                    if c.len() == 2 {
+                        node(&c[0], &c[1])
+                    } else {
+                        c[0]
+                    }
+                })
+                .collect();
             levels.push(up);
         }
         Tree { levels }
@@ -96,7 +105,11 @@ impl Tree {
 
     /// The root (`Hash32::ZERO` for no leaves).
     pub fn root(&self) -> Hash32 {
-        self.levels.last().and_then(|l| l.first()).copied().unwrap_or(Hash32::ZERO)
+        self.levels
+            .last()
+            .and_then(|l| l.first())
+            .copied()
+            .unwrap_or(Hash32::ZERO)
     }
 
     /// The audit path of leaf `index`, leaf side first.
@@ -117,7 +130,12 @@ impl Tree {
 }
 
 /// Recomputes the root from one leaf and its audit path (RFC 9162 §2.1.3.2).
-pub fn root_from_proof(leaf_hash: &Hash32, index: usize, size: usize, path: &[Hash32]) -> Result<Hash32> {
+pub fn root_from_proof(
+    leaf_hash: &Hash32,
+    index: usize,
+    size: usize,
+    path: &[Hash32],
+) -> Result<Hash32> {
     if index >= size {
         return Err(Error::InvalidProof("index outside the tree"));
     }
@@ -159,7 +177,11 @@ mod tests {
             for i in 0..n {
                 let p = proof(&leaves, i).unwrap();
                 assert!(p.len() <= 6);
-                assert_eq!(root_from_proof(&leaves[i], i, n, &p).unwrap(), r, "n={n} i={i}");
+                assert_eq!(
+                    root_from_proof(&leaves[i], i, n, &p).unwrap(),
+                    r,
+                    "n={n} i={i}"
+                );
                 // A wrong leaf, index or path must not reach the root.
                 let wrong = Hash32::digest(b"wrong");
                 assert_ne!(root_from_proof(&wrong, i, n, &p).unwrap(), r);
@@ -177,11 +199,17 @@ mod tests {
     #[test]
     fn the_built_tree_equals_the_recursive_definition() {
         for n in 1..=70usize {
-            let leaves: Vec<Hash32> = (0..n).map(|i| Hash32::digest(&(i * 7).to_be_bytes())).collect();
+            let leaves: Vec<Hash32> = (0..n)
+                .map(|i| Hash32::digest(&(i * 7).to_be_bytes()))
+                .collect();
             let tree = Tree::new(&leaves);
             assert_eq!(tree.root(), root(&leaves), "n={n}");
             for i in 0..n {
-                assert_eq!(tree.proof(i).unwrap(), proof(&leaves, i).unwrap(), "n={n} i={i}");
+                assert_eq!(
+                    tree.proof(i).unwrap(),
+                    proof(&leaves, i).unwrap(),
+                    "n={n} i={i}"
+                );
             }
             assert!(tree.proof(n).is_err());
         }

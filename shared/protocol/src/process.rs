@@ -20,7 +20,8 @@ impl ProcessId {
         let s = s.into();
         let ok = !s.is_empty()
             && s.len() <= MAX_PROCESS_LEN
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if ok {
             Ok(ProcessId(s))
         } else {
@@ -62,8 +63,19 @@ mod tests {
         for good in ["a", "proc-1", "AbC_09", &"x".repeat(MAX_PROCESS_LEN)] {
             assert!(ProcessId::new(good).is_ok(), "{good}");
         }
-        for bad in ["", "a.b", "a*", ">", "a b", "ä", &"x".repeat(MAX_PROCESS_LEN + 1)] {
-            assert!(matches!(ProcessId::new(bad), Err(Error::InvalidProcess(_))), "{bad}");
+        for bad in [
+            "",
+            "a.b",
+            "a*",
+            ">",
+            "a b",
+            "ä",
+            &"x".repeat(MAX_PROCESS_LEN + 1),
+        ] {
+            assert!(
+                matches!(ProcessId::new(bad), Err(Error::InvalidProcess(_))),
+                "{bad}"
+            );
         }
     }
 }

@@ -69,7 +69,9 @@ impl Seal {
     pub fn signed_statement(&self, run_statement: &[u8]) -> Option<Vec<u8>> {
         let size = usize::try_from(self.batch_size).ok()?;
         let index = usize::try_from(self.batch_index).ok()?;
-        let root = merkle::root_from_proof(&run_digest(run_statement), index, size, &self.batch_path).ok()?;
+        let root =
+            merkle::root_from_proof(&run_digest(run_statement), index, size, &self.batch_path)
+                .ok()?;
         Some(batch_statement(self.batch_size, &root))
     }
 
@@ -79,7 +81,9 @@ impl Seal {
         if self.commitments.is_empty() {
             return Err("no commitment");
         }
-        let statement = self.signed_statement(run_statement).ok_or("batch path does not fit the batch")?;
+        let statement = self
+            .signed_statement(run_statement)
+            .ok_or("batch path does not fit the batch")?;
         if self.commitments.iter().all(|c| c.check(&statement)) {
             Ok(self.commitments.iter().map(|c| c.key_id.clone()).collect())
         } else {
@@ -96,11 +100,16 @@ mod tests {
     fn every_run_of_a_batch_checks_and_nothing_else_does() {
         let k = Keypair::from_seed([5; 32]);
         for n in [1usize, 2, 3, 8, 13] {
-            let statements: Vec<Vec<u8>> = (0..n).map(|i| format!("run {i}").into_bytes()).collect();
+            let statements: Vec<Vec<u8>> =
+                (0..n).map(|i| format!("run {i}").into_bytes()).collect();
             let digests: Vec<Hash32> = statements.iter().map(|s| run_digest(s)).collect();
             let seals = seal(&digests, &[&k]);
             for (i, s) in seals.iter().enumerate() {
-                assert_eq!(s.check(&statements[i]), Ok(vec![k.id().to_string()]), "n={n} i={i}");
+                assert_eq!(
+                    s.check(&statements[i]),
+                    Ok(vec![k.id().to_string()]),
+                    "n={n} i={i}"
+                );
                 assert!(s.check(b"another run").is_err());
                 let mut moved = s.clone();
                 moved.batch_index = (moved.batch_index + 1) % n as u64;

@@ -16,14 +16,32 @@ use crate::ProcessId;
 /// The fixed secret seed of the vector key.
 pub const SEED: [u8; 32] = [0x42; 32];
 
+/// One assignment's inputs: slot, message id, timestamp, headers, body.
+type Input<'a> = (u64, &'a str, u64, Vec<(String, String)>, &'a [u8]);
+
 /// Computes the vectors document.
 pub fn compute() -> crate::Result<Value> {
     let process = ProcessId::new("proc-A")?;
     let key = Keypair::from_seed(SEED);
-    let inputs: Vec<(u64, &str, u64, Vec<(String, String)>, &[u8])> = vec![
-        (0, "msg-0", 1_700_000_000_000, vec![("content-type".into(), "text/plain".into()), ("a".into(), "1".into())], b"hello"),
+    let inputs: Vec<Input<'_>> = vec![
+        (
+            0,
+            "msg-0",
+            1_700_000_000_000,
+            vec![
+                ("content-type".into(), "text/plain".into()),
+                ("a".into(), "1".into()),
+            ],
+            b"hello",
+        ),
         (1, "msg-1", 1_700_000_000_000, vec![], b""),
-        (2, "msg-2", 1_700_000_000_001, vec![("k".into(), "v".into())], &[0, 1, 2, 255]),
+        (
+            2,
+            "msg-2",
+            1_700_000_000_001,
+            vec![("k".into(), "v".into())],
+            &[0, 1, 2, 255],
+        ),
     ];
     let genesis = chain::genesis(&process);
     let mut prev = genesis;
@@ -33,7 +51,14 @@ pub fn compute() -> crate::Result<Value> {
         // Stored sorted, as the scheduler stores them; the canonical encoding sorts anyway.
         headers.sort();
         let body_hash = Hash32::digest(body);
-        let fields = Fields { process: process.as_str(), slot, message_id: id, timestamp_ms: ts, headers: &headers, body_hash };
+        let fields = Fields {
+            process: process.as_str(),
+            slot,
+            message_id: id,
+            timestamp_ms: ts,
+            headers: &headers,
+            body_hash,
+        };
         let canonical = chain::canonical_encoding(&fields);
         let chain_hash = chain::chain_hash(&prev, &fields);
         assignments.push(json!({
@@ -47,16 +72,40 @@ pub fn compute() -> crate::Result<Value> {
             "canonical_hex": hex::encode(&canonical),
             "chain_hash": chain_hash.to_hex(),
         }));
-        entries.push(Entry { slot, message_id: id.into(), timestamp_ms: ts, headers, body: body.to_vec(), prev_hash: prev, chain_hash });
+        entries.push(Entry {
+            slot,
+            message_id: id.into(),
+            timestamp_ms: ts,
+            headers,
+            body: body.to_vec(),
+            prev_hash: prev,
+            chain_hash,
+        });
         prev = chain_hash;
     }
-    let run = Run { v: RECORD_VERSION, process: process.to_string(), first_slot: 0, entries, seal: Seal::default() };
+    let run = Run {
+        v: RECORD_VERSION,
+        process: process.to_string(),
+        first_slot: 0,
+        entries,
+        seal: Seal::default(),
+    };
 
     // A second run, of another process, sealed in the same batch.
     let other = ProcessId::new("proc-B")?;
-    let (headers, body): (Vec<(String, String)>, &[u8]) = (vec![("x-note".into(), "grüße".into())], "héllo wörld".as_bytes());
+    let (headers, body): (Vec<(String, String)>, &[u8]) = (
+        vec![("x-note".into(), "grüße".into())],
+        "héllo wörld".as_bytes(),
+    );
     let b_id = "b-0-ü";
-    let b_fields = Fields { process: other.as_str(), slot: 0, message_id: b_id, timestamp_ms: 1_700_000_000_002, headers: &headers, body_hash: Hash32::digest(body) };
+    let b_fields = Fields {
+        process: other.as_str(),
+        slot: 0,
+        message_id: b_id,
+        timestamp_ms: 1_700_000_000_002,
+        headers: &headers,
+        body_hash: Hash32::digest(body),
+    };
     let b_prev = chain::genesis(&other);
     let b_entry = Entry {
         slot: 0,
@@ -67,9 +116,15 @@ pub fn compute() -> crate::Result<Value> {
         prev_hash: b_prev,
         chain_hash: chain::chain_hash(&b_prev, &b_fields),
     };
-    let run_b = Run { v: RECORD_VERSION, process: other.to_string(), first_slot: 0, entries: vec![b_entry], seal: Seal::default() };
+    let run_b = Run {
+        v: RECORD_VERSION,
+        process: other.to_string(),
+        first_slot: 0,
+        entries: vec![b_entry],
+        seal: Seal::default(),
+    };
 
-    let mut runs = vec![run, run_b];
+    let mut runs = [run, run_b];
     let statements: Vec<Vec<u8>> = runs.iter().map(Run::statement).collect();
     let digests: Vec<Hash32> = statements.iter().map(|s| seal::run_digest(s)).collect();
     let batch_root = merkle::root(&digests);
@@ -144,12 +199,19 @@ mod tests {
         let computed = compute().unwrap();
         assert_eq!(committed, computed, "regenerate with `cargo run -p protocol --example vectors > schemas/vectors.json` only if the format changed on purpose");
         // And the committed record decodes to a run that verifies with the vector key.
-        for (doc, process, count) in [(&committed["runs"][0], "proc-A", 3), (&committed["runs"][1], "proc-B", 1)] {
+        for (doc, process, count) in [
+            (&committed["runs"][0], "proc-A", 3),
+            (&committed["runs"][1], "proc-B", 1),
+        ] {
             let record = hex::decode(doc["record_msgpack_hex"].as_str().unwrap()).unwrap();
             let run = Run::decode(&record).unwrap();
             let mut trusted = crate::verify::TrustedKeys::default();
             trusted.insert(Keypair::from_seed(SEED).public_key());
-            let mut v = crate::verify::ChainVerifier::new(ProcessId::new(process).unwrap(), trusted, vec![]);
+            let mut v = crate::verify::ChainVerifier::new(
+                ProcessId::new(process).unwrap(),
+                trusted,
+                vec![],
+            );
             v.feed(&run).unwrap();
             assert_eq!(v.checked(), count);
         }

@@ -28,7 +28,9 @@ impl TrustedKeys {
         self.0.is_empty()
     }
     fn trusts(&self, key_id: &str, public_key: &[u8]) -> bool {
-        self.0.get(key_id).is_some_and(|pk| pk.as_slice() == public_key)
+        self.0
+            .get(key_id)
+            .is_some_and(|pk| pk.as_slice() == public_key)
     }
 }
 
@@ -72,11 +74,21 @@ impl fmt::Display for Fault {
         let s = self.slot;
         match &self.kind {
             FaultKind::WrongProcess(p) => write!(f, "slot {s}: run belongs to process {p:?}"),
-            FaultKind::Gap { expected, found } => write!(f, "slot {expected}: missing (the log continues at slot {found})"),
-            FaultKind::BrokenLink => write!(f, "slot {s}: prev_hash does not link to the previous slot"),
-            FaultKind::BadChainHash => write!(f, "slot {s}: content does not match its chain hash (altered)"),
+            FaultKind::Gap { expected, found } => write!(
+                f,
+                "slot {expected}: missing (the log continues at slot {found})"
+            ),
+            FaultKind::BrokenLink => {
+                write!(f, "slot {s}: prev_hash does not link to the previous slot")
+            }
+            FaultKind::BadChainHash => write!(
+                f,
+                "slot {s}: content does not match its chain hash (altered)"
+            ),
             FaultKind::Unsigned => write!(f, "slot {s}: run has no commitment"),
-            FaultKind::BadSignature(k) => write!(f, "slot {s}: signature by key {k} does not verify"),
+            FaultKind::BadSignature(k) => {
+                write!(f, "slot {s}: signature by key {k} does not verify")
+            }
             FaultKind::UntrustedKey(k) => write!(f, "slot {s}: signed by untrusted key {k}"),
             FaultKind::MissingKey(k) => write!(f, "slot {s}: required key {k} did not commit"),
         }
@@ -99,7 +111,14 @@ impl ChainVerifier {
     /// `required` to commit to each run. The first run fed fixes where checking
     /// starts; if it starts at slot 0 its link to the genesis hash is checked too.
     pub fn new(process: ProcessId, trusted: TrustedKeys, required: Vec<String>) -> ChainVerifier {
-        ChainVerifier { process, trusted, required, next_slot: None, prev: None, checked: 0 }
+        ChainVerifier {
+            process,
+            trusted,
+            required,
+            next_slot: None,
+            prev: None,
+            checked: 0,
+        }
     }
 
     /// How many assignments have been checked.
@@ -120,7 +139,13 @@ impl ChainVerifier {
         }
         if let Some(expected) = self.next_slot {
             if run.first_slot != expected {
-                return fault(expected, FaultKind::Gap { expected, found: run.first_slot });
+                return fault(
+                    expected,
+                    FaultKind::Gap {
+                        expected,
+                        found: run.first_slot,
+                    },
+                );
             }
         }
         let mut prev = match (self.prev, run.first_slot) {
@@ -131,7 +156,13 @@ impl ChainVerifier {
         for (i, e) in run.entries.iter().enumerate() {
             let slot = run.first_slot + i as u64;
             if e.slot != slot {
-                return fault(slot, FaultKind::Gap { expected: slot, found: e.slot });
+                return fault(
+                    slot,
+                    FaultKind::Gap {
+                        expected: slot,
+                        found: e.slot,
+                    },
+                );
             }
             if prev.is_some_and(|p| p != e.prev_hash) {
                 return fault(slot, FaultKind::BrokenLink);
@@ -200,10 +231,19 @@ mod tests {
                 entries.push(e);
                 slot += 1;
             }
-            out.push(Run { v: RECORD_VERSION, process: process.into(), first_slot: first, entries, seal: Seal::default() });
+            out.push(Run {
+                v: RECORD_VERSION,
+                process: process.into(),
+                first_slot: first,
+                entries,
+                seal: Seal::default(),
+            });
         }
         // Seal all runs as one batch, as the scheduler's signer does under load.
-        let digests: Vec<Hash32> = out.iter().map(|r| crate::seal::run_digest(&r.statement())).collect();
+        let digests: Vec<Hash32> = out
+            .iter()
+            .map(|r| crate::seal::run_digest(&r.statement()))
+            .collect();
         for (run, seal) in out.iter_mut().zip(crate::seal::seal(&digests, &[kp])) {
             run.seal = seal;
         }
@@ -231,15 +271,66 @@ mod tests {
         let kp = Keypair::from_seed([3; 32]);
         let honest = log("p", 4, 3, &kp);
         type Tamper = fn(&mut Vec<Run>);
-        let cases: &[(&str, Tamper, u64, fn(&FaultKind) -> bool)] = &[
-            ("body", |l| l[2].entries[1].body.push(b'!'), 7, |k| *k == FaultKind::BadChainHash),
-            ("timestamp", |l| l[1].entries[0].timestamp_ms += 1, 3, |k| *k == FaultKind::BadChainHash),
-            ("header", |l| l[3].entries[2].headers.clear(), 11, |k| *k == FaultKind::BadChainHash),
-            ("dropped run", |l| { l.remove(1); }, 3, |k| matches!(k, FaultKind::Gap { expected: 3, found: 6 })),
-            ("relinked", |l| l[2].entries[0].prev_hash = Hash32::ZERO, 6, |k| *k == FaultKind::BrokenLink),
-            ("unsigned", |l| l[0].seal.commitments.clear(), 0, |k| *k == FaultKind::Unsigned),
-            ("bad signature", |l| l[1].seal.commitments[0].signature[0] ^= 1, 3, |k| matches!(k, FaultKind::BadSignature(_))),
-            ("moved in its batch", |l| l[2].seal.batch_index = 0, 6, |k| matches!(k, FaultKind::BadSignature(_))),
+        type Case = (&'static str, Tamper, u64, fn(&FaultKind) -> bool);
+        let cases: &[Case] = &[
+            (
+                "body",
+                |l| l[2].entries[1].body.push(b'!'),
+                7,
+                |k| *k == FaultKind::BadChainHash,
+            ),
+            (
+                "timestamp",
+                |l| l[1].entries[0].timestamp_ms += 1,
+                3,
+                |k| *k == FaultKind::BadChainHash,
+            ),
+            (
+                "header",
+                |l| l[3].entries[2].headers.clear(),
+                11,
+                |k| *k == FaultKind::BadChainHash,
+            ),
+            (
+                "dropped run",
+                |l| {
+                    l.remove(1);
+                },
+                3,
+                |k| {
+                    matches!(
+                        k,
+                        FaultKind::Gap {
+                            expected: 3,
+                            found: 6
+                        }
+                    )
+                },
+            ),
+            (
+                "relinked",
+                |l| l[2].entries[0].prev_hash = Hash32::ZERO,
+                6,
+                |k| *k == FaultKind::BrokenLink,
+            ),
+            (
+                "unsigned",
+                |l| l[0].seal.commitments.clear(),
+                0,
+                |k| *k == FaultKind::Unsigned,
+            ),
+            (
+                "bad signature",
+                |l| l[1].seal.commitments[0].signature[0] ^= 1,
+                3,
+                |k| matches!(k, FaultKind::BadSignature(_)),
+            ),
+            (
+                "moved in its batch",
+                |l| l[2].seal.batch_index = 0,
+                6,
+                |k| matches!(k, FaultKind::BadSignature(_)),
+            ),
         ];
         for (name, tamper, slot, kind) in cases {
             let mut l = honest.clone();
@@ -263,7 +354,11 @@ mod tests {
             l[1].entries[i].chain_hash = l[1].entries[i].recompute_chain_hash("p");
         }
         let f = check(&l, &kp).unwrap_err();
-        assert_eq!((f.slot, matches!(f.kind, FaultKind::BadSignature(_))), (3, true), "{f}");
+        assert_eq!(
+            (f.slot, matches!(f.kind, FaultKind::BadSignature(_))),
+            (3, true),
+            "{f}"
+        );
         // A log signed by a stranger is refused even though it is self-consistent.
         let stranger = Keypair::from_seed([4; 32]);
         let f = check(&log("p", 1, 2, &stranger), &kp).unwrap_err();

@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 use crate::chain::{self, Fields};
 use crate::hash::Hash32;
 use crate::keys;
-use crate::seal::Seal;
 use crate::merkle;
 use crate::process::ProcessId;
+use crate::seal::Seal;
 use crate::{Error, Result};
 
 /// Version of the records in this module; a reader refuses a newer one.
@@ -97,7 +97,10 @@ impl Entry {
 
     /// Recomputes the chain hash from `prev_hash` and the fields.
     pub fn recompute_chain_hash(&self, process: &str) -> Hash32 {
-        chain::chain_hash(&self.prev_hash, &self.fields(process, Hash32::digest(&self.body)))
+        chain::chain_hash(
+            &self.prev_hash,
+            &self.fields(process, Hash32::digest(&self.body)),
+        )
     }
 }
 
@@ -125,7 +128,10 @@ impl Run {
 
     /// The chain hash of the last entry (the process's head after this run).
     pub fn head(&self) -> Hash32 {
-        self.entries.last().map(|e| e.chain_hash).unwrap_or(Hash32::ZERO)
+        self.entries
+            .last()
+            .map(|e| e.chain_hash)
+            .unwrap_or(Hash32::ZERO)
     }
 
     /// The chain hashes of the entries, i.e. the Merkle leaves.
@@ -140,7 +146,12 @@ impl Run {
 
     /// The statement, given this run's already built Merkle tree.
     pub fn statement_for(&self, tree: &merkle::Tree) -> Vec<u8> {
-        keys::run_statement(&self.process, self.first_slot, self.entries.len() as u64, &tree.root())
+        keys::run_statement(
+            &self.process,
+            self.first_slot,
+            self.entries.len() as u64,
+            &tree.root(),
+        )
     }
 
     /// This run's Merkle tree (build it once to make many receipts).
@@ -158,14 +169,27 @@ impl Run {
     pub fn decode(bytes: &[u8]) -> Result<Run> {
         let run: Run = decode("run", bytes)?;
         if run.v != RECORD_VERSION {
-            return Err(Error::Decode { what: "run", reason: format!("version {} is not {RECORD_VERSION}", run.v) });
+            return Err(Error::Decode {
+                what: "run",
+                reason: format!("version {} is not {RECORD_VERSION}", run.v),
+            });
         }
         if run.entries.is_empty() {
-            return Err(Error::Decode { what: "run", reason: "no entries".into() });
+            return Err(Error::Decode {
+                what: "run",
+                reason: "no entries".into(),
+            });
         }
         for (i, e) in run.entries.iter().enumerate() {
             if e.slot != run.first_slot + i as u64 {
-                return Err(Error::Decode { what: "run", reason: format!("entry {i} has slot {} not {}", e.slot, run.first_slot + i as u64) });
+                return Err(Error::Decode {
+                    what: "run",
+                    reason: format!(
+                        "entry {i} has slot {} not {}",
+                        e.slot,
+                        run.first_slot + i as u64
+                    ),
+                });
             }
         }
         Ok(run)
@@ -178,8 +202,17 @@ impl Run {
     }
 
     /// The receipt of entry `index`, with `tree` = [`Run::tree`].
-    pub fn receipt_in(&self, tree: &merkle::Tree, index: usize, durable: bool, duplicate: bool) -> Result<Receipt> {
-        let e = self.entries.get(index).ok_or(Error::InvalidProof("index outside the run"))?;
+    pub fn receipt_in(
+        &self,
+        tree: &merkle::Tree,
+        index: usize,
+        durable: bool,
+        duplicate: bool,
+    ) -> Result<Receipt> {
+        let e = self
+            .entries
+            .get(index)
+            .ok_or(Error::InvalidProof("index outside the run"))?;
         Ok(Receipt {
             v: RECORD_VERSION,
             process: self.process.clone(),
@@ -268,9 +301,15 @@ impl Receipt {
             return Err("slot outside its run");
         }
         let index = (self.slot - self.run_first_slot) as usize;
-        let root = merkle::root_from_proof(&self.chain_hash, index, self.run_count as usize, &self.merkle_path)
-            .map_err(|_| "merkle path does not fit the run")?;
-        let statement = keys::run_statement(&self.process, self.run_first_slot, self.run_count, &root);
+        let root = merkle::root_from_proof(
+            &self.chain_hash,
+            index,
+            self.run_count as usize,
+            &self.merkle_path,
+        )
+        .map_err(|_| "merkle path does not fit the run")?;
+        let statement =
+            keys::run_statement(&self.process, self.run_first_slot, self.run_count, &root);
         self.seal.check(&statement)
     }
 
@@ -489,11 +528,17 @@ impl RangePage {
 }
 
 fn encode<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>> {
-    rmp_serde::to_vec_named(v).map_err(|e| Error::Encode { what, reason: e.to_string() })
+    rmp_serde::to_vec_named(v).map_err(|e| Error::Encode {
+        what,
+        reason: e.to_string(),
+    })
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(what: &'static str, bytes: &[u8]) -> Result<T> {
-    rmp_serde::from_slice(bytes).map_err(|e| Error::Decode { what, reason: e.to_string() })
+    rmp_serde::from_slice(bytes).map_err(|e| Error::Decode {
+        what,
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -519,7 +564,13 @@ mod tests {
             prev = e.chain_hash;
             entries.push(e);
         }
-        let mut run = Run { v: RECORD_VERSION, process: process.into(), first_slot: 0, entries, seal: Seal::default() };
+        let mut run = Run {
+            v: RECORD_VERSION,
+            process: process.into(),
+            first_slot: 0,
+            entries,
+            seal: Seal::default(),
+        };
         run.seal = crate::seal::seal(&[crate::seal::run_digest(&run.statement())], &[kp]).remove(0);
         run
     }
@@ -531,8 +582,12 @@ mod tests {
         let back = Run::decode(&run.encode().unwrap()).unwrap();
         assert_eq!(back, run);
         for i in 0..3 {
-            let r = Receipt::decode(&run.receipt(i, true, false).unwrap().encode().unwrap()).unwrap();
-            assert_eq!(r.check(Some(&run.entries[i].body)).unwrap(), vec![kp.id().to_string()]);
+            let r =
+                Receipt::decode(&run.receipt(i, true, false).unwrap().encode().unwrap()).unwrap();
+            assert_eq!(
+                r.check(Some(&run.entries[i].body)).unwrap(),
+                vec![kp.id().to_string()]
+            );
             assert!(r.check(Some(b"other")).is_err());
             let mut forged = r.clone();
             forged.slot += 1;
@@ -553,10 +608,18 @@ mod tests {
 
     #[test]
     fn modes_and_error_codes_parse_back() {
-        for m in [Mode::Aggressive, Mode::LocalConfirmation, Mode::RemoteConfirmation, Mode::Disabled] {
+        for m in [
+            Mode::Aggressive,
+            Mode::LocalConfirmation,
+            Mode::RemoteConfirmation,
+            Mode::Disabled,
+        ] {
             assert_eq!(m.as_str().parse::<Mode>().unwrap(), m);
         }
-        assert!(matches!("eventually".parse::<Mode>(), Err(Error::UnknownMode(_))));
+        assert!(matches!(
+            "eventually".parse::<Mode>(),
+            Err(Error::UnknownMode(_))
+        ));
         for c in ALL_ERROR_CODES {
             assert_eq!(ErrorCode::parse(c.as_str()), Some(c));
         }

@@ -67,7 +67,11 @@ async fn main() -> Result<()> {
     let mut runs = Vec::new();
     let settings: &[bool] = if args.quick { &[false] } else { &[false, true] };
     for &sync_always in settings {
-        let label = if sync_always { "sync_interval: always" } else { "default sync" };
+        let label = if sync_always {
+            "sync_interval: always"
+        } else {
+            "default sync"
+        };
         eprintln!("== {label}");
         let server = NatsServer::start_with(Options { sync_always })?;
         let raw = raw_ceiling(server.url(), &body, args.seconds).await?;
@@ -92,7 +96,13 @@ async fn main() -> Result<()> {
         std::fs::write(&key_path, key.to_key_file())?;
         let bin = harness::workspace_bin("scheduler")?;
         let mut cmd = std::process::Command::new(bin);
-        cmd.arg("--key").arg(&key_path).env("NATS_URL", server.url()).env("RUST_LOG", std::env::var("BENCH_SCHEDULER_LOG").unwrap_or_else(|_| "warn".into()));
+        cmd.arg("--key")
+            .arg(&key_path)
+            .env("NATS_URL", server.url())
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_SCHEDULER_LOG").unwrap_or_else(|_| "warn".into()),
+            );
         let _scheduler = harness::Process::spawn(cmd)?;
         let probe = async_nats::connect(server.url()).await?;
         tests::support::wait_for_schedulers(&probe, 1).await?;
@@ -100,7 +110,10 @@ async fn main() -> Result<()> {
         let conns = connect_all(server.url()).await?;
         if let Some(n) = args.closed_processes {
             let t = closed_loop(&conns, &body, n, args.window, args.seconds).await?;
-            println!("closed loop over {n} processes, window {}: {:.0}/s", args.window, t.rate);
+            println!(
+                "closed loop over {n} processes, window {}: {:.0}/s",
+                args.window, t.rate
+            );
             return Ok(());
         }
         if let Some(rate) = args.open_rate {
@@ -111,11 +124,32 @@ async fn main() -> Result<()> {
         let hot = closed_loop(&conns, &body, 1, args.window, args.seconds).await?;
         eprintln!("one hot process: {:.0} assignments/s", hot.rate);
         let many = closed_loop(&conns, &body, PROCESSES, args.window, args.seconds).await?;
-        eprintln!("{PROCESSES} processes: {:.0} assignments/s ({:.2} of raw)", many.rate, many.rate / raw);
+        eprintln!(
+            "{PROCESSES} processes: {:.0} assignments/s ({:.2} of raw)",
+            many.rate,
+            many.rate / raw
+        );
         let hot_lat = open_loop(&conns, &body, 1, hot.rate / 2.0, args.seconds.min(4.0)).await?;
-        eprintln!("hot process at {:.0}/s: p50 {:.2} ms, p99 {:.2} ms", hot.rate / 2.0, hot_lat.p50_ms, hot_lat.p99_ms);
-        let many_lat = open_loop(&conns, &body, PROCESSES, many.rate / 2.0, args.seconds.min(4.0)).await?;
-        eprintln!("{PROCESSES} processes at {:.0}/s: p50 {:.2} ms, p99 {:.2} ms", many.rate / 2.0, many_lat.p50_ms, many_lat.p99_ms);
+        eprintln!(
+            "hot process at {:.0}/s: p50 {:.2} ms, p99 {:.2} ms",
+            hot.rate / 2.0,
+            hot_lat.p50_ms,
+            hot_lat.p99_ms
+        );
+        let many_lat = open_loop(
+            &conns,
+            &body,
+            PROCESSES,
+            many.rate / 2.0,
+            args.seconds.min(4.0),
+        )
+        .await?;
+        eprintln!(
+            "{PROCESSES} processes at {:.0}/s: p50 {:.2} ms, p99 {:.2} ms",
+            many.rate / 2.0,
+            many_lat.p50_ms,
+            many_lat.p99_ms
+        );
         runs.push(json!({
             "storage": label,
             "raw_ceiling_msgs_per_s": raw.round(),
@@ -161,15 +195,31 @@ fn print_table(doc: &serde_json::Value) {
             r["raw_ceiling_msgs_per_s"],
             r["echo_ceiling_msgs_per_s"],
             r["hot_process_assignments_per_s"],
-            if r["hot_process_meets_target"].as_bool() == Some(true) { "✓" } else { "✗ (<50k)" },
+            if r["hot_process_meets_target"].as_bool() == Some(true) {
+                "✓"
+            } else {
+                "✗ (<50k)"
+            },
             r["processes_1000_assignments_per_s"],
             r["processes_1000_vs_raw"],
-            if r["processes_1000_meets_target"].as_bool() == Some(true) { "✓" } else { "✗ (<0.8)" },
+            if r["processes_1000_meets_target"].as_bool() == Some(true) {
+                "✓"
+            } else {
+                "✗ (<0.8)"
+            },
             r["processes_1000_vs_echo"],
-            r["hot_latency_at_half_peak"]["p50_ms"].as_f64().unwrap_or(0.0),
-            r["hot_latency_at_half_peak"]["p99_ms"].as_f64().unwrap_or(0.0),
-            r["processes_1000_latency_at_half_peak"]["p50_ms"].as_f64().unwrap_or(0.0),
-            r["processes_1000_latency_at_half_peak"]["p99_ms"].as_f64().unwrap_or(0.0),
+            r["hot_latency_at_half_peak"]["p50_ms"]
+                .as_f64()
+                .unwrap_or(0.0),
+            r["hot_latency_at_half_peak"]["p99_ms"]
+                .as_f64()
+                .unwrap_or(0.0),
+            r["processes_1000_latency_at_half_peak"]["p50_ms"]
+                .as_f64()
+                .unwrap_or(0.0),
+            r["processes_1000_latency_at_half_peak"]["p99_ms"]
+                .as_f64()
+                .unwrap_or(0.0),
         );
     }
 }
@@ -198,7 +248,9 @@ async fn raw_ceiling(url: &str, body: &Bytes, seconds: f64) -> Result<f64> {
             let mut i = 0usize;
             while started.elapsed() < dur {
                 while acks.len() < 4096 {
-                    let ack = js.publish(subjects[i % subjects.len()].clone(), body.clone()).await?;
+                    let ack = js
+                        .publish(subjects[i % subjects.len()].clone(), body.clone())
+                        .await?;
                     acks.push(std::future::IntoFuture::into_future(ack));
                     i += 1;
                 }
@@ -221,7 +273,13 @@ async fn raw_ceiling(url: &str, body: &Bytes, seconds: f64) -> Result<f64> {
 async fn connect_all(url: &str) -> Result<Vec<async_nats::Client>> {
     let mut v = Vec::new();
     for _ in 0..CONNECTIONS {
-        v.push(async_nats::ConnectOptions::new().client_capacity(65_536).subscription_capacity(1 << 20).connect(url).await?);
+        v.push(
+            async_nats::ConnectOptions::new()
+                .client_capacity(65_536)
+                .subscription_capacity(1 << 20)
+                .connect(url)
+                .await?,
+        );
     }
     Ok(v)
 }
@@ -229,18 +287,32 @@ async fn connect_all(url: &str) -> Result<Vec<async_nats::Client>> {
 /// Replies are routed by inbox suffix to the waiting sender.
 struct Inbox {
     prefix: String,
-    pending: Arc<Mutex<HashMap<u64, (Instant, tokio::sync::oneshot::Sender<(Duration, bool)>)>>>,
+    pending: Pending,
 }
+
+/// Requests in flight: send time and where to deliver (latency, success).
+type Pending = Arc<Mutex<HashMap<u64, (Instant, tokio::sync::oneshot::Sender<(Duration, bool)>)>>>;
 
 async fn inbox(client: &async_nats::Client) -> Result<Inbox> {
     let prefix = format!("_BENCH.{}", uuid_like());
     let mut sub = client.subscribe(format!("{prefix}.*")).await?;
-    let pending: Arc<Mutex<HashMap<u64, (Instant, tokio::sync::oneshot::Sender<(Duration, bool)>)>>> = Arc::default();
+    let pending: Pending = Arc::default();
     let p = Arc::clone(&pending);
     tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
-            let Some(n) = msg.subject.rsplit('.').next().and_then(|s| s.parse::<u64>().ok()) else { continue };
-            let ok = msg.headers.as_ref().and_then(|h| h.get("Ts-Error")).is_none();
+            let Some(n) = msg
+                .subject
+                .rsplit('.')
+                .next()
+                .and_then(|s| s.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let ok = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Ts-Error"))
+                .is_none();
             let entry = p.lock().ok().and_then(|mut m| m.remove(&n));
             if let Some((sent, tx)) = entry {
                 let _ = tx.send((sent.elapsed(), ok));
@@ -252,7 +324,11 @@ async fn inbox(client: &async_nats::Client) -> Result<Inbox> {
 
 fn uuid_like() -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("{}x{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}x{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 struct Throughput {
@@ -261,12 +337,20 @@ struct Throughput {
 }
 
 /// Sends one request; resolves with its latency and whether it succeeded.
-async fn send(client: &async_nats::Client, inbox: &Inbox, n: u64, subject: String, body: Bytes) -> Result<(Duration, bool)> {
+async fn send(
+    client: &async_nats::Client,
+    inbox: &Inbox,
+    n: u64,
+    subject: String,
+    body: Bytes,
+) -> Result<(Duration, bool)> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     if let Ok(mut m) = inbox.pending.lock() {
         m.insert(n, (Instant::now(), tx));
     }
-    client.publish_with_reply(subject, format!("{}.{n}", inbox.prefix), body).await?;
+    client
+        .publish_with_reply(subject, format!("{}.{n}", inbox.prefix), body)
+        .await?;
     match tokio::time::timeout(Duration::from_secs(30), rx).await {
         Ok(Ok(r)) => Ok(r),
         _ => Ok((Duration::from_secs(30), false)),
@@ -275,7 +359,13 @@ async fn send(client: &async_nats::Client, inbox: &Inbox, n: u64, subject: Strin
 
 /// Closed loop: `window` requests always in flight, spread over the connections,
 /// for a warm-up then `seconds`; returns completed assignments per second.
-async fn closed_loop(conns: &[async_nats::Client], body: &Bytes, processes: usize, window: usize, seconds: f64) -> Result<Throughput> {
+async fn closed_loop(
+    conns: &[async_nats::Client],
+    body: &Bytes,
+    processes: usize,
+    window: usize,
+    seconds: f64,
+) -> Result<Throughput> {
     let warmup = Duration::from_millis(1000);
     let total = warmup + Duration::from_secs_f64(seconds);
     let counted = Arc::new(AtomicU64::new(0));
@@ -287,14 +377,24 @@ async fn closed_loop(conns: &[async_nats::Client], body: &Bytes, processes: usiz
         let client = client.clone();
         let inbox = Arc::new(inbox(&client).await?);
         let permits = Arc::new(Semaphore::new(window / conns.len()));
-        let (counted, errors, body, tag) = (counted.clone(), errors.clone(), body.clone(), tag.clone());
+        let (counted, errors, body, tag) =
+            (counted.clone(), errors.clone(), body.clone(), tag.clone());
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while started.elapsed() < total {
                 let permit = permits.clone().acquire_owned().await?;
                 n += 1;
-                let subject = format!("ts.schedule.b{tag}-{}", (n as usize * conns_hint() + ci) % processes);
-                let (client, inbox, body, counted, errors) = (client.clone(), inbox.clone(), body.clone(), counted.clone(), errors.clone());
+                let subject = format!(
+                    "ts.schedule.b{tag}-{}",
+                    (n as usize * conns_hint() + ci) % processes
+                );
+                let (client, inbox, body, counted, errors) = (
+                    client.clone(),
+                    inbox.clone(),
+                    body.clone(),
+                    counted.clone(),
+                    errors.clone(),
+                );
                 tokio::spawn(async move {
                     let r = send(&client, &inbox, n, subject, body).await;
                     let in_window = started.elapsed() >= warmup && started.elapsed() <= total;
@@ -318,7 +418,10 @@ async fn closed_loop(conns: &[async_nats::Client], body: &Bytes, processes: usiz
     for t in tasks {
         t.await??;
     }
-    Ok(Throughput { rate: counted.load(Ordering::Relaxed) as f64 / seconds, errors: errors.load(Ordering::Relaxed) })
+    Ok(Throughput {
+        rate: counted.load(Ordering::Relaxed) as f64 / seconds,
+        errors: errors.load(Ordering::Relaxed),
+    })
 }
 
 fn conns_hint() -> usize {
@@ -333,7 +436,13 @@ struct Latency {
 
 /// Open loop at `rate` requests/s for a 1 s warm-up (actors start, not measured) and
 /// then `seconds`: latency percentiles from send to reply.
-async fn open_loop(conns: &[async_nats::Client], body: &Bytes, processes: usize, rate: f64, seconds: f64) -> Result<Latency> {
+async fn open_loop(
+    conns: &[async_nats::Client],
+    body: &Bytes,
+    processes: usize,
+    rate: f64,
+    seconds: f64,
+) -> Result<Latency> {
     let rate = rate.max(1.0);
     let warmup = (rate * 1.0) as u64;
     let seconds = seconds + 1.0;
@@ -353,7 +462,12 @@ async fn open_loop(conns: &[async_nats::Client], body: &Bytes, processes: usize,
         let due = ((started.elapsed().as_secs_f64() * rate) as u64).min(total);
         while sent < due {
             let ci = (sent as usize) % conns.len();
-            let (client, inbox, body, latencies) = (conns[ci].clone(), inboxes[ci].clone(), body.clone(), latencies.clone());
+            let (client, inbox, body, latencies) = (
+                conns[ci].clone(),
+                inboxes[ci].clone(),
+                body.clone(),
+                latencies.clone(),
+            );
             let subject = format!("ts.schedule.l{tag}-{}", (sent as usize) % processes);
             let n = sent;
             handles.push(tokio::spawn(async move {
@@ -376,14 +490,27 @@ async fn open_loop(conns: &[async_nats::Client], body: &Bytes, processes: usize,
     let elapsed = started.elapsed().as_secs_f64() - 1.0;
     let mut l = latencies.lock().map(|l| l.clone()).unwrap_or_default();
     l.sort();
-    let pct = |p: f64| l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN);
-    Ok(Latency { p50_ms: (pct(0.50) * 100.0).round() / 100.0, p99_ms: (pct(0.99) * 100.0).round() / 100.0, achieved: l.len() as f64 / elapsed })
+    let pct = |p: f64| {
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or(f64::NAN)
+    };
+    Ok(Latency {
+        p50_ms: (pct(0.50) * 100.0).round() / 100.0,
+        p99_ms: (pct(0.99) * 100.0).round() / 100.0,
+        achieved: l.len() as f64 / elapsed,
+    })
 }
 
 /// Replies to every `ts.schedule.>` request at once with a receipt-sized payload.
 async fn serve_echo(url: &str) -> Result<()> {
-    let client = async_nats::ConnectOptions::new().subscription_capacity(1 << 20).connect(url).await?;
-    let mut sub = client.queue_subscribe("ts.schedule.>", "echo".into()).await?;
+    let client = async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 20)
+        .connect(url)
+        .await?;
+    let mut sub = client
+        .queue_subscribe("ts.schedule.>", "echo".into())
+        .await?;
     let reply = Bytes::from(vec![b'r'; 400]);
     while let Some(msg) = sub.next().await {
         if let Some(to) = msg.reply {
