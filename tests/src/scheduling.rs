@@ -222,41 +222,18 @@ async fn a_disabled_process_is_refused_and_nothing_is_written() -> anyhow::Resul
     let client = Client::new(connect(url).await?, Subjects::default());
     let closed = ProcessId::new("closed")?;
     let open = ProcessId::new("open")?;
-    let err = client
-        .schedule(&closed, Bytes::from("x"), &Schedule::default())
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            journal::Error::Refused {
-                code: ErrorCode::Disabled,
-                ..
-            }
-        ),
-        "{err}"
+    assert_refused(
+        client
+            .schedule(&closed, Bytes::from("x"), &Schedule::default())
+            .await,
+        ErrorCode::Disabled,
     );
     // Asking for `disabled` per request is refused too.
-    let err = client
-        .schedule(
-            &open,
-            Bytes::from("x"),
-            &Schedule {
-                mode: Some(Mode::Disabled),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            journal::Error::Refused {
-                code: ErrorCode::Disabled,
-                ..
-            }
-        ),
-        "{err}"
+    assert_refused(
+        client
+            .schedule(&open, Bytes::from("x"), &with_mode(Mode::Disabled))
+            .await,
+        ErrorCode::Disabled,
     );
     // Disabling a live process takes effect through the settings watch.
     client
@@ -311,14 +288,7 @@ async fn modes_aggressive_and_remote_confirmation_answer_as_documented() -> anyh
     let client = Client::new(connect(url).await?, Subjects::default());
     let p = ProcessId::new("modes")?;
     let fast = client
-        .schedule(
-            &p,
-            Bytes::from("a"),
-            &Schedule {
-                mode: Some(Mode::Aggressive),
-                ..Default::default()
-            },
-        )
+        .schedule(&p, Bytes::from("a"), &with_mode(Mode::Aggressive))
         .await?;
     assert!(
         !fast.durable,
@@ -326,14 +296,7 @@ async fn modes_aggressive_and_remote_confirmation_answer_as_documented() -> anyh
     );
     assert!(fast.check(Some(b"a")).is_ok());
     let remote = client
-        .schedule(
-            &p,
-            Bytes::from("b"),
-            &Schedule {
-                mode: Some(Mode::RemoteConfirmation),
-                ..Default::default()
-            },
-        )
+        .schedule(&p, Bytes::from("b"), &with_mode(Mode::RemoteConfirmation))
         .await?;
     assert!(remote.durable);
     assert_eq!(remote.slot, 1);
@@ -351,26 +314,11 @@ async fn modes_aggressive_and_remote_confirmation_answer_as_documented() -> anyh
     // Without a remote stream the mode is refused with its own code.
     let s = InProcess::start(url, Config::default(), vec![test_key(6)]).await?;
     wait_for_schedulers(&connect(url).await?, 1).await?;
-    let err = client
-        .schedule(
-            &p,
-            Bytes::from("c"),
-            &Schedule {
-                mode: Some(Mode::RemoteConfirmation),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            journal::Error::Refused {
-                code: ErrorCode::RemoteNotConfigured,
-                ..
-            }
-        ),
-        "{err}"
+    assert_refused(
+        client
+            .schedule(&p, Bytes::from("c"), &with_mode(Mode::RemoteConfirmation))
+            .await,
+        ErrorCode::RemoteNotConfigured,
     );
     assert_eq!(read_log(url, &p).await?.len(), 2);
     s.stop().await?;
@@ -423,23 +371,15 @@ async fn a_process_requiring_two_keys_gets_both_commitments_and_a_missing_key_is
     let mut want = vec![k1.id().to_string(), k2.id().to_string()];
     want.sort();
     assert_eq!(signers, want);
-    let err = client
-        .schedule(
-            &ProcessId::new("foreign")?,
-            Bytes::from("m"),
-            &Schedule::default(),
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            journal::Error::Refused {
-                code: ErrorCode::MissingKey,
-                ..
-            }
-        ),
-        "{err}"
+    assert_refused(
+        client
+            .schedule(
+                &ProcessId::new("foreign")?,
+                Bytes::from("m"),
+                &Schedule::default(),
+            )
+            .await,
+        ErrorCode::MissingKey,
     );
     // Both published keys are fetchable by verifiers.
     let keys_store = journal::setup::open_bucket(&js, "TS_KEYS").await?;

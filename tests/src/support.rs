@@ -260,3 +260,19 @@ pub async fn scheduler_counters(url: &str, n: usize) -> Result<BTreeMap<String, 
     }
     Ok(totals)
 }
+
+/// Asserts that `result` is a refusal with `code`.
+pub fn assert_refused<T: std::fmt::Debug>(result: Result<T, journal::Error>, code: ErrorCode) {
+    match result {
+        Err(journal::Error::Refused { code: got, .. }) if got == code => {}
+        other => panic!("expected a {} refusal, got {other:?}", code.as_str()),
+    }
+}
+
+/// Scheduling options that only set the mode.
+pub fn with_mode(mode: protocol::wire::Mode) -> Schedule {
+    Schedule {
+        mode: Some(mode),
+        ..Default::default()
+    }
+}

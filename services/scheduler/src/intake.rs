@@ -169,17 +169,22 @@ fn validate(shared: &Shared, msg: &async_nats::Message) -> Result<(ProcessId, Jo
     ))
 }
 
-/// Answers `<prefix>.slot.<process>` from the log's head (one leader read).
-pub(crate) async fn slot_loop(
+/// Serves a read-only endpoint until shutdown: each request is answered by `answer`
+/// in a short task of its own, so a slow read never holds up the next request.
+pub(crate) async fn read_loop<F, Fut>(
     shared: Arc<Shared>,
     mut endpoint: Endpoint,
     shutdown: CancellationToken,
-) {
+    answer: F,
+) where
+    F: Fn(Arc<Shared>, async_nats::Message) -> Fut + Copy + Send + 'static,
+    Fut: std::future::Future<Output = Result<Vec<u8>, Refusal>> + Send + 'static,
+{
     while let Some(req) = next_or_stop(&mut endpoint, &shutdown).await {
         let shared = Arc::clone(&shared);
         shared.tracker.clone().spawn(async move {
             let reply = Replier::new(req);
-            match slot(&shared, reply.message()).await {
+            match answer(Arc::clone(&shared), reply.message().clone()).await {
                 Ok(bytes) => reply.ok(bytes.into()).await,
                 Err(r) => reply.refuse(r).await,
             }
@@ -187,7 +192,11 @@ pub(crate) async fn slot_loop(
     }
 }
 
-async fn slot(shared: &Shared, msg: &async_nats::Message) -> Result<Vec<u8>, Refusal> {
+/// Answers `<prefix>.slot.<process>` from the log's head (one leader read).
+pub(crate) async fn slot(
+    shared: Arc<Shared>,
+    msg: async_nats::Message,
+) -> Result<Vec<u8>, Refusal> {
     let process = shared
         .subjects
         .process_of("slot", msg.subject.as_str())
@@ -213,24 +222,10 @@ async fn slot(shared: &Shared, msg: &async_nats::Message) -> Result<Vec<u8>, Ref
 }
 
 /// Answers `<prefix>.range.<process>` with one page; `next` says where the rest is.
-pub(crate) async fn range_loop(
+pub(crate) async fn range(
     shared: Arc<Shared>,
-    mut endpoint: Endpoint,
-    shutdown: CancellationToken,
-) {
-    while let Some(req) = next_or_stop(&mut endpoint, &shutdown).await {
-        let shared = Arc::clone(&shared);
-        shared.tracker.clone().spawn(async move {
-            let reply = Replier::new(req);
-            match range(&shared, reply.message()).await {
-                Ok(bytes) => reply.ok(bytes.into()).await,
-                Err(r) => reply.refuse(r).await,
-            }
-        });
-    }
-}
-
-async fn range(shared: &Shared, msg: &async_nats::Message) -> Result<Vec<u8>, Refusal> {
+    msg: async_nats::Message,
+) -> Result<Vec<u8>, Refusal> {
     let process = shared
         .subjects
         .process_of("range", msg.subject.as_str())

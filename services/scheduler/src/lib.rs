@@ -359,15 +359,17 @@ pub async fn run_with_clock(
         schedule,
         shutdown.clone(),
     ));
-    loops.spawn(intake::slot_loop(
+    loops.spawn(intake::read_loop(
         Arc::clone(&shared),
         slot,
         shutdown.clone(),
+        intake::slot,
     ));
-    loops.spawn(intake::range_loop(
+    loops.spawn(intake::read_loop(
         Arc::clone(&shared),
         range,
         shutdown.clone(),
+        intake::range,
     ));
     loops.spawn(intake::keys_loop(
         Arc::clone(&shared),

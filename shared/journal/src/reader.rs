@@ -69,18 +69,18 @@ pub struct StoredRun {
     pub headers: HeaderMap,
 }
 
-/// A message that was read but whose run does not decode.
+/// Decodes the run of a log message; one that does not decode is a `BadRecord`
+/// naming its sequence.
 fn decode(msg: jetstream::message::StreamMessage) -> Result<StoredRun> {
-    let seq = msg.sequence;
-    let run = Run::decode(&msg.payload).map_err(|e| Error::BadRecord {
+    stored(msg.sequence, &msg.payload, msg.headers)
+}
+
+fn stored(seq: u64, payload: &[u8], headers: HeaderMap) -> Result<StoredRun> {
+    let run = Run::decode(payload).map_err(|e| Error::BadRecord {
         seq,
         reason: e.to_string(),
     })?;
-    Ok(StoredRun {
-        seq,
-        run,
-        headers: msg.headers,
-    })
+    Ok(StoredRun { seq, run, headers })
 }
 
 /// Reads the log of any process.
@@ -303,15 +303,7 @@ impl LogReader {
                 reason: e.to_string(),
             })?;
             let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-            let run = Run::decode(&m.payload).map_err(|e| Error::BadRecord {
-                seq,
-                reason: e.to_string(),
-            })?;
-            Ok(StoredRun {
-                seq,
-                run,
-                headers: m.headers.clone().unwrap_or_default(),
-            })
+            stored(seq, &m.payload, m.headers.clone().unwrap_or_default())
         });
         // Stop right after the end run, without waiting for a message that may never come.
         let s = futures::stream::unfold((Box::pin(s), false), move |(mut s, done)| async move {
