@@ -402,8 +402,14 @@ async fn many_processes_at_once_through_three_replicas_each_get_exact_slots() ->
     let url = server.url();
     let key = test_key(14);
     let mut replicas = Vec::new();
+    // Two single slots each: the backlog of 40 busy processes goes as atomic batches
+    // (with the default 256 slots, 40 processes would all be written as singles).
+    let config = Config {
+        singles_in_flight: 2,
+        ..Config::default()
+    };
     for _ in 0..3 {
-        replicas.push(InProcess::start(url, Config::default(), vec![test_key(14)]).await?);
+        replicas.push(InProcess::start(url, config.clone(), vec![test_key(14)]).await?);
     }
     wait_for_schedulers(&connect(url).await?, 3).await?;
     let processes: Vec<ProcessId> = (0..40)

@@ -17,6 +17,7 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use journal::reader::{LogReader, RunMeta, StoredRun};
 use journal::subjects;
+use protocol::merkle::Tree;
 use protocol::wire::{ErrorCode, Mode, Run};
 use protocol::ProcessId;
 
@@ -108,6 +109,18 @@ pub(crate) async fn run(shared: Arc<Shared>, process: ProcessId, mut rx: mpsc::R
     .await
 }
 
+/// A run built and sealed on `head`, ready to write (and to write again, unchanged,
+/// while the log has not moved).
+struct Attempt {
+    head: Head,
+    run: Run,
+    tree: Tree,
+    /// Per entry: whether the client supplied its message id.
+    supplied: Vec<bool>,
+    /// Per job still to answer: its place in the run.
+    decisions: Vec<Decision>,
+}
+
 struct Actor {
     shared: Arc<Shared>,
     process: ProcessId,
@@ -121,10 +134,18 @@ impl Actor {
     }
 
     /// Schedules one batch: answers duplicates, writes the rest as one run.
+    ///
+    /// A write whose outcome is unknown (a timeout, no responders) may still land
+    /// later. So while the log has not moved past the head a run was built on, a
+    /// retry sends that very run again (same timestamps, same generated ids, same
+    /// seal) rather than a new one: if the first attempt did land, the retry loses
+    /// the race and the catch-up finds the run as ours, so no message is ever
+    /// written twice and an aggressive receipt already sent stays true.
     async fn batch(&mut self, mut jobs: Vec<Job>) {
         let started = Instant::now();
         let mut answered_early = vec![false; jobs.len()];
         let mut backoff = Duration::from_millis(5);
+        let mut pending: Option<Attempt> = None;
         loop {
             let head = match self.load().await {
                 Ok(h) => h,
@@ -145,75 +166,36 @@ impl Actor {
                     continue;
                 }
             };
-            let now = self.shared.clock.now_ms();
-            self.index.prune(now);
-            let ids: Vec<Option<&str>> = jobs.iter().map(|j| j.message_id.as_deref()).collect();
-            let decisions = core::plan(&self.index, &ids);
-
-            // Duplicates of earlier runs: answer with the stored original and drop them.
-            let mut keep = Vec::with_capacity(jobs.len());
-            let mut keep_early = Vec::with_capacity(jobs.len());
-            let mut keep_decisions = Vec::with_capacity(jobs.len());
-            for ((job, d), early) in jobs.into_iter().zip(decisions).zip(answered_early) {
-                match d {
-                    Decision::Duplicate(seen) => self.answer_duplicate(job, seen).await,
-                    d => {
-                        keep.push(job);
-                        keep_early.push(early);
-                        keep_decisions.push(d);
-                    }
+            let attempt = match pending.take() {
+                Some(a) if a.head == head => a,
+                _ => {
+                    let Some((kept, early, attempt)) =
+                        self.prepare(head, jobs, answered_early).await
+                    else {
+                        return;
+                    };
+                    jobs = kept;
+                    answered_early = early;
+                    attempt
                 }
-            }
-            jobs = keep;
-            answered_early = keep_early;
-            if jobs.is_empty() {
-                return;
-            }
-
-            let mut supplied = Vec::new();
-            let messages: Vec<NewMessage> = jobs
-                .iter()
-                .zip(&keep_decisions)
-                .filter(|(_, d)| matches!(d, Decision::Assign(_)))
-                .map(|(j, _)| {
-                    supplied.push(j.message_id.is_some());
-                    NewMessage {
-                        message_id: j
-                            .message_id
-                            .clone()
-                            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
-                        headers: j.headers.clone(),
-                        body: j.body.to_vec(),
-                    }
-                })
-                .collect();
-            let (mut run, tree) = core::build_run(&self.process, &head, messages, now);
-            let digest = protocol::seal::run_digest(&run.statement_for(&tree));
-            match self
-                .shared
-                .signer
-                .seal(self.shared.process_config(&self.process).keys, digest)
-                .await
-            {
-                Ok(seal) => run.seal = seal,
-                Err(id) => {
-                    let msg =
-                        format!("process requires key {id}, which this scheduler does not hold");
-                    refuse_all(&jobs, &answered_early, ErrorCode::MissingKey, &msg).await;
-                    return;
-                }
-            }
+            };
+            let Attempt {
+                run,
+                tree,
+                decisions,
+                ..
+            } = &attempt;
 
             // Aggressive requests are answered now, signed but not yet durable.
             for (i, job) in jobs.iter().enumerate() {
                 if job.mode == Mode::Aggressive && !answered_early[i] {
                     answered_early[i] = true;
-                    let (pos, same) = position(keep_decisions[i]);
-                    job.reply.receipt(&run, &tree, pos, false, same).await;
+                    let (pos, same) = position(decisions[i]);
+                    job.reply.receipt(run, tree, pos, false, same).await;
                 }
             }
 
-            let outcome = self.write(&head, &run, &supplied).await;
+            let outcome = self.write(&attempt.head, run, &attempt.supplied).await;
             let landed = match outcome {
                 Outcome::Stored(seq) => Some(seq),
                 Outcome::Lost => {
@@ -240,7 +222,7 @@ impl Actor {
             // If our own run is among them (an ambiguous failure that did land), it stored.
             let landed = match landed {
                 Some(seq) => Some(seq),
-                None => match self.catch_up(&run).await {
+                None => match self.catch_up(run).await {
                     Ok(found) => found,
                     Err(e) => {
                         warn!(error = %e, "catch-up failed; re-reading the head");
@@ -249,43 +231,128 @@ impl Actor {
                     }
                 },
             };
-            if let Some(seq) = landed {
-                Metrics::bump(&self.shared.metrics.runs_stored);
-                self.shared.metrics.assignments_stored.fetch_add(
-                    run.entries.len() as u64,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                self.head = Some(Head::after(&run, seq));
-                for (e, supplied) in run.entries.iter().zip(&supplied) {
-                    if *supplied {
-                        self.index.insert(
-                            e.message_id.clone(),
-                            Seen { slot: e.slot, seq },
-                            e.timestamp_ms,
-                        );
-                    }
+            let Some(seq) = landed else {
+                pending = Some(attempt);
+                continue;
+            };
+            let Attempt {
+                run,
+                tree,
+                supplied,
+                decisions,
+                ..
+            } = attempt;
+            Metrics::bump(&self.shared.metrics.runs_stored);
+            self.shared.metrics.assignments_stored.fetch_add(
+                run.entries.len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            self.head = Some(Head::after(&run, seq));
+            for (e, supplied) in run.entries.iter().zip(&supplied) {
+                if *supplied {
+                    self.index.insert(
+                        e.message_id.clone(),
+                        Seen { slot: e.slot, seq },
+                        e.timestamp_ms,
+                    );
                 }
-                let written = Arc::new((run, tree));
-                let mut remote = Vec::new();
-                for ((job, d), early) in jobs.into_iter().zip(keep_decisions).zip(answered_early) {
-                    if early {
-                        continue;
-                    }
-                    let (pos, same) = position(d);
-                    if job.mode == Mode::RemoteConfirmation {
-                        remote.push((job, pos, same));
-                    } else {
-                        job.reply
-                            .receipt(&written.0, &written.1, pos, true, same)
-                            .await;
-                    }
+            }
+            let written = Arc::new((run, tree));
+            let mut remote = Vec::new();
+            for ((job, d), early) in jobs.into_iter().zip(decisions).zip(answered_early) {
+                if early {
+                    continue;
                 }
-                if !remote.is_empty() {
-                    self.shared.confirm_remote(written, remote);
+                let (pos, same) = position(d);
+                if job.mode == Mode::RemoteConfirmation {
+                    remote.push((job, pos, same));
+                } else {
+                    job.reply
+                        .receipt(&written.0, &written.1, pos, true, same)
+                        .await;
                 }
-                return;
+            }
+            if !remote.is_empty() {
+                self.shared.confirm_remote(written, remote);
+            }
+            return;
+        }
+    }
+
+    /// Plans `jobs` on `head`: answers (and drops) duplicates of earlier runs, then
+    /// builds and seals the run of the rest. Returns the jobs still to answer, their
+    /// early-answer flags and the attempt, or none when every job is answered already.
+    async fn prepare(
+        &mut self,
+        head: Head,
+        jobs: Vec<Job>,
+        answered_early: Vec<bool>,
+    ) -> Option<(Vec<Job>, Vec<bool>, Attempt)> {
+        let now = self.shared.clock.now_ms();
+        self.index.prune(now);
+        let ids: Vec<Option<&str>> = jobs.iter().map(|j| j.message_id.as_deref()).collect();
+        let planned = core::plan(&self.index, &ids);
+
+        let mut keep = Vec::with_capacity(jobs.len());
+        let mut keep_early = Vec::with_capacity(jobs.len());
+        let mut decisions = Vec::with_capacity(jobs.len());
+        for ((job, d), early) in jobs.into_iter().zip(planned).zip(answered_early) {
+            match d {
+                Decision::Duplicate(seen) => self.answer_duplicate(job, seen).await,
+                d => {
+                    keep.push(job);
+                    keep_early.push(early);
+                    decisions.push(d);
+                }
             }
         }
+        if keep.is_empty() {
+            return None;
+        }
+
+        let mut supplied = Vec::new();
+        let messages: Vec<NewMessage> = keep
+            .iter()
+            .zip(&decisions)
+            .filter(|(_, d)| matches!(d, Decision::Assign(_)))
+            .map(|(j, _)| {
+                supplied.push(j.message_id.is_some());
+                NewMessage {
+                    message_id: j
+                        .message_id
+                        .clone()
+                        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+                    headers: j.headers.clone(),
+                    body: j.body.to_vec(),
+                }
+            })
+            .collect();
+        let (mut run, tree) = core::build_run(&self.process, &head, messages, now);
+        let digest = protocol::seal::run_digest(&run.statement_for(&tree));
+        match self
+            .shared
+            .signer
+            .seal(self.shared.process_config(&self.process).keys, digest)
+            .await
+        {
+            Ok(seal) => run.seal = seal,
+            Err(id) => {
+                let msg = format!("process requires key {id}, which this scheduler does not hold");
+                refuse_all(&keep, &keep_early, ErrorCode::MissingKey, &msg).await;
+                return None;
+            }
+        }
+        Some((
+            keep,
+            keep_early,
+            Attempt {
+                head,
+                run,
+                tree,
+                supplied,
+                decisions,
+            },
+        ))
     }
 
     /// The head, loading it (and the dedupe window) from the log on first use.

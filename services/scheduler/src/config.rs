@@ -33,6 +33,10 @@ pub struct Config {
     pub replicas: usize,
     /// How long a write may keep failing before the waiting requests get `unavailable`.
     pub write_deadline: Duration,
+    /// Runs written as pipelined single publishes at once; runs beyond go to the log
+    /// as atomic batches (default 256; 16-32 suit `sync_interval: always`, where every
+    /// single is an fsync).
+    pub singles_in_flight: usize,
     /// Requests queued per process before new ones get `unavailable`.
     pub queue_per_process: usize,
     /// An idle process actor stops after this long (its state is reloaded from the log).
@@ -53,6 +57,7 @@ impl Default for Config {
             remote_timeout: Duration::from_secs(10),
             replicas: 1,
             write_deadline: Duration::from_secs(30),
+            singles_in_flight: 256,
             queue_per_process: 65_536,
             idle_actor: Duration::from_secs(600),
         }

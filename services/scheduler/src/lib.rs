@@ -12,7 +12,8 @@
 //! - [`intake`]: the services-API endpoints (schedule, slot, range, keys).
 //! - [`reply`]: receipts and typed refusals.
 //! - `signer`: one task sealing the runs of all processes in batches.
-//! - [`writer`]: one task writing the runs of many processes as atomic batches.
+//! - [`writer`]: one task writing the runs of many processes: pipelined single
+//!   publishes, and atomic batches for the backlog.
 //! - [`metrics`]: counters published through the services API's STATS.
 //! - [`config`]: configuration and the signing keyring.
 //! - [`error`]: the crate's error type.
@@ -301,7 +302,15 @@ pub async fn run_with_clock(
         warn!("the log stream does not allow atomic batches; every run is written on its own");
     }
     let metrics = Arc::new(metrics::Metrics::default());
-    let writer = writer::Writer::start(js.clone(), client.clone(), atomic, Arc::clone(&metrics));
+    let writer = writer::Writer::start(
+        js.clone(),
+        client.clone(),
+        writer::WriterLimits {
+            atomic,
+            singles_in_flight: config.singles_in_flight.max(1),
+        },
+        Arc::clone(&metrics),
+    );
     let shared = Arc::new(Shared {
         config,
         limits,

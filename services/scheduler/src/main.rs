@@ -46,6 +46,10 @@ struct Args {
     /// JetStream domain of the remote stream.
     #[arg(long, env = "TS_REMOTE_DOMAIN")]
     remote_domain: Option<String>,
+    /// Runs written as pipelined single publishes at once; the backlog beyond goes as
+    /// atomic batches. 16-32 suit a server with `sync_interval: always`.
+    #[arg(long, env = "TS_SINGLES_IN_FLIGHT", default_value_t = 256)]
+    singles_in_flight: usize,
     /// Replicas of the log stream when this scheduler creates it.
     #[arg(long, env = "TS_REPLICAS", default_value_t = 1)]
     replicas: usize,
@@ -70,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
         remote_stream: args.remote_stream,
         remote_domain: args.remote_domain,
         replicas: args.replicas,
+        singles_in_flight: args.singles_in_flight,
         ..Config::default()
     };
     let keyring = Keyring::from_files(&args.keys)?;

@@ -10,8 +10,11 @@ pub struct Metrics {
     pub runs_stored: AtomicU64,
     /// Assignments stored in the log.
     pub assignments_stored: AtomicU64,
+    /// Runs written as single publishes.
+    pub singles_written: AtomicU64,
     /// Atomic batches committed (two or more runs in one write).
     pub batches_committed: AtomicU64,
+
     /// Atomic batches refused as a whole and rewritten run by run.
     pub batches_refused: AtomicU64,
     /// Writes that lost the race for a slot to another writer.
@@ -32,7 +35,9 @@ impl Metrics {
         serde_json::json!({
             "runs_stored": get(&self.runs_stored),
             "assignments_stored": get(&self.assignments_stored),
+            "singles_written": get(&self.singles_written),
             "batches_committed": get(&self.batches_committed),
+
             "batches_refused": get(&self.batches_refused),
             "races_lost": get(&self.races_lost),
             "duplicates": get(&self.duplicates),

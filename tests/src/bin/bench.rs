@@ -39,8 +39,18 @@ struct Args {
     #[arg(long, default_value_t = 8192)]
     window: usize,
     /// Only the default storage setting (skip sync_interval: always).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "only_sync_always")]
     quick: bool,
+    /// Only `sync_interval: always` (skip the default storage setting).
+    #[arg(long)]
+    only_sync_always: bool,
+    /// The scheduler's `--singles-in-flight` under the default `sync_interval`.
+    #[arg(long, default_value_t = 256)]
+    singles_default: usize,
+    /// The scheduler's `--singles-in-flight` under `sync_interval: always` (the
+    /// setting deploy/ recommends for such a server).
+    #[arg(long, default_value_t = 16)]
+    singles_sync_always: usize,
     /// Profiling aid: only the closed loop over this many processes.
     #[arg(long)]
     closed_processes: Option<usize>,
@@ -65,7 +75,11 @@ async fn main() -> Result<()> {
     }
     let body = Bytes::from(vec![b'x'; BODY]);
     let mut runs = Vec::new();
-    let settings: &[bool] = if args.quick { &[false] } else { &[false, true] };
+    let settings: &[bool] = match (args.quick, args.only_sync_always) {
+        (true, _) => &[false],
+        (_, true) => &[true],
+        _ => &[false, true],
+    };
     for &sync_always in settings {
         let label = if sync_always {
             "sync_interval: always"
@@ -96,8 +110,15 @@ async fn main() -> Result<()> {
         std::fs::write(&key_path, key.to_key_file())?;
         let bin = harness::workspace_bin("scheduler")?;
         let mut cmd = std::process::Command::new(bin);
+        let singles = if sync_always {
+            args.singles_sync_always
+        } else {
+            args.singles_default
+        };
         cmd.arg("--key")
             .arg(&key_path)
+            .arg("--singles-in-flight")
+            .arg(singles.to_string())
             .env("NATS_URL", server.url())
             .env(
                 "RUST_LOG",
@@ -114,11 +135,13 @@ async fn main() -> Result<()> {
                 "closed loop over {n} processes, window {}: {:.0}/s",
                 args.window, t.rate
             );
+            println!("writer: {}", writer_stats(&probe).await);
             return Ok(());
         }
         if let Some(rate) = args.open_rate {
             let l = open_loop(&conns, &body, PROCESSES, rate, args.seconds).await?;
             println!("open loop {rate}/s over {PROCESSES} processes: p50 {:.2} ms, p99 {:.2} ms, achieved {:.0}/s", l.p50_ms, l.p99_ms, l.achieved);
+            println!("writer: {}", writer_stats(&probe).await);
             return Ok(());
         }
         let hot = closed_loop(&conns, &body, 1, args.window, args.seconds).await?;
@@ -152,6 +175,7 @@ async fn main() -> Result<()> {
         );
         runs.push(json!({
             "storage": label,
+            "scheduler_singles_in_flight": singles,
             "raw_ceiling_msgs_per_s": raw.round(),
             "echo_ceiling_msgs_per_s": echo.round(),
             "processes_1000_vs_echo": (many.rate / echo * 1000.0).round() / 1000.0,
@@ -500,6 +524,37 @@ async fn open_loop(
         p99_ms: (pct(0.99) * 100.0).round() / 100.0,
         achieved: l.len() as f64 / elapsed,
     })
+}
+
+/// The scheduler's writer counters (runs as singles, batches, cost estimates), from
+/// `$SRV.STATS`; null when they cannot be read.
+async fn writer_stats(client: &async_nats::Client) -> serde_json::Value {
+    let Ok(reply) = client
+        .request("$SRV.STATS.turnstile-scheduler", Bytes::new())
+        .await
+    else {
+        return serde_json::Value::Null;
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&reply.payload) else {
+        return serde_json::Value::Null;
+    };
+    let data = v["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == "schedule")
+        .map(|e| e["data"].clone())
+        .unwrap_or_default();
+    let keep = [
+        "runs_stored",
+        "assignments_stored",
+        "singles_written",
+        "batches_committed",
+    ];
+    keep.iter()
+        .map(|k| (k.to_string(), data[*k].clone()))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 /// Replies to every `ts.schedule.>` request at once with a receipt-sized payload.
