@@ -116,6 +116,11 @@ impl NatsServer {
         &self.url
     }
 
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The JetStream store directory (kept across [`NatsServer::restart`]).
     pub fn store_dir(&self) -> PathBuf {
         self.dir.path().join("store")
@@ -222,6 +227,11 @@ impl Process {
         Ok(Process {
             child: Some(cmd.stdout(Stdio::null()).spawn()?),
         })
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Sends SIGKILL and reaps the process.

@@ -98,11 +98,17 @@ async fn main() -> Result<()> {
             let mut p = harness::Process::spawn(cmd)?;
             let conns = connect_all(server.url()).await?;
             tokio::time::sleep(Duration::from_millis(300)).await;
+            let meter = CpuMeter::new(&[("nats", server.pid()), ("echo", p.pid())]);
+            let (before, t0) = (meter.sample(), Instant::now());
             let t = closed_loop(&conns, &body, PROCESSES, args.window, args.seconds).await?;
+            let cpu = meter.usage(&before, t0.elapsed(), t.rate);
             p.kill();
-            t.rate
+            (t.rate, cpu)
         };
-        eprintln!("request/reply echo ceiling, {PROCESSES} subjects: {echo:.0} msg/s");
+        let (echo, echo_cpu) = echo;
+        eprintln!(
+            "request/reply echo ceiling, {PROCESSES} subjects: {echo:.0} msg/s; cpu {echo_cpu}"
+        );
 
         let dir = tempfile::tempdir()?;
         let key = protocol::keys::Keypair::generate();
@@ -124,7 +130,8 @@ async fn main() -> Result<()> {
                 "RUST_LOG",
                 std::env::var("BENCH_SCHEDULER_LOG").unwrap_or_else(|_| "warn".into()),
             );
-        let _scheduler = harness::Process::spawn(cmd)?;
+        let scheduler = harness::Process::spawn(cmd)?;
+        let meter = CpuMeter::new(&[("nats", server.pid()), ("scheduler", scheduler.pid())]);
         let probe = async_nats::connect(server.url()).await?;
         tests::support::wait_for_schedulers(&probe, 1).await?;
 
@@ -144,11 +151,18 @@ async fn main() -> Result<()> {
             println!("writer: {}", writer_stats(&probe).await);
             return Ok(());
         }
+        let (before, t0) = (meter.sample(), Instant::now());
         let hot = closed_loop(&conns, &body, 1, args.window, args.seconds).await?;
-        eprintln!("one hot process: {:.0} assignments/s", hot.rate);
-        let many = closed_loop(&conns, &body, PROCESSES, args.window, args.seconds).await?;
+        let hot_cpu = meter.usage(&before, t0.elapsed(), hot.rate);
         eprintln!(
-            "{PROCESSES} processes: {:.0} assignments/s ({:.2} of raw)",
+            "one hot process: {:.0} assignments/s; cpu {hot_cpu}",
+            hot.rate
+        );
+        let (before, t0) = (meter.sample(), Instant::now());
+        let many = closed_loop(&conns, &body, PROCESSES, args.window, args.seconds).await?;
+        let many_cpu = meter.usage(&before, t0.elapsed(), many.rate);
+        eprintln!(
+            "{PROCESSES} processes: {:.0} assignments/s ({:.2} of raw); cpu {many_cpu}",
             many.rate,
             many.rate / raw
         );
@@ -184,6 +198,7 @@ async fn main() -> Result<()> {
             "processes_1000_assignments_per_s": many.rate.round(),
             "processes_1000_errors": many.errors,
             "processes_1000_vs_raw": (many.rate / raw * 1000.0).round() / 1000.0,
+            "cpu": {"echo": echo_cpu, "hot_process": hot_cpu, "processes_1000": many_cpu},
             "hot_latency_at_half_peak": {"rate": (hot.rate / 2.0).round(), "p50_ms": hot_lat.p50_ms, "p99_ms": hot_lat.p99_ms, "achieved": hot_lat.achieved.round()},
             "processes_1000_latency_at_half_peak": {"rate": (many.rate / 2.0).round(), "p50_ms": many_lat.p50_ms, "p99_ms": many_lat.p99_ms, "achieved": many_lat.achieved.round()},
             "targets": {"hot_process_min": 50000, "processes_1000_vs_raw_min": 0.8},
@@ -245,6 +260,34 @@ fn print_table(doc: &serde_json::Value) {
                 .as_f64()
                 .unwrap_or(0.0),
         );
+    }
+    // Where the two cores went: a request/reply service shares them with NATS and
+    // the load generator, so this bounds what any scheduler could reach here.
+    println!();
+    println!("| storage | phase | ops/s | scheduler (or echo) cores | nats-server cores | client cores | total cores | CPU µs per op |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in doc["runs"].as_array().into_iter().flatten() {
+        for (phase, rate_key) in [
+            ("echo", "echo_ceiling_msgs_per_s"),
+            ("hot_process", "hot_process_assignments_per_s"),
+            ("processes_1000", "processes_1000_assignments_per_s"),
+        ] {
+            let c = &r["cpu"][phase];
+            let service = if c["scheduler_cores"].is_null() {
+                &c["echo_cores"]
+            } else {
+                &c["scheduler_cores"]
+            };
+            println!(
+                "| {} | {phase} | {} | {service} | {} | {} | {} | {} |",
+                r["storage"].as_str().unwrap_or(""),
+                r[rate_key],
+                c["nats_cores"],
+                c["client_cores"],
+                c["total_cores"],
+                c["cpu_us_per_op"],
+            );
+        }
     }
 }
 
@@ -358,6 +401,68 @@ fn uuid_like() -> String {
 struct Throughput {
     rate: f64,
     errors: u64,
+}
+
+/// CPU time of the processes that share the machine during a phase (the client is
+/// this process), from `/proc/<pid>/stat`: where a phase's two cores go.
+struct CpuMeter {
+    procs: Vec<(&'static str, String)>,
+}
+
+impl CpuMeter {
+    fn new(procs: &[(&'static str, Option<u32>)]) -> CpuMeter {
+        let mut v: Vec<(&'static str, String)> = procs
+            .iter()
+            .filter_map(|(n, p)| p.map(|p| (*n, p.to_string())))
+            .collect();
+        v.push(("client", "self".into()));
+        CpuMeter { procs: v }
+    }
+
+    /// User + system seconds of each process so far.
+    fn sample(&self) -> Vec<f64> {
+        self.procs.iter().map(|(_, pid)| cpu_seconds(pid)).collect()
+    }
+
+    /// Cores each process used since `before`, over `wall`, and the CPU µs all of
+    /// them spent per operation at `rate` operations a second.
+    fn usage(&self, before: &[f64], wall: Duration, rate: f64) -> serde_json::Value {
+        let now = self.sample();
+        let wall = wall.as_secs_f64().max(1e-9);
+        let mut m = serde_json::Map::new();
+        let mut total = 0.0;
+        for ((name, _), (a, b)) in self.procs.iter().zip(before.iter().zip(&now)) {
+            let cores = (b - a) / wall;
+            total += cores;
+            m.insert(
+                format!("{name}_cores"),
+                json!((cores * 100.0).round() / 100.0),
+            );
+        }
+        m.insert("total_cores".into(), json!((total * 100.0).round() / 100.0));
+        if rate > 0.0 {
+            m.insert(
+                "cpu_us_per_op".into(),
+                json!((total / rate * 1e7).round() / 10.0),
+            );
+        }
+        m.into()
+    }
+}
+
+/// User + system CPU seconds of `pid` ("self" for this process); 0 when unreadable.
+/// Linux reports them in clock ticks of 1/100 s (USER_HZ on every common platform).
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Sends one request; resolves with its latency and whether it succeeded.
