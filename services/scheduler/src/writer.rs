@@ -166,7 +166,8 @@ async fn run(
         // are single slots: a commit costs about what a pipeline of singles does) goes
         // as one atomic batch when a batch slot is free; otherwise wait for a slot of
         // either kind, or for more runs, which the next round takes too.
-        if limits.atomic && backlog.len() >= limits.batch_min() {
+        let wants_batch = limits.atomic && backlog.len() >= limits.batch_min();
+        if wants_batch {
             if let Ok(permit) = Arc::clone(&batches).try_acquire_owned() {
                 let batch = take_batch(&mut backlog);
                 let (js, client, metrics) = (js.clone(), client.clone(), Arc::clone(&metrics));
@@ -180,7 +181,8 @@ async fn run(
         let single_done = singles.done.notified();
         tokio::select! {
             _ = single_done => {}
-            p = Arc::clone(&batches).acquire_owned(), if limits.atomic => drop(p),
+            // Only worth waking for when a batch is wanted (else this would spin).
+            p = Arc::clone(&batches).acquire_owned(), if wants_batch => drop(p),
             q = rx.recv(), if open => match q {
                 Some(q) => backlog.push_back(q),
                 None => open = false,
