@@ -23,14 +23,13 @@
 //! verdict: the expectations make that safe whether or not the batch was stored.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::debug;
 
 use crate::metrics::Metrics;
@@ -41,6 +40,9 @@ pub const MAX_BATCH_RUNS: usize = 1000;
 pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Batches in flight from one scheduler (the server allows 50 per stream).
 const BATCHES_IN_FLIGHT: usize = 4;
+/// How long a batch commit may take before its runs are retried one by one.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How the writer may write.
 #[derive(Debug, Clone, Copy)]
 pub struct WriterLimits {
@@ -57,8 +59,6 @@ impl WriterLimits {
         self.singles_in_flight.max(2)
     }
 }
-/// How long a batch commit may take before its runs are retried one by one.
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What became of one run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,7 +126,7 @@ async fn run(
     metrics: Arc<Metrics>,
 ) {
     let batches = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
-    let singles = Arc::new(Singles::default());
+    let singles = Arc::new(Semaphore::new(limits.singles_in_flight));
     let mut backlog: VecDeque<Queued> = VecDeque::new();
     let mut open = true;
     loop {
@@ -146,17 +146,19 @@ async fn run(
                 Err(mpsc::error::TryRecvError::Disconnected) => open = false,
             }
         }
-        while singles.in_flight() < limits.singles_in_flight {
+        while !backlog.is_empty() {
+            let Ok(permit) = Arc::clone(&singles).try_acquire_owned() else {
+                break;
+            };
             let Some(q) = backlog.pop_front() else { break };
-            singles.start();
-            let (js, singles, metrics) = (js.clone(), Arc::clone(&singles), Arc::clone(&metrics));
+            let (js, metrics) = (js.clone(), Arc::clone(&metrics));
             tokio::spawn(async move {
                 let outcome = publish_one(&js, q.write).await;
                 if matches!(outcome, Outcome::Stored(_)) {
                     Metrics::bump(&metrics.singles_written);
                 }
                 let _ = q.reply.send(outcome);
-                singles.finish();
+                drop(permit);
             });
         }
         if backlog.is_empty() {
@@ -178,9 +180,9 @@ async fn run(
                 continue;
             }
         }
-        let single_done = singles.done.notified();
         tokio::select! {
-            _ = single_done => {}
+            // A single slot freed up (taken and given back: the next round uses it).
+            p = Arc::clone(&singles).acquire_owned() => drop(p),
             // Only worth waking for when a batch is wanted (else this would spin).
             p = Arc::clone(&batches).acquire_owned(), if wants_batch => drop(p),
             q = rx.recv(), if open => match q {
@@ -203,28 +205,6 @@ fn take_batch(backlog: &mut VecDeque<Queued>) -> Vec<Queued> {
         take += 1;
     }
     backlog.drain(..take).collect()
-}
-
-/// The single publishes in flight, and a signal each time one finishes.
-#[derive(Default)]
-struct Singles {
-    count: AtomicUsize,
-    done: Notify,
-}
-
-impl Singles {
-    fn in_flight(&self) -> usize {
-        self.count.load(Ordering::Acquire)
-    }
-
-    fn start(&self) {
-        self.count.fetch_add(1, Ordering::AcqRel);
-    }
-
-    fn finish(&self) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
-        self.done.notify_one();
-    }
 }
 
 /// An ordinary expectation-checked publish.
