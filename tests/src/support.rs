@@ -49,10 +49,13 @@ pub struct InProcess {
 impl InProcess {
     /// Starts a scheduler with `config`, signing with `keys`.
     pub async fn start(url: &str, config: Config, keys: Vec<Keypair>) -> Result<InProcess> {
-        let client = connect(url).await?;
+        let connections = scheduler::Connections {
+            core: connect(url).await?,
+            intake: connect(url).await?,
+        };
         let shutdown = CancellationToken::new();
         let keyring = Keyring::new(keys)?;
-        let handle = tokio::spawn(scheduler::run(config, keyring, client, shutdown.clone()));
+        let handle = tokio::spawn(scheduler::run(config, keyring, connections, shutdown.clone()));
         Ok(InProcess { shutdown, handle })
     }
 

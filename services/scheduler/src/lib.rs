@@ -226,24 +226,40 @@ impl Actors {
     }
 }
 
+/// The scheduler's NATS connections, each under its own NATS identity, so that what a
+/// client can make one side do never reaches the other.
+#[derive(Debug, Clone)]
+pub struct Connections {
+    /// Writes the log, reads JetStream, publishes events: the only connection whose
+    /// user may publish on `<prefix>.log.>`, the buckets and the JetStream API.
+    pub core: async_nats::Client,
+    /// Takes client requests and answers them: a user that may subscribe to the
+    /// request subjects and publish nothing but replies (`allow_responses`).
+    pub intake: async_nats::Client,
+}
+
 /// Runs the scheduler until `shutdown` is cancelled, with the system clock.
 pub async fn run(
     config: Config,
     keyring: Keyring,
-    client: async_nats::Client,
+    connections: Connections,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    run_with_clock(config, keyring, client, shutdown, Arc::new(SystemClock)).await
+    run_with_clock(config, keyring, connections, shutdown, Arc::new(SystemClock)).await
 }
 
 /// Runs the scheduler with an injected clock.
 pub async fn run_with_clock(
     config: Config,
     keyring: Keyring,
-    client: async_nats::Client,
+    connections: Connections,
     shutdown: CancellationToken,
     clock: Arc<dyn Clock>,
 ) -> Result<()> {
+    let Connections {
+        core: client,
+        intake,
+    } = connections;
     let version = setup::check_server(&client)?;
     let subjects = Subjects::new(&config.prefix)?;
     let js = jetstream::new(client.clone());
@@ -328,7 +344,7 @@ pub async fn run_with_clock(
         tracker,
     });
 
-    let service = client
+    let service = intake
         .service_builder()
         .description("turnstile scheduler: slots, hash-chained signed assignments")
         .queue_group("turnstile-scheduler")
@@ -402,7 +418,8 @@ pub async fn run_with_clock(
     {
         warn!("some process actors did not finish within 15 s");
     }
-    // Make sure every reply has left before the connection goes.
+    // Make sure every reply has left before the connections go.
+    let _ = intake.flush().await;
     let _ = client.flush().await;
     info!("scheduler stopped");
     Ok(())

@@ -109,6 +109,10 @@ async fn main() -> anyhow::Result<()> {
         }
         signal.cancel();
     });
-    scheduler::run(config, keyring, client, shutdown).await?;
+    let connections = scheduler::Connections {
+        intake: client.clone(),
+        core: client,
+    };
+    scheduler::run(config, keyring, connections, shutdown).await?;
     Ok(())
 }
