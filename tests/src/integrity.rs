@@ -61,7 +61,7 @@ async fn a_record_altered_on_disk_makes_verify_name_its_slot() -> anyhow::Result
             )
             .await?;
     }
-    assert_eq!(verify(server.url(), &p, &[&key]).await?.fault, None);
+    assert_eq!(verify(server.url(), &p, &[&key]).await?.faults, vec![]);
     s.stop().await?;
 
     // Behind the scheduler's back: stop the server and edit slot 6's body in its files.
@@ -71,16 +71,19 @@ async fn a_record_altered_on_disk_makes_verify_name_its_slot() -> anyhow::Result
     server.restart()?;
 
     let report = verify(server.url(), &p, &[&key]).await?;
-    let fault = report.fault.expect("tampering must be detected");
+    let fault = report.faults.first().expect("tampering must be detected");
     eprintln!("tamper detected as: {fault}");
     assert_eq!(fault.slot, 6, "{fault}");
-    // Either the altered body fails its chain hash, or the server dropped the damaged
-    // record and the log has a gap there: both name slot 6.
+    // Either the altered body fails its chain hash (a foreign message), or the server
+    // dropped the damaged record and the log lost it: both name slot 6.
     assert!(
-        matches!(fault.kind, FaultKind::BadChainHash | FaultKind::Gap { .. }),
+        matches!(
+            fault.kind,
+            FaultKind::BadChainHash(6) | FaultKind::Lost { .. } | FaultKind::Gap { .. }
+        ),
         "{fault}"
     );
-    assert_eq!(report.last_good, Some(5));
+    assert_eq!(report.last_good, Some(9), "the chain goes on after the damage");
 
     // The CLI says the same, with exit code 1.
     let out = std::process::Command::new(harness::workspace_bin("turnstile")?)
@@ -185,7 +188,12 @@ async fn range_pages_carry_an_explicit_cursor_and_slot_lookups_find_every_run() 
     let reader = journal::reader::LogReader::open(js, Subjects::default()).await?;
     for slot in 0..40 {
         let seq = reader.locate(&p, slot).await?.expect("slot exists");
-        let run = reader.run_at(seq).await?.run;
+        let run = reader
+            .message_at(&p, seq)
+            .await?
+            .expect("located message exists")
+            .decode()
+            .map_err(anyhow::Error::msg)?;
         assert!(
             run.first_slot <= slot && slot <= run.last_slot(),
             "slot {slot} not in run {}..{}",
@@ -213,9 +221,10 @@ async fn following_the_log_yields_new_runs_as_they_are_written() -> anyhow::Resu
             .await?;
     }
     let js = async_nats::jetstream::new(connect(url).await?);
+    let trusted = crate::support::published_keys(&js).await?;
     let reader = journal::reader::LogReader::open(js, Subjects::default()).await?;
     // Follow from slot 2: the old slot 2 first, then what is written afterwards.
-    let mut runs = reader.runs(&p, 2, true).await?;
+    let mut runs = journal::chain::from_slot(&reader, &p, &trusted, 2, true).await?;
     let writer = tokio::spawn({
         let client = client.clone();
         let p = p.clone();
@@ -232,7 +241,11 @@ async fn following_the_log_yields_new_runs_as_they_are_written() -> anyhow::Resu
     let mut slots = Vec::new();
     while slots.len() < 4 {
         let next = tokio::time::timeout(std::time::Duration::from_secs(10), runs.next()).await?;
-        let stored = next.expect("a following stream does not end")?;
+        let journal::chain::Judged::Chain { run: stored, .. } =
+            next.expect("a following stream does not end")?
+        else {
+            panic!("an honest log has no foreign message");
+        };
         slots.extend(
             stored
                 .run

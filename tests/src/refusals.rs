@@ -285,7 +285,7 @@ async fn random_garbage_on_every_endpoint_never_goes_unanswered_or_breaks_the_se
         .schedule(&p, Bytes::from("fine"), &Schedule::default())
         .await?;
     assert_eq!(r.slot, 0);
-    assert_eq!(verify(url, &p, &[&test_key(15)]).await?.fault, None);
+    assert_eq!(verify(url, &p, &[&test_key(15)]).await?.faults, vec![]);
     s.stop().await?;
     Ok(())
 }

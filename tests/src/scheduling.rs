@@ -50,7 +50,7 @@ async fn three_replicas_give_every_slot_exactly_once_and_the_chain_verifies() ->
     assert_exactly_once(&entries, &ids(clients, per));
     let report = verify(url, &p, &[&key]).await?;
     assert_eq!(
-        (report.fault, report.checked),
+        (report.faults.first().cloned(), report.checked),
         (None, (clients * per) as u64)
     );
     for r in replicas {
@@ -98,7 +98,7 @@ async fn a_replica_killed_mid_load_loses_no_slot_and_repeats_none() -> anyhow::R
     }
     let report = verify(&url, &p, &[&key]).await?;
     assert_eq!(
-        (report.fault, report.checked),
+        (report.faults.first().cloned(), report.checked),
         (None, (clients * per) as u64)
     );
     Ok(())
@@ -140,7 +140,7 @@ async fn a_full_restart_continues_at_the_next_slot_with_an_unbroken_chain() -> a
         "the new slot links to the old head"
     );
     let report = verify(server.url(), &p, &[&key]).await?;
-    assert_eq!((report.fault, report.checked), (None, 6));
+    assert_eq!((report.faults.first().cloned(), report.checked), (None, 6));
     s.stop().await?;
     Ok(())
 }
@@ -444,7 +444,7 @@ async fn many_processes_at_once_through_three_replicas_each_get_exact_slots() ->
         let entries = read_log(url, p).await?;
         assert_exactly_once(&entries, &ids(1, per));
         let report = verify(url, p, &[&key]).await?;
-        assert_eq!((report.fault, report.checked), (None, per as u64), "{p}");
+        assert_eq!((report.faults.first().cloned(), report.checked), (None, per as u64), "{p}");
     }
     // The counters of all three replicas: the batch path was taken, and what they
     // stored adds up to exactly what the log holds.

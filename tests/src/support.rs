@@ -130,13 +130,22 @@ pub async fn schedule_retrying(
 /// Every entry of `process`'s log, in log order.
 pub async fn read_log(url: &str, process: &ProcessId) -> Result<Vec<Entry>> {
     let js = async_nats::jetstream::new(connect(url).await?);
+    let trusted = published_keys(&js).await?;
     let reader = LogReader::open(js, Subjects::default()).await?;
-    let mut runs = reader.runs(process, 0, false).await?;
+    let mut judged = journal::chain::from_slot(&reader, process, &trusted, 0, false).await?;
     let mut out = Vec::new();
-    while let Some(r) = runs.next().await {
-        out.extend(r?.run.entries);
+    while let Some(j) = judged.next().await {
+        if let journal::chain::Judged::Chain { run, .. } = j? {
+            out.extend(run.run.entries);
+        }
     }
     Ok(out)
+}
+
+/// The keys published in the deployment's keys bucket.
+pub async fn published_keys(js: &async_nats::jetstream::Context) -> Result<TrustedKeys> {
+    let store = journal::setup::open_bucket(js, &Subjects::default().keys_bucket()).await?;
+    Ok(journal::keyring::trust(&journal::keyring::fetch(&store).await?))
 }
 
 /// Verifies `process`'s whole log against `keys`.

@@ -4,6 +4,7 @@
 //! replicas. A lost race (or an ambiguous failure) is followed by a catch-up read
 //! of every run written since the known head, then a fresh plan.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,12 +13,14 @@ use async_nats::HeaderMap;
 use base64::Engine;
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info_span, warn, Instrument};
 
+use journal::chain::{self, Judged};
 use journal::reader::{LogReader, RunMeta, StoredRun};
 use journal::subjects;
 use protocol::merkle::Tree;
+use protocol::verify::{check_run, ChainPoint, Fault, FaultKind, LogVerifier};
 use protocol::wire::{ErrorCode, Mode, Run};
 use protocol::ProcessId;
 
@@ -26,6 +29,29 @@ use crate::metrics::Metrics;
 use crate::reply::{Refusal, Replier};
 use crate::writer::{Outcome, Write};
 use crate::Shared;
+
+/// What the audit tells an actor between batches: a message landed on its subject
+/// (the highest stream sequence seen), or re-check the log after a reconnect.
+#[derive(Debug, Default)]
+pub(crate) struct Signals {
+    landed: AtomicU64,
+    recheck: AtomicBool,
+    notify: Notify,
+}
+
+impl Signals {
+    /// A message landed on the process's subject at `seq`.
+    pub fn landed(&self, seq: u64) {
+        self.landed.fetch_max(seq, Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+
+    /// Re-check the process's log from its last verified run (after a reconnect).
+    pub fn recheck(&self) {
+        self.recheck.store(true, Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+}
 
 /// One scheduling request, validated by the intake.
 pub struct Job {
@@ -55,7 +81,12 @@ impl Job {
 }
 
 /// Runs the actor of `process` until its queue closes or it idles out.
-pub(crate) async fn run(shared: Arc<Shared>, process: ProcessId, mut rx: mpsc::Receiver<Job>) {
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    process: ProcessId,
+    mut rx: mpsc::Receiver<Job>,
+    signals: Arc<Signals>,
+) {
     let span = info_span!("process", process = %process);
     async move {
         let mut actor = Actor {
@@ -68,23 +99,32 @@ pub(crate) async fn run(shared: Arc<Shared>, process: ProcessId, mut rx: mpsc::R
         loop {
             let first = match carry.take() {
                 Some(j) => j,
-                None => match tokio::time::timeout(actor.shared.config.idle_actor, rx.recv()).await
-                {
-                    Ok(Some(j)) => j,
-                    Ok(None) => break,
-                    Err(_) => {
-                        // Idle: close the queue, then finish whatever raced in before closing.
-                        rx.close();
-                        let mut rest = Vec::new();
-                        while let Ok(j) = rx.try_recv() {
-                            rest.push(j);
+                None => {
+                    let idle = tokio::time::sleep(actor.shared.config.idle_actor);
+                    tokio::select! {
+                        biased;
+                        j = rx.recv() => match j {
+                            Some(j) => j,
+                            None => break,
+                        },
+                        _ = signals.notify.notified() => {
+                            actor.on_signals(&signals).await;
+                            continue;
                         }
-                        if !rest.is_empty() {
-                            actor.batch(rest).await;
+                        _ = idle => {
+                            // Idle: close the queue, then finish whatever raced in before closing.
+                            rx.close();
+                            let mut rest = Vec::new();
+                            while let Ok(j) = rx.try_recv() {
+                                rest.push(j);
+                            }
+                            if !rest.is_empty() {
+                                actor.batch(rest).await;
+                            }
+                            break;
                         }
-                        break;
                     }
-                },
+                }
             };
             let mut bytes = first.cost();
             let mut batch = vec![first];
@@ -222,7 +262,7 @@ impl Actor {
             // If our own run is among them (an ambiguous failure that did land), it stored.
             let landed = match landed {
                 Some(seq) => Some(seq),
-                None => match self.catch_up(run).await {
+                None => match self.catch_up(Some(run)).await {
                     Ok(found) => found,
                     Err(e) => {
                         warn!(error = %e, "catch-up failed; re-reading the head");
@@ -290,6 +330,7 @@ impl Actor {
     ) -> Option<(Vec<Job>, Vec<bool>, Attempt)> {
         let now = self.shared.clock.now_ms();
         self.index.prune(now);
+        self.resolve_hints(&jobs).await;
         let ids: Vec<Option<&str>> = jobs.iter().map(|j| j.message_id.as_deref()).collect();
         let planned = core::plan(&self.index, &ids);
 
@@ -355,31 +396,46 @@ impl Actor {
         ))
     }
 
-    /// The head, loading it (and the dedupe window) from the log on first use.
+    /// The head, loading it (and the dedupe window) from the log on first use. The
+    /// head is verified (schemas/chain.md): the tail must be a sealed run in its
+    /// place that links to the run before it, else the whole subject is judged.
     async fn load(&mut self) -> journal::Result<Head> {
         if let Some(h) = self.head {
             return Ok(h);
         }
-        let meta = self.reader().head(&self.process).await?;
-        let head = match meta {
-            Some(m) => Head {
-                next_slot: m.last_slot + 1,
-                prev: m.head,
-                seq: m.seq,
-                timestamp_ms: m.timestamp_ms,
-            },
-            None => Head::genesis(&self.process),
+        let trusted = self.shared.trusted();
+        let loaded = chain::load_head(self.reader(), &self.process, &trusted).await?;
+        if loaded.scanned {
+            Metrics::bump(&self.shared.metrics.head_scans);
+        }
+        for f in &loaded.faults {
+            self.shared.fault(&self.process, f);
+        }
+        let timestamp_ms = loaded
+            .head_run
+            .as_ref()
+            .and_then(|r| r.run.entries.last())
+            .map(|e| e.timestamp_ms)
+            .unwrap_or(0);
+        let head = Head {
+            next_slot: loaded.point.next_slot,
+            prev: loaded.point.prev,
+            seq: loaded.tail_seq,
+            run_seq: loaded.point.seq,
+            timestamp_ms,
         };
         self.index = DedupeIndex::new(self.shared.config.dedupe_window.as_millis() as u64);
-        if let Some(m) = meta {
-            self.load_window(&m).await?;
+        if loaded.tail_seq > 0 {
+            self.load_window(&head).await?;
         }
         self.head = Some(head);
         Ok(head)
     }
 
-    /// Reads the message ids of the runs within the dedupe window, headers only.
-    async fn load_window(&mut self, head: &RunMeta) -> journal::Result<()> {
+    /// Reads the message ids of the runs within the dedupe window, headers only. The
+    /// `Ts-Ids` headers are unsigned, so what they say is kept as hints, each checked
+    /// against its signed run before a request is answered as a duplicate.
+    async fn load_window(&mut self, head: &Head) -> journal::Result<()> {
         let window = self.shared.config.dedupe_window.as_millis() as u64;
         let now = self.shared.clock.now_ms();
         if window == 0 || head.timestamp_ms < now.saturating_sub(window) {
@@ -413,7 +469,7 @@ impl Actor {
                     .map(|r| r.timestamp_ms)
                     .unwrap_or(now);
                 for (slot, id) in decode_ids(h) {
-                    self.index.insert(id, Seen { slot, seq }, ts);
+                    self.index.insert_hint(id, Seen { slot, seq }, ts);
                 }
             }
             if seq >= head.seq {
@@ -421,6 +477,103 @@ impl Actor {
             }
         }
         Ok(())
+    }
+
+    /// Settles the unchecked dedupe hints of the ids in `jobs`: a hint is believed
+    /// only if its run is sealed by a trusted key and holds the id at that slot (a
+    /// copy of a genuine run holds the very same assignment, so it answers the same).
+    async fn resolve_hints(&mut self, jobs: &[Job]) {
+        let trusted = self.shared.trusted();
+        for id in jobs.iter().filter_map(|j| j.message_id.as_deref()) {
+            let claims = self.index.hints(id).to_vec();
+            if claims.is_empty() {
+                continue;
+            }
+            let mut found = None;
+            for seen in claims {
+                let holds = match self.reader().message_at(&self.process, seen.seq).await {
+                    Ok(Some(m)) => m.decode().ok().is_some_and(|run| {
+                        check_run(&run, &self.process, &trusted, &[]).is_ok()
+                            && run
+                                .entries
+                                .iter()
+                                .any(|e| e.slot == seen.slot && e.message_id == id)
+                    }),
+                    // Cannot read it now: leave the claim for the next request.
+                    Err(_) => return,
+                    Ok(None) => false,
+                };
+                if holds {
+                    found = Some(seen);
+                    break;
+                }
+                let fault = Fault {
+                    seq: seen.seq,
+                    slot: seen.slot,
+                    kind: FaultKind::Undecodable(format!(
+                        "its Ts-Ids header claims id {id:?} at slot {}, which no sealed run there holds",
+                        seen.slot
+                    )),
+                };
+                self.shared.fault(&self.process, &fault);
+            }
+            self.index.confirm(id, found);
+        }
+    }
+
+    /// Handles what the audit signalled: a re-check after a reconnect, and messages
+    /// that landed on the subject beyond the head (another replica's runs, or
+    /// anything else someone published there).
+    async fn on_signals(&mut self, signals: &Signals) {
+        let recheck = signals.recheck.swap(false, Ordering::Relaxed);
+        let landed = signals.landed.load(Ordering::Relaxed);
+        let Some(head) = self.head else { return };
+        let result = if recheck {
+            self.recheck(head).await
+        } else if landed > head.seq {
+            self.catch_up(None).await.map(|_| ())
+        } else {
+            Ok(())
+        };
+        if let Err(e) = result {
+            warn!(error = %e, "audit read failed; the head is reloaded before the next write");
+            self.head = None;
+        }
+    }
+
+    /// After a reconnect: the chain's last run must still be in the log, unchanged
+    /// (a server restart may have lost it); then every message after it is judged.
+    async fn recheck(&mut self, mut head: Head) -> journal::Result<()> {
+        if head.run_seq > 0 {
+            let stored = self.reader().message_at(&self.process, head.run_seq).await?;
+            let intact = stored
+                .and_then(|m| m.decode().ok())
+                .is_some_and(|run| run.last_slot() + 1 == head.next_slot && run.head() == head.prev);
+            if !intact {
+                let tail = self
+                    .reader()
+                    .last_message(&self.process)
+                    .await?
+                    .map(|m| m.seq)
+                    .unwrap_or(0);
+                let fault = Fault {
+                    seq: head.run_seq,
+                    slot: head.next_slot,
+                    kind: FaultKind::Lost {
+                        written_after: head.run_seq,
+                        found_after: tail,
+                    },
+                };
+                self.shared.fault(&self.process, &fault);
+                // Keep the chain as we know it: its slots are never given again. The
+                // next run is written after whatever the subject now ends with.
+                if tail < head.seq {
+                    head.seq = tail;
+                    self.head = Some(head);
+                }
+            }
+        }
+        self.catch_up(None).await.map(|_| ())
     }
 
     /// Hands `run` to the writer, expecting the head's subject sequence.
@@ -442,53 +595,78 @@ impl Actor {
         self.shared.writer.write(write).await
     }
 
-    /// Reads every run after the known head; returns the sequence of `ours` if it is
-    /// among them, else applies them all (head and index) and returns none.
-    async fn catch_up(&mut self, ours: &Run) -> journal::Result<Option<u64>> {
+    /// Judges every message after the known head (schemas/chain.md): runs of the
+    /// chain move the head and teach their ids; foreign messages are reported and
+    /// skipped. Returns the sequence of `ours` if it is among them (compared whole:
+    /// its entries, place and seal).
+    async fn catch_up(&mut self, ours: Option<&Run>) -> journal::Result<Option<u64>> {
         let Some(mut head) = self.head else {
             return Ok(None);
         };
-        loop {
-            let Some(StoredRun { seq, run, headers }) =
-                self.reader().next_run(&self.process, head.seq + 1).await?
-            else {
-                break;
-            };
-            if run.first_slot == ours.first_slot && run.head() == ours.head() {
-                return Ok(Some(seq));
+        let point = ChainPoint {
+            next_slot: head.next_slot,
+            prev: head.prev,
+            seq: head.run_seq,
+        };
+        let mut verifier = LogVerifier::resume(
+            self.process.clone(),
+            self.shared.trusted(),
+            vec![],
+            Some(point),
+            Some(head.seq),
+        );
+        let mut found = None;
+        while let Some(msg) = self.reader().next_message(&self.process, head.seq + 1).await? {
+            head.seq = msg.seq;
+            match chain::judge(&mut verifier, msg) {
+                Judged::Chain { run, lost } => {
+                    for f in &lost {
+                        self.shared.fault(&self.process, f);
+                    }
+                    let StoredRun { seq, run, headers } = run;
+                    let ts = run.entries.last().map(|e| e.timestamp_ms).unwrap_or(0);
+                    // Only ids the signed run itself holds at those slots.
+                    for (slot, id) in decode_ids(&headers) {
+                        let signed = slot
+                            .checked_sub(run.first_slot)
+                            .and_then(|i| run.entries.get(i as usize))
+                            .is_some_and(|e| e.message_id == id);
+                        if signed {
+                            self.index.insert(id, Seen { slot, seq }, ts);
+                        }
+                    }
+                    let is_ours = ours.is_some_and(|o| *o == run);
+                    head = Head::after(&run, seq);
+                    if is_ours {
+                        found = Some(seq);
+                        break;
+                    }
+                }
+                Judged::Foreign(f) => self.shared.fault(&self.process, &f),
             }
-            if run.first_slot != head.next_slot
-                || run.entries.first().map(|e| e.prev_hash) != Some(head.prev)
-            {
-                // Someone wrote a run that does not continue the chain: refuse to build on
-                // guesses; the operator must look (verify names the slot).
-                warn!(
-                    seq,
-                    first_slot = run.first_slot,
-                    expected = head.next_slot,
-                    "log run does not continue the chain"
-                );
-            }
-            let ts = run.entries.last().map(|e| e.timestamp_ms).unwrap_or(0);
-            for (slot, id) in decode_ids(&headers) {
-                self.index.insert(id, Seen { slot, seq }, ts);
-            }
-            head = Head::after(&run, seq);
         }
         self.head = Some(head);
-        Ok(None)
+        Ok(found)
     }
 
     async fn answer_duplicate(&self, job: Job, seen: Seen) {
         Metrics::bump(&self.shared.metrics.duplicates);
-        match self.reader().run_at(seen.seq).await {
-            Ok(stored) => {
-                let index = seen.slot.saturating_sub(stored.run.first_slot) as usize;
-                job.reply.receipt(&stored.run, &stored.run.tree(), index, true, true).await;
+        let stored = match self.reader().message_at(&self.process, seen.seq).await {
+            Ok(Some(m)) => m.decode().map_err(|e| format!("its run does not decode: {e}")),
+            Ok(None) => Err("its run is gone from the log".to_string()),
+            Err(e) => Err(format!("its run cannot be read now: {e}")),
+        };
+        match stored {
+            Ok(run) => {
+                let index = seen.slot.saturating_sub(run.first_slot) as usize;
+                job.reply.receipt(&run, &run.tree(), index, true, true).await;
             }
-            Err(e) => {
+            Err(why) => {
                 job.reply
-                    .refuse(Refusal::new(ErrorCode::Unavailable, format!("message id already scheduled at slot {}, but its run cannot be read now: {e}", seen.slot)))
+                    .refuse(Refusal::new(
+                        ErrorCode::Unavailable,
+                        format!("message id already scheduled at slot {}, but {why}", seen.slot),
+                    ))
                     .await
             }
         }

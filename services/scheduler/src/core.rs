@@ -23,9 +23,12 @@ pub struct Head {
     pub next_slot: u64,
     /// The chain hash the next assignment links to.
     pub prev: Hash32,
-    /// The stream's last sequence on the process's subject (0: none); the next write
-    /// expects exactly this (`Nats-Expected-Last-Subject-Sequence`).
+    /// The stream's last sequence on the process's subject (0: none), whatever is
+    /// stored there (a run of the chain or a foreign message); the next write expects
+    /// exactly this (`Nats-Expected-Last-Subject-Sequence`) and signs it as `prev_seq`.
     pub seq: u64,
+    /// Stream sequence of the chain's last run (0: none): what an audit re-checks.
+    pub run_seq: u64,
     /// Timestamp of the last assignment; timestamps never go backwards.
     pub timestamp_ms: u64,
 }
@@ -37,6 +40,7 @@ impl Head {
             next_slot: 0,
             prev: chain::genesis(process),
             seq: 0,
+            run_seq: 0,
             timestamp_ms: 0,
         }
     }
@@ -47,6 +51,7 @@ impl Head {
             next_slot: run.last_slot() + 1,
             prev: run.head(),
             seq,
+            run_seq: seq,
             timestamp_ms: run.entries.last().map(|e| e.timestamp_ms).unwrap_or(0),
         }
     }
@@ -63,10 +68,17 @@ pub struct Seen {
 
 /// Client message ids scheduled within the idempotency window, oldest first.
 /// After the window an id is forgotten and the same id gets a new slot.
+///
+/// Ids learnt from signed runs of the chain are facts. Ids learnt from unsigned
+/// `Ts-Ids` headers (the headers-only window load) are *hints*: any message on the
+/// subject can carry such a header, so each hint is checked against its signed run
+/// before it is believed ([`DedupeIndex::hints`], [`DedupeIndex::confirm`]), and
+/// an id may have several until one is confirmed.
 #[derive(Debug, Default)]
 pub struct DedupeIndex {
     window_ms: u64,
     ids: HashMap<String, Seen>,
+    hints: HashMap<String, Vec<Seen>>,
     order: VecDeque<(u64, String)>,
 }
 
@@ -79,17 +91,45 @@ impl DedupeIndex {
         }
     }
 
-    /// Records `id` as scheduled at `slot` in the run at `seq`, at `timestamp_ms`.
+    /// Records `id` as scheduled at `slot` in the run at `seq`, at `timestamp_ms`
+    /// (from a signed run of the chain).
     pub fn insert(&mut self, id: String, seen: Seen, timestamp_ms: u64) {
         if self.window_ms == 0 {
             return;
         }
+        self.hints.remove(&id);
         if self.ids.insert(id.clone(), seen).is_none() {
             self.order.push_back((timestamp_ms, id));
         }
     }
 
-    /// Where `id` was scheduled, if within the window.
+    /// Records an unchecked claim that `id` is at `seen` (an unsigned header).
+    pub fn insert_hint(&mut self, id: String, seen: Seen, timestamp_ms: u64) {
+        if self.window_ms == 0 || self.ids.contains_key(&id) {
+            return;
+        }
+        let claims = self.hints.entry(id.clone()).or_default();
+        if !claims.contains(&seen) {
+            claims.push(seen);
+            self.order.push_back((timestamp_ms, id));
+        }
+    }
+
+    /// The unchecked claims about `id`, oldest first (none once confirmed).
+    pub fn hints(&self, id: &str) -> &[Seen] {
+        self.hints.get(id).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Settles the claims about `id`: `found` is the one its signed run confirmed, if
+    /// any; the others are dropped.
+    pub fn confirm(&mut self, id: &str, found: Option<Seen>) {
+        self.hints.remove(id);
+        if let Some(seen) = found {
+            self.ids.insert(id.to_string(), seen);
+        }
+    }
+
+    /// Where `id` was scheduled, if within the window (confirmed ids only).
     pub fn get(&self, id: &str) -> Option<Seen> {
         self.ids.get(id).copied()
     }
@@ -103,6 +143,7 @@ impl DedupeIndex {
             }
             if let Some((_, id)) = self.order.pop_front() {
                 self.ids.remove(&id);
+                self.hints.remove(&id);
             }
         }
     }
@@ -207,6 +248,7 @@ pub fn build_run(
     let run = Run {
         v: RECORD_VERSION,
         process: process.to_string(),
+        prev_seq: head.seq,
         first_slot: head.next_slot,
         entries,
         seal: Seal::default(),
@@ -220,7 +262,7 @@ mod tests {
     use super::*;
     use protocol::keys::Keypair;
     use protocol::seal;
-    use protocol::verify::{ChainVerifier, TrustedKeys};
+    use protocol::verify::{LogVerifier, TrustedKeys, Verdict};
 
     fn msg(id: &str) -> NewMessage {
         NewMessage {
@@ -275,13 +317,33 @@ mod tests {
     }
 
     #[test]
+    fn given_unsigned_hints_then_none_is_believed_until_one_is_confirmed() {
+        let mut index = DedupeIndex::new(1000);
+        let forged = Seen { slot: 1, seq: 5 };
+        let genuine = Seen { slot: 2, seq: 9 };
+        index.insert_hint("a".into(), forged, 100);
+        index.insert_hint("a".into(), genuine, 101);
+        assert_eq!(index.get("a"), None, "a hint is not a fact");
+        assert_eq!(index.hints("a"), &[forged, genuine]);
+        index.confirm("a", Some(genuine));
+        assert_eq!((index.get("a"), index.hints("a")), (Some(genuine), &[][..]));
+        // A hint never overrides a fact.
+        index.insert_hint("a".into(), forged, 102);
+        assert_eq!((index.get("a"), index.hints("a")), (Some(genuine), &[][..]));
+        // All claims refuted: the id is unknown.
+        index.insert_hint("b".into(), forged, 103);
+        index.confirm("b", None);
+        assert_eq!((index.get("b"), index.hints("b")), (None, &[][..]));
+    }
+
+    #[test]
     fn given_consecutive_runs_when_built_and_sealed_then_they_verify_and_never_go_back_in_time() {
         let p = ProcessId::new("p").unwrap();
         let kp = Keypair::from_seed([9; 32]);
         let mut head = Head::genesis(&p);
         let mut t = TrustedKeys::default();
         t.insert(kp.public_key());
-        let mut v = ChainVerifier::new(p.clone(), t, vec![]);
+        let mut v = LogVerifier::from_genesis(p.clone(), t, vec![]);
         for (round, now) in [(0u64, 500u64), (1, 400), (2, 600)] {
             let (mut run, tree) = build_run(
                 &p,
@@ -292,7 +354,8 @@ mod tests {
             assert_eq!(tree.root(), run.tree().root());
             run.seal = seal::seal(&[seal::run_digest(&run.statement_for(&tree))], &[&kp]).remove(0);
             assert_eq!(run.first_slot, round * 2);
-            v.feed(&run).unwrap();
+            assert_eq!(run.prev_seq, head.seq);
+            assert_eq!(v.feed(round + 10, Ok(&run)), Verdict::Chain { lost: vec![] });
             assert!(run
                 .entries
                 .iter()

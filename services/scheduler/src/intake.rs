@@ -12,8 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use journal::subjects;
+use journal::chain::Judged;
+use protocol::verify::LogVerifier;
 use protocol::wire::{ErrorCode, Mode, ProcessConfig, RangePage, RangeRequest, SlotInfo};
-use protocol::{chain, ProcessId};
+use protocol::ProcessId;
 
 use crate::actor::Job;
 use crate::reply::{Refusal, Replier};
@@ -192,7 +194,8 @@ pub(crate) async fn read_loop<F, Fut>(
     }
 }
 
-/// Answers `<prefix>.slot.<process>` from the log's head (one leader read).
+/// Answers `<prefix>.slot.<process>` from the log's verified head (three leader
+/// reads on an intact log; schemas/chain.md).
 pub(crate) async fn slot(
     shared: Arc<Shared>,
     msg: async_nats::Message,
@@ -201,27 +204,28 @@ pub(crate) async fn slot(
         .subjects
         .process_of("slot", msg.subject.as_str())
         .map_err(|e| Refusal::new(ErrorCode::InvalidProcess, e.to_string()))?;
-    let head = shared.reader.head(&process).await.map_err(unavailable)?;
-    let info = match head {
-        Some(m) => SlotInfo {
-            process: process.to_string(),
-            slot: Some(m.last_slot),
-            next_slot: m.last_slot + 1,
-            chain_head: m.head,
-            timestamp_ms: Some(m.timestamp_ms),
-        },
-        None => SlotInfo {
-            process: process.to_string(),
-            slot: None,
-            next_slot: 0,
-            chain_head: chain::genesis(&process),
-            timestamp_ms: None,
-        },
+    let loaded = journal::chain::load_head(&shared.reader, &process, &shared.trusted())
+        .await
+        .map_err(unavailable)?;
+    for f in &loaded.faults {
+        shared.fault(&process, f);
+    }
+    let info = SlotInfo {
+        process: process.to_string(),
+        slot: loaded.head_run.as_ref().map(|r| r.run.last_slot()),
+        next_slot: loaded.point.next_slot,
+        chain_head: loaded.point.prev,
+        timestamp_ms: loaded
+            .head_run
+            .as_ref()
+            .and_then(|r| r.run.entries.last())
+            .map(|e| e.timestamp_ms),
     };
     info.encode().map_err(internal)
 }
 
-/// Answers `<prefix>.range.<process>` with one page; `next` says where the rest is.
+/// Answers `<prefix>.range.<process>` with one page of the chain (foreign messages
+/// skipped); `next` says where the rest is.
 pub(crate) async fn range(
     shared: Arc<Shared>,
     msg: async_nats::Message,
@@ -248,39 +252,58 @@ pub(crate) async fn range(
         entries: Vec::new(),
         next: None,
     };
-    let Some(head) = shared.reader.head(&process).await.map_err(unavailable)? else {
+    let trusted = shared.trusted();
+    let loaded = journal::chain::load_head(&shared.reader, &process, &trusted)
+        .await
+        .map_err(unavailable)?;
+    let Some(last) = loaded.point.next_slot.checked_sub(1) else {
         return page.encode().map_err(internal);
     };
-    let to = req.to.unwrap_or(head.last_slot).min(head.last_slot);
+    let to = req.to.unwrap_or(last).min(last);
     if req.from > to {
         return page.encode().map_err(internal);
     }
-    let mut seq = shared
-        .reader
-        .locate(&process, req.from)
-        .await
-        .map_err(unavailable)?
-        .unwrap_or(head.seq + 1);
+    let (mut verifier, mut seq) = if req.from == 0 {
+        (
+            LogVerifier::from_genesis(process.clone(), trusted, vec![]),
+            1,
+        )
+    } else {
+        let start = shared
+            .reader
+            .locate(&process, req.from)
+            .await
+            .map_err(unavailable)?
+            .unwrap_or(loaded.tail_seq + 1);
+        (
+            LogVerifier::resume(process.clone(), trusted, vec![], None, None),
+            start,
+        )
+    };
     let mut want = req.from;
     let mut bytes = 0usize;
     'runs: while want <= to {
-        let Some(stored) = shared
+        let Some(msg) = shared
             .reader
-            .next_run(&process, seq)
+            .next_message(&process, seq)
             .await
             .map_err(unavailable)?
         else {
             break;
         };
-        seq = stored.seq + 1;
+        seq = msg.seq + 1;
+        let stored = match journal::chain::judge(&mut verifier, msg) {
+            Judged::Chain { run, .. } => run,
+            Judged::Foreign(_) => continue,
+        };
         for e in stored.run.entries {
             if e.slot < want {
                 continue;
             }
             if e.slot != want {
                 return Err(Refusal::new(
-                    ErrorCode::Internal,
-                    format!("the log has a gap at slot {want}; run turnstile verify"),
+                    ErrorCode::Unavailable,
+                    format!("the log has lost slot {want}; run turnstile verify"),
                 ));
             }
             if e.slot > to {
@@ -355,6 +378,42 @@ pub(crate) async fn load_process_configs(
         }
     }
     Ok(out)
+}
+
+/// Follows the published keys until shutdown: a key published later (another
+/// replica's) is trusted from then on. Our own keys stay trusted whatever happens to
+/// the bucket.
+pub(crate) async fn watch_keys(shared: Arc<Shared>, store: kv::Store, shutdown: CancellationToken) {
+    let mut watch = match store.watch(">").await {
+        Ok(w) => w,
+        Err(e) => {
+            warn!(error = %e, "cannot watch published keys; keys published later need a restart");
+            return;
+        }
+    };
+    loop {
+        let entry = tokio::select! {
+            e = watch.next() => e,
+            _ = shutdown.cancelled() => return,
+        };
+        let Some(entry) = entry else { return };
+        let Ok(entry) = entry else { continue };
+        if entry.operation != kv::Operation::Put {
+            continue;
+        }
+        let Ok(key) = protocol::wire::PublishedKey::decode(&entry.value) else {
+            warn!(key_id = %entry.key, "ignoring a malformed published key");
+            continue;
+        };
+        let trust = journal::keyring::trust(std::slice::from_ref(&key));
+        if trust.is_empty() || key.key_id != entry.key {
+            warn!(key_id = %entry.key, "ignoring a published key whose id does not match it");
+            continue;
+        }
+        if let (Ok(mut t), Ok(pk)) = (shared.trusted.write(), <[u8; 32]>::try_from(key.public_key.as_slice())) {
+            t.insert(pk);
+        }
+    }
 }
 
 /// Follows changes to process settings until shutdown.

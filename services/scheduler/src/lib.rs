@@ -9,6 +9,8 @@
 //! # Layout
 //! - [`core`]: the pure decisions (head, dedupe window, plan, run building).
 //! - [`actor`]: one task per active process: batching, writing, catching up.
+//! - `audit`: the continuous audit: messages landing on served subjects, re-checks
+//!   after every reconnect.
 //! - [`intake`]: the services-API endpoints (schedule, slot, range, keys).
 //! - [`reply`]: receipts and typed refusals.
 //! - `signer`: one task sealing the runs of all processes in batches.
@@ -21,6 +23,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod actor;
+mod audit;
 pub mod config;
 pub mod core;
 pub mod error;
@@ -45,8 +48,11 @@ use journal::reader::{LogReader, RunMeta};
 use journal::setup::{self, LogOptions};
 use journal::subjects::Subjects;
 use protocol::merkle::Tree;
-use protocol::wire::{ErrorCode, ProcessConfig, Run};
+use protocol::verify::{Fault, TrustedKeys};
+use protocol::wire::{ErrorCode, FaultEvent, ProcessConfig, Run};
 use protocol::ProcessId;
+
+use crate::metrics::Metrics;
 
 pub use config::{Config, Keyring};
 pub use error::{Error, Result};
@@ -100,9 +106,36 @@ pub(crate) struct Shared {
     pub clock: Arc<dyn Clock>,
     pub remote: Option<stream::Stream<()>>,
     pub tracker: TaskTracker,
+    /// The keys whose seals make a run genuine: the published ones and our own.
+    pub trusted: RwLock<TrustedKeys>,
+    /// The core connection (fault events).
+    pub core: async_nats::Client,
 }
 
 impl Shared {
+    /// The keys trusted now.
+    pub fn trusted(&self) -> TrustedKeys {
+        self.trusted.read().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Reports a fault found in `process`'s log: a counter, an error line and an event
+    /// on `<prefix>.events.fault`.
+    pub fn fault(&self, process: &ProcessId, fault: &Fault) {
+        Metrics::bump(&self.metrics.faults);
+        tracing::error!(process = %process, seq = fault.seq, slot = fault.slot, code = fault.kind.code(), "log fault: {}", fault.kind);
+        let event = FaultEvent::new(process, fault, "scheduler", self.clock.now_ms());
+        let Ok(bytes) = serde_json::to_vec(&event) else {
+            return;
+        };
+        let core = self.core.clone();
+        let subject = self.subjects.fault_events();
+        self.tracker.spawn(async move {
+            if let Err(e) = core.publish(subject, bytes.into()).await {
+                warn!(error = %e, "could not publish a fault event");
+            }
+        });
+    }
+
     /// The process's settings (defaults when it has none).
     pub fn process_config(&self, p: &ProcessId) -> ProcessConfig {
         self.processes
@@ -154,10 +187,16 @@ impl Shared {
     }
 }
 
+/// A live process actor: its queue and what the audit signals it.
+struct ActorHandle {
+    jobs: mpsc::Sender<Job>,
+    signals: Arc<actor::Signals>,
+}
+
 /// The live process actors: one queue each.
 #[derive(Default)]
 pub(crate) struct Actors {
-    queues: Mutex<HashMap<ProcessId, mpsc::Sender<Job>>>,
+    queues: Mutex<HashMap<ProcessId, ActorHandle>>,
 }
 
 impl Actors {
@@ -178,14 +217,18 @@ impl Actors {
         };
         let mut job = job;
         for _ in 0..2 {
-            let tx = queues.entry(process.clone()).or_insert_with(|| {
+            let handle = queues.entry(process.clone()).or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(shared.config.queue_per_process);
-                shared
-                    .tracker
-                    .spawn(actor::run(Arc::clone(shared), process.clone(), rx));
-                tx
+                let signals = Arc::new(actor::Signals::default());
+                shared.tracker.spawn(actor::run(
+                    Arc::clone(shared),
+                    process.clone(),
+                    rx,
+                    Arc::clone(&signals),
+                ));
+                ActorHandle { jobs: tx, signals }
             });
-            match tx.try_send(job) {
+            match handle.jobs.try_send(job) {
                 Ok(()) => return Ok(()),
                 Err(mpsc::error::TrySendError::Full(j)) => {
                     return Err((
@@ -212,8 +255,26 @@ impl Actors {
     /// Forgets an actor whose queue is closed.
     pub fn retire(&self, process: &ProcessId) {
         if let Ok(mut queues) = self.queues.lock() {
-            if queues.get(process).is_some_and(|tx| tx.is_closed()) {
+            if queues.get(process).is_some_and(|h| h.jobs.is_closed()) {
                 queues.remove(process);
+            }
+        }
+    }
+
+    /// Tells `process`'s actor, if it lives here, that a message landed at `seq`.
+    pub fn landed(&self, process: &ProcessId, seq: u64) {
+        if let Ok(queues) = self.queues.lock() {
+            if let Some(h) = queues.get(process) {
+                h.signals.landed(seq);
+            }
+        }
+    }
+
+    /// Tells every live actor to re-check its log (after a reconnect).
+    pub fn recheck_all(&self) {
+        if let Ok(queues) = self.queues.lock() {
+            for h in queues.values() {
+                h.signals.recheck();
             }
         }
     }
@@ -270,6 +331,10 @@ pub async fn run_with_clock(
     let processes_kv = setup::ensure_processes(&js, &subjects, &options).await?;
     let keys_kv = setup::ensure_keys(&js, &subjects, &options).await?;
     journal::keyring::publish(&keys_kv, &keyring.all()).await?;
+    let mut trusted = journal::keyring::trust(&journal::keyring::fetch(&keys_kv).await?);
+    for k in keyring.all() {
+        trusted.insert(k.public_key());
+    }
 
     let server_max = client.server_info().max_payload;
     let room = server_max.saturating_sub(RUN_HEADROOM);
@@ -342,6 +407,8 @@ pub async fn run_with_clock(
         clock,
         remote,
         tracker,
+        trusted: RwLock::new(trusted),
+        core: client.clone(),
     });
 
     let service = intake
@@ -396,10 +463,20 @@ pub async fn run_with_clock(
         shutdown.clone(),
         intake::range,
     ));
+    loops.spawn(intake::watch_keys(
+        Arc::clone(&shared),
+        keys_kv.clone(),
+        shutdown.clone(),
+    ));
     loops.spawn(intake::keys_loop(
         Arc::clone(&shared),
         keys,
         keys_kv,
+        shutdown.clone(),
+    ));
+    loops.spawn(audit::watch_log(Arc::clone(&shared), shutdown.clone()));
+    loops.spawn(audit::watch_reconnects(
+        Arc::clone(&shared),
         shutdown.clone(),
     ));
     loops.close();

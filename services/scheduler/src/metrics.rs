@@ -21,6 +21,14 @@ pub struct Metrics {
     pub races_lost: AtomicU64,
     /// Requests answered as duplicates of an earlier message id.
     pub duplicates: AtomicU64,
+    /// Faults found in the log (foreign messages, losses): each also a fault event.
+    pub faults: AtomicU64,
+    /// Heads loaded by reading a whole subject (the tail was not a verified run).
+    pub head_scans: AtomicU64,
+    /// Requests the client library could not parse (bad headers, non-UTF-8 subject).
+    pub malformed_requests: AtomicU64,
+    /// Requests whose reply subject lies in our own space: never answered.
+    pub replies_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -41,6 +49,10 @@ impl Metrics {
             "batches_refused": get(&self.batches_refused),
             "races_lost": get(&self.races_lost),
             "duplicates": get(&self.duplicates),
+            "faults": get(&self.faults),
+            "head_scans": get(&self.head_scans),
+            "malformed_requests": get(&self.malformed_requests),
+            "replies_refused": get(&self.replies_refused),
         })
     }
 }

@@ -260,11 +260,25 @@ async fn run(cli: Cli) -> Result<i32> {
         } => {
             let process = ProcessId::new(process)?;
             let js = async_nats::jetstream::new(connect(&cli.nats_url).await?);
+            let store = setup::open_bucket(&js, &subjects.keys_bucket()).await?;
+            let trusted = keyring::trust(&keyring::fetch(&store).await?);
             let reader = LogReader::open(js, subjects).await?;
-            let mut runs = reader.runs(&process, from, follow).await?;
+            let mut judged =
+                journal::chain::from_slot(&reader, &process, &trusted, from, follow).await?;
             let mut out = std::io::stdout().lock();
-            while let Some(stored) = runs.next().await {
-                let stored = stored?;
+            while let Some(item) = judged.next().await {
+                let stored = match item? {
+                    journal::chain::Judged::Chain { run, lost } => {
+                        for f in lost {
+                            eprintln!("turnstile: {process}: {f}");
+                        }
+                        run
+                    }
+                    journal::chain::Judged::Foreign(f) => {
+                        eprintln!("turnstile: {process}: skipping a foreign message: {f}");
+                        continue;
+                    }
+                };
                 for e in &stored.run.entries {
                     if e.slot < from {
                         continue;
@@ -341,7 +355,7 @@ async fn run(cli: Cli) -> Result<i32> {
             if tty {
                 eprint!("\r");
             }
-            match report.fault {
+            match report.faults.first() {
                 None => {
                     let range = match report.last_good {
                         Some(l) => format!("slots {from}..={l}"),
@@ -353,8 +367,10 @@ async fn run(cli: Cli) -> Result<i32> {
                     );
                     Ok(0)
                 }
-                Some(f) => {
-                    println!("FAILED: {process} {f}");
+                Some(_) => {
+                    for f in &report.faults {
+                        println!("FAILED: {process} {f}");
+                    }
                     Ok(1)
                 }
             }

@@ -1,117 +1,108 @@
-//! The verification driver: reads a process's runs in order and feeds them to the
-//! pure [`ChainVerifier`]. A record that cannot be read or decoded is itself a
-//! fault at the slot that was expected next.
+//! The verification driver: reads a process's subject to its end, judges every
+//! message by the rule of schemas/chain.md ([`crate::chain`]) and collects every
+//! fault, each naming its stream sequence.
 
 use futures::StreamExt;
 
-use protocol::verify::{ChainVerifier, Fault, FaultKind, TrustedKeys};
+use protocol::verify::{Fault, FaultKind, TrustedKeys};
 use protocol::ProcessId;
 
+use crate::chain::{self, Judged};
 use crate::reader::LogReader;
-use crate::{Error, Result};
+use crate::Result;
 
 /// What to verify.
 #[derive(Debug, Clone)]
 pub struct Scope {
     /// The process.
     pub process: ProcessId,
-    /// First slot to check (its whole run is checked).
+    /// First slot to check (its whole run is checked; 0: from genesis).
     pub from: u64,
-    /// Last slot to check (inclusive); none: up to the head when verification starts.
+    /// The chain must reach this slot (inclusive); none: no requirement. The subject
+    /// is read to its end either way.
     pub to: Option<u64>,
-    /// Key ids that must commit to every run.
+    /// Key ids that must commit to every run (a run without one is a fault; it still
+    /// holds its slots).
     pub required: Vec<String>,
 }
 
 /// The outcome of a verification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
-    /// Assignments checked and found good.
+    /// Assignments of the chain checked.
     pub checked: u64,
-    /// The last good slot, if any.
+    /// Runs of the chain read.
+    pub runs: u64,
+    /// The last slot of the chain, if any.
     pub last_good: Option<u64>,
-    /// The first fault, if any.
-    pub fault: Option<Fault>,
+    /// Every fault, in stream order.
+    pub faults: Vec<Fault>,
+    /// Stream sequence of the last message read.
+    pub tail_seq: u64,
 }
 
-/// Verifies `scope` against `trusted`, calling `progress(checked_through_slot)` after
-/// each run so long ranges can show progress.
+impl Report {
+    /// True when nothing is wrong.
+    pub fn is_ok(&self) -> bool {
+        self.faults.is_empty()
+    }
+}
+
+/// Verifies `scope` against `trusted`, calling `progress(last_slot_so_far)` after each
+/// run so long logs can show progress.
 pub async fn verify(
     reader: &LogReader,
     scope: &Scope,
     trusted: TrustedKeys,
     mut progress: impl FnMut(u64),
 ) -> Result<Report> {
-    let head = reader.head(&scope.process).await?;
-    let Some(head) = head else {
-        return Ok(Report {
-            checked: 0,
-            last_good: None,
-            fault: None,
-        });
+    let mut judged =
+        chain::from_slot(reader, &scope.process, &trusted, scope.from, false).await?;
+    let mut report = Report {
+        checked: 0,
+        runs: 0,
+        last_good: None,
+        faults: vec![],
+        tail_seq: 0,
     };
-    let to = scope.to.unwrap_or(head.last_slot).min(head.last_slot);
-    if scope.from > to {
-        return Ok(Report {
-            checked: 0,
-            last_good: None,
-            fault: None,
-        });
-    }
-    let mut verifier = ChainVerifier::new(scope.process.clone(), trusted, scope.required.clone());
-    let mut runs = reader.runs(&scope.process, scope.from, false).await?;
-    let mut last_good = None;
-    let mut expected = scope.from;
-    while let Some(item) = runs.next().await {
-        let stored = match item {
-            Ok(s) => s,
-            Err(Error::BadRecord { seq, reason }) => {
-                let slot = verifier.next_slot().unwrap_or(expected);
-                tracing::warn!(seq, %reason, "undecodable record");
-                let fault = Fault {
-                    slot,
-                    kind: FaultKind::BadChainHash,
-                };
-                return Ok(Report {
-                    checked: verifier.checked(),
-                    last_good,
-                    fault: Some(fault),
-                });
+    while let Some(item) = judged.next().await {
+        match item? {
+            Judged::Chain { run, lost } => {
+                report.faults.extend(lost);
+                let next_slot = run.run.first_slot;
+                for k in &scope.required {
+                    if !run.run.seal.commitments.iter().any(|c| &c.key_id == k) {
+                        report.faults.push(Fault {
+                            seq: run.seq,
+                            slot: next_slot,
+                            kind: FaultKind::MissingKey(k.clone()),
+                        });
+                    }
+                }
+                report.checked += run.run.entries.len() as u64;
+                report.runs += 1;
+                report.last_good = Some(run.run.last_slot());
+                report.tail_seq = run.seq;
+                progress(run.run.last_slot());
             }
-            Err(e) => return Err(e),
-        };
-        if let Err(fault) = verifier.feed(&stored.run) {
-            return Ok(Report {
-                checked: verifier.checked(),
-                last_good,
-                fault: Some(fault),
+            Judged::Foreign(f) => {
+                report.tail_seq = f.seq;
+                report.faults.push(f);
+            }
+        }
+    }
+    if let Some(to) = scope.to {
+        let next = report.last_good.map(|s| s + 1).unwrap_or(scope.from);
+        if next <= to {
+            report.faults.push(Fault {
+                seq: report.tail_seq,
+                slot: next,
+                kind: FaultKind::Gap {
+                    expected: next,
+                    found: to + 1,
+                },
             });
         }
-        last_good = Some(stored.run.last_slot());
-        expected = stored.run.last_slot() + 1;
-        progress(stored.run.last_slot());
-        if stored.run.last_slot() >= to {
-            break;
-        }
     }
-    // The log must reach `to`: a log that ends early has lost slots.
-    if last_good.is_none_or(|s| s < to) {
-        let fault = Fault {
-            slot: expected,
-            kind: FaultKind::Gap {
-                expected,
-                found: head.last_slot + 1,
-            },
-        };
-        return Ok(Report {
-            checked: verifier.checked(),
-            last_good,
-            fault: Some(fault),
-        });
-    }
-    Ok(Report {
-        checked: verifier.checked(),
-        last_good,
-        fault: None,
-    })
+    Ok(report)
 }

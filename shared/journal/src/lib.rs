@@ -6,6 +6,8 @@
 //! - [`setup`]: the server version check and idempotent stream/bucket creation.
 //! - [`reader`]: reading the assignment log: head in O(1), slot lookup in
 //!   O(log n) reads, ordered range scans and live tails.
+//! - [`chain`]: a process's chain by the rule of schemas/chain.md: the verified head,
+//!   judged messages (chain runs and foreign ones).
 //! - [`audit`]: the verification driver (reads the log, feeds the pure verifier).
 //! - [`client`]: the request/reply client of the scheduler (what the CLI uses).
 //! - [`keyring`]: publishing and fetching scheduler public keys.
@@ -13,6 +15,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod audit;
+pub mod chain;
 pub mod client;
 pub mod keyring;
 pub mod reader;

@@ -58,29 +58,51 @@ impl RunMeta {
     }
 }
 
-/// A decoded log message.
+/// A run of the chain, with where it is stored.
 #[derive(Debug, Clone)]
 pub struct StoredRun {
     /// Stream sequence.
     pub seq: u64,
     /// The run.
     pub run: Run,
-    /// The raw headers (for `Ts-Ids`).
+    /// The raw headers (hints only: `Ts-Ids` says which entries carry client ids).
     pub headers: HeaderMap,
 }
 
-/// Decodes the run of a log message; one that does not decode is a `BadRecord`
-/// naming its sequence.
-fn decode(msg: jetstream::message::StreamMessage) -> Result<StoredRun> {
-    stored(msg.sequence, &msg.payload, msg.headers)
+/// One message of a process's log subject, not yet judged: it may be a run of the
+/// chain or anything else someone published there (schemas/chain.md).
+#[derive(Debug, Clone)]
+pub struct LogMessage {
+    /// Stream sequence.
+    pub seq: u64,
+    /// Its headers (unsigned hints).
+    pub headers: HeaderMap,
+    /// Its body.
+    pub payload: bytes::Bytes,
 }
 
-fn stored(seq: u64, payload: &[u8], headers: HeaderMap) -> Result<StoredRun> {
-    let run = Run::decode(payload).map_err(|e| Error::BadRecord {
-        seq,
-        reason: e.to_string(),
-    })?;
-    Ok(StoredRun { seq, run, headers })
+impl LogMessage {
+    fn from_stream(msg: jetstream::message::StreamMessage) -> LogMessage {
+        LogMessage {
+            seq: msg.sequence,
+            headers: msg.headers,
+            payload: msg.payload,
+        }
+    }
+
+    /// The run it holds, or why it holds none.
+    pub fn decode(&self) -> Result<Run, String> {
+        Run::decode(&self.payload).map_err(|e| e.to_string())
+    }
+
+    /// The run, as a [`StoredRun`].
+    pub fn into_stored(self, run: Run) -> StoredRun {
+        StoredRun {
+            seq: self.seq,
+            run,
+            headers: self.headers,
+        }
+    }
 }
 
 /// Reads the log of any process.
@@ -130,22 +152,26 @@ impl LogReader {
         &self.subjects
     }
 
-    /// The last run's meta for `process`, from the stream leader; none for a process
-    /// with no assignment.
-    pub async fn head(&self, process: &ProcessId) -> Result<Option<RunMeta>> {
+    /// What the last message of `process`'s subject says about itself in its headers,
+    /// from the stream leader: an unsigned hint (for locating, never for deciding).
+    pub async fn tail_hint(&self, process: &ProcessId) -> Result<Option<RunMeta>> {
+        let Some(msg) = self.last_message(process).await? else {
+            return Ok(None);
+        };
+        if let Some(meta) = RunMeta::from_headers(msg.seq, &msg.headers) {
+            return Ok(Some(meta));
+        }
+        Ok(msg.decode().ok().map(|run| meta_of(msg.seq, &run)))
+    }
+
+    /// The last message on `process`'s subject, from the stream leader.
+    pub async fn last_message(&self, process: &ProcessId) -> Result<Option<LogMessage>> {
         match self
             .stream
             .get_last_raw_message_by_subject(&self.subjects.log(process))
             .await
         {
-            Ok(msg) => {
-                if let Some(meta) = RunMeta::from_headers(msg.sequence, &msg.headers) {
-                    return Ok(Some(meta));
-                }
-                // Headers missing (a foreign writer?): fall back to the body.
-                let s = decode(msg)?;
-                Ok(Some(meta_of(&s)))
-            }
+            Ok(msg) => Ok(Some(LogMessage::from_stream(msg))),
             Err(e) if not_found(&e) => Ok(None),
             Err(e) => Err(Error::JetStream {
                 op: "read head",
@@ -154,55 +180,22 @@ impl LogReader {
         }
     }
 
-    /// The last run of `process`, decoded.
-    pub async fn head_run(&self, process: &ProcessId) -> Result<Option<StoredRun>> {
-        match self
-            .stream
-            .get_last_raw_message_by_subject(&self.subjects.log(process))
-            .await
-        {
-            Ok(msg) => decode(msg).map(Some),
-            Err(e) if not_found(&e) => Ok(None),
-            Err(e) => Err(Error::JetStream {
-                op: "read head",
-                reason: e.to_string(),
-            }),
+    /// The message stored at stream sequence `seq`, if it is on `process`'s subject.
+    pub async fn message_at(&self, process: &ProcessId, seq: u64) -> Result<Option<LogMessage>> {
+        match self.next_message(process, seq).await? {
+            Some(m) if m.seq == seq => Ok(Some(m)),
+            _ => Ok(None),
         }
     }
 
-    /// The run stored at stream sequence `seq`.
-    pub async fn run_at(&self, seq: u64) -> Result<StoredRun> {
-        let msg = self
-            .stream
-            .get_raw_message(seq)
-            .await
-            .map_err(|e| Error::JetStream {
-                op: "read run",
-                reason: e.to_string(),
-            })?;
-        decode(msg)
-    }
-
-    /// The first run of `process` at stream sequence `seq` or later; none past the end.
-    /// A message that does not decode is an error naming its sequence.
-    pub async fn next_run(&self, process: &ProcessId, seq: u64) -> Result<Option<StoredRun>> {
-        match self.next_raw(process, seq).await? {
-            Some(msg) => decode(msg).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    async fn next_raw(
-        &self,
-        process: &ProcessId,
-        seq: u64,
-    ) -> Result<Option<jetstream::message::StreamMessage>> {
+    /// The first message on `process`'s subject at stream sequence `seq` or later.
+    pub async fn next_message(&self, process: &ProcessId, seq: u64) -> Result<Option<LogMessage>> {
         match self
             .stream
             .get_first_raw_message_by_subject(self.subjects.log(process), seq.max(1))
             .await
         {
-            Ok(msg) => Ok(Some(msg)),
+            Ok(msg) => Ok(Some(LogMessage::from_stream(msg))),
             Err(e) if not_found(&e) => Ok(None),
             Err(e) => Err(Error::JetStream {
                 op: "read next run",
@@ -212,19 +205,30 @@ impl LogReader {
     }
 
     async fn next_meta(&self, process: &ProcessId, seq: u64) -> Result<Option<RunMeta>> {
-        let Some(msg) = self.next_raw(process, seq).await? else {
+        let Some(msg) = self.next_message(process, seq).await? else {
             return Ok(None);
         };
-        match RunMeta::from_headers(msg.sequence, &msg.headers) {
+        match RunMeta::from_headers(msg.seq, &msg.headers) {
             Some(m) => Ok(Some(m)),
-            None => decode(msg).map(|s| Some(meta_of(&s))),
+            None => Ok(Some(match msg.decode() {
+                Ok(run) => meta_of(msg.seq, &run),
+                // Not a run: a foreign message; treat it as past any slot.
+                Err(_) => RunMeta {
+                    seq: msg.seq,
+                    first_slot: u64::MAX,
+                    last_slot: u64::MAX,
+                    head: Hash32::ZERO,
+                    timestamp_ms: 0,
+                },
+            })),
         }
     }
 
-    /// The stream sequence of the run holding `slot`, by binary search over stream
-    /// sequences; none if the process has no such slot (yet).
+    /// Where to start reading for `slot`: the stream sequence of a message whose
+    /// headers say it holds `slot`, by binary search over stream sequences; none if no
+    /// message says so. Headers are hints: readers judge what they find there.
     pub async fn locate(&self, process: &ProcessId, slot: u64) -> Result<Option<u64>> {
-        let Some(head) = self.head(process).await? else {
+        let Some(head) = self.tail_hint(process).await? else {
             return Ok(None);
         };
         if slot > head.last_slot {
@@ -254,34 +258,24 @@ impl LogReader {
         Ok(None)
     }
 
-    /// Runs of `process` in slot order, starting with the run that holds `from`.
-    /// With `follow` the stream stays open and yields new runs as they are written;
-    /// without it, it ends at the head as it was when the call started.
-    pub async fn runs(
+    /// The messages of `process`'s subject from stream sequence `start` in stream
+    /// order, through `end` (inclusive; none: keep following new ones). Nothing is
+    /// judged here: feed them to a [`protocol::verify::LogVerifier`].
+    pub async fn messages(
         &self,
         process: &ProcessId,
-        from: u64,
-        follow: bool,
-    ) -> Result<impl Stream<Item = Result<StoredRun>> + Unpin> {
-        let head = self.head(process).await?;
-        let start_seq = match self.locate(process, from).await? {
-            Some(seq) => seq,
-            // Nothing at `from` yet: a follower starts after the current head.
-            None => head.map(|h| h.seq + 1).unwrap_or(1),
-        };
-        let end_seq = if follow {
-            u64::MAX
-        } else {
-            head.map(|h| h.seq).unwrap_or(0)
-        };
+        start: u64,
+        end: Option<u64>,
+    ) -> Result<impl Stream<Item = Result<LogMessage>> + Unpin> {
+        let end_seq = end.unwrap_or(u64::MAX);
         let config = consumer::pull::OrderedConfig {
             filter_subject: self.subjects.log(process),
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: start_seq,
+                start_sequence: start.max(1),
             },
             ..Default::default()
         };
-        let messages = if end_seq < start_seq {
+        let messages = if end_seq < start.max(1) {
             None
         } else {
             let consumer =
@@ -303,15 +297,19 @@ impl LogReader {
                 reason: e.to_string(),
             })?;
             let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-            stored(seq, &m.payload, m.headers.clone().unwrap_or_default())
+            Ok(LogMessage {
+                seq,
+                headers: m.headers.clone().unwrap_or_default(),
+                payload: m.payload.clone(),
+            })
         });
-        // Stop right after the end run, without waiting for a message that may never come.
+        // Stop right after the end message, without waiting for one that may never come.
         let s = futures::stream::unfold((Box::pin(s), false), move |(mut s, done)| async move {
             if done {
                 return None;
             }
             let item = s.next().await?;
-            let done = matches!(&item, Ok(r) if r.seq >= end_seq);
+            let done = matches!(&item, Ok(m) if m.seq >= end_seq);
             Some((item, (s, done)))
         });
         Ok(Box::pin(s))
@@ -323,12 +321,12 @@ impl LogReader {
     }
 }
 
-fn meta_of(s: &StoredRun) -> RunMeta {
+fn meta_of(seq: u64, run: &Run) -> RunMeta {
     RunMeta {
-        seq: s.seq,
-        first_slot: s.run.first_slot,
-        last_slot: s.run.last_slot(),
-        head: s.run.head(),
-        timestamp_ms: s.run.entries.last().map(|e| e.timestamp_ms).unwrap_or(0),
+        seq,
+        first_slot: run.first_slot,
+        last_slot: run.last_slot(),
+        head: run.head(),
+        timestamp_ms: run.entries.last().map(|e| e.timestamp_ms).unwrap_or(0),
     }
 }

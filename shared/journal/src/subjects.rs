@@ -119,6 +119,26 @@ impl Subjects {
     pub fn log_all(&self) -> String {
         format!("{}.log.*", self.prefix)
     }
+    /// `<prefix>.events.fault`: a fault found in the log (JSON, schemas/subjects.md).
+    pub fn fault_events(&self) -> String {
+        format!("{}.events.fault", self.prefix)
+    }
+    /// The process of a log subject `<prefix>.log.<process>`.
+    pub fn process_of_log(&self, subject: &str) -> Option<ProcessId> {
+        self.process_of("log", subject).ok()
+    }
+
+    /// Whether a reply subject lies inside the deployment's own space or the server's
+    /// (`<prefix>.>` and every subject starting with `$`: `$JS`, `$KV`, `$O`, `$SRV`,
+    /// `$SYS`, ...). A service never answers there: the answer would be published
+    /// with the service's rights, not the requester's (a confused deputy).
+    pub fn is_reserved_reply(&self, reply: &str) -> bool {
+        reply.starts_with('$')
+            || reply == self.prefix
+            || reply
+                .strip_prefix(self.prefix.as_str())
+                .is_some_and(|rest| rest.starts_with('.'))
+    }
 
     /// The process token of a request subject `<prefix>.<kind>.<rest>`; the rest must
     /// be exactly one valid process token.
@@ -174,6 +194,26 @@ mod tests {
         assert_eq!(t.log_stream(), "ACME_PROD_LOG");
         assert_eq!(t.slot(&p), "acme.prod.slot.p-1");
         assert!(Subjects::new("a..b").is_err() && Subjects::new("a.*").is_err());
+    }
+
+    #[test]
+    fn replies_into_our_own_space_are_reserved() {
+        let s = Subjects::new("ts").unwrap();
+        for r in [
+            "ts.log.V",
+            "ts",
+            "ts.schedule.x",
+            "$KV.TS_PROCESSES.C",
+            "$JS.API.STREAM.DELETE.TS_LOG",
+            "$SRV.PING",
+            "$SYS.REQ.SERVER.PING",
+            "$O.b.c",
+        ] {
+            assert!(s.is_reserved_reply(r), "{r}");
+        }
+        for r in ["_INBOX.abc.1", "tsx.log.V", "my.reply", "ts_reply"] {
+            assert!(!s.is_reserved_reply(r), "{r}");
+        }
     }
 
     #[test]

@@ -11,19 +11,30 @@ use crate::hash::Hash32;
 use crate::{Error, Result};
 
 /// Domain separator of the run statement.
-pub const RUN_DOMAIN: &[u8] = b"turnstile/run/v1";
+pub const RUN_DOMAIN: &[u8] = b"turnstile/run/v2";
 
 /// The statement of one run, whose digest is sealed in a batch (see [`crate::seal`]):
 ///
 /// ```text
-/// "turnstile/run/v1" || u32be(len(process)) || process || u64be(first_slot)
-///   || u64be(count) || merkle_root (32 bytes)
+/// "turnstile/run/v2" || u32be(len(process)) || process || u64be(prev_seq)
+///   || u64be(first_slot) || u64be(count) || merkle_root (32 bytes)
 /// ```
-pub fn run_statement(process: &str, first_slot: u64, count: u64, merkle_root: &Hash32) -> Vec<u8> {
-    let mut out = Vec::with_capacity(RUN_DOMAIN.len() + 4 + process.len() + 16 + 32);
+///
+/// `prev_seq` is the stream sequence of the message the run was written after on its
+/// subject (the write's expectation; 0 for the first): signing it fixes the run's place
+/// in the log, so a copy of the run published anywhere else is recognisably foreign.
+pub fn run_statement(
+    process: &str,
+    prev_seq: u64,
+    first_slot: u64,
+    count: u64,
+    merkle_root: &Hash32,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(RUN_DOMAIN.len() + 4 + process.len() + 24 + 32);
     out.extend_from_slice(RUN_DOMAIN);
     out.extend_from_slice(&(process.len() as u32).to_be_bytes());
     out.extend_from_slice(process.as_bytes());
+    out.extend_from_slice(&prev_seq.to_be_bytes());
     out.extend_from_slice(&first_slot.to_be_bytes());
     out.extend_from_slice(&count.to_be_bytes());
     out.extend_from_slice(&merkle_root.0);
@@ -211,10 +222,11 @@ mod tests {
     #[test]
     fn commitments_check_statement_key_and_id() {
         let kp = Keypair::from_seed([7; 32]);
-        let st = run_statement("p", 0, 3, &Hash32::digest(b"root"));
+        let st = run_statement("p", 7, 0, 3, &Hash32::digest(b"root"));
         let c = kp.commit(&st);
         assert!(c.check(&st));
-        assert!(!c.check(&run_statement("p", 1, 3, &Hash32::digest(b"root"))));
+        assert!(!c.check(&run_statement("p", 7, 1, 3, &Hash32::digest(b"root"))));
+        assert!(!c.check(&run_statement("p", 8, 0, 3, &Hash32::digest(b"root"))));
         let mut wrong_id = c.clone();
         wrong_id.key_id = "0000000000000000".into();
         assert!(!wrong_id.check(&st));

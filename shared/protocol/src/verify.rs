@@ -1,6 +1,9 @@
-//! Verifying a process's log, run by run, without any I/O: the caller reads runs
-//! from wherever they are (JetStream, a file, a test) and feeds them in slot order.
-//! The first fault names the first slot that cannot be trusted.
+//! Verifying a process's log without any I/O: the caller reads the messages of the
+//! process's log subject from wherever they are (JetStream, a file, a test) and feeds
+//! them in stream order. Each message is either part of the chain or *foreign*
+//! (schemas/chain.md); foreign messages are reported and skipped, never part of the
+//! chain, so a forged, replayed or garbage message can neither give a slot twice nor
+//! hide the runs after it.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -34,169 +37,360 @@ impl TrustedKeys {
     }
 }
 
-/// What is wrong at the slot a [`Fault`] names.
+/// Why a message on a process's log subject is not (or not cleanly) part of its chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FaultKind {
-    /// The run belongs to another process.
+    /// The message is not a run record (or not of this record version).
+    Undecodable(String),
+    /// The run names another process.
     WrongProcess(String),
-    /// Slots do not continue: `expected` was next, the log has `found`.
+    /// The entry at this slot does not match its chain hash: it was altered.
+    BadChainHash(u64),
+    /// The entry at this slot does not link to the entry before it in the run.
+    BrokenLink(u64),
+    /// The run has no commitment at all.
+    Unsigned,
+    /// A commitment's signature does not verify over the run's place in its batch.
+    BadSignature(String),
+    /// A commitment is by a key the verifier does not trust.
+    UntrustedKey(String),
+    /// A key the process requires did not commit.
+    MissingKey(String),
+    /// A genuine run in the wrong place: it was written right after stream sequence
+    /// `written_after` but sits after `found_after` (a replay or a copy).
+    Replayed {
+        /// The run's signed `prev_seq`.
+        written_after: u64,
+        /// The stream sequence of the message before it on the subject.
+        found_after: u64,
+    },
+    /// A signed run that gives again slots the chain already holds, or links to
+    /// another history (a fork: only a leaked key or a bug can make one).
+    Fork {
+        /// The slot the chain expected next.
+        expected: u64,
+        /// The run's first slot.
+        found: u64,
+    },
+    /// Messages the chain had are gone from the log: the run was written after stream
+    /// sequence `written_after`, which is no longer on the subject (data loss). The run
+    /// itself is genuine and continues the chain.
+    Lost {
+        /// The run's signed `prev_seq`.
+        written_after: u64,
+        /// The stream sequence of the message now before it on the subject (0: none).
+        found_after: u64,
+    },
+    /// Slots are missing: the chain expected `expected`, its next genuine run starts at
+    /// `found` (the slots between are lost; they are never given again).
     Gap {
         /// The slot that should have come next.
         expected: u64,
         /// The slot the log has instead.
         found: u64,
     },
-    /// The entry's `prev_hash` is not the previous chain hash (or the genesis hash).
-    BrokenLink,
-    /// The stored chain hash does not match the recomputed one: the entry was altered.
-    BadChainHash,
-    /// The run has no commitment at all.
-    Unsigned,
-    /// A commitment's signature does not verify over the run's Merkle root.
-    BadSignature(String),
-    /// A commitment is by a key the verifier does not trust.
-    UntrustedKey(String),
-    /// A key the process requires did not commit.
-    MissingKey(String),
 }
 
-/// The first slot that cannot be trusted, and why.
+impl FaultKind {
+    /// A stable snake_case name (fault events, `--json`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            FaultKind::Undecodable(_) => "undecodable",
+            FaultKind::WrongProcess(_) => "wrong_process",
+            FaultKind::BadChainHash(_) => "bad_chain_hash",
+            FaultKind::BrokenLink(_) => "broken_link",
+            FaultKind::Unsigned => "unsigned",
+            FaultKind::BadSignature(_) => "bad_signature",
+            FaultKind::UntrustedKey(_) => "untrusted_key",
+            FaultKind::MissingKey(_) => "missing_key",
+            FaultKind::Replayed { .. } => "replayed",
+            FaultKind::Fork { .. } => "fork",
+            FaultKind::Lost { .. } => "lost",
+            FaultKind::Gap { .. } => "gap",
+        }
+    }
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FaultKind::Undecodable(why) => write!(f, "not a run record: {why}"),
+            FaultKind::WrongProcess(p) => write!(f, "run belongs to process {p:?}"),
+            FaultKind::BadChainHash(s) => {
+                write!(f, "slot {s}: content does not match its chain hash (altered)")
+            }
+            FaultKind::BrokenLink(s) => {
+                write!(f, "slot {s}: prev_hash does not link to the slot before it")
+            }
+            FaultKind::Unsigned => write!(f, "run has no commitment"),
+            FaultKind::BadSignature(k) => write!(f, "signature by key {k} does not verify"),
+            FaultKind::UntrustedKey(k) => write!(f, "signed by untrusted key {k}"),
+            FaultKind::MissingKey(k) => write!(f, "required key {k} did not commit"),
+            FaultKind::Replayed {
+                written_after,
+                found_after,
+            } => write!(
+                f,
+                "replayed: written after stream sequence {written_after}, found after {found_after}"
+            ),
+            FaultKind::Fork { expected, found } => write!(
+                f,
+                "fork: the chain expected slot {expected}, this signed run starts at {found} or links elsewhere"
+            ),
+            FaultKind::Lost {
+                written_after,
+                found_after,
+            } => write!(
+                f,
+                "the message at stream sequence {written_after} is gone from the log (now after {found_after})"
+            ),
+            FaultKind::Gap { expected, found } => {
+                write!(f, "slots {expected}..{found} are missing from the log")
+            }
+        }
+    }
+}
+
+/// One fault, where it was found: the message's stream sequence and the slot the
+/// chain expected next there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fault {
-    /// The slot.
+    /// Stream sequence of the message.
+    pub seq: u64,
+    /// The slot the chain expected next when the message was read.
     pub slot: u64,
-    /// Why.
+    /// What is wrong.
     pub kind: FaultKind,
 }
 
 impl fmt::Display for Fault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = self.slot;
-        match &self.kind {
-            FaultKind::WrongProcess(p) => write!(f, "slot {s}: run belongs to process {p:?}"),
-            FaultKind::Gap { expected, found } => write!(
-                f,
-                "slot {expected}: missing (the log continues at slot {found})"
-            ),
-            FaultKind::BrokenLink => {
-                write!(f, "slot {s}: prev_hash does not link to the previous slot")
-            }
-            FaultKind::BadChainHash => write!(
-                f,
-                "slot {s}: content does not match its chain hash (altered)"
-            ),
-            FaultKind::Unsigned => write!(f, "slot {s}: run has no commitment"),
-            FaultKind::BadSignature(k) => {
-                write!(f, "slot {s}: signature by key {k} does not verify")
-            }
-            FaultKind::UntrustedKey(k) => write!(f, "slot {s}: signed by untrusted key {k}"),
-            FaultKind::MissingKey(k) => write!(f, "slot {s}: required key {k} did not commit"),
-        }
+        write!(
+            f,
+            "stream sequence {} (next slot {}): {}",
+            self.seq, self.slot, self.kind
+        )
     }
 }
 
-/// A streaming verifier of one process's log.
-#[derive(Debug)]
-pub struct ChainVerifier {
+/// Checks one run on its own, wherever it sits: its process, every entry's slot,
+/// link and chain hash, and its seal (at least one commitment; each by a trusted key
+/// and valid over the run's place in its batch; every `required` key id present).
+pub fn check_run(
+    run: &Run,
+    process: &ProcessId,
+    trusted: &TrustedKeys,
+    required: &[String],
+) -> Result<(), FaultKind> {
+    if run.process != process.as_str() {
+        return Err(FaultKind::WrongProcess(run.process.clone()));
+    }
+    let mut prev: Option<Hash32> = None;
+    for (i, e) in run.entries.iter().enumerate() {
+        let slot = run.first_slot + i as u64;
+        if e.slot != slot {
+            return Err(FaultKind::BrokenLink(slot));
+        }
+        if prev.is_some_and(|p| p != e.prev_hash) {
+            return Err(FaultKind::BrokenLink(slot));
+        }
+        if slot == 0 && e.prev_hash != chain::genesis(process) {
+            return Err(FaultKind::BrokenLink(0));
+        }
+        if e.recompute_chain_hash(process.as_str()) != e.chain_hash {
+            return Err(FaultKind::BadChainHash(slot));
+        }
+        prev = Some(e.chain_hash);
+    }
+    if run.entries.is_empty() {
+        return Err(FaultKind::Undecodable("run has no entries".into()));
+    }
+    let commitments = &run.seal.commitments;
+    if commitments.is_empty() {
+        return Err(FaultKind::Unsigned);
+    }
+    let Some(statement) = run.seal.signed_statement(&run.statement()) else {
+        return Err(FaultKind::BadSignature("(batch path)".into()));
+    };
+    for c in commitments {
+        if !trusted.trusts(&c.key_id, &c.public_key) {
+            return Err(FaultKind::UntrustedKey(c.key_id.clone()));
+        }
+        if !c.check(&statement) {
+            return Err(FaultKind::BadSignature(c.key_id.clone()));
+        }
+    }
+    if let Some(k) = required
+        .iter()
+        .find(|k| !commitments.iter().any(|c| &c.key_id == *k))
+    {
+        return Err(FaultKind::MissingKey(k.clone()));
+    }
+    Ok(())
+}
+
+/// Where a process's chain stands after the runs read so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainPoint {
+    /// The slot the next run must start at.
+    pub next_slot: u64,
+    /// The chain hash the next run's first entry must link to.
+    pub prev: Hash32,
+    /// Stream sequence of the last run of the chain (0: none yet).
+    pub seq: u64,
+}
+
+/// What the verifier made of one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The run continues the chain. `lost` says what the log lost before it (empty
+    /// on an intact log): the run is genuine and in its place, but messages or slots
+    /// before it are gone.
+    Chain {
+        /// Data-loss faults found on the way to this run.
+        lost: Vec<FaultKind>,
+    },
+    /// The message is not part of the chain and is skipped.
+    Foreign(FaultKind),
+}
+
+/// The rule of schemas/chain.md, one message at a time: feed every message of one
+/// process's log subject in stream order; each is either part of the chain or
+/// foreign. The scheduler, `turnstile verify`, `turnstile log` and the workers all
+/// decide with this one type.
+#[derive(Debug, Clone)]
+pub struct LogVerifier {
     process: ProcessId,
     trusted: TrustedKeys,
     required: Vec<String>,
-    next_slot: Option<u64>,
-    prev: Option<Hash32>,
+    /// None until the first chain run when verification starts mid-log.
+    point: Option<ChainPoint>,
+    /// Stream sequence of the last message fed (any kind); none: unknown.
+    last_seq: Option<u64>,
     checked: u64,
 }
 
-impl ChainVerifier {
-    /// A verifier for `process` trusting `trusted`, requiring every key id in
-    /// `required` to commit to each run. The first run fed fixes where checking
-    /// starts; if it starts at slot 0 its link to the genesis hash is checked too.
-    pub fn new(process: ProcessId, trusted: TrustedKeys, required: Vec<String>) -> ChainVerifier {
-        ChainVerifier {
+impl LogVerifier {
+    /// A verifier of the whole log of `process`, from genesis and the subject's first
+    /// message.
+    pub fn from_genesis(
+        process: ProcessId,
+        trusted: TrustedKeys,
+        required: Vec<String>,
+    ) -> LogVerifier {
+        let point = ChainPoint {
+            next_slot: 0,
+            prev: chain::genesis(&process),
+            seq: 0,
+        };
+        LogVerifier {
             process,
             trusted,
             required,
-            next_slot: None,
-            prev: None,
+            point: Some(point),
+            last_seq: Some(0),
             checked: 0,
         }
     }
 
-    /// How many assignments have been checked.
+    /// A verifier that continues from a known chain point and subject position (the
+    /// scheduler's head), or — with `point` none — from somewhere mid-log, taking the
+    /// first run's place and first `prev_hash` as given.
+    pub fn resume(
+        process: ProcessId,
+        trusted: TrustedKeys,
+        required: Vec<String>,
+        point: Option<ChainPoint>,
+        last_seq: Option<u64>,
+    ) -> LogVerifier {
+        LogVerifier {
+            process,
+            trusted,
+            required,
+            point,
+            last_seq,
+            checked: 0,
+        }
+    }
+
+    /// The chain's position after what was fed (none before the first chain run of a
+    /// mid-log start).
+    pub fn point(&self) -> Option<ChainPoint> {
+        self.point
+    }
+
+    /// Stream sequence of the last message fed, chain or foreign: what the next write
+    /// to the subject must expect.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.last_seq
+    }
+
+    /// How many assignments of the chain have been checked.
     pub fn checked(&self) -> u64 {
         self.checked
     }
 
-    /// The next slot expected, if any run was fed.
-    pub fn next_slot(&self) -> Option<u64> {
-        self.next_slot
+    /// The process.
+    pub fn process(&self) -> &ProcessId {
+        &self.process
     }
 
-    /// Checks one run. After a fault the verifier's state is unspecified; stop.
-    pub fn feed(&mut self, run: &Run) -> Result<(), Fault> {
-        let fault = |slot, kind| Err(Fault { slot, kind });
-        if run.process != self.process.as_str() {
-            return fault(run.first_slot, FaultKind::WrongProcess(run.process.clone()));
+    /// The keys this verifier trusts.
+    pub fn trusted(&self) -> &TrustedKeys {
+        &self.trusted
+    }
+
+    /// Judges the message at stream sequence `seq` (the next message on the subject);
+    /// `record` is its decoded run or why it does not decode.
+    pub fn feed(&mut self, seq: u64, record: Result<&Run, String>) -> Verdict {
+        let before = self.last_seq.replace(seq);
+        let run = match record {
+            Ok(run) => run,
+            Err(why) => return Verdict::Foreign(FaultKind::Undecodable(why)),
+        };
+        if let Err(kind) = check_run(run, &self.process, &self.trusted, &self.required) {
+            return Verdict::Foreign(kind);
         }
-        if let Some(expected) = self.next_slot {
-            if run.first_slot != expected {
-                return fault(
-                    expected,
-                    FaultKind::Gap {
-                        expected,
+        let mut lost = Vec::new();
+        if let Some(found_after) = before {
+            if run.prev_seq < found_after {
+                return Verdict::Foreign(FaultKind::Replayed {
+                    written_after: run.prev_seq,
+                    found_after,
+                });
+            }
+            if run.prev_seq > found_after {
+                lost.push(FaultKind::Lost {
+                    written_after: run.prev_seq,
+                    found_after,
+                });
+            }
+        }
+        let first_prev = run.entries.first().map(|e| e.prev_hash);
+        if let Some(p) = self.point {
+            let links = run.first_slot == p.next_slot && first_prev == Some(p.prev);
+            if !links {
+                if run.first_slot > p.next_slot {
+                    // Genuine and in its place, but slots before it are gone.
+                    lost.push(FaultKind::Gap {
+                        expected: p.next_slot,
                         found: run.first_slot,
-                    },
-                );
+                    });
+                } else {
+                    return Verdict::Foreign(FaultKind::Fork {
+                        expected: p.next_slot,
+                        found: run.first_slot,
+                    });
+                }
             }
         }
-        let mut prev = match (self.prev, run.first_slot) {
-            (Some(p), _) => Some(p),
-            (None, 0) => Some(chain::genesis(&self.process)),
-            (None, _) => None, // Starting mid-log: the first prev_hash is taken as given.
-        };
-        for (i, e) in run.entries.iter().enumerate() {
-            let slot = run.first_slot + i as u64;
-            if e.slot != slot {
-                return fault(
-                    slot,
-                    FaultKind::Gap {
-                        expected: slot,
-                        found: e.slot,
-                    },
-                );
-            }
-            if prev.is_some_and(|p| p != e.prev_hash) {
-                return fault(slot, FaultKind::BrokenLink);
-            }
-            if e.recompute_chain_hash(self.process.as_str()) != e.chain_hash {
-                return fault(slot, FaultKind::BadChainHash);
-            }
-            prev = Some(e.chain_hash);
-        }
-        let first = run.first_slot;
-        let commitments = &run.seal.commitments;
-        if commitments.is_empty() {
-            return fault(first, FaultKind::Unsigned);
-        }
-        let Some(statement) = run.seal.signed_statement(&run.statement()) else {
-            return fault(first, FaultKind::BadSignature("(batch path)".into()));
-        };
-        for c in commitments {
-            if !self.trusted.trusts(&c.key_id, &c.public_key) {
-                return fault(first, FaultKind::UntrustedKey(c.key_id.clone()));
-            }
-            if !c.check(&statement) {
-                return fault(first, FaultKind::BadSignature(c.key_id.clone()));
-            }
-        }
-        for k in &self.required {
-            if !commitments.iter().any(|c| &c.key_id == k) {
-                return fault(first, FaultKind::MissingKey(k.clone()));
-            }
-        }
-        self.prev = prev;
-        self.next_slot = Some(run.last_slot() + 1);
+        self.point = Some(ChainPoint {
+            next_slot: run.last_slot() + 1,
+            prev: run.head(),
+            seq,
+        });
         self.checked += run.entries.len() as u64;
-        Ok(())
+        Verdict::Chain { lost }
     }
 }
 
@@ -207,16 +401,19 @@ mod tests {
     use crate::seal::Seal;
     use crate::wire::{Entry, RECORD_VERSION};
 
-    /// Builds `runs` consecutive runs of `per` entries each, signed by `kp`.
-    fn log(process: &str, runs: usize, per: usize, kp: &Keypair) -> Vec<Run> {
-        let p = ProcessId::new(process).unwrap();
-        let mut prev = chain::genesis(&p);
-        let mut slot = 0u64;
-        let mut out = Vec::new();
-        for _ in 0..runs {
-            let first = slot;
-            let mut entries = Vec::new();
-            for _ in 0..per {
+    /// A run of `per` entries of `process` from `first` on `prev`, written after
+    /// stream sequence `prev_seq`, signed alone by `kp`.
+    fn run_on(
+        process: &str,
+        first: u64,
+        prev: Hash32,
+        per: usize,
+        prev_seq: u64,
+        kp: &Keypair,
+    ) -> Run {
+        let mut prev = prev;
+        let entries = (first..first + per as u64)
+            .map(|slot| {
                 let mut e = Entry {
                     slot,
                     message_id: format!("m{slot}"),
@@ -228,140 +425,184 @@ mod tests {
                 };
                 e.chain_hash = e.recompute_chain_hash(process);
                 prev = e.chain_hash;
-                entries.push(e);
-                slot += 1;
-            }
-            out.push(Run {
-                v: RECORD_VERSION,
-                process: process.into(),
-                first_slot: first,
-                entries,
-                seal: Seal::default(),
-            });
-        }
-        // Seal all runs as one batch, as the scheduler's signer does under load.
-        let digests: Vec<Hash32> = out
-            .iter()
-            .map(|r| crate::seal::run_digest(&r.statement()))
+                e
+            })
             .collect();
-        for (run, seal) in out.iter_mut().zip(crate::seal::seal(&digests, &[kp])) {
-            run.seal = seal;
-        }
-        out
+        let mut run = Run {
+            v: RECORD_VERSION,
+            process: process.into(),
+            prev_seq,
+            first_slot: first,
+            entries,
+            seal: Seal::default(),
+        };
+        reseal(&mut run, kp);
+        run
     }
 
-    fn check(runs: &[Run], kp: &Keypair) -> Result<u64, Fault> {
+    fn reseal(run: &mut Run, kp: &Keypair) {
+        run.seal = crate::seal::seal(&[crate::seal::run_digest(&run.statement())], &[kp]).remove(0);
+    }
+
+    /// `runs` consecutive runs of 3 entries of process "p", at stream sequences 1.., as
+    /// the scheduler writes them.
+    fn honest(runs: usize, kp: &Keypair) -> Vec<(u64, Run)> {
+        let p = ProcessId::new("p").unwrap();
+        let mut prev = chain::genesis(&p);
+        (0..runs as u64)
+            .map(|i| {
+                let r = run_on("p", i * 3, prev, 3, i, kp);
+                prev = r.head();
+                (i + 1, r)
+            })
+            .collect()
+    }
+
+    fn verifier(kp: &Keypair) -> LogVerifier {
         let mut t = TrustedKeys::default();
         t.insert(kp.public_key());
-        let mut v = ChainVerifier::new(ProcessId::new("p").unwrap(), t, vec![kp.id().to_string()]);
-        for r in runs {
-            v.feed(r)?;
-        }
-        Ok(v.checked())
+        LogVerifier::from_genesis(ProcessId::new("p").unwrap(), t, vec![kp.id().to_string()])
+    }
+
+    /// Feeds `log` and returns each message's verdict.
+    fn judge(log: &[(u64, Run)], kp: &Keypair) -> (Vec<Verdict>, LogVerifier) {
+        let mut v = verifier(kp);
+        let verdicts = log.iter().map(|(seq, r)| v.feed(*seq, Ok(r))).collect();
+        (verdicts, v)
+    }
+
+    fn chain() -> Verdict {
+        Verdict::Chain { lost: vec![] }
     }
 
     #[test]
-    fn an_honest_log_verifies() {
+    fn given_an_honest_log_then_every_run_is_chain() {
         let kp = Keypair::from_seed([3; 32]);
-        assert_eq!(check(&log("p", 4, 3, &kp), &kp), Ok(12));
+        let (verdicts, v) = judge(&honest(4, &kp), &kp);
+        assert_eq!(verdicts, vec![chain(); 4]);
+        assert_eq!(v.checked(), 12);
+        assert_eq!(v.point().map(|p| (p.next_slot, p.seq)), Some((12, 4)));
     }
 
     #[test]
-    fn each_tampering_names_its_slot() {
+    fn given_foreign_messages_after_the_head_then_each_is_named_and_the_chain_goes_on() {
         let kp = Keypair::from_seed([3; 32]);
-        let honest = log("p", 4, 3, &kp);
-        type Tamper = fn(&mut Vec<Run>);
-        type Case = (&'static str, Tamper, u64, fn(&FaultKind) -> bool);
-        let cases: &[Case] = &[
-            (
-                "body",
-                |l| l[2].entries[1].body.push(b'!'),
-                7,
-                |k| *k == FaultKind::BadChainHash,
-            ),
-            (
-                "timestamp",
-                |l| l[1].entries[0].timestamp_ms += 1,
-                3,
-                |k| *k == FaultKind::BadChainHash,
-            ),
-            (
-                "header",
-                |l| l[3].entries[2].headers.clear(),
-                11,
-                |k| *k == FaultKind::BadChainHash,
-            ),
-            (
-                "dropped run",
-                |l| {
-                    l.remove(1);
-                },
-                3,
-                |k| {
-                    matches!(
-                        k,
-                        FaultKind::Gap {
-                            expected: 3,
-                            found: 6
-                        }
-                    )
-                },
-            ),
-            (
-                "relinked",
-                |l| l[2].entries[0].prev_hash = Hash32::ZERO,
-                6,
-                |k| *k == FaultKind::BrokenLink,
-            ),
-            (
-                "unsigned",
-                |l| l[0].seal.commitments.clear(),
-                0,
-                |k| *k == FaultKind::Unsigned,
-            ),
-            (
-                "bad signature",
-                |l| l[1].seal.commitments[0].signature[0] ^= 1,
-                3,
-                |k| matches!(k, FaultKind::BadSignature(_)),
-            ),
-            (
-                "moved in its batch",
-                |l| l[2].seal.batch_index = 0,
-                6,
-                |k| matches!(k, FaultKind::BadSignature(_)),
-            ),
-        ];
-        for (name, tamper, slot, kind) in cases {
-            let mut l = honest.clone();
-            tamper(&mut l);
-            let f = check(&l, &kp).expect_err(name);
-            assert_eq!(f.slot, *slot, "{name}: {f}");
-            assert!(kind(&f.kind), "{name}: {f}");
-        }
-    }
-
-    #[test]
-    fn a_rehashed_forgery_fails_the_signature_and_foreign_keys_are_refused() {
-        let kp = Keypair::from_seed([3; 32]);
-        let mut l = log("p", 2, 3, &kp);
-        // Alter slot 4 and recompute the chain from there: the chain holds, the signature does not.
-        l[1].entries[1].body = b"forged".to_vec();
+        let stranger = Keypair::from_seed([4; 32]);
+        let log = honest(4, &kp);
+        let head = log[3].1.head();
+        let mut forged = log[3].1.clone();
+        forged.entries[1].body = b"forged".to_vec();
         for i in 1..3 {
             if i > 1 {
-                l[1].entries[i].prev_hash = l[1].entries[i - 1].chain_hash;
+                forged.entries[i].prev_hash = forged.entries[i - 1].chain_hash;
             }
-            l[1].entries[i].chain_hash = l[1].entries[i].recompute_chain_hash("p");
+            forged.entries[i].chain_hash = forged.entries[i].recompute_chain_hash("p");
         }
-        let f = check(&l, &kp).unwrap_err();
+        forged.prev_seq = 4;
+        let mut unsigned = run_on("p", 12, head, 1, 4, &kp);
+        unsigned.seal.commitments.clear();
+        type Case = (&'static str, Result<Run, String>, fn(&FaultKind) -> bool);
+        let cases: Vec<Case> = vec![
+            ("replay of an earlier genuine run", Ok(log[1].1.clone()), |k| {
+                *k == FaultKind::Replayed { written_after: 1, found_after: 4 }
+            }),
+            ("replay of the head itself", Ok(log[3].1.clone()), |k| {
+                *k == FaultKind::Replayed { written_after: 3, found_after: 4 }
+            }),
+            ("forged run with recomputed hashes", Ok(forged), |k| {
+                matches!(k, FaultKind::BadSignature(_))
+            }),
+            ("garbage", Err("not msgpack".into()), |k| matches!(k, FaultKind::Undecodable(_))),
+            ("a genuine run of another process", Ok(run_on("q", 0, chain::genesis(&ProcessId::new("q").unwrap()), 2, 4, &kp)), |k| {
+                *k == FaultKind::WrongProcess("q".into())
+            }),
+            ("a run signed by a stranger", Ok(run_on("p", 12, head, 2, 4, &stranger)), |k| {
+                matches!(k, FaultKind::UntrustedKey(_))
+            }),
+            ("an unsigned run", Ok(unsigned), |k| *k == FaultKind::Unsigned),
+            ("a signed fork that gives slots again", Ok(run_on("p", 9, log[2].1.head(), 3, 4, &kp)), |k| {
+                *k == FaultKind::Fork { expected: 12, found: 9 }
+            }),
+        ];
+        for (name, foreign, kind) in cases {
+            let mut v = verifier(&kp);
+            for (seq, r) in &log {
+                assert_eq!(v.feed(*seq, Ok(r)), chain(), "{name}");
+            }
+            match v.feed(5, foreign.as_ref().map_err(Clone::clone)) {
+                Verdict::Foreign(k) => assert!(kind(&k), "{name}: {k}"),
+                other => panic!("{name}: {other:?}"),
+            }
+            // The scheduler's next run is written after the foreign message and continues the chain.
+            let next = run_on("p", 12, head, 2, 5, &kp);
+            assert_eq!(v.feed(6, Ok(&next)), chain(), "{name}");
+            assert_eq!(v.point().map(|p| p.next_slot), Some(14), "{name}");
+        }
+    }
+
+    #[test]
+    fn given_a_run_lost_from_the_store_then_the_next_run_continues_and_names_the_loss() {
+        let kp = Keypair::from_seed([3; 32]);
+        let mut log = honest(4, &kp);
+        log.remove(2); // the message at stream sequence 3 (slots 6..=8) is gone
+        let (verdicts, v) = judge(&log, &kp);
+        assert_eq!(verdicts[..2], [chain(), chain()]);
         assert_eq!(
-            (f.slot, matches!(f.kind, FaultKind::BadSignature(_))),
-            (3, true),
-            "{f}"
+            verdicts[2],
+            Verdict::Chain {
+                lost: vec![
+                    FaultKind::Lost { written_after: 3, found_after: 2 },
+                    FaultKind::Gap { expected: 6, found: 9 },
+                ]
+            }
         );
-        // A log signed by a stranger is refused even though it is self-consistent.
-        let stranger = Keypair::from_seed([4; 32]);
-        let f = check(&log("p", 1, 2, &stranger), &kp).unwrap_err();
-        assert!(matches!(f.kind, FaultKind::UntrustedKey(_)));
+        assert_eq!(v.point().map(|p| p.next_slot), Some(12));
+    }
+
+    #[test]
+    fn given_a_mid_log_start_then_the_first_run_is_taken_as_given() {
+        let kp = Keypair::from_seed([3; 32]);
+        let log = honest(4, &kp);
+        let mut t = TrustedKeys::default();
+        t.insert(kp.public_key());
+        let mut v = LogVerifier::resume(ProcessId::new("p").unwrap(), t, vec![], None, None);
+        for (seq, r) in &log[2..] {
+            assert_eq!(v.feed(*seq, Ok(r)), chain());
+        }
+        assert_eq!(v.checked(), 6);
+    }
+
+    #[test]
+    fn a_run_is_checked_alone_entry_by_entry_and_by_its_seal() {
+        let kp = Keypair::from_seed([3; 32]);
+        let p = ProcessId::new("p").unwrap();
+        let mut t = TrustedKeys::default();
+        t.insert(kp.public_key());
+        let good = run_on("p", 0, chain::genesis(&p), 3, 0, &kp);
+        assert_eq!(check_run(&good, &p, &t, &[kp.id().to_string()]), Ok(()));
+        type Tamper = fn(&mut Run);
+        let cases: &[(&str, Tamper, FaultKind)] = &[
+            ("body", |r| r.entries[1].body.push(b'!'), FaultKind::BadChainHash(1)),
+            ("timestamp", |r| r.entries[0].timestamp_ms += 1, FaultKind::BadChainHash(0)),
+            ("header", |r| r.entries[2].headers.clear(), FaultKind::BadChainHash(2)),
+            ("relinked", |r| r.entries[2].prev_hash = Hash32::ZERO, FaultKind::BrokenLink(2)),
+            ("not from genesis", |r| r.entries[0].prev_hash = Hash32::ZERO, FaultKind::BrokenLink(0)),
+            ("moved in the log", |r| r.prev_seq += 1, FaultKind::BadSignature(String::new())),
+            ("moved in its batch", |r| r.seal.batch_index = 1, FaultKind::BadSignature(String::new())),
+            ("bad signature", |r| r.seal.commitments[0].signature[0] ^= 1, FaultKind::BadSignature(String::new())),
+        ];
+        for (name, tamper, want) in cases {
+            let mut r = good.clone();
+            tamper(&mut r);
+            let got = check_run(&r, &p, &t, &[]).expect_err(name);
+            assert_eq!(got.code(), want.code(), "{name}: {got}");
+            if !matches!(want, FaultKind::BadSignature(_)) {
+                assert_eq!(&got, want, "{name}");
+            }
+        }
+        assert_eq!(
+            check_run(&good, &p, &t, &["k2".into()]),
+            Err(FaultKind::MissingKey("k2".into()))
+        );
     }
 }

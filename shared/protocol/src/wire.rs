@@ -15,7 +15,7 @@ use crate::seal::Seal;
 use crate::{Error, Result};
 
 /// Version of the records in this module; a reader refuses a newer one.
-pub const RECORD_VERSION: u8 = 1;
+pub const RECORD_VERSION: u8 = 2;
 
 /// How a scheduling request is confirmed (the seed's `maybe_inform_recipient` stages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -112,6 +112,10 @@ pub struct Run {
     pub v: u8,
     /// The process.
     pub process: String,
+    /// Stream sequence of the message this run was written after on its subject
+    /// (the write's expected last subject sequence; 0 when it was the first). Signed:
+    /// a run anywhere but right after that message is foreign (schemas/chain.md).
+    pub prev_seq: u64,
     /// Slot of the first entry; entries are consecutive from here.
     pub first_slot: u64,
     /// The assignments, in slot order (never empty).
@@ -148,6 +152,7 @@ impl Run {
     pub fn statement_for(&self, tree: &merkle::Tree) -> Vec<u8> {
         keys::run_statement(
             &self.process,
+            self.prev_seq,
             self.first_slot,
             self.entries.len() as u64,
             &tree.root(),
@@ -225,6 +230,7 @@ impl Run {
             chain_hash: e.chain_hash,
             durable,
             duplicate,
+            run_prev_seq: self.prev_seq,
             run_first_slot: self.first_slot,
             run_count: self.entries.len() as u64,
             merkle_path: tree.proof(index)?,
@@ -260,6 +266,8 @@ pub struct Receipt {
     pub durable: bool,
     /// True when this message id was already scheduled and this is the original assignment.
     pub duplicate: bool,
+    /// `prev_seq` of the run the assignment was written in (its place in the log).
+    pub run_prev_seq: u64,
     /// First slot of the run the assignment was written in.
     pub run_first_slot: u64,
     /// Number of assignments in that run.
@@ -309,7 +317,13 @@ impl Receipt {
         )
         .map_err(|_| "merkle path does not fit the run")?;
         let statement =
-            keys::run_statement(&self.process, self.run_first_slot, self.run_count, &root);
+            keys::run_statement(
+                &self.process,
+                self.run_prev_seq,
+                self.run_first_slot,
+                self.run_count,
+                &root,
+            );
         self.seal.check(&statement)
     }
 
@@ -527,6 +541,50 @@ impl RangePage {
     }
 }
 
+/// A fault found in a process's log, published as JSON on `<prefix>.events.fault`
+/// (JSON rather than MessagePack: it is read by operators and their tools, e.g.
+/// `nats sub 'ts.events.>'`). `code` is one of the fault codes of schemas/chain.md.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultEvent {
+    /// Event version: 1.
+    pub v: u8,
+    /// The process.
+    pub process: String,
+    /// Stream sequence of the message at fault.
+    pub seq: u64,
+    /// The slot the chain expected next there.
+    pub slot: u64,
+    /// The fault code (`replayed`, `bad_signature`, `lost`, ...).
+    pub code: String,
+    /// What is wrong, for people.
+    pub message: String,
+    /// Who found it (`scheduler`, `verify`, ...).
+    pub detected_by: String,
+    /// When it was found (ms since the Unix epoch, the finder's clock).
+    pub time_ms: u64,
+}
+
+impl FaultEvent {
+    /// The event of `fault` in `process`'s log.
+    pub fn new(
+        process: &ProcessId,
+        fault: &crate::verify::Fault,
+        detected_by: &str,
+        time_ms: u64,
+    ) -> FaultEvent {
+        FaultEvent {
+            v: 1,
+            process: process.to_string(),
+            seq: fault.seq,
+            slot: fault.slot,
+            code: fault.kind.code().to_string(),
+            message: fault.kind.to_string(),
+            detected_by: detected_by.to_string(),
+            time_ms,
+        }
+    }
+}
+
 fn encode<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>> {
     rmp_serde::to_vec_named(v).map_err(|e| Error::Encode {
         what,
@@ -567,6 +625,7 @@ mod tests {
         let mut run = Run {
             v: RECORD_VERSION,
             process: process.into(),
+            prev_seq: 0,
             first_slot: 0,
             entries,
             seal: Seal::default(),
