@@ -3,9 +3,14 @@
 
 Everything here is derived from schemas/*.md only (no Rust source):
   chain.md   - genesis, canonical encoding, hash chain, Merkle tree (RFC 6962/9162
-               shape with BLAKE3), run statement and digest, the seal (batch root,
-               batch statement, one signature per batch), "Verifying a log"
-  records.md - Run / Entry / Seal / Commitment / Receipt MessagePack records,
+               shape with BLAKE3), run statement (v2, with prev_seq) and digest, the
+               seal (batch root, batch statement, one signature per batch), and
+               "Verifying a log: chain and foreign messages" (class LogVerifier): every
+               log scenario of vectors.json ("logs") is fed to it message by message
+               and each verdict (chain + data loss, or foreign + fault code) and the
+               chain's end must be the expected ones
+  records.md - record version 2: Run (with prev_seq) / Entry / Seal / Commitment /
+               Receipt (with run_prev_seq) MessagePack records,
                key_id, "A receipt verifies alone"; the Receipt vector
                (receipt.msgpack_hex) is decoded, verified alone, compared field by
                field with the receipt built from the decoded run, re-encoded
@@ -206,8 +211,13 @@ def verify_inclusion(leaf_index: int, tree_size: int, entry: bytes,
     return r is not None and r == root
 
 
-def run_statement(process: str, first_slot: int, count: int, root: bytes) -> bytes:
-    return b"turnstile/run/v1" + s(process) + u64be(first_slot) + u64be(count) + root
+RECORD_VERSION = 2          # records.md: refuse a `v` other than 2
+
+
+def run_statement(process: str, prev_seq: int, first_slot: int, count: int, root: bytes) -> bytes:
+    """chain.md "The run statement and its digest" (record version 2)."""
+    return (b"turnstile/run/v2" + s(process) + u64be(prev_seq)
+            + u64be(first_slot) + u64be(count) + root)
 
 
 def batch_statement(batch_size: int, batch_root: bytes) -> bytes:
@@ -281,12 +291,12 @@ def parse_seal(m, what: str = "Seal") -> dict:
 
 
 ENTRY_FIELDS = ["slot", "message_id", "timestamp_ms", "headers", "body", "prev_hash", "chain_hash"]
-RUN_FIELDS = ["v", "process", "first_slot", "entries", "seal"]
+RUN_FIELDS = ["v", "process", "prev_seq", "first_slot", "entries", "seal"]
 SEAL_FIELDS = ["batch_size", "batch_index", "batch_path", "commitments"]
 COMMITMENT_FIELDS = ["key_id", "public_key", "signature"]
 RECEIPT_FIELDS = ["v", "process", "slot", "message_id", "timestamp_ms", "headers", "body_hash",
-                  "prev_hash", "chain_hash", "durable", "duplicate", "run_first_slot",
-                  "run_count", "merkle_path", "seal"]
+                  "prev_hash", "chain_hash", "durable", "duplicate", "run_prev_seq",
+                  "run_first_slot", "run_count", "merkle_path", "seal"]
 
 
 def parse_entry(m, what: str) -> dict:
@@ -305,10 +315,13 @@ def parse_entry(m, what: str) -> dict:
 
 def parse_run(m) -> dict:
     r = _fields(m, RUN_FIELDS, "Run")
-    _need(r["v"] == 1 and _is_uint(r["v"]), f"Run.v is {r['v']!r}, not 1")
+    _need(_is_uint(r["v"]) and r["v"] == RECORD_VERSION, f"Run.v is {r['v']!r}, not {RECORD_VERSION}")
     _need(isinstance(r["process"], str), "Run.process is not str")
+    _need(_is_uint(r["prev_seq"]), "Run.prev_seq is not uint")
     _need(_is_uint(r["first_slot"]), "Run.first_slot is not uint")
     _need(isinstance(r["entries"], list), "Run.entries is not an array")
+    # records.md Run.entries: "never empty" (a run of no entries is no Run).
+    _need(len(r["entries"]) > 0, "Run.entries is empty")
     r["entries"] = [parse_entry(e, f"Run.entries[{i}]") for i, e in enumerate(r["entries"])]
     r["seal"] = parse_seal(r["seal"], "Run.seal")
     return r
@@ -316,9 +329,10 @@ def parse_run(m) -> dict:
 
 def parse_receipt(m) -> dict:
     r = _fields(m, RECEIPT_FIELDS, "Receipt")
-    _need(r["v"] == 1 and _is_uint(r["v"]), f"Receipt.v is {r['v']!r}, not 1")
+    _need(_is_uint(r["v"]) and r["v"] == RECORD_VERSION,
+          f"Receipt.v is {r['v']!r}, not {RECORD_VERSION}")
     _need(isinstance(r["process"], str), "Receipt.process is not str")
-    for k in ("slot", "timestamp_ms", "run_first_slot", "run_count"):
+    for k in ("slot", "timestamp_ms", "run_prev_seq", "run_first_slot", "run_count"):
         _need(_is_uint(r[k]), f"Receipt.{k} is not uint")
     _need(isinstance(r["message_id"], str), "Receipt.message_id is not str")
     r["headers"] = parse_headers(r["headers"], "Receipt")
@@ -348,95 +362,167 @@ def encode(obj) -> bytes:
 # chain.md "The seal" / "Verifying a log", records.md "A receipt verifies alone"
 # --------------------------------------------------------------------------
 
-def verify_seal(seal: dict, digest: bytes, trusted: dict[str, bytes], required: list[str],
-                slot: int) -> None:
-    """root from leaf(run_digest), batch_index, batch_size, batch_path; then each
-    commitment over batch_statement(batch_size, root). `slot` names the failure."""
+def seal_fault(seal: dict, digest: bytes, trusted: dict[str, bytes],
+               required: list[str]) -> tuple[str, str] | None:
+    """chain.md "The seal" and rule 3 of "Verifying a log": None when the seal holds,
+    else (fault code, why). Checked in the order rule 3 lists them: no commitment, a
+    key not trusted, a signature that does not verify, a required key id missing."""
+    if not seal["commitments"]:
+        return "unsigned", "the seal has no commitment"
+    for c in seal["commitments"]:
+        kid, pk = c["key_id"], c["public_key"]
+        if key_id(pk) != kid:
+            return "untrusted_key", f"key_id {kid} is not the id of its public key"
+        if trusted.get(kid) != pk:
+            return "untrusted_key", f"key {kid} is not trusted"
+    # root = RFC 9162 root from leaf(run_digest), batch_index, batch_size, batch_path
     root = root_from_path(seal["batch_index"], seal["batch_size"], leaf(digest), seal["batch_path"])
     if root is None:
-        raise VerifyError(slot, f"batch path invalid for index {seal['batch_index']} "
-                                f"of {seal['batch_size']} ({len(seal['batch_path'])} elements)")
+        return "bad_signature", (f"batch path cannot lead to a root (index {seal['batch_index']} "
+                                 f"of {seal['batch_size']}, {len(seal['batch_path'])} elements)")
     stmt = batch_statement(seal["batch_size"], root)
-    if not seal["commitments"]:
-        raise VerifyError(slot, "seal has no commitment")
-    signed_by = set()
     for c in seal["commitments"]:
-        kid, pk, sig = c["key_id"], c["public_key"], c["signature"]
-        if key_id(pk) != kid:
-            raise VerifyError(slot, f"key_id {kid} is not the id of its public key")
-        if trusted.get(kid) != pk:
-            raise VerifyError(slot, f"key {kid} is not trusted")
         try:
-            nacl.signing.VerifyKey(pk).verify(stmt, sig)
+            nacl.signing.VerifyKey(c["public_key"]).verify(stmt, c["signature"])
         except nacl.exceptions.BadSignatureError:
-            raise VerifyError(slot, f"signature by {kid} does not verify over the batch statement")
-        signed_by.add(kid)
+            return "bad_signature", f"signature by {c['key_id']} does not verify over the batch statement"
+    signed_by = {c["key_id"] for c in seal["commitments"]}
     for kid in required:
         if kid not in signed_by:
-            raise VerifyError(slot, f"required key {kid} has not committed")
+            return "missing_key", f"required key {kid} has not committed"
+    return None
 
 
-def verify_log(runs: list, process: str, trusted: dict[str, bytes], required: list[str],
-               from_slot: int = 0, to: int | None = None) -> int:
-    """chain.md "Verifying a log". `runs` are decoded Run maps of `process`, in slot
-    order. Returns the last verified slot; raises VerifyError naming the failing slot."""
-    expected = None          # first_slot the next run must have
-    prev: bytes | None = None
-    last_ts = None
-    last = None
-    for raw_run in runs:
+def verify_seal(seal: dict, digest: bytes, trusted: dict[str, bytes], required: list[str],
+                slot: int) -> None:
+    """A receipt's seal; `slot` names the failure."""
+    fault = seal_fault(seal, digest, trusted, required)
+    if fault is not None:
+        raise VerifyError(slot, f"{fault[0]}: {fault[1]}")
+
+
+# --------------------------------------------------------------------------
+# chain.md "Verifying a log: chain and foreign messages"
+# --------------------------------------------------------------------------
+
+FAULT_CODES = ["undecodable", "wrong_process", "broken_link", "bad_chain_hash", "unsigned",
+               "untrusted_key", "bad_signature", "missing_key", "replayed", "fork"]
+LOSS_CODES = ["lost", "gap"]
+
+
+def decode_run(data: bytes) -> dict:
+    """Rule 1: the message as a Run of this record version, or RecordError."""
+    try:
+        m = decode(data)
+    except Exception as e:          # not MessagePack, truncated, trailing bytes, bad UTF-8
+        raise RecordError(f"not MessagePack: {type(e).__name__}: {e}")
+    return parse_run(m)
+
+
+def run_fault(run: dict, process: str, trusted: dict[str, bytes],
+              required: list[str]) -> tuple[str, str] | None:
+    """Rules 1 (process), 2 and 3: what is wrong with the run wherever it sits."""
+    if run["process"] != process:
+        return "wrong_process", f"run names process {run['process']!r}"
+    first, entries = run["first_slot"], run["entries"]
+    chain = []
+    for i, e in enumerate(entries):
+        slot = first + i
+        if e["slot"] != slot:
+            return "broken_link", f"entry {i} has slot {e['slot']}, not first_slot + {i} = {slot}"
+        if i == 0 and slot == 0 and e["prev_hash"] != genesis(process):
+            return "broken_link", "slot 0 does not link to the genesis hash"
+        if i > 0 and e["prev_hash"] != entries[i - 1]["chain_hash"]:
+            return "broken_link", f"slot {slot} does not link to slot {slot - 1}"
+        ch = chain_hash(e["prev_hash"], canonical(process, slot, e["message_id"], e["timestamp_ms"],
+                                                  e["headers"], e["body"]))
+        if ch != e["chain_hash"]:
+            return "bad_chain_hash", f"slot {slot}: chain hash does not recompute"
+        chain.append(ch)
+    digest = H(run_statement(process, run["prev_seq"], first, len(entries), mth(chain)))
+    return seal_fault(run["seal"], digest, trusted, required)
+
+
+class LogVerifier:
+    """The rule of chain.md, one message at a time, in stream order on one subject.
+
+    feed() returns {"verdict": "chain", "lost": [codes]} or
+    {"verdict": "foreign", "fault": code}, plus "why" (not part of the vectors)."""
+
+    def __init__(self, process: str, trusted: dict[str, bytes], required: list[str],
+                 from_genesis: bool = True):
+        self.process, self.trusted, self.required = process, trusted, list(required)
+        if from_genesis:
+            # initially slot 0 and genesis(P); `before` of the first message is 0
+            self.next_slot, self.prev, self.last_seq = 0, genesis(process), 0
+        else:
+            # "Verifying from slot `from` > 0": the first run's place (prev_seq) and
+            # first prev_hash are taken as given.
+            self.next_slot, self.prev, self.last_seq = None, None, None
+        self.chain_runs = []          # (seq, run) of the runs that continue the chain
+
+    def feed(self, seq: int, data: bytes) -> dict:
+        if self.last_seq is not None and seq <= self.last_seq:
+            raise CheckFailed(f"stream sequence {seq} after {self.last_seq}: not in stream order")
+        before, self.last_seq = self.last_seq, seq
         try:
-            run = parse_run(raw_run)
+            run = decode_run(data)
         except RecordError as e:
-            fs = raw_run.get("first_slot") if isinstance(raw_run, dict) else None
-            raise VerifyError(fs if fs is not None else expected, f"record refused: {e}")
-        first, entries = run["first_slot"], run["entries"]
-        # 1.
-        if run["process"] != process:
-            raise VerifyError(first, f"run is for process {run['process']!r}")
-        if not entries:
-            raise VerifyError(first, "empty run")
-        if first + len(entries) <= from_slot and expected is None:
-            continue         # entirely before `from`
-        if entries[0]["slot"] != first:
-            raise VerifyError(first, f"entries[0].slot {entries[0]['slot']} != first_slot {first}")
-        if expected is None:
-            if first > from_slot:
-                raise VerifyError(from_slot, f"gap: first run starts at {first}, after {from_slot}")
-            prev = genesis(process) if first == 0 else None   # None: taken as given
-        elif first != expected:
-            raise VerifyError(expected, f"gap: run starts at {first}, expected {expected}")
-        chain = []
-        for i, e in enumerate(entries):
-            slot = e["slot"]
-            # 2.
-            if slot != first + i:
-                raise VerifyError(first + i, f"entry slot {slot} is not first_slot + {i}")
-            if prev is None:
-                prev = e["prev_hash"]
-            if e["prev_hash"] != prev:
-                raise VerifyError(slot, "prev_hash does not match the previous chain hash")
-            # 3.
-            ch = chain_hash(prev, canonical(process, slot, e["message_id"], e["timestamp_ms"],
-                                            e["headers"], e["body"]))
-            if ch != e["chain_hash"]:
-                raise VerifyError(slot, "chain hash mismatch: the entry was altered")
-            if last_ts is not None and e["timestamp_ms"] < last_ts:
-                raise VerifyError(slot, "timestamp_ms decreases")
-            last_ts = e["timestamp_ms"]
-            chain.append(ch)
-            prev = ch
-            last = slot
-        # 4.
-        digest = H(run_statement(process, first, len(entries), mth(chain)))
-        verify_seal(run["seal"], digest, trusted, required, first)
-        expected = first + len(entries)
-    # 5.
-    if expected is None:
-        raise VerifyError(from_slot, "no run holds the requested start")
-    if to is not None and (last is None or last < to):
-        raise VerifyError(expected, f"log ends at {last}, requested up to {to}: slots missing")
-    return last
+            return {"verdict": "foreign", "fault": "undecodable", "why": str(e)}
+        fault = run_fault(run, self.process, self.trusted, self.required)
+        if fault is not None:
+            return {"verdict": "foreign", "fault": fault[0], "why": fault[1]}
+        if before is not None and run["prev_seq"] < before:
+            return {"verdict": "foreign", "fault": "replayed",
+                    "why": f"written after {run['prev_seq']}, found after {before}"}
+        first, first_prev = run["first_slot"], run["entries"][0]["prev_hash"]
+        if self.next_slot is not None:
+            if first < self.next_slot:
+                return {"verdict": "foreign", "fault": "fork",
+                        "why": f"starts at {first}, the chain holds up to {self.next_slot - 1}"}
+            if first == self.next_slot and first_prev != self.prev:
+                return {"verdict": "foreign", "fault": "fork",
+                        "why": f"starts at {first} but does not link to the chain's head"}
+        lost = []
+        if before is not None and run["prev_seq"] > before:
+            lost.append("lost")
+        if self.next_slot is not None and first > self.next_slot:
+            lost.append("gap")
+        self.next_slot = first + len(run["entries"])
+        self.prev = run["entries"][-1]["chain_hash"]
+        self.chain_runs.append((seq, run))
+        return {"verdict": "chain", "lost": lost}
+
+
+def verify_log(messages: list[tuple[int, bytes]], process: str, trusted: dict[str, bytes],
+               required: list[str], from_slot: int = 0, to: int | None = None) -> dict:
+    """A whole verification (chain.md, last paragraphs): from genesis, or from the run
+    holding `from_slot` with its place and first prev_hash as given; reads to the end of
+    the messages; a gap fault at the end if the chain stops before `to`. Returns the
+    verdicts per message, the faults (seq, code) and where the chain ends."""
+    if from_slot > 0:
+        def holds(data):
+            try:
+                r = decode_run(data)
+            except RecordError:
+                return False
+            return r["first_slot"] <= from_slot < r["first_slot"] + len(r["entries"])
+        start = next((i for i, (_, d) in enumerate(messages) if holds(d)), None)
+        if start is None:
+            return {"verdicts": [], "faults": [(None, "gap")], "next_slot": None, "verifier": None}
+        messages = messages[start:]
+    lv = LogVerifier(process, trusted, required, from_genesis=from_slot == 0)
+    verdicts, faults = [], []
+    for seq, data in messages:
+        vd = lv.feed(seq, data)
+        verdicts.append((seq, vd))
+        if vd["verdict"] == "foreign":
+            faults.append((seq, vd["fault"]))
+        else:
+            faults.extend((seq, c) for c in vd["lost"])
+    if to is not None and (lv.next_slot is None or lv.next_slot <= to):
+        faults.append((None, "gap"))
+    return {"verdicts": verdicts, "faults": faults, "next_slot": lv.next_slot, "verifier": lv}
 
 
 def verify_receipt(raw_receipt, trusted: dict[str, bytes], required: list[str]) -> None:
@@ -457,8 +543,13 @@ def verify_receipt(raw_receipt, trusted: dict[str, bytes], required: list[str]) 
     root = root_from_path(index, r["run_count"], leaf(ch), r["merkle_path"])
     if root is None:
         raise VerifyError(slot, f"merkle path invalid for index {index} of {r['run_count']}")
-    digest = H(run_statement(r["process"], r["run_first_slot"], r["run_count"], root))
+    digest = H(run_statement(r["process"], r["run_prev_seq"], r["run_first_slot"],
+                             r["run_count"], root))
     verify_seal(r["seal"], digest, trusted, required, slot)
+
+
+def decoded_of(decoded: list, process: str) -> list:
+    return [d for d in decoded if d[1]["process"] == process]
 
 
 def build_receipt(run: dict, i: int) -> dict:
@@ -466,7 +557,7 @@ def build_receipt(run: dict, i: int) -> dict:
     e = run["entries"][i]
     chain = [x["chain_hash"] for x in run["entries"]]
     return {
-        "v": 1,
+        "v": RECORD_VERSION,
         "process": run["process"],
         "slot": e["slot"],
         "message_id": e["message_id"],
@@ -477,6 +568,7 @@ def build_receipt(run: dict, i: int) -> dict:
         "chain_hash": e["chain_hash"],
         "durable": True,
         "duplicate": False,
+        "run_prev_seq": run["prev_seq"],
         "run_first_slot": run["first_slot"],
         "run_count": len(run["entries"]),
         "merkle_path": audit_path(i, chain),
@@ -610,8 +702,17 @@ def run_checks(v: dict) -> dict:
                       f"{tag}: audit path {m} with a flipped byte rejected")
                 check(not verify_inclusion(m, count, d[m], given + [given[0]], root),
                       f"{tag}: audit path {m} with an extra element rejected")
-        stmt = run_statement(process, first, count, root)
+        prev_seq = rv["prev_seq"]
+        check(_is_uint(prev_seq), f"{tag}: prev_seq is a uint")
+        # chain.md "Vectors": proc-A's run is written after nothing (0), proc-B's after 7.
+        check_eq(prev_seq, {v["process"]: 0, v["other_process"]["process"]: 7}[process],
+                 f"{tag}: prev_seq as chain.md 'Vectors' gives it")
+        stmt = run_statement(process, prev_seq, first, count, root)
         check_eq(stmt.hex(), rv["statement_hex"], f"{tag}: run statement")
+        pb = len(b"turnstile/run/v2") + 4 + len(process.encode("utf-8"))
+        check_eq(stmt[pb:pb + 8], u64be(prev_seq), f"{tag}: statement has u64be(prev_seq) after str(process)")
+        check(run_statement(process, prev_seq + 1, first, count, root) != stmt,
+              f"{tag}: statement changes with prev_seq")
         digest = H(stmt)
         check_eq(digest.hex(), rv["run_digest"], f"{tag}: run digest = H(statement)")
         digests.append(digest)
@@ -677,6 +778,7 @@ def run_checks(v: dict) -> dict:
         except RecordError as e:
             raise CheckFailed(f"{tag}: refused by the records.md rules: {e}")
         check_eq(run["process"], process, f"{tag}: process")
+        check_eq(run["prev_seq"], rv["prev_seq"], f"{tag}: prev_seq")
         check_eq(run["first_slot"], rv["first_slot"], f"{tag}: first_slot")
         check_eq(len(run["entries"]), rv["count"], f"{tag}: entry count")
         for k, (e_raw, e) in enumerate(zip(rec["entries"], run["entries"])):
@@ -710,7 +812,8 @@ def run_checks(v: dict) -> dict:
         check_eq(c["signature"], sig, f"{tag}: commitment signature = batch signature")
         # Re-encode from the vector inputs (fields in table order, compact ints, bin/str).
         rebuilt = encode({
-            "v": 1, "process": process, "first_slot": rv["first_slot"],
+            "v": RECORD_VERSION, "process": process, "prev_seq": rv["prev_seq"],
+            "first_slot": rv["first_slot"],
             "entries": [{
                 "slot": a["slot"], "message_id": a["message_id"], "timestamp_ms": a["timestamp_ms"],
                 "headers": a["headers"], "body": bytes.fromhex(a["body_hex"]),
@@ -738,18 +841,40 @@ def run_checks(v: dict) -> dict:
         decoded.append((rec, run))
 
     # --- Verifying a log (chain.md), per process ---------------------------
+    # Each vector run stands on its subject where it was written: right after stream
+    # sequence prev_seq. Whatever came before it there is foreign (here: garbage).
     for p in procs:
         process = p["process"]
-        recs = sorted((rec for rec, run in decoded if run["process"] == process),
-                      key=lambda r: r["first_slot"])
+        msgs = []
+        for ri, (rec, run) in sorted(((ri, d) for ri, d in enumerate(decoded)
+                                      if d[1]["process"] == process),
+                                     key=lambda x: x[1][1]["first_slot"]):
+            if run["prev_seq"] > (msgs[-1][0] if msgs else 0):
+                msgs.append((run["prev_seq"], b"\xc1 a foreign message"))
+            msgs.append((run["prev_seq"] + 1, unhex(runs_v[ri]["record_msgpack_hex"], "record")))
         last_slot = len(p["assignments"]) - 1
-        check_eq(verify_log(recs, process, trusted, [], 0, last_slot), last_slot,
-                 f"{process}: decoded runs verify as a log (default key, no required id)")
-        check_eq(verify_log(recs, process, trusted, [kid], 0, last_slot), last_slot,
-                 f"{process}: decoded runs verify as a log (key {kid} required)")
+        for req in ([], [kid]):
+            res = verify_log(msgs, process, trusted, req, 0, last_slot)
+            check_eq([vd for _, vd in res["verdicts"] if vd["verdict"] == "chain"],
+                     [{"verdict": "chain", "lost": []}] * len(decoded_of(decoded, process)),
+                     f"{process}: every vector run continues the chain (required ids {req})")
+            check_eq([f for f in res["faults"] if f[1] != "undecodable"], [],
+                     f"{process}: the log verifies to slot {last_slot} (required ids {req})")
+            check_eq(res["next_slot"], last_slot + 1, f"{process}: the chain ends after slot {last_slot}")
         for frm in range(1, last_slot + 1):
-            check_eq(verify_log(recs, process, trusted, [kid], frm, last_slot), last_slot,
-                     f"{process}: verifies from slot {frm} (whole run holding it checked)")
+            res = verify_log(msgs, process, trusted, [kid], frm, last_slot)
+            check_eq(res["faults"], [], f"{process}: verifies from slot {frm} (the run holding it "
+                                        f"taken in its place, its first prev_hash as given)")
+        res = verify_log(msgs, process, trusted, [kid], 0, last_slot + 1)
+        check_eq(res["faults"][-1], (None, "gap"),
+                 f"{process}: a requested `to` after the head ends with a gap fault")
+        # Without the foreign messages before it, a run written after prev_seq > 0 says
+        # the message it was written after is gone (lost), and still continues the chain.
+        only = [m for m in msgs if m[1][:1] != b"\xc1"]
+        if only[0][0] > 1:
+            res = verify_log(only, process, trusted, [kid])
+            check_eq(res["verdicts"][0][1]["lost"], ["lost"],
+                     f"{process}: run written after {only[0][0] - 1}, first on the subject: lost")
 
     # --- Receipts (records.md "A receipt verifies alone") -----------------
     receipts = []
@@ -775,7 +900,65 @@ def run_checks(v: dict) -> dict:
 
     negative_checks(v, decoded, receipts, trusted, kid, procs)
     negative_receipt_vector(vraw, vrec, trusted, kid)
-    return {"procs": procs, "runs": len(runs_v), "batch": n, "receipts": len(receipts)}
+    logs = check_log_scenarios(v, kid, pk)
+    return {"procs": procs, "runs": len(runs_v), "batch": n, "receipts": len(receipts), "logs": logs}
+
+
+def check_log_scenarios(v: dict, kid: str, pk: bytes) -> list[str]:
+    """vectors.json "logs": each scenario's messages fed, in stream order, to this
+    file's LogVerifier (chain.md "Verifying a log: chain and foreign messages"); each
+    verdict must be the expected one, and the chain must end where the vectors say.
+    Returns one summary line per scenario."""
+    scenarios = v["logs"]
+    check(isinstance(scenarios, list) and len(scenarios) > 0, "logs: scenarios present")
+    check_eq(len({sc["name"] for sc in scenarios}), len(scenarios), "logs: scenario names distinct")
+    lines, seen = [], set()
+    for sc in scenarios:
+        name, process = sc["name"], sc["process"]
+        tag = f"log {name}"
+        trusted = {}
+        for h in sc["trusted_public_keys"]:
+            k = unhex(h, f"{tag} trusted key", 32)
+            trusted[key_id(k)] = k
+        check(pk in trusted.values(), f"{tag}: the vector key is trusted")
+        required = sc["required_key_ids"]
+        check(all(r in trusted for r in required), f"{tag}: every required key id is a trusted key's")
+        lv = LogVerifier(process, trusted, required)
+        got_all = []
+        for m in sc["messages"]:
+            seq = m["seq"]
+            check(_is_uint(seq) and seq > 0, f"{tag}: seq {seq} is a stream sequence")
+            vd = lv.feed(seq, unhex(m["record_hex"], f"{tag} seq {seq} record_hex"))
+            want = m["expected"]
+            got = {k: x for k, x in vd.items() if k != "why"}
+            if got != want:
+                raise CheckFailed(f"{tag}: message at stream sequence {seq}: this checker (from "
+                                  f"chain.md) says {got} ({vd.get('why', '')}), the vectors {want}")
+            CHECKS.append(f"{tag}: seq {seq}: {got}")
+            if VERBOSE:
+                print(f"  {tag} seq {seq}: {got} {vd.get('why', '')}")
+            got_all.append(got)
+            if got["verdict"] == "foreign":
+                seen.add(got["fault"])
+                check(got["fault"] in FAULT_CODES, f"{tag}: {got['fault']} is a fault of chain.md")
+            else:
+                seen.update(got["lost"])
+                check(all(c in LOSS_CODES for c in got["lost"]), f"{tag}: loss codes of chain.md")
+        end = sc["end"]
+        check_eq(lv.next_slot, end["next_slot"], f"{tag}: the chain ends before slot {end['next_slot']}")
+        check_eq(lv.prev.hex(), end["chain_head"], f"{tag}: the chain head")
+        check_eq(lv.last_seq, end["last_seq"], f"{tag}: the next write expects the subject's last message")
+        # The chain itself: consecutive slots from 0 (less reported gaps), timestamps
+        # never decrease (chain.md: a verifier may check it too).
+        ts = [e["timestamp_ms"] for _, r in lv.chain_runs for e in r["entries"]]
+        check(ts == sorted(ts), f"{tag}: timestamp_ms never decreases along the chain")
+        summary = ", ".join(
+            (f"{g['verdict']}" + (f" ({'+'.join(g['lost'])})" if g["lost"] else ""))
+            if g["verdict"] == "chain" else f"foreign {g['fault']}" for g in got_all)
+        lines.append(f"{name}: {len(got_all)} messages: {summary}; head: slot "
+                     f"{lv.next_slot - 1}, seq {lv.last_seq} - as expected")
+    check_eq(sorted(seen), sorted(FAULT_CODES + LOSS_CODES), "logs: the scenarios cover every fault code")
+    return lines
 
 
 def check_vector_receipt(v, decoded, trusted, kid, pk, sig, assigns_of, chains):
@@ -838,6 +1021,7 @@ def check_vector_receipt(v, decoded, trusted, kid, pk, sig, assigns_of, chains):
     check_eq(r["prev_hash"], chains[process][r["slot"] - 1] if r["slot"] else genesis(process),
              f"{tag}: prev_hash = recomputed previous chain hash")
     check_eq(r["chain_hash"].hex(), a["chain_hash"], f"{tag}: chain_hash = vector")
+    check_eq(r["run_prev_seq"], rv["prev_seq"], f"{tag}: run_prev_seq = vector run prev_seq")
     check_eq(r["run_first_slot"], rv["first_slot"], f"{tag}: run_first_slot = vector run")
     check_eq(r["run_count"], rv["count"], f"{tag}: run_count = vector run")
     check_eq([p.hex() for p in r["merkle_path"]], rv["merkle_paths"][r["slot"] - rv["first_slot"]],
@@ -858,7 +1042,7 @@ def check_vector_receipt(v, decoded, trusted, kid, pk, sig, assigns_of, chains):
     check_eq(raw[raw.index(b"\xactimestamp_ms") + 13], 0xCF,
              f"{tag}: timestamp_ms {r['timestamp_ms']} as uint 64 (smallest that holds it)")
 
-    # Readers ignore unknown fields and refuse a missing one or v != 1.
+    # Readers ignore unknown fields and refuse a missing one or v != 2.
     extra = dict(rec); extra["future_field"] = {"x": 1}
     extra["seal"] = dict(rec["seal"]); extra["seal"]["later"] = True
     check_eq(parse_receipt(decode(encode(extra)))["chain_hash"], r["chain_hash"],
@@ -977,7 +1161,8 @@ def negative_receipt_vector(raw: bytes, rc: dict, trusted, kid) -> None:
     expect_fail(rc, "trusted key set empty", trusted_={})
     expect_fail(rc, "required key absent", required=("ffffffffffffffff",))
     # record rules
-    expect_fail(alt(v=2), "v != 1")
+    expect_fail(alt(v=1), "v != 2 (record version 1)")
+    expect_fail(alt(v=3), "v != 2 (a later version)")
     t = copy.deepcopy(rc); del t["seal"]
     expect_fail(t, "seal missing")
     # in the MessagePack bytes themselves
@@ -1015,17 +1200,28 @@ def negative_checks(v, decoded, receipts, trusted, kid, procs) -> None:
     process = run["process"]
     last = len(run["entries"]) - 1 + run["first_slot"]
 
-    def log(r, trusted_=trusted, required=(kid,), frm=0, to=None):
-        return lambda: verify_log([r] if isinstance(r, dict) else r, process, trusted_,
-                                  list(required), frm, to)
+    seq = run["prev_seq"] + 1          # the run in its place, first on its subject
+
+    def foreign(r, code, what, trusted_=trusted, required=(kid,)):
+        """The altered run `r` (a map or the bytes), in its place, must be foreign
+        with fault `code` (chain.md "Verifying a log")."""
+        data = r if isinstance(r, bytes) else encode(r)
+        vd = LogVerifier(process, trusted_, list(required)).feed(seq, data)
+        if vd["verdict"] != "foreign":
+            raise CheckFailed(f"NEG {what}: the run still continues the chain ({vd})")
+        if vd["fault"] != code:
+            raise CheckFailed(f"NEG {what}: foreign with {vd['fault']} ({vd['why']}), expected {code}")
+        CHECKS.append(f"NEG {what} -> foreign: {code} ({vd['why']})")
+        if VERBOSE:
+            print(f"  foreign as expected: {what}: {code}: {vd['why']}")
 
     # 1. flip one byte of a body inside the MessagePack bytes
     raw = bytes.fromhex(runs_v[ri]["record_msgpack_hex"])
     body0 = run["entries"][0]["body"]
     marker = b"\xc4" + bytes([len(body0)]) + body0
     pos = raw.index(marker) + 2
-    t = decode(raw[:pos] + bytes([raw[pos] ^ 0x01]) + raw[pos + 1:])
-    expect_fail(log(t), "one body byte flipped in the record bytes", slot=0)
+    foreign(raw[:pos] + bytes([raw[pos] ^ 0x01]) + raw[pos + 1:], "bad_chain_hash",
+            "one body byte flipped in the record bytes")
 
     # 2. body altered and the chain recomputed: the seal no longer covers it
     t = copy.deepcopy(rec)
@@ -1035,62 +1231,75 @@ def negative_checks(v, decoded, receipts, trusted, kid, procs) -> None:
         e["prev_hash"] = p
         e["chain_hash"] = p = chain_hash(p, canonical(process, e["slot"], e["message_id"],
                                                       e["timestamp_ms"], e["headers"], e["body"]))
-    expect_fail(log(t), "body altered and chain recomputed (seal no longer covers it)",
-                slot=run["first_slot"])
+    foreign(t, "bad_signature", "body altered and chain recomputed (seal no longer covers it)")
 
     # 3. header altered
     t = copy.deepcopy(rec)
     t["entries"][-1]["headers"] = [["k", "w"]]
-    expect_fail(log(t), "header value altered", slot=last)
+    foreign(t, "bad_chain_hash", "header value altered")
 
     # 4. seal: moved batch_index, altered batch_path element, tampered signature, ...
-    first = run["first_slot"]
     t = copy.deepcopy(rec); t["seal"]["batch_index"] = (t["seal"]["batch_index"] + 1) % t["seal"]["batch_size"]
-    expect_fail(log(t), "batch_index moved", slot=first)
+    foreign(t, "bad_signature", "batch_index moved")
     t = copy.deepcopy(rec); t["seal"]["batch_index"] = t["seal"]["batch_size"]
-    expect_fail(log(t), "batch_index = batch_size", slot=first)
+    foreign(t, "bad_signature", "batch_index = batch_size")
     t = copy.deepcopy(rec)
     b = bytearray(t["seal"]["batch_path"][0]); b[31] ^= 0x01; t["seal"]["batch_path"][0] = bytes(b)
-    expect_fail(log(t), "batch_path element altered", slot=first)
+    foreign(t, "bad_signature", "batch_path element altered")
     t = copy.deepcopy(rec); t["seal"]["batch_path"].append(t["seal"]["batch_path"][0])
-    expect_fail(log(t), "batch_path with an extra element", slot=first)
+    foreign(t, "bad_signature", "batch_path with an extra element")
     t = copy.deepcopy(rec); t["seal"]["batch_path"] = []
-    expect_fail(log(t), "batch_path emptied", slot=first)
+    foreign(t, "bad_signature", "batch_path emptied")
     t = copy.deepcopy(rec); t["seal"]["batch_size"] += 1
-    expect_fail(log(t), "batch_size changed", slot=first)
+    foreign(t, "bad_signature", "batch_size changed")
     t = copy.deepcopy(rec)
     sg = bytearray(t["seal"]["commitments"][0]["signature"]); sg[0] ^= 1
     t["seal"]["commitments"][0]["signature"] = bytes(sg)
-    expect_fail(log(t), "signature byte flipped", slot=first)
+    foreign(t, "bad_signature", "signature byte flipped")
     other = next(r for j, (r, _) in enumerate(decoded) if j != ri)
     t = copy.deepcopy(rec); t["seal"] = copy.deepcopy(other["seal"])
-    expect_fail(log(t), "seal of another run in the batch", slot=first)
+    foreign(t, "bad_signature", "seal of another run in the batch")
+    t = copy.deepcopy(rec); t["prev_seq"] += 1
+    foreign(t, "bad_signature", "prev_seq altered (the statement signs it)")
     t = copy.deepcopy(rec); t["seal"]["commitments"] = []
-    expect_fail(log(t), "seal without commitment", slot=first)
+    foreign(t, "unsigned", "seal without commitment")
     t = copy.deepcopy(rec); t["seal"]["commitments"][0]["key_id"] = "0000000000000000"
-    expect_fail(log(t), "key_id not the id of public_key", slot=first)
-    expect_fail(log(rec, trusted_={}), "key not trusted", slot=first)
-    expect_fail(log(rec, required=("ffffffffffffffff",)), "required key missing", slot=first)
+    foreign(t, "untrusted_key", "key_id not the id of public_key")
+    foreign(rec, "untrusted_key", "key not trusted", trusted_={})
+    foreign(rec, "missing_key", "required key missing", required=(kid, "ffffffffffffffff"))
 
     # 5. record / log structure
-    t = copy.deepcopy(rec); t["v"] = 2
-    expect_fail(log(t), "record v != 1")
+    t = copy.deepcopy(rec); t["v"] = 1
+    foreign(t, "undecodable", "record v = 1 (not this record version)")
     t = copy.deepcopy(rec); del t["seal"]
-    expect_fail(log(t), "record without seal")
-    expect_fail(log(rec, to=last + 1), "log does not reach requested `to`")
+    foreign(t, "undecodable", "record without seal")
+    t = copy.deepcopy(rec); del t["prev_seq"]
+    foreign(t, "undecodable", "record without prev_seq (a version 1 layout)")
+    foreign(encode([rec[f] for f in RUN_FIELDS]), "undecodable", "record as an array, not a map")
+    foreign(raw + b"\x00", "undecodable", "record followed by a stray byte")
+    foreign(raw[:-1], "undecodable", "record truncated")
+    res = verify_log([(seq, raw)], process, trusted, [kid], 0, last + 1)
+    check_eq(res["faults"], [(None, "gap")], "NEG log does not reach requested `to`: ends with a gap fault")
     t = copy.deepcopy(rec); t["first_slot"] += 1
-    expect_fail(log(t), "gap before the run")
+    foreign(t, "broken_link", "first_slot moved (entries not consecutive from it)")
     t = copy.deepcopy(rec)
     t["entries"][0], t["entries"][1] = t["entries"][1], t["entries"][0]
-    expect_fail(log(t), "entries out of order", slot=first)
+    foreign(t, "broken_link", "entries out of order")
     t = copy.deepcopy(rec); t["entries"] = []
-    expect_fail(log(t), "empty run")
+    foreign(t, "undecodable", "empty run (records.md: entries never empty)")
     t = copy.deepcopy(rec); t["process"] = "proc-Z"
-    expect_fail(log(t), "run of another process", slot=first)
+    foreign(t, "wrong_process", "run of another process")
     t = copy.deepcopy(rec); t["entries"][0]["prev_hash"] = b"\x00" * 32
-    expect_fail(log(t), "slot 0 prev_hash is not genesis", slot=0)
+    foreign(t, "broken_link", "slot 0 prev_hash is not genesis")
+    t = copy.deepcopy(rec); t["entries"][1]["prev_hash"] = b"\x00" * 32
+    foreign(t, "broken_link", "slot 1 prev_hash does not link to slot 0")
     t = copy.deepcopy(rec); t["entries"].pop()
-    expect_fail(log(t), "last entry dropped (run digest changes)", slot=first)
+    foreign(t, "bad_signature", "last entry dropped (run digest changes)")
+    # the genuine run out of its place, and a foreign message before it
+    lv = LogVerifier(process, trusted, [kid])
+    check_eq(lv.feed(seq + 1, b"")["fault"], "undecodable", "NEG an empty message is undecodable")
+    check_eq(lv.feed(seq + 2, raw)["fault"], "replayed",
+             "NEG the genuine run after a message later than its prev_seq: replayed")
 
     # 6. receipts
     rc = next(r for r in receipts if r["process"] == process and r["slot"] == last)
@@ -1164,11 +1373,14 @@ def main(argv: list[str]) -> int:
     print(f"  batch of {info['batch']}: root, per-run index and path verified, statement,")
     print(f"      ed25519 signature recomputed from seed and verified with public key")
     print(f"  Run records: decoded, all fields incl. seal match, re-encode byte-identically,")
-    print(f"      verify as logs (chain.md 'Verifying a log')")
+    print(f"      continue the chain in their place (chain.md 'Verifying a log')")
     print(f"  {info['receipts']} receipts built from the decoded runs verify alone")
     print(f"  receipt vector: decoded, verifies alone, equals the receipt built from the run")
     print(f"      field by field and the vectors, re-encodes byte-identically")
     print(f"  {neg} negative checks rejected as expected")
+    print(f"  {len(info['logs'])} log scenarios (chain.md 'Verifying a log: chain and foreign messages'):")
+    for line in info["logs"]:
+        print(f"    {line}")
     print(f"  {len(CHECKS)} checks in total, all passed")
     return 0
 
