@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_nats::jetstream::kv;
-use async_nats::service::endpoint::Endpoint;
+use service::Endpoint;
 use futures::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -31,7 +31,7 @@ pub const MAX_PAGE_ENTRIES: u32 = 1000;
 async fn next_or_stop(
     endpoint: &mut Endpoint,
     shutdown: &CancellationToken,
-) -> Option<async_nats::service::Request> {
+) -> Option<service::Request> {
     tokio::select! {
         r = endpoint.next() => r,
         _ = shutdown.cancelled() => None,
@@ -46,6 +46,12 @@ pub(crate) async fn schedule_loop(
 ) {
     while let Some(req) = next_or_stop(&mut endpoint, &shutdown).await {
         let reply = Replier::new(req);
+        if let Some(why) = reply.malformed() {
+            reply
+                .refuse(Refusal::new(ErrorCode::MalformedRequest, why.to_string()))
+                .await;
+            continue;
+        }
         match validate(&shared, reply.message()) {
             Ok((process, parts)) => {
                 let job = Job {
@@ -186,6 +192,10 @@ pub(crate) async fn read_loop<F, Fut>(
         let shared = Arc::clone(&shared);
         shared.tracker.clone().spawn(async move {
             let reply = Replier::new(req);
+            if let Some(why) = reply.malformed() {
+                let r = Refusal::new(ErrorCode::MalformedRequest, why.to_string());
+                return reply.refuse(r).await;
+            }
             match answer(Arc::clone(&shared), reply.message().clone()).await {
                 Ok(bytes) => reply.ok(bytes.into()).await,
                 Err(r) => reply.refuse(r).await,
@@ -337,6 +347,11 @@ pub(crate) async fn keys_loop(
 ) {
     while let Some(req) = next_or_stop(&mut endpoint, &shutdown).await {
         let reply = Replier::new(req);
+        if let Some(why) = reply.malformed() {
+            let r = Refusal::new(ErrorCode::MalformedRequest, why.to_string());
+            reply.refuse(r).await;
+            continue;
+        }
         let answer = match journal::keyring::fetch(&store).await {
             Ok(keys) => rmp_serde::to_vec_named(&keys)
                 .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string())),

@@ -38,7 +38,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
-use async_nats::service::ServiceExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -411,24 +410,42 @@ pub async fn run_with_clock(
         core: client.clone(),
     });
 
-    let service = intake
-        .service_builder()
-        .description("turnstile scheduler: slots, hash-chained signed assignments")
-        .queue_group("turnstile-scheduler")
-        .stats_handler(move |endpoint, _| {
-            if endpoint == "schedule" {
-                metrics.snapshot()
-            } else {
-                serde_json::Value::Null
-            }
-        })
-        .start("turnstile-scheduler", env!("CARGO_PKG_VERSION"))
-        .await
-        .map_err(|e| Error::Service(e.to_string()))?;
+    let spec = service::Spec {
+        name: "turnstile-scheduler".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        description: "turnstile scheduler: slots, hash-chained signed assignments".into(),
+        queue_group: "turnstile-scheduler".into(),
+        metadata: HashMap::from([
+            ("prefix".to_string(), subjects.prefix().to_string()),
+            ("max_body".to_string(), limits.max_body.to_string()),
+            (
+                "max_message_id".to_string(),
+                intake::MAX_MESSAGE_ID.to_string(),
+            ),
+            (
+                "max_header_bytes".to_string(),
+                intake::MAX_HEADER_BYTES.to_string(),
+            ),
+            (
+                "max_run_entries".to_string(),
+                limits.max_run_entries.to_string(),
+            ),
+        ]),
+    };
+    let service = service::Service::start(intake.clone(), spec, subjects.clone(), move |endpoint| {
+        if endpoint == "schedule" {
+            metrics.snapshot()
+        } else {
+            serde_json::Value::Null
+        }
+    })
+    .await
+    .map_err(|e| Error::Service(e.to_string()))?;
     let endpoint = |name: &'static str, subject: String| {
-        let b = service.endpoint_builder().name(name);
+        let service = service.clone();
         async move {
-            b.add(subject)
+            service
+                .endpoint(name, subject)
                 .await
                 .map_err(|e| Error::Service(e.to_string()))
         }
@@ -483,9 +500,7 @@ pub async fn run_with_clock(
 
     shutdown.cancelled().await;
     info!("shutting down: draining queued requests");
-    if let Err(e) = service.stop().await {
-        warn!(error = %e, "stopping the services API");
-    }
+    service.stop();
     loops.wait().await;
     shared.actors.close_all();
     shared.tracker.close();

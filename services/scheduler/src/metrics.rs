@@ -25,10 +25,6 @@ pub struct Metrics {
     pub faults: AtomicU64,
     /// Heads loaded by reading a whole subject (the tail was not a verified run).
     pub head_scans: AtomicU64,
-    /// Requests the client library could not parse (bad headers, non-UTF-8 subject).
-    pub malformed_requests: AtomicU64,
-    /// Requests whose reply subject lies in our own space: never answered.
-    pub replies_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -51,8 +47,6 @@ impl Metrics {
             "duplicates": get(&self.duplicates),
             "faults": get(&self.faults),
             "head_scans": get(&self.head_scans),
-            "malformed_requests": get(&self.malformed_requests),
-            "replies_refused": get(&self.replies_refused),
         })
     }
 }

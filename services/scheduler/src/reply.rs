@@ -1,12 +1,10 @@
 //! Answers to clients. Every request gets exactly one: a receipt or a typed
-//! refusal (the `Ts-Error` code plus the services API's error headers).
+//! refusal (the `Ts-Error` code plus the services API's error headers). Where the
+//! answer may go is the service skeleton's business: never into our own space.
 
-use async_nats::service::{self, Request};
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use tracing::warn;
 
-use journal::subjects;
 use protocol::merkle::Tree;
 use protocol::wire::{ErrorCode, Run};
 
@@ -31,17 +29,22 @@ impl Refusal {
 
 /// The reply handle of one request.
 #[derive(Debug)]
-pub struct Replier(Request);
+pub struct Replier(service::Request);
 
 impl Replier {
-    /// Wraps a services-API request.
-    pub fn new(req: Request) -> Replier {
+    /// Wraps a request.
+    pub fn new(req: service::Request) -> Replier {
         Replier(req)
     }
 
     /// The request's message.
     pub fn message(&self) -> &async_nats::Message {
-        &self.0.message
+        self.0.message()
+    }
+
+    /// Why the request could not be parsed, if it could not.
+    pub fn malformed(&self) -> Option<&str> {
+        self.0.malformed()
     }
 
     /// Answers with the receipt of entry `index` of `run`, whose tree is `tree`.
@@ -70,7 +73,7 @@ impl Replier {
 
     /// Answers with `payload`.
     pub async fn ok(&self, payload: Bytes) {
-        if let Err(e) = self.0.respond(Ok(payload)).await {
+        if let Err(e) = self.0.respond(payload).await {
             warn!(error = %e, "could not send a reply");
         }
     }
@@ -82,13 +85,11 @@ impl Replier {
         } else {
             tracing::debug!(code = r.code.as_str(), message = %r.message, "request refused");
         }
-        let mut h = HeaderMap::new();
-        h.insert(subjects::ERROR, r.code.as_str());
-        let err = service::error::Error {
-            status: r.message,
-            code: usize::from(r.code.status()),
-        };
-        if let Err(e) = self.0.respond_with_headers(Err(err), h).await {
+        if let Err(e) = self
+            .0
+            .refuse(r.code.as_str(), r.code.status(), &r.message)
+            .await
+        {
             warn!(error = %e, "could not send a refusal");
         }
     }

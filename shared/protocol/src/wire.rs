@@ -348,6 +348,9 @@ pub enum ErrorCode {
     InvalidProcess,
     /// A header or payload could not be understood.
     Malformed,
+    /// The request itself could not be parsed (its header block or subject is not
+    /// valid NATS/UTF-8): it never reached the checks of its endpoint.
+    MalformedRequest,
     /// The body is larger than the configured maximum.
     TooLarge,
     /// `Ts-Mode` names no mode.
@@ -374,6 +377,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidProcess => "invalid_process",
             ErrorCode::Malformed => "malformed",
+            ErrorCode::MalformedRequest => "malformed_request",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::UnknownMode => "unknown_mode",
             ErrorCode::Disabled => "disabled",
@@ -396,6 +400,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidProcess
             | ErrorCode::Malformed
+            | ErrorCode::MalformedRequest
             | ErrorCode::UnknownMode
             | ErrorCode::RemoteNotConfigured
             | ErrorCode::InvalidRange => 400,
@@ -409,9 +414,10 @@ impl ErrorCode {
 }
 
 /// Every error code, for parsing and documentation.
-pub const ALL_ERROR_CODES: [ErrorCode; 11] = [
+pub const ALL_ERROR_CODES: [ErrorCode; 12] = [
     ErrorCode::InvalidProcess,
     ErrorCode::Malformed,
+    ErrorCode::MalformedRequest,
     ErrorCode::TooLarge,
     ErrorCode::UnknownMode,
     ErrorCode::Disabled,

@@ -1,0 +1,453 @@
+//! The skeleton every turnstile service fills in: the NATS services API (ADR-32:
+//! `$SRV.PING`, `$SRV.INFO`, `$SRV.STATS`, as `nats micro ls` reads it), endpoints in
+//! a queue group, typed refusals, and two defences every listener needs:
+//!
+//! - **No answer into our own space.** A responder publishes its answer to the reply
+//!   subject the requester chose, with the responder's rights. A request whose reply
+//!   subject lies in the deployment's space or the server's (`<prefix>.>`, `$JS`,
+//!   `$KV`, `$SRV`, `$SYS`, every `$…`) is never answered — not by an endpoint and not
+//!   by the services API itself — only counted ([`Counters::replies_refused`]).
+//! - **Malformed requests are answered, not fatal.** The patched client library
+//!   delivers a message it cannot parse marked malformed (ARCHITECTURE.md, "Patched
+//!   dependency"); the endpoint hands it over as such, the service answers a typed
+//!   `malformed` refusal where the reply subject is usable, and counts it.
+//!
+//! # Layout
+//! - [`Service`]: registration and the `$SRV` responder.
+//! - [`Endpoint`]: one endpoint's requests.
+//! - [`Request`]: one request and its single answer.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use async_nats::{HeaderMap, Message, Subscriber};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use journal::subjects::{self, Subjects};
+
+/// Everything that can go wrong running a service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Subscribing failed.
+    #[error("subscribing to {subject}: {reason}")]
+    Subscribe {
+        /// The subject.
+        subject: String,
+        /// Why.
+        reason: String,
+    },
+    /// Publishing an answer failed.
+    #[error("answering on {subject}: {reason}")]
+    Publish {
+        /// The reply subject.
+        subject: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a service says about itself.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Service name (`turnstile-scheduler`).
+    pub name: String,
+    /// Version (semver).
+    pub version: String,
+    /// One line for people.
+    pub description: String,
+    /// Queue group of the endpoints: replicas share the requests.
+    pub queue_group: String,
+    /// Metadata published in PING/INFO/STATS (limits, settings).
+    pub metadata: HashMap<String, String>,
+}
+
+/// Counters every service keeps, beside its own.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Requests whose reply subject lies in our own space: dropped unanswered.
+    pub replies_refused: AtomicU64,
+    /// Requests the client library could not parse.
+    pub malformed_requests: AtomicU64,
+}
+
+#[derive(Debug)]
+struct EndpointStats {
+    name: String,
+    subject: String,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    processing_ns: AtomicU64,
+    last_error: Mutex<String>,
+}
+
+type DataFn = dyn Fn(&str) -> Value + Send + Sync;
+
+struct Inner {
+    client: async_nats::Client,
+    spec: Spec,
+    id: String,
+    started: String,
+    subjects: Subjects,
+    endpoints: Mutex<Vec<Arc<EndpointStats>>>,
+    counters: Arc<Counters>,
+    data: Box<DataFn>,
+    stop: CancellationToken,
+}
+
+/// A registered service: answers the services API until [`Service::stop`].
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("name", &self.inner.spec.name)
+            .field("id", &self.inner.id)
+            .finish()
+    }
+}
+
+impl Service {
+    /// Registers `spec` on `client` and starts answering `$SRV.PING/INFO/STATS`.
+    /// `data(endpoint)` gives the `data` of an endpoint's STATS.
+    pub async fn start(
+        client: async_nats::Client,
+        spec: Spec,
+        subjects: Subjects,
+        data: impl Fn(&str) -> Value + Send + Sync + 'static,
+    ) -> Result<Service> {
+        let started = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let inner = Arc::new(Inner {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            client,
+            spec,
+            started,
+            subjects,
+            endpoints: Mutex::new(Vec::new()),
+            counters: Arc::new(Counters::default()),
+            data: Box::new(data),
+            stop: CancellationToken::new(),
+        });
+        let mut subs = Vec::new();
+        for verb in ["PING", "INFO", "STATS"] {
+            for subject in [
+                format!("$SRV.{verb}"),
+                format!("$SRV.{verb}.{}", inner.spec.name),
+                format!("$SRV.{verb}.{}.{}", inner.spec.name, inner.id),
+            ] {
+                let sub = subscribe(&inner.client, &subject, None).await?;
+                subs.push((verb, sub));
+            }
+        }
+        let streams = futures::stream::select_all(
+            subs.into_iter()
+                .map(|(verb, sub)| sub.map(move |m| (verb, m)).boxed()),
+        );
+        tokio::spawn(answer_srv(Arc::clone(&inner), streams));
+        Ok(Service { inner })
+    }
+
+    /// Adds endpoint `name` on `subject` (in the service's queue group).
+    pub async fn endpoint(&self, name: &str, subject: String) -> Result<Endpoint> {
+        let sub = subscribe(
+            &self.inner.client,
+            &subject,
+            Some(self.inner.spec.queue_group.clone()),
+        )
+        .await?;
+        let stats = Arc::new(EndpointStats {
+            name: name.to_string(),
+            subject,
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            processing_ns: AtomicU64::new(0),
+            last_error: Mutex::new(String::new()),
+        });
+        if let Ok(mut e) = self.inner.endpoints.lock() {
+            e.push(Arc::clone(&stats));
+        }
+        Ok(Endpoint {
+            sub,
+            stats,
+            inner: Arc::clone(&self.inner),
+        })
+    }
+
+    /// The service's counters.
+    pub fn counters(&self) -> Arc<Counters> {
+        Arc::clone(&self.inner.counters)
+    }
+
+    /// This instance's id (as PING reports it).
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// Stops answering the services API (endpoints stop when dropped or stopped).
+    pub fn stop(&self) {
+        self.inner.stop.cancel();
+    }
+}
+
+async fn subscribe(
+    client: &async_nats::Client,
+    subject: &str,
+    queue: Option<String>,
+) -> Result<Subscriber> {
+    let r = match queue {
+        Some(q) => client.queue_subscribe(subject.to_string(), q).await,
+        None => client.subscribe(subject.to_string()).await,
+    };
+    r.map_err(|e| Error::Subscribe {
+        subject: subject.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Why the client library could not parse `msg`, if it could not.
+pub fn malformed(msg: &Message) -> Option<String> {
+    // PATCH-PENDING: replaced by the patched client's mark once it lands.
+    let _ = msg;
+    None
+}
+
+/// The reply subject of `msg` if a service may answer there: none when it has none,
+/// when it is reserved (counted), or when the message is malformed and its reply
+/// could not be read.
+fn usable_reply<'a>(inner: &Inner, msg: &'a Message) -> Option<&'a str> {
+    let reply = msg.reply.as_ref()?.as_str();
+    if inner.subjects.is_reserved_reply(reply) {
+        inner
+            .counters
+            .replies_refused
+            .fetch_add(1, Ordering::Relaxed);
+        debug!(subject = %msg.subject, reply, "not answering into our own subject space");
+        return None;
+    }
+    Some(reply)
+}
+
+async fn answer_srv(
+    inner: Arc<Inner>,
+    mut requests: impl futures::Stream<Item = (&'static str, Message)> + Unpin,
+) {
+    loop {
+        let next = tokio::select! {
+            n = requests.next() => n,
+            _ = inner.stop.cancelled() => return,
+        };
+        let Some((verb, msg)) = next else { return };
+        let Some(reply) = usable_reply(&inner, &msg) else {
+            continue;
+        };
+        let body = match verb {
+            "PING" => ping(&inner),
+            "INFO" => info(&inner),
+            _ => stats(&inner),
+        };
+        let Ok(bytes) = serde_json::to_vec(&body) else {
+            continue;
+        };
+        if let Err(e) = inner.client.publish(reply.to_string(), bytes.into()).await {
+            warn!(error = %e, "could not answer a services-API request");
+        }
+    }
+}
+
+fn identity(inner: &Inner, kind: &str) -> serde_json::Map<String, Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("type".into(), json!(format!("io.nats.micro.v1.{kind}")));
+    m.insert("name".into(), json!(inner.spec.name));
+    m.insert("id".into(), json!(inner.id));
+    m.insert("version".into(), json!(inner.spec.version));
+    m.insert("metadata".into(), json!(inner.spec.metadata));
+    m
+}
+
+fn ping(inner: &Inner) -> Value {
+    Value::Object(identity(inner, "ping_response"))
+}
+
+fn info(inner: &Inner) -> Value {
+    let mut m = identity(inner, "info_response");
+    m.insert("description".into(), json!(inner.spec.description));
+    let endpoints: Vec<Value> = inner
+        .endpoints
+        .lock()
+        .map(|e| {
+            e.iter()
+                .map(|s| {
+                    json!({
+                        "name": s.name,
+                        "subject": s.subject,
+                        "queue_group": inner.spec.queue_group,
+                        "metadata": {},
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    m.insert("endpoints".into(), json!(endpoints));
+    Value::Object(m)
+}
+
+fn stats(inner: &Inner) -> Value {
+    let mut m = identity(inner, "stats_response");
+    m.insert("started".into(), json!(inner.started));
+    let endpoints: Vec<Value> = inner
+        .endpoints
+        .lock()
+        .map(|e| {
+            e.iter()
+                .map(|s| {
+                    let requests = s.requests.load(Ordering::Relaxed);
+                    let ns = s.processing_ns.load(Ordering::Relaxed);
+                    json!({
+                        "name": s.name,
+                        "subject": s.subject,
+                        "queue_group": inner.spec.queue_group,
+                        "num_requests": requests,
+                        "num_errors": s.errors.load(Ordering::Relaxed),
+                        "last_error": s.last_error.lock().map(|l| l.clone()).unwrap_or_default(),
+                        "processing_time": ns,
+                        "average_processing_time": ns.checked_div(requests).unwrap_or(0),
+                        "data": (inner.data)(&s.name),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    m.insert("endpoints".into(), json!(endpoints));
+    m.insert(
+        "replies_refused".into(),
+        json!(inner.counters.replies_refused.load(Ordering::Relaxed)),
+    );
+    m.insert(
+        "malformed_requests".into(),
+        json!(inner.counters.malformed_requests.load(Ordering::Relaxed)),
+    );
+    Value::Object(m)
+}
+
+/// The requests of one endpoint.
+pub struct Endpoint {
+    sub: Subscriber,
+    stats: Arc<EndpointStats>,
+    inner: Arc<Inner>,
+}
+
+impl Endpoint {
+    /// The next request; none once the subscription ends. Requests whose reply
+    /// subject is reserved are dropped here, unanswered and counted.
+    pub async fn next(&mut self) -> Option<Request> {
+        loop {
+            let msg = self.sub.next().await?;
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let reply = usable_reply(&self.inner, &msg).map(str::to_string);
+            let malformed = malformed(&msg);
+            if malformed.is_some() {
+                self.inner
+                    .counters
+                    .malformed_requests
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            if reply.is_none() && msg.reply.is_some() {
+                continue;
+            }
+            return Some(Request {
+                reply,
+                message: msg,
+                malformed,
+                stats: Arc::clone(&self.stats),
+                client: self.inner.client.clone(),
+                started: Instant::now(),
+            });
+        }
+    }
+
+    /// Stops taking requests (the queue group then delivers to other replicas).
+    pub async fn stop(&mut self) {
+        let _ = self.sub.unsubscribe().await;
+    }
+}
+
+/// One request; answer it once with [`Request::respond`] or [`Request::refuse`].
+#[derive(Debug)]
+pub struct Request {
+    reply: Option<String>,
+    message: Message,
+    malformed: Option<String>,
+    stats: Arc<EndpointStats>,
+    client: async_nats::Client,
+    started: Instant,
+}
+
+impl Request {
+    /// The request's message.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// Why the client library could not parse the request, if it could not: its
+    /// headers are then absent and its subject may hold replacement characters.
+    pub fn malformed(&self) -> Option<&str> {
+        self.malformed.as_deref()
+    }
+
+    /// Answers with `payload`.
+    pub async fn respond(&self, payload: Bytes) -> Result<()> {
+        self.send(None, payload).await
+    }
+
+    /// Answers with a typed refusal: an empty body and the headers `Ts-Error` (the
+    /// code), `Nats-Service-Error-Code` (HTTP-like status) and `Nats-Service-Error`.
+    pub async fn refuse(&self, code: &str, status: u16, message: &str) -> Result<()> {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = self.stats.last_error.lock() {
+            *last = format!("{code}: {message}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(subjects::ERROR, code);
+        h.insert(subjects::SERVICE_ERROR_CODE, status.to_string().as_str());
+        // A header value is one line: keep the message on one.
+        h.insert(subjects::SERVICE_ERROR, message.replace(['\r', '\n'], " ").as_str());
+        self.send(Some(h), Bytes::new()).await
+    }
+
+    async fn send(&self, headers: Option<HeaderMap>, payload: Bytes) -> Result<()> {
+        self.stats.processing_ns.fetch_add(
+            self.started.elapsed().as_nanos() as u64,
+            Ordering::Relaxed,
+        );
+        let Some(reply) = &self.reply else {
+            return Ok(());
+        };
+        let r = match headers {
+            Some(h) => {
+                self.client
+                    .publish_with_headers(reply.clone(), h, payload)
+                    .await
+            }
+            None => self.client.publish(reply.clone(), payload).await,
+        };
+        r.map_err(|e| Error::Publish {
+            subject: reply.clone(),
+            reason: e.to_string(),
+        })
+    }
+}
