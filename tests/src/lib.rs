@@ -6,13 +6,19 @@
 //! - `scheduling`: slots, replicas, crashes, restarts, idempotency, modes.
 //! - `refusals`: typed errors for bad input, nothing written.
 //! - `integrity`: verification, tampering on disk, receipts, range pages.
+//! - `privilege`: who may do what with deploy/'s users (no credentials, intake, operator).
+//! - `hostile`: foreign messages on the log, replies aimed into our own space.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod support;
 
 #[cfg(test)]
+mod hostile;
+#[cfg(test)]
 mod integrity;
+#[cfg(test)]
+mod privilege;
 #[cfg(test)]
 mod refusals;
 #[cfg(test)]
