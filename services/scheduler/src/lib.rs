@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use journal::reader::{LogReader, RunMeta};
+use journal::reader::LogReader;
 use journal::setup::{self, LogOptions};
 use journal::subjects::Subjects;
 use protocol::merkle::Tree;
@@ -158,8 +158,14 @@ impl Shared {
             let subject = shared.subjects.log(&process);
             let deadline = tokio::time::Instant::now() + shared.config.remote_timeout;
             loop {
+                // The remote's last run, judged by its seal (not by its unsigned headers):
+                // ours, or a later run of the chain sealed by a trusted key.
                 let there = match remote.get_last_raw_message_by_subject(&subject).await {
-                    Ok(m) => RunMeta::from_headers(m.sequence, &m.headers).is_some_and(|meta| meta.last_slot >= run.last_slot()),
+                    Ok(m) => Run::decode(&m.payload).is_ok_and(|last| {
+                        last == *run
+                            || (last.last_slot() > run.last_slot()
+                                && protocol::verify::check_run(&last, &process, &shared.trusted(), &[]).is_ok())
+                    }),
                     Err(_) => false,
                 };
                 if there {
