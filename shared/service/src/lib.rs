@@ -221,9 +221,7 @@ async fn subscribe(
 
 /// Why the client library could not parse `msg`, if it could not.
 pub fn malformed(msg: &Message) -> Option<String> {
-    // PATCH-PENDING: replaced by the patched client's mark once it lands.
-    let _ = msg;
-    None
+    msg.malformed_reason().map(str::to_string)
 }
 
 /// The reply subject of `msg` if a service may answer there: none when it has none,
@@ -340,6 +338,11 @@ fn stats(inner: &Inner) -> Value {
     m.insert(
         "malformed_requests".into(),
         json!(inner.counters.malformed_requests.load(Ordering::Relaxed)),
+    );
+    // How often this connection (re)connected: 1 on a steady one.
+    m.insert(
+        "connects".into(),
+        json!(inner.client.statistics().connects.load(Ordering::Relaxed)),
     );
     Value::Object(m)
 }
