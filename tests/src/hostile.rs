@@ -302,3 +302,53 @@ async fn replies_into_our_own_space_are_never_sent() -> Result<()> {
     s.stop().await?;
     Ok(())
 }
+
+/// A stored message whose header block no client library parses (published raw by
+/// someone with write rights) must not make the process unreadable: readers take the
+/// body and judge it; it is foreign.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_message_with_unparsable_headers_is_foreign_not_fatal() -> Result<()> {
+    let server = server()?;
+    let key = test_key(23);
+    let s = InProcess::start(&server, Config::default(), vec![test_key(23)]).await?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let mut events = nats.subscribe("ts.events.fault").await?;
+    nats.flush().await?;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let p = ProcessId::new("victim")?;
+    assert_eq!(schedule_n(&client, &p, "before", 3).await?, vec![0, 1, 2]);
+
+    let mut raw = crate::raw::RawClient::connect(&server.url_as(Role::Operator)).await?;
+    raw.send(&crate::raw::publish(
+        b"ts.log.victim",
+        None,
+        Some(b"NATS/1.0\r\nTs-Last-Slot: \xff\xfe\r\nno colon\r\n\r\n"),
+        b"\x81\xa1v\x02",
+    ))
+    .await?;
+    raw.flush().await?;
+    let tail = raw_runs(&server, &p).await?.last().map(|(seq, _)| *seq).unwrap_or(0);
+    let event = expect_fault(&mut events, "victim", tail + 1).await?;
+    assert_eq!(event.code, "undecodable", "{event:?}");
+    assert_eq!(schedule_n(&client, &p, "after", 2).await?, vec![3, 4]);
+    s.stop().await?;
+    // Put it at the tail again, then a cold load.
+    raw.send(&crate::raw::publish(
+        b"ts.log.victim",
+        None,
+        Some(b"NATS/2.0\r\n\r\n"),
+        b"x",
+    ))
+    .await?;
+    raw.flush().await?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(23)]).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    assert_eq!(schedule_n(&client, &p, "restarted", 2).await?, vec![5, 6]);
+    let report = verify(server.url(), &p, &[&key]).await?;
+    let codes: Vec<&str> = report.faults.iter().map(|f| f.kind.code()).collect();
+    assert_eq!(codes, vec!["undecodable", "undecodable"]);
+    assert_eq!(report.checked, 7);
+    s.stop().await?;
+    Ok(())
+}

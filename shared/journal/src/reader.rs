@@ -82,12 +82,30 @@ pub struct LogMessage {
 }
 
 impl LogMessage {
-    fn from_stream(msg: jetstream::message::StreamMessage) -> LogMessage {
-        LogMessage {
-            seq: msg.sequence,
-            headers: msg.headers,
-            payload: msg.payload,
-        }
+    /// From the `message` of a `STREAM.MSG.GET` answer. Headers that do not parse are
+    /// dropped (they are hints; anyone can store anything on a log subject), never an
+    /// error: a stored message must not make the log unreadable.
+    fn from_api(m: &ApiMessage) -> Result<LogMessage> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let payload = match &m.data {
+            Some(d) => b64.decode(d).map_err(|e| Error::BadRecord {
+                seq: m.seq,
+                reason: format!("stored payload is not base64: {e}"),
+            })?,
+            None => Vec::new(),
+        };
+        let headers = m
+            .hdrs
+            .as_deref()
+            .and_then(|h| b64.decode(h).ok())
+            .map(|h| lenient_headers(&h))
+            .unwrap_or_default();
+        Ok(LogMessage {
+            seq: m.seq,
+            headers,
+            payload: payload.into(),
+        })
     }
 
     /// The run it holds, or why it holds none.
@@ -113,8 +131,56 @@ pub struct LogReader {
     subjects: Subjects,
 }
 
-fn not_found(e: &stream::LastRawMessageError) -> bool {
-    matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound)
+/// The `message` of a `STREAM.MSG.GET` answer.
+#[derive(Debug, serde::Deserialize)]
+struct ApiMessage {
+    seq: u64,
+    #[serde(default)]
+    hdrs: Option<String>,
+    #[serde(default)]
+    data: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ApiAnswer {
+    #[serde(default)]
+    message: Option<ApiMessage>,
+    #[serde(default)]
+    error: Option<ApiError>,
+}
+
+/// JetStream's error code for "no message found".
+const NO_MESSAGE_FOUND: u64 = 10037;
+
+/// Parses a stored NATS header block as far as it goes: lines that do not parse (and a
+/// block that is not UTF-8) are skipped. Used only for hints.
+fn lenient_headers(block: &[u8]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let Ok(text) = std::str::from_utf8(block) else {
+        return h;
+    };
+    for line in text.split("\r\n").skip(1) {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let (name, value) = (name.trim(), value.trim());
+        let valid_name = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b':');
+        if valid_name && !value.contains(['\r', '\n']) {
+            h.append(name, value);
+        }
+    }
+    h
 }
 
 impl LogReader {
@@ -166,16 +232,33 @@ impl LogReader {
 
     /// The last message on `process`'s subject, from the stream leader.
     pub async fn last_message(&self, process: &ProcessId) -> Result<Option<LogMessage>> {
-        match self
-            .stream
-            .get_last_raw_message_by_subject(&self.subjects.log(process))
+        let request = serde_json::json!({ "last_by_subj": self.subjects.log(process) });
+        self.msg_get("read head", &request).await
+    }
+
+    /// One `STREAM.MSG.GET` (answered by the stream leader, so never stale), read
+    /// leniently: a stored message whose headers do not parse is still returned (the
+    /// client library's own getter fails on it, which would make a process unreadable).
+    async fn msg_get(&self, op: &'static str, request: &serde_json::Value) -> Result<Option<LogMessage>> {
+        let subject = format!("STREAM.MSG.GET.{}", self.subjects.log_stream());
+        let answer: ApiAnswer = self
+            .js
+            .request(subject, request)
             .await
-        {
-            Ok(msg) => Ok(Some(LogMessage::from_stream(msg))),
-            Err(e) if not_found(&e) => Ok(None),
-            Err(e) => Err(Error::JetStream {
-                op: "read head",
+            .map_err(|e| Error::JetStream {
+                op,
                 reason: e.to_string(),
+            })?;
+        match (answer.message, answer.error) {
+            (Some(m), _) => LogMessage::from_api(&m).map(Some),
+            (None, Some(e)) if e.err_code == NO_MESSAGE_FOUND => Ok(None),
+            (None, Some(e)) => Err(Error::JetStream {
+                op,
+                reason: format!("{} (error {})", e.description, e.err_code),
+            }),
+            (None, None) => Err(Error::JetStream {
+                op,
+                reason: "an answer with neither message nor error".into(),
             }),
         }
     }
@@ -190,18 +273,9 @@ impl LogReader {
 
     /// The first message on `process`'s subject at stream sequence `seq` or later.
     pub async fn next_message(&self, process: &ProcessId, seq: u64) -> Result<Option<LogMessage>> {
-        match self
-            .stream
-            .get_first_raw_message_by_subject(self.subjects.log(process), seq.max(1))
-            .await
-        {
-            Ok(msg) => Ok(Some(LogMessage::from_stream(msg))),
-            Err(e) if not_found(&e) => Ok(None),
-            Err(e) => Err(Error::JetStream {
-                op: "read next run",
-                reason: e.to_string(),
-            }),
-        }
+        let request =
+            serde_json::json!({ "seq": seq.max(1), "next_by_subj": self.subjects.log(process) });
+        self.msg_get("read next run", &request).await
     }
 
     async fn next_meta(&self, process: &ProcessId, seq: u64) -> Result<Option<RunMeta>> {
