@@ -485,7 +485,10 @@ impl Actor {
     async fn resolve_hints(&mut self, jobs: &[Job]) {
         let trusted = self.shared.trusted();
         for id in jobs.iter().filter_map(|j| j.message_id.as_deref()) {
-            let claims = self.index.hints(id).to_vec();
+            // Newest first: an id scheduled again after its window answers with its
+            // latest assignment.
+            let mut claims = self.index.hints(id).to_vec();
+            claims.sort_by_key(|s| std::cmp::Reverse(s.seq));
             if claims.is_empty() {
                 continue;
             }

@@ -7,7 +7,7 @@
 //! - [`plan`]: which requests are duplicates and which get new slots.
 //! - [`build_run`]: the run of new assignments, chained (the signer seals it).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 
 use protocol::chain;
 use protocol::hash::Hash32;
@@ -79,7 +79,10 @@ pub struct DedupeIndex {
     window_ms: u64,
     ids: HashMap<String, Seen>,
     hints: HashMap<String, Vec<Seen>>,
-    order: VecDeque<(u64, String)>,
+    /// The newest timestamp each id was seen at: an id is forgotten a window after it.
+    latest: HashMap<String, u64>,
+    /// (timestamp, id) of every sighting, oldest first; stale ones are skipped.
+    order: BTreeSet<(u64, String)>,
 }
 
 impl DedupeIndex {
@@ -91,16 +94,22 @@ impl DedupeIndex {
         }
     }
 
+    fn seen_at(&mut self, id: &str, timestamp_ms: u64) {
+        let latest = self.latest.entry(id.to_string()).or_insert(timestamp_ms);
+        *latest = (*latest).max(timestamp_ms);
+        self.order.insert((timestamp_ms, id.to_string()));
+    }
+
     /// Records `id` as scheduled at `slot` in the run at `seq`, at `timestamp_ms`
-    /// (from a signed run of the chain).
+    /// (from a signed run of the chain). A later sighting of the same id (it was
+    /// scheduled again after its window) replaces the earlier one.
     pub fn insert(&mut self, id: String, seen: Seen, timestamp_ms: u64) {
         if self.window_ms == 0 {
             return;
         }
         self.hints.remove(&id);
-        if self.ids.insert(id.clone(), seen).is_none() {
-            self.order.push_back((timestamp_ms, id));
-        }
+        self.seen_at(&id, timestamp_ms);
+        self.ids.insert(id, seen);
     }
 
     /// Records an unchecked claim that `id` is at `seen` (an unsigned header).
@@ -108,10 +117,10 @@ impl DedupeIndex {
         if self.window_ms == 0 || self.ids.contains_key(&id) {
             return;
         }
-        let claims = self.hints.entry(id.clone()).or_default();
+        self.seen_at(&id, timestamp_ms);
+        let claims = self.hints.entry(id).or_default();
         if !claims.contains(&seen) {
             claims.push(seen);
-            self.order.push_back((timestamp_ms, id));
         }
     }
 
@@ -134,14 +143,16 @@ impl DedupeIndex {
         self.ids.get(id).copied()
     }
 
-    /// Forgets ids older than the window as of `now_ms`.
+    /// Forgets ids whose newest sighting is older than the window as of `now_ms`.
     pub fn prune(&mut self, now_ms: u64) {
         let horizon = now_ms.saturating_sub(self.window_ms);
-        while let Some((ts, _)) = self.order.front() {
-            if *ts >= horizon {
+        while let Some((ts, id)) = self.order.first().cloned() {
+            if ts >= horizon {
                 break;
             }
-            if let Some((_, id)) = self.order.pop_front() {
+            self.order.pop_first();
+            if self.latest.get(&id) == Some(&ts) {
+                self.latest.remove(&id);
                 self.ids.remove(&id);
                 self.hints.remove(&id);
             }
@@ -334,6 +345,24 @@ mod tests {
         index.insert_hint("b".into(), forged, 103);
         index.confirm("b", None);
         assert_eq!((index.get("b"), index.hints("b")), (None, &[][..]));
+    }
+
+    #[test]
+    fn given_an_id_seen_again_later_then_it_is_remembered_a_window_after_the_later_sighting() {
+        let mut index = DedupeIndex::new(100);
+        index.insert("a".into(), Seen { slot: 0, seq: 1 }, 1000);
+        index.insert("a".into(), Seen { slot: 7, seq: 9 }, 1080);
+        index.prune(1150);
+        assert_eq!(index.get("a"), Some(Seen { slot: 7, seq: 9 }), "not by its first time");
+        index.prune(1181);
+        assert_eq!(index.get("a"), None);
+        // Sightings may come out of time order (headers of several replicas).
+        index.insert_hint("b".into(), Seen { slot: 1, seq: 3 }, 2000);
+        index.insert_hint("b".into(), Seen { slot: 2, seq: 4 }, 1990);
+        index.prune(2095);
+        assert_eq!(index.hints("b").len(), 2);
+        index.prune(2101);
+        assert!(index.hints("b").is_empty() && index.is_empty());
     }
 
     #[test]
