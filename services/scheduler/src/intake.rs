@@ -99,7 +99,42 @@ fn validate(shared: &Shared, msg: &async_nats::Message) -> Result<(ProcessId, Jo
     let mut headers = Vec::new();
     let mut header_bytes = 0;
     if let Some(h) = &msg.headers {
-        if let Some(id) = h.get(subjects::MSG_ID) {
+        // Control headers are matched whatever their case (some clients lower-case
+        // names); two different values of one are refused, never one picked silently.
+        let control = |wanted: &str| -> Result<Option<String>, Refusal> {
+            let mut found: Option<String> = None;
+            for (name, values) in h.iter() {
+                let name: &str = name.as_ref();
+                if !name.eq_ignore_ascii_case(wanted) {
+                    continue;
+                }
+                for v in values {
+                    match &found {
+                        Some(f) if f != v.as_str() => {
+                            return Err(Refusal::new(
+                                ErrorCode::Malformed,
+                                format!("header {wanted} given twice with different values"),
+                            ))
+                        }
+                        _ => found = Some(v.as_str().to_string()),
+                    }
+                }
+            }
+            Ok(found)
+        };
+        for (name, _) in h.iter() {
+            let name: &str = name.as_ref();
+            let ours = [subjects::MSG_ID, subjects::MODE];
+            if name.to_ascii_lowercase().starts_with("ts-")
+                && !ours.iter().any(|o| o.eq_ignore_ascii_case(name))
+            {
+                return Err(Refusal::new(
+                    ErrorCode::Malformed,
+                    format!("unknown control header {name}: Ts-* names are reserved (Ts-Mode is the only one a request may carry)"),
+                ));
+            }
+        }
+        if let Some(id) = control(subjects::MSG_ID)? {
             let id = id.as_str();
             if id.is_empty() || id.len() > MAX_MESSAGE_ID || id.chars().any(char::is_control) {
                 return Err(Refusal::new(
@@ -111,9 +146,9 @@ fn validate(shared: &Shared, msg: &async_nats::Message) -> Result<(ProcessId, Jo
             }
             message_id = Some(id.to_string());
         }
-        if let Some(m) = h.get(subjects::MODE) {
+        if let Some(m) = control(subjects::MODE)? {
             requested = Some(
-                m.as_str()
+                m.to_ascii_lowercase()
                     .parse::<Mode>()
                     .map_err(|e| Refusal::new(ErrorCode::UnknownMode, e.to_string()))?,
             );
