@@ -8,12 +8,18 @@
 //! - `integrity`: verification, tampering on disk, receipts, range pages.
 //! - `malformed`: messages async-nats cannot parse are delivered, marked; the connection stays.
 //! - `privilege`: who may do what with deploy/'s users (no credentials, intake, operator).
+//! - [`raw`]: a raw NATS protocol client for hostile input.
+//! - `bad_input`: malformed and hostile requests mixed into load, as raw bytes.
+//! - `word`: the scheduler keeps its word (stalls, bursts, limits, races).
 //! - `hostile`: foreign messages on the log, replies aimed into our own space.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod raw;
 pub mod support;
 
+#[cfg(test)]
+mod bad_input;
 #[cfg(test)]
 mod hostile;
 #[cfg(test)]
@@ -26,3 +32,5 @@ mod privilege;
 mod refusals;
 #[cfg(test)]
 mod scheduling;
+#[cfg(test)]
+mod word;
