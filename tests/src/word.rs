@@ -61,3 +61,86 @@ async fn control_headers_count_whatever_their_case() -> Result<()> {
     s.stop().await?;
     Ok(())
 }
+
+/// A page of `ts.range` is bounded by everything its entries carry, headers included:
+/// entries with large headers come in several pages, each under the server's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_pages_count_headers_too() -> Result<()> {
+    let server = server()?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(42)]).await?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let p = ProcessId::new("fat")?;
+    let big = "h".repeat(60_000);
+    for i in 0..40 {
+        let opts = journal::client::Schedule {
+            headers: vec![("x-big".into(), big.clone())],
+            ..Default::default()
+        };
+        client.schedule(&p, Bytes::from(format!("m{i}")), &opts).await?;
+    }
+    let max_payload = nats.server_info().max_payload;
+    let mut from = 0;
+    let mut pages = 0;
+    let mut slots = Vec::new();
+    loop {
+        let req = protocol::wire::RangeRequest {
+            from,
+            to: None,
+            limit: None,
+        };
+        let reply = client
+            .request(format!("ts.range.{p}"), HeaderMap::new(), req.encode()?.into())
+            .await?;
+        assert!(reply.payload.len() <= max_payload, "page of {} bytes", reply.payload.len());
+        let page = protocol::wire::RangePage::decode(&reply.payload)?;
+        pages += 1;
+        slots.extend(page.entries.iter().map(|e| e.slot));
+        match page.next {
+            Some(n) => from = n,
+            None => break,
+        }
+    }
+    assert_eq!(slots, (0..40).collect::<Vec<_>>());
+    assert!(pages > 1, "2.4 MB of headers cannot come in one page");
+    s.stop().await?;
+    Ok(())
+}
+
+/// A duplicate asked for with `remote_confirmation` is answered as the mode promises:
+/// once the remote has it, or `remote_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_confirmation_duplicate_waits_for_the_remote() -> Result<()> {
+    let server = server()?;
+    let js = async_nats::jetstream::new(connect_as(&server, harness::Role::Operator).await?);
+    // A "remote" that never receives the log.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "NOWHERE".into(),
+        subjects: vec!["nowhere.>".into()],
+        ..Default::default()
+    })
+    .await?;
+    let config = Config {
+        remote_stream: Some("NOWHERE".into()),
+        remote_timeout: std::time::Duration::from_millis(300),
+        ..Config::default()
+    };
+    let s = InProcess::start(&server, config, vec![test_key(43)]).await?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let client = Client::new(nats, Subjects::default());
+    let first = raw_schedule(&client, "dup", &[("Nats-Msg-Id", "r-1")]).await?;
+    assert_eq!(first.slot, 0);
+    assert_refused(
+        raw_schedule(
+            &client,
+            "dup",
+            &[("Nats-Msg-Id", "r-1"), ("Ts-Mode", "remote_confirmation")],
+        )
+        .await,
+        ErrorCode::RemoteTimeout,
+    );
+    s.stop().await?;
+    Ok(())
+}

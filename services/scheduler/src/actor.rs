@@ -662,7 +662,14 @@ impl Actor {
         match stored {
             Ok(run) => {
                 let index = seen.slot.saturating_sub(run.first_slot) as usize;
-                job.reply.receipt(&run, &run.tree(), index, true, true).await;
+                let tree = run.tree();
+                if job.mode == Mode::RemoteConfirmation {
+                    // A duplicate promises what the mode promises: the remote has it.
+                    self.shared
+                        .confirm_remote(Arc::new((run, tree)), vec![(job, index, true)]);
+                } else {
+                    job.reply.receipt(&run, &tree, index, true, true).await;
+                }
             }
             Err(why) => {
                 job.reply

@@ -354,7 +354,7 @@ pub(crate) async fn range(
             if e.slot > to {
                 break 'runs;
             }
-            let cost = e.body.len() + 200;
+            let cost = entry_cost(&e);
             if page.entries.len() >= limit
                 || (bytes + cost > byte_budget && !page.entries.is_empty())
             {
@@ -371,6 +371,18 @@ pub(crate) async fn range(
         page.next = Some(want);
     }
     page.encode().map_err(internal)
+}
+
+/// What an entry costs in a page's MessagePack, generously: every byte it carries
+/// (body, id, headers) plus its fixed fields and framing.
+fn entry_cost(e: &protocol::wire::Entry) -> usize {
+    e.body.len()
+        + e.message_id.len()
+        + e.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 16)
+            .sum::<usize>()
+        + 160
 }
 
 /// Answers `<prefix>.keys` with every published key (MessagePack array of `PublishedKey`).
