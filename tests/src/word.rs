@@ -144,3 +144,86 @@ async fn a_remote_confirmation_duplicate_waits_for_the_remote() -> Result<()> {
     s.stop().await?;
     Ok(())
 }
+
+/// A burst of requests with long ids to one process is written, not refused: the
+/// `Ts-Ids` header of each run stays under NATS's 64 KiB header limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_with_long_ids_is_all_written() -> Result<()> {
+    let server = server()?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(44)]).await?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let client = Client::new(nats, Subjects::default());
+    let p = ProcessId::new("burst")?;
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            let client = client.clone();
+            let p = p.clone();
+            tokio::spawn(async move {
+                let opts = journal::client::Schedule {
+                    message_id: Some(format!("{i:04}-{}", "x".repeat(251))),
+                    ..Default::default()
+                };
+                client.schedule(&p, Bytes::from(format!("b{i}")), &opts).await
+            })
+        })
+        .collect();
+    let mut slots = Vec::new();
+    for t in tasks {
+        let r = t.await??;
+        assert_eq!(r.message_id.len(), 256);
+        slots.push(r.slot);
+    }
+    slots.sort_unstable();
+    assert_eq!(slots, (0..1000).collect::<Vec<_>>());
+    eprintln!("1000 requests with 256-byte ids: {:?}", started.elapsed());
+    s.stop().await?;
+    Ok(())
+}
+
+/// The largest request the scheduler accepts is written; one byte more is refused at
+/// once with `too_large` naming the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_request_is_written_and_one_byte_more_is_refused_at_once() -> Result<()> {
+    let server = server()?;
+    let config = Config {
+        max_body: 64 * 1024 * 1024,
+        max_run_bytes: 64 * 1024 * 1024,
+        ..Config::default()
+    };
+    let s = InProcess::start(&server, config, vec![test_key(45)]).await?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let info: serde_json::Value = serde_json::from_slice(
+        &nats.request("$SRV.INFO.turnstile-scheduler", Bytes::new()).await?.payload,
+    )?;
+    let limit: usize = info["metadata"]["max_request_bytes"]
+        .as_str()
+        .expect("max_request_bytes in INFO")
+        .parse()?;
+    let client = Client::new(nats, Subjects::default()).with_timeout(std::time::Duration::from_secs(30));
+    let p = ProcessId::new("largest")?;
+    let id = "largest-1";
+    let opts = journal::client::Schedule {
+        message_id: Some(id.into()),
+        ..Default::default()
+    };
+    let r = client
+        .schedule(&p, Bytes::from(vec![7u8; limit - id.len()]), &opts)
+        .await?;
+    assert_eq!(r.slot, 0);
+    let started = std::time::Instant::now();
+    let opts = journal::client::Schedule {
+        message_id: Some("largest-2".into()),
+        ..Default::default()
+    };
+    let refused = client
+        .schedule(&p, Bytes::from(vec![7u8; limit - id.len() + 1]), &opts)
+        .await;
+    assert_refused(refused, ErrorCode::TooLarge);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "refused at intake");
+    assert_eq!(read_log(server.url(), &p).await?.len(), 1);
+    s.stop().await?;
+    Ok(())
+}

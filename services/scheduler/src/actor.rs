@@ -68,15 +68,24 @@ pub struct Job {
 }
 
 impl Job {
+    /// Bytes the job adds to a run's payload: body, headers, id and a generous
+    /// allowance for the entry's fixed fields.
     fn cost(&self) -> usize {
-        // Body, headers and a generous allowance for the entry's fixed fields.
         self.body.len()
             + self
                 .headers
                 .iter()
                 .map(|(k, v)| k.len() + v.len() + 10)
                 .sum::<usize>()
+            + self.message_id.as_ref().map_or(0, String::len)
             + 200
+    }
+
+    /// Bytes the job adds to the run's `Ts-Ids` header (base64 of `[slot, id]`).
+    fn ids_cost(&self) -> usize {
+        self.message_id
+            .as_ref()
+            .map_or(0, |id| (id.len() + 16) * 4 / 3 + 4)
     }
 }
 
@@ -126,16 +135,21 @@ pub(crate) async fn run(
                     }
                 }
             };
+            // Everything a run carries counts: its payload and its Ts-Ids header.
             let mut bytes = first.cost();
+            let mut ids = first.ids_cost();
             let mut batch = vec![first];
             while batch.len() < actor.shared.limits.max_run_entries {
                 match rx.try_recv() {
                     Ok(j) => {
-                        if bytes + j.cost() > actor.shared.limits.max_run_bytes {
+                        if bytes + j.cost() > actor.shared.limits.max_run_bytes
+                            || ids + j.ids_cost() > crate::IDS_HEADER_BUDGET
+                        {
                             carry = Some(j);
                             break;
                         }
                         bytes += j.cost();
+                        ids += j.ids_cost();
                         batch.push(j);
                     }
                     Err(_) => break,

@@ -172,6 +172,17 @@ fn validate(shared: &Shared, msg: &async_nats::Message) -> Result<(ProcessId, Jo
             format!("headers are {header_bytes} bytes; the maximum is {MAX_HEADER_BYTES}"),
         ));
     }
+    let request_bytes =
+        msg.payload.len() + header_bytes + message_id.as_ref().map_or(0, String::len);
+    if request_bytes > shared.limits.max_request {
+        return Err(Refusal::new(
+            ErrorCode::TooLarge,
+            format!(
+                "body, stored headers and message id are {request_bytes} bytes; the maximum is {} (max_request_bytes in $SRV.INFO)",
+                shared.limits.max_request
+            ),
+        ));
+    }
     let pc = shared.process_config(&process);
     if pc.mode == Some(Mode::Disabled) {
         return Err(Refusal::new(

@@ -82,12 +82,18 @@ impl Clock for SystemClock {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
     pub max_body: usize,
+    /// Most bytes one request may carry into its entry: body + stored headers + id.
+    pub max_request: usize,
     pub max_run_entries: usize,
     pub max_run_bytes: usize,
 }
 
-/// Headroom kept below the server's `max_payload` for a run's framing and headers.
-const RUN_HEADROOM: usize = 64 * 1024;
+/// Most bytes of a run's `Ts-Ids` header (the NATS header block is limited to 64 KiB
+/// whatever `max_payload` says); a run stops taking requests with ids before it.
+pub const IDS_HEADER_BUDGET: usize = 48 * 1024;
+/// Room for a run's framing, its seal and its `Ts-*` hint headers, and one entry's
+/// fixed fields.
+const RUN_OVERHEAD: usize = 8 * 1024;
 
 /// State every task of one scheduler shares.
 pub(crate) struct Shared {
@@ -342,9 +348,11 @@ pub async fn run_with_clock(
     }
 
     let server_max = client.server_info().max_payload;
-    let room = server_max.saturating_sub(RUN_HEADROOM);
+    // A run of one request must always fit the server's max_payload (headers included).
+    let room = server_max.saturating_sub(IDS_HEADER_BUDGET + RUN_OVERHEAD);
     let limits = Limits {
         max_body: config.max_body.min(room),
+        max_request: room,
         max_run_entries: config.max_run_entries.clamp(1, 10_000),
         max_run_bytes: config.max_run_bytes.min(room).max(1),
     };
@@ -424,6 +432,11 @@ pub async fn run_with_clock(
         metadata: HashMap::from([
             ("prefix".to_string(), subjects.prefix().to_string()),
             ("max_body".to_string(), limits.max_body.to_string()),
+            (
+                "max_request_bytes".to_string(),
+                limits.max_request.to_string(),
+            ),
+            ("max_ids_header_bytes".to_string(), IDS_HEADER_BUDGET.to_string()),
             (
                 "max_message_id".to_string(),
                 intake::MAX_MESSAGE_ID.to_string(),
