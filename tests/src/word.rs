@@ -227,3 +227,53 @@ async fn the_largest_request_is_written_and_one_byte_more_is_refused_at_once() -
     s.stop().await?;
     Ok(())
 }
+
+/// A full log is a permanent error until someone makes room: refused at once with
+/// `log_full` (never retried for the write deadline), a fault event, and the
+/// scheduler resumes by itself once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_log_is_refused_at_once_and_resumes_when_there_is_room() -> Result<()> {
+    use futures::StreamExt;
+    let server = server()?;
+    let js = async_nats::jetstream::new(connect_as(&server, harness::Role::Operator).await?);
+    let subjects = Subjects::default();
+    let mut log = journal::setup::log_stream_config(&subjects, &Default::default());
+    log.max_bytes = 64 * 1024;
+    js.create_stream(log.clone()).await?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(46)]).await?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let mut events = nats.subscribe("ts.events.fault").await?;
+    nats.flush().await?;
+    let client = Client::new(nats, subjects);
+    let p = ProcessId::new("full")?;
+    let mut written = 0u64;
+    let started = std::time::Instant::now();
+    let refused = loop {
+        match client.schedule(&p, Bytes::from(vec![1u8; 4096]), &Default::default()).await {
+            Ok(r) => {
+                assert_eq!(r.slot, written);
+                written += 1;
+            }
+            Err(e) => break e,
+        }
+        assert!(written < 100, "64 KiB cannot hold 100 messages of 4 KiB");
+    };
+    assert!(
+        matches!(&refused, journal::Error::Refused { code: ErrorCode::LogFull, .. }),
+        "{refused}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "not retried for 30 s");
+    let event = tokio::time::timeout(std::time::Duration::from_secs(5), events.next())
+        .await?
+        .expect("a fault event");
+    let event: protocol::wire::FaultEvent = serde_json::from_slice(&event.payload)?;
+    assert_eq!(event.code, "log_full");
+    // The operator makes room; the next request goes through, at the next slot.
+    log.max_bytes = 16 * 1024 * 1024;
+    js.update_stream(log).await?;
+    let r = client.schedule(&p, Bytes::from("after"), &Default::default()).await?;
+    assert_eq!(r.slot, written);
+    s.stop().await?;
+    Ok(())
+}

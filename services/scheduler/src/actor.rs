@@ -258,6 +258,23 @@ impl Actor {
                     backoff = Duration::from_millis(5);
                     None
                 }
+                Outcome::Full(reason) => {
+                    // Permanent until someone makes room: answer now, never retry.
+                    let msg = format!("the log is full: {reason}; nothing was written (retry once there is room)");
+                    let event = protocol::wire::FaultEvent {
+                        v: 1,
+                        process: self.process.to_string(),
+                        seq: head.seq,
+                        slot: head.next_slot,
+                        code: ErrorCode::LogFull.as_str().to_string(),
+                        message: msg.clone(),
+                        detected_by: "scheduler".into(),
+                        time_ms: self.shared.clock.now_ms(),
+                    };
+                    self.shared.event(&event);
+                    refuse_all(&jobs, &answered_early, ErrorCode::LogFull, &msg).await;
+                    return;
+                }
                 Outcome::Failed(reason) => {
                     if started.elapsed() > self.shared.config.write_deadline {
                         let msg = format!("the log did not confirm the write ({reason}); retry with the same message id");

@@ -128,8 +128,12 @@ impl Shared {
     pub fn fault(&self, process: &ProcessId, fault: &Fault) {
         Metrics::bump(&self.metrics.faults);
         tracing::error!(process = %process, seq = fault.seq, slot = fault.slot, code = fault.kind.code(), "log fault: {}", fault.kind);
-        let event = FaultEvent::new(process, fault, "scheduler", self.clock.now_ms());
-        let Ok(bytes) = serde_json::to_vec(&event) else {
+        self.event(&FaultEvent::new(process, fault, "scheduler", self.clock.now_ms()));
+    }
+
+    /// Publishes `event` on `<prefix>.events.fault`.
+    pub fn event(&self, event: &FaultEvent) {
+        let Ok(bytes) = serde_json::to_vec(event) else {
             return;
         };
         let core = self.core.clone();

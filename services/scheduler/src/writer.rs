@@ -67,6 +67,9 @@ pub enum Outcome {
     Stored(u64),
     /// Refused: the subject's last sequence is not the one expected.
     Lost,
+    /// Refused for good: the store or the stream is full (retrying cannot help
+    /// until an operator makes room); nothing was stored.
+    Full(String),
     /// Anything else; the run may or may not be stored (a catch-up read tells).
     Failed(String),
 }
@@ -221,8 +224,16 @@ async fn publish_one(js: &jetstream::Context, w: Write) -> Outcome {
         Ok(ack) => Outcome::Stored(ack.sequence),
         Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Outcome::Lost,
         Err(e) if is_conflict_code(jetstream_code(&e)) => Outcome::Lost,
+        Err(e) if is_full_code(jetstream_code(&e)) => Outcome::Full(e.to_string()),
         Err(e) => Outcome::Failed(e.to_string()),
     }
+}
+
+/// JetStream's "no room" refusals: 10023 insufficient resources (the server's
+/// `max_file_store`), 10047 storage resources exceeded, 10028 memory resources
+/// exceeded, 10077 the stream's `max_bytes`/`max_msgs` reached (discard new).
+fn is_full_code(code: Option<u64>) -> bool {
+    matches!(code, Some(10023) | Some(10028) | Some(10047) | Some(10077))
 }
 
 /// 10071: wrong last sequence; 10164: a conflicting write in flight on an R3 stream

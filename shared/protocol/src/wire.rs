@@ -77,9 +77,52 @@ pub struct Entry {
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
     /// Chain hash of the previous slot (genesis for slot 0).
+    #[serde(deserialize_with = "hash_in_place")]
     pub prev_hash: Hash32,
     /// This assignment's chain hash.
+    #[serde(deserialize_with = "hash_in_place")]
     pub chain_hash: Hash32,
+}
+
+/// Reads a [`Hash32`] straight from the decoder's bytes, without the intermediate
+/// buffer of `Hash32`'s own `Deserialize` (two allocations per entry otherwise). It
+/// accepts exactly what that one does: bytes, a string's bytes, or a sequence of
+/// bytes, of length 32.
+fn hash_in_place<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Hash32, D::Error> {
+    struct Visitor;
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = Hash32;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("32 bytes")
+        }
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> std::result::Result<Hash32, E> {
+            <[u8; 32]>::try_from(v)
+                .map(Hash32)
+                .map_err(|_| E::invalid_length(v.len(), &"32 bytes"))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Hash32, E> {
+            self.visit_bytes(v.as_bytes())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> std::result::Result<Hash32, A::Error> {
+            let mut out = [0u8; 32];
+            let mut n = 0;
+            while let Some(b) = seq.next_element::<u8>()? {
+                if n < 32 {
+                    out[n] = b;
+                }
+                n += 1;
+            }
+            if n == 32 {
+                Ok(Hash32(out))
+            } else {
+                Err(serde::de::Error::invalid_length(n, &"32 bytes"))
+            }
+        }
+    }
+    d.deserialize_byte_buf(Visitor)
 }
 
 impl Entry {
@@ -145,7 +188,13 @@ impl Run {
 
     /// The statement every commitment of this run signs.
     pub fn statement(&self) -> Vec<u8> {
-        self.statement_for(&merkle::Tree::new(&self.leaves()))
+        keys::run_statement(
+            &self.process,
+            self.prev_seq,
+            self.first_slot,
+            self.entries.len() as u64,
+            &merkle::root_in_place(&mut self.leaves()),
+        )
     }
 
     /// The statement, given this run's already built Merkle tree.
@@ -365,6 +414,9 @@ pub enum ErrorCode {
     MissingKey,
     /// The log could not be written or read now; retry (with the same message id).
     Unavailable,
+    /// The log's store or stream is full: nothing was written; retry once an operator
+    /// made room (the scheduler resumes by itself).
+    LogFull,
     /// The range asked for is empty or reversed.
     InvalidRange,
     /// A bug: the scheduler could not do what it should have been able to.
@@ -385,6 +437,7 @@ impl ErrorCode {
             ErrorCode::RemoteTimeout => "remote_timeout",
             ErrorCode::MissingKey => "missing_key",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::LogFull => "log_full",
             ErrorCode::InvalidRange => "invalid_range",
             ErrorCode::Internal => "internal",
         }
@@ -407,6 +460,7 @@ impl ErrorCode {
             ErrorCode::Disabled | ErrorCode::MissingKey => 403,
             ErrorCode::TooLarge => 413,
             ErrorCode::Unavailable => 503,
+            ErrorCode::LogFull => 507,
             ErrorCode::RemoteTimeout => 504,
             ErrorCode::Internal => 500,
         }
@@ -414,7 +468,7 @@ impl ErrorCode {
 }
 
 /// Every error code, for parsing and documentation.
-pub const ALL_ERROR_CODES: [ErrorCode; 12] = [
+pub const ALL_ERROR_CODES: [ErrorCode; 13] = [
     ErrorCode::InvalidProcess,
     ErrorCode::Malformed,
     ErrorCode::MalformedRequest,
@@ -425,6 +479,7 @@ pub const ALL_ERROR_CODES: [ErrorCode; 12] = [
     ErrorCode::RemoteTimeout,
     ErrorCode::MissingKey,
     ErrorCode::Unavailable,
+    ErrorCode::LogFull,
     ErrorCode::InvalidRange,
     ErrorCode::Internal,
 ];
