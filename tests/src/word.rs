@@ -277,3 +277,61 @@ async fn a_full_log_is_refused_at_once_and_resumes_when_there_is_room() -> Resul
     s.stop().await?;
     Ok(())
 }
+
+/// A write whose acknowledgement never came (the server stalled past the publish
+/// timeout) is resolved from the log before anything else is planned: requests
+/// without ids are never written twice, and every receipt matches the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stall_writes_no_request_twice() -> Result<()> {
+    use std::collections::HashMap;
+    let server = server()?;
+    let pid = server.pid().expect("running") as i32;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(47)]).await?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let client = Client::new(nats, Subjects::default()).with_timeout(std::time::Duration::from_secs(60));
+    let p = ProcessId::new("stall")?;
+    let stop_at = std::time::Instant::now() + std::time::Duration::from_secs(14);
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let client = client.clone();
+            let p = p.clone();
+            tokio::spawn(async move {
+                let mut receipts = Vec::new();
+                let mut i = 0;
+                while std::time::Instant::now() < stop_at {
+                    let body = format!("t{t}-{i}");
+                    i += 1;
+                    if let Ok(r) = client.schedule(&p, Bytes::from(body.clone()), &Default::default()).await {
+                        receipts.push((body, r));
+                    }
+                }
+                receipts
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let signal = |sig: &str| std::process::Command::new("kill").args([sig, &pid.to_string()]).status();
+    signal("-STOP")?;
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    signal("-CONT")?;
+    let mut receipts = Vec::new();
+    for t in tasks {
+        receipts.extend(t.await?);
+    }
+    let log = read_log(server.url(), &p).await?;
+    let slots: Vec<u64> = log.iter().map(|e| e.slot).collect();
+    assert_eq!(slots, (0..log.len() as u64).collect::<Vec<_>>(), "no gap");
+    let mut bodies: HashMap<Vec<u8>, u64> = HashMap::new();
+    for e in &log {
+        if let Some(first) = bodies.insert(e.body.clone(), e.slot) {
+            panic!("{} written at slots {first} and {}", String::from_utf8_lossy(&e.body), e.slot);
+        }
+    }
+    for (body, r) in &receipts {
+        assert_eq!(bodies.get(body.as_bytes()), Some(&r.slot), "receipt of {body} matches the log");
+    }
+    eprintln!("{} assignments, {} receipts through an 8 s stall", log.len(), receipts.len());
+    s.stop().await?;
+    Ok(())
+}

@@ -163,6 +163,16 @@ pub(crate) async fn run(
     .await
 }
 
+/// What became of a write whose outcome was unknown.
+enum Fate {
+    /// It is in the log at this stream sequence.
+    Landed(u64),
+    /// Another message took its place: it can never land.
+    Absent,
+    /// Nothing took its place yet: it may still land; send the same run again.
+    Open,
+}
+
 /// A run built and sealed on `head`, ready to write (and to write again, unchanged,
 /// while the log has not moved).
 struct Attempt {
@@ -220,9 +230,40 @@ impl Actor {
                     continue;
                 }
             };
-            let attempt = match pending.take() {
-                Some(a) if a.head == head => a,
-                _ => {
+            // A run whose fate is unknown (a write that timed out, a head re-read since)
+            // is resolved from the log before anything else is planned: found there
+            // (it landed), proven absent (another message took its place), or still
+            // open (nothing took its place: send the very same run again).
+            let mut landed_before = None;
+            let kept = match pending.take() {
+                Some(a) if a.head == head => Some(a),
+                Some(a) => match self.fate(&a).await {
+                    Ok(Fate::Landed(seq)) => {
+                        landed_before = Some(seq);
+                        Some(a)
+                    }
+                    Ok(Fate::Open) => Some(a),
+                    Ok(Fate::Absent) => None,
+                    Err(e) => {
+                        if started.elapsed() > self.shared.config.write_deadline {
+                            let msg = format!("the log cannot be read to learn whether the write landed ({e}); retry with the same message id");
+                            refuse_all(&jobs, &answered_early, ErrorCode::Unavailable, &msg).await;
+                            self.head = None;
+                            return;
+                        }
+                        warn!(error = %e, "cannot resolve an unconfirmed write yet; retrying");
+                        pending = Some(a);
+                        self.head = None;
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let attempt = match kept {
+                Some(a) => a,
+                None => {
                     let Some((kept, early, attempt)) =
                         self.prepare(head, jobs, answered_early).await
                     else {
@@ -249,7 +290,10 @@ impl Actor {
                 }
             }
 
-            let outcome = self.write(&attempt.head, run, &attempt.supplied).await;
+            let outcome = match landed_before {
+                Some(seq) => Outcome::Stored(seq),
+                None => self.write(&attempt.head, run, &attempt.supplied).await,
+            };
             let landed = match outcome {
                 Outcome::Stored(seq) => Some(seq),
                 Outcome::Lost => {
@@ -627,6 +671,23 @@ impl Actor {
             expected: head.seq,
         };
         self.shared.writer.write(write).await
+    }
+
+    /// The fate of `attempt`, written (maybe) with the expectation `attempt.head.seq`:
+    /// the message right after that one on the subject is either our run (it
+    /// landed), another message (ours can never land: absent), or none (open).
+    async fn fate(&self, attempt: &Attempt) -> journal::Result<Fate> {
+        let next = self
+            .reader()
+            .next_message(&self.process, attempt.head.seq + 1)
+            .await?;
+        Ok(match next {
+            None => Fate::Open,
+            Some(m) => match m.decode() {
+                Ok(run) if run == attempt.run => Fate::Landed(m.seq),
+                _ => Fate::Absent,
+            },
+        })
     }
 
     /// Judges every message after the known head (schemas/chain.md): runs of the
