@@ -335,3 +335,68 @@ async fn a_server_stall_writes_no_request_twice() -> Result<()> {
     s.stop().await?;
     Ok(())
 }
+
+/// A clock an hour ahead on one replica must not hang the process for the others: a
+/// load never waits for a message that is not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skewed_clock_does_not_hang_a_process_after_a_restart() -> Result<()> {
+    struct Ahead;
+    impl scheduler::Clock for Ahead {
+        fn now_ms(&self) -> u64 {
+            scheduler::SystemClock.now_ms() + 3_600_000
+        }
+    }
+    use scheduler::Clock as _;
+    let server = server()?;
+    let start = |clock: std::sync::Arc<dyn scheduler::Clock>| {
+        let server = &server;
+        async move {
+            let connections = scheduler::Connections {
+                core: connect_as(server, harness::Role::Scheduler).await?,
+                intake: connect_as(server, harness::Role::SchedulerIntake).await?,
+            };
+            let config = Config {
+                dedupe_window: std::time::Duration::from_secs(1),
+                ..Config::default()
+            };
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let keyring = scheduler::Keyring::new(vec![test_key(48)])?;
+            let handle = tokio::spawn(scheduler::run_with_clock(
+                config,
+                keyring,
+                connections,
+                shutdown.clone(),
+                clock,
+            ));
+            anyhow::Ok((shutdown, handle))
+        }
+    };
+    let nats = connect(server.url()).await?;
+    let client = Client::new(nats.clone(), Subjects::default())
+        .with_timeout(std::time::Duration::from_secs(20));
+    let p = ProcessId::new("skew")?;
+    let (stop, handle) = start(std::sync::Arc::new(Ahead)).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let opts = journal::client::Schedule {
+        message_id: Some("s-1".into()),
+        ..Default::default()
+    };
+    client.schedule(&p, Bytes::from("from the future"), &opts).await?;
+    stop.cancel();
+    handle.await??;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+
+    let (stop, handle) = start(std::sync::Arc::new(scheduler::SystemClock)).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let started = std::time::Instant::now();
+    let r = client.schedule(&p, Bytes::from("now"), &Default::default()).await?;
+    assert_eq!(r.slot, 1);
+    assert!(
+        r.timestamp_ms >= scheduler::SystemClock.now_ms() + 3_000_000,
+        "timestamps never go back, even behind a skewed writer"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    stop.cancel();
+    handle.await??;
+    Ok(())
+}

@@ -163,6 +163,10 @@ pub(crate) async fn run(
     .await
 }
 
+/// How long loading a process's dedupe window may take before the load fails (and
+/// the requests waiting on it are answered `unavailable` and tried again).
+const LOAD_DEADLINE: Duration = Duration::from_secs(10);
+
 /// What became of a write whose outcome was unknown.
 enum Fate {
     /// It is in the log at this stream sequence.
@@ -535,9 +539,23 @@ impl Actor {
             })
             .await
             .map_err(|e| err(&e))?;
+        // The start selects by the server's storage time, which need not agree with
+        // the Ts-Time of a replica whose clock is skewed: nothing may be stored after
+        // it at all. Never wait for a message that is not there.
+        let pending = consumer.cached_info().num_pending;
+        if pending == 0 {
+            return Ok(());
+        }
         let mut messages = consumer.messages().await.map_err(|e| err(&e))?;
-        while let Some(m) = messages.next().await {
+        let mut read = 0u64;
+        let deadline = tokio::time::Instant::now() + LOAD_DEADLINE;
+        loop {
+            let next = tokio::time::timeout_at(deadline, messages.next())
+                .await
+                .map_err(|_| err(&format!("no message within {LOAD_DEADLINE:?}")))?;
+            let Some(m) = next else { break };
             let m = m.map_err(|e| err(&e))?;
+            read += 1;
             let seq = m.info().map(|i| i.stream_sequence).map_err(|e| err(&e))?;
             if let Some(h) = &m.headers {
                 let ts = RunMeta::from_headers(seq, h)
@@ -547,7 +565,7 @@ impl Actor {
                     self.index.insert_hint(id, Seen { slot, seq }, ts);
                 }
             }
-            if seq >= head.seq {
+            if seq >= head.seq || read >= pending {
                 break;
             }
         }
