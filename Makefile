@@ -70,30 +70,50 @@ release: crates
 	cargo build --workspace --release
 
 # Starts a local single-node NATS with JetStream on 127.0.0.1:4222 (unless NATS_URL
-# names a server) and one scheduler, in the background; `make stop` stops them.
+# names a server) and one scheduler, in the background; `make stop` stops them. The
+# server runs deploy/nats.conf: least privilege (deploy/accounts.conf), with passwords
+# made once into data/secrets.env; data/operator.env holds the operator's NATS_URL.
 run: tools release
 	@mkdir -p "$(DATA)"
 	@if [ -z "$${NATS_URL}" ]; then \
+	  if [ ! -s "$(DATA)/secrets.env" ]; then \
+	    ( umask 077; for v in TS_SCHEDULER_PASSWORD TS_INTAKE_PASSWORD TS_OPERATOR_PASSWORD; do \
+	        echo "$$v=$$(python3 -c 'import secrets; print("p" + secrets.token_hex(16))')"; \
+	      done > "$(DATA)/secrets.env" ); \
+	    echo "made the NATS users' passwords: data/secrets.env"; \
+	  fi; \
+	  chmod 600 "$(DATA)/secrets.env"; set -a; . "$(DATA)/secrets.env"; set +a; \
+	  ( umask 077; echo "NATS_URL=nats://operator:$$TS_OPERATOR_PASSWORD@127.0.0.1:4222" > "$(DATA)/operator.env" ); \
 	  if [ -f "$(DATA)/nats.pid" ] && kill -0 $$(cat "$(DATA)/nats.pid") 2>/dev/null; then echo "nats-server already running"; \
 	  else \
-	    sed "s|@DATA@|$(DATA)|g" deploy/nats.conf > "$(DATA)/nats.conf"; \
+	    sed "s|@DATA@|$(DATA)|g" deploy/nats.conf > "$(DATA)/nats.conf"; cp deploy/accounts.conf "$(DATA)/accounts.conf"; \
 	    nohup "$${NATS_SERVER_BIN:-$(TOOLS)/bin/nats-server}" -c "$(DATA)/nats.conf" > "$(DATA)/nats.log" 2>&1 & echo $$! > "$(DATA)/nats.pid"; \
 	    for i in $$(seq 50); do grep -q "Server is ready" "$(DATA)/nats.log" && break; sleep 0.1; done; \
+	    kill -0 $$(cat "$(DATA)/nats.pid") 2>/dev/null || { cat "$(DATA)/nats.log"; exit 1; }; \
 	    echo "nats-server running on nats://127.0.0.1:4222 (log: data/nats.log)"; \
 	  fi; \
 	fi
 	@[ -f "$(DATA)/scheduler-key.json" ] || ./target/release/turnstile keygen --out "$(DATA)/scheduler-key.json"
 	@if [ -f "$(DATA)/scheduler.pid" ] && kill -0 $$(cat "$(DATA)/scheduler.pid") 2>/dev/null; then echo "scheduler already running"; \
 	else \
-	  NATS_URL="$${NATS_URL:-nats://127.0.0.1:4222}" nohup ./target/release/scheduler --key "$(DATA)/scheduler-key.json" > "$(DATA)/scheduler.log" 2>&1 & echo $$! > "$(DATA)/scheduler.pid"; \
+	  if [ -z "$${NATS_URL}" ]; then \
+	    . "$(DATA)/secrets.env"; \
+	    export NATS_URL="nats://scheduler:$$TS_SCHEDULER_PASSWORD@127.0.0.1:4222"; \
+	    export TS_INTAKE_URL="nats://scheduler-intake:$$TS_INTAKE_PASSWORD@127.0.0.1:4222"; \
+	  fi; \
+	  nohup ./target/release/scheduler --key "$(DATA)/scheduler-key.json" > "$(DATA)/scheduler.log" 2>&1 & echo $$! > "$(DATA)/scheduler.pid"; \
 	  sleep 1; kill -0 $$(cat "$(DATA)/scheduler.pid") || { cat "$(DATA)/scheduler.log"; exit 1; }; \
 	  echo "scheduler running (log: data/scheduler.log)"; \
 	fi
-	@echo; echo "Try:"; \
+	@echo; echo "Try (any client, no credentials needed):"; \
 	echo "  ./target/release/turnstile schedule my-process -d 'hello'"; \
 	echo "  ./target/release/turnstile slot my-process"; \
 	echo "  ./target/release/turnstile log my-process --text --follow"; \
 	echo "  ./target/release/turnstile verify my-process"; \
+	if [ -z "$${NATS_URL}" ]; then \
+	  echo "As the operator (process settings, stream administration):"; \
+	  echo "  env \$$(cat data/operator.env) ./target/release/turnstile process set my-process --mode disabled"; \
+	fi; \
 	echo "Stop with: make stop"
 
 stop:

@@ -49,7 +49,7 @@ async fn a_record_altered_on_disk_makes_verify_name_its_slot() -> anyhow::Result
     let dir = tempfile::tempdir()?;
     let key_path = key_file(dir.path(), &key)?;
     let p = ProcessId::new("tamper")?;
-    let s = InProcess::start(server.url(), Config::default(), vec![test_key(12)]).await?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(12)]).await?;
     wait_for_schedulers(&connect(server.url()).await?, 1).await?;
     let client = Client::new(connect(server.url()).await?, Subjects::default());
     for i in 0..10 {
@@ -107,7 +107,7 @@ async fn range_pages_carry_an_explicit_cursor_and_slot_lookups_find_every_run() 
 {
     let server = server()?;
     let url = server.url();
-    let s = InProcess::start(url, Config::default(), vec![test_key(13)]).await?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(13)]).await?;
     wait_for_schedulers(&connect(url).await?, 1).await?;
     let client = Client::new(connect(url).await?, Subjects::default());
     let p = ProcessId::new("pages")?;
@@ -211,7 +211,7 @@ async fn following_the_log_yields_new_runs_as_they_are_written() -> anyhow::Resu
     use futures::StreamExt;
     let server = server()?;
     let url = server.url();
-    let s = InProcess::start(url, Config::default(), vec![test_key(16)]).await?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(16)]).await?;
     wait_for_schedulers(&connect(url).await?, 1).await?;
     let client = Client::new(connect(url).await?, Subjects::default());
     let p = ProcessId::new("tail")?;

@@ -49,7 +49,7 @@ async fn every_bad_request_gets_its_typed_error_and_nothing_is_written() -> anyh
         max_body: 1000,
         ..Config::default()
     };
-    let s = InProcess::start(url, config, vec![test_key(10)]).await?;
+    let s = InProcess::start(&server, config, vec![test_key(10)]).await?;
     let nats = connect(url).await?;
     wait_for_schedulers(&nats, 1).await?;
     let client = Client::new(connect(url).await?, Subjects::default());
@@ -157,7 +157,7 @@ async fn every_bad_request_gets_its_typed_error_and_nothing_is_written() -> anyh
 async fn the_service_is_discoverable_and_any_nats_client_can_schedule() -> anyhow::Result<()> {
     let server = server()?;
     let url = server.url();
-    let s = InProcess::start(url, Config::default(), vec![test_key(11)]).await?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(11)]).await?;
     let nats = connect(url).await?;
     wait_for_schedulers(&nats, 1).await?;
     let info = nats
@@ -239,7 +239,7 @@ async fn random_garbage_on_every_endpoint_never_goes_unanswered_or_breaks_the_se
         max_body: 4096,
         ..Config::default()
     };
-    let s = InProcess::start(url, config, vec![test_key(15)]).await?;
+    let s = InProcess::start(&server, config, vec![test_key(15)]).await?;
     let nats = connect(url).await?;
     wait_for_schedulers(&nats, 1).await?;
     let mut noise = Noise(0x5eed_1234_abcd_0001);

@@ -28,7 +28,7 @@ async fn three_replicas_give_every_slot_exactly_once_and_the_chain_verifies() ->
     let key = test_key(1);
     let mut replicas = Vec::new();
     for _ in 0..3 {
-        replicas.push(InProcess::start(url, Config::default(), vec![test_key(1)]).await?);
+        replicas.push(InProcess::start(&server, Config::default(), vec![test_key(1)]).await?);
     }
     wait_for_schedulers(&connect(url).await?, 3).await?;
     let p = ProcessId::new("race")?;
@@ -68,7 +68,7 @@ async fn a_replica_killed_mid_load_loses_no_slot_and_repeats_none() -> anyhow::R
     let path = key_file(dir.path(), &key)?;
     let mut replicas = Vec::new();
     for _ in 0..3 {
-        replicas.push(spawn_scheduler(&url, &path, &[])?);
+        replicas.push(spawn_scheduler(&server, &path, &[])?);
     }
     wait_for_schedulers(&connect(&url).await?, 3).await?;
     let p = ProcessId::new("crash")?;
@@ -109,7 +109,7 @@ async fn a_full_restart_continues_at_the_next_slot_with_an_unbroken_chain() -> a
     let mut server = server()?;
     let key = test_key(3);
     let p = ProcessId::new("restart")?;
-    let s = InProcess::start(server.url(), Config::default(), vec![test_key(3)]).await?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(3)]).await?;
     let client = Client::new(connect(server.url()).await?, Subjects::default());
     wait_for_schedulers(&connect(server.url()).await?, 1).await?;
     for i in 0..5 {
@@ -122,7 +122,7 @@ async fn a_full_restart_continues_at_the_next_slot_with_an_unbroken_chain() -> a
     s.stop().await?;
     server.restart()?;
 
-    let s = InProcess::start(server.url(), Config::default(), vec![test_key(3)]).await?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(3)]).await?;
     let client = Client::new(connect(server.url()).await?, Subjects::default());
     wait_for_schedulers(&connect(server.url()).await?, 1).await?;
     let after = client.slot(&p).await?;
@@ -150,8 +150,8 @@ async fn a_duplicate_message_id_returns_the_original_assignment_on_any_replica_a
 ) -> anyhow::Result<()> {
     let server = server()?;
     let url = server.url();
-    let a = InProcess::start(url, Config::default(), vec![test_key(4)]).await?;
-    let b = InProcess::start(url, Config::default(), vec![test_key(4)]).await?;
+    let a = InProcess::start(&server, Config::default(), vec![test_key(4)]).await?;
+    let b = InProcess::start(&server, Config::default(), vec![test_key(4)]).await?;
     wait_for_schedulers(&connect(url).await?, 2).await?;
     let client = Client::new(connect(url).await?, Subjects::default());
     let p = ProcessId::new("dedupe")?;
@@ -194,7 +194,7 @@ async fn a_duplicate_message_id_returns_the_original_assignment_on_any_replica_a
     // A fresh scheduler (after both stop) reloads the window from the log.
     a.stop().await?;
     b.stop().await?;
-    let c = InProcess::start(url, Config::default(), vec![test_key(4)]).await?;
+    let c = InProcess::start(&server, Config::default(), vec![test_key(4)]).await?;
     wait_for_schedulers(&connect(url).await?, 1).await?;
     let again = client
         .schedule(&p, Bytes::from("one"), &with_id("order-1"))
@@ -209,7 +209,8 @@ async fn a_duplicate_message_id_returns_the_original_assignment_on_any_replica_a
 async fn a_disabled_process_is_refused_and_nothing_is_written() -> anyhow::Result<()> {
     let server = server()?;
     let url = server.url();
-    let js = async_nats::jetstream::new(connect(url).await?);
+    // Settings and streams are the operator's to change.
+    let js = async_nats::jetstream::new(connect_as(&server, Role::Operator).await?);
     let store =
         journal::setup::ensure_processes(&js, &Subjects::default(), &Default::default()).await?;
     let off = ProcessConfig {
@@ -217,7 +218,7 @@ async fn a_disabled_process_is_refused_and_nothing_is_written() -> anyhow::Resul
         keys: vec![],
     };
     store.put("closed", off.encode()?.into()).await?;
-    let s = InProcess::start(url, Config::default(), vec![test_key(5)]).await?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(5)]).await?;
     wait_for_schedulers(&connect(url).await?, 1).await?;
     let client = Client::new(connect(url).await?, Subjects::default());
     let closed = ProcessId::new("closed")?;
@@ -267,7 +268,8 @@ async fn a_disabled_process_is_refused_and_nothing_is_written() -> anyhow::Resul
 async fn modes_aggressive_and_remote_confirmation_answer_as_documented() -> anyhow::Result<()> {
     let server = server()?;
     let url = server.url();
-    let js = async_nats::jetstream::new(connect(url).await?);
+    // Settings and streams are the operator's to change.
+    let js = async_nats::jetstream::new(connect_as(&server, Role::Operator).await?);
     // The "remote" stream: a mirror of the log (in production: another cluster or domain).
     journal::setup::ensure_log(&js, &Subjects::default(), &Default::default()).await?;
     js.create_stream(async_nats::jetstream::stream::Config {
@@ -283,7 +285,7 @@ async fn modes_aggressive_and_remote_confirmation_answer_as_documented() -> anyh
         remote_stream: Some("TS_LOG_MIRROR".into()),
         ..Config::default()
     };
-    let s = InProcess::start(url, config, vec![test_key(6)]).await?;
+    let s = InProcess::start(&server, config, vec![test_key(6)]).await?;
     wait_for_schedulers(&connect(url).await?, 1).await?;
     let client = Client::new(connect(url).await?, Subjects::default());
     let p = ProcessId::new("modes")?;
@@ -312,7 +314,7 @@ async fn modes_aggressive_and_remote_confirmation_answer_as_documented() -> anyh
     s.stop().await?;
 
     // Without a remote stream the mode is refused with its own code.
-    let s = InProcess::start(url, Config::default(), vec![test_key(6)]).await?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(6)]).await?;
     wait_for_schedulers(&connect(url).await?, 1).await?;
     assert_refused(
         client
@@ -331,7 +333,8 @@ async fn a_process_requiring_two_keys_gets_both_commitments_and_a_missing_key_is
     let server = server()?;
     let url = server.url();
     let (k1, k2, k3) = (test_key(7), test_key(8), test_key(9));
-    let js = async_nats::jetstream::new(connect(url).await?);
+    // Settings and streams are the operator's to change.
+    let js = async_nats::jetstream::new(connect_as(&server, Role::Operator).await?);
     let store =
         journal::setup::ensure_processes(&js, &Subjects::default(), &Default::default()).await?;
     store
@@ -356,7 +359,7 @@ async fn a_process_requiring_two_keys_gets_both_commitments_and_a_missing_key_is
             .into(),
         )
         .await?;
-    let s = InProcess::start(url, Config::default(), vec![test_key(7), test_key(8)]).await?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(7), test_key(8)]).await?;
     wait_for_schedulers(&connect(url).await?, 1).await?;
     let client = Client::new(connect(url).await?, Subjects::default());
     let r = client
@@ -409,7 +412,7 @@ async fn many_processes_at_once_through_three_replicas_each_get_exact_slots() ->
         ..Config::default()
     };
     for _ in 0..3 {
-        replicas.push(InProcess::start(url, config.clone(), vec![test_key(14)]).await?);
+        replicas.push(InProcess::start(&server, config.clone(), vec![test_key(14)]).await?);
     }
     wait_for_schedulers(&connect(url).await?, 3).await?;
     let processes: Vec<ProcessId> = (0..40)

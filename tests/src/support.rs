@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use harness::NatsServer;
+pub use harness::Role;
 use journal::audit::{self, Report, Scope};
 use journal::client::{Client, Schedule};
 use journal::reader::LogReader;
@@ -35,9 +36,21 @@ pub fn key_file(dir: &std::path::Path, key: &Keypair) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Connects to `url`.
+/// Connects to `url`, as the user and password inside it if any (`NatsServer::url_as`).
 pub async fn connect(url: &str) -> Result<async_nats::Client> {
-    Ok(async_nats::connect(url).await?)
+    let (url, credentials) = harness::split_url_credentials(url);
+    let options = match credentials {
+        Some((user, password)) => {
+            async_nats::ConnectOptions::new().user_and_password(user, password)
+        }
+        None => async_nats::ConnectOptions::new(),
+    };
+    Ok(options.connect(url).await?)
+}
+
+/// Connects to `server` as `role`.
+pub async fn connect_as(server: &NatsServer, role: Role) -> Result<async_nats::Client> {
+    connect(&server.url_as(role)).await
 }
 
 /// A scheduler running inside the test process, with its own NATS connection.
@@ -47,15 +60,25 @@ pub struct InProcess {
 }
 
 impl InProcess {
-    /// Starts a scheduler with `config`, signing with `keys`.
-    pub async fn start(url: &str, config: Config, keys: Vec<Keypair>) -> Result<InProcess> {
+    /// Starts a scheduler on `server` with `config`, signing with `keys`: its core
+    /// connection as [`Role::Scheduler`], its intake as [`Role::SchedulerIntake`].
+    pub async fn start(
+        server: &NatsServer,
+        config: Config,
+        keys: Vec<Keypair>,
+    ) -> Result<InProcess> {
         let connections = scheduler::Connections {
-            core: connect(url).await?,
-            intake: connect(url).await?,
+            core: connect_as(server, Role::Scheduler).await?,
+            intake: connect_as(server, Role::SchedulerIntake).await?,
         };
         let shutdown = CancellationToken::new();
         let keyring = Keyring::new(keys)?;
-        let handle = tokio::spawn(scheduler::run(config, keyring, connections, shutdown.clone()));
+        let handle = tokio::spawn(scheduler::run(
+            config,
+            keyring,
+            connections,
+            shutdown.clone(),
+        ));
         Ok(InProcess { shutdown, handle })
     }
 
@@ -86,9 +109,10 @@ pub async fn wait_for_schedulers(client: &async_nats::Client, n: usize) -> Resul
     bail!("fewer than {n} schedulers answered PING within 20 s")
 }
 
-/// Starts a scheduler as a separate process (so a test can SIGKILL it).
+/// Starts a scheduler on `server` as a separate process (so a test can SIGKILL it),
+/// with its two identities ([`Role::Scheduler`], [`Role::SchedulerIntake`]).
 pub fn spawn_scheduler(
-    url: &str,
+    server: &NatsServer,
     key: &std::path::Path,
     extra: &[&str],
 ) -> Result<harness::Process> {
@@ -97,7 +121,8 @@ pub fn spawn_scheduler(
     cmd.arg("--key")
         .arg(key)
         .args(extra)
-        .env("NATS_URL", url)
+        .env("NATS_URL", server.url_as(Role::Scheduler))
+        .env("TS_INTAKE_URL", server.url_as(Role::SchedulerIntake))
         .env("RUST_LOG", "warn");
     Ok(harness::Process::spawn(cmd)?)
 }
@@ -145,7 +170,9 @@ pub async fn read_log(url: &str, process: &ProcessId) -> Result<Vec<Entry>> {
 /// The keys published in the deployment's keys bucket.
 pub async fn published_keys(js: &async_nats::jetstream::Context) -> Result<TrustedKeys> {
     let store = journal::setup::open_bucket(js, &Subjects::default().keys_bucket()).await?;
-    Ok(journal::keyring::trust(&journal::keyring::fetch(&store).await?))
+    Ok(journal::keyring::trust(
+        &journal::keyring::fetch(&store).await?,
+    ))
 }
 
 /// Verifies `process`'s whole log against `keys`.

@@ -400,3 +400,53 @@ async fn a_skewed_clock_does_not_hang_a_process_after_a_restart() -> Result<()> 
     handle.await??;
     Ok(())
 }
+
+async fn one_each(client: &Client, processes: usize, tag: &'static str) -> Result<Vec<u64>> {
+    let tasks: Vec<_> = (0..64)
+        .map(|t| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut slots = Vec::new();
+                for i in (t..processes).step_by(64) {
+                    let p = ProcessId::new(format!("many-{i}"))?;
+                    let opts = journal::client::Schedule {
+                        message_id: Some(format!("{tag}-{i}")),
+                        ..Default::default()
+                    };
+                    slots.push(client.schedule(&p, Bytes::from(tag), &opts).await?.slot);
+                }
+                anyhow::Ok(slots)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok(all)
+}
+
+/// A restart with thousands of active processes loads them all, no request failing,
+/// and loading leaves no consumer behind on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_5000_active_processes_loads_them_all() -> Result<()> {
+    let server = server()?;
+    let n = 5000;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(49)]).await?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let client = Client::new(nats.clone(), Subjects::default())
+        .with_timeout(std::time::Duration::from_secs(60));
+    assert!(one_each(&client, n, "first").await?.iter().all(|s| *s == 0));
+    s.stop().await?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(49)]).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let started = std::time::Instant::now();
+    assert!(one_each(&client, n, "second").await?.iter().all(|s| *s == 1));
+    eprintln!("{n} cold loads and writes after a restart: {:?}", started.elapsed());
+    let js = async_nats::jetstream::new(connect_as(&server, harness::Role::Operator).await?);
+    let consumers = js.get_stream("TS_LOG").await?.info().await?.state.consumer_count;
+    assert!(consumers <= 3, "{consumers} consumers left on the log");
+    s.stop().await?;
+    Ok(())
+}

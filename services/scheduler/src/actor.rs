@@ -543,9 +543,31 @@ impl Actor {
         // the Ts-Time of a replica whose clock is skewed: nothing may be stored after
         // it at all. Never wait for a message that is not there.
         let pending = consumer.cached_info().num_pending;
-        if pending == 0 {
-            return Ok(());
+        let name = consumer.cached_info().name.clone();
+        let read = if pending == 0 {
+            Ok(())
+        } else {
+            self.read_window(consumer, head, pending, now).await
+        };
+        // Leave nothing behind on the server: a restart loads thousands of processes
+        // at once, and each would otherwise keep its consumer for 30 s.
+        if let Err(e) = self.shared.log_stream.delete_consumer(&name).await {
+            debug!(error = %e, consumer = %name, "could not delete the window consumer (it expires by itself)");
         }
+        read
+    }
+
+    async fn read_window(
+        &mut self,
+        consumer: consumer::Consumer<consumer::pull::OrderedConfig>,
+        head: &Head,
+        pending: u64,
+        now: u64,
+    ) -> journal::Result<()> {
+        let err = |e: &dyn std::fmt::Display| journal::Error::JetStream {
+            op: "load dedupe window",
+            reason: e.to_string(),
+        };
         let mut messages = consumer.messages().await.map_err(|e| err(&e))?;
         let mut read = 0u64;
         let deadline = tokio::time::Instant::now() + LOAD_DEADLINE;

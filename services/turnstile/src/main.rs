@@ -28,19 +28,30 @@ use protocol::ProcessId;
     about = "turnstile: schedule messages, read and verify the assignment log"
 )]
 struct Cli {
-    /// NATS server URL(s), as the nats CLI reads it.
-    #[arg(
-        long,
-        global = true,
-        env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    nats_url: String,
+    #[command(flatten)]
+    nats_url: NatsArgs,
     /// Subject prefix of the turnstile deployment.
     #[arg(long, global = true, env = "TS_PREFIX", default_value = "ts")]
     prefix: String,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where and as whom to connect.
+#[derive(clap::Args, Debug)]
+struct NatsArgs {
+    /// NATS server URL(s), as the nats CLI reads it; `nats://user:password@host:4222`
+    /// connects as that user (operator commands: see README).
+    #[arg(
+        long = "nats-url",
+        global = true,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    url: String,
+    /// NATS credentials file (JWT and nkey seed) to connect with.
+    #[arg(long, global = true, env = "NATS_CREDS")]
+    creds: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -162,14 +173,80 @@ async fn main() {
     }
 }
 
-async fn connect(url: &str) -> Result<async_nats::Client> {
-    let client = async_nats::ConnectOptions::new()
+/// Connects with the URL's `user:password@` (or `token@`; async-nats 0.51 ignores them
+/// in a URL) or the credentials file; neither: as the server's anonymous client.
+async fn connect(nats: &NatsArgs) -> Result<async_nats::Client> {
+    let mut auth = None;
+    let mut urls = Vec::new();
+    for url in nats.url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let start = url.find("://").map_or(0, |i| i + 3);
+        let end = url[start..]
+            .find(['/', '?', '#'])
+            .map_or(url.len(), |i| start + i);
+        let Some(at) = url[start..end].rfind('@') else {
+            urls.push(url.to_string());
+            continue;
+        };
+        let info = &url[start..start + at];
+        let found = match info.split_once(':') {
+            Some((user, password)) => (percent_decode(user)?, Some(percent_decode(password)?)),
+            None => (percent_decode(info)?, None),
+        };
+        if auth.as_ref().is_some_and(|a| *a != found) {
+            bail!("the NATS URLs carry different credentials");
+        }
+        auth = Some(found);
+        urls.push(format!("{}{}", &url[..start], &url[start + at + 1..]));
+    }
+    let urls = urls.join(",");
+    let mut options = async_nats::ConnectOptions::new()
         .name("turnstile-cli")
-        .connect(url)
+        .event_callback(|event| async move {
+            // A refused publish or request is never answered: say why at once.
+            if let async_nats::Event::ServerError(e) = event {
+                eprintln!("turnstile: {e} (connect as another user: NATS_URL or --creds)");
+            }
+        });
+    if let Some(path) = &nats.creds {
+        if auth.is_some() {
+            bail!("give credentials either in NATS_URL or with --creds, not both");
+        }
+        options = options
+            .credentials_file(path)
+            .await
+            .with_context(|| format!("reading NATS credentials {}", path.display()))?;
+    }
+    options = match auth {
+        Some((user, Some(password))) => options.user_and_password(user, password),
+        Some((token, None)) => options.token(token),
+        None => options,
+    };
+    let client = options
+        .connect(urls.as_str())
         .await
-        .with_context(|| format!("connecting to {url} (set NATS_URL)"))?;
+        .with_context(|| format!("connecting to {urls} (set NATS_URL)"))?;
     setup::check_server(&client)?;
     Ok(client)
+}
+
+/// Decodes the `%XX` escapes of a URL's user or password.
+fn percent_decode(s: &str) -> Result<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex: Vec<u8> = bytes.by_ref().take(2).collect();
+            let v = std::str::from_utf8(&hex)
+                .ok()
+                .filter(|h| h.len() == 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .context("a bad %-escape in the credentials of NATS_URL")?;
+            out.push(v);
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).context("the credentials in NATS_URL are not UTF-8")
 }
 
 async fn run(cli: Cli) -> Result<i32> {

@@ -1,8 +1,11 @@
 //! Starts private `nats-server` processes for tests and benchmarks.
 //!
-//! Each [`NatsServer`] gets a random port (the server picks it and reports it in a
-//! ports file), its own temporary store directory, and is killed and cleaned up on
-//! drop. The binary is found by [`nats_server_bin`]; when none is there the error
+//! Each [`NatsServer`] runs the deployment's own configuration (`deploy/nats.conf` and
+//! `deploy/accounts.conf`: the same users and permissions as `make run`), with random
+//! passwords of its own, a random port (the server picks it and reports it in a ports
+//! file) and its own temporary store directory, and is killed and cleaned up on drop.
+//! [`NatsServer::url`] connects as the anonymous client; [`NatsServer::url_as`] as any
+//! [`Role`]. The binary is found by [`nats_server_bin`]; when none is there the error
 //! says how to install one (`make tools`).
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -20,6 +23,9 @@ pub enum Error {
     /// A workspace binary was not built.
     #[error("binary {0} not found; run `cargo build --workspace` first")]
     NoBinary(PathBuf),
+    /// The deployment's server configuration is not what the harness expects.
+    #[error("deploy/nats.conf: {0}")]
+    Config(String),
     /// The server did not come up in time.
     #[error("nats-server did not start within {0:?}; its log: {1}")]
     StartTimeout(Duration, String),
@@ -74,6 +80,94 @@ pub fn workspace_bin(name: &str) -> Result<PathBuf> {
     }
 }
 
+/// The server configuration of `make run` (`@DATA@`: the data folder).
+const NATS_CONF: &str = include_str!("../../../deploy/nats.conf");
+/// Its accounts, users and permissions (included by [`NATS_CONF`]).
+const ACCOUNTS_CONF: &str = include_str!("../../../deploy/accounts.conf");
+
+/// Who connects: the users of `deploy/accounts.conf`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Anyone without credentials (`no_auth_user`): requests, reads, own consumers.
+    Client,
+    /// The scheduler's core connection: writes the log and the buckets.
+    Scheduler,
+    /// The scheduler's intake connection: takes requests, publishes only replies.
+    SchedulerIntake,
+    /// Everything: process settings, keys, stream administration.
+    Operator,
+}
+
+impl Role {
+    /// Every role with a password: the user name and the variable nats-server reads it from.
+    const WITH_PASSWORD: [(Role, &'static str, &'static str); 3] = [
+        (Role::Scheduler, "scheduler", "TS_SCHEDULER_PASSWORD"),
+        (
+            Role::SchedulerIntake,
+            "scheduler-intake",
+            "TS_INTAKE_PASSWORD",
+        ),
+        (Role::Operator, "operator", "TS_OPERATOR_PASSWORD"),
+    ];
+
+    /// The NATS user name (`client` for the anonymous role).
+    pub fn user(self) -> &'static str {
+        Role::WITH_PASSWORD
+            .iter()
+            .find(|(r, _, _)| *r == self)
+            .map_or("client", |(_, user, _)| user)
+    }
+}
+
+/// A fresh random password: a letter, then 32 hex digits (the server parses a
+/// substituted value, so it must not look like a number).
+fn random_password() -> Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(std::iter::once("p".to_string())
+        .chain(bytes.iter().map(|b| format!("{b:02x}")))
+        .collect())
+}
+
+/// Takes `user:password@` out of a NATS URL (async-nats 0.51 ignores credentials in a
+/// URL): the URL without them, and the user and password (percent-escapes decoded).
+pub fn split_url_credentials(url: &str) -> (String, Option<(String, String)>) {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    let Some(at) = url[start..end].rfind('@') else {
+        return (url.to_string(), None);
+    };
+    let info = &url[start..start + at];
+    let (user, password) = info.split_once(':').unwrap_or((info, ""));
+    let bare = format!("{}{}", &url[..start], &url[start + at + 1..]);
+    (bare, Some((percent_decode(user), percent_decode(password))))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// How to start a server.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -88,6 +182,8 @@ pub struct NatsServer {
     dir: tempfile::TempDir,
     url: String,
     options: Options,
+    /// The password of each role that has one (random, kept across restarts).
+    passwords: Vec<(Role, String)>,
 }
 
 impl NatsServer {
@@ -101,19 +197,43 @@ impl NatsServer {
         let dir = tempfile::Builder::new()
             .prefix("turnstile-nats-")
             .tempdir()?;
+        let passwords = Role::WITH_PASSWORD
+            .iter()
+            .map(|(role, _, _)| Ok((*role, random_password()?)))
+            .collect::<Result<Vec<_>>>()?;
         let mut s = NatsServer {
             child: None,
             dir,
             url: String::new(),
             options,
+            passwords,
         };
         s.launch()?;
         Ok(s)
     }
 
-    /// The client URL, `nats://127.0.0.1:<port>`.
+    /// The URL of a client without credentials, `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The URL of `role`, its credentials inside: `nats://<user>:<password>@127.0.0.1:<port>`
+    /// (the anonymous [`Role::Client`]: [`NatsServer::url`]).
+    pub fn url_as(&self, role: Role) -> String {
+        match self.password(role) {
+            Some(pw) => self
+                .url
+                .replacen("://", &format!("://{}:{pw}@", role.user()), 1),
+            None => self.url.clone(),
+        }
+    }
+
+    /// The password of `role` on this server (`None` for [`Role::Client`]).
+    pub fn password(&self, role: Role) -> Option<&str> {
+        self.passwords
+            .iter()
+            .find(|(r, _)| *r == role)
+            .map(|(_, pw)| pw.as_str())
     }
 
     /// The server's process id while it runs.
@@ -123,7 +243,7 @@ impl NatsServer {
 
     /// The JetStream store directory (kept across [`NatsServer::restart`]).
     pub fn store_dir(&self) -> PathBuf {
-        self.dir.path().join("store")
+        self.dir.path().join("jetstream")
     }
 
     /// Stops the server with SIGTERM and waits for it.
@@ -154,29 +274,21 @@ impl NatsServer {
         let ports_dir = self.dir.path().join("ports");
         let _ = std::fs::remove_dir_all(&ports_dir);
         std::fs::create_dir_all(&ports_dir)?;
-        let sync = if self.options.sync_always {
-            "  sync_interval: always\n"
-        } else {
-            ""
-        };
-        let config = format!(
-            "listen: 127.0.0.1:-1\nmax_payload: 8MB\nports_file_dir: \"{ports}\"\njetstream {{\n  store_dir: \"{store}\"\n{sync}}}\n",
-            ports = ports_dir.display(),
-            store = self.store_dir().display(),
-        );
-        let config_path = self.dir.path().join("nats.conf");
-        std::fs::write(&config_path, config)?;
+        let config_path = self.write_config()?;
         let log_path = self.dir.path().join("nats.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let child = Command::new(&bin)
-            .arg("-c")
+        let mut cmd = Command::new(&bin);
+        cmd.arg("-c")
             .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
+            .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
+            .arg(&ports_dir);
+        for (role, var) in Role::WITH_PASSWORD.iter().map(|(r, _, v)| (*r, *v)) {
+            cmd.env(var, self.password(role).unwrap_or_default());
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn()?;
         let pid = child.id();
         self.child = Some(child);
         let timeout = Duration::from_secs(20);
@@ -203,6 +315,23 @@ impl NatsServer {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Renders `deploy/nats.conf` into the server's folder (store there, the
+    /// `sync_always` option) next to `deploy/accounts.conf`; returns its path.
+    fn write_config(&self) -> Result<PathBuf> {
+        let mut config = NATS_CONF.replace("@DATA@", &self.dir.path().display().to_string());
+        if self.options.sync_always {
+            let at = config
+                .find("jetstream {\n")
+                .ok_or_else(|| Error::Config("no `jetstream {` block".into()))?
+                + "jetstream {\n".len();
+            config.insert_str(at, "  sync_interval: always\n");
+        }
+        std::fs::write(self.dir.path().join("accounts.conf"), ACCOUNTS_CONF)?;
+        let path = self.dir.path().join("nats.conf");
+        std::fs::write(&path, config)?;
+        Ok(path)
     }
 }
 
@@ -273,4 +402,26 @@ fn signal(c: &Child, sig: &str) {
         .arg(format!("-{sig}"))
         .arg(c.id().to_string())
         .status();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_come_out_of_a_url() {
+        assert_eq!(
+            split_url_credentials("nats://op:p%40w@127.0.0.1:4222"),
+            (
+                "nats://127.0.0.1:4222".to_string(),
+                Some(("op".to_string(), "p@w".to_string()))
+            )
+        );
+        assert_eq!(
+            split_url_credentials("nats://127.0.0.1:4222"),
+            ("nats://127.0.0.1:4222".to_string(), None)
+        );
+        assert_eq!(Role::SchedulerIntake.user(), "scheduler-intake");
+        assert_eq!(Role::Client.user(), "client");
+    }
 }

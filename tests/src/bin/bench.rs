@@ -25,7 +25,7 @@ use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
-use harness::{NatsServer, Options};
+use harness::{NatsServer, Options, Role};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -88,13 +88,16 @@ async fn main() -> Result<()> {
         };
         eprintln!("== {label}");
         let server = NatsServer::start_with(Options { sync_always })?;
-        let raw = raw_ceiling(server.url(), &body, args.seconds).await?;
+        // The raw ceiling makes a stream of its own: the operator's right.
+        let raw = raw_ceiling(&server.url_as(Role::Operator), &body, args.seconds).await?;
         eprintln!("raw JetStream pipelined publish, {PROCESSES} subjects: {raw:.0} msg/s");
 
         // The request/reply ceiling: the same load against a responder that does nothing.
         let echo = {
             let mut cmd = std::process::Command::new(std::env::current_exe()?);
-            cmd.arg("--serve-echo").arg(server.url());
+            // The echo answers as the scheduler's intake does (replies only).
+            cmd.arg("--serve-echo")
+                .arg(server.url_as(Role::SchedulerIntake));
             let mut p = harness::Process::spawn(cmd)?;
             let conns = connect_all(server.url()).await?;
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -125,7 +128,8 @@ async fn main() -> Result<()> {
             .arg(&key_path)
             .arg("--singles-in-flight")
             .arg(singles.to_string())
-            .env("NATS_URL", server.url())
+            .env("NATS_URL", server.url_as(Role::Scheduler))
+            .env("TS_INTAKE_URL", server.url_as(Role::SchedulerIntake))
             .env(
                 "RUST_LOG",
                 std::env::var("BENCH_SCHEDULER_LOG").unwrap_or_else(|_| "warn".into()),
@@ -294,8 +298,7 @@ fn print_table(doc: &serde_json::Value) {
 /// Pipelined JetStream publishes (acks awaited, a bounded number in flight) over
 /// `PROCESSES` subjects of a stream shaped like the log.
 async fn raw_ceiling(url: &str, body: &Bytes, seconds: f64) -> Result<f64> {
-    let client = async_nats::connect(url).await?;
-    let js = async_nats::jetstream::new(client);
+    let js = async_nats::jetstream::new(tests::support::connect(url).await?);
     js.create_stream(async_nats::jetstream::stream::Config {
         name: "BENCH_RAW".into(),
         subjects: vec!["bench.raw.*".into()],
@@ -361,7 +364,8 @@ struct Inbox {
 type Pending = Arc<Mutex<HashMap<u64, (Instant, tokio::sync::oneshot::Sender<(Duration, bool)>)>>>;
 
 async fn inbox(client: &async_nats::Client) -> Result<Inbox> {
-    let prefix = format!("_BENCH.{}", uuid_like());
+    // Under _INBOX: the only reply subjects a client without credentials may subscribe to.
+    let prefix = format!("_INBOX.bench-{}", uuid_like());
     let mut sub = client.subscribe(format!("{prefix}.*")).await?;
     let pending: Pending = Arc::default();
     let p = Arc::clone(&pending);
@@ -664,10 +668,12 @@ async fn writer_stats(client: &async_nats::Client) -> serde_json::Value {
 
 /// Replies to every `ts.schedule.>` request at once with a receipt-sized payload.
 async fn serve_echo(url: &str) -> Result<()> {
-    let client = async_nats::ConnectOptions::new()
-        .subscription_capacity(1 << 20)
-        .connect(url)
-        .await?;
+    let (url, credentials) = harness::split_url_credentials(url);
+    let mut options = async_nats::ConnectOptions::new().subscription_capacity(1 << 20);
+    if let Some((user, password)) = credentials {
+        options = options.user_and_password(user, password);
+    }
+    let client = options.connect(url).await?;
     let mut sub = client
         .queue_subscribe("ts.schedule.>", "echo".into())
         .await?;

@@ -1,0 +1,263 @@
+//! Least privilege with the deployment's own server configuration (deploy/nats.conf,
+//! deploy/accounts.conf): a client without credentials schedules and reads but cannot
+//! write the log, the buckets or the streams; the scheduler's intake publishes nothing
+//! but replies, and no reply of it reaches the log whatever reply subject a client
+//! chose; the operator changes settings.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use harness::NatsServer;
+use journal::client::{Client, Schedule};
+use journal::subjects::Subjects;
+use protocol::wire::{Mode, ProcessConfig};
+use protocol::ProcessId;
+use scheduler::Config;
+
+use crate::support::*;
+
+/// Connects to `url` (credentials inside, if any) and returns the server's errors for
+/// this connection (permissions violations) as they come.
+async fn connect_watching(
+    url: &str,
+) -> Result<(async_nats::Client, mpsc::UnboundedReceiver<String>)> {
+    let (url, credentials) = harness::split_url_credentials(url);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut options = async_nats::ConnectOptions::new().event_callback(move |event| {
+        let tx = tx.clone();
+        async move {
+            if let async_nats::Event::ServerError(e) = event {
+                let _ = tx.send(e.to_string());
+            }
+        }
+    });
+    if let Some((user, password)) = credentials {
+        options = options.user_and_password(user, password);
+    }
+    Ok((options.connect(url).await?, rx))
+}
+
+/// Waits for the server's permissions violation for a publish to `subject`.
+async fn expect_violation(
+    errors: &mut mpsc::UnboundedReceiver<String>,
+    subject: &str,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, errors.recv()).await {
+            Ok(Some(e)) if e.contains("Permissions Violation") && e.contains(subject) => {
+                return Ok(())
+            }
+            Ok(Some(_)) => {}
+            _ => bail!("no permissions violation for a publish to {subject}"),
+        }
+    }
+}
+
+/// A JetStream context with a short timeout: a refused request is never answered.
+fn js_of(nats: &async_nats::Client) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .build(nats.clone())
+}
+
+async fn log_messages(js: &jetstream::Context) -> Result<u64> {
+    Ok(js.get_stream("TS_LOG").await?.info().await?.state.messages)
+}
+
+fn disabled() -> Result<Bytes> {
+    Ok(ProcessConfig {
+        mode: Some(Mode::Disabled),
+        keys: vec![],
+    }
+    .encode()?
+    .into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_credentials_schedules_and_reads_but_cannot_write() -> Result<()> {
+    let server = server()?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(20)]).await?;
+    let (nats, mut errors) = connect_watching(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+
+    // (a) Scheduling and every read work without credentials.
+    let client = Client::new(nats.clone(), Subjects::default());
+    let p = ProcessId::new("p")?;
+    for i in 0..3 {
+        let r = client
+            .schedule(&p, Bytes::from(format!("m{i}")), &Schedule::default())
+            .await?;
+        assert_eq!(r.slot, i);
+    }
+    assert_eq!(client.slot(&p).await?.next_slot, 3);
+    assert_eq!(read_log(server.url(), &p).await?.len(), 3);
+    assert_eq!(
+        verify(server.url(), &p, &[&test_key(20)]).await?.faults,
+        vec![]
+    );
+    let js = js_of(&nats);
+    let before = log_messages(&js).await?;
+
+    // (b) No publish on the log: neither plain nor through JetStream.
+    nats.publish("ts.log.p", Bytes::from("forged")).await?;
+    nats.flush().await?;
+    expect_violation(&mut errors, "ts.log.p").await?;
+    let ack = js.publish("ts.log.p", Bytes::from("forged")).await?;
+    assert!(
+        ack.await.is_err(),
+        "a JetStream publish on the log was acknowledged"
+    );
+    expect_violation(&mut errors, "ts.log.p").await?;
+    assert_eq!(log_messages(&js).await?, before, "the log changed");
+
+    // (c) No stream administration, no bucket writes; reading the bucket works.
+    assert!(js.delete_stream("TS_LOG").await.is_err());
+    expect_violation(&mut errors, "$JS.API.STREAM.DELETE.TS_LOG").await?;
+    assert!(js.get_stream("TS_LOG").await?.purge().await.is_err());
+    expect_violation(&mut errors, "$JS.API.STREAM.PURGE.TS_LOG").await?;
+    let settings = js.get_key_value("TS_PROCESSES").await?;
+    assert!(settings.put("p", disabled()?).await.is_err());
+    expect_violation(&mut errors, "$KV.TS_PROCESSES.p").await?;
+    assert_eq!(settings.get("p").await?, None);
+    assert_eq!(log_messages(&js).await?, before, "the log changed");
+    let r = client
+        .schedule(&p, Bytes::from("still open"), &Schedule::default())
+        .await?;
+    assert_eq!(r.slot, 3);
+    s.stop().await?;
+    Ok(())
+}
+
+/// A responder with the intake's identity that answers every request, wherever its
+/// reply subject points (the scheduler itself refuses such replies; this checks that
+/// the server's accounts hold even for a responder that does not).
+async fn naive_intake(server: &NatsServer) -> Result<tokio::task::JoinHandle<()>> {
+    let nats = connect_as(server, Role::SchedulerIntake).await?;
+    let mut sub = nats.subscribe("ts.slot.>").await?;
+    nats.flush().await?;
+    Ok(tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            if let Some(reply) = msg.reply {
+                let _ = nats.publish(reply, Bytes::from("an answer")).await;
+                let _ = nats.flush().await;
+            }
+        }
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_intake_publishes_only_replies_and_no_reply_reaches_the_log() -> Result<()> {
+    let server = server()?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(21)]).await?;
+    let client_nats = connect(server.url()).await?;
+    wait_for_schedulers(&client_nats, 1).await?;
+    let p = ProcessId::new("p")?;
+    Client::new(client_nats.clone(), Subjects::default())
+        .schedule(&p, Bytes::from("one"), &Schedule::default())
+        .await?;
+    let operator = js_of(&connect_as(&server, Role::Operator).await?);
+    let before = log_messages(&operator).await?;
+
+    // On its own, the intake publishes nowhere.
+    let (intake, mut errors) = connect_watching(&server.url_as(Role::SchedulerIntake)).await?;
+    intake.publish("ts.log.p", Bytes::from("forged")).await?;
+    intake.flush().await?;
+    expect_violation(&mut errors, "ts.log.p").await?;
+    intake.publish("ts.events.x", Bytes::from("forged")).await?;
+    intake.flush().await?;
+    expect_violation(&mut errors, "ts.events.x").await?;
+
+    // A client aims a request's reply at the log, a bucket and the JetStream API: the
+    // answer lands in the client's account, where none of them exist.
+    let responder = naive_intake(&server).await?;
+    // Its reply to a normal request does arrive.
+    let answer = client_nats
+        .request("ts.slot.p", Bytes::new())
+        .await
+        .context("the naive responder answers")?;
+    assert!(!answer.payload.is_empty());
+    for reply in [
+        "ts.log.p",
+        "$KV.TS_PROCESSES.p",
+        "$JS.API.STREAM.DELETE.TS_LOG",
+        "$JS.API.STREAM.PURGE.TS_LOG",
+    ] {
+        client_nats
+            .publish_with_reply("ts.slot.p", reply, Bytes::new())
+            .await?;
+    }
+    client_nats.flush().await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    responder.abort();
+    assert_eq!(
+        log_messages(&operator).await?,
+        before,
+        "a reply reached the log"
+    );
+    let settings = operator.get_key_value("TS_PROCESSES").await?;
+    assert_eq!(settings.get("p").await?, None, "a reply reached the bucket");
+    s.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_changes_settings_and_the_scheduler_cannot_delete_the_log() -> Result<()> {
+    let server = server()?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(22)]).await?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let p = ProcessId::new("p")?;
+    client
+        .schedule(&p, Bytes::from("open"), &Schedule::default())
+        .await?;
+
+    // The CLI without credentials is refused a settings change; as the operator (its
+    // password in NATS_URL) it succeeds.
+    let cli = |url: String| {
+        let mut cmd = std::process::Command::new(harness::workspace_bin("turnstile")?);
+        cmd.args(["process", "set", "p", "--mode", "disabled"])
+            .env("NATS_URL", url)
+            .env_remove("NATS_CREDS");
+        Ok::<_, anyhow::Error>(cmd.output()?)
+    };
+    let anonymous = cli(server.url().to_string())?;
+    assert!(
+        !anonymous.status.success(),
+        "an anonymous client changed settings"
+    );
+    let operator = cli(server.url_as(Role::Operator))?;
+    assert!(
+        operator.status.success(),
+        "{}",
+        String::from_utf8_lossy(&operator.stderr)
+    );
+    let settings = js_of(&nats).get_key_value("TS_PROCESSES").await?;
+    let stored = settings
+        .get("p")
+        .await?
+        .context("the operator's settings")?;
+    assert_eq!(ProcessConfig::decode(&stored)?.mode, Some(Mode::Disabled));
+
+    // The operator's KV client works too.
+    let admin = js_of(&connect_as(&server, Role::Operator).await?);
+    admin
+        .get_key_value("TS_PROCESSES")
+        .await?
+        .put("q", disabled()?)
+        .await?;
+
+    // The scheduler's own user may write the log but never remove it.
+    let (core, mut errors) = connect_watching(&server.url_as(Role::Scheduler)).await?;
+    assert!(js_of(&core).delete_stream("TS_LOG").await.is_err());
+    expect_violation(&mut errors, "$JS.API.STREAM.DELETE.TS_LOG").await?;
+    assert!(admin.get_stream("TS_LOG").await.is_ok());
+    s.stop().await?;
+    Ok(())
+}
