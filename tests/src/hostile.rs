@@ -352,3 +352,72 @@ async fn a_stored_message_with_unparsable_headers_is_foreign_not_fatal() -> Resu
     s.stop().await?;
     Ok(())
 }
+
+/// The disk case: a byte flipped inside a stored run while the server is down makes
+/// JetStream drop that run without a word. The scheduler's re-check after it
+/// reconnects raises the fault (`lost`), and the process goes on without giving the
+/// lost slots again; verify names the loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_damaged_on_disk_is_reported_after_the_reconnect_and_its_slots_not_reused(
+) -> Result<()> {
+    let mut server = server()?;
+    let key = test_key(24);
+    let s = InProcess::start(&server, Config::default(), vec![test_key(24)]).await?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let client = Client::new(nats.clone(), Subjects::default())
+        .with_timeout(Duration::from_secs(30));
+    let p = ProcessId::new("disk")?;
+    for i in 0..10 {
+        client
+            .schedule(&p, Bytes::from(format!("payload-{i:02}")), &Schedule::default())
+            .await?;
+    }
+    let runs = raw_runs(&server, &p).await?;
+    let (last_seq, _) = *runs.last().expect("runs");
+
+    // Behind everyone's back: stop the server, flip one byte of the last run's body.
+    server.stop();
+    let changed = flip_in_files(&server.store_dir(), b"payload-09")?;
+    assert!(changed >= 1, "the last run's body is in the store");
+    server.restart_in_place()?;
+
+    // The scheduler reconnects by itself and re-checks its live process.
+    let mut events = connect(server.url()).await?.subscribe("ts.events.fault").await?;
+    let event = expect_fault(&mut events, "disk", last_seq).await?;
+    assert_eq!(event.code, "lost", "{event:?}");
+    // The lost slot 9 is never given again.
+    let r = client.schedule(&p, Bytes::from("after"), &Schedule::default()).await?;
+    assert_eq!(r.slot, 10);
+    let report = verify(server.url(), &p, &[&key]).await?;
+    let codes: Vec<&str> = report.faults.iter().map(|f| f.kind.code()).collect();
+    assert_eq!(codes, vec!["lost", "gap"], "{:?}", report.faults);
+    assert_eq!(report.faults[1].slot, 9);
+    s.stop().await?;
+    Ok(())
+}
+
+/// Flips the first byte of `needle` wherever it is stored under `dir`.
+fn flip_in_files(dir: &std::path::Path, needle: &[u8]) -> Result<usize> {
+    let mut changed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            changed += flip_in_files(&path, needle)?;
+            continue;
+        }
+        let mut bytes = std::fs::read(&path)?;
+        let mut hits = 0;
+        for i in 0..bytes.len().saturating_sub(needle.len() - 1) {
+            if &bytes[i..i + needle.len()] == needle {
+                bytes[i] ^= 0x20;
+                hits += 1;
+            }
+        }
+        if hits > 0 {
+            std::fs::write(&path, bytes)?;
+            changed += hits;
+        }
+    }
+    Ok(changed)
+}

@@ -103,6 +103,7 @@ pub(crate) async fn run(
             process,
             head: None,
             index: DedupeIndex::new(0),
+            expect: None,
         };
         let mut carry: Option<Job> = None;
         loop {
@@ -194,6 +195,9 @@ struct Actor {
     process: ProcessId,
     head: Option<Head>,
     index: DedupeIndex,
+    /// What the next write must expect when the server's record of the subject's last
+    /// message differs from what its store holds (after a loss); normally none.
+    expect: Option<u64>,
 }
 
 impl Actor {
@@ -214,6 +218,7 @@ impl Actor {
         let mut answered_early = vec![false; jobs.len()];
         let mut backoff = Duration::from_millis(5);
         let mut pending: Option<Attempt> = None;
+        let mut server_says: Option<u64> = None;
         loop {
             let head = match self.load().await {
                 Ok(h) => h,
@@ -300,10 +305,10 @@ impl Actor {
             };
             let landed = match outcome {
                 Outcome::Stored(seq) => Some(seq),
-                Outcome::Lost => {
+                Outcome::Lost(server_last) => {
                     Metrics::bump(&self.shared.metrics.races_lost);
                     debug!(slot = head.next_slot, "lost the write race; catching up");
-                    backoff = Duration::from_millis(5);
+                    server_says = server_last;
                     None
                 }
                 Outcome::Full(reason) => {
@@ -342,7 +347,23 @@ impl Actor {
             let landed = match landed {
                 Some(seq) => Some(seq),
                 None => match self.catch_up(Some(run)).await {
-                    Ok(found) => found,
+                    Ok(found) => {
+                        let moved = self.head.is_some_and(|h| h.seq != attempt.head.seq);
+                        if found.is_none() && !moved {
+                            // Refused, yet nothing new to read: the server's record of the
+                            // subject's last message is not what its store holds (a
+                            // message lost from the store). Its word is what the next
+                            // write must expect; the run still signs the place we know
+                            // (`prev_seq`), so readers see the loss, never a replay.
+                            if let Some(last) = server_says.take() {
+                                warn!(expected = attempt.head.seq, server = last, "the server's last sequence differs from its store; expecting what the server says");
+                                self.expect = Some(last);
+                            }
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                        }
+                        found
+                    }
                     Err(e) => {
                         warn!(error = %e, "catch-up failed; re-reading the head");
                         self.head = None;
@@ -367,6 +388,7 @@ impl Actor {
                 std::sync::atomic::Ordering::Relaxed,
             );
             self.head = Some(Head::after(&run, seq));
+            self.expect = None;
             for (e, supplied) in run.entries.iter().zip(&supplied) {
                 if *supplied {
                     self.index.insert(
@@ -661,7 +683,7 @@ impl Actor {
 
     /// After a reconnect: the chain's last run must still be in the log, unchanged
     /// (a server restart may have lost it); then every message after it is judged.
-    async fn recheck(&mut self, mut head: Head) -> journal::Result<()> {
+    async fn recheck(&mut self, head: Head) -> journal::Result<()> {
         if head.run_seq > 0 {
             let stored = self.reader().message_at(&self.process, head.run_seq).await?;
             let intact = stored
@@ -684,11 +706,10 @@ impl Actor {
                 };
                 self.shared.fault(&self.process, &fault);
                 // Keep the chain as we know it: its slots are never given again. The
-                // next run is written after whatever the subject now ends with.
-                if tail < head.seq {
-                    head.seq = tail;
-                    self.head = Some(head);
-                }
+                // next write still expects the lost message (the server's own record
+                // of the subject may still name it); if the server disagrees, its
+                // "wrong last sequence" says what to expect instead.
+                return Ok(());
             }
         }
         self.catch_up(None).await.map(|_| ())
@@ -708,7 +729,7 @@ impl Actor {
             subject: self.shared.subjects.log(&self.process),
             payload: payload.into(),
             headers,
-            expected: head.seq,
+            expected: self.expect.unwrap_or(head.seq),
         };
         self.shared.writer.write(write).await
     }

@@ -65,8 +65,9 @@ impl WriterLimits {
 pub enum Outcome {
     /// Stored at this stream sequence.
     Stored(u64),
-    /// Refused: the subject's last sequence is not the one expected.
-    Lost,
+    /// Refused: the subject's last sequence is not the one expected; the server's
+    /// own idea of it, when its error says (`wrong last sequence: N`).
+    Lost(Option<u64>),
     /// Refused for good: the store or the stream is full (retrying cannot help
     /// until an operator makes room); nothing was stored.
     Full(String),
@@ -222,8 +223,12 @@ async fn publish_one(js: &jetstream::Context, w: Write) -> Outcome {
     };
     match ack {
         Ok(ack) => Outcome::Stored(ack.sequence),
-        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Outcome::Lost,
-        Err(e) if is_conflict_code(jetstream_code(&e)) => Outcome::Lost,
+        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+            Outcome::Lost(server_last_sequence(&jetstream_description(&e)))
+        }
+        Err(e) if is_conflict_code(jetstream_code(&e)) => {
+            Outcome::Lost(server_last_sequence(&jetstream_description(&e)))
+        }
         Err(e) if is_full_code(jetstream_code(&e)) => Outcome::Full(e.to_string()),
         Err(e) => Outcome::Failed(e.to_string()),
     }
@@ -236,10 +241,30 @@ fn is_full_code(code: Option<u64>) -> bool {
     matches!(code, Some(10023) | Some(10028) | Some(10047) | Some(10077))
 }
 
+/// The number in JetStream's "wrong last sequence: N".
+pub fn server_last_sequence(error: &str) -> Option<u64> {
+    let rest = &error[error.find("wrong last sequence")? + "wrong last sequence".len()..];
+    let digits: String = rest
+        .trim_start_matches([':', ' '])
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
 /// 10071: wrong last sequence; 10164: a conflicting write in flight on an R3 stream
 /// (ANCHORS.md: async-nats reports it as `Other`, so read the code).
 fn is_conflict_code(code: Option<u64>) -> bool {
     matches!(code, Some(10071) | Some(10164))
+}
+
+/// The server's own words about a refused publish.
+fn jetstream_description(e: &jetstream::context::PublishError) -> String {
+    use std::error::Error as _;
+    e.source()
+        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+        .map(|j| j.to_string())
+        .unwrap_or_default()
 }
 
 fn jetstream_code(e: &jetstream::context::PublishError) -> Option<u64> {
@@ -342,6 +367,16 @@ pub fn parse_commit_ack(payload: &[u8], n: usize) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_server_s_last_sequence_is_read_from_its_error() {
+        assert_eq!(
+            server_last_sequence("jetstream error: wrong last sequence: 1234 (code 400, error code 10071)"),
+            Some(1234)
+        );
+        assert_eq!(server_last_sequence("wrong last sequence"), None);
+        assert_eq!(server_last_sequence("timed out"), None);
+    }
 
     #[test]
     fn a_backlog_is_worth_a_batch_once_it_matches_the_single_slots() {

@@ -266,10 +266,27 @@ impl NatsServer {
     /// [`NatsServer::url`] again).
     pub fn restart(&mut self) -> Result<()> {
         self.stop();
-        self.launch()
+        self.launch_on("-1")
+    }
+
+    /// Stops and starts the server on the same store and the same port, so that
+    /// connected clients reconnect to it by themselves.
+    pub fn restart_in_place(&mut self) -> Result<()> {
+        let port = self
+            .url
+            .rsplit(':')
+            .next()
+            .unwrap_or("-1")
+            .to_string();
+        self.stop();
+        self.launch_on(&port)
     }
 
     fn launch(&mut self) -> Result<()> {
+        self.launch_on("-1")
+    }
+
+    fn launch_on(&mut self, port: &str) -> Result<()> {
         let bin = nats_server_bin()?;
         let ports_dir = self.dir.path().join("ports");
         let _ = std::fs::remove_dir_all(&ports_dir);
@@ -283,7 +300,7 @@ impl NatsServer {
         let mut cmd = Command::new(&bin);
         cmd.arg("-c")
             .arg(&config_path)
-            .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
+            .args(["-a", "127.0.0.1", "-p", port, "--ports_file_dir"])
             .arg(&ports_dir);
         for (role, var) in Role::WITH_PASSWORD.iter().map(|(r, _, v)| (*r, *v)) {
             cmd.env(var, self.password(role).unwrap_or_default());
