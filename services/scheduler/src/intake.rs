@@ -28,15 +28,29 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Most entries in one range page.
 pub const MAX_PAGE_ENTRIES: u32 = 1000;
 
+/// The next request; after shutdown, the requests already delivered to this replica
+/// (the endpoint is drained: no new ones come, none received is dropped), then none.
 async fn next_or_stop(
     endpoint: &mut Endpoint,
     shutdown: &CancellationToken,
 ) -> Option<service::Request> {
-    tokio::select! {
-        r = endpoint.next() => r,
-        _ = shutdown.cancelled() => None,
+    if !shutdown.is_cancelled() {
+        tokio::select! {
+            r = endpoint.next() => return r,
+            _ = shutdown.cancelled() => {}
+        }
     }
+    if !endpoint.is_draining() {
+        endpoint.drain().await;
+    }
+    tokio::time::timeout(DRAIN_DEADLINE, endpoint.next())
+        .await
+        .ok()
+        .flatten()
 }
+
+/// How long a stopping replica waits for the requests already on their way to it.
+const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Takes scheduling requests until shutdown.
 pub(crate) async fn schedule_loop(

@@ -477,6 +477,14 @@ pub async fn run_with_clock(
     let slot = endpoint("slot", subjects.slot_all()).await?;
     let range = endpoint("range", subjects.range_all()).await?;
     let keys = endpoint("keys", subjects.keys()).await?;
+    intake
+        .flush()
+        .await
+        .map_err(|e| Error::Service(e.to_string()))?;
+    service
+        .announce()
+        .await
+        .map_err(|e| Error::Service(e.to_string()))?;
 
     info!(server = %version, prefix = %subjects.prefix(), keys = ?shared.keyring.all().iter().map(|k| k.id()).collect::<Vec<_>>(), "scheduler ready");
 

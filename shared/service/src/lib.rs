@@ -121,8 +121,9 @@ impl std::fmt::Debug for Service {
 }
 
 impl Service {
-    /// Registers `spec` on `client` and starts answering `$SRV.PING/INFO/STATS`.
-    /// `data(endpoint)` gives the `data` of an endpoint's STATS.
+    /// Registers `spec` on `client`; `data(endpoint)` gives the `data` of an
+    /// endpoint's STATS. Add the endpoints, then [`Service::announce`]: a service
+    /// answers PING only once it serves its endpoints.
     pub async fn start(
         client: async_nats::Client,
         spec: Spec,
@@ -143,6 +144,12 @@ impl Service {
             data: Box::new(data),
             stop: CancellationToken::new(),
         });
+        Ok(Service { inner })
+    }
+
+    /// Starts answering `$SRV.PING/INFO/STATS` (call it once the endpoints are added).
+    pub async fn announce(&self) -> Result<()> {
+        let inner = &self.inner;
         let mut subs = Vec::new();
         for verb in ["PING", "INFO", "STATS"] {
             for subject in [
@@ -158,8 +165,13 @@ impl Service {
             subs.into_iter()
                 .map(|(verb, sub)| sub.map(move |m| (verb, m)).boxed()),
         );
-        tokio::spawn(answer_srv(Arc::clone(&inner), streams));
-        Ok(Service { inner })
+        tokio::spawn(answer_srv(Arc::clone(inner), streams));
+        // The subscriptions must be in place on the server before anyone is told.
+        inner.client.flush().await.map_err(|e| Error::Subscribe {
+            subject: "$SRV.>".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(())
     }
 
     /// Adds endpoint `name` on `subject` (in the service's queue group).
@@ -185,6 +197,7 @@ impl Service {
             sub,
             stats,
             inner: Arc::clone(&self.inner),
+            draining: false,
         })
     }
 
@@ -352,6 +365,7 @@ pub struct Endpoint {
     sub: Subscriber,
     stats: Arc<EndpointStats>,
     inner: Arc<Inner>,
+    draining: bool,
 }
 
 impl Endpoint {
@@ -386,6 +400,20 @@ impl Endpoint {
     /// Stops taking requests (the queue group then delivers to other replicas).
     pub async fn stop(&mut self) {
         let _ = self.sub.unsubscribe().await;
+    }
+
+    /// Stops taking new requests but keeps those already on their way: [`Endpoint::next`]
+    /// yields them, then none (NATS drain: unsubscribe, then a round trip).
+    pub async fn drain(&mut self) {
+        self.draining = true;
+        if let Err(e) = self.sub.drain().await {
+            warn!(error = %e, endpoint = %self.stats.name, "could not drain");
+        }
+    }
+
+    /// Whether [`Endpoint::drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining
     }
 }
 
