@@ -34,3 +34,4 @@ mod refusals;
 mod scheduling;
 #[cfg(test)]
 mod word;
+mod verify_cli;

@@ -2,9 +2,8 @@
 //! assignment log, verifies it against the published keys, makes key files and
 //! edits per-process settings. Everything it does is plain NATS; see `schemas/`.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -12,15 +11,16 @@ use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use serde_json::json;
 
-use journal::audit::{self, Scope};
 use journal::client::{Client, Schedule};
 use journal::reader::LogReader;
 use journal::subjects::Subjects;
 use journal::{keyring, setup};
 use protocol::keys::{KeyFile, Keypair};
-use protocol::verify::TrustedKeys;
 use protocol::wire::{Entry, Mode, ProcessConfig, Receipt};
 use protocol::ProcessId;
+
+mod audit;
+mod verify;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -104,23 +104,11 @@ enum Command {
         #[arg(long)]
         text: bool,
     },
-    /// Recompute the chain and check every signature; names the first bad slot.
-    Verify {
-        /// The process.
-        process: String,
-        /// First slot.
-        #[arg(long, default_value_t = 0)]
-        from: u64,
-        /// Last slot (inclusive); default: the head.
-        #[arg(long)]
-        to: Option<u64>,
-        /// Trust only these public key files instead of the published keys.
-        #[arg(long = "trust")]
-        trust: Vec<PathBuf>,
-        /// Key ids that must have signed every run (default: the process's settings).
-        #[arg(long = "require")]
-        require: Vec<String>,
-    },
+    /// Verify a process's log, or every process's (--all), to the end of each subject:
+    /// every fault with its stream sequence, slot, code and what is wrong.
+    Verify(verify::Args),
+    /// Follow the live feed of fault events (--follow).
+    Audit(audit::Args),
     /// Per-process settings.
     Process {
         #[command(subcommand)]
@@ -369,88 +357,10 @@ async fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Verify {
-            process,
-            from,
-            to,
-            trust,
-            require,
-        } => {
-            let process = ProcessId::new(process)?;
-            let client = connect(&cli.nats_url).await?;
-            let js = async_nats::jetstream::new(client);
-            let trusted = if trust.is_empty() {
-                let store = setup::open_bucket(&js, &subjects.keys_bucket()).await?;
-                keyring::trust(&keyring::fetch(&store).await?)
-            } else {
-                let mut t = TrustedKeys::default();
-                for path in &trust {
-                    let file = KeyFile::parse(&std::fs::read_to_string(path)?)?;
-                    t.insert(file.public_key_bytes()?);
-                }
-                t
-            };
-            if trusted.is_empty() {
-                bail!("no trusted keys: none are published and none were given with --trust");
-            }
-            let required = if require.is_empty() {
-                match setup::open_bucket(&js, &subjects.processes_bucket()).await {
-                    Ok(store) => match store.get(process.as_str()).await {
-                        Ok(Some(b)) => ProcessConfig::decode(&b)
-                            .map(|c| c.keys)
-                            .unwrap_or_default(),
-                        _ => vec![],
-                    },
-                    Err(_) => vec![],
-                }
-            } else {
-                require
-            };
-            let reader = LogReader::open(js, subjects).await?;
-            let scope = Scope {
-                process: process.clone(),
-                from,
-                to,
-                required,
-            };
-            let tty = std::io::stderr().is_terminal();
-            let started = Instant::now();
-            let mut last_print = Instant::now();
-            let report = audit::verify(&reader, &scope, trusted, |slot| {
-                if last_print.elapsed().as_millis() >= 500 {
-                    last_print = Instant::now();
-                    let rate = slot.saturating_sub(from) as f64
-                        / started.elapsed().as_secs_f64().max(1e-3);
-                    if tty {
-                        eprint!("\rverified through slot {slot} ({rate:.0} slots/s)   ");
-                    } else {
-                        eprintln!("verified through slot {slot} ({rate:.0} slots/s)");
-                    }
-                }
-            })
-            .await?;
-            if tty {
-                eprint!("\r");
-            }
-            match report.faults.first() {
-                None => {
-                    let range = match report.last_good {
-                        Some(l) => format!("slots {from}..={l}"),
-                        None => "no assignments".into(),
-                    };
-                    println!(
-                        "ok: {process} {range} verified ({} assignments checked)",
-                        report.checked
-                    );
-                    Ok(0)
-                }
-                Some(_) => {
-                    for f in &report.faults {
-                        println!("FAILED: {process} {f}");
-                    }
-                    Ok(1)
-                }
-            }
+        Command::Verify(args) => verify::run(connect(&cli.nats_url).await?, subjects, args).await,
+        Command::Audit(args) => {
+            args.check()?;
+            audit::run(connect(&cli.nats_url).await?, subjects, args).await
         }
         Command::Process { action } => {
             let js = async_nats::jetstream::new(connect(&cli.nats_url).await?);

@@ -54,28 +54,57 @@ pub fn genesis(process: &ProcessId) -> Hash32 {
 /// ```
 pub fn canonical_encoding(f: &Fields<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + f.process.len() + f.message_id.len());
-    put_str(&mut out, f.process);
+    encode_into(&mut out, f);
+    out
+}
+
+/// Appends the canonical encoding of `f` to `out`.
+fn encode_into(out: &mut Vec<u8>, f: &Fields<'_>) {
+    put_str(out, f.process);
     out.extend_from_slice(&f.slot.to_be_bytes());
-    put_str(&mut out, f.message_id);
+    put_str(out, f.message_id);
     out.extend_from_slice(&f.timestamp_ms.to_be_bytes());
-    let mut headers: Vec<&(String, String)> = f.headers.iter().collect();
-    headers.sort_by(|a, b| (a.0.as_bytes(), a.1.as_bytes()).cmp(&(b.0.as_bytes(), b.1.as_bytes())));
-    out.extend_from_slice(&(headers.len() as u32).to_be_bytes());
-    for (name, value) in headers {
-        put_str(&mut out, name);
-        put_str(&mut out, value);
+    out.extend_from_slice(&(f.headers.len() as u32).to_be_bytes());
+    fn key(h: &(String, String)) -> (&[u8], &[u8]) {
+        (h.0.as_bytes(), h.1.as_bytes())
+    }
+    if f.headers.windows(2).all(|w| key(&w[0]) <= key(&w[1])) {
+        // Already in order (always so for none or one): no sorted copy needed.
+        for (name, value) in f.headers {
+            put_str(out, name);
+            put_str(out, value);
+        }
+    } else {
+        let mut headers: Vec<&(String, String)> = f.headers.iter().collect();
+        headers.sort_by(|a, b| key(a).cmp(&key(b)));
+        for (name, value) in headers {
+            put_str(out, name);
+            put_str(out, value);
+        }
     }
     out.extend_from_slice(&f.body_hash.0);
-    out
 }
 
 /// One chain step: the chain hash of an assignment whose predecessor's chain hash is `prev`.
 pub fn chain_hash(prev: &Hash32, f: &Fields<'_>) -> Hash32 {
-    let mut h = blake3::Hasher::new();
-    h.update(CHAIN_DOMAIN);
-    h.update(&prev.0);
-    h.update(&canonical_encoding(f));
-    h.finalize().into()
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUF.with(|b| match b.try_borrow_mut() {
+        Ok(mut buf) => chain_hash_in(&mut buf, prev, f),
+        Err(_) => chain_hash_in(&mut Vec::new(), prev, f),
+    })
+}
+
+/// [`chain_hash`], encoding into `buf` (its contents are replaced): the whole
+/// input is laid out once and hashed in one call, with no allocation once `buf` is
+/// large enough. Verifiers call this once per assignment.
+pub fn chain_hash_in(buf: &mut Vec<u8>, prev: &Hash32, f: &Fields<'_>) -> Hash32 {
+    buf.clear();
+    buf.extend_from_slice(CHAIN_DOMAIN);
+    buf.extend_from_slice(&prev.0);
+    encode_into(buf, f);
+    Hash32::digest(buf)
 }
 
 /// Writes `u32be(len) || bytes`; lengths above `u32::MAX` cannot occur because

@@ -15,18 +15,17 @@ use crate::hash::Hash32;
 use crate::{Error, Result};
 
 fn leaf(h: &Hash32) -> Hash32 {
-    let mut x = blake3::Hasher::new();
-    x.update(&[0]);
-    x.update(&h.0);
-    x.finalize().into()
+    // One contiguous input, hashed in one call: no hasher state to set up.
+    let mut input = [0u8; 33];
+    input[1..].copy_from_slice(&h.0);
+    Hash32::digest(&input)
 }
 
 fn node(l: &Hash32, r: &Hash32) -> Hash32 {
-    let mut x = blake3::Hasher::new();
-    x.update(&[1]);
-    x.update(&l.0);
-    x.update(&r.0);
-    x.finalize().into()
+    let mut input = [1u8; 65];
+    input[1..33].copy_from_slice(&l.0);
+    input[33..].copy_from_slice(&r.0);
+    Hash32::digest(&input)
 }
 
 fn split(n: usize) -> usize {
@@ -49,6 +48,32 @@ pub fn root(leaves: &[Hash32]) -> Hash32 {
             node(&root(&leaves[..k]), &root(&leaves[k..]))
         }
     }
+}
+
+/// The root of the tree over `leaves`, computed in place: `leaves` is overwritten
+/// with the tree's nodes, level by level, and nothing is allocated. The same root as
+/// [`root`] and [`Tree::root`] (each level pairs nodes left to right and carries an
+/// odd last node up unchanged); `Hash32::ZERO` for no leaves.
+pub fn root_in_place(leaves: &mut [Hash32]) -> Hash32 {
+    if leaves.is_empty() {
+        return Hash32::ZERO;
+    }
+    for h in leaves.iter_mut() {
+        *h = leaf(h);
+    }
+    let mut len = leaves.len();
+    while len > 1 {
+        let pairs = len / 2;
+        for i in 0..pairs {
+            // Slot i is free: its old content (at 2i or below) was already consumed.
+            leaves[i] = node(&leaves[2 * i], &leaves[2 * i + 1]);
+        }
+        if len % 2 == 1 {
+            leaves[pairs] = leaves[len - 1];
+        }
+        len = pairs + len % 2;
+    }
+    leaves[0]
 }
 
 /// The audit path of leaf `index`, from the leaf's sibling up to the root's children.
@@ -212,6 +237,17 @@ mod tests {
                 );
             }
             assert!(tree.proof(n).is_err());
+        }
+    }
+
+    #[test]
+    fn the_root_in_place_equals_the_recursive_definition() {
+        assert_eq!(root_in_place(&mut []), Hash32::ZERO);
+        for n in 1..=70usize {
+            let leaves: Vec<Hash32> = (0..n)
+                .map(|i| Hash32::digest(&(i * 3).to_be_bytes()))
+                .collect();
+            assert_eq!(root_in_place(&mut leaves.clone()), root(&leaves), "n={n}");
         }
     }
 

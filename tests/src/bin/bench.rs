@@ -9,7 +9,12 @@
 //!    request/reply service could reach here);
 //! 2. one hot process: closed-loop requests from several connections;
 //! 3. 1,000 processes together, same load spread evenly;
-//! 4. latency p50/p99 of both at half of the peak each reached, open loop.
+//! 4. latency p50/p99 of both at half of the peak each reached, open loop;
+//! 5. (default storage only) reading the log: `journal::audit::verify` over one
+//!    process of 100,000 assignments written through the scheduler (assignments/s,
+//!    and per core of this process's CPU time), and cold head loads
+//!    (`journal::chain::load_head`) of 1,000 processes of a few runs each,
+//!    sequentially and 32 at once.
 //!
 //! The scheduler runs as its own process (release build), as in production.
 
@@ -57,6 +62,10 @@ struct Args {
     /// Profiling aid: only run 1,000 processes open-loop at this rate for `seconds`.
     #[arg(long)]
     open_rate: Option<f64>,
+    /// Only the log-reading phases (verify throughput, cold head loads) on the
+    /// default storage setting.
+    #[arg(long)]
+    only_log_reads: bool,
     /// Internal: serve as the echo responder at this NATS URL (the request/reply
     /// transport ceiling: replies at once with a receipt-sized payload).
     #[arg(long, hide = true)]
@@ -74,6 +83,9 @@ async fn main() -> Result<()> {
         return serve_echo(url).await;
     }
     let body = Bytes::from(vec![b'x'; BODY]);
+    if args.only_log_reads {
+        return log_reads_only(&body).await;
+    }
     let mut runs = Vec::new();
     let settings: &[bool] = match (args.quick, args.only_sync_always) {
         (true, _) => &[false],
@@ -191,8 +203,14 @@ async fn main() -> Result<()> {
             many_lat.p50_ms,
             many_lat.p99_ms
         );
+        let log_reads = if sync_always {
+            serde_json::Value::Null
+        } else {
+            log_reads(&server, &conns, &body, &key).await?
+        };
         runs.push(json!({
             "storage": label,
+            "log_reads": log_reads,
             "scheduler_singles_in_flight": singles,
             "raw_ceiling_msgs_per_s": raw.round(),
             "echo_ceiling_msgs_per_s": echo.round(),
@@ -223,6 +241,7 @@ async fn main() -> Result<()> {
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&doc)?)?;
     print_table(&doc);
+    print_log_reads_table(&doc);
     println!("\nwrote {}", args.out);
     Ok(())
 }
@@ -684,4 +703,251 @@ async fn serve_echo(url: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Assignments of the process whose verification phase 5 times.
+const VERIFY_ASSIGNMENTS: u64 = 100_000;
+/// Times the verification is repeated (each with a fresh trust set: no signature
+/// is remembered from one repetition to the next).
+const VERIFY_REPETITIONS: u32 = 3;
+/// Processes of the cold-load phase, rounds of requests each gets (one run or
+/// more per round), requests per round, and head loads in flight for the parallel pass.
+const COLD_PROCESSES: usize = 1000;
+const COLD_ROUNDS: usize = 3;
+const COLD_PER_ROUND: u64 = 4;
+const COLD_PARALLEL: usize = 32;
+
+/// `--only-log-reads`: a server and a scheduler of their own, then phase 5.
+async fn log_reads_only(body: &Bytes) -> Result<()> {
+    let server = NatsServer::start_with(Options::default())?;
+    let dir = tempfile::tempdir()?;
+    let key = protocol::keys::Keypair::generate();
+    let key_path = dir.path().join("key.json");
+    std::fs::write(&key_path, key.to_key_file())?;
+    let _scheduler = tests::support::spawn_scheduler(&server, &key_path, &[])?;
+    let probe = tests::support::connect(server.url()).await?;
+    tests::support::wait_for_schedulers(&probe, 1).await?;
+    let conns = connect_all(server.url()).await?;
+    let reads = log_reads(&server, &conns, body, &key).await?;
+    let doc = json!({"runs": [{"storage": "default sync", "log_reads": reads}]});
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&doc["runs"][0]["log_reads"])?
+    );
+    print_log_reads_table(&doc);
+    Ok(())
+}
+
+/// Phase 5: what reading the log costs, against the running scheduler signing with `key`.
+async fn log_reads(
+    server: &NatsServer,
+    conns: &[async_nats::Client],
+    body: &Bytes,
+    key: &protocol::keys::Keypair,
+) -> Result<serde_json::Value> {
+    let js = async_nats::jetstream::new(tests::support::connect(server.url()).await?);
+    let reader =
+        journal::reader::LogReader::open(js, journal::subjects::Subjects::default()).await?;
+    let trust = || {
+        let mut t = protocol::verify::TrustedKeys::default();
+        t.insert(key.public_key());
+        t
+    };
+    let verify = verify_throughput(server, conns, body, &reader, &trust).await?;
+    eprintln!("verify: {verify}");
+    let cold = cold_loads(conns, body, &reader, &trust).await?;
+    eprintln!("cold loads: {cold}");
+    Ok(json!({"verify": verify, "cold_loads": cold}))
+}
+
+/// Writes `VERIFY_ASSIGNMENTS` to one process through the scheduler (runs of up to
+/// 1,000), then times `journal::audit::verify` over it.
+async fn verify_throughput(
+    server: &NatsServer,
+    conns: &[async_nats::Client],
+    body: &Bytes,
+    reader: &journal::reader::LogReader,
+    trust: &dyn Fn() -> protocol::verify::TrustedKeys,
+) -> Result<serde_json::Value> {
+    let process = protocol::ProcessId::new(format!("v{}", uuid_like()))?;
+    let t0 = Instant::now();
+    let written = fill(
+        conns,
+        body,
+        &[format!("ts.schedule.{process}")],
+        VERIFY_ASSIGNMENTS,
+        8192,
+    )
+    .await?;
+    let write_s = t0.elapsed().as_secs_f64();
+    let scope = journal::audit::Scope {
+        process,
+        from: 0,
+        to: None,
+        required: vec![],
+    };
+    let meter = CpuMeter::new(&[("nats", server.pid())]);
+    let (before, self_before, t0) = (meter.sample(), cpu_seconds("self"), Instant::now());
+    let mut report = journal::audit::Report::default();
+    for _ in 0..VERIFY_REPETITIONS {
+        report = journal::audit::verify(reader, &scope, trust(), |_| {}).await?;
+    }
+    let wall = t0.elapsed();
+    let self_cpu = cpu_seconds("self") - self_before;
+    let total = report.checked as f64 * f64::from(VERIFY_REPETITIONS);
+    let rate = total / wall.as_secs_f64().max(1e-9);
+    let per_core = if self_cpu > 0.0 {
+        total / self_cpu
+    } else {
+        0.0
+    };
+    Ok(json!({
+        "assignments": report.checked,
+        "written": written,
+        "write_seconds": (write_s * 100.0).round() / 100.0,
+        "runs": report.runs,
+        "faults": report.faults.len(),
+        "repetitions": VERIFY_REPETITIONS,
+        "assignments_per_s": rate.round(),
+        "assignments_per_s_per_core": per_core.round(),
+        "bench_process_cpu_seconds": (self_cpu * 100.0).round() / 100.0,
+        "cpu": meter.usage(&before, wall, rate),
+        "target_per_core_min": 1_000_000,
+        "meets_target": per_core >= 1_000_000.0,
+    }))
+}
+
+/// Writes `COLD_PROCESSES` processes of a few runs each, then loads every head as a
+/// scheduler starting cold does (`journal::chain::load_head`): one after the other,
+/// then `COLD_PARALLEL` at once (each pass with a fresh trust set).
+async fn cold_loads(
+    conns: &[async_nats::Client],
+    body: &Bytes,
+    reader: &journal::reader::LogReader,
+    trust: &dyn Fn() -> protocol::verify::TrustedKeys,
+) -> Result<serde_json::Value> {
+    let tag = uuid_like();
+    let processes = (0..COLD_PROCESSES)
+        .map(|i| protocol::ProcessId::new(format!("c{tag}-{i}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let subjects: Vec<String> = processes
+        .iter()
+        .map(|p| format!("ts.schedule.{p}"))
+        .collect();
+    let mut written = 0;
+    for _ in 0..COLD_ROUNDS {
+        written += fill(conns, body, &subjects, COLD_PER_ROUND, 8192).await?;
+    }
+    let n = processes.len() as f64;
+    let pass = |parallel: usize| {
+        let trusted = trust();
+        let processes = &processes;
+        async move {
+            let t0 = Instant::now();
+            let loads: Vec<_> = futures::stream::iter(processes)
+                .map(|p| journal::chain::load_head(reader, p, &trusted))
+                .buffer_unordered(parallel)
+                .collect()
+                .await;
+            let wall = t0.elapsed().as_secs_f64();
+            let mut fast = 0;
+            let mut runs = 0;
+            for l in loads {
+                let l = l?;
+                fast += usize::from(!l.scanned);
+                runs += u64::from(l.head_run.is_some());
+            }
+            Ok::<_, anyhow::Error>(json!({
+                "in_flight": parallel,
+                "loads_per_s": (n / wall.max(1e-9)).round(),
+                "us_per_load": (wall / n * 1e7).round() / 10.0,
+                "fast_path": fast,
+                "with_head": runs,
+            }))
+        }
+    };
+    let sequential = pass(1).await?;
+    let parallel = pass(COLD_PARALLEL).await?;
+    Ok(json!({
+        "processes": COLD_PROCESSES,
+        "assignments_written": written,
+        "sequential": sequential,
+        "parallel": parallel,
+    }))
+}
+
+/// Sends `per_subject` requests to each of `subjects` (interleaved), `window` in
+/// flight over the connections; returns how many were answered with a receipt.
+async fn fill(
+    conns: &[async_nats::Client],
+    body: &Bytes,
+    subjects: &[String],
+    per_subject: u64,
+    window: usize,
+) -> Result<u64> {
+    let mut inboxes = Vec::new();
+    for c in conns {
+        inboxes.push(Arc::new(inbox(c).await?));
+    }
+    let permits = Arc::new(Semaphore::new(window));
+    let ok = Arc::new(AtomicU64::new(0));
+    let total = per_subject * subjects.len() as u64;
+    for i in 0..total {
+        let permit = permits.clone().acquire_owned().await?;
+        let ci = (i as usize) % conns.len();
+        let subject = subjects[(i as usize) % subjects.len()].clone();
+        let (client, inbox, body, ok) = (
+            conns[ci].clone(),
+            inboxes[ci].clone(),
+            body.clone(),
+            ok.clone(),
+        );
+        tokio::spawn(async move {
+            if let Ok((_, true)) = send(&client, &inbox, i, subject, body).await {
+                ok.fetch_add(1, Ordering::Relaxed);
+            }
+            drop(permit);
+        });
+    }
+    let _ = permits.acquire_many(window as u32).await?;
+    Ok(ok.load(Ordering::Relaxed))
+}
+
+fn print_log_reads_table(doc: &serde_json::Value) {
+    let rows: Vec<&serde_json::Value> = doc["runs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["log_reads"].is_object())
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!();
+    println!("| storage | verify: assignments (runs) | assignments/s | assignments/s per core (bench CPU) | nats-server cores | cold loads: sequential /s (µs each) | {COLD_PARALLEL} at once /s (µs each) | fast path |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let v = &r["log_reads"]["verify"];
+        let c = &r["log_reads"]["cold_loads"];
+        println!(
+            "| {} | {} ({}) | {} | {} {} | {} | {} ({}) | {} ({}) | {} / {} |",
+            r["storage"].as_str().unwrap_or(""),
+            v["assignments"],
+            v["runs"],
+            v["assignments_per_s"],
+            v["assignments_per_s_per_core"],
+            if v["meets_target"].as_bool() == Some(true) {
+                "✓"
+            } else {
+                "✗ (<1M)"
+            },
+            v["cpu"]["nats_cores"],
+            c["sequential"]["loads_per_s"],
+            c["sequential"]["us_per_load"],
+            c["parallel"]["loads_per_s"],
+            c["parallel"]["us_per_load"],
+            c["sequential"]["fast_path"],
+            c["processes"],
+        );
+    }
 }

@@ -1,0 +1,552 @@
+//! `turnstile verify`: one process or every process of the deployment, by the rule of
+//! schemas/chain.md ("Verifying a log"), each read to the end of its subject. Every
+//! fault is printed with its stream sequence, the slot the chain expected there, its
+//! code and what is wrong; `--json` prints one document instead.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use tokio::task::JoinSet;
+
+use journal::audit::{self, Listed, Report, Scope};
+use journal::reader::LogReader;
+use journal::subjects::Subjects;
+use journal::{keyring, setup};
+use protocol::keys::KeyFile;
+use protocol::verify::{Fault, TrustedKeys};
+use protocol::ProcessId;
+
+/// Exit status: every message of every process verified, no fault.
+pub const OK: i32 = 0;
+/// Exit status: at least one fault.
+pub const FAULTS: i32 = 1;
+/// Exit status: usage, connection or JetStream error (the verdict is incomplete).
+pub const ERROR: i32 = 2;
+
+/// `turnstile verify`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "\
+Every message of a process's subject is judged, from its first message (or the run \
+holding --from) to the last one on the subject when verification starts; a message \
+that is not part of the chain (replayed, forged, garbage, ...) is reported and \
+skipped, and the runs after it are still checked.
+
+Exit status: 0 no fault; 1 at least one fault; 2 usage, connection or JetStream \
+error (with --all: some process could not be read).")]
+pub struct Args {
+    /// The process to verify.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    process: Option<String>,
+    /// Verify every process of the deployment (every subject of the log stream), in
+    /// parallel.
+    #[arg(long)]
+    all: bool,
+    /// First slot to verify (its whole run is checked). The chain must reach it.
+    #[arg(long, default_value_t = 0, conflicts_with = "all")]
+    from: u64,
+    /// Last slot the chain must reach (inclusive): a slot beyond the chain's end is a
+    /// gap fault. The subject is read to its end either way.
+    #[arg(long, conflicts_with = "all")]
+    to: Option<u64>,
+    /// Trust only the public keys in these key files (repeatable) instead of the keys
+    /// published in the deployment's keys bucket.
+    #[arg(long = "trust", value_name = "KEY_FILE")]
+    trust: Vec<PathBuf>,
+    /// Key ids that must have committed to every run (repeatable, or comma-separated).
+    /// Default: none. The required keys in a process's settings are not applied here
+    /// (their semantics are being redesigned): name them with --require.
+    #[arg(long = "require", value_name = "KEY_ID", value_delimiter = ',')]
+    require: Vec<String>,
+    /// Print one JSON document (per process: checked, runs, last_slot, faults; totals)
+    /// instead of text.
+    #[arg(long)]
+    json: bool,
+    /// How many processes to verify at once with --all [default: 2 × cores].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    jobs: Option<u64>,
+    /// No progress line on standard error (it is shown only on a terminal anyway).
+    #[arg(long)]
+    no_progress: bool,
+}
+
+/// What was verified, and how it went.
+struct Outcome {
+    subject: String,
+    process: Option<ProcessId>,
+    result: Result<Report, String>,
+}
+
+/// Counters the verifying tasks bump and the progress line reads.
+#[derive(Default)]
+struct Progress {
+    assignments: AtomicU64,
+    messages: AtomicU64,
+    faults: AtomicU64,
+}
+
+/// Runs `turnstile verify`; returns the exit status.
+pub async fn run(client: async_nats::Client, subjects: Subjects, args: Args) -> Result<i32> {
+    let js = async_nats::jetstream::new(client);
+    let trusted = trusted_keys(&js, &subjects, &args.trust).await?;
+    let targets: Vec<Listed> = match &args.process {
+        Some(p) => {
+            let process = ProcessId::new(p.clone())?;
+            vec![Listed {
+                subject: subjects.log(&process),
+                process: Some(process),
+                messages: 0,
+            }]
+        }
+        None => audit::processes(&js, &subjects).await?,
+    };
+    let reader = LogReader::open(js, subjects).await?;
+    let jobs = match args.jobs {
+        Some(n) => n as usize,
+        None => 2 * std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let show_progress = !args.no_progress && std::io::stderr().is_terminal();
+    let total_messages: u64 = targets.iter().map(|t| t.messages).sum();
+    let total = targets.len();
+
+    let started = Instant::now();
+    let cpu_before = cpu_seconds();
+    let progress = Arc::new(Progress::default());
+    let mut pending = targets.into_iter();
+    let mut running: JoinSet<Outcome> = JoinSet::new();
+    let mut outcomes = Vec::with_capacity(total);
+    let mut ticker = tokio::time::interval(Duration::from_millis(200));
+    let mut drawn = false;
+    loop {
+        while running.len() < jobs {
+            let Some(target) = pending.next() else { break };
+            let scope = target.process.clone().map(|process| Scope {
+                process,
+                from: args.from,
+                to: args.to,
+                required: args.require.clone(),
+            });
+            running.spawn(verify_one(
+                reader.clone(),
+                target,
+                scope,
+                trusted.clone(),
+                Arc::clone(&progress),
+            ));
+        }
+        tokio::select! {
+            done = running.join_next() => {
+                let Some(done) = done else { break };
+                let outcome = done.context("a verifying task failed")?;
+                if show_progress && drawn {
+                    eprint!("\r\x1b[2K");
+                    drawn = false;
+                }
+                if !args.json {
+                    print_faults(&outcome)?;
+                }
+                outcomes.push(outcome);
+            }
+            _ = ticker.tick(), if show_progress => {
+                draw(&progress, outcomes.len(), total, total_messages, started.elapsed());
+                drawn = true;
+            }
+        }
+    }
+    if drawn {
+        eprint!("\r\x1b[2K");
+    }
+    let elapsed = started.elapsed();
+    let cpu = cpu_seconds().zip(cpu_before).map(|(a, b)| a - b);
+    outcomes.sort_by(|a, b| a.subject.cmp(&b.subject));
+
+    let totals = Totals::of(&outcomes);
+    if args.json {
+        let doc = document(&outcomes, &totals, elapsed, cpu);
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print_summary(&args, &outcomes, &totals, elapsed, cpu)?;
+    }
+    Ok(if totals.errors > 0 {
+        ERROR
+    } else if totals.faults > 0 {
+        FAULTS
+    } else {
+        OK
+    })
+}
+
+/// The keys to trust: the given key files, or the published keys.
+async fn trusted_keys(
+    js: &async_nats::jetstream::Context,
+    subjects: &Subjects,
+    files: &[PathBuf],
+) -> Result<TrustedKeys> {
+    let mut trusted = TrustedKeys::default();
+    if files.is_empty() {
+        let store = setup::open_bucket(js, &subjects.keys_bucket()).await?;
+        trusted = keyring::trust(&keyring::fetch(&store).await?);
+    } else {
+        for path in files {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading key file {}", path.display()))?;
+            let file =
+                KeyFile::parse(&text).with_context(|| format!("key file {}", path.display()))?;
+            trusted.insert(file.public_key_bytes()?);
+        }
+    }
+    if trusted.is_empty() {
+        bail!("no trusted keys: none are published and none were given with --trust");
+    }
+    Ok(trusted)
+}
+
+/// Verifies one target, bumping the shared progress counters as it goes.
+async fn verify_one(
+    reader: LogReader,
+    target: Listed,
+    scope: Option<Scope>,
+    trusted: TrustedKeys,
+    progress: Arc<Progress>,
+) -> Outcome {
+    let Some(scope) = scope else {
+        // A subject that names no process: not verified, reported.
+        progress.faults.fetch_add(1, Ordering::Relaxed);
+        return Outcome {
+            subject: target.subject,
+            process: None,
+            result: Ok(Report::default()),
+        };
+    };
+    let (mut checked, mut messages, mut faults) = (0u64, 0u64, 0usize);
+    let result = audit::verify(&reader, &scope, trusted, |r| {
+        progress
+            .assignments
+            .fetch_add(r.checked - checked, Ordering::Relaxed);
+        progress
+            .messages
+            .fetch_add(r.messages - messages, Ordering::Relaxed);
+        progress
+            .faults
+            .fetch_add((r.faults.len() - faults) as u64, Ordering::Relaxed);
+        (checked, messages, faults) = (r.checked, r.messages, r.faults.len());
+    })
+    .await
+    .map_err(|e| e.to_string());
+    if let Ok(r) = &result {
+        // The final gap check adds faults after the last message.
+        progress
+            .faults
+            .fetch_add((r.faults.len() - faults) as u64, Ordering::Relaxed);
+    }
+    Outcome {
+        subject: target.subject,
+        process: Some(scope.process),
+        result,
+    }
+}
+
+/// One line per fault on standard output; errors on standard error.
+fn print_faults(o: &Outcome) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match (&o.process, &o.result) {
+        (None, _) => writeln!(
+            out,
+            "fault: subject {} names no valid process: its messages belong to no chain",
+            o.subject
+        )?,
+        (Some(p), Ok(report)) => {
+            for f in &report.faults {
+                writeln!(out, "fault: {p}: {}", fault_line(f))?;
+            }
+        }
+        (Some(p), Err(e)) => eprintln!("turnstile: {p}: could not verify: {e}"),
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn fault_line(f: &Fault) -> String {
+    let code = f.kind.code();
+    let message = f.kind.to_string();
+    // Some messages start with their code already ("replayed: ...").
+    let message = message
+        .strip_prefix(code)
+        .and_then(|m| m.strip_prefix(": "))
+        .unwrap_or(&message);
+    format!(
+        "stream sequence {} (next slot {}): {code}: {message}",
+        f.seq, f.slot
+    )
+}
+
+#[derive(Default)]
+struct Totals {
+    processes: usize,
+    assignments: u64,
+    runs: u64,
+    faults: usize,
+    faulty_processes: usize,
+    errors: usize,
+}
+
+impl Totals {
+    fn of(outcomes: &[Outcome]) -> Totals {
+        let mut t = Totals {
+            processes: outcomes.len(),
+            ..Default::default()
+        };
+        for o in outcomes {
+            match (&o.process, &o.result) {
+                (None, _) => {
+                    t.faults += 1;
+                    t.faulty_processes += 1;
+                }
+                (Some(_), Ok(r)) => {
+                    t.assignments += r.checked;
+                    t.runs += r.runs;
+                    t.faults += r.faults.len();
+                    t.faulty_processes += usize::from(!r.faults.is_empty());
+                }
+                (Some(_), Err(_)) => t.errors += 1,
+            }
+        }
+        t
+    }
+}
+
+fn print_summary(
+    args: &Args,
+    outcomes: &[Outcome],
+    t: &Totals,
+    elapsed: Duration,
+    cpu: Option<f64>,
+) -> Result<()> {
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let rate = t.assignments as f64 / secs;
+    let mut out = std::io::stdout().lock();
+    if !args.all {
+        // One process: its verdict in one line.
+        let Some(o) = outcomes.first() else {
+            return Ok(());
+        };
+        let p = o
+            .process
+            .as_ref()
+            .map_or(o.subject.as_str(), |p| p.as_str());
+        match &o.result {
+            Ok(r) if r.is_ok() => {
+                let range = match r.last_good {
+                    Some(l) => format!("slots {}..={l}", args.from),
+                    None => "no assignments".into(),
+                };
+                writeln!(
+                    out,
+                    "ok: {p} {range} verified ({} assignments in {} runs, {:.2} s, {}/s)",
+                    thousands(r.checked),
+                    thousands(r.runs),
+                    secs,
+                    thousands(rate as u64)
+                )?;
+            }
+            Ok(r) => writeln!(
+                out,
+                "FAILED: {p}: {} fault{} ({} assignments in {} runs checked)",
+                r.faults.len(),
+                plural(r.faults.len()),
+                thousands(r.checked),
+                thousands(r.runs)
+            )?,
+            Err(_) => writeln!(out, "ERROR: {p} could not be verified")?,
+        }
+        return Ok(());
+    }
+    let per_core = cpu
+        .filter(|c| *c > 0.0)
+        .map(|c| {
+            format!(
+                "; {}/s per core ({:.2} CPU s)",
+                thousands((t.assignments as f64 / c) as u64),
+                c
+            )
+        })
+        .unwrap_or_default();
+    writeln!(
+        out,
+        "{}: {} process{}, {} assignments in {} runs, {} fault{} in {} process{}, {} error{}; {:.2} s, {} assignments/s{per_core}",
+        if t.errors > 0 {
+            "ERROR"
+        } else if t.faults > 0 {
+            "FAILED"
+        } else {
+            "ok"
+        },
+        thousands(t.processes as u64),
+        if t.processes == 1 { "" } else { "es" },
+        thousands(t.assignments),
+        thousands(t.runs),
+        thousands(t.faults as u64),
+        plural(t.faults),
+        thousands(t.faulty_processes as u64),
+        if t.faulty_processes == 1 { "" } else { "es" },
+        t.errors,
+        plural(t.errors),
+        secs,
+        thousands(rate as u64),
+    )?;
+    Ok(())
+}
+
+/// The `--json` document.
+fn document(
+    outcomes: &[Outcome],
+    t: &Totals,
+    elapsed: Duration,
+    cpu: Option<f64>,
+) -> serde_json::Value {
+    let processes: Vec<serde_json::Value> = outcomes
+        .iter()
+        .map(|o| {
+            let name = o
+                .process
+                .as_ref()
+                .map(|p| p.to_string())
+                .unwrap_or_default();
+            match (&o.process, &o.result) {
+                (None, _) => json!({
+                    "process": null,
+                    "subject": o.subject,
+                    "ok": false,
+                    "error": "the subject names no valid process",
+                }),
+                (Some(_), Ok(r)) => json!({
+                    "process": name,
+                    "subject": o.subject,
+                    "ok": r.is_ok(),
+                    "checked": r.checked,
+                    "runs": r.runs,
+                    "messages": r.messages,
+                    "last_slot": r.last_good,
+                    "tail_seq": r.tail_seq,
+                    "faults": r.faults.iter().map(|f| json!({
+                        "seq": f.seq,
+                        "slot": f.slot,
+                        "code": f.kind.code(),
+                        "message": f.kind.to_string(),
+                    })).collect::<Vec<_>>(),
+                }),
+                (Some(_), Err(e)) => json!({
+                    "process": name,
+                    "subject": o.subject,
+                    "ok": false,
+                    "error": e,
+                }),
+            }
+        })
+        .collect();
+    let secs = elapsed.as_secs_f64();
+    let mut totals = json!({
+        "processes": t.processes,
+        "assignments": t.assignments,
+        "runs": t.runs,
+        "faults": t.faults,
+        "faulty_processes": t.faulty_processes,
+        "errors": t.errors,
+        "seconds": (secs * 1000.0).round() / 1000.0,
+        "assignments_per_s": (t.assignments as f64 / secs.max(1e-9)).round(),
+    });
+    if let (Some(c), Some(m)) = (cpu.filter(|c| *c > 0.0), totals.as_object_mut()) {
+        m.insert("cpu_seconds".into(), json!((c * 1000.0).round() / 1000.0));
+        m.insert(
+            "assignments_per_cpu_s".into(),
+            json!((t.assignments as f64 / c).round()),
+        );
+    }
+    json!({
+        "ok": t.faults == 0 && t.errors == 0,
+        "processes": processes,
+        "totals": totals,
+    })
+}
+
+/// Redraws the progress line on standard error.
+fn draw(p: &Progress, done: usize, total: usize, total_messages: u64, elapsed: Duration) {
+    const WIDTH: usize = 24;
+    let assignments = p.assignments.load(Ordering::Relaxed);
+    let messages = p.messages.load(Ordering::Relaxed);
+    let faults = p.faults.load(Ordering::Relaxed);
+    let rate = assignments as f64 / elapsed.as_secs_f64().max(1e-3);
+    // By messages read when the listing counted them, else by processes done.
+    let fraction = if total_messages > 0 {
+        messages as f64 / total_messages as f64
+    } else if total > 1 {
+        done as f64 / total as f64
+    } else {
+        -1.0
+    };
+    let bar = if fraction >= 0.0 {
+        let filled = ((fraction.min(1.0) * WIDTH as f64) as usize).min(WIDTH);
+        format!("[{}{}] ", "#".repeat(filled), "-".repeat(WIDTH - filled))
+    } else {
+        String::new()
+    };
+    eprint!(
+        "\r\x1b[2K{bar}{}/{} process{} · {} assignments · {}/s · {} fault{}",
+        thousands(done as u64),
+        thousands(total as u64),
+        if total == 1 { "" } else { "es" },
+        thousands(assignments),
+        thousands(rate as u64),
+        thousands(faults),
+        plural(faults as usize),
+    );
+    let _ = std::io::stderr().flush();
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// `1234567` as `1,234,567`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// User + system CPU seconds of this process so far (Linux; none elsewhere).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = stat.rsplit_once(") ")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+    // Clock ticks of 1/100 s (USER_HZ on every common platform).
+    Some((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_are_grouped() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(1234567), "1,234,567");
+    }
+}
