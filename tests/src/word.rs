@@ -501,3 +501,58 @@ async fn a_stopping_replica_answers_every_request_it_received() -> Result<()> {
     b.stop().await?;
     Ok(())
 }
+
+/// The same id sent at once to two replicas: one assignment, one `duplicate: false`,
+/// and both receipts are the run the log holds (its slot, its seal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_id_at_two_replicas_gives_one_assignment_and_receipts_from_the_log() -> Result<()> {
+    use std::collections::HashMap;
+    let server = server()?;
+    let a = InProcess::start(&server, Config::default(), vec![test_key(51)]).await?;
+    let b = InProcess::start(&server, Config::default(), vec![test_key(52)]).await?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 2).await?;
+    let client = Client::new(nats, Subjects::default());
+    let p = ProcessId::new("twins")?;
+    let mut receipts = Vec::new();
+    for i in 0..150 {
+        let opts = journal::client::Schedule {
+            message_id: Some(format!("twin-{i}")),
+            ..Default::default()
+        };
+        let (x, y) = tokio::join!(
+            client.schedule(&p, Bytes::from(format!("{i}")), &opts),
+            client.schedule(&p, Bytes::from(format!("{i}")), &opts)
+        );
+        let (x, y) = (x?, y?);
+        assert_eq!(x.slot, y.slot, "twin-{i}");
+        assert!(x.duplicate || y.duplicate, "twin-{i}: both said new");
+        receipts.push(x);
+        receipts.push(y);
+    }
+    let log = read_log(server.url(), &p).await?;
+    assert_eq!(log.len(), 150, "one assignment per id");
+    // Every receipt is what the log holds: same chain hash at that slot, sealed by a
+    // key that sealed that run.
+    let js = async_nats::jetstream::new(connect_as(&server, harness::Role::Operator).await?);
+    let reader = journal::reader::LogReader::open(js, Subjects::default()).await?;
+    let mut signer_of: HashMap<u64, Vec<String>> = HashMap::new();
+    let tail = reader.last_message(&p).await?.map(|m| m.seq).unwrap_or(0);
+    let mut msgs = reader.messages(&p, 1, Some(tail)).await?;
+    while let Some(m) = futures::StreamExt::next(&mut msgs).await {
+        let run = m?.decode().map_err(anyhow::Error::msg)?;
+        let keys: Vec<String> = run.seal.commitments.iter().map(|c| c.key_id.clone()).collect();
+        for e in &run.entries {
+            signer_of.insert(e.slot, keys.clone());
+        }
+    }
+    for r in &receipts {
+        assert_eq!(r.chain_hash, log[r.slot as usize].chain_hash);
+        let keys: Vec<String> = r.seal.commitments.iter().map(|c| c.key_id.clone()).collect();
+        assert_eq!(Some(&keys), signer_of.get(&r.slot), "slot {}: receipt sealed by a key not in the log", r.slot);
+        assert!(r.check(None).is_ok());
+    }
+    a.stop().await?;
+    b.stop().await?;
+    Ok(())
+}
