@@ -556,3 +556,34 @@ async fn the_same_id_at_two_replicas_gives_one_assignment_and_receipts_from_the_
     b.stop().await?;
     Ok(())
 }
+
+/// `turnstile process set` returns once every live replica applies the change: a
+/// request sent right after it is already refused by whichever replica takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_set_returns_once_every_replica_applies_it() -> Result<()> {
+    let server = server()?;
+    let a = InProcess::start(&server, Config::default(), vec![test_key(53)]).await?;
+    let b = InProcess::start(&server, Config::default(), vec![test_key(53)]).await?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 2).await?;
+    let client = Client::new(nats, Subjects::default());
+    let p = ProcessId::new("switch")?;
+    client.schedule(&p, Bytes::from("before"), &Default::default()).await?;
+    let out = std::process::Command::new(harness::workspace_bin("turnstile")?)
+        .args(["process", "set", "switch", "--mode", "disabled"])
+        .env("NATS_URL", server.url_as(harness::Role::Operator))
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("applied by 2 scheduler(s)"), "{stderr}");
+    for i in 0..50 {
+        assert_refused(
+            client.schedule(&p, Bytes::from(format!("after {i}")), &Default::default()).await,
+            ErrorCode::Disabled,
+        );
+    }
+    assert_eq!(read_log(server.url(), &p).await?.len(), 1);
+    a.stop().await?;
+    b.stop().await?;
+    Ok(())
+}

@@ -523,6 +523,7 @@ pub(crate) async fn watch_process_configs(
         };
         let Some(entry) = entry else { return };
         let Ok(entry) = entry else { continue };
+        let revision = entry.revision;
         let Ok(mut map) = shared.processes.write() else {
             return;
         };
@@ -540,6 +541,12 @@ pub(crate) async fn watch_process_configs(
                 map.remove(&entry.key);
             }
         }
+        drop(map);
+        // Applied (the map is written) before it is reported.
+        shared
+            .metrics
+            .settings_revision
+            .fetch_max(revision, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -25,6 +25,9 @@ pub struct Metrics {
     pub faults: AtomicU64,
     /// Heads loaded by reading a whole subject (the tail was not a verified run).
     pub head_scans: AtomicU64,
+    /// The newest revision of the process-settings bucket this replica applied
+    /// (`turnstile process set` waits until every replica reports its write).
+    pub settings_revision: AtomicU64,
 }
 
 impl Metrics {
@@ -47,6 +50,7 @@ impl Metrics {
             "duplicates": get(&self.duplicates),
             "faults": get(&self.faults),
             "head_scans": get(&self.head_scans),
+            "settings_revision": get(&self.settings_revision),
         })
     }
 }

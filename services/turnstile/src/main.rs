@@ -363,7 +363,8 @@ async fn run(cli: Cli) -> Result<i32> {
             audit::run(connect(&cli.nats_url).await?, subjects, args).await
         }
         Command::Process { action } => {
-            let js = async_nats::jetstream::new(connect(&cli.nats_url).await?);
+            let nats = connect(&cli.nats_url).await?;
+            let js = async_nats::jetstream::new(nats.clone());
             let store = setup::ensure_processes(&js, &subjects, &Default::default()).await?;
             match action {
                 ProcessAction::Set {
@@ -374,12 +375,28 @@ async fn run(cli: Cli) -> Result<i32> {
                     let process = ProcessId::new(process)?;
                     let mode = mode.map(|m| m.parse::<Mode>()).transpose()?;
                     let config = ProcessConfig { mode, keys };
-                    store.put(process.as_str(), config.encode()?.into()).await?;
+                    let revision = store.put(process.as_str(), config.encode()?.into()).await?;
                     println!(
                         "{process}: mode={} keys={:?}",
                         mode.map(|m| m.as_str()).unwrap_or("default"),
                         config.keys
                     );
+                    // Return once every live replica applies it (or say which did not).
+                    let (applied, behind) = journal::client::settings_applied(
+                        &nats,
+                        revision,
+                        std::time::Duration::from_secs(5),
+                    )
+                    .await?;
+                    if !behind.is_empty() {
+                        eprintln!(
+                            "turnstile: applied by {} scheduler(s); NOT yet applied by: {}",
+                            applied.len(),
+                            behind.join(", ")
+                        );
+                        return Ok(1);
+                    }
+                    eprintln!("applied by {} scheduler(s)", applied.len());
                 }
                 ProcessAction::Get { process } => {
                     let process = ProcessId::new(process)?;

@@ -131,3 +131,49 @@ pub fn refusal(msg: &Message) -> Option<Error> {
         .unwrap_or_default();
     Some(Error::Refused { code, message })
 }
+
+/// Which scheduler replicas (services-API ids) have applied process settings up to
+/// `revision` of the settings bucket, and which have not, polling `$SRV.STATS` until
+/// all have or `wait` has passed.
+pub async fn settings_applied(
+    nats: &async_nats::Client,
+    revision: u64,
+    wait: Duration,
+) -> Result<(Vec<String>, Vec<String>)> {
+    use futures::StreamExt;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let inbox = nats.new_inbox();
+        let mut sub = nats.subscribe(inbox.clone()).await.map_err(|e| Error::JetStream {
+            op: "ask the schedulers",
+            reason: e.to_string(),
+        })?;
+        nats.publish_with_reply("$SRV.STATS.turnstile-scheduler", inbox, Bytes::new())
+            .await
+            .map_err(|e| Error::JetStream {
+                op: "ask the schedulers",
+                reason: e.to_string(),
+            })?;
+        let (mut applied, mut behind) = (Vec::new(), Vec::new());
+        let window = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(Some(m)) = tokio::time::timeout_at(window, sub.next()).await {
+            let Ok(stats) = serde_json::from_slice::<serde_json::Value>(&m.payload) else {
+                continue;
+            };
+            let id = stats["id"].as_str().unwrap_or("?").to_string();
+            let seen = stats["endpoints"]
+                .as_array()
+                .and_then(|eps| eps.iter().find(|e| e["name"] == "schedule"))
+                .and_then(|e| e["data"]["settings_revision"].as_u64())
+                .unwrap_or(0);
+            if seen >= revision {
+                applied.push(id);
+            } else {
+                behind.push(id);
+            }
+        }
+        if behind.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok((applied, behind));
+        }
+    }
+}
