@@ -587,3 +587,62 @@ async fn process_set_returns_once_every_replica_applies_it() -> Result<()> {
     b.stop().await?;
     Ok(())
 }
+
+/// Admission is bounded in bytes: while admitted requests are held (here: waiting for
+/// a remote that never confirms), requests past the bound get `busy` at once with a
+/// retry hint; every request is answered, none dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_in_bytes_is_answered_busy_at_once() -> Result<()> {
+    let server = server()?;
+    let js = async_nats::jetstream::new(connect_as(&server, harness::Role::Operator).await?);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "NOWHERE".into(),
+        subjects: vec!["nowhere.>".into()],
+        ..Default::default()
+    })
+    .await?;
+    let config = Config {
+        max_queued_bytes_per_process: 1024 * 1024,
+        remote_stream: Some("NOWHERE".into()),
+        remote_timeout: std::time::Duration::from_secs(3),
+        ..Config::default()
+    };
+    let s = InProcess::start(&server, config, vec![test_key(54)]).await?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let client = Client::new(nats, Subjects::default()).with_timeout(std::time::Duration::from_secs(60));
+    let p = ProcessId::new("heavy")?;
+    let held = with_mode(protocol::wire::Mode::RemoteConfirmation);
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let client = client.clone();
+            let p = p.clone();
+            let held = held.clone();
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let r = client.schedule(&p, Bytes::from(vec![i as u8; 100_000]), &held).await;
+                (r, started.elapsed())
+            })
+        })
+        .collect();
+    let (mut held_back, mut busy) = (0, 0);
+    for t in tasks {
+        match t.await? {
+            (Err(journal::Error::Refused { code: ErrorCode::RemoteTimeout, .. }), _) => held_back += 1,
+            (Err(journal::Error::Refused { code: ErrorCode::Busy, message }), took) => {
+                assert!(message.contains("retry in"), "{message}");
+                assert!(took < std::time::Duration::from_secs(2), "busy is answered at once: {took:?}");
+                busy += 1;
+            }
+            (other, _) => panic!("{other:?}"),
+        }
+    }
+    assert!(busy >= 20, "{busy} busy of 40 requests of 100 kB against a 1 MiB bound");
+    assert!(held_back >= 5, "{held_back} admitted");
+    assert_eq!(read_log(server.url(), &p).await?.len(), held_back);
+    // Once they are answered the bound is free again.
+    let r = client.schedule(&p, Bytes::from(vec![0u8; 100_000]), &Default::default()).await?;
+    assert_eq!(r.slot, held_back as u64);
+    s.stop().await?;
+    Ok(())
+}

@@ -65,6 +65,8 @@ pub struct Job {
     pub headers: Vec<(String, String)>,
     /// The body.
     pub body: Bytes,
+    /// Its share of the admission bounds, given back when the job is dropped (answered).
+    pub admission: Option<crate::Admission>,
 }
 
 impl Job {

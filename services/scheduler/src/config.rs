@@ -37,8 +37,13 @@ pub struct Config {
     /// as atomic batches (default 256; 16-32 suit `sync_interval: always`, where every
     /// single is an fsync).
     pub singles_in_flight: usize,
-    /// Requests queued per process before new ones get `unavailable`.
+    /// Requests queued per process before new ones get `busy`.
     pub queue_per_process: usize,
+    /// Bytes of requests (bodies and headers) admitted and not yet answered, in all;
+    /// past it new requests get `busy` at once.
+    pub max_queued_bytes: usize,
+    /// The same, per process.
+    pub max_queued_bytes_per_process: usize,
     /// An idle process actor stops after this long (its state is reloaded from the log).
     pub idle_actor: Duration,
 }
@@ -59,6 +64,8 @@ impl Default for Config {
             write_deadline: Duration::from_secs(30),
             singles_in_flight: 256,
             queue_per_process: 65_536,
+            max_queued_bytes: 512 * 1024 * 1024,
+            max_queued_bytes_per_process: 64 * 1024 * 1024,
             idle_actor: Duration::from_secs(600),
         }
     }

@@ -74,6 +74,7 @@ pub(crate) async fn schedule_loop(
                     mode: parts.mode,
                     headers: parts.headers,
                     body: parts.body,
+                    admission: None,
                 };
                 if let Err((job, refusal)) = shared.actors.submit(&shared, process, job) {
                     job.reply.refuse(refusal).await;

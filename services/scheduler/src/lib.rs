@@ -34,6 +34,7 @@ mod signer;
 pub mod writer;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -206,12 +207,35 @@ impl Shared {
 struct ActorHandle {
     jobs: mpsc::Sender<Job>,
     signals: Arc<actor::Signals>,
+    /// Bytes of its admitted, unanswered requests.
+    bytes: Arc<AtomicUsize>,
 }
+
+/// A request's share of the admission bounds (bytes queued for its process and in
+/// all), given back when the request is dropped, i.e. once it is answered.
+#[derive(Debug)]
+pub struct Admission {
+    total: Arc<AtomicUsize>,
+    process: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.process.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// The hint a `busy` refusal gives.
+const BUSY_RETRY_MS: u64 = 100;
 
 /// The live process actors: one queue each.
 #[derive(Default)]
 pub(crate) struct Actors {
     queues: Mutex<HashMap<ProcessId, ActorHandle>>,
+    /// Bytes of all admitted, unanswered requests.
+    queued_bytes: Arc<AtomicUsize>,
 }
 
 impl Actors {
@@ -241,21 +265,48 @@ impl Actors {
                     rx,
                     Arc::clone(&signals),
                 ));
-                ActorHandle { jobs: tx, signals }
+                ActorHandle {
+                    jobs: tx,
+                    signals,
+                    bytes: Arc::new(AtomicUsize::new(0)),
+                }
+            });
+            // Admission is bounded in bytes as well as in count, per process and in
+            // all: past a bound the answer is `busy`, at once, never a dropped request.
+            let cost = job.body.len() + job.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            let total = self.queued_bytes.load(Ordering::Relaxed);
+            let mine = handle.bytes.load(Ordering::Relaxed);
+            let busy = |what: String| {
+                Refusal::new(
+                    ErrorCode::Busy,
+                    format!("{what}; retry in {BUSY_RETRY_MS} ms"),
+                )
+            };
+            if total + cost > shared.config.max_queued_bytes && total > 0 {
+                let m = format!("{total} bytes of requests are queued in all (limit {})", shared.config.max_queued_bytes);
+                return Err((job, busy(m)));
+            }
+            if mine + cost > shared.config.max_queued_bytes_per_process && mine > 0 {
+                let m = format!("{mine} bytes of requests are queued for this process (limit {})", shared.config.max_queued_bytes_per_process);
+                return Err((job, busy(m)));
+            }
+            self.queued_bytes.fetch_add(cost, Ordering::Relaxed);
+            handle.bytes.fetch_add(cost, Ordering::Relaxed);
+            job.admission = Some(Admission {
+                total: Arc::clone(&self.queued_bytes),
+                process: Arc::clone(&handle.bytes),
+                bytes: cost,
             });
             match handle.jobs.try_send(job) {
                 Ok(()) => return Ok(()),
-                Err(mpsc::error::TrySendError::Full(j)) => {
-                    return Err((
-                        j,
-                        Refusal::new(
-                            ErrorCode::Unavailable,
-                            "too many requests queued for this process; retry",
-                        ),
-                    ));
+                Err(mpsc::error::TrySendError::Full(mut j)) => {
+                    j.admission = None;
+                    let m = format!("{} requests are queued for this process", shared.config.queue_per_process);
+                    return Err((j, busy(m)));
                 }
-                Err(mpsc::error::TrySendError::Closed(j)) => {
+                Err(mpsc::error::TrySendError::Closed(mut j)) => {
                     // The actor idled out between our lookup and our send: start a new one.
+                    j.admission = None;
                     queues.remove(&process);
                     job = j;
                 }

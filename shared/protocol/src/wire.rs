@@ -417,6 +417,9 @@ pub enum ErrorCode {
     /// The log's store or stream is full: nothing was written; retry once an operator
     /// made room (the scheduler resumes by itself).
     LogFull,
+    /// Too much is queued (in count or bytes, for the process or in all): refused at
+    /// once, nothing written; retry after the hint in the message.
+    Busy,
     /// The range asked for is empty or reversed.
     InvalidRange,
     /// A bug: the scheduler could not do what it should have been able to.
@@ -438,6 +441,7 @@ impl ErrorCode {
             ErrorCode::MissingKey => "missing_key",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::LogFull => "log_full",
+            ErrorCode::Busy => "busy",
             ErrorCode::InvalidRange => "invalid_range",
             ErrorCode::Internal => "internal",
         }
@@ -461,6 +465,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => 413,
             ErrorCode::Unavailable => 503,
             ErrorCode::LogFull => 507,
+            ErrorCode::Busy => 429,
             ErrorCode::RemoteTimeout => 504,
             ErrorCode::Internal => 500,
         }
@@ -468,7 +473,7 @@ impl ErrorCode {
 }
 
 /// Every error code, for parsing and documentation.
-pub const ALL_ERROR_CODES: [ErrorCode; 13] = [
+pub const ALL_ERROR_CODES: [ErrorCode; 14] = [
     ErrorCode::InvalidProcess,
     ErrorCode::Malformed,
     ErrorCode::MalformedRequest,
@@ -480,6 +485,7 @@ pub const ALL_ERROR_CODES: [ErrorCode; 13] = [
     ErrorCode::MissingKey,
     ErrorCode::Unavailable,
     ErrorCode::LogFull,
+    ErrorCode::Busy,
     ErrorCode::InvalidRange,
     ErrorCode::Internal,
 ];
