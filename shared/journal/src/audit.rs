@@ -5,11 +5,15 @@
 
 use futures::{StreamExt, TryStreamExt};
 
-use protocol::verify::{Fault, FaultKind, TrustedKeys};
+use std::sync::Arc;
+
+use async_nats::jetstream::consumer;
+
+use protocol::verify::{check_run, Fault, FaultKind, LogVerifier, TrustedKeys};
 use protocol::ProcessId;
 
 use crate::chain::{self, Judged};
-use crate::reader::LogReader;
+use crate::reader::{LogMessage, LogReader};
 use crate::subjects::Subjects;
 use crate::{Error, Result};
 
@@ -63,11 +67,114 @@ pub async fn verify(
     trusted: TrustedKeys,
     mut progress: impl FnMut(&Report),
 ) -> Result<Report> {
-    let mut judged = chain::from_slot(reader, &scope.process, &trusted, scope.from, false).await?;
+    let (mut verifier, start, tail) =
+        chain::start_at(reader, &scope.process, &trusted, scope.from).await?;
     let mut report = Report::default();
-    while let Some(item) = judged.next().await {
+    if tail >= start {
+        // An ordered consumer of our own, deleted as soon as it is read: verifying
+        // every process of a deployment must not leave thousands behind (the server
+        // caps them, and each would stay for 30 s).
+        let stream = reader
+            .jetstream()
+            .get_stream_no_info(reader.subjects().log_stream())
+            .await
+            .map_err(|e| jetstream("open log stream", e))?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: reader.subjects().log(&scope.process),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| jetstream("create reader", e))?;
+        let name = consumer.cached_info().name.clone();
+        let read = judge_through(
+            consumer,
+            tail,
+            &mut verifier,
+            scope,
+            trusted,
+            &mut report,
+            &mut progress,
+        )
+        .await;
+        if let Err(e) = stream.delete_consumer(&name).await {
+            tracing::debug!(error = %e, consumer = %name, "could not delete the reader (it expires by itself)");
+        }
+        read?;
+    }
+    // The chain must reach `to`, and `from` when verification starts past genesis.
+    let must_reach = scope.to.or((scope.from > 0).then_some(scope.from));
+    if let Some(to) = must_reach {
+        let next = report.last_good.map(|s| s + 1).unwrap_or(scope.from);
+        if next <= to {
+            report.faults.push(Fault {
+                seq: report.tail_seq,
+                slot: next,
+                kind: FaultKind::Gap {
+                    expected: next,
+                    found: to + 1,
+                },
+            });
+        }
+    }
+    Ok(report)
+}
+
+/// Reads `consumer` through stream sequence `tail` and judges every message into
+/// `report`. Decoding and checking each run alone (hashes, Merkle root, seal) is nearly
+/// all the work, and depends on nothing but the run: it runs on blocking threads, a
+/// few runs ahead, while this task applies the rest of the rule in stream order.
+async fn judge_through(
+    consumer: consumer::Consumer<consumer::pull::OrderedConfig>,
+    tail: u64,
+    verifier: &mut LogVerifier,
+    scope: &Scope,
+    trusted: TrustedKeys,
+    report: &mut Report,
+    progress: &mut impl FnMut(&Report),
+) -> Result<()> {
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| jetstream("read runs", e))?;
+    let alone = Arc::new((scope.process.clone(), trusted, verifier.required().to_vec()));
+    let mut checked = messages
+        .map(move |m| {
+            let alone = Arc::clone(&alone);
+            async move {
+                let m = m.map_err(|e| jetstream("read runs", e))?;
+                let msg = LogMessage {
+                    seq: m.info().map(|i| i.stream_sequence).unwrap_or(0),
+                    headers: m.headers.clone().unwrap_or_default(),
+                    payload: m.payload.clone(),
+                };
+                let small = msg.payload.len() < SMALL_RUN;
+                let work = move || {
+                    let decoded = msg.decode();
+                    let checked = match &decoded {
+                        Ok(run) => check_run(run, &alone.0, &alone.1, &alone.2),
+                        Err(_) => Ok(()),
+                    };
+                    (msg, decoded, checked)
+                };
+                if small {
+                    Ok(work())
+                } else {
+                    tokio::task::spawn_blocking(work)
+                        .await
+                        .map_err(|e| jetstream("check runs", e))
+                }
+            }
+        })
+        .buffered(AHEAD);
+    while let Some(item) = checked.next().await {
+        let (msg, decoded, run_checked) = item?;
+        let seq = msg.seq;
         report.messages += 1;
-        match item? {
+        match chain::judge_checked(verifier, msg, decoded, run_checked) {
             Judged::Chain { run, lost } => {
                 report.faults.extend(lost);
                 let next_slot = run.run.first_slot;
@@ -90,25 +197,22 @@ pub async fn verify(
                 report.faults.push(f);
             }
         }
-        progress(&report);
-    }
-    // The chain must reach `to`, and `from` when verification starts past genesis.
-    let must_reach = scope.to.or((scope.from > 0).then_some(scope.from));
-    if let Some(to) = must_reach {
-        let next = report.last_good.map(|s| s + 1).unwrap_or(scope.from);
-        if next <= to {
-            report.faults.push(Fault {
-                seq: report.tail_seq,
-                slot: next,
-                kind: FaultKind::Gap {
-                    expected: next,
-                    found: to + 1,
-                },
-            });
+        progress(report);
+        // Stop at the tail as it was when verification started, without waiting for
+        // a message that may never come.
+        if seq >= tail {
+            break;
         }
     }
-    Ok(report)
+    Ok(())
 }
+
+/// Runs decoded and checked ahead of the one being judged.
+const AHEAD: usize = 8;
+
+/// Bytes under which a run is checked on the reading task itself (a thread hand-off
+/// would cost more than the work).
+const SMALL_RUN: usize = 16 * 1024;
 
 /// One subject of the log stream: a process (or a subject that names none).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -45,9 +45,24 @@ pub enum Judged {
 
 /// Judges one message with `verifier`.
 pub fn judge(verifier: &mut LogVerifier, msg: LogMessage) -> Judged {
-    let slot = verifier.point().map(|p| p.next_slot).unwrap_or(0);
     let decoded = msg.decode();
-    let verdict = verifier.feed(msg.seq, decoded.as_ref().map_err(Clone::clone));
+    let checked = match &decoded {
+        Ok(run) => check_run(run, verifier.process(), verifier.trusted(), verifier.required()),
+        Err(_) => Ok(()),
+    };
+    judge_checked(verifier, msg, decoded, checked)
+}
+
+/// [`judge`], with the message already decoded and its run checked on its own
+/// (`checked` as [`LogVerifier::feed_checked`] says), e.g. on another thread.
+pub fn judge_checked(
+    verifier: &mut LogVerifier,
+    msg: LogMessage,
+    decoded: Result<Run, String>,
+    checked: Result<(), FaultKind>,
+) -> Judged {
+    let slot = verifier.point().map(|p| p.next_slot).unwrap_or(0);
+    let verdict = verifier.feed_checked(msg.seq, decoded.as_ref().map_err(Clone::clone), checked);
     let fault = |kind| Fault {
         seq: msg.seq,
         slot,
@@ -185,15 +200,26 @@ pub async fn from_slot(
     from: u64,
     follow: bool,
 ) -> Result<impl Stream<Item = Result<Judged>> + Unpin> {
-    let tail = reader.last_message(process).await?.map(|m| m.seq).unwrap_or(0);
-    let (verifier, start) = if from == 0 {
-        (LogVerifier::from_genesis(process.clone(), trusted.clone(), vec![]), 1)
-    } else {
-        let start = reader.locate(process, from).await?.unwrap_or(tail + 1);
-        (LogVerifier::resume(process.clone(), trusted.clone(), vec![], None, None), start)
-    };
+    let (verifier, start, tail) = start_at(reader, process, trusted, from).await?;
     let end = if follow { None } else { Some(tail) };
     judged(reader, process, verifier, start, end).await
+}
+
+/// Where [`from_slot`] starts: the verifier, the stream sequence to read from, and
+/// the subject's last stream sequence now (0: empty).
+pub async fn start_at(
+    reader: &LogReader,
+    process: &ProcessId,
+    trusted: &TrustedKeys,
+    from: u64,
+) -> Result<(LogVerifier, u64, u64)> {
+    let tail = reader.last_message(process).await?.map(|m| m.seq).unwrap_or(0);
+    Ok(if from == 0 {
+        (LogVerifier::from_genesis(process.clone(), trusted.clone(), vec![]), 1, tail)
+    } else {
+        let start = reader.locate(process, from).await?.unwrap_or(tail + 1);
+        (LogVerifier::resume(process.clone(), trusted.clone(), vec![], None, None), start, tail)
+    })
 }
 
 /// The chain point of a process with no run.

@@ -414,15 +414,39 @@ impl LogVerifier {
         &self.trusted
     }
 
+    /// The key ids every run must carry a commitment of.
+    pub fn required(&self) -> &[String] {
+        &self.required
+    }
+
     /// Judges the message at stream sequence `seq` (the next message on the subject);
     /// `record` is its decoded run or why it does not decode.
     pub fn feed(&mut self, seq: u64, record: Result<&Run, String>) -> Verdict {
+        let checked = match &record {
+            Ok(run) => check_run(run, &self.process, &self.trusted, &self.required),
+            Err(_) => Ok(()),
+        };
+        self.feed_checked(seq, record, checked)
+    }
+
+    /// [`LogVerifier::feed`], with the run already checked on its own elsewhere:
+    /// `checked` must be what [`check_run`] says of it with this verifier's
+    /// [`process`](Self::process), [`trusted`](Self::trusted) keys and
+    /// [`required`](Self::required) key ids (anything for an undecodable message).
+    /// `check_run` depends on nothing but the run, so it is the part of the rule that
+    /// can run in parallel over many runs while they are fed here in stream order.
+    pub fn feed_checked(
+        &mut self,
+        seq: u64,
+        record: Result<&Run, String>,
+        checked: Result<(), FaultKind>,
+    ) -> Verdict {
         let before = self.last_seq.replace(seq);
         let run = match record {
             Ok(run) => run,
             Err(why) => return Verdict::Foreign(FaultKind::Undecodable(why)),
         };
-        if let Err(kind) = check_run(run, &self.process, &self.trusted, &self.required) {
+        if let Err(kind) = checked {
             return Verdict::Foreign(kind);
         }
         let mut lost = Vec::new();

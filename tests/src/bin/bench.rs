@@ -801,6 +801,17 @@ async fn verify_throughput(
     } else {
         0.0
     };
+    // The same through the CLI (its own process, allocator and parallel --all runner):
+    // its --json totals carry its own wall and CPU rates.
+    let cli = tokio::process::Command::new(harness::workspace_bin("turnstile")?)
+        .args(["verify", scope.process.as_str(), "--json", "--no-progress"])
+        .env("NATS_URL", server.url())
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let cli = serde_json::from_slice::<serde_json::Value>(&cli.stdout)
+        .map(|doc| doc["totals"].clone())
+        .unwrap_or_else(|e| json!({"error": e.to_string(), "exit": cli.status.code()}));
     Ok(json!({
         "assignments": report.checked,
         "written": written,
@@ -812,6 +823,7 @@ async fn verify_throughput(
         "assignments_per_s_per_core": per_core.round(),
         "bench_process_cpu_seconds": (self_cpu * 100.0).round() / 100.0,
         "cpu": meter.usage(&before, wall, rate),
+        "cli": cli,
         "target_per_core_min": 1_000_000,
         "meets_target": per_core >= 1_000_000.0,
     }))
@@ -924,13 +936,13 @@ fn print_log_reads_table(doc: &serde_json::Value) {
         return;
     }
     println!();
-    println!("| storage | verify: assignments (runs) | assignments/s | assignments/s per core (bench CPU) | nats-server cores | cold loads: sequential /s (µs each) | {COLD_PARALLEL} at once /s (µs each) | fast path |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| storage | verify: assignments (runs) | assignments/s | assignments/s per core (bench CPU) | nats-server cores | CLI verify /s (per core) | cold loads: sequential /s (µs each) | {COLD_PARALLEL} at once /s (µs each) | fast path |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let v = &r["log_reads"]["verify"];
         let c = &r["log_reads"]["cold_loads"];
         println!(
-            "| {} | {} ({}) | {} | {} {} | {} | {} ({}) | {} ({}) | {} / {} |",
+            "| {} | {} ({}) | {} | {} {} | {} | {} ({}) | {} ({}) | {} ({}) | {} / {} |",
             r["storage"].as_str().unwrap_or(""),
             v["assignments"],
             v["runs"],
@@ -942,6 +954,8 @@ fn print_log_reads_table(doc: &serde_json::Value) {
                 "✗ (<1M)"
             },
             v["cpu"]["nats_cores"],
+            v["cli"]["assignments_per_s"],
+            v["cli"]["assignments_per_cpu_s"],
             c["sequential"]["loads_per_s"],
             c["sequential"]["us_per_load"],
             c["parallel"]["loads_per_s"],
