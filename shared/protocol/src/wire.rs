@@ -221,7 +221,13 @@ impl Run {
     /// Decodes a run and checks its shape (version, non-empty, consecutive slots).
     /// It does not check hashes or signatures; [`crate::verify`] does.
     pub fn decode(bytes: &[u8]) -> Result<Run> {
-        let run: Run = decode("run", bytes)?;
+        // The layout this crate writes, read directly; anything else (another field
+        // order, other integer or string forms, extra fields, errors) goes through
+        // the general decoder, which then decides alone.
+        let run: Run = match fast::run(bytes) {
+            Some(run) => run,
+            None => decode("run", bytes)?,
+        };
         if run.v != RECORD_VERSION {
             return Err(Error::Decode {
                 what: "run",
@@ -652,6 +658,168 @@ impl FaultEvent {
     }
 }
 
+/// A direct reader of the MessagePack layout [`Run::encode`] writes (named fields in
+/// declaration order, the seal read by the general decoder). It accepts nothing the
+/// general decoder would not, and reads the same values from what it accepts: every
+/// deviation returns `None` and the caller decodes the general way. This is the
+/// verifier's hot path: per entry it only compares seven short keys and makes the
+/// two allocations the owned `Entry` needs (message id and body).
+mod fast {
+    use super::{Entry, Run};
+    use crate::hash::Hash32;
+    use crate::seal::Seal;
+
+    struct Reader<'a> {
+        bytes: &'a [u8],
+        at: usize,
+    }
+
+    impl<'a> Reader<'a> {
+        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+            let end = self.at.checked_add(n)?;
+            let out = self.bytes.get(self.at..end)?;
+            self.at = end;
+            Some(out)
+        }
+        fn byte(&mut self) -> Option<u8> {
+            self.take(1).map(|b| b[0])
+        }
+        fn be(&mut self, n: usize) -> Option<u64> {
+            Some(
+                self.take(n)?
+                    .iter()
+                    .fold(0u64, |acc, b| (acc << 8) | u64::from(*b)),
+            )
+        }
+        fn map_len(&mut self) -> Option<usize> {
+            match self.byte()? {
+                m @ 0x80..=0x8f => Some(usize::from(m & 0x0f)),
+                0xde => self.be(2).map(|n| n as usize),
+                0xdf => self.be(4).map(|n| n as usize),
+                _ => None,
+            }
+        }
+        fn array_len(&mut self) -> Option<usize> {
+            match self.byte()? {
+                m @ 0x90..=0x9f => Some(usize::from(m & 0x0f)),
+                0xdc => self.be(2).map(|n| n as usize),
+                0xdd => self.be(4).map(|n| n as usize),
+                _ => None,
+            }
+        }
+        fn uint(&mut self) -> Option<u64> {
+            match self.byte()? {
+                m @ 0x00..=0x7f => Some(u64::from(m)),
+                0xcc => self.be(1),
+                0xcd => self.be(2),
+                0xce => self.be(4),
+                0xcf => self.be(8),
+                _ => None,
+            }
+        }
+        fn str_bytes(&mut self) -> Option<&'a [u8]> {
+            let n = match self.byte()? {
+                m @ 0xa0..=0xbf => usize::from(m & 0x1f),
+                0xd9 => self.be(1)? as usize,
+                0xda => self.be(2)? as usize,
+                0xdb => self.be(4)? as usize,
+                _ => return None,
+            };
+            self.take(n)
+        }
+        fn string(&mut self) -> Option<String> {
+            std::str::from_utf8(self.str_bytes()?).ok().map(str::to_string)
+        }
+        fn key(&mut self, name: &str) -> Option<()> {
+            (self.str_bytes()? == name.as_bytes()).then_some(())
+        }
+        fn bin(&mut self) -> Option<&'a [u8]> {
+            let n = match self.byte()? {
+                0xc4 => self.be(1)? as usize,
+                0xc5 => self.be(2)? as usize,
+                0xc6 => self.be(4)? as usize,
+                _ => return None,
+            };
+            self.take(n)
+        }
+        fn hash(&mut self) -> Option<Hash32> {
+            self.bin()?.try_into().ok().map(Hash32)
+        }
+    }
+
+    fn entry(r: &mut Reader<'_>) -> Option<Entry> {
+        if r.map_len()? != 7 {
+            return None;
+        }
+        r.key("slot")?;
+        let slot = r.uint()?;
+        r.key("message_id")?;
+        let message_id = r.string()?;
+        r.key("timestamp_ms")?;
+        let timestamp_ms = r.uint()?;
+        r.key("headers")?;
+        let n = r.array_len()?;
+        let mut headers = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            if r.array_len()? != 2 {
+                return None;
+            }
+            headers.push((r.string()?, r.string()?));
+        }
+        r.key("body")?;
+        let body = r.bin()?.to_vec();
+        r.key("prev_hash")?;
+        let prev_hash = r.hash()?;
+        r.key("chain_hash")?;
+        let chain_hash = r.hash()?;
+        Some(Entry {
+            slot,
+            message_id,
+            timestamp_ms,
+            headers,
+            body,
+            prev_hash,
+            chain_hash,
+        })
+    }
+
+    /// The run, if `bytes` are laid out as this crate writes it.
+    pub(super) fn run(bytes: &[u8]) -> Option<Run> {
+        let mut r = Reader { bytes, at: 0 };
+        if r.map_len()? != 6 {
+            return None;
+        }
+        r.key("v")?;
+        let v = u8::try_from(r.uint()?).ok()?;
+        r.key("process")?;
+        let process = r.string()?;
+        r.key("prev_seq")?;
+        let prev_seq = r.uint()?;
+        r.key("first_slot")?;
+        let first_slot = r.uint()?;
+        r.key("entries")?;
+        let n = r.array_len()?;
+        // Every entry takes more than 64 bytes: a count beyond that is a lie.
+        if n > bytes.len() / 64 + 1 {
+            return None;
+        }
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            entries.push(entry(&mut r)?);
+        }
+        r.key("seal")?;
+        let seal: Seal = rmp_serde::from_slice(r.bytes.get(r.at..)?).ok()?;
+        Some(Run {
+            v,
+            process,
+            prev_seq,
+            first_slot,
+            entries,
+            seal,
+        })
+    }
+}
+
 fn encode<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>> {
     rmp_serde::to_vec_named(v).map_err(|e| Error::Encode {
         what,
@@ -719,6 +887,82 @@ mod tests {
             forged.slot += 1;
             assert!(forged.check(None).is_err());
         }
+    }
+
+    /// The general decoder alone (what `Run::decode` falls back to).
+    fn general(bytes: &[u8]) -> Option<Run> {
+        rmp_serde::from_slice(bytes).ok()
+    }
+
+    #[test]
+    fn the_direct_reader_reads_what_the_general_decoder_reads() {
+        let kp = Keypair::from_seed([1; 32]);
+        let mut run = run_of("p-1", &[b"", b"a", &[0xff; 300], &vec![7; 70_000]], &kp);
+        run.process = "pé-1".into();
+        run.prev_seq = u64::MAX;
+        run.first_slot = 1 << 40;
+        run.entries[1].headers = vec![
+            ("z".into(), "ü".repeat(40)),
+            ("a".into(), String::new()),
+        ];
+        run.entries[2].message_id = "m".repeat(300);
+        run.entries[3].timestamp_ms = 0;
+        for (i, e) in run.entries.iter_mut().enumerate() {
+            e.slot = run.first_slot + i as u64;
+        }
+        let bytes = run.encode().unwrap();
+        assert_eq!(fast::run(&bytes), Some(run.clone()));
+        assert_eq!(general(&bytes), Some(run.clone()));
+        // Trailing bytes are ignored by both.
+        let mut longer = bytes.clone();
+        longer.extend_from_slice(b"tail");
+        assert_eq!(fast::run(&longer), general(&longer));
+        // Every truncation and many single-byte changes: whatever the direct reader
+        // reads, the general one reads the same.
+        for cut in 0..bytes.len().min(2000) {
+            if let Some(r) = fast::run(&bytes[..cut]) {
+                assert_eq!(Some(r), general(&bytes[..cut]), "cut at {cut}");
+            }
+        }
+        let small = run_of("p", &[b"ab", b"c"], &kp).encode().unwrap();
+        for at in 0..small.len() {
+            for b in [
+                0x00, 0x01, 0x07, 0x7f, 0x80, 0x87, 0x90, 0xa1, 0xc0, 0xc4, 0xcc, 0xcf, 0xd0,
+                0xd9, 0xdc, 0xde, 0xff,
+            ] {
+                let mut m = small.clone();
+                m[at] = b;
+                if let Some(r) = fast::run(&m) {
+                    assert_eq!(Some(r), general(&m), "byte {at} set to {b:#x}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn another_layout_goes_to_the_general_decoder() {
+        let kp = Keypair::from_seed([1; 32]);
+        let run = run_of("p", &[b"a", b"b"], &kp);
+        // Fields in another order (as a map from another encoder): still the same run.
+        let value = serde_json::json!({
+            "seal": serde_json::to_value(&run.seal).unwrap(),
+            "entries": run.entries.iter().map(|e| serde_json::json!({
+                "chain_hash": serde_bytes::Bytes::new(&e.chain_hash.0),
+                "prev_hash": serde_bytes::Bytes::new(&e.prev_hash.0),
+                "body": serde_bytes::Bytes::new(&e.body),
+                "headers": e.headers,
+                "timestamp_ms": e.timestamp_ms,
+                "message_id": e.message_id,
+                "slot": e.slot,
+            })).collect::<Vec<_>>(),
+            "first_slot": run.first_slot,
+            "prev_seq": run.prev_seq,
+            "process": run.process,
+            "v": run.v,
+        });
+        let bytes = rmp_serde::to_vec(&value).unwrap();
+        assert_eq!(fast::run(&bytes), None);
+        assert_eq!(Run::decode(&bytes).unwrap(), run);
     }
 
     #[test]
