@@ -142,11 +142,16 @@ pub async fn run(client: async_nats::Client, subjects: Subjects, args: Args) -> 
             done = running.join_next() => {
                 let Some(done) = done else { break };
                 let outcome = done.context("a verifying task failed")?;
-                if show_progress && drawn {
-                    eprint!("\r\x1b[2K");
-                    drawn = false;
-                }
-                if !args.json {
+                let to_print = match (&outcome.process, &outcome.result) {
+                    (Some(_), Ok(r)) => !args.json && !r.faults.is_empty(),
+                    (None, _) => !args.json,
+                    (Some(_), Err(_)) => true,
+                };
+                if to_print {
+                    if drawn {
+                        eprint!("\r\x1b[2K");
+                        drawn = false;
+                    }
                     print_faults(&outcome)?;
                 }
                 outcomes.push(outcome);
@@ -346,20 +351,24 @@ fn print_summary(
                 };
                 writeln!(
                     out,
-                    "ok: {p} {range} verified ({} assignments in {} runs, {:.2} s, {}/s)",
+                    "ok: {p} {range} verified ({} assignment{} in {} run{}, {:.2} s, {}/s)",
                     thousands(r.checked),
+                    plural(r.checked as usize),
                     thousands(r.runs),
+                    plural(r.runs as usize),
                     secs,
                     thousands(rate as u64)
                 )?;
             }
             Ok(r) => writeln!(
                 out,
-                "FAILED: {p}: {} fault{} ({} assignments in {} runs checked)",
+                "FAILED: {p}: {} fault{} ({} assignment{} in {} run{} checked)",
                 r.faults.len(),
                 plural(r.faults.len()),
                 thousands(r.checked),
-                thousands(r.runs)
+                plural(r.checked as usize),
+                thousands(r.runs),
+                plural(r.runs as usize)
             )?,
             Err(_) => writeln!(out, "ERROR: {p} could not be verified")?,
         }
