@@ -155,8 +155,10 @@ async fn foreign_after_head(name: &str, forge: Forge, expected_code: &str) -> Re
     let operator = connect_as(&server, Role::Operator).await?;
     let log = raw_runs(&server, &p).await?;
     let (headers, body) = if expected_code == "wrong_process" {
-        let q_runs = raw_runs(&server, &q).await?;
-        let run = &q_runs.first().expect("q has runs").1;
+        let other = ProcessId::new("other")?;
+        client.schedule(&other, Bytes::from("o"), &Schedule::default()).await?;
+        let other_runs = raw_runs(&server, &other).await?;
+        let run = &other_runs.first().expect("other has a run").1;
         (run_headers(run), run.encode()?.into())
     } else {
         forge(&log, &key)
