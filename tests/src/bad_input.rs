@@ -43,26 +43,91 @@ const fn bad(
 
 const BAD: &[Bad] = &[
     // What the client library cannot parse.
-    bad(b"ts.schedule.p1", Some(b"NATS/1.0\r\nNats-Msg-Id: \xff\xfe\r\n\r\n"), b"x", Some("malformed_request")),
-    bad(b"ts.schedule.p1", Some(b"NATS/1.0\r\nX: \xff\r\n\r\n"), b"x", Some("malformed_request")),
-    bad(b"ts.schedule.p1", Some(b"NATS/1.0\r\nno colon here\r\n\r\n"), b"x", Some("malformed_request")),
-    bad(b"ts.schedule.p1", Some(b"NATS/2.0\r\nX: y\r\n\r\n"), b"x", Some("malformed_request")),
-    bad(b"ts.schedule.p1", Some(b"NATS/1.0\r\nA B: y\r\n\r\n"), b"x", Some("malformed_request")),
-    bad(b"ts.schedule.p1", Some(b"NATS/1.0 abc\r\n\r\n"), b"x", Some("malformed_request")),
-    bad(b"ts.schedule.p1", Some(b"NATS/1.0\r\nX: a\rb\r\n\r\n"), b"x", Some("malformed_request")),
-    bad(b"ts.schedule.\xff\xfe", None, b"x", Some("malformed_request")),
+    bad(
+        b"ts.schedule.p1",
+        Some(b"NATS/1.0\r\nNats-Msg-Id: \xff\xfe\r\n\r\n"),
+        b"x",
+        Some("malformed_request"),
+    ),
+    bad(
+        b"ts.schedule.p1",
+        Some(b"NATS/1.0\r\nX: \xff\r\n\r\n"),
+        b"x",
+        Some("malformed_request"),
+    ),
+    bad(
+        b"ts.schedule.p1",
+        Some(b"NATS/1.0\r\nno colon here\r\n\r\n"),
+        b"x",
+        Some("malformed_request"),
+    ),
+    bad(
+        b"ts.schedule.p1",
+        Some(b"NATS/2.0\r\nX: y\r\n\r\n"),
+        b"x",
+        Some("malformed_request"),
+    ),
+    bad(
+        b"ts.schedule.p1",
+        Some(b"NATS/1.0\r\nA B: y\r\n\r\n"),
+        b"x",
+        Some("malformed_request"),
+    ),
+    bad(
+        b"ts.schedule.p1",
+        Some(b"NATS/1.0 abc\r\n\r\n"),
+        b"x",
+        Some("malformed_request"),
+    ),
+    bad(
+        b"ts.schedule.p1",
+        Some(b"NATS/1.0\r\nX: a\rb\r\n\r\n"),
+        b"x",
+        Some("malformed_request"),
+    ),
+    bad(
+        b"ts.schedule.\xff\xfe",
+        None,
+        b"x",
+        Some("malformed_request"),
+    ),
     bad(b"ts.slot.\xc3", None, b"", Some("malformed_request")),
-    bad(b"ts.range.p1", Some(b"NATS/1.0\r\n\xff: v\r\n\r\n"), b"", Some("malformed_request")),
-    bad(b"ts.keys", Some(b"garbage\r\n\r\n"), b"", Some("malformed_request")),
+    bad(
+        b"ts.range.p1",
+        Some(b"NATS/1.0\r\n\xff: v\r\n\r\n"),
+        b"",
+        Some("malformed_request"),
+    ),
+    bad(
+        b"ts.keys",
+        Some(b"garbage\r\n\r\n"),
+        b"",
+        Some("malformed_request"),
+    ),
     Bad {
         reply: Some(b"_INBOX.bad.\xff"),
         ..bad(b"ts.schedule.p1", None, b"x", None)
     },
     // Well-formed, but wrong for the service: typed refusals.
     bad(b"ts.schedule.a.b", None, b"x", Some("invalid_process")),
-    bad(b"ts.schedule.p1", Some(b"NATS/1.0\r\nTs-Mode: eventually\r\n\r\n"), b"x", Some("unknown_mode")),
-    bad(b"ts.schedule.p1", Some(b"NATS/1.0\r\nNats-Msg-Id: \x01\r\n\r\n"), b"x", Some("malformed")),
-    bad(b"ts.range.p1", None, b"\xc1\xc1not msgpack", Some("malformed")),
+    bad(
+        b"ts.schedule.p1",
+        Some(b"NATS/1.0\r\nTs-Mode: eventually\r\n\r\n"),
+        b"x",
+        Some("unknown_mode"),
+    ),
+    bad(
+        b"ts.schedule.p1",
+        Some(b"NATS/1.0\r\nNats-Msg-Id: \x01\r\n\r\n"),
+        b"x",
+        Some("malformed"),
+    ),
+    bad(
+        b"ts.range.p1",
+        None,
+        b"\xc1\xc1not msgpack",
+        Some("malformed"),
+    ),
     // Aimed into our own space: never answered.
     Bad {
         reply: Some(b"ts.log.p1"),
@@ -94,7 +159,9 @@ async fn bad_input_mixed_into_load_costs_no_connection_and_no_answer() -> Result
                     message_id: Some(format!("g{t}-{i}")),
                     ..Schedule::default()
                 };
-                let r = client.schedule(&p, Bytes::from(format!("good {t} {i}")), &opts).await?;
+                let r = client
+                    .schedule(&p, Bytes::from(format!("good {t} {i}")), &opts)
+                    .await?;
                 slots.push(r.slot);
             }
             anyhow::Ok(slots)
@@ -113,7 +180,8 @@ async fn bad_input_mixed_into_load_costs_no_connection_and_no_answer() -> Result
         for (i, case) in BAD.iter().enumerate() {
             let inbox = format!("_INBOX.bad.{round}.{i}");
             let reply = case.reply.unwrap_or(inbox.as_bytes());
-            raw.send(&publish(case.subject, Some(reply), case.header, case.body)).await?;
+            raw.send(&publish(case.subject, Some(reply), case.header, case.body))
+                .await?;
             if let Some(code) = case.expect {
                 if case.reply.is_none() {
                     expected.insert(inbox.clone(), code);
@@ -137,22 +205,37 @@ async fn bad_input_mixed_into_load_costs_no_connection_and_no_answer() -> Result
         .iter()
         .map(|(k, v)| (k.clone(), v.to_string()))
         .collect();
-    assert_eq!(got, want, "every bad request with a usable reply gets its typed error");
+    assert_eq!(
+        got, want,
+        "every bad request with a usable reply gets its typed error"
+    );
 
     for g in good {
         let slots = g.await??;
-        assert_eq!(slots, (0..50).collect::<Vec<_>>(), "every valid request answered, in order");
+        assert_eq!(
+            slots,
+            (0..50).collect::<Vec<_>>(),
+            "every valid request answered, in order"
+        );
     }
     // Nothing of the bad input was scheduled: p1 has no slot.
-    assert!(read_log(server.url(), &ProcessId::new("p1")?).await?.is_empty());
+    assert!(read_log(server.url(), &ProcessId::new("p1")?)
+        .await?
+        .is_empty());
 
     // No replica lost its connection; the malformed requests were counted.
     let mut malformed_counted = 0;
     let inbox = nats.new_inbox();
     let mut sub = nats.subscribe(inbox.clone()).await?;
-    nats.publish_with_reply("$SRV.STATS.turnstile-scheduler", inbox, Bytes::new()).await?;
+    nats.publish_with_reply("$SRV.STATS.turnstile-scheduler", inbox, Bytes::new())
+        .await?;
     let mut seen = HashSet::new();
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), futures::StreamExt::next(&mut sub)).await {
+    while let Ok(Some(m)) = tokio::time::timeout(
+        Duration::from_millis(500),
+        futures::StreamExt::next(&mut sub),
+    )
+    .await
+    {
         let stats: serde_json::Value = serde_json::from_slice(&m.payload)?;
         assert_eq!(stats["connects"], 1, "a scheduler reconnected: {stats}");
         malformed_counted += stats["malformed_requests"].as_u64().unwrap_or(0);

@@ -87,7 +87,11 @@ fn stranger(log: &[(u64, Run)], _: &Keypair) -> (async_nats::HeaderMap, Bytes) {
 async fn raw_runs(server: &NatsServer, process: &ProcessId) -> Result<Vec<(u64, Run)>> {
     let js = async_nats::jetstream::new(connect_as(server, Role::Operator).await?);
     let reader = journal::reader::LogReader::open(js, Subjects::default()).await?;
-    let tail = reader.last_message(process).await?.map(|m| m.seq).unwrap_or(0);
+    let tail = reader
+        .last_message(process)
+        .await?
+        .map(|m| m.seq)
+        .unwrap_or(0);
     let mut msgs = reader.messages(process, 1, Some(tail)).await?;
     let mut out = Vec::new();
     while let Some(m) = msgs.next().await {
@@ -144,7 +148,10 @@ async fn foreign_after_head(name: &str, forge: Forge, expected_code: &str) -> Re
     let client = Client::new(client_nats.clone(), Subjects::default());
     let p = ProcessId::new("victim")?;
     let q = ProcessId::new("bystander")?;
-    assert_eq!(schedule_n(&client, &p, "before", 8).await?, (0..8).collect::<Vec<_>>());
+    assert_eq!(
+        schedule_n(&client, &p, "before", 8).await?,
+        (0..8).collect::<Vec<_>>()
+    );
     let bystander = tokio::spawn({
         let client = client.clone();
         let q = q.clone();
@@ -156,7 +163,9 @@ async fn foreign_after_head(name: &str, forge: Forge, expected_code: &str) -> Re
     let log = raw_runs(&server, &p).await?;
     let (headers, body) = if expected_code == "wrong_process" {
         let other = ProcessId::new("other")?;
-        client.schedule(&other, Bytes::from("o"), &Schedule::default()).await?;
+        client
+            .schedule(&other, Bytes::from("o"), &Schedule::default())
+            .await?;
         let other_runs = raw_runs(&server, &other).await?;
         let run = &other_runs.first().expect("other has a run").1;
         (run_headers(run), run.encode()?.into())
@@ -182,10 +191,14 @@ async fn foreign_after_head(name: &str, forge: Forge, expected_code: &str) -> Re
     assert_eq!(q_slots, (0..30).collect::<Vec<_>>(), "{name}: Q untouched");
     // A new scheduler loads P's head past whatever the tail is now.
     s.stop().await?;
-    js.publish_with_headers("ts.log.victim", {
-        let (h, _) = forge(&raw_runs(&server, &p).await?, &key);
-        h
-    }, Bytes::from_static(b"tail garbage"))
+    js.publish_with_headers(
+        "ts.log.victim",
+        {
+            let (h, _) = forge(&raw_runs(&server, &p).await?, &key);
+            h
+        },
+        Bytes::from_static(b"tail garbage"),
+    )
     .await?
     .await?;
     let s = InProcess::start(&server, Config::default(), vec![test_key(21)]).await?;
@@ -197,14 +210,30 @@ async fn foreign_after_head(name: &str, forge: Forge, expected_code: &str) -> Re
     );
 
     let report = verify(server.url(), &p, &[&key]).await?;
-    let codes: Vec<(u64, &str)> = report.faults.iter().map(|f| (f.seq, f.kind.code())).collect();
-    assert_eq!(codes.first(), Some(&(foreign_seq, expected_code)), "{name}: {codes:?}");
-    assert_eq!(codes.len(), 2, "{name}: the foreign message and the tail garbage: {codes:?}");
+    let codes: Vec<(u64, &str)> = report
+        .faults
+        .iter()
+        .map(|f| (f.seq, f.kind.code()))
+        .collect();
+    assert_eq!(
+        codes.first(),
+        Some(&(foreign_seq, expected_code)),
+        "{name}: {codes:?}"
+    );
+    assert_eq!(
+        codes.len(),
+        2,
+        "{name}: the foreign message and the tail garbage: {codes:?}"
+    );
     assert_eq!(codes[1].1, "undecodable", "{name}");
     assert_eq!((report.checked, report.last_good), (15, Some(14)), "{name}");
     let entries = read_log(server.url(), &p).await?;
     let slots: Vec<u64> = entries.iter().map(|e| e.slot).collect();
-    assert_eq!(slots, (0..15).collect::<Vec<_>>(), "{name}: no slot twice, no gap");
+    assert_eq!(
+        slots,
+        (0..15).collect::<Vec<_>>(),
+        "{name}: no slot twice, no gap"
+    );
     assert!(verify(server.url(), &q, &[&key]).await?.faults.is_empty());
     s.stop().await?;
     Ok(())
@@ -255,7 +284,9 @@ async fn replies_into_our_own_space_are_never_sent() -> Result<()> {
     };
     processes.put("c", disabled.encode()?.into()).await?;
     let v = ProcessId::new("v")?;
-    client.schedule(&v, Bytes::from("v0"), &Schedule::default()).await?;
+    client
+        .schedule(&v, Bytes::from("v0"), &Schedule::default())
+        .await?;
 
     let hostile = [
         ("ts.schedule.b", "ts.log.v"),
@@ -278,21 +309,29 @@ async fn replies_into_our_own_space_are_never_sent() -> Result<()> {
     nats.flush().await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        tokio::time::timeout(Duration::from_millis(200), landed.next()).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(200), landed.next())
+            .await
+            .is_err(),
         "nothing answered onto a log subject"
     );
     assert!(
-        tokio::time::timeout(Duration::from_millis(200), kv_landed.next()).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(200), kv_landed.next())
+            .await
+            .is_err(),
         "nothing answered into a bucket"
     );
     // V's log holds its one run, C is still disabled, B got nothing, the stream lives.
     assert_eq!(read_log(server.url(), &v).await?.len(), 1);
     let c = processes.get("c").await?.expect("c's settings");
     assert_eq!(ProcessConfig::decode(&c)?, disabled);
-    assert!(read_log(server.url(), &ProcessId::new("b")?).await?.is_empty());
+    assert!(read_log(server.url(), &ProcessId::new("b")?)
+        .await?
+        .is_empty());
     js.get_stream("TS_LOG").await?;
     // V goes on; the refusals were counted.
-    let r = client.schedule(&v, Bytes::from("v1"), &Schedule::default()).await?;
+    let r = client
+        .schedule(&v, Bytes::from("v1"), &Schedule::default())
+        .await?;
     assert_eq!(r.slot, 1);
     let stats: serde_json::Value = serde_json::from_slice(
         &nats
@@ -330,7 +369,11 @@ async fn a_stored_message_with_unparsable_headers_is_foreign_not_fatal() -> Resu
     ))
     .await?;
     raw.flush().await?;
-    let tail = raw_runs(&server, &p).await?.last().map(|(seq, _)| *seq).unwrap_or(0);
+    let tail = raw_runs(&server, &p)
+        .await?
+        .last()
+        .map(|(seq, _)| *seq)
+        .unwrap_or(0);
     let event = expect_fault(&mut events, "victim", tail + 1).await?;
     assert_eq!(event.code, "undecodable", "{event:?}");
     assert_eq!(schedule_n(&client, &p, "after", 2).await?, vec![3, 4]);
@@ -367,12 +410,16 @@ async fn a_run_damaged_on_disk_is_reported_after_the_reconnect_and_its_slots_not
     let s = InProcess::start(&server, Config::default(), vec![test_key(24)]).await?;
     let nats = connect(server.url()).await?;
     wait_for_schedulers(&nats, 1).await?;
-    let client = Client::new(nats.clone(), Subjects::default())
-        .with_timeout(Duration::from_secs(30));
+    let client =
+        Client::new(nats.clone(), Subjects::default()).with_timeout(Duration::from_secs(30));
     let p = ProcessId::new("disk")?;
     for i in 0..10 {
         client
-            .schedule(&p, Bytes::from(format!("payload-{i:02}")), &Schedule::default())
+            .schedule(
+                &p,
+                Bytes::from(format!("payload-{i:02}")),
+                &Schedule::default(),
+            )
             .await?;
     }
     let runs = raw_runs(&server, &p).await?;
@@ -385,11 +432,16 @@ async fn a_run_damaged_on_disk_is_reported_after_the_reconnect_and_its_slots_not
     server.restart_in_place()?;
 
     // The scheduler reconnects by itself and re-checks its live process.
-    let mut events = connect(server.url()).await?.subscribe("ts.events.fault").await?;
+    let mut events = connect(server.url())
+        .await?
+        .subscribe("ts.events.fault")
+        .await?;
     let event = expect_fault(&mut events, "disk", last_seq).await?;
     assert_eq!(event.code, "lost", "{event:?}");
     // The lost slot 9 is never given again.
-    let r = client.schedule(&p, Bytes::from("after"), &Schedule::default()).await?;
+    let r = client
+        .schedule(&p, Bytes::from("after"), &Schedule::default())
+        .await?;
     assert_eq!(r.slot, 10);
     let report = verify(server.url(), &p, &[&key]).await?;
     let codes: Vec<&str> = report.faults.iter().map(|f| f.kind.code()).collect();

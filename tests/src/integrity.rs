@@ -83,7 +83,11 @@ async fn a_record_altered_on_disk_makes_verify_name_its_slot() -> anyhow::Result
         ),
         "{fault}"
     );
-    assert_eq!(report.last_good, Some(9), "the chain goes on after the damage");
+    assert_eq!(
+        report.last_good,
+        Some(9),
+        "the chain goes on after the damage"
+    );
 
     // The CLI says the same, with exit code 1.
     let out = std::process::Command::new(harness::workspace_bin("turnstile")?)

@@ -32,6 +32,6 @@ mod privilege;
 mod refusals;
 #[cfg(test)]
 mod scheduling;
+mod verify_cli;
 #[cfg(test)]
 mod word;
-mod verify_cli;

@@ -37,7 +37,12 @@ pub struct RawClient {
 }
 
 /// The frame of a publish: `HPUB` when `header` is given, else `PUB`.
-pub fn publish(subject: &[u8], reply: Option<&[u8]>, header: Option<&[u8]>, payload: &[u8]) -> Vec<u8> {
+pub fn publish(
+    subject: &[u8],
+    reply: Option<&[u8]>,
+    header: Option<&[u8]>,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(if header.is_some() { b"HPUB " } else { b"PUB " });
     out.extend_from_slice(subject);
@@ -62,7 +67,9 @@ impl RawClient {
     pub async fn connect(url: &str) -> Result<RawClient> {
         let (plain, credentials) = harness::split_url_credentials(url);
         let addr = plain.trim_start_matches("nats://").to_string();
-        let stream = TcpStream::connect(&addr).await.with_context(|| addr.clone())?;
+        let stream = TcpStream::connect(&addr)
+            .await
+            .with_context(|| addr.clone())?;
         let mut c = RawClient {
             stream,
             buf: Vec::new(),
@@ -88,7 +95,8 @@ impl RawClient {
 
     /// Subscribes `sid` to `subject`.
     pub async fn subscribe(&mut self, subject: &str, sid: u32) -> Result<()> {
-        self.send(format!("SUB {subject} {sid}\r\n").as_bytes()).await
+        self.send(format!("SUB {subject} {sid}\r\n").as_bytes())
+            .await
     }
 
     /// Sends `PING` and returns every message delivered before the `PONG`.
@@ -143,7 +151,10 @@ impl RawClient {
             return Ok(None);
         };
         let line = self.buf[..end].to_vec();
-        let args: Vec<&[u8]> = line.split(|b| *b == b' ').filter(|a| !a.is_empty()).collect();
+        let args: Vec<&[u8]> = line
+            .split(|b| *b == b' ')
+            .filter(|a| !a.is_empty())
+            .collect();
         let num = |a: &[u8]| -> Result<usize> { Ok(std::str::from_utf8(a)?.parse()?) };
         let frame = match args.first().copied() {
             Some(b"PING") => Frame::Ping,
@@ -154,7 +165,11 @@ impl RawClient {
                 let sizes = if with_headers { 2 } else { 1 };
                 ensure!(args.len() >= 3 + sizes, "short frame");
                 let total = num(args[args.len() - 1])?;
-                let hlen = if with_headers { num(args[args.len() - 2])? } else { 0 };
+                let hlen = if with_headers {
+                    num(args[args.len() - 2])?
+                } else {
+                    0
+                };
                 if self.buf.len() < end + 2 + total + 2 {
                     return Ok(None);
                 }

@@ -447,7 +447,11 @@ async fn many_processes_at_once_through_three_replicas_each_get_exact_slots() ->
         let entries = read_log(url, p).await?;
         assert_exactly_once(&entries, &ids(1, per));
         let report = verify(url, p, &[&key]).await?;
-        assert_eq!((report.faults.first().cloned(), report.checked), (None, per as u64), "{p}");
+        assert_eq!(
+            (report.faults.first().cloned(), report.checked),
+            (None, per as u64),
+            "{p}"
+        );
     }
     // The counters of all three replicas: the batch path was taken, and what they
     // stored adds up to exactly what the log holds.

@@ -13,7 +13,11 @@ use scheduler::Config;
 
 use crate::support::*;
 
-async fn raw_schedule(client: &Client, process: &str, headers: &[(&str, &str)]) -> Result<Receipt, journal::Error> {
+async fn raw_schedule(
+    client: &Client,
+    process: &str,
+    headers: &[(&str, &str)],
+) -> Result<Receipt, journal::Error> {
     let mut h = HeaderMap::new();
     for (k, v) in headers {
         h.append(*k, *v);
@@ -52,7 +56,12 @@ async fn control_headers_count_whatever_their_case() -> Result<()> {
         ErrorCode::Malformed,
     );
     assert_refused(
-        raw_schedule(&client, "cases", &[("Nats-Msg-Id", "a"), ("nats-msg-id", "b")]).await,
+        raw_schedule(
+            &client,
+            "cases",
+            &[("Nats-Msg-Id", "a"), ("nats-msg-id", "b")],
+        )
+        .await,
         ErrorCode::Malformed,
     );
     // Nothing refused was written: the process holds the one message.
@@ -78,7 +87,9 @@ async fn range_pages_count_headers_too() -> Result<()> {
             headers: vec![("x-big".into(), big.clone())],
             ..Default::default()
         };
-        client.schedule(&p, Bytes::from(format!("m{i}")), &opts).await?;
+        client
+            .schedule(&p, Bytes::from(format!("m{i}")), &opts)
+            .await?;
     }
     let max_payload = nats.server_info().max_payload;
     let mut from = 0;
@@ -91,9 +102,17 @@ async fn range_pages_count_headers_too() -> Result<()> {
             limit: None,
         };
         let reply = client
-            .request(format!("ts.range.{p}"), HeaderMap::new(), req.encode()?.into())
+            .request(
+                format!("ts.range.{p}"),
+                HeaderMap::new(),
+                req.encode()?.into(),
+            )
             .await?;
-        assert!(reply.payload.len() <= max_payload, "page of {} bytes", reply.payload.len());
+        assert!(
+            reply.payload.len() <= max_payload,
+            "page of {} bytes",
+            reply.payload.len()
+        );
         let page = protocol::wire::RangePage::decode(&reply.payload)?;
         pages += 1;
         slots.extend(page.entries.iter().map(|e| e.slot));
@@ -165,7 +184,9 @@ async fn a_burst_with_long_ids_is_all_written() -> Result<()> {
                     message_id: Some(format!("{i:04}-{}", "x".repeat(251))),
                     ..Default::default()
                 };
-                client.schedule(&p, Bytes::from(format!("b{i}")), &opts).await
+                client
+                    .schedule(&p, Bytes::from(format!("b{i}")), &opts)
+                    .await
             })
         })
         .collect();
@@ -196,13 +217,17 @@ async fn the_largest_request_is_written_and_one_byte_more_is_refused_at_once() -
     let nats = connect(server.url()).await?;
     wait_for_schedulers(&nats, 1).await?;
     let info: serde_json::Value = serde_json::from_slice(
-        &nats.request("$SRV.INFO.turnstile-scheduler", Bytes::new()).await?.payload,
+        &nats
+            .request("$SRV.INFO.turnstile-scheduler", Bytes::new())
+            .await?
+            .payload,
     )?;
     let limit: usize = info["metadata"]["max_request_bytes"]
         .as_str()
         .expect("max_request_bytes in INFO")
         .parse()?;
-    let client = Client::new(nats, Subjects::default()).with_timeout(std::time::Duration::from_secs(30));
+    let client =
+        Client::new(nats, Subjects::default()).with_timeout(std::time::Duration::from_secs(30));
     let p = ProcessId::new("largest")?;
     let id = "largest-1";
     let opts = journal::client::Schedule {
@@ -222,7 +247,10 @@ async fn the_largest_request_is_written_and_one_byte_more_is_refused_at_once() -
         .schedule(&p, Bytes::from(vec![7u8; limit - id.len() + 1]), &opts)
         .await;
     assert_refused(refused, ErrorCode::TooLarge);
-    assert!(started.elapsed() < std::time::Duration::from_secs(5), "refused at intake");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "refused at intake"
+    );
     assert_eq!(read_log(server.url(), &p).await?.len(), 1);
     s.stop().await?;
     Ok(())
@@ -250,7 +278,10 @@ async fn a_full_log_is_refused_at_once_and_resumes_when_there_is_room() -> Resul
     let mut written = 0u64;
     let started = std::time::Instant::now();
     let refused = loop {
-        match client.schedule(&p, Bytes::from(vec![1u8; 4096]), &Default::default()).await {
+        match client
+            .schedule(&p, Bytes::from(vec![1u8; 4096]), &Default::default())
+            .await
+        {
             Ok(r) => {
                 assert_eq!(r.slot, written);
                 written += 1;
@@ -260,10 +291,19 @@ async fn a_full_log_is_refused_at_once_and_resumes_when_there_is_room() -> Resul
         assert!(written < 100, "64 KiB cannot hold 100 messages of 4 KiB");
     };
     assert!(
-        matches!(&refused, journal::Error::Refused { code: ErrorCode::LogFull, .. }),
+        matches!(
+            &refused,
+            journal::Error::Refused {
+                code: ErrorCode::LogFull,
+                ..
+            }
+        ),
         "{refused}"
     );
-    assert!(started.elapsed() < std::time::Duration::from_secs(10), "not retried for 30 s");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "not retried for 30 s"
+    );
     let event = tokio::time::timeout(std::time::Duration::from_secs(5), events.next())
         .await?
         .expect("a fault event");
@@ -272,7 +312,9 @@ async fn a_full_log_is_refused_at_once_and_resumes_when_there_is_room() -> Resul
     // The operator makes room; the next request goes through, at the next slot.
     log.max_bytes = 16 * 1024 * 1024;
     js.update_stream(log).await?;
-    let r = client.schedule(&p, Bytes::from("after"), &Default::default()).await?;
+    let r = client
+        .schedule(&p, Bytes::from("after"), &Default::default())
+        .await?;
     assert_eq!(r.slot, written);
     s.stop().await?;
     Ok(())
@@ -289,7 +331,8 @@ async fn a_server_stall_writes_no_request_twice() -> Result<()> {
     let s = InProcess::start(&server, Config::default(), vec![test_key(47)]).await?;
     let nats = connect(server.url()).await?;
     wait_for_schedulers(&nats, 1).await?;
-    let client = Client::new(nats, Subjects::default()).with_timeout(std::time::Duration::from_secs(60));
+    let client =
+        Client::new(nats, Subjects::default()).with_timeout(std::time::Duration::from_secs(60));
     let p = ProcessId::new("stall")?;
     let stop_at = std::time::Instant::now() + std::time::Duration::from_secs(14);
     let tasks: Vec<_> = (0..8)
@@ -302,7 +345,10 @@ async fn a_server_stall_writes_no_request_twice() -> Result<()> {
                 while std::time::Instant::now() < stop_at {
                     let body = format!("t{t}-{i}");
                     i += 1;
-                    if let Ok(r) = client.schedule(&p, Bytes::from(body.clone()), &Default::default()).await {
+                    if let Ok(r) = client
+                        .schedule(&p, Bytes::from(body.clone()), &Default::default())
+                        .await
+                    {
                         receipts.push((body, r));
                     }
                 }
@@ -311,7 +357,11 @@ async fn a_server_stall_writes_no_request_twice() -> Result<()> {
         })
         .collect();
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    let signal = |sig: &str| std::process::Command::new("kill").args([sig, &pid.to_string()]).status();
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+    };
     signal("-STOP")?;
     tokio::time::sleep(std::time::Duration::from_secs(8)).await;
     signal("-CONT")?;
@@ -325,13 +375,25 @@ async fn a_server_stall_writes_no_request_twice() -> Result<()> {
     let mut bodies: HashMap<Vec<u8>, u64> = HashMap::new();
     for e in &log {
         if let Some(first) = bodies.insert(e.body.clone(), e.slot) {
-            panic!("{} written at slots {first} and {}", String::from_utf8_lossy(&e.body), e.slot);
+            panic!(
+                "{} written at slots {first} and {}",
+                String::from_utf8_lossy(&e.body),
+                e.slot
+            );
         }
     }
     for (body, r) in &receipts {
-        assert_eq!(bodies.get(body.as_bytes()), Some(&r.slot), "receipt of {body} matches the log");
+        assert_eq!(
+            bodies.get(body.as_bytes()),
+            Some(&r.slot),
+            "receipt of {body} matches the log"
+        );
     }
-    eprintln!("{} assignments, {} receipts through an 8 s stall", log.len(), receipts.len());
+    eprintln!(
+        "{} assignments, {} receipts through an 8 s stall",
+        log.len(),
+        receipts.len()
+    );
     s.stop().await?;
     Ok(())
 }
@@ -381,7 +443,9 @@ async fn a_skewed_clock_does_not_hang_a_process_after_a_restart() -> Result<()> 
         message_id: Some("s-1".into()),
         ..Default::default()
     };
-    client.schedule(&p, Bytes::from("from the future"), &opts).await?;
+    client
+        .schedule(&p, Bytes::from("from the future"), &opts)
+        .await?;
     stop.cancel();
     handle.await??;
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
@@ -389,7 +453,9 @@ async fn a_skewed_clock_does_not_hang_a_process_after_a_restart() -> Result<()> 
     let (stop, handle) = start(std::sync::Arc::new(scheduler::SystemClock)).await?;
     wait_for_schedulers(&nats, 1).await?;
     let started = std::time::Instant::now();
-    let r = client.schedule(&p, Bytes::from("now"), &Default::default()).await?;
+    let r = client
+        .schedule(&p, Bytes::from("now"), &Default::default())
+        .await?;
     assert_eq!(r.slot, 1);
     assert!(
         r.timestamp_ms >= scheduler::SystemClock.now_ms() + 3_000_000,
@@ -442,10 +508,22 @@ async fn a_restart_with_5000_active_processes_loads_them_all() -> Result<()> {
     let s = InProcess::start(&server, Config::default(), vec![test_key(49)]).await?;
     wait_for_schedulers(&nats, 1).await?;
     let started = std::time::Instant::now();
-    assert!(one_each(&client, n, "second").await?.iter().all(|s| *s == 1));
-    eprintln!("{n} cold loads and writes after a restart: {:?}", started.elapsed());
+    assert!(one_each(&client, n, "second")
+        .await?
+        .iter()
+        .all(|s| *s == 1));
+    eprintln!(
+        "{n} cold loads and writes after a restart: {:?}",
+        started.elapsed()
+    );
     let js = async_nats::jetstream::new(connect_as(&server, harness::Role::Operator).await?);
-    let consumers = js.get_stream("TS_LOG").await?.info().await?.state.consumer_count;
+    let consumers = js
+        .get_stream("TS_LOG")
+        .await?
+        .info()
+        .await?
+        .state
+        .consumer_count;
     assert!(consumers <= 3, "{consumers} consumers left on the log");
     s.stop().await?;
     Ok(())
@@ -461,7 +539,8 @@ async fn a_stopping_replica_answers_every_request_it_received() -> Result<()> {
     let b = InProcess::start(&server, Config::default(), vec![test_key(50)]).await?;
     let nats = connect(server.url()).await?;
     wait_for_schedulers(&nats, 2).await?;
-    let client = Client::new(nats, Subjects::default()).with_timeout(std::time::Duration::from_secs(10));
+    let client =
+        Client::new(nats, Subjects::default()).with_timeout(std::time::Duration::from_secs(10));
     let stop_at = std::time::Instant::now() + std::time::Duration::from_secs(4);
     let tasks: Vec<_> = (0..8)
         .map(|t| {
@@ -496,7 +575,13 @@ async fn a_stopping_replica_answers_every_request_it_received() -> Result<()> {
         ok += o;
         unanswered.extend(u);
     }
-    assert!(unanswered.is_empty(), "{} of {} unanswered: {:?}", unanswered.len(), ok + unanswered.len(), &unanswered[..unanswered.len().min(3)]);
+    assert!(
+        unanswered.is_empty(),
+        "{} of {} unanswered: {:?}",
+        unanswered.len(),
+        ok + unanswered.len(),
+        &unanswered[..unanswered.len().min(3)]
+    );
     assert!(ok > 100);
     b.stop().await?;
     Ok(())
@@ -505,7 +590,8 @@ async fn a_stopping_replica_answers_every_request_it_received() -> Result<()> {
 /// The same id sent at once to two replicas: one assignment, one `duplicate: false`,
 /// and both receipts are the run the log holds (its slot, its seal).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_id_at_two_replicas_gives_one_assignment_and_receipts_from_the_log() -> Result<()> {
+async fn the_same_id_at_two_replicas_gives_one_assignment_and_receipts_from_the_log() -> Result<()>
+{
     use std::collections::HashMap;
     let server = server()?;
     let a = InProcess::start(&server, Config::default(), vec![test_key(51)]).await?;
@@ -541,15 +627,30 @@ async fn the_same_id_at_two_replicas_gives_one_assignment_and_receipts_from_the_
     let mut msgs = reader.messages(&p, 1, Some(tail)).await?;
     while let Some(m) = futures::StreamExt::next(&mut msgs).await {
         let run = m?.decode().map_err(anyhow::Error::msg)?;
-        let keys: Vec<String> = run.seal.commitments.iter().map(|c| c.key_id.clone()).collect();
+        let keys: Vec<String> = run
+            .seal
+            .commitments
+            .iter()
+            .map(|c| c.key_id.clone())
+            .collect();
         for e in &run.entries {
             signer_of.insert(e.slot, keys.clone());
         }
     }
     for r in &receipts {
         assert_eq!(r.chain_hash, log[r.slot as usize].chain_hash);
-        let keys: Vec<String> = r.seal.commitments.iter().map(|c| c.key_id.clone()).collect();
-        assert_eq!(Some(&keys), signer_of.get(&r.slot), "slot {}: receipt sealed by a key not in the log", r.slot);
+        let keys: Vec<String> = r
+            .seal
+            .commitments
+            .iter()
+            .map(|c| c.key_id.clone())
+            .collect();
+        assert_eq!(
+            Some(&keys),
+            signer_of.get(&r.slot),
+            "slot {}: receipt sealed by a key not in the log",
+            r.slot
+        );
         assert!(r.check(None).is_ok());
     }
     a.stop().await?;
@@ -568,7 +669,9 @@ async fn process_set_returns_once_every_replica_applies_it() -> Result<()> {
     wait_for_schedulers(&nats, 2).await?;
     let client = Client::new(nats, Subjects::default());
     let p = ProcessId::new("switch")?;
-    client.schedule(&p, Bytes::from("before"), &Default::default()).await?;
+    client
+        .schedule(&p, Bytes::from("before"), &Default::default())
+        .await?;
     let out = std::process::Command::new(harness::workspace_bin("turnstile")?)
         .args(["process", "set", "switch", "--mode", "disabled"])
         .env("NATS_URL", server.url_as(harness::Role::Operator))
@@ -578,7 +681,9 @@ async fn process_set_returns_once_every_replica_applies_it() -> Result<()> {
     assert!(stderr.contains("applied by 2 scheduler(s)"), "{stderr}");
     for i in 0..50 {
         assert_refused(
-            client.schedule(&p, Bytes::from(format!("after {i}")), &Default::default()).await,
+            client
+                .schedule(&p, Bytes::from(format!("after {i}")), &Default::default())
+                .await,
             ErrorCode::Disabled,
         );
     }
@@ -610,7 +715,8 @@ async fn overload_in_bytes_is_answered_busy_at_once() -> Result<()> {
     let s = InProcess::start(&server, config, vec![test_key(54)]).await?;
     let nats = connect(server.url()).await?;
     wait_for_schedulers(&nats, 1).await?;
-    let client = Client::new(nats, Subjects::default()).with_timeout(std::time::Duration::from_secs(60));
+    let client =
+        Client::new(nats, Subjects::default()).with_timeout(std::time::Duration::from_secs(60));
     let p = ProcessId::new("heavy")?;
     let held = with_mode(protocol::wire::Mode::RemoteConfirmation);
     let tasks: Vec<_> = (0..40)
@@ -620,7 +726,9 @@ async fn overload_in_bytes_is_answered_busy_at_once() -> Result<()> {
             let held = held.clone();
             tokio::spawn(async move {
                 let started = std::time::Instant::now();
-                let r = client.schedule(&p, Bytes::from(vec![i as u8; 100_000]), &held).await;
+                let r = client
+                    .schedule(&p, Bytes::from(vec![i as u8; 100_000]), &held)
+                    .await;
                 (r, started.elapsed())
             })
         })
@@ -628,20 +736,40 @@ async fn overload_in_bytes_is_answered_busy_at_once() -> Result<()> {
     let (mut held_back, mut busy) = (0, 0);
     for t in tasks {
         match t.await? {
-            (Err(journal::Error::Refused { code: ErrorCode::RemoteTimeout, .. }), _) => held_back += 1,
-            (Err(journal::Error::Refused { code: ErrorCode::Busy, message }), took) => {
+            (
+                Err(journal::Error::Refused {
+                    code: ErrorCode::RemoteTimeout,
+                    ..
+                }),
+                _,
+            ) => held_back += 1,
+            (
+                Err(journal::Error::Refused {
+                    code: ErrorCode::Busy,
+                    message,
+                }),
+                took,
+            ) => {
                 assert!(message.contains("retry in"), "{message}");
-                assert!(took < std::time::Duration::from_secs(2), "busy is answered at once: {took:?}");
+                assert!(
+                    took < std::time::Duration::from_secs(2),
+                    "busy is answered at once: {took:?}"
+                );
                 busy += 1;
             }
             (other, _) => panic!("{other:?}"),
         }
     }
-    assert!(busy >= 20, "{busy} busy of 40 requests of 100 kB against a 1 MiB bound");
+    assert!(
+        busy >= 20,
+        "{busy} busy of 40 requests of 100 kB against a 1 MiB bound"
+    );
     assert!(held_back >= 5, "{held_back} admitted");
     assert_eq!(read_log(server.url(), &p).await?.len(), held_back);
     // Once they are answered the bound is free again.
-    let r = client.schedule(&p, Bytes::from(vec![0u8; 100_000]), &Default::default()).await?;
+    let r = client
+        .schedule(&p, Bytes::from(vec![0u8; 100_000]), &Default::default())
+        .await?;
     assert_eq!(r.slot, held_back as u64);
     s.stop().await?;
     Ok(())

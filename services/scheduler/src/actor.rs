@@ -315,7 +315,9 @@ impl Actor {
                 }
                 Outcome::Full(reason) => {
                     // Permanent until someone makes room: answer now, never retry.
-                    let msg = format!("the log is full: {reason}; nothing was written (retry once there is room)");
+                    let msg = format!(
+                        "the log is full: {reason}; nothing was written (retry once there is room)"
+                    );
                     let event = protocol::wire::FaultEvent {
                         v: 1,
                         process: self.process.to_string(),
@@ -687,10 +689,13 @@ impl Actor {
     /// (a server restart may have lost it); then every message after it is judged.
     async fn recheck(&mut self, head: Head) -> journal::Result<()> {
         if head.run_seq > 0 {
-            let stored = self.reader().message_at(&self.process, head.run_seq).await?;
-            let intact = stored
-                .and_then(|m| m.decode().ok())
-                .is_some_and(|run| run.last_slot() + 1 == head.next_slot && run.head() == head.prev);
+            let stored = self
+                .reader()
+                .message_at(&self.process, head.run_seq)
+                .await?;
+            let intact = stored.and_then(|m| m.decode().ok()).is_some_and(|run| {
+                run.last_slot() + 1 == head.next_slot && run.head() == head.prev
+            });
             if !intact {
                 let tail = self
                     .reader()
@@ -774,7 +779,11 @@ impl Actor {
             Some(head.seq),
         );
         let mut found = None;
-        while let Some(msg) = self.reader().next_message(&self.process, head.seq + 1).await? {
+        while let Some(msg) = self
+            .reader()
+            .next_message(&self.process, head.seq + 1)
+            .await?
+        {
             head.seq = msg.seq;
             match chain::judge(&mut verifier, msg) {
                 Judged::Chain { run, lost } => {
@@ -810,7 +819,9 @@ impl Actor {
     async fn answer_duplicate(&self, job: Job, seen: Seen) {
         Metrics::bump(&self.shared.metrics.duplicates);
         let stored = match self.reader().message_at(&self.process, seen.seq).await {
-            Ok(Some(m)) => m.decode().map_err(|e| format!("its run does not decode: {e}")),
+            Ok(Some(m)) => m
+                .decode()
+                .map_err(|e| format!("its run does not decode: {e}")),
             Ok(None) => Err("its run is gone from the log".to_string()),
             Err(e) => Err(format!("its run cannot be read now: {e}")),
         };
@@ -830,7 +841,10 @@ impl Actor {
                 job.reply
                     .refuse(Refusal::new(
                         ErrorCode::Unavailable,
-                        format!("message id already scheduled at slot {}, but {why}", seen.slot),
+                        format!(
+                            "message id already scheduled at slot {}, but {why}",
+                            seen.slot
+                        ),
                     ))
                     .await
             }

@@ -353,7 +353,11 @@ mod tests {
         index.insert("a".into(), Seen { slot: 0, seq: 1 }, 1000);
         index.insert("a".into(), Seen { slot: 7, seq: 9 }, 1080);
         index.prune(1150);
-        assert_eq!(index.get("a"), Some(Seen { slot: 7, seq: 9 }), "not by its first time");
+        assert_eq!(
+            index.get("a"),
+            Some(Seen { slot: 7, seq: 9 }),
+            "not by its first time"
+        );
         index.prune(1181);
         assert_eq!(index.get("a"), None);
         // Sightings may come out of time order (headers of several replicas).
@@ -384,7 +388,10 @@ mod tests {
             run.seal = seal::seal(&[seal::run_digest(&run.statement_for(&tree))], &[&kp]).remove(0);
             assert_eq!(run.first_slot, round * 2);
             assert_eq!(run.prev_seq, head.seq);
-            assert_eq!(v.feed(round + 10, Ok(&run)), Verdict::Chain { lost: vec![] });
+            assert_eq!(
+                v.feed(round + 10, Ok(&run)),
+                Verdict::Chain { lost: vec![] }
+            );
             assert!(run
                 .entries
                 .iter()

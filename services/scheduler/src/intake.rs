@@ -6,13 +6,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_nats::jetstream::kv;
-use service::Endpoint;
 use futures::{StreamExt, TryStreamExt};
+use service::Endpoint;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use journal::subjects;
 use journal::chain::Judged;
+use journal::subjects;
 use protocol::verify::LogVerifier;
 use protocol::wire::{ErrorCode, Mode, ProcessConfig, RangePage, RangeRequest, SlotInfo};
 use protocol::ProcessId;
@@ -498,7 +498,10 @@ pub(crate) async fn watch_keys(shared: Arc<Shared>, store: kv::Store, shutdown: 
             warn!(key_id = %entry.key, "ignoring a published key whose id does not match it");
             continue;
         }
-        if let (Ok(mut t), Ok(pk)) = (shared.trusted.write(), <[u8; 32]>::try_from(key.public_key.as_slice())) {
+        if let (Ok(mut t), Ok(pk)) = (
+            shared.trusted.write(),
+            <[u8; 32]>::try_from(key.public_key.as_slice()),
+        ) {
             t.insert(pk);
         }
     }

@@ -129,7 +129,12 @@ impl Shared {
     pub fn fault(&self, process: &ProcessId, fault: &Fault) {
         Metrics::bump(&self.metrics.faults);
         tracing::error!(process = %process, seq = fault.seq, slot = fault.slot, code = fault.kind.code(), "log fault: {}", fault.kind);
-        self.event(&FaultEvent::new(process, fault, "scheduler", self.clock.now_ms()));
+        self.event(&FaultEvent::new(
+            process,
+            fault,
+            "scheduler",
+            self.clock.now_ms(),
+        ));
     }
 
     /// Publishes `event` on `<prefix>.events.fault`.
@@ -273,7 +278,12 @@ impl Actors {
             });
             // Admission is bounded in bytes as well as in count, per process and in
             // all: past a bound the answer is `busy`, at once, never a dropped request.
-            let cost = job.body.len() + job.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            let cost = job.body.len()
+                + job
+                    .headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>();
             let total = self.queued_bytes.load(Ordering::Relaxed);
             let mine = handle.bytes.load(Ordering::Relaxed);
             let busy = |what: String| {
@@ -283,11 +293,17 @@ impl Actors {
                 )
             };
             if total + cost > shared.config.max_queued_bytes && total > 0 {
-                let m = format!("{total} bytes of requests are queued in all (limit {})", shared.config.max_queued_bytes);
+                let m = format!(
+                    "{total} bytes of requests are queued in all (limit {})",
+                    shared.config.max_queued_bytes
+                );
                 return Err((job, busy(m)));
             }
             if mine + cost > shared.config.max_queued_bytes_per_process && mine > 0 {
-                let m = format!("{mine} bytes of requests are queued for this process (limit {})", shared.config.max_queued_bytes_per_process);
+                let m = format!(
+                    "{mine} bytes of requests are queued for this process (limit {})",
+                    shared.config.max_queued_bytes_per_process
+                );
                 return Err((job, busy(m)));
             }
             self.queued_bytes.fetch_add(cost, Ordering::Relaxed);
@@ -301,7 +317,10 @@ impl Actors {
                 Ok(()) => return Ok(()),
                 Err(mpsc::error::TrySendError::Full(mut j)) => {
                     j.admission = None;
-                    let m = format!("{} requests are queued for this process", shared.config.queue_per_process);
+                    let m = format!(
+                        "{} requests are queued for this process",
+                        shared.config.queue_per_process
+                    );
                     return Err((j, busy(m)));
                 }
                 Err(mpsc::error::TrySendError::Closed(mut j)) => {
@@ -372,7 +391,14 @@ pub async fn run(
     connections: Connections,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    run_with_clock(config, keyring, connections, shutdown, Arc::new(SystemClock)).await
+    run_with_clock(
+        config,
+        keyring,
+        connections,
+        shutdown,
+        Arc::new(SystemClock),
+    )
+    .await
 }
 
 /// Runs the scheduler with an injected clock.
@@ -491,7 +517,10 @@ pub async fn run_with_clock(
                 "max_request_bytes".to_string(),
                 limits.max_request.to_string(),
             ),
-            ("max_ids_header_bytes".to_string(), IDS_HEADER_BUDGET.to_string()),
+            (
+                "max_ids_header_bytes".to_string(),
+                IDS_HEADER_BUDGET.to_string(),
+            ),
             (
                 "max_message_id".to_string(),
                 intake::MAX_MESSAGE_ID.to_string(),
@@ -506,15 +535,16 @@ pub async fn run_with_clock(
             ),
         ]),
     };
-    let service = service::Service::start(intake.clone(), spec, subjects.clone(), move |endpoint| {
-        if endpoint == "schedule" {
-            metrics.snapshot()
-        } else {
-            serde_json::Value::Null
-        }
-    })
-    .await
-    .map_err(|e| Error::Service(e.to_string()))?;
+    let service =
+        service::Service::start(intake.clone(), spec, subjects.clone(), move |endpoint| {
+            if endpoint == "schedule" {
+                metrics.snapshot()
+            } else {
+                serde_json::Value::Null
+            }
+        })
+        .await
+        .map_err(|e| Error::Service(e.to_string()))?;
     let endpoint = |name: &'static str, subject: String| {
         let service = service.clone();
         async move {

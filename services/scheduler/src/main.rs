@@ -103,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
         let url = args.intake_url.as_deref().unwrap_or(&args.nats_url);
         // Intake credentials given as a file replace any in the core URL.
         let url = match (&args.intake_url, &args.intake_creds) {
-            (None, Some(_)) => split_credentials(url)?.0,
+            (None, Some(_)) => journal::url::split_credentials(url)?.0,
             _ => url.to_string(),
         };
         connect(
@@ -141,7 +141,7 @@ async fn connect(
     urls: &str,
     creds: Option<&Path>,
 ) -> anyhow::Result<async_nats::Client> {
-    let (addrs, auth) = split_credentials(urls)?;
+    let (addrs, auth) = journal::url::split_credentials(urls)?;
     if creds.is_some() && auth.is_some() {
         bail!("{addrs}: give credentials either in the URL or as a creds file, not both");
     }
@@ -154,13 +154,9 @@ async fn connect(
                 .await
                 .with_context(|| format!("reading NATS credentials {}", path.display()))?;
         }
-        options = match auth.clone() {
-            Some(UrlAuth::UserPassword(user, password)) => {
-                options.user_and_password(user, password)
-            }
-            Some(UrlAuth::Token(token)) => options.token(token),
-            None => options,
-        };
+        if let Some(auth) = auth.clone() {
+            options = auth.apply(options);
+        }
         match options.connect(addrs.as_str()).await {
             Ok(c) => return Ok(c),
             Err(e)
@@ -177,93 +173,5 @@ async fn connect(
             }
             Err(e) => return Err(e).with_context(|| format!("{name}: connecting to {addrs}")),
         }
-    }
-}
-
-/// Credentials carried inside a NATS URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum UrlAuth {
-    /// `nats://user:password@host`.
-    UserPassword(String, String),
-    /// `nats://token@host`.
-    Token(String),
-}
-
-/// Takes `user:password@` (or `token@`) out of each URL of a comma-separated list
-/// (async-nats 0.51 ignores them): the URLs without them, and the credentials (the
-/// same in every URL that carries some).
-fn split_credentials(urls: &str) -> anyhow::Result<(String, Option<UrlAuth>)> {
-    let mut auth: Option<UrlAuth> = None;
-    let mut out = Vec::new();
-    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-        let start = url.find("://").map_or(0, |i| i + 3);
-        let end = url[start..]
-            .find(['/', '?', '#'])
-            .map_or(url.len(), |i| start + i);
-        let Some(at) = url[start..end].rfind('@') else {
-            out.push(url.to_string());
-            continue;
-        };
-        let info = &url[start..start + at];
-        let found = match info.split_once(':') {
-            Some((user, password)) => {
-                UrlAuth::UserPassword(percent_decode(user)?, percent_decode(password)?)
-            }
-            None => UrlAuth::Token(percent_decode(info)?),
-        };
-        if auth.as_ref().is_some_and(|a| *a != found) {
-            bail!("the NATS URLs carry different credentials");
-        }
-        auth = Some(found);
-        out.push(format!("{}{}", &url[..start], &url[start + at + 1..]));
-    }
-    Ok((out.join(","), auth))
-}
-
-/// Decodes `%XX` escapes of a URL's user or password.
-fn percent_decode(s: &str) -> anyhow::Result<String> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut bytes = s.bytes();
-    while let Some(b) = bytes.next() {
-        if b == b'%' {
-            let hex: Vec<u8> = bytes.by_ref().take(2).collect();
-            let v = std::str::from_utf8(&hex)
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .filter(|_| hex.len() == 2)
-                .context("a bad %-escape in the NATS URL's credentials")?;
-            out.push(v);
-        } else {
-            out.push(b);
-        }
-    }
-    String::from_utf8(out).context("the NATS URL's credentials are not UTF-8")
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn credentials_come_out_of_the_urls() {
-        let (urls, auth) =
-            split_credentials("nats://sched:p%40ss@a:4222, nats://sched:p%40ss@b:4222").unwrap();
-        assert_eq!(urls, "nats://a:4222,nats://b:4222");
-        assert_eq!(
-            auth,
-            Some(UrlAuth::UserPassword("sched".into(), "p@ss".into()))
-        );
-        let (urls, auth) = split_credentials("tok@127.0.0.1:4222").unwrap();
-        assert_eq!(
-            (urls.as_str(), auth),
-            ("127.0.0.1:4222", Some(UrlAuth::Token("tok".into())))
-        );
-        assert_eq!(
-            split_credentials("nats://h:1").unwrap(),
-            ("nats://h:1".into(), None)
-        );
-        assert!(split_credentials("nats://a:b@h:1,nats://c:d@h:2").is_err());
-        assert!(split_credentials("nats://a:b%4@h:1").is_err());
     }
 }

@@ -371,7 +371,9 @@ mod tests {
     #[test]
     fn the_server_s_last_sequence_is_read_from_its_error() {
         assert_eq!(
-            server_last_sequence("jetstream error: wrong last sequence: 1234 (code 400, error code 10071)"),
+            server_last_sequence(
+                "jetstream error: wrong last sequence: 1234 (code 400, error code 10071)"
+            ),
             Some(1234)
         );
         assert_eq!(server_last_sequence("wrong last sequence"), None);

@@ -169,29 +169,8 @@ async fn main() {
 /// Connects with the URL's `user:password@` (or `token@`; async-nats 0.51 ignores them
 /// in a URL) or the credentials file; neither: as the server's anonymous client.
 async fn connect(nats: &NatsArgs) -> Result<async_nats::Client> {
-    let mut auth = None;
-    let mut urls = Vec::new();
-    for url in nats.url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-        let start = url.find("://").map_or(0, |i| i + 3);
-        let end = url[start..]
-            .find(['/', '?', '#'])
-            .map_or(url.len(), |i| start + i);
-        let Some(at) = url[start..end].rfind('@') else {
-            urls.push(url.to_string());
-            continue;
-        };
-        let info = &url[start..start + at];
-        let found = match info.split_once(':') {
-            Some((user, password)) => (percent_decode(user)?, Some(percent_decode(password)?)),
-            None => (percent_decode(info)?, None),
-        };
-        if auth.as_ref().is_some_and(|a| *a != found) {
-            bail!("the NATS URLs carry different credentials");
-        }
-        auth = Some(found);
-        urls.push(format!("{}{}", &url[..start], &url[start + at + 1..]));
-    }
-    let urls = urls.join(",");
+    let (urls, auth) = journal::url::split_credentials(&nats.url)?;
+
     let mut options = async_nats::ConnectOptions::new()
         .name("turnstile-cli")
         .event_callback(|event| async move {
@@ -209,37 +188,15 @@ async fn connect(nats: &NatsArgs) -> Result<async_nats::Client> {
             .await
             .with_context(|| format!("reading NATS credentials {}", path.display()))?;
     }
-    options = match auth {
-        Some((user, Some(password))) => options.user_and_password(user, password),
-        Some((token, None)) => options.token(token),
-        None => options,
-    };
+    if let Some(auth) = auth {
+        options = auth.apply(options);
+    }
     let client = options
         .connect(urls.as_str())
         .await
         .with_context(|| format!("connecting to {urls} (set NATS_URL)"))?;
     setup::check_server(&client)?;
     Ok(client)
-}
-
-/// Decodes the `%XX` escapes of a URL's user or password.
-fn percent_decode(s: &str) -> Result<String> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut bytes = s.bytes();
-    while let Some(b) = bytes.next() {
-        if b == b'%' {
-            let hex: Vec<u8> = bytes.by_ref().take(2).collect();
-            let v = std::str::from_utf8(&hex)
-                .ok()
-                .filter(|h| h.len() == 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .context("a bad %-escape in the credentials of NATS_URL")?;
-            out.push(v);
-        } else {
-            out.push(b);
-        }
-    }
-    String::from_utf8(out).context("the credentials in NATS_URL are not UTF-8")
 }
 
 async fn run(cli: Cli) -> Result<i32> {

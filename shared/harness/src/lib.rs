@@ -131,41 +131,18 @@ fn random_password() -> Result<String> {
 }
 
 /// Takes `user:password@` out of a NATS URL (async-nats 0.51 ignores credentials in a
-/// URL): the URL without them, and the user and password (percent-escapes decoded).
+/// URL): the URL without them, and the user and password (see `journal::url`).
 pub fn split_url_credentials(url: &str) -> (String, Option<(String, String)>) {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    let end = url[start..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| start + i);
-    let Some(at) = url[start..end].rfind('@') else {
-        return (url.to_string(), None);
-    };
-    let info = &url[start..start + at];
-    let (user, password) = info.split_once(':').unwrap_or((info, ""));
-    let bare = format!("{}{}", &url[..start], &url[start + at + 1..]);
-    (bare, Some((percent_decode(user), percent_decode(password))))
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
-        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
+    match journal::url::split_credentials(url) {
+        Ok((bare, Some(journal::url::UrlAuth::UserPassword(user, password)))) => {
+            (bare, Some((user, password)))
         }
+        Ok((bare, Some(journal::url::UrlAuth::Token(token)))) => {
+            (bare, Some((token, String::new())))
+        }
+        Ok((bare, None)) => (bare, None),
+        Err(_) => (url.to_string(), None),
     }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// How to start a server.
@@ -272,12 +249,7 @@ impl NatsServer {
     /// Stops and starts the server on the same store and the same port, so that
     /// connected clients reconnect to it by themselves.
     pub fn restart_in_place(&mut self) -> Result<()> {
-        let port = self
-            .url
-            .rsplit(':')
-            .next()
-            .unwrap_or("-1")
-            .to_string();
+        let port = self.url.rsplit(':').next().unwrap_or("-1").to_string();
         self.stop();
         self.launch_on(&port)
     }

@@ -5,7 +5,9 @@
 
 use futures::{Stream, StreamExt};
 
-use protocol::verify::{check_run, ChainPoint, Fault, FaultKind, LogVerifier, TrustedKeys, Verdict};
+use protocol::verify::{
+    check_run, ChainPoint, Fault, FaultKind, LogVerifier, TrustedKeys, Verdict,
+};
 use protocol::wire::Run;
 use protocol::{chain, ProcessId};
 
@@ -47,7 +49,12 @@ pub enum Judged {
 pub fn judge(verifier: &mut LogVerifier, msg: LogMessage) -> Judged {
     let decoded = msg.decode();
     let checked = match &decoded {
-        Ok(run) => check_run(run, verifier.process(), verifier.trusted(), verifier.required()),
+        Ok(run) => check_run(
+            run,
+            verifier.process(),
+            verifier.trusted(),
+            verifier.required(),
+        ),
         Err(_) => Ok(()),
     };
     judge_checked(verifier, msg, decoded, checked)
@@ -102,7 +109,9 @@ pub async fn load_head(
         });
     };
     if let Ok(run) = last.decode() {
-        if check_run(&run, process, trusted, &[]).is_ok() && fast_path_holds(reader, process, trusted, &run, last.seq).await? {
+        if check_run(&run, process, trusted, &[]).is_ok()
+            && fast_path_holds(reader, process, trusted, &run, last.seq).await?
+        {
             return Ok(Loaded {
                 point: point_after(&run, last.seq),
                 tail_seq: last.seq,
@@ -186,7 +195,9 @@ pub async fn judged(
     end: Option<u64>,
 ) -> Result<impl Stream<Item = Result<Judged>> + Unpin> {
     let messages = reader.messages(process, start, end).await?;
-    Ok(Box::pin(messages.map(move |m| m.map(|m| judge(&mut verifier, m)))))
+    Ok(Box::pin(
+        messages.map(move |m| m.map(|m| judge(&mut verifier, m))),
+    ))
 }
 
 /// The judged messages of `process` from the run holding slot `from` (the whole
@@ -213,12 +224,24 @@ pub async fn start_at(
     trusted: &TrustedKeys,
     from: u64,
 ) -> Result<(LogVerifier, u64, u64)> {
-    let tail = reader.last_message(process).await?.map(|m| m.seq).unwrap_or(0);
+    let tail = reader
+        .last_message(process)
+        .await?
+        .map(|m| m.seq)
+        .unwrap_or(0);
     Ok(if from == 0 {
-        (LogVerifier::from_genesis(process.clone(), trusted.clone(), vec![]), 1, tail)
+        (
+            LogVerifier::from_genesis(process.clone(), trusted.clone(), vec![]),
+            1,
+            tail,
+        )
     } else {
         let start = reader.locate(process, from).await?.unwrap_or(tail + 1);
-        (LogVerifier::resume(process.clone(), trusted.clone(), vec![], None, None), start, tail)
+        (
+            LogVerifier::resume(process.clone(), trusted.clone(), vec![], None, None),
+            start,
+            tail,
+        )
     })
 }
 

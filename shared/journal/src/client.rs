@@ -144,10 +144,13 @@ pub async fn settings_applied(
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let inbox = nats.new_inbox();
-        let mut sub = nats.subscribe(inbox.clone()).await.map_err(|e| Error::JetStream {
-            op: "ask the schedulers",
-            reason: e.to_string(),
-        })?;
+        let mut sub = nats
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| Error::JetStream {
+                op: "ask the schedulers",
+                reason: e.to_string(),
+            })?;
         nats.publish_with_reply("$SRV.STATS.turnstile-scheduler", inbox, Bytes::new())
             .await
             .map_err(|e| Error::JetStream {

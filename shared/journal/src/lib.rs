@@ -11,6 +11,7 @@
 //! - [`audit`]: the verification driver (reads the log, feeds the pure verifier).
 //! - [`client`]: the request/reply client of the scheduler (what the CLI uses).
 //! - [`keyring`]: publishing and fetching scheduler public keys.
+//! - [`url`]: credentials inside NATS URLs.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -21,6 +22,7 @@ pub mod keyring;
 pub mod reader;
 pub mod setup;
 pub mod subjects;
+pub mod url;
 
 pub use protocol;
 
@@ -70,6 +72,9 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A NATS URL that cannot be used.
+    #[error("{0}")]
+    BadUrl(String),
     /// A protocol-level error (invalid process id, decode failure, ...).
     #[error(transparent)]
     Protocol(#[from] protocol::Error),

@@ -172,10 +172,8 @@ fn lenient_headers(block: &[u8]) -> HeaderMap {
             continue;
         };
         let (name, value) = (name.trim(), value.trim());
-        let valid_name = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_graphic() && b != b':');
+        let valid_name =
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
         if valid_name && !value.contains(['\r', '\n']) {
             h.append(name, value);
         }
@@ -239,16 +237,20 @@ impl LogReader {
     /// One `STREAM.MSG.GET` (answered by the stream leader, so never stale), read
     /// leniently: a stored message whose headers do not parse is still returned (the
     /// client library's own getter fails on it, which would make a process unreadable).
-    async fn msg_get(&self, op: &'static str, request: &serde_json::Value) -> Result<Option<LogMessage>> {
+    async fn msg_get(
+        &self,
+        op: &'static str,
+        request: &serde_json::Value,
+    ) -> Result<Option<LogMessage>> {
         let subject = format!("STREAM.MSG.GET.{}", self.subjects.log_stream());
-        let answer: ApiAnswer = self
-            .js
-            .request(subject, request)
-            .await
-            .map_err(|e| Error::JetStream {
-                op,
-                reason: e.to_string(),
-            })?;
+        let answer: ApiAnswer =
+            self.js
+                .request(subject, request)
+                .await
+                .map_err(|e| Error::JetStream {
+                    op,
+                    reason: e.to_string(),
+                })?;
         match (answer.message, answer.error) {
             (Some(m), _) => LogMessage::from_api(&m).map(Some),
             (None, Some(e)) if e.err_code == NO_MESSAGE_FOUND => Ok(None),

@@ -371,14 +371,13 @@ impl Receipt {
             &self.merkle_path,
         )
         .map_err(|_| "merkle path does not fit the run")?;
-        let statement =
-            keys::run_statement(
-                &self.process,
-                self.run_prev_seq,
-                self.run_first_slot,
-                self.run_count,
-                &root,
-            );
+        let statement = keys::run_statement(
+            &self.process,
+            self.run_prev_seq,
+            self.run_first_slot,
+            self.run_count,
+            &root,
+        );
         self.seal.check(&statement)
     }
 
@@ -728,7 +727,9 @@ mod fast {
             self.take(n)
         }
         fn string(&mut self) -> Option<String> {
-            std::str::from_utf8(self.str_bytes()?).ok().map(str::to_string)
+            std::str::from_utf8(self.str_bytes()?)
+                .ok()
+                .map(str::to_string)
         }
         fn key(&mut self, name: &str) -> Option<()> {
             (self.str_bytes()? == name.as_bytes()).then_some(())
@@ -901,10 +902,7 @@ mod tests {
         run.process = "pé-1".into();
         run.prev_seq = u64::MAX;
         run.first_slot = 1 << 40;
-        run.entries[1].headers = vec![
-            ("z".into(), "ü".repeat(40)),
-            ("a".into(), String::new()),
-        ];
+        run.entries[1].headers = vec![("z".into(), "ü".repeat(40)), ("a".into(), String::new())];
         run.entries[2].message_id = "m".repeat(300);
         run.entries[3].timestamp_ms = 0;
         for (i, e) in run.entries.iter_mut().enumerate() {
@@ -927,8 +925,8 @@ mod tests {
         let small = run_of("p", &[b"ab", b"c"], &kp).encode().unwrap();
         for at in 0..small.len() {
             for b in [
-                0x00, 0x01, 0x07, 0x7f, 0x80, 0x87, 0x90, 0xa1, 0xc0, 0xc4, 0xcc, 0xcf, 0xd0,
-                0xd9, 0xdc, 0xde, 0xff,
+                0x00, 0x01, 0x07, 0x7f, 0x80, 0x87, 0x90, 0xa1, 0xc0, 0xc4, 0xcc, 0xcf, 0xd0, 0xd9,
+                0xdc, 0xde, 0xff,
             ] {
                 let mut m = small.clone();
                 m[at] = b;

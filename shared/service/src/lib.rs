@@ -456,15 +456,17 @@ impl Request {
         h.insert(subjects::ERROR, code);
         h.insert(subjects::SERVICE_ERROR_CODE, status.to_string().as_str());
         // A header value is one line: keep the message on one.
-        h.insert(subjects::SERVICE_ERROR, message.replace(['\r', '\n'], " ").as_str());
+        h.insert(
+            subjects::SERVICE_ERROR,
+            message.replace(['\r', '\n'], " ").as_str(),
+        );
         self.send(Some(h), Bytes::new()).await
     }
 
     async fn send(&self, headers: Option<HeaderMap>, payload: Bytes) -> Result<()> {
-        self.stats.processing_ns.fetch_add(
-            self.started.elapsed().as_nanos() as u64,
-            Ordering::Relaxed,
-        );
+        self.stats
+            .processing_ns
+            .fetch_add(self.started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let Some(reply) = &self.reply else {
             return Ok(());
         };
