@@ -508,8 +508,19 @@ impl Actor {
         if let Some(h) = self.head {
             return Ok(h);
         }
-        let trusted = self.shared.trusted();
-        let loaded = chain::load_head(self.reader(), &self.process, &trusted).await?;
+        let mut loaded =
+            chain::load_head(self.reader(), &self.process, &self.shared.trusted()).await?;
+        // A run sealed by a key we have not read yet (another replica started after us)
+        // is not foreign: learn the key and load again.
+        let mut learned = false;
+        for f in &loaded.faults {
+            if let FaultKind::UntrustedKey(k) = &f.kind {
+                learned |= self.shared.learn_key(k).await;
+            }
+        }
+        if learned {
+            loaded = chain::load_head(self.reader(), &self.process, &self.shared.trusted()).await?;
+        }
         if loaded.scanned {
             Metrics::bump(&self.shared.metrics.head_scans);
         }
@@ -809,7 +820,19 @@ impl Actor {
                         break;
                     }
                 }
-                Judged::Foreign(f) => self.shared.fault(&self.process, &f),
+                Judged::Foreign(f) => {
+                    if let FaultKind::UntrustedKey(k) = &f.kind {
+                        if self.shared.learn_key(k).await {
+                            // Not foreign after all: judge it again from a fresh load.
+                            self.head = None;
+                            return Err(journal::Error::JetStream {
+                                op: "catch up",
+                                reason: format!("learnt key {k}; reloading the head"),
+                            });
+                        }
+                    }
+                    self.shared.fault(&self.process, &f)
+                }
             }
         }
         self.head = Some(head);

@@ -472,7 +472,8 @@ pub(crate) async fn load_process_configs(
 /// replica's) is trusted from then on. Our own keys stay trusted whatever happens to
 /// the bucket.
 pub(crate) async fn watch_keys(shared: Arc<Shared>, store: kv::Store, shutdown: CancellationToken) {
-    let mut watch = match store.watch(">").await {
+    // With history: a key published between our first read and this watch is not missed.
+    let mut watch = match store.watch_with_history(">").await {
         Ok(w) => w,
         Err(e) => {
             warn!(error = %e, "cannot watch published keys; keys published later need a restart");

@@ -116,12 +116,40 @@ pub(crate) struct Shared {
     pub trusted: RwLock<TrustedKeys>,
     /// The core connection (fault events).
     pub core: async_nats::Client,
+    /// The published-keys bucket (a key met in the log and not yet trusted is looked
+    /// up there before its run is judged foreign).
+    pub keys_kv: async_nats::jetstream::kv::Store,
 }
 
 impl Shared {
     /// The keys trusted now.
     pub fn trusted(&self) -> TrustedKeys {
         self.trusted.read().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Looks `key_id` up in the published keys and trusts it if it is there and is
+    /// what its id says; true when a key was newly trusted. Another replica may have
+    /// published its key after we last read the bucket: its runs are not foreign.
+    pub async fn learn_key(&self, key_id: &str) -> bool {
+        let Ok(Some(bytes)) = self.keys_kv.get(key_id).await else {
+            return false;
+        };
+        let Ok(key) = protocol::wire::PublishedKey::decode(&bytes) else {
+            return false;
+        };
+        let Ok(pk) = <[u8; 32]>::try_from(key.public_key.as_slice()) else {
+            return false;
+        };
+        if protocol::keys::key_id(&pk) != key_id || key.key_id != key_id {
+            return false;
+        }
+        match self.trusted.write() {
+            Ok(mut t) if !t.contains(key_id) => {
+                t.insert(pk);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Reports a fault found in `process`'s log: a counter, an error line and an event
@@ -503,6 +531,7 @@ pub async fn run_with_clock(
         tracker,
         trusted: RwLock::new(trusted),
         core: client.clone(),
+        keys_kv: keys_kv.clone(),
     });
 
     let spec = service::Spec {

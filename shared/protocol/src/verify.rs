@@ -32,6 +32,10 @@ impl TrustedKeys {
         self.keys
             .insert(crate::keys::key_id(&public_key), public_key);
     }
+    /// Whether a key with this id is trusted.
+    pub fn contains(&self, key_id: &str) -> bool {
+        self.keys.contains_key(key_id)
+    }
     /// How many keys are trusted.
     pub fn len(&self) -> usize {
         self.keys.len()
