@@ -127,23 +127,30 @@ async fn range_pages_count_headers_too() -> Result<()> {
     Ok(())
 }
 
-/// A duplicate asked for with `remote_confirmation` is answered as the mode promises:
-/// once the remote has it, or `remote_timeout`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_remote_confirmation_duplicate_waits_for_the_remote() -> Result<()> {
-    let server = server()?;
-    let js = async_nats::jetstream::new(connect_as(&server, harness::Role::Operator).await?);
-    // A "remote" that never receives the log.
+/// A scheduler configuration whose `remote_confirmation` waits for a stream that never
+/// receives the log (created here).
+async fn remote_that_never_confirms(server: &harness::NatsServer) -> Result<Config> {
+    let js = async_nats::jetstream::new(connect_as(server, harness::Role::Operator).await?);
     js.create_stream(async_nats::jetstream::stream::Config {
         name: "NOWHERE".into(),
         subjects: vec!["nowhere.>".into()],
         ..Default::default()
     })
     .await?;
-    let config = Config {
+    Ok(Config {
         remote_stream: Some("NOWHERE".into()),
-        remote_timeout: std::time::Duration::from_millis(300),
         ..Config::default()
+    })
+}
+
+/// A duplicate asked for with `remote_confirmation` is answered as the mode promises:
+/// once the remote has it, or `remote_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_confirmation_duplicate_waits_for_the_remote() -> Result<()> {
+    let server = server()?;
+    let config = Config {
+        remote_timeout: std::time::Duration::from_millis(300),
+        ..remote_that_never_confirms(&server).await?
     };
     let s = InProcess::start(&server, config, vec![test_key(43)]).await?;
     let nats = connect(server.url()).await?;
@@ -699,18 +706,10 @@ async fn process_set_returns_once_every_replica_applies_it() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_in_bytes_is_answered_busy_at_once() -> Result<()> {
     let server = server()?;
-    let js = async_nats::jetstream::new(connect_as(&server, harness::Role::Operator).await?);
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "NOWHERE".into(),
-        subjects: vec!["nowhere.>".into()],
-        ..Default::default()
-    })
-    .await?;
     let config = Config {
         max_queued_bytes_per_process: 1024 * 1024,
-        remote_stream: Some("NOWHERE".into()),
         remote_timeout: std::time::Duration::from_secs(3),
-        ..Config::default()
+        ..remote_that_never_confirms(&server).await?
     };
     let s = InProcess::start(&server, config, vec![test_key(54)]).await?;
     let nats = connect(server.url()).await?;
