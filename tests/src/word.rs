@@ -536,64 +536,6 @@ async fn a_restart_with_5000_active_processes_loads_them_all() -> Result<()> {
     Ok(())
 }
 
-/// A replica that stops (SIGTERM takes the same path) under load drains: it takes no
-/// new request, answers every one it already received, then exits. No request goes
-/// unanswered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopping_replica_answers_every_request_it_received() -> Result<()> {
-    let server = server()?;
-    let a = InProcess::start(&server, Config::default(), vec![test_key(50)]).await?;
-    let b = InProcess::start(&server, Config::default(), vec![test_key(50)]).await?;
-    let nats = connect(server.url()).await?;
-    wait_for_schedulers(&nats, 2).await?;
-    let client =
-        Client::new(nats, Subjects::default()).with_timeout(std::time::Duration::from_secs(10));
-    let stop_at = std::time::Instant::now() + std::time::Duration::from_secs(4);
-    let tasks: Vec<_> = (0..8)
-        .map(|t| {
-            let client = client.clone();
-            tokio::spawn(async move {
-                let p = ProcessId::new(format!("drain-{}", t % 4))?;
-                let (mut ok, mut unanswered) = (0, Vec::new());
-                let mut i = 0;
-                while std::time::Instant::now() < stop_at {
-                    let opts = journal::client::Schedule {
-                        message_id: Some(format!("d{t}-{i}")),
-                        ..Default::default()
-                    };
-                    i += 1;
-                    match client.schedule(&p, Bytes::from("x"), &opts).await {
-                        Ok(_) => ok += 1,
-                        Err(e @ (journal::Error::Timeout(_) | journal::Error::NoResponders(_))) => {
-                            unanswered.push(e.to_string())
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                anyhow::Ok((ok, unanswered))
-            })
-        })
-        .collect();
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    a.stop().await?;
-    let (mut ok, mut unanswered) = (0, Vec::new());
-    for t in tasks {
-        let (o, u) = t.await??;
-        ok += o;
-        unanswered.extend(u);
-    }
-    assert!(
-        unanswered.is_empty(),
-        "{} of {} unanswered: {:?}",
-        unanswered.len(),
-        ok + unanswered.len(),
-        &unanswered[..unanswered.len().min(3)]
-    );
-    assert!(ok > 100);
-    b.stop().await?;
-    Ok(())
-}
-
 /// The same id sent at once to two replicas: one assignment, one `duplicate: false`,
 /// and both receipts are the run the log holds (its slot, its seal).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
