@@ -427,7 +427,7 @@ async fn a_run_damaged_on_disk_is_reported_after_the_reconnect_and_its_slots_not
 
     // Behind everyone's back: stop the server, flip one byte of the last run's body.
     server.stop();
-    let changed = flip_in_files(&server.store_dir(), b"payload-09")?;
+    let changed = patch_files(&server.store_dir(), b"payload-09", b"Payload-09")?;
     assert!(changed >= 1, "the last run's body is in the store");
     server.restart_in_place()?;
 
@@ -449,29 +449,4 @@ async fn a_run_damaged_on_disk_is_reported_after_the_reconnect_and_its_slots_not
     assert_eq!(report.faults[1].slot, 9);
     s.stop().await?;
     Ok(())
-}
-
-/// Flips the first byte of `needle` wherever it is stored under `dir`.
-fn flip_in_files(dir: &std::path::Path, needle: &[u8]) -> Result<usize> {
-    let mut changed = 0;
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            changed += flip_in_files(&path, needle)?;
-            continue;
-        }
-        let mut bytes = std::fs::read(&path)?;
-        let mut hits = 0;
-        for i in 0..bytes.len().saturating_sub(needle.len() - 1) {
-            if &bytes[i..i + needle.len()] == needle {
-                bytes[i] ^= 0x20;
-                hits += 1;
-            }
-        }
-        if hits > 0 {
-            std::fs::write(&path, bytes)?;
-            changed += hits;
-        }
-    }
-    Ok(changed)
 }

@@ -315,3 +315,32 @@ pub fn with_mode(mode: protocol::wire::Mode) -> Schedule {
         ..Default::default()
     }
 }
+
+/// Replaces `from` with `to` (same length) in every file under `dir`; returns how many
+/// places changed.
+pub fn patch_files(dir: &std::path::Path, from: &[u8], to: &[u8]) -> anyhow::Result<usize> {
+    assert_eq!(from.len(), to.len());
+    let mut changed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            changed += patch_files(&path, from, to)?;
+            continue;
+        }
+        let mut bytes = std::fs::read(&path)?;
+        let mut hits = 0;
+        let mut i = 0;
+        while i + from.len() <= bytes.len() {
+            if &bytes[i..i + from.len()] == from {
+                bytes[i..i + from.len()].copy_from_slice(to);
+                hits += 1;
+            }
+            i += 1;
+        }
+        if hits > 0 {
+            std::fs::write(&path, bytes)?;
+            changed += hits;
+        }
+    }
+    Ok(changed)
+}
