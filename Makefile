@@ -16,7 +16,7 @@ DATA            := $(CURDIR)/data
 NATS_URL        ?=
 export NATS_URL
 
-.PHONY: all tools crates build release run stop test bench lint fmt clean vectors
+.PHONY: all tools crates build release run stop test chaos bench lint fmt clean vectors
 
 all: build
 
@@ -76,12 +76,11 @@ release: crates
 run: tools release
 	@mkdir -p "$(DATA)"
 	@if [ -z "$${NATS_URL}" ]; then \
-	  if [ ! -s "$(DATA)/secrets.env" ]; then \
-	    ( umask 077; for v in TS_SCHEDULER_PASSWORD TS_INTAKE_PASSWORD TS_OPERATOR_PASSWORD; do \
-	        echo "$$v=$$(python3 -c 'import secrets; print("p" + secrets.token_hex(16))')"; \
-	      done > "$(DATA)/secrets.env" ); \
-	    echo "made the NATS users' passwords: data/secrets.env"; \
-	  fi; \
+	  for v in TS_SCHEDULER_PASSWORD TS_INTAKE_PASSWORD TS_REPLIES_PASSWORD TS_OPERATOR_PASSWORD; do \
+	    grep -q "^$$v=" "$(DATA)/secrets.env" 2>/dev/null && continue; \
+	    ( umask 077; echo "$$v=$$(python3 -c 'import secrets; print("p" + secrets.token_hex(16))')" >> "$(DATA)/secrets.env" ); \
+	    echo "made a NATS user's password: $$v in data/secrets.env"; \
+	  done; \
 	  chmod 600 "$(DATA)/secrets.env"; set -a; . "$(DATA)/secrets.env"; set +a; \
 	  ( umask 077; echo "NATS_URL=nats://operator:$$TS_OPERATOR_PASSWORD@127.0.0.1:4222" > "$(DATA)/operator.env" ); \
 	  if [ -f "$(DATA)/nats.pid" ] && kill -0 $$(cat "$(DATA)/nats.pid") 2>/dev/null; then echo "nats-server already running"; \
@@ -100,6 +99,7 @@ run: tools release
 	    . "$(DATA)/secrets.env"; \
 	    export NATS_URL="nats://scheduler:$$TS_SCHEDULER_PASSWORD@127.0.0.1:4222"; \
 	    export TS_INTAKE_URL="nats://scheduler-intake:$$TS_INTAKE_PASSWORD@127.0.0.1:4222"; \
+	    export TS_REPLIES_URL="nats://scheduler-replies:$$TS_REPLIES_PASSWORD@127.0.0.1:4222"; \
 	  fi; \
 	  nohup ./target/release/scheduler --key "$(DATA)/scheduler-key.json" > "$(DATA)/scheduler.log" 2>&1 & echo $$! > "$(DATA)/scheduler.pid"; \
 	  sleep 1; kill -0 $$(cat "$(DATA)/scheduler.pid") || { cat "$(DATA)/scheduler.log"; exit 1; }; \
@@ -121,15 +121,25 @@ stop:
 	  if [ -f "$(DATA)/$$p.pid" ]; then kill $$(cat "$(DATA)/$$p.pid") 2>/dev/null || true; rm -f "$(DATA)/$$p.pid"; echo "stopped $$p"; fi; \
 	done
 
-# Every test: unit tests (no server) and system tests (each starts its own nats-server).
+# Every test: unit tests (no server) and system tests (each starts its own nats-server),
+# then a 90-second chaos run (debug build, lighter load).
 test: tools build
 	cargo test --workspace --no-fail-fast
 	@$(MAKE) --no-print-directory vectors
+	./target/debug/chaos --duration 90 --scale 0.3 --workers 4 --out bench-results/chaos-test.json
 
 # The golden vectors, recomputed by an independent Python implementation of schemas/.
 vectors:
 	@python3 -m pip install --quiet --target "$(TOOLS)/py" -r schemas/python/requirements.txt
 	PYTHONPATH="$(TOOLS)/py" python3 schemas/python/check_vectors.py schemas/vectors.json
+
+# Fault injection (README "Chaos"): DURATION seconds of seeded workload and faults
+# against scheduler replicas, checked from the log; SEED (default: random, printed)
+# replays a run.
+DURATION ?= 120
+SEED     ?=
+chaos: tools release
+	./target/release/chaos --duration $(DURATION) $(if $(SEED),--seed $(SEED))
 
 bench: tools release
 	./target/release/bench --out bench-results/bench.json

@@ -3,14 +3,15 @@
 
 Everything here is derived from schemas/*.md only (no Rust source):
   chain.md   - genesis, canonical encoding, hash chain, Merkle tree (RFC 6962/9162
-               shape with BLAKE3), run statement (v2, with prev_seq) and digest, the
-               seal (batch root, batch statement, one signature per batch), and
+               shape with BLAKE3), run statement (v3: prev_seq and the declared keys;
+               v2: without keys) and digest, the seal (batch root, batch statement,
+               one signature per batch), "Which keys a run must carry" and
                "Verifying a log: chain and foreign messages" (class LogVerifier): every
                log scenario of vectors.json ("logs") is fed to it message by message
                and each verdict (chain + data loss, or foreign + fault code) and the
                chain's end must be the expected ones
-  records.md - record version 2: Run (with prev_seq) / Entry / Seal / Commitment /
-               Receipt (with run_prev_seq) MessagePack records,
+  records.md - record version 3 (and 2, still read): Run (prev_seq, keys) / Entry /
+               Seal / Commitment / Receipt (run_prev_seq, run_keys) MessagePack records,
                key_id, "A receipt verifies alone"; the Receipt vector
                (receipt.msgpack_hex) is decoded, verified alone, compared field by
                field with the receipt built from the decoded run, re-encoded
@@ -211,13 +212,22 @@ def verify_inclusion(leaf_index: int, tree_size: int, entry: bytes,
     return r is not None and r == root
 
 
-RECORD_VERSION = 2          # records.md: refuse a `v` other than 2
+RECORD_VERSION = 3          # records.md: what is written now
+READ_VERSIONS = (2, 3)      # records.md: runs (and receipts) of version 2 are still read
 
 
-def run_statement(process: str, prev_seq: int, first_slot: int, count: int, root: bytes) -> bytes:
-    """chain.md "The run statement and its digest" (record version 2)."""
-    return (b"turnstile/run/v2" + s(process) + u64be(prev_seq)
-            + u64be(first_slot) + u64be(count) + root)
+def run_statement(process: str, prev_seq: int, first_slot: int, count: int, root: bytes,
+                  keys: list[str] | None) -> bytes:
+    """chain.md "The run statement and its digest": version 3 with the declared key
+    set (`keys`, a list); version 2 (keys None) without it, under its own tag."""
+    if keys is None:
+        return (b"turnstile/run/v2" + s(process) + u64be(prev_seq)
+                + u64be(first_slot) + u64be(count) + root)
+    out = (b"turnstile/run/v3" + s(process) + u64be(prev_seq)
+           + u64be(first_slot) + u64be(count) + root + u32be(len(keys)))
+    for k in keys:
+        out += s(k)
+    return out
 
 
 def batch_statement(batch_size: int, batch_root: bytes) -> bytes:
@@ -291,12 +301,30 @@ def parse_seal(m, what: str = "Seal") -> dict:
 
 
 ENTRY_FIELDS = ["slot", "message_id", "timestamp_ms", "headers", "body", "prev_hash", "chain_hash"]
-RUN_FIELDS = ["v", "process", "prev_seq", "first_slot", "entries", "seal"]
+RUN_FIELDS = ["v", "process", "prev_seq", "first_slot", "keys", "entries", "seal"]
+RUN_FIELDS_V2 = [f for f in RUN_FIELDS if f != "keys"]
 SEAL_FIELDS = ["batch_size", "batch_index", "batch_path", "commitments"]
 COMMITMENT_FIELDS = ["key_id", "public_key", "signature"]
 RECEIPT_FIELDS = ["v", "process", "slot", "message_id", "timestamp_ms", "headers", "body_hash",
                   "prev_hash", "chain_hash", "durable", "duplicate", "run_prev_seq",
-                  "run_first_slot", "run_count", "merkle_path", "seal"]
+                  "run_first_slot", "run_count", "run_keys", "merkle_path", "seal"]
+RECEIPT_FIELDS_V2 = [f for f in RECEIPT_FIELDS if f != "run_keys"]
+
+
+def _version(m, what: str) -> int:
+    _need(isinstance(m, dict), f"{what} is not a map")
+    _need("v" in m, f"{what} lacks field(s) ['v']")
+    v = m["v"]
+    _need(_is_uint(v) and v in READ_VERSIONS, f"{what}.v is {v!r}, not one of {READ_VERSIONS}")
+    return v
+
+
+def parse_key_set(x, what: str) -> list[str]:
+    """records.md Run.keys: key ids, sorted by their UTF-8 bytes, each once."""
+    _need(isinstance(x, list) and all(isinstance(k, str) for k in x), f"{what} is not an array of str")
+    b = [k.encode("utf-8") for k in x]
+    _need(all(b[i] < b[i + 1] for i in range(len(b) - 1)), f"{what} is not sorted and distinct")
+    return list(x)
 
 
 def parse_entry(m, what: str) -> dict:
@@ -314,8 +342,10 @@ def parse_entry(m, what: str) -> dict:
 
 
 def parse_run(m) -> dict:
-    r = _fields(m, RUN_FIELDS, "Run")
-    _need(_is_uint(r["v"]) and r["v"] == RECORD_VERSION, f"Run.v is {r['v']!r}, not {RECORD_VERSION}")
+    v = _version(m, "Run")
+    r = _fields(m, RUN_FIELDS if v >= 3 else RUN_FIELDS_V2, "Run")
+    # A version 2 run declares no key set (a `keys` field there is unknown: ignored).
+    r["keys"] = parse_key_set(r["keys"], "Run.keys") if v >= 3 else None
     _need(isinstance(r["process"], str), "Run.process is not str")
     _need(_is_uint(r["prev_seq"]), "Run.prev_seq is not uint")
     _need(_is_uint(r["first_slot"]), "Run.first_slot is not uint")
@@ -328,9 +358,9 @@ def parse_run(m) -> dict:
 
 
 def parse_receipt(m) -> dict:
-    r = _fields(m, RECEIPT_FIELDS, "Receipt")
-    _need(_is_uint(r["v"]) and r["v"] == RECORD_VERSION,
-          f"Receipt.v is {r['v']!r}, not {RECORD_VERSION}")
+    v = _version(m, "Receipt")
+    r = _fields(m, RECEIPT_FIELDS if v >= 3 else RECEIPT_FIELDS_V2, "Receipt")
+    r["run_keys"] = parse_key_set(r["run_keys"], "Receipt.run_keys") if v >= 3 else None
     _need(isinstance(r["process"], str), "Receipt.process is not str")
     for k in ("slot", "timestamp_ms", "run_prev_seq", "run_first_slot", "run_count"):
         _need(_is_uint(r[k]), f"Receipt.{k} is not uint")
@@ -366,7 +396,8 @@ def seal_fault(seal: dict, digest: bytes, trusted: dict[str, bytes],
                required: list[str]) -> tuple[str, str] | None:
     """chain.md "The seal" and rule 3 of "Verifying a log": None when the seal holds,
     else (fault code, why). Checked in the order rule 3 lists them: no commitment, a
-    key not trusted, a signature that does not verify, a required key id missing."""
+    key not trusted, a signature that does not verify, a required key id missing
+    (`required`: the run's declared keys, then the verifier's own)."""
     if not seal["commitments"]:
         return "unsigned", "the seal has no commitment"
     for c in seal["commitments"]:
@@ -406,7 +437,8 @@ def verify_seal(seal: dict, digest: bytes, trusted: dict[str, bytes], required: 
 # --------------------------------------------------------------------------
 
 FAULT_CODES = ["undecodable", "wrong_process", "broken_link", "bad_chain_hash", "unsigned",
-               "untrusted_key", "bad_signature", "missing_key", "replayed", "fork"]
+               "untrusted_key", "bad_signature", "missing_key", "replayed", "fork",
+               "unauthorized_key_change"]
 LOSS_CODES = ["lost", "gap"]
 
 
@@ -439,8 +471,8 @@ def run_fault(run: dict, process: str, trusted: dict[str, bytes],
         if ch != e["chain_hash"]:
             return "bad_chain_hash", f"slot {slot}: chain hash does not recompute"
         chain.append(ch)
-    digest = H(run_statement(process, run["prev_seq"], first, len(entries), mth(chain)))
-    return seal_fault(run["seal"], digest, trusted, required)
+    digest = H(run_statement(process, run["prev_seq"], first, len(entries), mth(chain), run["keys"]))
+    return seal_fault(run["seal"], digest, trusted, (run["keys"] or []) + list(required))
 
 
 class LogVerifier:
@@ -459,6 +491,9 @@ class LogVerifier:
             # "Verifying from slot `from` > 0": the first run's place (prev_seq) and
             # first prev_hash are taken as given.
             self.next_slot, self.prev, self.last_seq = None, None, None
+        # "Which keys a run must carry": the key set the chain's last run declares;
+        # None when there is none to hand over from (genesis, a version 2 run, mid-log).
+        self.keys = None
         self.chain_runs = []          # (seq, run) of the runs that continue the chain
 
     def feed(self, seq: int, data: bytes) -> dict:
@@ -483,6 +518,14 @@ class LogVerifier:
             if first == self.next_slot and first_prev != self.prev:
                 return {"verdict": "foreign", "fault": "fork",
                         "why": f"starts at {first} but does not link to the chain's head"}
+            # Rule 6: it links to the chain's last run; a change of the declared set
+            # must be sealed by every key of that run's set too.
+            if first == self.next_slot and self.keys is not None and run["keys"] != self.keys:
+                signed_by = {c["key_id"] for c in run["seal"]["commitments"]}
+                absent = [k for k in self.keys if k not in signed_by]
+                if absent:
+                    return {"verdict": "foreign", "fault": "unauthorized_key_change",
+                            "why": f"declares {run['keys']} after {self.keys} without a seal by {absent[0]}"}
         lost = []
         if before is not None and run["prev_seq"] > before:
             lost.append("lost")
@@ -490,6 +533,7 @@ class LogVerifier:
             lost.append("gap")
         self.next_slot = first + len(run["entries"])
         self.prev = run["entries"][-1]["chain_hash"]
+        self.keys = run["keys"]
         self.chain_runs.append((seq, run))
         return {"verdict": "chain", "lost": lost}
 
@@ -544,8 +588,8 @@ def verify_receipt(raw_receipt, trusted: dict[str, bytes], required: list[str]) 
     if root is None:
         raise VerifyError(slot, f"merkle path invalid for index {index} of {r['run_count']}")
     digest = H(run_statement(r["process"], r["run_prev_seq"], r["run_first_slot"],
-                             r["run_count"], root))
-    verify_seal(r["seal"], digest, trusted, required, slot)
+                             r["run_count"], root, r["run_keys"]))
+    verify_seal(r["seal"], digest, trusted, (r["run_keys"] or []) + list(required), slot)
 
 
 def decoded_of(decoded: list, process: str) -> list:
@@ -556,8 +600,8 @@ def build_receipt(run: dict, i: int) -> dict:
     """Receipt for entry i of a decoded Run (records.md Receipt, fields in order)."""
     e = run["entries"][i]
     chain = [x["chain_hash"] for x in run["entries"]]
-    return {
-        "v": RECORD_VERSION,
+    out = {
+        "v": run["v"],
         "process": run["process"],
         "slot": e["slot"],
         "message_id": e["message_id"],
@@ -571,9 +615,13 @@ def build_receipt(run: dict, i: int) -> dict:
         "run_prev_seq": run["prev_seq"],
         "run_first_slot": run["first_slot"],
         "run_count": len(run["entries"]),
+        "run_keys": run["keys"],
         "merkle_path": audit_path(i, chain),
         "seal": run["seal"],
     }
+    if run["keys"] is None:          # a version 2 run's receipt has no run_keys
+        del out["run_keys"]
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -707,12 +755,22 @@ def run_checks(v: dict) -> dict:
         # chain.md "Vectors": proc-A's run is written after nothing (0), proc-B's after 7.
         check_eq(prev_seq, {v["process"]: 0, v["other_process"]["process"]: 7}[process],
                  f"{tag}: prev_seq as chain.md 'Vectors' gives it")
-        stmt = run_statement(process, prev_seq, first, count, root)
+        keys = rv["keys"]
+        check(isinstance(keys, list) and all(isinstance(k, str) for k in keys),
+              f"{tag}: the run declares a key set (record version 3)")
+        stmt = run_statement(process, prev_seq, first, count, root, keys)
         check_eq(stmt.hex(), rv["statement_hex"], f"{tag}: run statement")
-        pb = len(b"turnstile/run/v2") + 4 + len(process.encode("utf-8"))
+        check_eq(stmt[:16], b"turnstile/run/v3", f"{tag}: statement tag turnstile/run/v3")
+        pb = len(b"turnstile/run/v3") + 4 + len(process.encode("utf-8"))
         check_eq(stmt[pb:pb + 8], u64be(prev_seq), f"{tag}: statement has u64be(prev_seq) after str(process)")
-        check(run_statement(process, prev_seq + 1, first, count, root) != stmt,
+        check_eq(stmt[pb + 24 + 32:], u32be(len(keys)) + b"".join(s(k) for k in keys),
+                 f"{tag}: statement ends with the declared keys (count, then str(id) each)")
+        check(run_statement(process, prev_seq + 1, first, count, root, keys) != stmt,
               f"{tag}: statement changes with prev_seq")
+        check(run_statement(process, prev_seq, first, count, root, keys + ["zz"]) != stmt,
+              f"{tag}: statement changes with the declared keys")
+        check(run_statement(process, prev_seq, first, count, root, None) != stmt,
+              f"{tag}: a version 2 statement differs")
         digest = H(stmt)
         check_eq(digest.hex(), rv["run_digest"], f"{tag}: run digest = H(statement)")
         digests.append(digest)
@@ -813,7 +871,7 @@ def run_checks(v: dict) -> dict:
         # Re-encode from the vector inputs (fields in table order, compact ints, bin/str).
         rebuilt = encode({
             "v": RECORD_VERSION, "process": process, "prev_seq": rv["prev_seq"],
-            "first_slot": rv["first_slot"],
+            "first_slot": rv["first_slot"], "keys": rv["keys"],
             "entries": [{
                 "slot": a["slot"], "message_id": a["message_id"], "timestamp_ms": a["timestamp_ms"],
                 "headers": a["headers"], "body": bytes.fromhex(a["body_hex"]),
@@ -948,6 +1006,7 @@ def check_log_scenarios(v: dict, kid: str, pk: bytes) -> list[str]:
         check_eq(lv.next_slot, end["next_slot"], f"{tag}: the chain ends before slot {end['next_slot']}")
         check_eq(lv.prev.hex(), end["chain_head"], f"{tag}: the chain head")
         check_eq(lv.last_seq, end["last_seq"], f"{tag}: the next write expects the subject's last message")
+        check_eq(lv.keys, end["keys"], f"{tag}: the key set the chain's last run declares")
         # The chain itself: consecutive slots from 0 (less reported gaps), timestamps
         # never decrease (chain.md: a verifier may check it too).
         ts = [e["timestamp_ms"] for _, r in lv.chain_runs for e in r["entries"]]
@@ -1161,8 +1220,13 @@ def negative_receipt_vector(raw: bytes, rc: dict, trusted, kid) -> None:
     expect_fail(rc, "trusted key set empty", trusted_={})
     expect_fail(rc, "required key absent", required=("ffffffffffffffff",))
     # record rules
-    expect_fail(alt(v=1), "v != 2 (record version 1)")
-    expect_fail(alt(v=3), "v != 2 (a later version)")
+    expect_fail(alt(v=1), "v = 1 (record version 1)")
+    expect_fail(alt(v=4), "v = 4 (a later version)")
+    expect_fail(alt(v=2), "v = 2 (read as a version 2 receipt: run_keys ignored, statement differs)")
+    expect_fail(alt(run_keys=[]), "run_keys emptied")
+    expect_fail(alt(run_keys=sorted(rc["run_keys"] + ["ffffffffffffffff"])), "run_keys with a key added")
+    t = copy.deepcopy(rc); del t["run_keys"]
+    expect_fail(t, "run_keys missing")
     t = copy.deepcopy(rc); del t["seal"]
     expect_fail(t, "seal missing")
     # in the MessagePack bytes themselves
@@ -1267,10 +1331,34 @@ def negative_checks(v, decoded, receipts, trusted, kid, procs) -> None:
     foreign(t, "untrusted_key", "key_id not the id of public_key")
     foreign(rec, "untrusted_key", "key not trusted", trusted_={})
     foreign(rec, "missing_key", "required key missing", required=(kid, "ffffffffffffffff"))
+    # the declared key set is signed, and every key of it must seal the run
+    t = copy.deepcopy(rec); t["keys"] = sorted(t["keys"] + ["ffffffffffffffff"])
+    foreign(t, "bad_signature", "a key added to the declared set (the statement signs it)")
+    t = copy.deepcopy(rec); t["keys"] = []
+    foreign(t, "bad_signature", "the declared set emptied")
+    if rec["keys"]:
+        other_kid = "0" * 16 if rec["keys"][0] != "0" * 16 else "1" * 16
+        t = copy.deepcopy(rec); t["keys"] = sorted(rec["keys"] + [other_kid])
+        digest = H(run_statement(process, t["prev_seq"], t["first_slot"], len(t["entries"]),
+                                 mth([e["chain_hash"] for e in t["entries"]]), t["keys"]))
+        t["seal"] = {"batch_size": 1, "batch_index": 0, "batch_path": [],
+                     "commitments": [{"key_id": kid, "public_key": trusted[kid],
+                                      "signature": nacl.signing.SigningKey(bytes.fromhex(v["key"]["secret_seed"])).sign(batch_statement(1, leaf(digest))).signature}]}
+        foreign(t, "missing_key", "a key it declares did not seal it (re-sealed by the vector key)")
+        t2 = copy.deepcopy(t); t2["keys"] = list(reversed(t["keys"]))
+        foreign(t2, "undecodable", "declared keys not sorted")
+        t2 = copy.deepcopy(t); t2["keys"] = [t["keys"][0]] * 2
+        foreign(t2, "undecodable", "declared keys repeated")
 
     # 5. record / log structure
     t = copy.deepcopy(rec); t["v"] = 1
-    foreign(t, "undecodable", "record v = 1 (not this record version)")
+    foreign(t, "undecodable", "record v = 1 (not a version read)")
+    t = copy.deepcopy(rec); t["v"] = 4
+    foreign(t, "undecodable", "record v = 4 (a later version)")
+    t = copy.deepcopy(rec); t["v"] = 2
+    foreign(t, "bad_signature", "record relabelled v = 2 (keys ignored, the v2 statement is not what was signed)")
+    t = copy.deepcopy(rec); del t["keys"]
+    foreign(t, "undecodable", "version 3 record without keys")
     t = copy.deepcopy(rec); del t["seal"]
     foreign(t, "undecodable", "record without seal")
     t = copy.deepcopy(rec); del t["prev_seq"]

@@ -12,6 +12,7 @@
 //! - `bad_input`: malformed and hostile requests mixed into load, as raw bytes.
 //! - `word`: the scheduler keeps its word (stalls, bursts, limits, races).
 //! - `hostile`: foreign messages on the log, replies aimed into our own space.
+//! - `keys_history`: required keys decided from the log (declared per run, handed over).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -24,6 +25,8 @@ mod bad_input;
 mod hostile;
 #[cfg(test)]
 mod integrity;
+#[cfg(test)]
+mod keys_history;
 #[cfg(test)]
 mod malformed;
 #[cfg(test)]

@@ -16,10 +16,10 @@ use harness::NatsServer;
 pub use harness::Role;
 use journal::audit::{self, Report, Scope};
 use journal::client::{Client, Schedule};
-use journal::reader::LogReader;
+use journal::reader::{LogReader, StoredRun};
 use journal::subjects::Subjects;
 use protocol::keys::Keypair;
-use protocol::verify::TrustedKeys;
+use protocol::verify::{Fault, TrustedKeys};
 use protocol::wire::{Entry, ErrorCode, Receipt};
 use protocol::ProcessId;
 use scheduler::{Config, Keyring};
@@ -67,10 +67,7 @@ impl InProcess {
         config: Config,
         keys: Vec<Keypair>,
     ) -> Result<InProcess> {
-        let connections = scheduler::Connections {
-            core: connect_as(server, Role::Scheduler).await?,
-            intake: connect_as(server, Role::SchedulerIntake).await?,
-        };
+        let connections = connections(server).await?;
         let shutdown = CancellationToken::new();
         let keyring = Keyring::new(keys)?;
         let handle = tokio::spawn(scheduler::run(
@@ -87,6 +84,64 @@ impl InProcess {
         self.shutdown.cancel();
         self.handle.await?.map_err(|e| anyhow!(e))
     }
+}
+
+/// Runs the `turnstile` CLI with `args` against `url` (as the user inside it, if any)
+/// and waits for it, at most 60 s.
+pub async fn turnstile(url: &str, args: &[&str]) -> Result<std::process::Output> {
+    let out = tokio::process::Command::new(harness::workspace_bin("turnstile")?)
+        .args(args)
+        .env("NATS_URL", url)
+        .env_remove("NATS_CREDS")
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .context("turnstile did not finish within 60 s")?
+        .context("running turnstile")
+}
+
+/// A CLI run's exit code and output, for a failing assertion's message.
+pub fn show(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Every decodable run of `process` as stored (nothing judged), with its stream
+/// sequence, read as the operator.
+pub async fn stored_runs(
+    server: &NatsServer,
+    process: &ProcessId,
+) -> Result<Vec<(u64, protocol::wire::Run)>> {
+    let js = async_nats::jetstream::new(connect_as(server, Role::Operator).await?);
+    let reader = journal::reader::LogReader::open(js, Subjects::default()).await?;
+    let tail = reader.last_message(process).await?.map_or(0, |m| m.seq);
+    let mut messages = reader.messages(process, 1, Some(tail)).await?;
+    let mut runs = Vec::new();
+    while let Some(m) = messages.next().await {
+        let m = m?;
+        if let Ok(run) = m.decode() {
+            runs.push((m.seq, run));
+        }
+    }
+    Ok(runs)
+}
+
+/// A scheduler's connections to `server`, each under its identity.
+pub async fn connections(server: &NatsServer) -> Result<scheduler::Connections> {
+    Ok(scheduler::Connections {
+        core: connect_as(server, Role::Scheduler).await?,
+        intake: vec![
+            connect_as(server, Role::SchedulerIntake).await?,
+            connect_as(server, Role::SchedulerIntake).await?,
+        ],
+        replies: Some(connect_as(server, Role::SchedulerReplies).await?),
+        events: Default::default(),
+    })
 }
 
 /// Waits until `n` schedulers answer the services-API PING.
@@ -110,12 +165,25 @@ pub async fn wait_for_schedulers(client: &async_nats::Client, n: usize) -> Resul
 }
 
 /// Starts a scheduler on `server` as a separate process (so a test can SIGKILL it),
-/// with its two identities ([`Role::Scheduler`], [`Role::SchedulerIntake`]).
+/// with its three identities ([`Role::Scheduler`], [`Role::SchedulerIntake`],
+/// [`Role::SchedulerReplies`]), as deployed.
 pub fn spawn_scheduler(
     server: &NatsServer,
     key: &std::path::Path,
     extra: &[&str],
 ) -> Result<harness::Process> {
+    Ok(harness::Process::spawn(scheduler_command(
+        server, key, extra,
+    )?)?)
+}
+
+/// The command [`spawn_scheduler`] runs, for a caller that changes it first (e.g.
+/// sends its output to a file).
+pub fn scheduler_command(
+    server: &NatsServer,
+    key: &std::path::Path,
+    extra: &[&str],
+) -> Result<Command> {
     let bin = harness::workspace_bin("scheduler")?;
     let mut cmd = Command::new(bin);
     cmd.arg("--key")
@@ -123,8 +191,9 @@ pub fn spawn_scheduler(
         .args(extra)
         .env("NATS_URL", server.url_as(Role::Scheduler))
         .env("TS_INTAKE_URL", server.url_as(Role::SchedulerIntake))
+        .env("TS_REPLIES_URL", server.url_as(Role::SchedulerReplies))
         .env("RUST_LOG", "warn");
-    Ok(harness::Process::spawn(cmd)?)
+    Ok(cmd)
 }
 
 /// Schedules with retries on the failures a client should retry (no responders,
@@ -157,14 +226,29 @@ pub async fn read_log(url: &str, process: &ProcessId) -> Result<Vec<Entry>> {
     let js = async_nats::jetstream::new(connect(url).await?);
     let trusted = published_keys(&js).await?;
     let reader = LogReader::open(js, Subjects::default()).await?;
-    let mut judged = journal::chain::from_slot(&reader, process, &trusted, 0, false).await?;
-    let mut out = Vec::new();
+    let (runs, _) = read_runs(&reader, &trusted, process).await?;
+    Ok(runs.into_iter().flat_map(|r| r.run.entries).collect())
+}
+
+/// Every run of `process`'s chain, in log order, judged with `trusted` keys, and
+/// every fault met on the way (foreign messages, losses).
+pub async fn read_runs(
+    reader: &LogReader,
+    trusted: &TrustedKeys,
+    process: &ProcessId,
+) -> Result<(Vec<StoredRun>, Vec<Fault>)> {
+    let mut judged = journal::chain::from_slot(reader, process, trusted, 0, false).await?;
+    let (mut runs, mut faults) = (Vec::new(), Vec::new());
     while let Some(j) = judged.next().await {
-        if let journal::chain::Judged::Chain { run, .. } = j? {
-            out.extend(run.run.entries);
+        match j? {
+            journal::chain::Judged::Chain { run, lost } => {
+                faults.extend(lost);
+                runs.push(run);
+            }
+            journal::chain::Judged::Foreign(fault) => faults.push(fault),
         }
     }
-    Ok(out)
+    Ok((runs, faults))
 }
 
 /// The keys published in the deployment's keys bucket.

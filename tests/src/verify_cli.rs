@@ -3,60 +3,20 @@
 
 #![cfg(test)]
 
-use std::process::Output;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use harness::{NatsServer, Role};
+use harness::Role;
 use journal::client::{Client, Schedule};
 use journal::subjects::Subjects;
-use protocol::wire::{FaultEvent, Run};
+use protocol::wire::FaultEvent;
 use protocol::ProcessId;
 use scheduler::Config;
 
 use crate::support::*;
-
-/// Runs `turnstile args…` against `url` (as the anonymous client) and waits for it.
-async fn turnstile(url: &str, args: &[&str]) -> Result<Output> {
-    let out = tokio::process::Command::new(harness::workspace_bin("turnstile")?)
-        .args(args)
-        .env("NATS_URL", url)
-        .env_remove("NATS_CREDS")
-        .kill_on_drop(true)
-        .output();
-    Ok(tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .context("turnstile did not finish within 60 s")??)
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Every run of `process` as stored, with its stream sequence.
-async fn stored_runs(server: &NatsServer, process: &ProcessId) -> Result<Vec<(u64, Run)>> {
-    let js = async_nats::jetstream::new(connect_as(server, Role::Operator).await?);
-    let reader = journal::reader::LogReader::open(js, Subjects::default()).await?;
-    let tail = reader.last_message(process).await?.map_or(0, |m| m.seq);
-    let mut messages = reader.messages(process, 1, Some(tail)).await?;
-    let mut runs = Vec::new();
-    while let Some(m) = messages.next().await {
-        let m = m?;
-        if let Ok(run) = m.decode() {
-            runs.push((m.seq, run));
-        }
-    }
-    Ok(runs)
-}
 
 async fn schedule_n(client: &Client, p: &ProcessId, n: usize) -> Result<()> {
     for i in 0..n {

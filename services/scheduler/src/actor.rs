@@ -24,7 +24,7 @@ use protocol::verify::{check_run, ChainPoint, Fault, FaultKind, LogVerifier};
 use protocol::wire::{ErrorCode, Mode, Run};
 use protocol::ProcessId;
 
-use crate::core::{self, Decision, DedupeIndex, Head, NewMessage, Seen};
+use crate::core::{self, Decision, DedupeIndex, Head, KeyPlan, NewMessage, Seen};
 use crate::metrics::Metrics;
 use crate::reply::{Refusal, Replier};
 use crate::writer::{Outcome, Write};
@@ -67,6 +67,8 @@ pub struct Job {
     pub body: Bytes,
     /// Its share of the admission bounds, given back when the job is dropped (answered).
     pub admission: Option<crate::Admission>,
+    /// When the intake queued it.
+    pub queued: tokio::time::Instant,
 }
 
 impl Job {
@@ -138,6 +140,9 @@ pub(crate) async fn run(
                     }
                 }
             };
+            let Some(first) = actor.fresh(first).await else {
+                continue;
+            };
             // Everything a run carries counts: its payload and its Ts-Ids header.
             let mut bytes = first.cost();
             let mut ids = first.ids_cost();
@@ -145,6 +150,9 @@ pub(crate) async fn run(
             while batch.len() < actor.shared.limits.max_run_entries {
                 match rx.try_recv() {
                     Ok(j) => {
+                        let Some(j) = actor.fresh(j).await else {
+                            continue;
+                        };
                         if bytes + j.cost() > actor.shared.limits.max_run_bytes
                             || ids + j.ids_cost() > crate::IDS_HEADER_BUDGET
                         {
@@ -205,6 +213,29 @@ struct Actor {
 impl Actor {
     fn reader(&self) -> &LogReader {
         &self.shared.reader
+    }
+
+    /// `job`, unless it waited in the queue past `max_queue_wait`: then it is answered
+    /// `busy` (nothing of it was planned, so a retry is safe) and none.
+    async fn fresh(&self, job: Job) -> Option<Job> {
+        let waited = job.queued.elapsed();
+        let limit = self.shared.config.max_queue_wait;
+        if waited <= limit {
+            return Some(job);
+        }
+        self.shared.metrics.shed.fetch_add(1, Ordering::Relaxed);
+        job.reply
+            .refuse(Refusal::new(
+                ErrorCode::Busy,
+                format!(
+                    "waited {} ms in this process's queue (limit {} ms); retry in {} ms",
+                    waited.as_millis(),
+                    limit.as_millis(),
+                    crate::BUSY_RETRY_MS
+                ),
+            ))
+            .await;
+        None
     }
 
     /// Schedules one batch: answers duplicates, writes the rest as one run.
@@ -276,7 +307,7 @@ impl Actor {
                 Some(a) => a,
                 None => {
                     let Some((kept, early, attempt)) =
-                        self.prepare(head, jobs, answered_early).await
+                        self.prepare(head.clone(), jobs, answered_early).await
                     else {
                         return;
                     };
@@ -352,7 +383,10 @@ impl Actor {
                 Some(seq) => Some(seq),
                 None => match self.catch_up(Some(run)).await {
                     Ok(found) => {
-                        let moved = self.head.is_some_and(|h| h.seq != attempt.head.seq);
+                        let moved = self
+                            .head
+                            .as_ref()
+                            .is_some_and(|h| h.seq != attempt.head.seq);
                         if found.is_none() && !moved {
                             // Refused, yet nothing new to read: the server's record of the
                             // subject's last message is not what its store holds (a
@@ -473,17 +507,28 @@ impl Actor {
                 }
             })
             .collect();
+        // The run declares the settings' keys; a change of them is sealed by the keys
+        // of the set it replaces too (schemas/chain.md "Which keys a run must carry").
+        let keys = KeyPlan::new(
+            &self.shared.process_config(&self.process).keys,
+            head.keys.as_deref(),
+        );
         let (mut run, tree) = core::build_run(&self.process, &head, messages, now);
+        run.keys = Some(keys.declares.clone());
         let digest = protocol::seal::run_digest(&run.statement_for(&tree));
         match self
             .shared
             .signer
-            .seal(self.shared.process_config(&self.process).keys, digest)
+            .seal(keys.seal_with.clone(), digest)
             .await
         {
             Ok(seal) => run.seal = seal,
             Err(id) => {
-                let msg = format!("process requires key {id}, which this scheduler does not hold");
+                let msg = if keys.declares.contains(&id) {
+                    format!("process requires key {id}, which this scheduler does not hold")
+                } else {
+                    format!("the process's required keys change from {:?} to {:?}: the run that changes them must also be sealed by key {id}, which this scheduler does not hold", head.keys.as_deref().unwrap_or_default(), keys.declares)
+                };
                 refuse_all(&keep, &keep_early, ErrorCode::MissingKey, &msg).await;
                 return None;
             }
@@ -505,8 +550,8 @@ impl Actor {
     /// head is verified (schemas/chain.md): the tail must be a sealed run in its
     /// place that links to the run before it, else the whole subject is judged.
     async fn load(&mut self) -> journal::Result<Head> {
-        if let Some(h) = self.head {
-            return Ok(h);
+        if let Some(h) = &self.head {
+            return Ok(h.clone());
         }
         let mut loaded =
             chain::load_head(self.reader(), &self.process, &self.shared.trusted()).await?;
@@ -539,12 +584,13 @@ impl Actor {
             seq: loaded.tail_seq,
             run_seq: loaded.point.seq,
             timestamp_ms,
+            keys: loaded.point.keys,
         };
         self.index = DedupeIndex::new(self.shared.config.dedupe_window.as_millis() as u64);
         if loaded.tail_seq > 0 {
             self.load_window(&head).await?;
         }
-        self.head = Some(head);
+        self.head = Some(head.clone());
         Ok(head)
     }
 
@@ -682,7 +728,9 @@ impl Actor {
     async fn on_signals(&mut self, signals: &Signals) {
         let recheck = signals.recheck.swap(false, Ordering::Relaxed);
         let landed = signals.landed.load(Ordering::Relaxed);
-        let Some(head) = self.head else { return };
+        let Some(head) = self.head.clone() else {
+            return;
+        };
         let result = if recheck {
             self.recheck(head).await
         } else if landed > head.seq {
@@ -774,13 +822,14 @@ impl Actor {
     /// skipped. Returns the sequence of `ours` if it is among them (compared whole:
     /// its entries, place and seal).
     async fn catch_up(&mut self, ours: Option<&Run>) -> journal::Result<Option<u64>> {
-        let Some(mut head) = self.head else {
+        let Some(mut head) = self.head.clone() else {
             return Ok(None);
         };
         let point = ChainPoint {
             next_slot: head.next_slot,
             prev: head.prev,
             seq: head.run_seq,
+            keys: head.keys.clone(),
         };
         let mut verifier = LogVerifier::resume(
             self.process.clone(),

@@ -44,6 +44,10 @@ pub struct Config {
     pub max_queued_bytes: usize,
     /// The same, per process.
     pub max_queued_bytes_per_process: usize,
+    /// A request that waited longer than this in its process's queue is answered
+    /// `busy` instead of being scheduled: under sustained overload a client hears
+    /// "retry" in bounded time rather than a receipt after its own timeout.
+    pub max_queue_wait: Duration,
     /// An idle process actor stops after this long (its state is reloaded from the log).
     pub idle_actor: Duration,
 }
@@ -66,6 +70,7 @@ impl Default for Config {
             queue_per_process: 65_536,
             max_queued_bytes: 512 * 1024 * 1024,
             max_queued_bytes_per_process: 64 * 1024 * 1024,
+            max_queue_wait: Duration::from_secs(5),
             idle_actor: Duration::from_secs(600),
         }
     }

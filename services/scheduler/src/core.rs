@@ -6,6 +6,7 @@
 //! - [`DedupeIndex`]: client message ids seen within the idempotency window.
 //! - [`plan`]: which requests are duplicates and which get new slots.
 //! - [`build_run`]: the run of new assignments, chained (the signer seals it).
+//! - [`KeyPlan`]: the key set a run declares and the keys that must seal it.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -17,7 +18,7 @@ use protocol::wire::{Entry, Run, RECORD_VERSION};
 use protocol::ProcessId;
 
 /// Where a process's chain stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
     /// The slot the next assignment gets.
     pub next_slot: u64,
@@ -31,6 +32,9 @@ pub struct Head {
     pub run_seq: u64,
     /// Timestamp of the last assignment; timestamps never go backwards.
     pub timestamp_ms: u64,
+    /// The key set the chain's last run declares (none: no run yet, or a version 2
+    /// run): a next run declaring another set is sealed by these keys too.
+    pub keys: Option<Vec<String>>,
 }
 
 impl Head {
@@ -42,6 +46,7 @@ impl Head {
             seq: 0,
             run_seq: 0,
             timestamp_ms: 0,
+            keys: None,
         }
     }
 
@@ -53,6 +58,7 @@ impl Head {
             seq,
             run_seq: seq,
             timestamp_ms: run.entries.last().map(|e| e.timestamp_ms).unwrap_or(0),
+            keys: run.keys.clone(),
         }
     }
 }
@@ -218,8 +224,44 @@ pub struct NewMessage {
     pub body: Vec<u8>,
 }
 
+/// Which keys the next run of a process carries (schemas/chain.md "Which keys a run
+/// must carry"): it declares the process settings' keys, and is sealed by them and —
+/// when the chain's last run declares another set — by every key of that set too
+/// (the handover: the keys that were required consent to the change).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPlan {
+    /// The set the run declares: the settings' keys, sorted, each once (empty: no
+    /// particular key; the scheduler's default key seals it).
+    pub declares: Vec<String>,
+    /// The key ids that seal the run (empty: the default key).
+    pub seal_with: Vec<String>,
+}
+
+impl KeyPlan {
+    /// The plan for a run declaring `settings` after a run declaring `head`.
+    pub fn new(settings: &[String], head: Option<&[String]>) -> KeyPlan {
+        let declares = protocol::keys::key_set(settings);
+        let seal_with = match head {
+            Some(old) if old != declares.as_slice() => {
+                protocol::keys::key_set(&[declares.as_slice(), old].concat())
+            }
+            _ => declares.clone(),
+        };
+        KeyPlan {
+            declares,
+            seal_with,
+        }
+    }
+
+    /// Whether the run hands the chain over from another key set.
+    pub fn is_handover(&self) -> bool {
+        self.seal_with != self.declares
+    }
+}
+
 /// Builds the run of `messages` on top of `head`, timestamped `max(now_ms, head's)`,
-/// not yet sealed. Returns the run's Merkle tree too (for its statement and receipts).
+/// declaring the head's key set (the actor declares its [`KeyPlan`]'s), not yet
+/// sealed. Returns the run's Merkle tree too (for its statement and receipts).
 pub fn build_run(
     process: &ProcessId,
     head: &Head,
@@ -261,6 +303,7 @@ pub fn build_run(
         process: process.to_string(),
         prev_seq: head.seq,
         first_slot: head.next_slot,
+        keys: Some(head.keys.clone().unwrap_or_default()),
         entries,
         seal: Seal::default(),
     };
@@ -401,6 +444,42 @@ mod tests {
         assert_eq!(
             (head.next_slot, head.timestamp_ms, v.checked()),
             (6, 600, 6)
+        );
+    }
+
+    #[test]
+    fn the_next_run_declares_the_settings_and_is_sealed_by_the_keys_it_replaces_too() {
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // No change: the settings' keys (sorted, once), nothing more.
+        let same = KeyPlan::new(&ids(&["k2", "k1", "k2"]), Some(&ids(&["k1", "k2"])));
+        assert_eq!(same.declares, ids(&["k1", "k2"]));
+        assert_eq!(same.seal_with, ids(&["k1", "k2"]));
+        assert!(!same.is_handover());
+        // A change: the old keys seal the handover run as well.
+        let change = KeyPlan::new(&ids(&["k2"]), Some(&ids(&["k1"])));
+        assert_eq!(change.declares, ids(&["k2"]));
+        assert_eq!(change.seal_with, ids(&["k1", "k2"]));
+        assert!(change.is_handover());
+        // To no particular key: the old keys seal it (not the default key alone).
+        let to_default = KeyPlan::new(&[], Some(&ids(&["k1"])));
+        assert_eq!(
+            (to_default.declares, to_default.seal_with),
+            (vec![], ids(&["k1"]))
+        );
+        // Nothing to hand over from: genesis, or a version 2 run.
+        let first = KeyPlan::new(&ids(&["k3"]), None);
+        assert_eq!(
+            (first.declares, first.seal_with),
+            (ids(&["k3"]), ids(&["k3"]))
+        );
+        let p = ProcessId::new("p").unwrap();
+        let mut head = Head::genesis(&p);
+        head.keys = Some(ids(&["k1"]));
+        let (run, _) = build_run(&p, &head, vec![msg("a")], 1);
+        assert_eq!(
+            run.keys,
+            Some(ids(&["k1"])),
+            "a run continues its head's set"
         );
     }
 }

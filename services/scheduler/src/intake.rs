@@ -18,6 +18,7 @@ use protocol::wire::{ErrorCode, Mode, ProcessConfig, RangePage, RangeRequest, Sl
 use protocol::ProcessId;
 
 use crate::actor::Job;
+use crate::metrics::Metrics;
 use crate::reply::{Refusal, Replier};
 use crate::Shared;
 
@@ -75,8 +76,12 @@ pub(crate) async fn schedule_loop(
                     headers: parts.headers,
                     body: parts.body,
                     admission: None,
+                    queued: tokio::time::Instant::now(),
                 };
                 if let Err((job, refusal)) = shared.actors.submit(&shared, process, job) {
+                    if refusal.code == ErrorCode::Busy {
+                        Metrics::bump(&shared.metrics.busy);
+                    }
                     job.reply.refuse(refusal).await;
                 }
             }

@@ -261,7 +261,7 @@ impl Drop for Admission {
 }
 
 /// The hint a `busy` refusal gives.
-const BUSY_RETRY_MS: u64 = 100;
+pub(crate) const BUSY_RETRY_MS: u64 = 100;
 
 /// The live process actors: one queue each.
 #[derive(Default)]
@@ -407,10 +407,40 @@ pub struct Connections {
     /// Writes the log, reads JetStream, publishes events: the only connection whose
     /// user may publish on `<prefix>.log.>`, the buckets and the JetStream API.
     pub core: async_nats::Client,
-    /// Takes client requests and answers them: a user that may subscribe to the
-    /// request subjects and publish nothing but replies (`allow_responses`).
-    pub intake: async_nats::Client,
+    /// Take client requests: a user that may subscribe to the request subjects and
+    /// publish nothing but replies (`allow_responses`). Every endpoint subscribes on
+    /// each (one queue group), so requests are read in parallel and a burst meets the
+    /// server's per-connection `max_pending` once per connection. Their
+    /// subscriptions' buffers are sized by [`INTAKE_SUBSCRIPTION_CAPACITY`]. At least one.
+    pub intake: Vec<async_nats::Client>,
+    /// Publishes every answer (user `scheduler-replies`: it may answer anywhere but in
+    /// our own space, as it receives no request `allow_responses` could follow): answers
+    /// never queue behind requests, nor requests behind answers, nor either behind log
+    /// writes. None: the answers leave on the intake connection.
+    pub replies: Option<async_nats::Client>,
+    /// Each connection's events, counted in `$SRV.STATS` (`connections`,
+    /// `slow_consumer_drops`); install them with `service::ConnectionEvents::install`.
+    pub events: ConnectionsEvents,
 }
+
+/// The event counters of [`Connections`], one per connection.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionsEvents {
+    /// Of the core connection.
+    pub core: Arc<service::ConnectionEvents>,
+    /// Of the intake connections.
+    pub intake: Arc<service::ConnectionEvents>,
+    /// Of the replies connection.
+    pub replies: Arc<service::ConnectionEvents>,
+}
+
+/// Messages each intake subscription buffers between the connection's reader and the
+/// intake loop (async-nats drops past it, counted as `slow_consumer_drops`). The loop
+/// answers at once (`busy` past admission), so the buffer only has to cover the
+/// loop's own hiccups and a burst the server held for us while this replica was
+/// stopped or starved: 256 Ki requests is about 3 s at the measured peak of a
+/// replica. tokio's channel grows by blocks as it fills, so an idle buffer costs nothing.
+pub const INTAKE_SUBSCRIPTION_CAPACITY: usize = 256 * 1024;
 
 /// Runs the scheduler until `shutdown` is cancelled, with the system clock.
 pub async fn run(
@@ -440,7 +470,12 @@ pub async fn run_with_clock(
     let Connections {
         core: client,
         intake,
+        replies,
+        events,
     } = connections;
+    if intake.is_empty() {
+        return Err(Error::Config("no intake connection".into()));
+    }
     let version = setup::check_server(&client)?;
     let subjects = Subjects::new(&config.prefix)?;
     let js = jetstream::new(client.clone());
@@ -564,16 +599,31 @@ pub async fn run_with_clock(
             ),
         ]),
     };
-    let service =
-        service::Service::start(intake.clone(), spec, subjects.clone(), move |endpoint| {
+    let service = service::Service::start_split(
+        intake.clone(),
+        replies.clone(),
+        spec,
+        subjects.clone(),
+        move |endpoint| {
             if endpoint == "schedule" {
                 metrics.snapshot()
             } else {
                 serde_json::Value::Null
             }
-        })
-        .await
-        .map_err(|e| Error::Service(e.to_string()))?;
+        },
+    )
+    .await
+    .map_err(|e| Error::Service(e.to_string()))?;
+    service.watch("core", client.clone(), events.core);
+    // The intake connections share one event counter (their library statistics are
+    // shown each on its own).
+    for (i, c) in intake.iter().enumerate() {
+        let name = format!("intake-{}", i + 1);
+        service.watch(&name, c.clone(), Arc::clone(&events.intake));
+    }
+    if let Some(r) = &replies {
+        service.watch("replies", r.clone(), events.replies);
+    }
     let endpoint = |name: &'static str, subject: String| {
         let service = service.clone();
         async move {
@@ -587,10 +637,9 @@ pub async fn run_with_clock(
     let slot = endpoint("slot", subjects.slot_all()).await?;
     let range = endpoint("range", subjects.range_all()).await?;
     let keys = endpoint("keys", subjects.keys()).await?;
-    intake
-        .flush()
-        .await
-        .map_err(|e| Error::Service(e.to_string()))?;
+    for c in &intake {
+        c.flush().await.map_err(|e| Error::Service(e.to_string()))?;
+    }
     service
         .announce()
         .await
@@ -652,7 +701,12 @@ pub async fn run_with_clock(
         warn!("some process actors did not finish within 15 s");
     }
     // Make sure every reply has left before the connections go.
-    let _ = intake.flush().await;
+    if let Some(r) = &replies {
+        let _ = r.flush().await;
+    }
+    for c in &intake {
+        let _ = c.flush().await;
+    }
     let _ = client.flush().await;
     info!("scheduler stopped");
     Ok(())

@@ -34,6 +34,19 @@ struct Args {
     /// NATS credentials file of the intake connection.
     #[arg(long, env = "TS_INTAKE_CREDS")]
     intake_creds: Option<PathBuf>,
+    /// Intake connections: every endpoint subscribes on each (one queue group), so
+    /// requests are read in parallel and a burst meets the server's per-connection
+    /// `max_pending` once per connection.
+    #[arg(long, env = "TS_INTAKE_CONNECTIONS", default_value_t = 2)]
+    intake_connections: usize,
+    /// NATS server URL(s) of the replies connection (publishes the answers, subscribes
+    /// to nothing: user `scheduler-replies`); may carry `user:password@`. Default: none,
+    /// the answers leave on the intake connection.
+    #[arg(long, env = "TS_REPLIES_URL")]
+    replies_url: Option<String>,
+    /// NATS credentials file of the replies connection.
+    #[arg(long, env = "TS_REPLIES_CREDS")]
+    replies_creds: Option<PathBuf>,
     /// Key file(s) made by `turnstile keygen`; the first is the default signer.
     #[arg(long = "key", env = "TS_KEYS", value_delimiter = ',', required = true)]
     keys: Vec<String>,
@@ -49,6 +62,10 @@ struct Args {
     /// Idempotency window for message ids, in seconds.
     #[arg(long, env = "TS_DEDUPE_WINDOW_SECS", default_value_t = 600)]
     dedupe_window_secs: u64,
+    /// A request that waited longer than this in its process's queue is answered
+    /// `busy` (retry) instead of being scheduled late.
+    #[arg(long, env = "TS_MAX_QUEUE_WAIT_MS", default_value_t = 5000)]
+    max_queue_wait_ms: u64,
     /// Most assignments per run (one log write).
     #[arg(long, default_value_t = 1000)]
     max_run_entries: usize,
@@ -65,6 +82,27 @@ struct Args {
     /// Replicas of the log stream when this scheduler creates it.
     #[arg(long, env = "TS_REPLICAS", default_value_t = 1)]
     replicas: usize,
+    /// Testing aid (fault injection, `make chaos`): run with the system clock shifted
+    /// by this many milliseconds (negative: behind).
+    #[arg(
+        long,
+        env = "TS_CLOCK_SKEW_MS",
+        default_value_t = 0,
+        allow_hyphen_values = true,
+        hide = true
+    )]
+    clock_skew_ms: i64,
+}
+
+/// The system clock shifted by a fixed number of milliseconds (`--clock-skew-ms`).
+struct SkewedClock(i64);
+
+impl scheduler::Clock for SkewedClock {
+    fn now_ms(&self) -> u64 {
+        scheduler::SystemClock
+            .now_ms()
+            .saturating_add_signed(self.0)
+    }
 }
 
 #[tokio::main]
@@ -83,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
         max_body: args.max_body,
         dedupe_window: Duration::from_secs(args.dedupe_window_secs),
         max_run_entries: args.max_run_entries,
+        max_queue_wait: Duration::from_millis(args.max_queue_wait_ms.max(1)),
         remote_stream: args.remote_stream,
         remote_domain: args.remote_domain,
         replicas: args.replicas,
@@ -90,15 +129,19 @@ async fn main() -> anyhow::Result<()> {
         ..Config::default()
     };
     let keyring = Keyring::from_files(&args.keys)?;
-    let core = connect("turnstile-scheduler", &args.nats_url, args.creds.as_deref()).await?;
-    let intake = if args.intake_url.is_none() && args.intake_creds.is_none() {
+    let events = scheduler::ConnectionsEvents::default();
+    let core = connect(
+        "turnstile-scheduler",
+        &args.nats_url,
+        args.creds.as_deref(),
+        &events.core,
+        None,
+    )
+    .await?;
+    // The intake identity takes requests on one connection and answers on another.
+    let (intake_url, intake_creds) = if args.intake_url.is_none() && args.intake_creds.is_none() {
         tracing::warn!("no intake identity (TS_INTAKE_URL / TS_INTAKE_CREDS): client requests are taken and answered with the core user's rights");
-        connect(
-            "turnstile-scheduler-intake",
-            &args.nats_url,
-            args.creds.as_deref(),
-        )
-        .await?
+        (args.nats_url.clone(), args.creds.as_deref())
     } else {
         let url = args.intake_url.as_deref().unwrap_or(&args.nats_url);
         // Intake credentials given as a file replace any in the core URL.
@@ -106,12 +149,32 @@ async fn main() -> anyhow::Result<()> {
             (None, Some(_)) => journal::url::split_credentials(url)?.0,
             _ => url.to_string(),
         };
-        connect(
-            "turnstile-scheduler-intake",
-            &url,
-            args.intake_creds.as_deref(),
-        )
-        .await?
+        (url, args.intake_creds.as_deref())
+    };
+    let mut intake = Vec::new();
+    for _ in 0..args.intake_connections.max(1) {
+        intake.push(
+            connect(
+                "turnstile-scheduler-intake",
+                &intake_url,
+                intake_creds,
+                &events.intake,
+                Some(scheduler::INTAKE_SUBSCRIPTION_CAPACITY),
+            )
+            .await?,
+        );
+    }
+    let replies = if args.replies_url.is_none() && args.replies_creds.is_none() {
+        None
+    } else {
+        let url = args.replies_url.as_deref().unwrap_or(&args.nats_url);
+        let url = match (&args.replies_url, &args.replies_creds) {
+            (None, Some(_)) => journal::url::split_credentials(url)?.0,
+            _ => url.to_string(),
+        };
+        let name = "turnstile-scheduler-replies";
+        let events = &events.replies;
+        Some(connect(name, &url, args.replies_creds.as_deref(), events, None).await?)
     };
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
@@ -127,19 +190,34 @@ async fn main() -> anyhow::Result<()> {
         }
         signal.cancel();
     });
-    let connections = scheduler::Connections { core, intake };
-    scheduler::run(config, keyring, connections, shutdown).await?;
+    let connections = scheduler::Connections {
+        core,
+        intake,
+        replies,
+        events,
+    };
+    if args.clock_skew_ms != 0 {
+        tracing::warn!(
+            skew_ms = args.clock_skew_ms,
+            "clock skewed on purpose (--clock-skew-ms)"
+        );
+    }
+    let clock = std::sync::Arc::new(SkewedClock(args.clock_skew_ms));
+    scheduler::run_with_clock(config, keyring, connections, shutdown, clock).await?;
     Ok(())
 }
 
 /// Connects as `name` to `urls` (comma-separated; `user:password@` or `token@` inside is
-/// used, as the nats CLI does) with the credentials file `creds`, if any. Waits for
-/// the server (a service may start before NATS does) up to 30 s; a refused identity
-/// fails at once.
+/// used, as the nats CLI does) with the credentials file `creds`, if any, counting its
+/// events in `events` and buffering `capacity` messages per subscription (default:
+/// the library's). Waits for the server (a service may start before NATS does) up
+/// to 30 s; a refused identity fails at once.
 async fn connect(
     name: &str,
     urls: &str,
     creds: Option<&Path>,
+    events: &std::sync::Arc<service::ConnectionEvents>,
+    capacity: Option<usize>,
 ) -> anyhow::Result<async_nats::Client> {
     let (addrs, auth) = journal::url::split_credentials(urls)?;
     if creds.is_some() && auth.is_some() {
@@ -147,7 +225,10 @@ async fn connect(
     }
     let mut attempt = 0;
     loop {
-        let mut options = async_nats::ConnectOptions::new().name(name);
+        let mut options = events.install(name, async_nats::ConnectOptions::new().name(name));
+        if let Some(c) = capacity {
+            options = options.subscription_capacity(c);
+        }
         if let Some(path) = creds {
             options = options
                 .credentials_file(path)

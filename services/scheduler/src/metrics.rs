@@ -25,6 +25,10 @@ pub struct Metrics {
     pub faults: AtomicU64,
     /// Heads loaded by reading a whole subject (the tail was not a verified run).
     pub head_scans: AtomicU64,
+    /// Requests answered `busy` at intake: an admission bound (bytes or count) was full.
+    pub busy: AtomicU64,
+    /// Requests answered `busy` after waiting past `max_queue_wait` in their queue.
+    pub shed: AtomicU64,
     /// The newest revision of the process-settings bucket this replica applied
     /// (`turnstile process set` waits until every replica reports its write).
     pub settings_revision: AtomicU64,
@@ -50,6 +54,8 @@ impl Metrics {
             "duplicates": get(&self.duplicates),
             "faults": get(&self.faults),
             "head_scans": get(&self.head_scans),
+            "busy": get(&self.busy),
+            "shed": get(&self.shed),
             "settings_revision": get(&self.settings_revision),
         })
     }

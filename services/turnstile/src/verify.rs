@@ -57,9 +57,11 @@ pub struct Args {
     /// published in the deployment's keys bucket.
     #[arg(long = "trust", value_name = "KEY_FILE")]
     trust: Vec<PathBuf>,
-    /// Key ids that must have committed to every run (repeatable, or comma-separated).
-    /// Default: none. The required keys in a process's settings are not applied here
-    /// (their semantics are being redesigned): name them with --require.
+    /// Key ids that must have committed to every run, on top of the keys each run
+    /// declares (repeatable, or comma-separated). Default: none. What a process
+    /// required when is read from its log (each run declares its required keys, and a
+    /// change is sealed by the keys it replaces: schemas/chain.md); today's settings
+    /// are never applied to history.
     #[arg(long = "require", value_name = "KEY_ID", value_delimiter = ',')]
     require: Vec<String>,
     /// Print one JSON document (per process: checked, runs, last_slot, faults; totals)

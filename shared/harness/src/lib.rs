@@ -94,18 +94,25 @@ pub enum Role {
     Scheduler,
     /// The scheduler's intake connection: takes requests, publishes only replies.
     SchedulerIntake,
+    /// `scheduler-replies` (PUBLIC): the scheduler's answers.
+    SchedulerReplies,
     /// Everything: process settings, keys, stream administration.
     Operator,
 }
 
 impl Role {
     /// Every role with a password: the user name and the variable nats-server reads it from.
-    const WITH_PASSWORD: [(Role, &'static str, &'static str); 3] = [
+    const WITH_PASSWORD: [(Role, &'static str, &'static str); 4] = [
         (Role::Scheduler, "scheduler", "TS_SCHEDULER_PASSWORD"),
         (
             Role::SchedulerIntake,
             "scheduler-intake",
             "TS_INTAKE_PASSWORD",
+        ),
+        (
+            Role::SchedulerReplies,
+            "scheduler-replies",
+            "TS_REPLIES_PASSWORD",
         ),
         (Role::Operator, "operator", "TS_OPERATOR_PASSWORD"),
     ];
@@ -218,9 +225,27 @@ impl NatsServer {
         self.child.as_ref().map(Child::id)
     }
 
+    /// How the server ended, if it has (e.g. killed by the kernel); it is reaped then,
+    /// and [`NatsServer::restart_in_place`] starts it again.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
+    /// The server's log file (kept across restarts).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("nats.log")
+    }
+
     /// The JetStream store directory (kept across [`NatsServer::restart`]).
     pub fn store_dir(&self) -> PathBuf {
         self.dir.path().join("jetstream")
+    }
+
+    /// What the server logged so far (empty if it cannot be read).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
     }
 
     /// Stops the server with SIGTERM and waits for it.
@@ -352,6 +377,13 @@ impl Process {
         self.child.as_ref().map(Child::id)
     }
 
+    /// How the process ended, if it has (reaped: it is then no longer running here).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
     /// Sends SIGKILL and reaps the process.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -386,11 +418,25 @@ impl Drop for Process {
 }
 
 fn signal(c: &Child, sig: &str) {
+    let _ = send_signal(c.id(), sig);
+}
+
+/// Sends signal `sig` (`STOP`, `CONT`, `KILL`, `TERM`, ...) to process `pid`, e.g. a
+/// [`NatsServer::pid`] to stall it; errs when `kill` fails (no such process).
+pub fn send_signal(pid: u32, sig: &str) -> Result<()> {
     // `kill(1)` instead of libc keeps the workspace free of `unsafe`.
-    let _ = Command::new("kill")
+    let status = Command::new("kill")
         .arg(format!("-{sig}"))
-        .arg(c.id().to_string())
-        .status();
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::Io(std::io::Error::other(format!(
+            "kill -{sig} {pid}: {status}"
+        ))))
+    }
 }
 
 #[cfg(test)]

@@ -28,8 +28,9 @@ pub struct Scope {
     /// The chain must reach this slot (inclusive); none: no requirement. The subject
     /// is read to its end either way.
     pub to: Option<u64>,
-    /// Key ids that must commit to every run (a run without one is a fault; it still
-    /// holds its slots).
+    /// Key ids that must commit to every run on top of the keys each run declares
+    /// (a run without one is a `missing_key` fault; it still holds its slots). The
+    /// declared keys and their handovers are checked by the rule itself.
     pub required: Vec<String>,
 }
 

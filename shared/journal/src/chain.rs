@@ -6,7 +6,7 @@
 use futures::{Stream, StreamExt};
 
 use protocol::verify::{
-    check_run, ChainPoint, Fault, FaultKind, LogVerifier, TrustedKeys, Verdict,
+    check_key_change, check_run, ChainPoint, Fault, FaultKind, LogVerifier, TrustedKeys, Verdict,
 };
 use protocol::wire::Run;
 use protocol::{chain, ProcessId};
@@ -90,8 +90,10 @@ pub fn judge_checked(
 }
 
 /// The verified head of `process`. Fast path (three reads from the stream leader):
-/// the subject's last message is a run sealed by a trusted key, sits right after the
-/// message it was written after, and links to that message's run. Anything else
+/// the subject's last message is a run sealed by a trusted key (and by every key it
+/// declares), sits right after the message it was written after, links to that
+/// message's run and, if it declares another key set than that run, is sealed by
+/// that run's keys too. Anything else
 /// (a foreign tail, a loss, a first run that is not first) reads the whole subject
 /// and applies the rule message by message.
 pub async fn load_head(
@@ -153,7 +155,8 @@ async fn fast_path_holds(
     };
     Ok(check_run(&prev, process, trusted, &[]).is_ok()
         && prev.last_slot() + 1 == run.first_slot
-        && run.entries.first().map(|e| e.prev_hash) == Some(prev.head()))
+        && run.entries.first().map(|e| e.prev_hash) == Some(prev.head())
+        && check_key_change(prev.declared(), run).is_ok())
 }
 
 /// Reads the whole subject through `end` and applies the rule.
@@ -177,7 +180,10 @@ async fn scan(
         }
     }
     Ok(Loaded {
-        point: verifier.point().unwrap_or_else(|| genesis(process)),
+        point: verifier
+            .point()
+            .cloned()
+            .unwrap_or_else(|| genesis(process)),
         head_run,
         tail_seq: verifier.last_seq().unwrap_or(end).max(end),
         faults,
@@ -251,6 +257,7 @@ pub fn genesis(process: &ProcessId) -> ChainPoint {
         next_slot: 0,
         prev: chain::genesis(process),
         seq: 0,
+        keys: None,
     }
 }
 
@@ -260,5 +267,6 @@ pub fn point_after(run: &Run, seq: u64) -> ChainPoint {
         next_slot: run.last_slot() + 1,
         prev: run.head(),
         seq,
+        keys: run.keys.clone(),
     }
 }

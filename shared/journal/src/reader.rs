@@ -344,13 +344,21 @@ impl LogReader {
         end: Option<u64>,
     ) -> Result<impl Stream<Item = Result<LogMessage>> + Unpin> {
         let end_seq = end.unwrap_or(u64::MAX);
+        // Named, so that it can be deleted when the caller is done: an ordered consumer
+        // otherwise stays on the server for its 30 s inactivity threshold, and a
+        // reader of many subjects (`verify --all`, a restart's head scans) would pile
+        // them up. (One the library recreated after a gap, `<name>_<n>`, still lingers.)
+        let name = format!("tsr-{}", uuid::Uuid::new_v4().simple());
         let config = consumer::pull::OrderedConfig {
+            name: Some(name.clone()),
+            max_batch: READ_BATCH,
             filter_subject: self.subjects.log(process),
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: start.max(1),
             },
             ..Default::default()
         };
+        let mut guard = None;
         let messages = if end_seq < start.max(1) {
             None
         } else {
@@ -362,6 +370,10 @@ impl LogReader {
                         op: "create reader",
                         reason: e.to_string(),
                     })?;
+            guard = Some(ConsumerGuard {
+                stream: self.stream.clone(),
+                name,
+            });
             Some(consumer.messages().await.map_err(|e| Error::JetStream {
                 op: "read runs",
                 reason: e.to_string(),
@@ -380,20 +392,49 @@ impl LogReader {
             })
         });
         // Stop right after the end message, without waiting for one that may never come.
-        let s = futures::stream::unfold((Box::pin(s), false), move |(mut s, done)| async move {
-            if done {
-                return None;
-            }
-            let item = s.next().await?;
-            let done = matches!(&item, Ok(m) if m.seq >= end_seq);
-            Some((item, (s, done)))
-        });
+        let s = futures::stream::unfold(
+            (Box::pin(s), false, guard),
+            move |(mut s, done, guard)| async move {
+                if done {
+                    return None;
+                }
+                let item = s.next().await?;
+                let done = matches!(&item, Ok(m) if m.seq >= end_seq);
+                Some((item, (s, done, guard)))
+            },
+        );
         Ok(Box::pin(s))
     }
 
     /// The JetStream context this reader uses.
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
+    }
+}
+
+/// Most messages one pull of a reader asks for. A run is up to about a megabyte (a
+/// single request up to `max_payload`); the library's default of 500 per pull let four
+/// parallel readers (`verify --all --jobs 4`) over runs of ~1 MiB overrun the server's
+/// 64 MB `max_pending` for the connection, which was then cut as a slow consumer.
+const READ_BATCH: i64 = 8;
+
+/// Deletes a reader's consumer on the server when dropped (with the stream of
+/// messages it feeds), from a task of the current runtime.
+struct ConsumerGuard {
+    stream: stream::Stream<()>,
+    name: String,
+}
+
+impl Drop for ConsumerGuard {
+    fn drop(&mut self) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (stream, name) = (self.stream.clone(), std::mem::take(&mut self.name));
+            rt.spawn(async move {
+                if let Err(e) = stream.delete_consumer(&name).await {
+                    tracing::debug!(consumer = %name, error = %e, "could not delete a reader's consumer");
+                }
+            });
+        }
     }
 }
 

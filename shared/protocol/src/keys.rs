@@ -10,34 +10,63 @@ use serde::{Deserialize, Serialize};
 use crate::hash::Hash32;
 use crate::{Error, Result};
 
-/// Domain separator of the run statement.
-pub const RUN_DOMAIN: &[u8] = b"turnstile/run/v2";
+/// Domain separator of the run statement (record version 3: with the declared keys).
+pub const RUN_DOMAIN: &[u8] = b"turnstile/run/v3";
+
+/// Domain separator of a record version 2 run's statement (no declared keys). Runs of
+/// version 2 are still read and verified; nothing writes them any more.
+pub const RUN_DOMAIN_V2: &[u8] = b"turnstile/run/v2";
 
 /// The statement of one run, whose digest is sealed in a batch (see [`crate::seal`]):
 ///
 /// ```text
-/// "turnstile/run/v2" || u32be(len(process)) || process || u64be(prev_seq)
+/// "turnstile/run/v3" || u32be(len(process)) || process || u64be(prev_seq)
 ///   || u64be(first_slot) || u64be(count) || merkle_root (32 bytes)
+///   || u32be(number of keys) || for each declared key id: u32be(len(id)) || id
 /// ```
 ///
 /// `prev_seq` is the stream sequence of the message the run was written after on its
 /// subject (the write's expectation; 0 for the first): signing it fixes the run's place
 /// in the log, so a copy of the run published anywhere else is recognisably foreign.
+/// `keys` is the required key set the run was written under (sorted, distinct key
+/// ids; schemas/chain.md "Which keys a run must carry"); `None` gives the statement of
+/// a version 2 run, which declares none: `"turnstile/run/v2"` and no key list.
 pub fn run_statement(
     process: &str,
     prev_seq: u64,
     first_slot: u64,
     count: u64,
     merkle_root: &Hash32,
+    keys: Option<&[String]>,
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(RUN_DOMAIN.len() + 4 + process.len() + 24 + 32);
-    out.extend_from_slice(RUN_DOMAIN);
+    let keys_len = keys.map_or(0, |ks| 4 + ks.iter().map(|k| 4 + k.len()).sum::<usize>());
+    let mut out = Vec::with_capacity(RUN_DOMAIN.len() + 4 + process.len() + 24 + 32 + keys_len);
+    out.extend_from_slice(if keys.is_some() {
+        RUN_DOMAIN
+    } else {
+        RUN_DOMAIN_V2
+    });
     out.extend_from_slice(&(process.len() as u32).to_be_bytes());
     out.extend_from_slice(process.as_bytes());
     out.extend_from_slice(&prev_seq.to_be_bytes());
     out.extend_from_slice(&first_slot.to_be_bytes());
     out.extend_from_slice(&count.to_be_bytes());
     out.extend_from_slice(&merkle_root.0);
+    if let Some(keys) = keys {
+        out.extend_from_slice(&(keys.len() as u32).to_be_bytes());
+        for k in keys {
+            out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+            out.extend_from_slice(k.as_bytes());
+        }
+    }
+    out
+}
+
+/// A required key set as a run declares it: sorted by bytes, each id once.
+pub fn key_set<S: AsRef<str>>(ids: &[S]) -> Vec<String> {
+    let mut out: Vec<String> = ids.iter().map(|s| s.as_ref().to_string()).collect();
+    out.sort();
+    out.dedup();
     out
 }
 
@@ -222,11 +251,25 @@ mod tests {
     #[test]
     fn commitments_check_statement_key_and_id() {
         let kp = Keypair::from_seed([7; 32]);
-        let st = run_statement("p", 7, 0, 3, &Hash32::digest(b"root"));
+        let root = Hash32::digest(b"root");
+        let k1 = ["k1".to_string()];
+        let st = run_statement("p", 7, 0, 3, &root, Some(&k1));
         let c = kp.commit(&st);
         assert!(c.check(&st));
-        assert!(!c.check(&run_statement("p", 7, 1, 3, &Hash32::digest(b"root"))));
-        assert!(!c.check(&run_statement("p", 8, 0, 3, &Hash32::digest(b"root"))));
+        assert!(!c.check(&run_statement("p", 7, 1, 3, &root, Some(&k1))));
+        assert!(!c.check(&run_statement("p", 8, 0, 3, &root, Some(&k1))));
+        // The declared keys are signed, and a version 3 statement is never a version 2 one.
+        assert!(!c.check(&run_statement("p", 7, 0, 3, &root, Some(&[]))));
+        assert!(!c.check(&run_statement("p", 7, 0, 3, &root, Some(&["k2".into()]))));
+        assert!(!c.check(&run_statement("p", 7, 0, 3, &root, None)));
+        // Key boundaries are part of the statement: ["k1k2"] is not ["k1", "k2"].
+        let split = run_statement("p", 7, 0, 3, &root, Some(&["k1".into(), "k2".into()]));
+        let joined = run_statement("p", 7, 0, 3, &root, Some(&["k1k2".into()]));
+        assert_ne!(split, joined);
+        assert_eq!(
+            key_set(&["b", "a", "b"]),
+            vec!["a".to_string(), "b".to_string()]
+        );
         let mut wrong_id = c.clone();
         wrong_id.key_id = "0000000000000000".into();
         assert!(!wrong_id.check(&st));

@@ -91,6 +91,7 @@ pub fn compute() -> crate::Result<Value> {
         process: process.to_string(),
         prev_seq: 0,
         first_slot: 0,
+        keys: Some(vec![key.id().to_string()]),
         entries,
         seal: Seal::default(),
     };
@@ -125,6 +126,7 @@ pub fn compute() -> crate::Result<Value> {
         process: other.to_string(),
         prev_seq: 7,
         first_slot: 0,
+        keys: Some(vec![]),
         entries: vec![b_entry],
         seal: Seal::default(),
     };
@@ -147,6 +149,7 @@ pub fn compute() -> crate::Result<Value> {
             "process": run.process,
             "prev_seq": run.prev_seq,
             "first_slot": run.first_slot,
+            "keys": run.keys,
             "count": leaves.len(),
             "merkle_root": merkle::root(&leaves).to_hex(),
             "merkle_paths": paths,
@@ -226,6 +229,7 @@ fn log_run(process: &str, prev_seq: u64, first: u64, prev: Hash32, n: u64, tag: 
         process: process.into(),
         prev_seq,
         first_slot: first,
+        keys: Some(vec![]),
         entries,
         seal: Seal::default(),
     }
@@ -261,6 +265,8 @@ fn rechain(run: &mut Run, from: usize) {
 /// scheduler's chain stands.
 struct Subject<'k> {
     key: &'k Keypair,
+    /// The key set the scheduler's runs declare (the vector key's id by default).
+    declares: Vec<String>,
     next_slot: u64,
     prev: Hash32,
     last_seq: u64,
@@ -271,6 +277,7 @@ impl<'k> Subject<'k> {
     fn new(key: &'k Keypair) -> crate::Result<Subject<'k>> {
         Ok(Subject {
             key,
+            declares: vec![key.id().to_string()],
             next_slot: 0,
             prev: chain::genesis(&ProcessId::new(LOG_PROCESS)?),
             last_seq: 0,
@@ -279,7 +286,8 @@ impl<'k> Subject<'k> {
     }
 
     /// The scheduler's next run of `n` entries, written after the subject's last
-    /// message, sealed alone by the vector key (not yet appended).
+    /// message, declaring [`Subject::declares`], sealed alone by the vector key (not
+    /// yet appended).
     fn next_run(&self, n: u64, tag: &str) -> Run {
         let mut run = log_run(
             LOG_PROCESS,
@@ -289,7 +297,26 @@ impl<'k> Subject<'k> {
             n,
             tag,
         );
+        run.keys = Some(self.declares.clone());
         seal_in_batch(&mut run, &[self.key], 1, 0);
+        run
+    }
+
+    /// The next run of `n` entries declaring `declares` (none: a version 2 run),
+    /// sealed alone by `signers`.
+    fn run_by(&self, n: u64, declares: Option<&[&Keypair]>, signers: &[&Keypair]) -> Run {
+        let mut run = self.next_run(n, "m");
+        match declares {
+            Some(ks) => {
+                let ids: Vec<&str> = ks.iter().map(|k| k.id()).collect();
+                run.keys = Some(crate::keys::key_set(&ids));
+            }
+            None => {
+                run.v = 2;
+                run.keys = None;
+            }
+        }
+        seal_in_batch(&mut run, signers, 1, 0);
         run
     }
 
@@ -364,6 +391,7 @@ fn scenario(
     let point = v
         .point()
         .ok_or(crate::Error::InvalidProof("no chain point"))?;
+    let declared = point.keys.clone();
     Ok(json!({
         "name": name,
         "description": description,
@@ -374,6 +402,7 @@ fn scenario(
         "end": {
             "next_slot": point.next_slot,
             "chain_head": point.prev.to_hex(),
+            "keys": declared,
             "last_seq": v.last_seq(),
         },
     }))
@@ -618,6 +647,71 @@ fn log_scenarios(key: &Keypair) -> crate::Result<Vec<Value>> {
         &[key.id().to_string(), second.id().to_string()],
         &s.messages,
     )?);
+
+    // The required keys change from {vector key} to {second}, with a handover.
+    let both_trusted = [key.public_key(), second.public_key()];
+    let mut s = Subject::new(key)?;
+    s.honest_start(2)?;
+    let r = s.run_by(2, Some(&[&second]), &[&second, key]);
+    s.write(3, &r)?;
+    let r = s.run_by(1, Some(&[&second]), &[&second]);
+    s.write(4, &r)?;
+    out.push(scenario(
+        "key_change_handover",
+        "two trusted keys (the vector key and seed 32 x 0x43), none required by the verifier: two runs declaring [vector key] sealed by it; at 3 a run declaring [second key] sealed by both keys (the handover); at 4 a run declaring [second key] sealed by it alone",
+        &both_trusted,
+        &[],
+        &s.messages,
+    )?);
+
+    // The same change without the old key's seal.
+    let mut s = Subject::new(key)?;
+    s.honest_start(2)?;
+    s.append(3, s.run_by(2, Some(&[&second]), &[&second]).encode()?);
+    let r = s.run_by(2, Some(&[&second]), &[key, &second]);
+    s.write(4, &r)?;
+    out.push(scenario(
+        "key_change_unauthorized",
+        "two trusted keys, none required by the verifier: two runs declaring [vector key] sealed by it; at 3 a run in its place declaring [second key] sealed by the second key only (unauthorized_key_change); at 4 the handover, declaring [second key] sealed by both, written after 3",
+        &both_trusted,
+        &[],
+        &s.messages,
+    )?);
+
+    // A run lacking a key it declares itself.
+    let mut s = Subject::new(key)?;
+    s.honest_start(2)?;
+    s.append(3, s.run_by(1, Some(&[key, &second]), &[key]).encode()?);
+    let r = s.run_by(1, Some(&[key, &second]), &[key, &second]);
+    s.write(4, &r)?;
+    let r = s.run_by(2, Some(&[key, &second]), &[key, &second]);
+    s.write(5, &r)?;
+    out.push(scenario(
+        "declared_key_missing",
+        "two trusted keys, none required by the verifier: two runs declaring [vector key]; at 3 a run declaring both keys sealed by the vector key only (missing_key); at 4 a run declaring both keys sealed by both, written after 3; at 5 another",
+        &both_trusted,
+        &[],
+        &s.messages,
+    )?);
+
+    // Version 2 history (no declared keys), then version 3 runs.
+    let mut s = Subject::new(key)?;
+    let r = s.run_by(2, None, &[key]);
+    s.write(1, &r)?;
+    let r = s.run_by(1, None, &[&second]);
+    s.write(2, &r)?;
+    let r = s.run_by(2, Some(&[key]), &[key]);
+    s.write(3, &r)?;
+    s.append(4, s.run_by(1, None, &[&second]).encode()?);
+    let r = s.run_by(1, Some(&[key]), &[key]);
+    s.write(5, &r)?;
+    out.push(scenario(
+        "version_2_history",
+        "two trusted keys, none required by the verifier: two record version 2 runs (no declared keys; statement \"turnstile/run/v2\"), sealed by the vector key and by the second key; at 3 a version 3 run declaring [vector key] (after a run that declares nothing, any set); at 4 a version 2 run sealed by the second key only (declares nothing: a change that needs the vector key: unauthorized_key_change); at 5 a version 3 run declaring [vector key], written after 4",
+        &both_trusted,
+        &[],
+        &s.messages,
+    )?);
     Ok(out)
 }
 
@@ -707,6 +801,7 @@ mod tests {
             let point = v.point().unwrap();
             assert_eq!(sc["end"]["next_slot"], point.next_slot, "{name}");
             assert_eq!(sc["end"]["chain_head"], point.prev.to_hex(), "{name}");
+            assert_eq!(sc["end"]["keys"], json!(point.keys), "{name}");
             assert_eq!(sc["end"]["last_seq"], json!(v.last_seq()), "{name}");
         }
         // Together the scenarios name every fault of schemas/chain.md.
@@ -719,6 +814,7 @@ mod tests {
             "untrusted_key",
             "bad_signature",
             "missing_key",
+            "unauthorized_key_change",
             "replayed",
             "fork",
             "lost",

@@ -119,8 +119,20 @@ pub enum FaultKind {
     BadSignature(String),
     /// A commitment is by a key the verifier does not trust.
     UntrustedKey(String),
-    /// A key the process requires did not commit.
+    /// A key the run must carry did not commit: one of the keys the run itself
+    /// declares, or one the verifier requires on top (`turnstile verify --require`).
     MissingKey(String),
+    /// The run declares another required key set than the run before it in the chain,
+    /// and is not sealed by every key of that run's set: the keys that were required
+    /// did not consent to the change (schemas/chain.md "Which keys a run must carry").
+    UnauthorizedKeyChange {
+        /// The set the chain's previous run declares.
+        from: Vec<String>,
+        /// The set this run declares (`None`: a version 2 run, which declares none).
+        to: Option<Vec<String>>,
+        /// A key of `from` that did not seal this run.
+        missing: String,
+    },
     /// A genuine run in the wrong place: it was written right after stream sequence
     /// `written_after` but sits after `found_after` (a replay or a copy).
     Replayed {
@@ -168,6 +180,7 @@ impl FaultKind {
             FaultKind::BadSignature(_) => "bad_signature",
             FaultKind::UntrustedKey(_) => "untrusted_key",
             FaultKind::MissingKey(_) => "missing_key",
+            FaultKind::UnauthorizedKeyChange { .. } => "unauthorized_key_change",
             FaultKind::Replayed { .. } => "replayed",
             FaultKind::Fork { .. } => "fork",
             FaultKind::Lost { .. } => "lost",
@@ -191,6 +204,16 @@ impl fmt::Display for FaultKind {
             FaultKind::BadSignature(k) => write!(f, "signature by key {k} does not verify"),
             FaultKind::UntrustedKey(k) => write!(f, "signed by untrusted key {k}"),
             FaultKind::MissingKey(k) => write!(f, "required key {k} did not commit"),
+            FaultKind::UnauthorizedKeyChange { from, to, missing } => {
+                let to = match to {
+                    Some(to) => format!("{to:?}"),
+                    None => "none declared (a version 2 run)".into(),
+                };
+                write!(
+                    f,
+                    "the required keys change from {from:?} to {to} without a seal by {missing}, a key of the set it replaces"
+                )
+            }
             FaultKind::Replayed {
                 written_after,
                 found_after,
@@ -240,7 +263,8 @@ impl fmt::Display for Fault {
 
 /// Checks one run on its own, wherever it sits: its process, every entry's slot,
 /// link and chain hash, and its seal (at least one commitment; each by a trusted key
-/// and valid over the run's place in its batch; every `required` key id present).
+/// and valid over the run's place in its batch; every key id the run declares
+/// present, then every `required` key id — the verifier's own extra demand).
 pub fn check_run(
     run: &Run,
     process: &ProcessId,
@@ -286,6 +310,7 @@ pub fn check_run(
         run.first_slot,
         run.entries.len() as u64,
         &merkle::root_in_place(&mut leaves),
+        run.declared(),
     );
     let Some(statement) = run.seal.signed_statement(&statement) else {
         return Err(FaultKind::BadSignature("(batch path)".into()));
@@ -298,17 +323,48 @@ pub fn check_run(
             return Err(FaultKind::BadSignature(c.key_id.clone()));
         }
     }
-    if let Some(k) = required
+    if let Some(k) = run
+        .declared()
+        .unwrap_or_default()
         .iter()
-        .find(|k| !commitments.iter().any(|c| &c.key_id == *k))
+        .chain(required)
+        .find(|k| !sealed_by(run, k))
     {
         return Err(FaultKind::MissingKey(k.clone()));
     }
     Ok(())
 }
 
+/// Whether a commitment of `run`'s seal is by `key_id` (its validity is
+/// [`check_run`]'s question).
+fn sealed_by(run: &Run, key_id: &str) -> bool {
+    run.seal.commitments.iter().any(|c| c.key_id == key_id)
+}
+
+/// The key-continuity part of the rule (schemas/chain.md "Which keys a run must
+/// carry"): a run that links to the chain's previous run and declares another key
+/// set than that run must also be sealed by every key of that run's set. Nothing to
+/// check when the previous run declares none (genesis, a version 2 run, a start
+/// mid-log).
+pub fn check_key_change(previous: Option<&[String]>, run: &Run) -> Result<(), FaultKind> {
+    let Some(from) = previous else {
+        return Ok(());
+    };
+    if run.declared() == Some(from) {
+        return Ok(());
+    }
+    match from.iter().find(|k| !sealed_by(run, k)) {
+        None => Ok(()),
+        Some(missing) => Err(FaultKind::UnauthorizedKeyChange {
+            from: from.to_vec(),
+            to: run.keys.clone(),
+            missing: missing.clone(),
+        }),
+    }
+}
+
 /// Where a process's chain stands after the runs read so far.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainPoint {
     /// The slot the next run must start at.
     pub next_slot: u64,
@@ -316,6 +372,10 @@ pub struct ChainPoint {
     pub prev: Hash32,
     /// Stream sequence of the last run of the chain (0: none yet).
     pub seq: u64,
+    /// The key set the last run of the chain declares: a next run declaring another
+    /// set must be sealed by all of these too. `None`: no set to hand over from (no
+    /// run yet, a version 2 run, or the set is not known).
+    pub keys: Option<Vec<String>>,
 }
 
 /// What the verifier made of one message.
@@ -360,6 +420,7 @@ impl LogVerifier {
             next_slot: 0,
             prev: chain::genesis(&process),
             seq: 0,
+            keys: None,
         };
         LogVerifier {
             process,
@@ -393,8 +454,8 @@ impl LogVerifier {
 
     /// The chain's position after what was fed (none before the first chain run of a
     /// mid-log start).
-    pub fn point(&self) -> Option<ChainPoint> {
-        self.point
+    pub fn point(&self) -> Option<&ChainPoint> {
+        self.point.as_ref()
     }
 
     /// Stream sequence of the last message fed, chain or foreign: what the next write
@@ -418,7 +479,8 @@ impl LogVerifier {
         &self.trusted
     }
 
-    /// The key ids every run must carry a commitment of.
+    /// The key ids every run must carry a commitment of on top of those it declares
+    /// (a verifier's own demand; empty for the scheduler).
     pub fn required(&self) -> &[String] {
         &self.required
     }
@@ -469,11 +531,18 @@ impl LogVerifier {
             }
         }
         let first_prev = run.entries.first().map(|e| e.prev_hash);
-        if let Some(p) = self.point {
+        if let Some(p) = &self.point {
             let links = run.first_slot == p.next_slot && first_prev == Some(p.prev);
-            if !links {
+            if links {
+                // The run before it is known: a change of the key set needs its keys.
+                if let Err(kind) = check_key_change(p.keys.as_deref(), run) {
+                    return Verdict::Foreign(kind);
+                }
+            } else {
                 if run.first_slot > p.next_slot {
-                    // Genuine and in its place, but slots before it are gone.
+                    // Genuine and in its place, but slots before it are gone; so is
+                    // the run before it, whose key set cannot be compared: the
+                    // declared set is taken as given (the gap is reported).
                     lost.push(FaultKind::Gap {
                         expected: p.next_slot,
                         found: run.first_slot,
@@ -486,10 +555,16 @@ impl LogVerifier {
                 }
             }
         }
+        // The declared set rarely changes: keep the one held rather than copy it.
+        let keys = match self.point.take() {
+            Some(p) if p.keys == run.keys => p.keys,
+            _ => run.keys.clone(),
+        };
         self.point = Some(ChainPoint {
             next_slot: run.last_slot() + 1,
             prev: run.head(),
             seq,
+            keys,
         });
         self.checked += run.entries.len() as u64;
         Verdict::Chain { lost }
@@ -535,6 +610,7 @@ mod tests {
             process: process.into(),
             prev_seq,
             first_slot: first,
+            keys: Some(vec![kp.id().to_string()]),
             entries,
             seal: Seal::default(),
         };
@@ -543,7 +619,46 @@ mod tests {
     }
 
     fn reseal(run: &mut Run, kp: &Keypair) {
-        run.seal = crate::seal::seal(&[crate::seal::run_digest(&run.statement())], &[kp]).remove(0);
+        seal_by(run, &[kp]);
+    }
+
+    fn seal_by(run: &mut Run, keys: &[&Keypair]) {
+        run.seal = crate::seal::seal(&[crate::seal::run_digest(&run.statement())], keys).remove(0);
+    }
+
+    /// The next run of 2 entries after `before` (at stream sequence `seq - 1`),
+    /// declaring `declares` (none: a version 2 run), sealed by `signers`.
+    fn next(before: &Run, seq: u64, declares: Option<&[&Keypair]>, signers: &[&Keypair]) -> Run {
+        let mut r = run_on(
+            "p",
+            before.last_slot() + 1,
+            before.head(),
+            2,
+            seq - 1,
+            signers[0],
+        );
+        match declares {
+            Some(ks) => {
+                r.keys = Some(crate::keys::key_set(
+                    &ks.iter().map(|k| k.id()).collect::<Vec<_>>(),
+                ))
+            }
+            None => {
+                r.v = 2;
+                r.keys = None;
+            }
+        }
+        seal_by(&mut r, signers);
+        r
+    }
+
+    /// A verifier of "p" trusting `keys`, requiring nothing on top of what runs declare.
+    fn trusting(keys: &[&Keypair]) -> LogVerifier {
+        let mut t = TrustedKeys::default();
+        for k in keys {
+            t.insert(k.public_key());
+        }
+        LogVerifier::from_genesis(ProcessId::new("p").unwrap(), t, vec![])
     }
 
     /// `runs` consecutive runs of 3 entries of process "p", at stream sequences 1.., as
@@ -776,5 +891,162 @@ mod tests {
             check_run(&good, &p, &t, &["k2".into()]),
             Err(FaultKind::MissingKey("k2".into()))
         );
+    }
+
+    #[test]
+    fn a_change_of_keys_sealed_by_the_old_keys_verifies_and_one_without_them_is_foreign() {
+        let k1 = Keypair::from_seed([11; 32]);
+        let k2 = Keypair::from_seed([12; 32]);
+        let p = ProcessId::new("p").unwrap();
+        let r1 = run_on("p", 0, chain::genesis(&p), 2, 0, &k1);
+        // The handover: declares {k2}, sealed by k2 and by k1, the key it replaces.
+        let handover = next(&r1, 2, Some(&[&k2]), &[&k2, &k1]);
+        let after = next(&handover, 3, Some(&[&k2]), &[&k2]);
+        let mut v = trusting(&[&k1, &k2]);
+        for (seq, r) in [(1, &r1), (2, &handover), (3, &after)] {
+            assert_eq!(v.feed(seq, Ok(r)), chain(), "run at {seq}");
+        }
+        assert_eq!(
+            v.point().and_then(|p| p.keys.clone()),
+            Some(vec![k2.id().to_string()])
+        );
+
+        // Without the old key's seal the change is not the chain's: foreign, and the
+        // honest handover written after it continues the chain.
+        let usurper = next(&r1, 2, Some(&[&k2]), &[&k2]);
+        let mut v = trusting(&[&k1, &k2]);
+        assert_eq!(v.feed(1, Ok(&r1)), chain());
+        assert_eq!(
+            v.feed(2, Ok(&usurper)),
+            Verdict::Foreign(FaultKind::UnauthorizedKeyChange {
+                from: vec![k1.id().to_string()],
+                to: Some(vec![k2.id().to_string()]),
+                missing: k1.id().to_string(),
+            })
+        );
+        let honest = next(&r1, 3, Some(&[&k2]), &[&k1, &k2]);
+        assert_eq!(v.feed(3, Ok(&honest)), chain());
+        assert_eq!(v.point().map(|p| p.next_slot), Some(4));
+        assert_eq!(
+            FaultKind::UnauthorizedKeyChange {
+                from: vec![],
+                to: None,
+                missing: String::new()
+            }
+            .code(),
+            "unauthorized_key_change"
+        );
+    }
+
+    #[test]
+    fn a_run_must_carry_every_key_it_declares_whatever_the_verifier_requires() {
+        let k1 = Keypair::from_seed([11; 32]);
+        let k2 = Keypair::from_seed([12; 32]);
+        let p = ProcessId::new("p").unwrap();
+        let mut t = TrustedKeys::default();
+        t.insert(k1.public_key());
+        t.insert(k2.public_key());
+        let mut r = run_on("p", 0, chain::genesis(&p), 2, 0, &k1);
+        r.keys = Some(crate::keys::key_set(&[k1.id(), k2.id()]));
+        seal_by(&mut r, &[&k1]);
+        assert_eq!(
+            check_run(&r, &p, &t, &[]),
+            Err(FaultKind::MissingKey(k2.id().to_string()))
+        );
+        seal_by(&mut r, &[&k1, &k2]);
+        assert_eq!(check_run(&r, &p, &t, &[]), Ok(()));
+        // The verifier's own demand comes on top of the declared keys.
+        r.keys = Some(vec![]);
+        seal_by(&mut r, &[&k1]);
+        assert_eq!(check_run(&r, &p, &t, &[]), Ok(()));
+        assert_eq!(
+            check_run(&r, &p, &t, &[k2.id().to_string()]),
+            Err(FaultKind::MissingKey(k2.id().to_string()))
+        );
+        // A run cannot claim another set than it was sealed with: the set is signed.
+        let mut claimed = r.clone();
+        claimed.keys = Some(vec![k1.id().to_string()]);
+        assert!(matches!(
+            check_run(&claimed, &p, &t, &[]),
+            Err(FaultKind::BadSignature(_))
+        ));
+    }
+
+    #[test]
+    fn where_there_is_no_set_to_hand_over_from_any_set_may_be_declared() {
+        let k1 = Keypair::from_seed([11; 32]);
+        let k2 = Keypair::from_seed([12; 32]);
+        let p = ProcessId::new("p").unwrap();
+        // Genesis: the first run declares what it likes (here {k1, k2}).
+        let mut first = run_on("p", 0, chain::genesis(&p), 2, 0, &k1);
+        first.keys = Some(crate::keys::key_set(&[k1.id(), k2.id()]));
+        seal_by(&mut first, &[&k1, &k2]);
+        let mut v = trusting(&[&k1, &k2]);
+        assert_eq!(v.feed(1, Ok(&first)), chain());
+        // Dropping a key needs both old keys; dropping to the empty set too.
+        let to_k2 = next(&first, 2, Some(&[&k2]), &[&k2]);
+        assert_eq!(
+            v.clone().feed(2, Ok(&to_k2)),
+            Verdict::Foreign(FaultKind::UnauthorizedKeyChange {
+                from: crate::keys::key_set(&[k1.id(), k2.id()]),
+                to: Some(vec![k2.id().to_string()]),
+                missing: k1.id().to_string(),
+            })
+        );
+        let to_none = next(&first, 2, Some(&[]), &[&k1, &k2]);
+        assert_eq!(v.feed(2, Ok(&to_none)), chain());
+        // From the empty set there is nothing to consent: any trusted key may add one.
+        let to_k1 = next(&to_none, 3, Some(&[&k1]), &[&k1]);
+        assert_eq!(v.feed(3, Ok(&to_k1)), chain());
+
+        // After a gap the run before is gone: the set is taken as given, the gap reported.
+        let mut gapped = run_on("p", 10, Hash32::digest(b"lost"), 1, 3, &k2);
+        gapped.keys = Some(vec![k2.id().to_string()]);
+        seal_by(&mut gapped, &[&k2]);
+        match v.feed(4, Ok(&gapped)) {
+            Verdict::Chain { lost } => assert_eq!(
+                lost,
+                vec![FaultKind::Gap {
+                    expected: 6,
+                    found: 10
+                }]
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Mid-log: the first run is taken as given, its set too.
+        let mut t = TrustedKeys::default();
+        t.insert(k2.public_key());
+        let mut mid = LogVerifier::resume(p, t, vec![], None, None);
+        assert_eq!(mid.feed(4, Ok(&gapped)), chain());
+        assert_eq!(
+            mid.point().and_then(|p| p.keys.clone()),
+            Some(vec![k2.id().to_string()])
+        );
+    }
+
+    #[test]
+    fn version_2_history_hands_over_to_any_set_and_never_back_without_the_keys() {
+        let k1 = Keypair::from_seed([11; 32]);
+        let k2 = Keypair::from_seed([12; 32]);
+        let p = ProcessId::new("p").unwrap();
+        let mut old = run_on("p", 0, chain::genesis(&p), 2, 0, &k1);
+        old.v = 2;
+        old.keys = None;
+        seal_by(&mut old, &[&k1]);
+        let old2 = next(&old, 2, None, &[&k2]);
+        let first_v3 = next(&old2, 3, Some(&[&k1]), &[&k1]);
+        let mut v = trusting(&[&k1, &k2]);
+        for (seq, r) in [(1, &old), (2, &old2), (3, &first_v3)] {
+            assert_eq!(v.feed(seq, Ok(r)), chain(), "run at {seq}");
+        }
+        // A version 2 run after a version 3 one declares nothing: a change that needs
+        // the keys of the set it replaces.
+        let downgrade = next(&first_v3, 4, None, &[&k2]);
+        assert!(matches!(
+            v.clone().feed(4, Ok(&downgrade)),
+            Verdict::Foreign(FaultKind::UnauthorizedKeyChange { to: None, .. })
+        ));
+        let consented = next(&first_v3, 4, None, &[&k2, &k1]);
+        assert_eq!(v.feed(4, Ok(&consented)), chain());
     }
 }

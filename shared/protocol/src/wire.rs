@@ -15,7 +15,11 @@ use crate::seal::Seal;
 use crate::{Error, Result};
 
 /// Version of the records in this module; a reader refuses a newer one.
-pub const RECORD_VERSION: u8 = 2;
+pub const RECORD_VERSION: u8 = 3;
+
+/// The oldest run record version still read: version 2 runs (before runs declared
+/// their required keys) verify as they did, declaring no key set (schemas/chain.md).
+pub const OLDEST_RUN_VERSION: u8 = 2;
 
 /// How a scheduling request is confirmed (the seed's `maybe_inform_recipient` stages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -161,6 +165,12 @@ pub struct Run {
     pub prev_seq: u64,
     /// Slot of the first entry; entries are consecutive from here.
     pub first_slot: u64,
+    /// The required key set the run was written under: the key ids (sorted, distinct)
+    /// that must all seal it, and that must all seal the run that changes the set
+    /// next (schemas/chain.md "Which keys a run must carry"). Signed. `None` only in a
+    /// version 2 run, which declares nothing (the field is absent there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<Vec<String>>,
     /// The assignments, in slot order (never empty).
     pub entries: Vec<Entry>,
     /// The run's place in its signed batch and the batch's signatures.
@@ -168,6 +178,11 @@ pub struct Run {
 }
 
 impl Run {
+    /// The required key set this run declares; `None` for a version 2 run.
+    pub fn declared(&self) -> Option<&[String]> {
+        self.keys.as_deref()
+    }
+
     /// Slot of the last entry.
     pub fn last_slot(&self) -> u64 {
         self.first_slot + self.entries.len().saturating_sub(1) as u64
@@ -194,6 +209,7 @@ impl Run {
             self.first_slot,
             self.entries.len() as u64,
             &merkle::root_in_place(&mut self.leaves()),
+            self.declared(),
         )
     }
 
@@ -205,6 +221,7 @@ impl Run {
             self.first_slot,
             self.entries.len() as u64,
             &tree.root(),
+            self.declared(),
         )
     }
 
@@ -224,15 +241,29 @@ impl Run {
         // The layout this crate writes, read directly; anything else (another field
         // order, other integer or string forms, extra fields, errors) goes through
         // the general decoder, which then decides alone.
-        let run: Run = match fast::run(bytes) {
+        let mut run: Run = match fast::run(bytes) {
             Some(run) => run,
             None => decode("run", bytes)?,
         };
-        if run.v != RECORD_VERSION {
-            return Err(Error::Decode {
-                what: "run",
-                reason: format!("version {} is not {RECORD_VERSION}", run.v),
-            });
+        let refuse = |reason: String| Error::Decode {
+            what: "run",
+            reason,
+        };
+        match run.v {
+            // A version 2 run declares no key set; a `keys` field there is not signed.
+            2 => run.keys = None,
+            RECORD_VERSION => match &run.keys {
+                None => return Err(refuse("a version 3 run without keys".into())),
+                Some(keys) if !keys.windows(2).all(|w| w[0] < w[1]) => {
+                    return Err(refuse("keys are not sorted and distinct".into()))
+                }
+                Some(_) => {}
+            },
+            v => {
+                return Err(refuse(format!(
+                    "version {v} is not {OLDEST_RUN_VERSION} to {RECORD_VERSION}"
+                )))
+            }
         }
         if run.entries.is_empty() {
             return Err(Error::Decode {
@@ -274,7 +305,7 @@ impl Run {
             .get(index)
             .ok_or(Error::InvalidProof("index outside the run"))?;
         Ok(Receipt {
-            v: RECORD_VERSION,
+            v: self.v,
             process: self.process.clone(),
             slot: e.slot,
             message_id: e.message_id.clone(),
@@ -288,6 +319,7 @@ impl Run {
             run_prev_seq: self.prev_seq,
             run_first_slot: self.first_slot,
             run_count: self.entries.len() as u64,
+            run_keys: self.keys.clone(),
             merkle_path: tree.proof(index)?,
             seal: self.seal.clone(),
         })
@@ -299,7 +331,7 @@ impl Run {
 /// Merkle path to the run's root and the run's seal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
-    /// [`RECORD_VERSION`].
+    /// The record version of the run the assignment was written in.
     pub v: u8,
     /// The process.
     pub process: String,
@@ -327,6 +359,9 @@ pub struct Receipt {
     pub run_first_slot: u64,
     /// Number of assignments in that run.
     pub run_count: u64,
+    /// The key set that run declares (signed; absent for a version 2 run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_keys: Option<Vec<String>>,
     /// Merkle audit path of this assignment within its run, leaf first.
     pub merkle_path: Vec<Hash32>,
     /// The run's seal: its place in the signed batch and the signatures.
@@ -377,6 +412,7 @@ impl Receipt {
             self.run_first_slot,
             self.run_count,
             &root,
+            self.run_keys.as_deref(),
         );
         self.seal.check(&statement)
     }
@@ -787,9 +823,12 @@ mod fast {
     /// The run, if `bytes` are laid out as this crate writes it.
     pub(super) fn run(bytes: &[u8]) -> Option<Run> {
         let mut r = Reader { bytes, at: 0 };
-        if r.map_len()? != 6 {
-            return None;
-        }
+        // 7 fields: a run that declares its keys; 6: a version 2 run, which does not.
+        let with_keys = match r.map_len()? {
+            7 => true,
+            6 => false,
+            _ => return None,
+        };
         r.key("v")?;
         let v = u8::try_from(r.uint()?).ok()?;
         r.key("process")?;
@@ -798,6 +837,20 @@ mod fast {
         let prev_seq = r.uint()?;
         r.key("first_slot")?;
         let first_slot = r.uint()?;
+        let keys = if with_keys {
+            r.key("keys")?;
+            let n = r.array_len()?;
+            if n > bytes.len() {
+                return None;
+            }
+            let mut keys = Vec::with_capacity(n);
+            for _ in 0..n {
+                keys.push(r.string()?);
+            }
+            Some(keys)
+        } else {
+            None
+        };
         r.key("entries")?;
         let n = r.array_len()?;
         // Every entry takes more than 64 bytes: a count beyond that is a lie.
@@ -815,6 +868,7 @@ mod fast {
             process,
             prev_seq,
             first_slot,
+            keys,
             entries,
             seal,
         })
@@ -863,9 +917,18 @@ mod tests {
             process: process.into(),
             prev_seq: 0,
             first_slot: 0,
+            keys: Some(vec![kp.id().to_string()]),
             entries,
             seal: Seal::default(),
         };
+        run.seal = crate::seal::seal(&[crate::seal::run_digest(&run.statement())], &[kp]).remove(0);
+        run
+    }
+
+    /// `run` as a version 2 record (no declared keys), sealed again by `kp`.
+    fn as_v2(mut run: Run, kp: &Keypair) -> Run {
+        run.v = 2;
+        run.keys = None;
         run.seal = crate::seal::seal(&[crate::seal::run_digest(&run.statement())], &[kp]).remove(0);
         run
     }
@@ -905,6 +968,7 @@ mod tests {
         run.entries[1].headers = vec![("z".into(), "ü".repeat(40)), ("a".into(), String::new())];
         run.entries[2].message_id = "m".repeat(300);
         run.entries[3].timestamp_ms = 0;
+        run.keys = Some(vec!["".into(), "a".into(), "ü".repeat(20), "z".repeat(300)]);
         for (i, e) in run.entries.iter_mut().enumerate() {
             e.slot = run.first_slot + i as u64;
         }
@@ -922,6 +986,11 @@ mod tests {
                 assert_eq!(Some(r), general(&bytes[..cut]), "cut at {cut}");
             }
         }
+        // A version 2 record (6 fields, no keys) is read directly too.
+        let old = as_v2(run_of("p", &[b"ab", b"c"], &kp), &kp);
+        let old_bytes = old.encode().unwrap();
+        assert_eq!(fast::run(&old_bytes), Some(old.clone()));
+        assert_eq!(general(&old_bytes), Some(old));
         let small = run_of("p", &[b"ab", b"c"], &kp).encode().unwrap();
         for at in 0..small.len() {
             for b in [
@@ -954,6 +1023,7 @@ mod tests {
                 "slot": e.slot,
             })).collect::<Vec<_>>(),
             "first_slot": run.first_slot,
+            "keys": run.keys,
             "prev_seq": run.prev_seq,
             "process": run.process,
             "v": run.v,
@@ -964,9 +1034,67 @@ mod tests {
     }
 
     #[test]
+    fn version_2_runs_still_decode_and_declare_nothing() {
+        let kp = Keypair::from_seed([1; 32]);
+        let old = as_v2(run_of("p", &[b"a", b"b"], &kp), &kp);
+        let bytes = old.encode().unwrap();
+        // Encoded as version 2 wrote it: six fields, no `keys`.
+        assert_eq!(bytes[0], 0x86);
+        let back = Run::decode(&bytes).unwrap();
+        assert_eq!(back, old);
+        assert_eq!(back.declared(), None);
+        assert!(back.statement().starts_with(crate::keys::RUN_DOMAIN_V2));
+        // Its receipts verify as before.
+        let r = back.receipt(1, true, false).unwrap();
+        assert_eq!((r.v, r.run_keys.clone()), (2, None));
+        assert_eq!(
+            Receipt::decode(&r.encode().unwrap()).unwrap().check(None),
+            Ok(vec![kp.id().to_string()])
+        );
+        // A `keys` field on a version 2 run is not signed: it is ignored.
+        let mut claimed = old.clone();
+        claimed.keys = Some(vec!["k".into()]);
+        assert_eq!(
+            Run::decode(&claimed.encode().unwrap()).unwrap().declared(),
+            None
+        );
+    }
+
+    #[test]
+    fn the_declared_keys_are_signed_and_travel_in_receipts() {
+        let kp = Keypair::from_seed([1; 32]);
+        let run = run_of("p", &[b"a", b"b"], &kp);
+        assert!(run.statement().starts_with(crate::keys::RUN_DOMAIN));
+        let r = run.receipt(0, true, false).unwrap();
+        assert_eq!(r.run_keys.as_deref(), Some(&[kp.id().to_string()][..]));
+        assert!(r.check(None).is_ok());
+        let mut other = r.clone();
+        other.run_keys = Some(vec![]);
+        assert!(other.check(None).is_err());
+        other.run_keys = None;
+        assert!(other.check(None).is_err());
+    }
+
+    #[test]
     fn decode_refuses_malformed_runs() {
         let kp = Keypair::from_seed([1; 32]);
         let mut run = run_of("p", &[b"a", b"b"], &kp);
+        for (keys, ok) in [
+            (None, false),
+            (Some(vec!["b".to_string(), "a".to_string()]), false),
+            (Some(vec!["a".to_string(), "a".to_string()]), false),
+            (Some(vec![]), true),
+            (Some(vec!["a".to_string(), "b".to_string()]), true),
+        ] {
+            let mut r = run.clone();
+            r.keys = keys.clone();
+            assert_eq!(Run::decode(&r.encode().unwrap()).is_ok(), ok, "{keys:?}");
+        }
+        for v in [1, 4] {
+            let mut r = run.clone();
+            r.v = v;
+            assert!(Run::decode(&r.encode().unwrap()).is_err(), "version {v}");
+        }
         assert!(Run::decode(b"\xc1garbage").is_err());
         run.entries[1].slot = 5;
         assert!(Run::decode(&run.encode().unwrap()).is_err());

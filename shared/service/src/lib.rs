@@ -16,6 +16,8 @@
 //! - [`Service`]: registration and the `$SRV` responder.
 //! - [`Endpoint`]: one endpoint's requests.
 //! - [`Request`]: one request and its single answer.
+//! - [`ConnectionEvents`]: what a connection's client library reports only through
+//!   its event callback (slow-consumer drops, server errors), counted for STATS.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -91,10 +93,101 @@ struct EndpointStats {
     last_error: Mutex<String>,
 }
 
+/// What a connection's client library reports only through its event callback,
+/// counted and logged, never ignored. Install it with [`ConnectionEvents::install`] on
+/// the connection's options, and show it in STATS with [`Service::watch`].
+///
+/// A slow consumer here is the client library's own: a subscription's buffer
+/// (`subscription_capacity`) was full and a message was dropped. Each drop raises an
+/// event, logged here; the library's event queue (128) overflows in a burst, so the
+/// exact count is the patched library's `Statistics::dropped_messages` (ARCHITECTURE.md,
+/// "Patched dependency"), which STATS shows. When the *server* cuts a connection for
+/// being slow, it shows as a disconnect and a server error.
+#[derive(Debug, Default)]
+pub struct ConnectionEvents {
+    slow_consumer_events: AtomicU64,
+    disconnects: AtomicU64,
+    server_errors: AtomicU64,
+    last_server_error: Mutex<String>,
+}
+
+impl ConnectionEvents {
+    /// Counts the events of the connection `name` made with `options`.
+    pub fn install(
+        self: &Arc<Self>,
+        name: &str,
+        options: async_nats::ConnectOptions,
+    ) -> async_nats::ConnectOptions {
+        let me = Arc::clone(self);
+        let name: Arc<str> = name.into();
+        options.event_callback(move |event| {
+            let me = Arc::clone(&me);
+            let name = Arc::clone(&name);
+            async move { me.record(&name, event) }
+        })
+    }
+
+    /// Counts (and logs) one event of the connection `name`.
+    pub fn record(&self, name: &str, event: async_nats::Event) {
+        use async_nats::Event;
+        match event {
+            Event::SlowConsumer(sid) => {
+                let n = self.slow_consumer_events.fetch_add(1, Ordering::Relaxed) + 1;
+                // The log says so at the 1st, 2nd, 4th, 8th, ... event.
+                if n.is_power_of_two() {
+                    warn!(connection = name, sid, events = n, "slow consumer: a subscription's buffer was full and the client library dropped a message (count: slow_consumer_drops in $SRV.STATS)");
+                }
+            }
+            Event::Disconnected => {
+                self.disconnects.fetch_add(1, Ordering::Relaxed);
+                warn!(connection = name, "disconnected from NATS");
+            }
+            Event::ServerError(e) => {
+                self.server_errors.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut last) = self.last_server_error.lock() {
+                    *last = e.to_string();
+                }
+                warn!(connection = name, error = %e, "NATS server error");
+            }
+            Event::ClientError(e) => warn!(connection = name, error = %e, "NATS client error"),
+            Event::LameDuckMode => warn!(connection = name, "NATS server in lame duck mode"),
+            Event::Connected => tracing::info!(connection = name, "connected to NATS"),
+            Event::Draining | Event::Closed => {}
+        }
+    }
+
+    fn snapshot(&self, client: &async_nats::Client) -> Value {
+        let s = client.statistics();
+        json!({
+            "connects": s.connects.load(Ordering::Relaxed),
+            "disconnects": self.disconnects.load(Ordering::Relaxed),
+            "slow_consumer_drops": s.dropped_messages.load(Ordering::Relaxed),
+            "slow_consumer_events": self.slow_consumer_events.load(Ordering::Relaxed),
+            "server_errors": self.server_errors.load(Ordering::Relaxed),
+            "last_server_error": self.last_server_error.lock().map(|l| l.clone()).unwrap_or_default(),
+            "in_msgs": s.in_messages.load(Ordering::Relaxed),
+            "out_msgs": s.out_messages.load(Ordering::Relaxed),
+        })
+    }
+}
+
 type DataFn = dyn Fn(&str) -> Value + Send + Sync;
 
-struct Inner {
+/// A connection shown in STATS.
+struct Watched {
+    name: String,
     client: async_nats::Client,
+    events: Arc<ConnectionEvents>,
+}
+
+struct Inner {
+    /// Takes the services API's requests (the first of `requests`).
+    client: async_nats::Client,
+    /// Take the endpoints' requests.
+    requests: Vec<async_nats::Client>,
+    /// Publishes every answer, if set; otherwise the connection a request came in on.
+    replies: Option<async_nats::Client>,
+    watched: Mutex<Vec<Watched>>,
     spec: Spec,
     id: String,
     started: String,
@@ -121,11 +214,31 @@ impl std::fmt::Debug for Service {
 }
 
 impl Service {
-    /// Registers `spec` on `client`; `data(endpoint)` gives the `data` of an
-    /// endpoint's STATS. Add the endpoints, then [`Service::announce`]: a service
-    /// answers PING only once it serves its endpoints.
+    /// Registers `spec` on `client`, which takes the requests and answers them;
+    /// `data(endpoint)` gives the `data` of an endpoint's STATS. Add the endpoints,
+    /// then [`Service::announce`]: a service answers PING only once it serves its
+    /// endpoints.
     pub async fn start(
         client: async_nats::Client,
+        spec: Spec,
+        subjects: Subjects,
+        data: impl Fn(&str) -> Value + Send + Sync + 'static,
+    ) -> Result<Service> {
+        Service::start_split(vec![client], None, spec, subjects, data).await
+    }
+
+    /// As [`Service::start`], with requests taken on `requests` and every answer sent
+    /// on `replies` if given: a backlog of answers then never holds up the reading of
+    /// requests (nor, on the server, counts against the same connection's pending
+    /// limit). Without it each request is answered on the connection it came in on
+    /// (as `allow_responses` demands).
+    /// Each endpoint subscribes on every connection of `requests` (one queue group):
+    /// the server spreads the requests over them, so they are read in parallel and a
+    /// burst meets the server's per-connection limit (`max_pending`, 64 MB) once per
+    /// connection. The services API listens on the first. Errs if `requests` is empty.
+    pub async fn start_split(
+        requests: Vec<async_nats::Client>,
+        replies: Option<async_nats::Client>,
         spec: Spec,
         subjects: Subjects,
         data: impl Fn(&str) -> Value + Send + Sync + 'static,
@@ -133,9 +246,18 @@ impl Service {
         let started = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
+        let Some(client) = requests.first().cloned() else {
+            return Err(Error::Subscribe {
+                subject: spec.name,
+                reason: "no connection to take requests on".into(),
+            });
+        };
         let inner = Arc::new(Inner {
             id: uuid::Uuid::new_v4().simple().to_string(),
             client,
+            requests,
+            replies,
+            watched: Mutex::new(Vec::new()),
             spec,
             started,
             subjects,
@@ -176,12 +298,12 @@ impl Service {
 
     /// Adds endpoint `name` on `subject` (in the service's queue group).
     pub async fn endpoint(&self, name: &str, subject: String) -> Result<Endpoint> {
-        let sub = subscribe(
-            &self.inner.client,
-            &subject,
-            Some(self.inner.spec.queue_group.clone()),
-        )
-        .await?;
+        let mut subs = Vec::new();
+        for client in &self.inner.requests {
+            let queue = Some(self.inner.spec.queue_group.clone());
+            let answer_on = self.inner.replies.clone().unwrap_or_else(|| client.clone());
+            subs.push((answer_on, subscribe(client, &subject, queue).await?));
+        }
         let stats = Arc::new(EndpointStats {
             name: name.to_string(),
             subject,
@@ -194,11 +316,24 @@ impl Service {
             e.push(Arc::clone(&stats));
         }
         Ok(Endpoint {
-            sub,
+            subs,
+            turn: 0,
             stats,
             inner: Arc::clone(&self.inner),
             draining: false,
         })
+    }
+
+    /// Shows connection `name` (its events and the library's statistics) in STATS,
+    /// under `connections`, and adds its drops to the top-level `slow_consumer_drops`.
+    pub fn watch(&self, name: &str, client: async_nats::Client, events: Arc<ConnectionEvents>) {
+        if let Ok(mut w) = self.inner.watched.lock() {
+            w.push(Watched {
+                name: name.to_string(),
+                client,
+                events,
+            });
+        }
     }
 
     /// The service's counters.
@@ -274,7 +409,8 @@ async fn answer_srv(
         let Ok(bytes) = serde_json::to_vec(&body) else {
             continue;
         };
-        if let Err(e) = inner.client.publish(reply.to_string(), bytes.into()).await {
+        let answer_on = inner.replies.as_ref().unwrap_or(&inner.client);
+        if let Err(e) = answer_on.publish(reply.to_string(), bytes.into()).await {
             warn!(error = %e, "could not answer a services-API request");
         }
     }
@@ -357,12 +493,29 @@ fn stats(inner: &Inner) -> Value {
         "connects".into(),
         json!(inner.client.statistics().connects.load(Ordering::Relaxed)),
     );
+    let (mut drops, mut connections) = (0, serde_json::Map::new());
+    if let Ok(w) = inner.watched.lock() {
+        for c in w.iter() {
+            drops += c
+                .client
+                .statistics()
+                .dropped_messages
+                .load(Ordering::Relaxed);
+            connections.insert(c.name.clone(), c.events.snapshot(&c.client));
+        }
+    }
+    m.insert("slow_consumer_drops".into(), json!(drops));
+    m.insert("connections".into(), Value::Object(connections));
     Value::Object(m)
 }
 
 /// The requests of one endpoint.
 pub struct Endpoint {
-    sub: Subscriber,
+    /// One subscription per request connection, with the connection that answers
+    /// what it delivers.
+    subs: Vec<(async_nats::Client, Subscriber)>,
+    /// Where the next poll starts, so no connection is starved.
+    turn: usize,
     stats: Arc<EndpointStats>,
     inner: Arc<Inner>,
     draining: bool,
@@ -373,7 +526,7 @@ impl Endpoint {
     /// subject is reserved are dropped here, unanswered and counted.
     pub async fn next(&mut self) -> Option<Request> {
         loop {
-            let msg = self.sub.next().await?;
+            let (i, msg) = self.next_message().await?;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let reply = usable_reply(&self.inner, &msg).map(str::to_string);
             let malformed = malformed(&msg);
@@ -391,23 +544,53 @@ impl Endpoint {
                 message: msg,
                 malformed,
                 stats: Arc::clone(&self.stats),
-                client: self.inner.client.clone(),
+                client: self.subs[i].0.clone(),
                 started: Instant::now(),
             });
         }
     }
 
+    /// The next message of any subscription, in turn, with the subscription's index;
+    /// none once every subscription has ended.
+    async fn next_message(&mut self) -> Option<(usize, Message)> {
+        futures::future::poll_fn(|cx| {
+            let n = self.subs.len();
+            let mut ended = 0;
+            for k in 0..n {
+                let i = (self.turn + k) % n;
+                match self.subs[i].1.poll_next_unpin(cx) {
+                    std::task::Poll::Ready(Some(m)) => {
+                        self.turn = i + 1;
+                        return std::task::Poll::Ready(Some((i, m)));
+                    }
+                    std::task::Poll::Ready(None) => ended += 1,
+                    std::task::Poll::Pending => {}
+                }
+            }
+            if ended == n {
+                std::task::Poll::Ready(None)
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+
     /// Stops taking requests (the queue group then delivers to other replicas).
     pub async fn stop(&mut self) {
-        let _ = self.sub.unsubscribe().await;
+        for (_, sub) in self.subs.iter_mut() {
+            let _ = sub.unsubscribe().await;
+        }
     }
 
     /// Stops taking new requests but keeps those already on their way: [`Endpoint::next`]
     /// yields them, then none (NATS drain: unsubscribe, then a round trip).
     pub async fn drain(&mut self) {
         self.draining = true;
-        if let Err(e) = self.sub.drain().await {
-            warn!(error = %e, endpoint = %self.stats.name, "could not drain");
+        for (_, sub) in self.subs.iter_mut() {
+            if let Err(e) = sub.drain().await {
+                warn!(error = %e, endpoint = %self.stats.name, "could not drain");
+            }
         }
     }
 

@@ -9,7 +9,9 @@
 //!    request/reply service could reach here);
 //! 2. one hot process: closed-loop requests from several connections;
 //! 3. 1,000 processes together, same load spread evenly;
-//! 4. latency p50/p99 of both at half of the peak each reached, open loop;
+//! 4. latency p50/p99 of both at half of the peak each reached, open loop; 1,000
+//!    requests at once with 256-byte ids to one process; (`sync_interval: always`
+//!    only) overload: twice the 1,000-process peak offered for 10 s, every answer counted;
 //! 5. (default storage only) reading the log: `journal::audit::verify` over one
 //!    process of 100,000 assignments written through the scheduler (assignments/s,
 //!    and per core of this process's CPU time), and cold head loads
@@ -142,6 +144,7 @@ async fn main() -> Result<()> {
             .arg(singles.to_string())
             .env("NATS_URL", server.url_as(Role::Scheduler))
             .env("TS_INTAKE_URL", server.url_as(Role::SchedulerIntake))
+            .env("TS_REPLIES_URL", server.url_as(Role::SchedulerReplies))
             .env(
                 "RUST_LOG",
                 std::env::var("BENCH_SCHEDULER_LOG").unwrap_or_else(|_| "warn".into()),
@@ -203,6 +206,26 @@ async fn main() -> Result<()> {
             many_lat.p50_ms,
             many_lat.p99_ms
         );
+        let burst = id_burst(&conns, &body).await?;
+        eprintln!("1,000 requests at once, 256-byte ids, one process: {burst}");
+        // Overload: twice the peak this run measured, offered for 10 s to 1,000
+        // processes; every request must be answered (a receipt or `busy`).
+        let overload = if sync_always {
+            let rate = 2.0 * many.rate;
+            let (answers, _) = offer(&conns, &body, PROCESSES, rate, 0.0, 10.0).await?;
+            let mut v = summarise(&answers);
+            v["offered_per_s"] = json!(rate.round());
+            v["scheduler_slow_consumer_drops"] =
+                scheduler_stat(&probe, "slow_consumer_drops").await;
+            v["client_slow_consumer_drops"] = json!(conns
+                .iter()
+                .map(|c| c.statistics().dropped_messages.load(Ordering::Relaxed))
+                .sum::<u64>());
+            eprintln!("overload at {rate:.0}/s for 10 s, 1,000 processes: {v}");
+            v
+        } else {
+            serde_json::Value::Null
+        };
         let log_reads = if sync_always {
             serde_json::Value::Null
         } else {
@@ -211,6 +234,8 @@ async fn main() -> Result<()> {
         runs.push(json!({
             "storage": label,
             "log_reads": log_reads,
+            "id_burst_1000x256": burst,
+            "overload_2x_peak_10s": overload,
             "scheduler_singles_in_flight": singles,
             "raw_ceiling_msgs_per_s": raw.round(),
             "echo_ceiling_msgs_per_s": echo.round(),
@@ -283,6 +308,45 @@ fn print_table(doc: &serde_json::Value) {
                 .as_f64()
                 .unwrap_or(0.0),
         );
+    }
+    // The scheduler's word under bursts and overload: every request answered.
+    println!();
+    println!("| storage | phase | offered | receipts | busy | other refusals | unanswered | answer p50 / p99 / max ms | slow-consumer drops (scheduler / client) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in doc["runs"].as_array().into_iter().flatten() {
+        for (phase, key) in [
+            ("1,000 at once, 256 B ids, 1 process", "id_burst_1000x256"),
+            ("2× peak for 10 s, 1,000 processes", "overload_2x_peak_10s"),
+        ] {
+            let v = &r[key];
+            if v.is_null() {
+                continue;
+            }
+            let outcomes = v["outcomes"].as_object().cloned().unwrap_or_default();
+            let count = |k: &str| outcomes.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+            let other: u64 = outcomes
+                .iter()
+                .filter(|(k, _)| !["receipt", "busy", "no_answer"].contains(&k.as_str()))
+                .filter_map(|(_, x)| x.as_u64())
+                .sum();
+            let offered = if v["offered_per_s"].is_null() {
+                format!("{}", v["requests"])
+            } else {
+                format!("{} ({}/s)", v["requests"], v["offered_per_s"])
+            };
+            println!(
+                "| {} | {phase} | {offered} | {} | {} | {other} | {} | {} / {} / {} | {} / {} |",
+                r["storage"].as_str().unwrap_or(""),
+                count("receipt"),
+                count("busy"),
+                v["unanswered"],
+                v["answer_p50_ms"],
+                v["answer_p99_ms"],
+                v["answer_max_ms"],
+                v["scheduler_slow_consumer_drops"],
+                v["client_slow_consumer_drops"],
+            );
+        }
     }
     // Where the two cores went: a request/reply service shares them with NATS and
     // the load generator, so this bounds what any scheduler could reach here.
@@ -379,8 +443,12 @@ struct Inbox {
     pending: Pending,
 }
 
-/// Requests in flight: send time and where to deliver (latency, success).
-type Pending = Arc<Mutex<HashMap<u64, (Instant, tokio::sync::oneshot::Sender<(Duration, bool)>)>>>;
+/// How a request ended: its latency and its answer (`Err(code)`: a typed refusal,
+/// `no_answer` when none came within 30 s).
+type Answer = (Duration, Result<(), String>);
+
+/// Requests in flight: send time and where to deliver the answer.
+type Pending = Arc<Mutex<HashMap<u64, (Instant, tokio::sync::oneshot::Sender<Answer>)>>>;
 
 async fn inbox(client: &async_nats::Client) -> Result<Inbox> {
     // Under _INBOX: the only reply subjects a client without credentials may subscribe to.
@@ -398,11 +466,10 @@ async fn inbox(client: &async_nats::Client) -> Result<Inbox> {
             else {
                 continue;
             };
-            let ok = msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("Ts-Error"))
-                .is_none();
+            let ok = match msg.headers.as_ref().and_then(|h| h.get("Ts-Error")) {
+                None => Ok(()),
+                Some(code) => Err(code.to_string()),
+            };
             let entry = p.lock().ok().and_then(|mut m| m.remove(&n));
             if let Some((sent, tx)) = entry {
                 let _ = tx.send((sent.elapsed(), ok));
@@ -488,24 +555,42 @@ fn cpu_seconds(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// Sends one request; resolves with its latency and whether it succeeded.
+/// Sends one request; resolves with its latency and its answer.
 async fn send(
     client: &async_nats::Client,
     inbox: &Inbox,
     n: u64,
     subject: String,
     body: Bytes,
-) -> Result<(Duration, bool)> {
+) -> Result<Answer> {
+    send_with(client, inbox, n, subject, None, body).await
+}
+
+/// [`send`] with headers.
+async fn send_with(
+    client: &async_nats::Client,
+    inbox: &Inbox,
+    n: u64,
+    subject: String,
+    headers: Option<async_nats::HeaderMap>,
+    body: Bytes,
+) -> Result<Answer> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     if let Ok(mut m) = inbox.pending.lock() {
         m.insert(n, (Instant::now(), tx));
     }
-    client
-        .publish_with_reply(subject, format!("{}.{n}", inbox.prefix), body)
-        .await?;
+    let reply = format!("{}.{n}", inbox.prefix);
+    match headers {
+        Some(h) => {
+            client
+                .publish_with_reply_and_headers(subject, reply, h, body)
+                .await?
+        }
+        None => client.publish_with_reply(subject, reply, body).await?,
+    }
     match tokio::time::timeout(Duration::from_secs(30), rx).await {
         Ok(Ok(r)) => Ok(r),
-        _ => Ok((Duration::from_secs(30), false)),
+        _ => Ok((Duration::from_secs(30), Err("no_answer".into()))),
     }
 }
 
@@ -551,10 +636,10 @@ async fn closed_loop(
                     let r = send(&client, &inbox, n, subject, body).await;
                     let in_window = started.elapsed() >= warmup && started.elapsed() <= total;
                     match r {
-                        Ok((_, true)) if in_window => {
+                        Ok((_, Ok(()))) if in_window => {
                             counted.fetch_add(1, Ordering::Relaxed);
                         }
-                        Ok((_, false)) | Err(_) => {
+                        Ok((_, Err(_))) | Err(_) => {
                             errors.fetch_add(1, Ordering::Relaxed);
                         }
                         _ => {}
@@ -595,63 +680,148 @@ async fn open_loop(
     rate: f64,
     seconds: f64,
 ) -> Result<Latency> {
+    let (answers, elapsed) = offer(conns, body, processes, rate, 1.0, seconds).await?;
+    let mut l: Vec<Duration> = answers
+        .iter()
+        .filter(|(_, a)| a.is_ok())
+        .map(|(d, _)| *d)
+        .collect();
+    l.sort();
+    Ok(Latency {
+        p50_ms: percentile_ms(&l, 0.50),
+        p99_ms: percentile_ms(&l, 0.99),
+        achieved: l.len() as f64 / elapsed,
+    })
+}
+
+/// The `p` percentile of sorted `l`, in ms (two decimals); NaN when empty.
+fn percentile_ms(l: &[Duration], p: f64) -> f64 {
+    let v = l
+        .get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(f64::NAN);
+    (v * 100.0).round() / 100.0
+}
+
+/// Offers `rate` requests/s, open loop, over `processes` for `warmup` + `seconds`, in
+/// small bursts every millisecond; returns the answers of the requests sent after the
+/// warm-up, and the seconds they were sent over.
+async fn offer(
+    conns: &[async_nats::Client],
+    body: &Bytes,
+    processes: usize,
+    rate: f64,
+    warmup: f64,
+    seconds: f64,
+) -> Result<(Vec<Answer>, f64)> {
     let rate = rate.max(1.0);
-    let warmup = (rate * 1.0) as u64;
-    let seconds = seconds + 1.0;
+    let skip = (rate * warmup) as u64;
     let tag = uuid_like();
     let mut inboxes = Vec::new();
     for c in conns {
         inboxes.push(Arc::new(inbox(c).await?));
     }
-    let latencies = Arc::new(Mutex::new(Vec::<Duration>::new()));
     let started = Instant::now();
-    let total = (rate * seconds) as u64;
+    let total = (rate * (warmup + seconds)) as u64;
     let mut handles = Vec::with_capacity(total as usize);
     let tick = Duration::from_millis(1);
     let mut sent = 0u64;
     while sent < total {
-        // Send whatever is due by now, in small bursts every millisecond.
         let due = ((started.elapsed().as_secs_f64() * rate) as u64).min(total);
         while sent < due {
             let ci = (sent as usize) % conns.len();
-            let (client, inbox, body, latencies) = (
-                conns[ci].clone(),
-                inboxes[ci].clone(),
-                body.clone(),
-                latencies.clone(),
-            );
+            let (client, inbox, body) = (conns[ci].clone(), inboxes[ci].clone(), body.clone());
             let subject = format!("ts.schedule.l{tag}-{}", (sent as usize) % processes);
             let n = sent;
             handles.push(tokio::spawn(async move {
-                if let Ok((d, true)) = send(&client, &inbox, n, subject, body).await {
-                    if n < warmup {
-                        return;
-                    }
-                    if let Ok(mut l) = latencies.lock() {
-                        l.push(d);
-                    }
-                }
+                send(&client, &inbox, n, subject, body).await
             }));
             sent += 1;
         }
         tokio::time::sleep(tick).await;
     }
-    for h in handles {
-        h.await.context("latency sender")?;
+    let elapsed = started.elapsed().as_secs_f64() - warmup;
+    let mut answers = Vec::with_capacity(handles.len());
+    for (n, h) in handles.into_iter().enumerate() {
+        let a = h.await.context("open-loop sender")??;
+        if n as u64 >= skip {
+            answers.push(a);
+        }
     }
-    let elapsed = started.elapsed().as_secs_f64() - 1.0;
-    let mut l = latencies.lock().map(|l| l.clone()).unwrap_or_default();
-    l.sort();
-    let pct = |p: f64| {
-        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
-            .map(|d| d.as_secs_f64() * 1000.0)
-            .unwrap_or(f64::NAN)
-    };
-    Ok(Latency {
-        p50_ms: (pct(0.50) * 100.0).round() / 100.0,
-        p99_ms: (pct(0.99) * 100.0).round() / 100.0,
-        achieved: l.len() as f64 / elapsed,
+    Ok((answers, elapsed))
+}
+
+/// What a set of answers says: counts by outcome and latency percentiles.
+fn summarise(answers: &[Answer]) -> serde_json::Value {
+    let mut by_code: std::collections::BTreeMap<String, u64> = Default::default();
+    for (_, a) in answers {
+        *by_code
+            .entry(match a {
+                Ok(()) => "receipt".into(),
+                Err(code) => code.clone(),
+            })
+            .or_default() += 1;
+    }
+    let mut all: Vec<Duration> = answers
+        .iter()
+        .filter(|(_, a)| a.as_ref().err().map(String::as_str) != Some("no_answer"))
+        .map(|(d, _)| *d)
+        .collect();
+    all.sort();
+    json!({
+        "requests": answers.len(),
+        "outcomes": by_code,
+        "unanswered": by_code.get("no_answer").copied().unwrap_or(0),
+        "answer_p50_ms": percentile_ms(&all, 0.50),
+        "answer_p99_ms": percentile_ms(&all, 0.99),
+        "answer_max_ms": percentile_ms(&all, 1.0),
     })
+}
+
+/// 1,000 requests at once to one process, each with its own 256-byte message id (the
+/// alarm-loader's top-of-the-minute burst): how they were answered, and how fast.
+async fn id_burst(conns: &[async_nats::Client], body: &Bytes) -> Result<serde_json::Value> {
+    let tag = uuid_like();
+    let mut inboxes = Vec::new();
+    for c in conns {
+        inboxes.push(Arc::new(inbox(c).await?));
+    }
+    let subject = format!("ts.schedule.burst{tag}");
+    let mut handles = Vec::new();
+    for i in 0..1000usize {
+        let ci = i % conns.len();
+        let (client, inbox, body, subject) = (
+            conns[ci].clone(),
+            inboxes[ci].clone(),
+            body.clone(),
+            subject.clone(),
+        );
+        let mut id = format!("{tag}-{i}-");
+        id.extend(std::iter::repeat_n('i', 256 - id.len()));
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", id.as_str());
+        handles.push(tokio::spawn(async move {
+            send_with(&client, &inbox, i as u64, subject, Some(h), body).await
+        }));
+    }
+    let mut answers = Vec::new();
+    for h in handles {
+        answers.push(h.await.context("burst sender")??);
+    }
+    Ok(summarise(&answers))
+}
+
+/// A top-level number of the scheduler's `$SRV.STATS`; null when it cannot be read.
+async fn scheduler_stat(client: &async_nats::Client, key: &str) -> serde_json::Value {
+    match client
+        .request("$SRV.STATS.turnstile-scheduler", Bytes::new())
+        .await
+    {
+        Ok(reply) => serde_json::from_slice::<serde_json::Value>(&reply.payload)
+            .map(|v| v[key].clone())
+            .unwrap_or_default(),
+        Err(_) => serde_json::Value::Null,
+    }
 }
 
 /// The scheduler's writer counters (runs as singles, batches, cost estimates), from
@@ -915,7 +1085,7 @@ async fn fill(
             ok.clone(),
         );
         tokio::spawn(async move {
-            if let Ok((_, true)) = send(&client, &inbox, i, subject, body).await {
+            if let Ok((_, Ok(()))) = send(&client, &inbox, i, subject, body).await {
                 ok.fetch_add(1, Ordering::Relaxed);
             }
             drop(permit);
