@@ -1,11 +1,10 @@
 //! `scheduler`: the turnstile scheduler service. See the library for the parts.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
+use service::runtime::{connect, Identity};
 
 use protocol::wire::Mode;
 use scheduler::{Config, Keyring};
@@ -107,12 +106,7 @@ impl scheduler::Clock for SkewedClock {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    service::runtime::init_tracing();
     let args = Args::parse();
     let default_mode: Mode = args.default_mode.parse()?;
     let config = Config {
@@ -139,57 +133,39 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     // The intake identity takes requests on one connection and answers on another.
-    let (intake_url, intake_creds) = if args.intake_url.is_none() && args.intake_creds.is_none() {
-        tracing::warn!("no intake identity (TS_INTAKE_URL / TS_INTAKE_CREDS): client requests are taken and answered with the core user's rights");
-        (args.nats_url.clone(), args.creds.as_deref())
-    } else {
-        let url = args.intake_url.as_deref().unwrap_or(&args.nats_url);
-        // Intake credentials given as a file replace any in the core URL.
-        let url = match (&args.intake_url, &args.intake_creds) {
-            (None, Some(_)) => journal::url::split_credentials(url)?.0,
-            _ => url.to_string(),
-        };
-        (url, args.intake_creds.as_deref())
+    let intake_identity = Identity {
+        url: args.intake_url,
+        creds: args.intake_creds,
     };
+    if !intake_identity.is_given() {
+        tracing::warn!("no intake identity (TS_INTAKE_URL / TS_INTAKE_CREDS): client requests are taken and answered with the core user's rights");
+    }
+    let (intake_url, intake_creds) = intake_identity.resolve(&args.nats_url)?;
     let mut intake = Vec::new();
     for _ in 0..args.intake_connections.max(1) {
         intake.push(
             connect(
                 "turnstile-scheduler-intake",
                 &intake_url,
-                intake_creds,
+                intake_creds.as_deref(),
                 &events.intake,
                 Some(scheduler::INTAKE_SUBSCRIPTION_CAPACITY),
             )
             .await?,
         );
     }
-    let replies = if args.replies_url.is_none() && args.replies_creds.is_none() {
-        None
-    } else {
-        let url = args.replies_url.as_deref().unwrap_or(&args.nats_url);
-        let url = match (&args.replies_url, &args.replies_creds) {
-            (None, Some(_)) => journal::url::split_credentials(url)?.0,
-            _ => url.to_string(),
-        };
-        let name = "turnstile-scheduler-replies";
-        let events = &events.replies;
-        Some(connect(name, &url, args.replies_creds.as_deref(), events, None).await?)
+    let replies_identity = Identity {
+        url: args.replies_url,
+        creds: args.replies_creds,
     };
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => return,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        signal.cancel();
-    });
+    let replies = if replies_identity.is_given() {
+        let (url, creds) = replies_identity.resolve(&args.nats_url)?;
+        let name = "turnstile-scheduler-replies";
+        Some(connect(name, &url, creds.as_deref(), &events.replies, None).await?)
+    } else {
+        None
+    };
+    let shutdown = service::runtime::shutdown_on_signals();
     let connections = scheduler::Connections {
         core,
         intake,
@@ -205,54 +181,4 @@ async fn main() -> anyhow::Result<()> {
     let clock = std::sync::Arc::new(SkewedClock(args.clock_skew_ms));
     scheduler::run_with_clock(config, keyring, connections, shutdown, clock).await?;
     Ok(())
-}
-
-/// Connects as `name` to `urls` (comma-separated; `user:password@` or `token@` inside is
-/// used, as the nats CLI does) with the credentials file `creds`, if any, counting its
-/// events in `events` and buffering `capacity` messages per subscription (default:
-/// the library's). Waits for the server (a service may start before NATS does) up
-/// to 30 s; a refused identity fails at once.
-async fn connect(
-    name: &str,
-    urls: &str,
-    creds: Option<&Path>,
-    events: &std::sync::Arc<service::ConnectionEvents>,
-    capacity: Option<usize>,
-) -> anyhow::Result<async_nats::Client> {
-    let (addrs, auth) = journal::url::split_credentials(urls)?;
-    if creds.is_some() && auth.is_some() {
-        bail!("{addrs}: give credentials either in the URL or as a creds file, not both");
-    }
-    let mut attempt = 0;
-    loop {
-        let mut options = events.install(name, async_nats::ConnectOptions::new().name(name));
-        if let Some(c) = capacity {
-            options = options.subscription_capacity(c);
-        }
-        if let Some(path) = creds {
-            options = options
-                .credentials_file(path)
-                .await
-                .with_context(|| format!("reading NATS credentials {}", path.display()))?;
-        }
-        if let Some(auth) = auth.clone() {
-            options = auth.apply(options);
-        }
-        match options.connect(addrs.as_str()).await {
-            Ok(c) => return Ok(c),
-            Err(e)
-                if attempt < 30
-                    && !matches!(
-                        e.kind(),
-                        async_nats::ConnectErrorKind::AuthorizationViolation
-                            | async_nats::ConnectErrorKind::Authentication
-                    ) =>
-            {
-                attempt += 1;
-                tracing::warn!(url = %addrs, connection = name, error = %e, attempt, "NATS not reachable yet; retrying in 1 s");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(e).with_context(|| format!("{name}: connecting to {addrs}")),
-        }
-    }
 }

@@ -18,6 +18,8 @@
 //! - [`Request`]: one request and its single answer.
 //! - [`ConnectionEvents`]: what a connection's client library reports only through
 //!   its event callback (slow-consumer drops, server errors), counted for STATS.
+//! - [`runtime`]: what every service binary does around its work: logging, NATS
+//!   identities and connections, the signals that stop it.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -34,6 +36,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use journal::subjects::{self, Subjects};
+
+pub mod runtime;
 
 /// Everything that can go wrong running a service.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +58,22 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A connection could not be made (refused identity, or no server in time).
+    #[error("{name}: connecting to {url}: {reason}")]
+    Connect {
+        /// The connection's name.
+        name: String,
+        /// The server URL(s), credentials taken out.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The flags or environment do not make a usable configuration.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// From the journal crate (URLs, setup).
+    #[error(transparent)]
+    Journal(#[from] journal::Error),
 }
 
 /// The crate's result type.
