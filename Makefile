@@ -76,7 +76,8 @@ release: crates
 run: tools release
 	@mkdir -p "$(DATA)"
 	@if [ -z "$${NATS_URL}" ]; then \
-	  for v in TS_SCHEDULER_PASSWORD TS_INTAKE_PASSWORD TS_REPLIES_PASSWORD TS_OPERATOR_PASSWORD; do \
+	  for v in TS_SCHEDULER_PASSWORD TS_INTAKE_PASSWORD TS_REPLIES_PASSWORD TS_OPERATOR_PASSWORD \
+	           TS_ALARM_PASSWORD TS_ALARM_INTAKE_PASSWORD; do \
 	    grep -q "^$$v=" "$(DATA)/secrets.env" 2>/dev/null && continue; \
 	    ( umask 077; echo "$$v=$$(python3 -c 'import secrets; print("p" + secrets.token_hex(16))')" >> "$(DATA)/secrets.env" ); \
 	    echo "made a NATS user's password: $$v in data/secrets.env"; \
@@ -105,11 +106,23 @@ run: tools release
 	  sleep 1; kill -0 $$(cat "$(DATA)/scheduler.pid") || { cat "$(DATA)/scheduler.log"; exit 1; }; \
 	  echo "scheduler running (log: data/scheduler.log)"; \
 	fi
+	@if [ -f "$(DATA)/alarm-loader.pid" ] && kill -0 $$(cat "$(DATA)/alarm-loader.pid") 2>/dev/null; then echo "alarm-loader already running"; \
+	else \
+	  if [ -z "$${NATS_URL}" ]; then \
+	    . "$(DATA)/secrets.env"; \
+	    export NATS_URL="nats://alarm-loader:$$TS_ALARM_PASSWORD@127.0.0.1:4222"; \
+	    export TS_INTAKE_URL="nats://alarm-intake:$$TS_ALARM_INTAKE_PASSWORD@127.0.0.1:4222"; \
+	  fi; \
+	  nohup ./target/release/alarm-loader > "$(DATA)/alarm-loader.log" 2>&1 & echo $$! > "$(DATA)/alarm-loader.pid"; \
+	  sleep 1; kill -0 $$(cat "$(DATA)/alarm-loader.pid") || { cat "$(DATA)/alarm-loader.log"; exit 1; }; \
+	  echo "alarm-loader running (log: data/alarm-loader.log)"; \
+	fi
 	@echo; echo "Try (any client, no credentials needed):"; \
 	echo "  ./target/release/turnstile schedule my-process -d 'hello'"; \
 	echo "  ./target/release/turnstile slot my-process"; \
 	echo "  ./target/release/turnstile log my-process --text --follow"; \
 	echo "  ./target/release/turnstile verify my-process"; \
+	echo "  nats req ts.alarm.set '{\"id\":\"hello-1\",\"due_ms\":'\$$(( \$$(date +%s) * 1000 + 5000 ))',\"target\":{\"process\":\"my-process\"},\"body\":\"aGVsbG8=\"}'   # fires in 5 s"; \
 	if [ -z "$${NATS_URL}" ]; then \
 	  echo "As the operator (process settings, stream administration):"; \
 	  echo "  env \$$(cat data/operator.env) ./target/release/turnstile process set my-process --mode disabled"; \
@@ -117,7 +130,7 @@ run: tools release
 	echo "Stop with: make stop"
 
 stop:
-	@for p in scheduler nats; do \
+	@for p in alarm-loader scheduler nats; do \
 	  if [ -f "$(DATA)/$$p.pid" ]; then kill $$(cat "$(DATA)/$$p.pid") 2>/dev/null || true; rm -f "$(DATA)/$$p.pid"; echo "stopped $$p"; fi; \
 	done
 

@@ -12,6 +12,7 @@
 //! - `bad_input`: malformed and hostile requests mixed into load, as raw bytes.
 //! - `word`: the scheduler keeps its word (stalls, bursts, limits, races).
 //! - `hostile`: foreign messages on the log, replies aimed into our own space.
+//! - `alarms`: the alarm-loader: firing once, cancel, replace, crashes, outages, subject targets.
 //! - `keys_history`: required keys decided from the log (declared per run, handed over).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -19,6 +20,8 @@
 pub mod raw;
 pub mod support;
 
+#[cfg(test)]
+mod alarms;
 #[cfg(test)]
 mod bad_input;
 #[cfg(test)]

@@ -32,6 +32,10 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::debug;
 
+use journal::jserr::{
+    is_conflict_code, is_full_code, publish_error_code, publish_error_description,
+};
+
 use crate::metrics::Metrics;
 
 /// Most runs in one atomic batch (the server's limit is 1,000 messages).
@@ -224,21 +228,14 @@ async fn publish_one(js: &jetstream::Context, w: Write) -> Outcome {
     match ack {
         Ok(ack) => Outcome::Stored(ack.sequence),
         Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-            Outcome::Lost(server_last_sequence(&jetstream_description(&e)))
+            Outcome::Lost(server_last_sequence(&publish_error_description(&e)))
         }
-        Err(e) if is_conflict_code(jetstream_code(&e)) => {
-            Outcome::Lost(server_last_sequence(&jetstream_description(&e)))
+        Err(e) if is_conflict_code(publish_error_code(&e)) => {
+            Outcome::Lost(server_last_sequence(&publish_error_description(&e)))
         }
-        Err(e) if is_full_code(jetstream_code(&e)) => Outcome::Full(e.to_string()),
+        Err(e) if is_full_code(publish_error_code(&e)) => Outcome::Full(e.to_string()),
         Err(e) => Outcome::Failed(e.to_string()),
     }
-}
-
-/// JetStream's "no room" refusals: 10023 insufficient resources (the server's
-/// `max_file_store`), 10047 storage resources exceeded, 10028 memory resources
-/// exceeded, 10077 the stream's `max_bytes`/`max_msgs` reached (discard new).
-fn is_full_code(code: Option<u64>) -> bool {
-    matches!(code, Some(10023) | Some(10028) | Some(10047) | Some(10077))
 }
 
 /// The number in JetStream's "wrong last sequence: N".
@@ -250,28 +247,6 @@ pub fn server_last_sequence(error: &str) -> Option<u64> {
         .take_while(char::is_ascii_digit)
         .collect();
     digits.parse().ok()
-}
-
-/// 10071: wrong last sequence; 10164: a conflicting write in flight on an R3 stream
-/// (ANCHORS.md: async-nats reports it as `Other`, so read the code).
-fn is_conflict_code(code: Option<u64>) -> bool {
-    matches!(code, Some(10071) | Some(10164))
-}
-
-/// The server's own words about a refused publish.
-fn jetstream_description(e: &jetstream::context::PublishError) -> String {
-    use std::error::Error as _;
-    e.source()
-        .and_then(|s| s.downcast_ref::<jetstream::Error>())
-        .map(|j| j.to_string())
-        .unwrap_or_default()
-}
-
-fn jetstream_code(e: &jetstream::context::PublishError) -> Option<u64> {
-    use std::error::Error as _;
-    let src = e.source()?;
-    src.downcast_ref::<jetstream::Error>()
-        .map(|j| j.error_code().0)
 }
 
 /// Commits `batch` atomically; on any refusal, publishes each run on its own.

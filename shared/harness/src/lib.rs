@@ -98,11 +98,15 @@ pub enum Role {
     SchedulerReplies,
     /// Everything: process settings, keys, stream administration.
     Operator,
+    /// `alarm-loader` (TURNSTILE): the alarm stream, the alarm requests, scheduling.
+    AlarmLoader,
+    /// `alarm-intake` (PUBLIC): the alarm requests, and requests to subject targets.
+    AlarmIntake,
 }
 
 impl Role {
     /// Every role with a password: the user name and the variable nats-server reads it from.
-    const WITH_PASSWORD: [(Role, &'static str, &'static str); 4] = [
+    const WITH_PASSWORD: [(Role, &'static str, &'static str); 6] = [
         (Role::Scheduler, "scheduler", "TS_SCHEDULER_PASSWORD"),
         (
             Role::SchedulerIntake,
@@ -115,6 +119,12 @@ impl Role {
             "TS_REPLIES_PASSWORD",
         ),
         (Role::Operator, "operator", "TS_OPERATOR_PASSWORD"),
+        (Role::AlarmLoader, "alarm-loader", "TS_ALARM_PASSWORD"),
+        (
+            Role::AlarmIntake,
+            "alarm-intake",
+            "TS_ALARM_INTAKE_PASSWORD",
+        ),
     ];
 
     /// The NATS user name (`client` for the anonymous role).

@@ -18,6 +18,7 @@
 pub mod audit;
 pub mod chain;
 pub mod client;
+pub mod jserr;
 pub mod keyring;
 pub mod reader;
 pub mod setup;

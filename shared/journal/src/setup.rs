@@ -104,6 +104,37 @@ pub async fn ensure_log(
     Ok(stream)
 }
 
+/// The alarm stream's configuration: alarm histories (`<prefix>.alarms.rec.<id>`), the
+/// due index (`<prefix>.alarms.due.…`, purged as alarms finish), sweep checkpoints and
+/// dead letters; kept until removed, direct gets for reads.
+pub fn alarms_stream_config(subjects: &Subjects, options: &LogOptions) -> stream::Config {
+    stream::Config {
+        name: subjects.alarms_stream(),
+        description: Some("turnstile alarms: histories, due index, dead letters".into()),
+        subjects: vec![subjects.alarms_all()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::New,
+        num_replicas: options.replicas,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Creates the alarm stream if it is missing and returns it.
+pub async fn ensure_alarms(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    options: &LogOptions,
+) -> Result<stream::Stream> {
+    js.get_or_create_stream(alarms_stream_config(subjects, options))
+        .await
+        .map_err(|e| Error::JetStream {
+            op: "create alarm stream",
+            reason: e.to_string(),
+        })
+}
+
 /// Whether `stream` accepts atomic batch publishes (reads its info).
 pub async fn allows_atomic(stream: &stream::Stream) -> bool {
     let mut stream = stream.clone();

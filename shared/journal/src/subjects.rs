@@ -12,6 +12,11 @@
 //! | the assignment log, one run a message | `ts.log.<process>` in stream `TS_LOG` |
 //! | per-process settings | KV bucket `TS_PROCESSES` |
 //! | published public keys | KV bucket `TS_KEYS` |
+//! | alarm requests (set, cancel, get, list) | `ts.alarm.<op>` |
+//! | an alarm's history, one event a message | `ts.alarms.rec.<id>` in stream `TS_ALARMS` |
+//! | an alarm's place in time (the due index) | `ts.alarms.due.<partition>.<bucket>.<id>` in `TS_ALARMS` |
+//! | a partition's last bucket known empty | `ts.alarms.swept.<partition>` in `TS_ALARMS` |
+//! | alarms that failed for good | `ts.alarms.dead` (stored in `TS_ALARMS`) |
 
 use protocol::ProcessId;
 
@@ -152,6 +157,47 @@ impl Subjects {
         ProcessId::new(rest)
     }
 
+    /// `<prefix>.alarm.<op>`: an alarm request (`set`, `cancel`, `get`, `list`).
+    pub fn alarm_request(&self, op: &str) -> String {
+        format!("{}.alarm.{op}", self.prefix)
+    }
+    /// `<prefix>.alarm.*`: every alarm request (the alarm-loader's endpoint).
+    pub fn alarm_requests(&self) -> String {
+        format!("{}.alarm.*", self.prefix)
+    }
+    /// `<prefix>.alarms.rec.<id>`: an alarm's history (its last event is its state).
+    pub fn alarm_record(&self, id: &str) -> String {
+        format!("{}.alarms.rec.{id}", self.prefix)
+    }
+    /// `<prefix>.alarms.due.<partition>.<bucket>.<id>`: an alarm's entry in the due
+    /// index (one subject per alarm and bucket; a window reads only its buckets).
+    pub fn alarm_due(&self, partition: u32, bucket: u64, id: &str) -> String {
+        format!("{}.alarms.due.{partition}.{bucket}.{id}", self.prefix)
+    }
+    /// `<prefix>.alarms.due.<partition>.<bucket>.*`: one bucket of one partition.
+    pub fn alarm_due_bucket(&self, partition: u32, bucket: u64) -> String {
+        format!("{}.alarms.due.{partition}.{bucket}.*", self.prefix)
+    }
+    /// `<prefix>.alarms.swept.<partition>`: the last bucket of a partition known empty.
+    pub fn alarm_swept(&self, partition: u32) -> String {
+        format!("{}.alarms.swept.{partition}", self.prefix)
+    }
+    /// `<prefix>.alarms.>`: the alarm stream's subjects.
+    pub fn alarms_all(&self) -> String {
+        format!("{}.alarms.>", self.prefix)
+    }
+    /// `<prefix>.alarms.dead`: where an alarm that failed for good is announced.
+    pub fn alarm_dead(&self) -> String {
+        format!("{}.alarms.dead", self.prefix)
+    }
+    /// The id token of an alarm record subject `<prefix>.alarms.rec.<id>`.
+    pub fn alarm_of_record<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".alarms.rec.")
+            .filter(|id| !id.is_empty() && !id.contains('.'))
+    }
+
     fn upper(&self) -> String {
         self.prefix.to_ascii_uppercase().replace(['.', '-'], "_")
     }
@@ -166,6 +212,10 @@ impl Subjects {
     /// The public-keys bucket: `<PREFIX>_KEYS`.
     pub fn keys_bucket(&self) -> String {
         format!("{}_KEYS", self.upper())
+    }
+    /// The alarm stream: `<PREFIX>_ALARMS`.
+    pub fn alarms_stream(&self) -> String {
+        format!("{}_ALARMS", self.upper())
     }
 }
 

@@ -463,6 +463,11 @@ pub enum ErrorCode {
     Busy,
     /// The range asked for is empty or reversed.
     InvalidRange,
+    /// An alarm or cron job that cannot be stored as given (bad id, time, target,
+    /// policy); the message says which field.
+    InvalidAlarm,
+    /// The alarm or cron job named does not exist.
+    NotFound,
     /// A bug: the scheduler could not do what it should have been able to.
     Internal,
 }
@@ -484,6 +489,8 @@ impl ErrorCode {
             ErrorCode::LogFull => "log_full",
             ErrorCode::Busy => "busy",
             ErrorCode::InvalidRange => "invalid_range",
+            ErrorCode::InvalidAlarm => "invalid_alarm",
+            ErrorCode::NotFound => "not_found",
             ErrorCode::Internal => "internal",
         }
     }
@@ -501,7 +508,9 @@ impl ErrorCode {
             | ErrorCode::MalformedRequest
             | ErrorCode::UnknownMode
             | ErrorCode::RemoteNotConfigured
-            | ErrorCode::InvalidRange => 400,
+            | ErrorCode::InvalidRange
+            | ErrorCode::InvalidAlarm => 400,
+            ErrorCode::NotFound => 404,
             ErrorCode::Disabled | ErrorCode::MissingKey => 403,
             ErrorCode::TooLarge => 413,
             ErrorCode::Unavailable => 503,
@@ -514,7 +523,7 @@ impl ErrorCode {
 }
 
 /// Every error code, for parsing and documentation.
-pub const ALL_ERROR_CODES: [ErrorCode; 14] = [
+pub const ALL_ERROR_CODES: [ErrorCode; 16] = [
     ErrorCode::InvalidProcess,
     ErrorCode::Malformed,
     ErrorCode::MalformedRequest,
@@ -528,6 +537,8 @@ pub const ALL_ERROR_CODES: [ErrorCode; 14] = [
     ErrorCode::LogFull,
     ErrorCode::Busy,
     ErrorCode::InvalidRange,
+    ErrorCode::InvalidAlarm,
+    ErrorCode::NotFound,
     ErrorCode::Internal,
 ];
 

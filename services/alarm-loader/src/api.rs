@@ -1,0 +1,228 @@
+//! The `<prefix>.alarm.<op>` requests (schemas/alarms.md): JSON in, JSON out, typed
+//! refusals in `Ts-Error` as every turnstile service answers them.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use protocol::wire::ErrorCode;
+
+use crate::alarm::{bucket_of, Alarm, Record, Status, Target, BUCKET_MS, PARTITIONS};
+use crate::loader::Clock;
+use crate::store::Store;
+use crate::Error;
+
+/// Largest request body.
+pub const MAX_REQUEST: usize = 512 * 1024;
+/// Longest time range one `list` may cover.
+pub const MAX_LIST_RANGE_MS: u64 = 24 * 3600 * 1000;
+/// Most alarms one `list` returns.
+pub const MAX_LIST: usize = 1000;
+
+/// A refusal: code and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The code.
+    pub code: ErrorCode,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for Refusal {
+    fn from(e: Error) -> Refusal {
+        match e {
+            Error::Invalid(m) => Refusal::new(ErrorCode::InvalidAlarm, m),
+            Error::Conflict(id) => Refusal::new(
+                ErrorCode::Busy,
+                format!("alarm {id} is changing under another request; retry"),
+            ),
+            other => Refusal::new(ErrorCode::Unavailable, other.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdRequest {
+    id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListRequest {
+    from_ms: u64,
+    to_ms: u64,
+    #[serde(default)]
+    target: Option<Target>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// Answers one request of operation `op` with body `body`.
+pub async fn handle(store: &Store, clock: &Clock, op: &str, body: &[u8]) -> Result<Value, Refusal> {
+    if body.len() > MAX_REQUEST {
+        return Err(Refusal::new(
+            ErrorCode::TooLarge,
+            format!("request over {MAX_REQUEST} bytes"),
+        ));
+    }
+    let malformed = |e: serde_json::Error| Refusal::new(ErrorCode::Malformed, e.to_string());
+    match op {
+        "set" => {
+            let alarm: Alarm = serde_json::from_slice(body).map_err(malformed)?;
+            set(store, clock, alarm).await
+        }
+        "cancel" => {
+            let r: IdRequest = serde_json::from_slice(body).map_err(malformed)?;
+            cancel(store, clock, &r.id).await
+        }
+        "get" => {
+            let r: IdRequest = serde_json::from_slice(body).map_err(malformed)?;
+            get(store, &r.id).await
+        }
+        "list" => {
+            let r: ListRequest = serde_json::from_slice(body).map_err(malformed)?;
+            list(store, r).await
+        }
+        other => Err(Refusal::new(
+            ErrorCode::Malformed,
+            format!("unknown operation {other:?}: set, cancel, get, list"),
+        )),
+    }
+}
+
+fn check_id(id: &str) -> Result<(), Refusal> {
+    if crate::alarm::is_token(id, crate::alarm::MAX_ID) {
+        Ok(())
+    } else {
+        Err(Refusal::new(
+            ErrorCode::InvalidAlarm,
+            "id: 1-128 characters of A-Z a-z 0-9 - _",
+        ))
+    }
+}
+
+/// Sets (or replaces) an alarm: persisted before the answer. A due time in the past
+/// fires at once.
+async fn set(store: &Store, clock: &Clock, alarm: Alarm) -> Result<Value, Refusal> {
+    alarm.validate(store.subjects())?;
+    for _ in 0..3 {
+        let now = clock();
+        let existing = store.read(&alarm.id).await?;
+        let mut record = Record::set(alarm.clone(), now);
+        // Never index behind the present: the sweep may have passed that bucket.
+        let at = alarm.due_ms.max(now);
+        record.status = Status::Pending {
+            next_ms: at,
+            attempts: 0,
+        };
+        store.put_due(&alarm.id, at).await?;
+        let expected = existing.as_ref().map_or(0, |(_, s)| *s);
+        match store.append(&record, expected).await {
+            Ok(seq) => {
+                if let Some((old, _)) = &existing {
+                    if let Some(old_at) = old.next_action_ms(0) {
+                        if bucket_of(old_at) != bucket_of(at) {
+                            store.remove_due(&alarm.id, old_at).await?;
+                        }
+                    }
+                }
+                return Ok(json!({
+                    "id": alarm.id,
+                    "seq": seq,
+                    "due_ms": alarm.due_ms,
+                    "replaced": existing.is_some(),
+                }));
+            }
+            Err(Error::Conflict(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::Conflict(alarm.id).into())
+}
+
+async fn cancel(store: &Store, clock: &Clock, id: &str) -> Result<Value, Refusal> {
+    check_id(id)?;
+    for _ in 0..3 {
+        let Some((record, seq)) = store.read(id).await? else {
+            return Err(Refusal::new(ErrorCode::NotFound, format!("no alarm {id}")));
+        };
+        let Some(cancelled) = record.cancelled(clock()) else {
+            return Ok(json!({ "id": id, "cancelled": false, "status": record.status }));
+        };
+        match store.append(&cancelled, seq).await {
+            Ok(_) => {
+                if let Some(at) = record.next_action_ms(0) {
+                    store.remove_due(id, at).await?;
+                }
+                return Ok(json!({ "id": id, "cancelled": true, "status": cancelled.status }));
+            }
+            Err(Error::Conflict(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::Conflict(id.to_string()).into())
+}
+
+async fn get(store: &Store, id: &str) -> Result<Value, Refusal> {
+    check_id(id)?;
+    let history = store.history(id, 10_000).await?;
+    let Some((last, _)) = history.last() else {
+        return Err(Refusal::new(ErrorCode::NotFound, format!("no alarm {id}")));
+    };
+    Ok(json!({
+        "id": id,
+        "alarm": last.alarm,
+        "status": last.status,
+        "history": history.iter().map(|(r, seq)| json!({"seq": seq, "event": r.event, "status": r.status})).collect::<Vec<_>>(),
+    }))
+}
+
+async fn list(store: &Store, r: ListRequest) -> Result<Value, Refusal> {
+    if r.to_ms < r.from_ms || r.to_ms - r.from_ms > MAX_LIST_RANGE_MS {
+        return Err(Refusal::new(
+            ErrorCode::InvalidRange,
+            format!("from_ms <= to_ms, at most {MAX_LIST_RANGE_MS} ms apart"),
+        ));
+    }
+    let limit = r.limit.unwrap_or(MAX_LIST).min(MAX_LIST);
+    let partitions: Vec<u32> = (0..PARTITIONS).collect();
+    let entries = store
+        .load(&partitions, bucket_of(r.from_ms)..=bucket_of(r.to_ms))
+        .await?;
+    let mut out = Vec::new();
+    let mut ids: Vec<String> = entries.into_iter().map(|e| e.id).collect();
+    ids.sort();
+    ids.dedup();
+    for id in ids {
+        let Some((rec, _)) = store.read(&id).await? else {
+            continue;
+        };
+        let Some(next) = rec.next_action_ms(0) else {
+            continue;
+        };
+        if next < r.from_ms || next > r.to_ms {
+            continue;
+        }
+        if r.target.as_ref().is_some_and(|t| *t != rec.alarm.target) {
+            continue;
+        }
+        out.push(json!({
+            "id": id, "next_ms": next, "due_ms": rec.alarm.due_ms,
+            "target": rec.alarm.target, "status": rec.status,
+        }));
+        if out.len() == limit {
+            break;
+        }
+    }
+    out.sort_by_key(|v| v["next_ms"].as_u64());
+    Ok(json!({ "alarms": out, "bucket_ms": BUCKET_MS, "truncated": out.len() == limit }))
+}

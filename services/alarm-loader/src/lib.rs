@@ -1,0 +1,180 @@
+//! The alarm-loader: alarms (messages due at a time) and cron schedules, persisted in
+//! JetStream and fired into the log (or to any subject) on time, exactly once per due
+//! time, across replicas and crashes. See ARCHITECTURE.md, "The alarm-loader", and
+//! schemas/alarms.md.
+//!
+//! # Layout
+//! - [`alarm`]: the records (pure): an alarm, its events, its state machine.
+//! - [`store`]: the stream `<PREFIX>_ALARMS`: histories, the due index, compare-and-set.
+//! - [`loader`]: the window loader and the dispatcher.
+//! - [`api`]: the `<prefix>.alarm.*` requests.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod alarm;
+pub mod api;
+mod error;
+pub mod loader;
+pub mod store;
+
+pub use error::{Error, Result};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// The connections of a loader.
+#[derive(Debug, Clone)]
+pub struct Connections {
+    /// The loader's own user (`alarm-loader`): the alarm stream, scheduling into
+    /// processes.
+    pub core: async_nats::Client,
+    /// The public side (`alarm-intake`, in the clients' account): the alarm requests
+    /// and the services API, and requests to subject targets; none: the core
+    /// connection.
+    pub intake: Option<async_nats::Client>,
+    /// Their events, for STATS.
+    pub events: Arc<service::ConnectionEvents>,
+}
+
+/// What a loader is told at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Subject prefix.
+    pub prefix: String,
+    /// Replicas of the alarm stream when this loader creates it.
+    pub replicas: usize,
+    /// The loader's timing.
+    pub loader: loader::Config,
+}
+
+/// Runs a loader replica until `shutdown`: the `<prefix>.alarm.*` endpoint, the window
+/// loader and the dispatcher.
+pub async fn run(
+    settings: Settings,
+    connections: Connections,
+    shutdown: CancellationToken,
+    clock: loader::Clock,
+) -> Result<()> {
+    let subjects = journal::subjects::Subjects::new(&settings.prefix)
+        .map_err(|e| Error::Invalid(format!("prefix: {e}")))?;
+    let core = connections.core.clone();
+    journal::setup::check_server(&core)?;
+    let js = async_nats::jetstream::new(core.clone());
+    let options = journal::setup::LogOptions {
+        replicas: settings.replicas,
+    };
+    let store = store::Store::open(js.clone(), subjects.clone(), &options).await?;
+    let intake = connections.intake.clone().unwrap_or_else(|| core.clone());
+    let scheduler = journal::client::Client::new(core.clone(), subjects.clone());
+    let loader = loader::Loader::new(
+        store.clone(),
+        scheduler,
+        intake.clone(),
+        settings.loader.clone(),
+        Arc::clone(&clock),
+    );
+    let metrics = loader.metrics();
+    let spec = service::Spec {
+        name: "turnstile-alarm-loader".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        description: "alarms and cron schedules fired into the log".into(),
+        queue_group: "turnstile-alarm-loader".into(),
+        metadata: std::collections::HashMap::from([
+            ("bucket_ms".to_string(), alarm::BUCKET_MS.to_string()),
+            ("partitions".to_string(), alarm::PARTITIONS.to_string()),
+            ("max_body".to_string(), alarm::MAX_BODY.to_string()),
+            (
+                "in_memory_interval_ms".to_string(),
+                settings.loader.in_memory_interval.as_millis().to_string(),
+            ),
+        ]),
+    };
+    let svc = service::Service::start(intake.clone(), spec, subjects.clone(), move |_| {
+        metrics.snapshot()
+    })
+    .await?;
+    svc.watch("core", core.clone(), Arc::clone(&connections.events));
+    if let Some(i) = &connections.intake {
+        svc.watch("intake", i.clone(), Arc::clone(&connections.events));
+    }
+    let mut endpoint = svc.endpoint("alarm", subjects.alarm_requests()).await?;
+    intake.flush().await.map_err(|e| Error::js("flush", e))?;
+    svc.announce().await?;
+    info!(prefix = %subjects.prefix(), replica = %settings.loader.replica, "alarm-loader ready");
+
+    let tasks = tokio_util::task::TaskTracker::new();
+    let loader_task = tasks.spawn(loader.run(js, shutdown.clone()));
+    let requests = tasks.spawn({
+        let shutdown = shutdown.clone();
+        let store = store.clone();
+        let clock = Arc::clone(&clock);
+        let subjects = subjects.clone();
+        async move {
+            loop {
+                let req = tokio::select! {
+                    r = endpoint.next() => r,
+                    _ = shutdown.cancelled() => {
+                        endpoint.drain().await;
+                        tokio::time::timeout(Duration::from_secs(5), endpoint.next()).await.unwrap_or_default()
+                    }
+                };
+                let Some(req) = req else { break };
+                let store = store.clone();
+                let clock = Arc::clone(&clock);
+                let subjects = subjects.clone();
+                tokio::spawn(async move { answer(&store, &clock, &subjects, req).await });
+            }
+        }
+    });
+    tasks.close();
+    let result = loader_task.await;
+    shutdown.cancel();
+    let _ = requests.await;
+    svc.stop();
+    let _ = core.flush().await;
+    let _ = intake.flush().await;
+    info!("alarm-loader stopped");
+    match result {
+        Ok(r) => r,
+        Err(e) => Err(Error::Invalid(format!("loader task: {e}"))),
+    }
+}
+
+/// Answers one alarm request.
+async fn answer(
+    store: &store::Store,
+    clock: &loader::Clock,
+    subjects: &journal::subjects::Subjects,
+    req: service::Request,
+) {
+    if let Some(why) = req.malformed() {
+        let c = protocol::wire::ErrorCode::MalformedRequest;
+        let _ = req.refuse(c.as_str(), c.status(), why).await;
+        return;
+    }
+    let subject = req.message().subject.as_str();
+    let op = subject
+        .strip_prefix(subjects.prefix())
+        .and_then(|s| s.strip_prefix(".alarm."))
+        .unwrap_or("");
+    let sent = match api::handle(store, clock, op, &req.message().payload).await {
+        Ok(v) => match serde_json::to_vec(&v) {
+            Ok(body) => req.respond(Bytes::from(body)).await,
+            Err(e) => {
+                let c = protocol::wire::ErrorCode::Internal;
+                req.refuse(c.as_str(), c.status(), &e.to_string()).await
+            }
+        },
+        Err(r) => {
+            req.refuse(r.code.as_str(), r.code.status(), &r.message)
+                .await
+        }
+    };
+    if let Err(e) = sent {
+        warn!(error = %e, "alarm answer not sent");
+    }
+}

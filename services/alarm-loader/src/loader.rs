@@ -1,0 +1,708 @@
+//! The window loader and the dispatcher.
+//!
+//! Every `in_memory_interval` the loader reads the due-index buckets up to
+//! now + 2 × interval (X3m's bulk loading) and arms their alarms in memory; a watch on
+//! new index entries arms what is set inside an already-loaded window. When an armed
+//! time comes, the alarm's record is read again (it decides, not the entry), claimed
+//! by a compare-and-set, dispatched, and its outcome appended the same way. Behind the
+//! window a sweep advances each partition's checkpoint over buckets left empty, so a
+//! loader that starts reads from the oldest bucket that may still hold work: alarms
+//! due while every loader was down fire on recovery.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use journal::client::Schedule;
+
+use crate::alarm::{bucket_of, partition_of, Record, Target, PARTITIONS};
+use crate::store::{DueEntry, Store};
+use crate::{Error, Result};
+
+/// Milliseconds since the Unix epoch (UTC); the real clock lives at the edge.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0)
+    })
+}
+
+/// How the loader runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How often the window is loaded; it reaches 2 × this ahead.
+    pub in_memory_interval: Duration,
+    /// How long past a claim's dispatch timeout before another loader takes it over.
+    pub takeover_grace: Duration,
+    /// Dispatches at once.
+    pub max_in_flight: usize,
+    /// This replica's name in the records (`by`).
+    pub replica: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            in_memory_interval: Duration::from_secs(10),
+            takeover_grace: Duration::from_secs(2),
+            max_in_flight: 256,
+            replica: format!("loader-{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+}
+
+/// What the loader counts (`$SRV.STATS`).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Dispatches started (claims won).
+    pub dispatched: AtomicU64,
+    /// Delivered (the target answered ok).
+    pub delivered: AtomicU64,
+    /// Attempts that failed (retried or dead).
+    pub failed: AtomicU64,
+    /// Retries the target asked for.
+    pub retries_asked: AtomicU64,
+    /// Dead-lettered.
+    pub dead: AtomicU64,
+    /// Claims or outcomes that lost a compare-and-set (another loader or a client).
+    pub conflicts: AtomicU64,
+    /// Window loads done.
+    pub loads: AtomicU64,
+    /// Alarms armed in memory now.
+    pub armed: AtomicU64,
+    /// Lateness (fire − due, ms) of the last firings.
+    lateness: Mutex<VecDeque<i64>>,
+}
+
+/// How many lateness samples the percentiles use.
+const LATENESS_SAMPLES: usize = 10_000;
+
+impl Metrics {
+    fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn lateness(&self, ms: i64) {
+        if let Ok(mut l) = self.lateness.lock() {
+            if l.len() == LATENESS_SAMPLES {
+                l.pop_front();
+            }
+            l.push_back(ms);
+        }
+    }
+
+    /// The counters and lateness p50/p99/max as JSON.
+    pub fn snapshot(&self) -> Value {
+        let mut l: Vec<i64> = self
+            .lateness
+            .lock()
+            .map(|l| l.iter().copied().collect())
+            .unwrap_or_default();
+        l.sort_unstable();
+        let pct = |p: f64| -> Option<i64> {
+            if l.is_empty() {
+                return None;
+            }
+            let i = ((l.len() as f64 - 1.0) * p).round() as usize;
+            l.get(i).copied()
+        };
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "dispatched": get(&self.dispatched),
+            "delivered": get(&self.delivered),
+            "failed": get(&self.failed),
+            "retries_asked": get(&self.retries_asked),
+            "dead": get(&self.dead),
+            "conflicts": get(&self.conflicts),
+            "loads": get(&self.loads),
+            "armed": get(&self.armed),
+            "lateness_ms": {
+                "samples": l.len(),
+                "p50": pct(0.5),
+                "p99": pct(0.99),
+                "max": l.last().copied(),
+            },
+        })
+    }
+}
+
+/// When to look at an alarm again.
+#[derive(Debug, Clone, Copy)]
+enum Rearm {
+    /// At this time if it falls in the loaded window (else its entry is loaded later).
+    InWindow(u64),
+    /// At this time, window or not: no entry will bring it back before a restart.
+    Always(u64),
+}
+
+/// What a dispatch came to.
+#[derive(Debug)]
+enum Fired {
+    Delivered { slot: Option<u64>, duplicate: bool },
+    RetryAsked { in_ms: u64, body: Option<Vec<u8>> },
+    Failed(String),
+}
+
+/// A subject target's answer (schemas/alarms.md, "Subject targets").
+#[derive(Debug, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+enum Answer {
+    Ok,
+    Retry {
+        in_ms: u64,
+        #[serde(default)]
+        body_base64: Option<String>,
+    },
+    Error {
+        #[serde(default)]
+        reason: String,
+    },
+}
+
+/// The loader: owns the dispatch of the partitions it holds.
+#[derive(Clone)]
+pub struct Loader {
+    store: Store,
+    scheduler: journal::client::Client,
+    dispatch: async_nats::Client,
+    config: Config,
+    clock: Clock,
+    metrics: Arc<Metrics>,
+}
+
+impl Loader {
+    /// A loader writing through `store`, scheduling into processes with `scheduler`
+    /// and sending subject targets' requests on `dispatch`.
+    pub fn new(
+        store: Store,
+        scheduler: journal::client::Client,
+        dispatch: async_nats::Client,
+        config: Config,
+        clock: Clock,
+    ) -> Loader {
+        Loader {
+            store,
+            scheduler,
+            dispatch,
+            config,
+            clock,
+            metrics: Arc::default(),
+        }
+    }
+
+    /// Its counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Runs until `shutdown`; dispatches in flight are finished (their outcomes
+    /// recorded) before it returns.
+    pub async fn run(self, js: jetstream::Context, shutdown: CancellationToken) -> Result<()> {
+        let partitions: Vec<u32> = (0..PARTITIONS).collect();
+        let interval = self
+            .config
+            .in_memory_interval
+            .max(Duration::from_millis(100));
+        let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        let mut armed: BTreeSet<(u64, String)> = BTreeSet::new();
+        let mut armed_at: HashMap<String, u64> = HashMap::new();
+        let mut swept: HashMap<u32, u64> = HashMap::new();
+        let start = self.start_bucket(&partitions, &mut swept).await?;
+        let mut loaded_through: Option<u64> = start.checked_sub(1);
+        let mut watch = self.watch_new_entries(&js).await?;
+        let permits = Arc::new(Semaphore::new(self.config.max_in_flight.max(1)));
+        let tracker = tokio_util::task::TaskTracker::new();
+        let (rearm_tx, mut rearm_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Rearm)>();
+        let mut next_load = tokio::time::Instant::now();
+        info!(replica = %self.config.replica, from_bucket = start, "alarm loader running");
+        loop {
+            let now = (self.clock)();
+            // Load the window when its time comes.
+            if tokio::time::Instant::now() >= next_load {
+                let until = bucket_of(now.saturating_add(2 * interval_ms));
+                let from = loaded_through.map_or(start, |b| b + 1);
+                if from <= until {
+                    match self.store.load(&partitions, from..=until).await {
+                        Ok(entries) => {
+                            for e in entries {
+                                arm(&mut armed, &mut armed_at, e);
+                            }
+                            loaded_through = Some(until);
+                            Metrics::bump(&self.metrics.loads);
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "loading the alarm window failed; retrying at the next interval")
+                        }
+                    }
+                }
+                self.sweep(&partitions, &mut swept, bucket_of(now)).await;
+                next_load = tokio::time::Instant::now() + interval;
+            }
+            self.metrics
+                .armed
+                .store(armed.len() as u64, Ordering::Relaxed);
+            // Fire what is due.
+            while let Some((at, id)) = armed.first().cloned() {
+                if at > now {
+                    break;
+                }
+                armed.pop_first();
+                armed_at.remove(&id);
+                let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                    break;
+                };
+                let me = self.clone();
+                let rearm = rearm_tx.clone();
+                tracker.spawn(async move {
+                    let _permit = permit;
+                    match me.dispatch(&id, at).await {
+                        Ok(Some(next)) => {
+                            let _ = rearm.send((id, next));
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            // Its entry is still there; keep it in memory too.
+                            warn!(alarm = %id, error = %e, "dispatch failed; trying again shortly");
+                            let at = (me.clock)().saturating_add(1_000);
+                            let _ = rearm.send((id, Rearm::Always(at)));
+                        }
+                    }
+                });
+            }
+            let wake = armed
+                .first()
+                .map(|(at, _)| Duration::from_millis(at.saturating_sub(now)))
+                .unwrap_or(interval)
+                .min(next_load.saturating_duration_since(tokio::time::Instant::now()));
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(wake) => {}
+                Some((id, rearm)) = rearm_rx.recv() => match rearm {
+                    Rearm::Always(at) => arm(&mut armed, &mut armed_at, DueEntry { id, at_ms: at }),
+                    Rearm::InWindow(at) => {
+                        // Beyond the window its entry is loaded with its bucket.
+                        if loaded_through.is_some_and(|b| bucket_of(at) <= b) {
+                            arm(&mut armed, &mut armed_at, DueEntry { id, at_ms: at });
+                        }
+                    }
+                },
+                m = watch.next() => match m {
+                    Some(Ok(m)) => {
+                        if let Ok(e) = serde_json::from_slice::<DueEntry>(&m.payload) {
+                            if loaded_through.is_some_and(|b| bucket_of(e.at_ms) <= b) {
+                                arm(&mut armed, &mut armed_at, e);
+                            }
+                        }
+                    }
+                    Some(Err(e)) => warn!(error = %e, "due-index watch"),
+                    None => {
+                        warn!("due-index watch ended; restarting it");
+                        watch = self.watch_new_entries(&js).await?;
+                    }
+                },
+            }
+        }
+        tracker.close();
+        tracker.wait().await;
+        Ok(())
+    }
+
+    /// The first bucket to load: after each partition's checkpoint; with none, from
+    /// the stream's first message (a new deployment).
+    async fn start_bucket(&self, partitions: &[u32], swept: &mut HashMap<u32, u64>) -> Result<u64> {
+        let mut start = u64::MAX;
+        let first = self.store.first_timestamp_ms().await?;
+        for &p in partitions {
+            let s = match self.store.swept(p).await? {
+                Some(b) => b,
+                None => bucket_of(first.unwrap_or_else(|| (self.clock)())).saturating_sub(1),
+            };
+            swept.insert(p, s);
+            start = start.min(s + 1);
+        }
+        Ok(start)
+    }
+
+    /// Advances each partition's checkpoint over past buckets that are empty (at most
+    /// a bounded number of checks a round).
+    async fn sweep(&self, partitions: &[u32], swept: &mut HashMap<u32, u64>, now_bucket: u64) {
+        const CHECKS_PER_ROUND: usize = 360;
+        for &p in partitions {
+            let Some(&done) = swept.get(&p) else { continue };
+            let mut b = done + 1;
+            let mut checks = 0;
+            // The bucket before the current one may still receive a re-arm; stop there.
+            while b + 1 < now_bucket && checks < CHECKS_PER_ROUND {
+                checks += 1;
+                match self.store.bucket_is_empty(p, b).await {
+                    Ok(true) => b += 1,
+                    Ok(false) => break,
+                    Err(e) => {
+                        debug!(partition = p, error = %e, "sweep check failed");
+                        break;
+                    }
+                }
+            }
+            if b > done + 1 {
+                match self.store.set_swept(p, b - 1).await {
+                    Ok(()) => {
+                        swept.insert(p, b - 1);
+                    }
+                    Err(e) => debug!(partition = p, error = %e, "sweep checkpoint not written"),
+                }
+            }
+        }
+    }
+
+    async fn watch_new_entries(&self, js: &jetstream::Context) -> Result<consumer::push::Ordered> {
+        let stream = js
+            .get_stream(self.store.subjects().alarms_stream())
+            .await
+            .map_err(|e| Error::js("due-index watch", e))?;
+        let config = consumer::push::OrderedConfig {
+            deliver_subject: self.dispatch_inbox(),
+            filter_subject: format!("{}.alarms.due.>", self.store.subjects().prefix()),
+            deliver_policy: consumer::DeliverPolicy::New,
+            ..Default::default()
+        };
+        let c = stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| Error::js("due-index watch", e))?;
+        c.messages()
+            .await
+            .map_err(|e| Error::js("due-index watch", e))
+    }
+
+    fn dispatch_inbox(&self) -> String {
+        format!("_INBOX.{}", uuid::Uuid::new_v4().simple())
+    }
+
+    /// Handles alarm `id`, armed for `armed_at`: fires it if its record says it is due
+    /// (claim, dispatch, outcome), and removes the entry that armed it once another
+    /// one (or none) is needed. When to look at it again, if its record says later.
+    async fn dispatch(&self, id: &str, armed_at: u64) -> Result<Option<Rearm>> {
+        let grace = u64::try_from(self.config.takeover_grace.as_millis()).unwrap_or(u64::MAX);
+        for _ in 0..5 {
+            let now = (self.clock)();
+            let Some((record, seq)) = self.store.read(id).await? else {
+                self.store.remove_due(id, armed_at).await?;
+                return Ok(None);
+            };
+            let Some(next) = record.next_action_ms(grace) else {
+                self.store.remove_due(id, armed_at).await?;
+                return Ok(None);
+            };
+            if next > now {
+                return match record.status {
+                    // Replaced or re-armed: its own entry exists (written before the
+                    // record); this one is obsolete unless it is that one.
+                    crate::alarm::Status::Pending { .. } => {
+                        if bucket_of(next) != bucket_of(armed_at) {
+                            self.store.remove_due(id, armed_at).await?;
+                        }
+                        Ok(Some(Rearm::InWindow(next)))
+                    }
+                    // Claimed by a loader that may be alive: look again when its claim
+                    // runs out. This entry stays: it is the alarm's only one (a restart
+                    // finds it, and the sweep cannot pass it).
+                    _ => Ok(Some(Rearm::Always(next))),
+                };
+            }
+            let Some(claim) = record.claim(now, &self.config.replica) else {
+                return Ok(None);
+            };
+            let claim_seq = match self.store.append(&claim, seq).await {
+                Ok(s) => s,
+                Err(Error::Conflict(_)) => {
+                    Metrics::bump(&self.metrics.conflicts);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            Metrics::bump(&self.metrics.dispatched);
+            let fired = self.fire(&claim).await;
+            let done = (self.clock)();
+            let (outcome, dead) = match fired {
+                Fired::Delivered { slot, duplicate } => {
+                    Metrics::bump(&self.metrics.delivered);
+                    let r = claim.delivered(done, slot, duplicate);
+                    if let crate::alarm::Event::Delivered { lateness_ms, .. } = r.event {
+                        self.metrics.lateness(lateness_ms);
+                    }
+                    (r, false)
+                }
+                Fired::RetryAsked { in_ms, body } => {
+                    Metrics::bump(&self.metrics.retries_asked);
+                    (claim.retry_asked(done, in_ms, body), false)
+                }
+                Fired::Failed(reason) => {
+                    Metrics::bump(&self.metrics.failed);
+                    debug!(alarm = %id, %reason, "dispatch failed");
+                    claim.failed(done, &reason)
+                }
+            };
+            let next = outcome.next_action_ms(grace);
+            if let Some(at) = next {
+                // The entry first, then the record that needs it.
+                self.store.put_due(id, at).await?;
+            }
+            self.record_outcome(outcome.clone(), claim_seq).await?;
+            if dead {
+                Metrics::bump(&self.metrics.dead);
+                self.store.dead_letter(&outcome).await?;
+            }
+            if next.is_none_or(|at| bucket_of(at) != bucket_of(armed_at)) {
+                self.store.remove_due(id, armed_at).await?;
+            }
+            return Ok(next.map(Rearm::InWindow));
+        }
+        // Lost every compare-and-set: another loader is on it; look again soon.
+        Ok(Some(Rearm::Always((self.clock)().saturating_add(1_000))))
+    }
+
+    /// Appends a dispatch's outcome after its claim; if a client changed the alarm
+    /// meanwhile (replaced, cancelled), the outcome is still recorded as an event, and
+    /// the state the client gave stands.
+    async fn record_outcome(&self, outcome: Record, claim_seq: u64) -> Result<()> {
+        let mut expected = claim_seq;
+        let mut record = outcome;
+        for _ in 0..5 {
+            match self.store.append(&record, expected).await {
+                Ok(_) => return Ok(()),
+                Err(Error::Conflict(_)) => {
+                    Metrics::bump(&self.metrics.conflicts);
+                    let Some((current, seq)) = self.store.read(&record.alarm.id).await? else {
+                        return Ok(());
+                    };
+                    record = Record {
+                        event: record.event,
+                        ..current
+                    };
+                    expected = seq;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Conflict(record.alarm.id))
+    }
+
+    async fn fire(&self, claim: &Record) -> Fired {
+        let a = &claim.alarm;
+        let timeout = Duration::from_millis(a.dispatch_timeout_ms);
+        match &a.target {
+            Target::Process(p) => {
+                let Ok(process) = protocol::ProcessId::new(p) else {
+                    return Fired::Failed(format!("invalid process {p}"));
+                };
+                let opts = Schedule {
+                    message_id: Some(claim.firing_id()),
+                    mode: None,
+                    headers: a.headers.clone(),
+                };
+                match self
+                    .scheduler
+                    .clone()
+                    .with_timeout(timeout)
+                    .schedule(&process, Bytes::from(a.body.clone()), &opts)
+                    .await
+                {
+                    Ok(r) => Fired::Delivered {
+                        slot: Some(r.slot),
+                        duplicate: r.duplicate,
+                    },
+                    Err(e) => Fired::Failed(e.to_string()),
+                }
+            }
+            Target::Subject(s) => {
+                let mut h = HeaderMap::new();
+                for (k, v) in &a.headers {
+                    h.append(k.as_str(), v.as_str());
+                }
+                h.insert("Ts-Alarm-Id", a.id.as_str());
+                h.insert("Ts-Alarm-Firing", claim.firing_id().as_str());
+                h.insert("Ts-Alarm-Due-Ms", a.due_ms.to_string().as_str());
+                if let crate::alarm::Status::Dispatching { attempt, .. } = claim.status {
+                    h.insert("Ts-Alarm-Attempt", attempt.to_string().as_str());
+                }
+                let req = async_nats::Request::new()
+                    .payload(Bytes::from(a.body.clone()))
+                    .headers(h)
+                    .timeout(Some(timeout));
+                match self.dispatch.send_request(s.clone(), req).await {
+                    Ok(m) => answer_of(&m),
+                    Err(e) => Fired::Failed(match e.kind() {
+                        async_nats::RequestErrorKind::TimedOut => {
+                            format!("no answer within {} ms", a.dispatch_timeout_ms)
+                        }
+                        async_nats::RequestErrorKind::NoResponders => "no responders".into(),
+                        _ => e.to_string(),
+                    }),
+                }
+            }
+        }
+    }
+}
+
+/// What a subject target's reply says.
+fn answer_of(m: &async_nats::Message) -> Fired {
+    if let Some(e) = journal::client::refusal(m) {
+        return Fired::Failed(e.to_string());
+    }
+    if m.payload.iter().all(u8::is_ascii_whitespace) {
+        return Fired::Delivered {
+            slot: None,
+            duplicate: false,
+        };
+    }
+    match serde_json::from_slice::<Answer>(&m.payload) {
+        Ok(Answer::Ok) => Fired::Delivered {
+            slot: None,
+            duplicate: false,
+        },
+        Ok(Answer::Retry { in_ms, body_base64 }) => {
+            use base64::Engine as _;
+            let body = match body_base64 {
+                Some(b) => match base64::engine::general_purpose::STANDARD.decode(b) {
+                    Ok(b) if b.len() <= crate::alarm::MAX_BODY => Some(b),
+                    _ => {
+                        return Fired::Failed(
+                            "retry answer: body_base64 invalid or too large".into(),
+                        )
+                    }
+                },
+                None => None,
+            };
+            Fired::RetryAsked {
+                in_ms: in_ms.min(366 * 24 * 3600 * 1000),
+                body,
+            }
+        }
+        Ok(Answer::Error { reason }) => Fired::Failed(format!("target error: {reason}")),
+        Err(e) => Fired::Failed(format!("unintelligible answer: {e}")),
+    }
+}
+
+/// Arms `entry` (keeps the earliest time per alarm).
+fn arm(armed: &mut BTreeSet<(u64, String)>, armed_at: &mut HashMap<String, u64>, entry: DueEntry) {
+    if !crate::alarm::is_token(&entry.id, crate::alarm::MAX_ID)
+        || partition_of(&entry.id) >= PARTITIONS
+    {
+        return;
+    }
+    if let Some(&old) = armed_at.get(&entry.id) {
+        if old <= entry.at_ms {
+            return;
+        }
+        armed.remove(&(old, entry.id.clone()));
+    }
+    armed_at.insert(entry.id.clone(), entry.at_ms);
+    armed.insert((entry.at_ms, entry.id));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(payload: &[u8], headers: Option<HeaderMap>) -> async_nats::Message {
+        async_nats::Message {
+            subject: "x".into(),
+            reply: None,
+            payload: Bytes::copy_from_slice(payload),
+            headers,
+            status: None,
+            description: None,
+            length: payload.len(),
+        }
+    }
+
+    #[test]
+    fn subject_answers_are_read_as_documented() {
+        assert!(matches!(
+            answer_of(&msg(b"", None)),
+            Fired::Delivered { .. }
+        ));
+        assert!(matches!(
+            answer_of(&msg(br#"{"result":"ok"}"#, None)),
+            Fired::Delivered { .. }
+        ));
+        match answer_of(&msg(
+            br#"{"result":"retry","in_ms":250,"body_base64":"aGk="}"#,
+            None,
+        )) {
+            Fired::RetryAsked { in_ms, body } => {
+                assert_eq!(in_ms, 250);
+                assert_eq!(body.as_deref(), Some(&b"hi"[..]));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(answer_of(&msg(br#"{"result":"error","reason":"x"}"#, None)), Fired::Failed(r) if r.contains('x'))
+        );
+        assert!(matches!(
+            answer_of(&msg(b"\xff\xfe", None)),
+            Fired::Failed(_)
+        ));
+        let mut h = HeaderMap::new();
+        h.insert("Ts-Error", "busy");
+        assert!(matches!(answer_of(&msg(b"", Some(h))), Fired::Failed(_)));
+    }
+
+    #[test]
+    fn arming_keeps_the_earliest_time_per_alarm() {
+        let mut a = BTreeSet::new();
+        let mut at = HashMap::new();
+        arm(
+            &mut a,
+            &mut at,
+            DueEntry {
+                id: "x".into(),
+                at_ms: 50,
+            },
+        );
+        arm(
+            &mut a,
+            &mut at,
+            DueEntry {
+                id: "x".into(),
+                at_ms: 90,
+            },
+        );
+        arm(
+            &mut a,
+            &mut at,
+            DueEntry {
+                id: "x".into(),
+                at_ms: 20,
+            },
+        );
+        arm(
+            &mut a,
+            &mut at,
+            DueEntry {
+                id: "bad id".into(),
+                at_ms: 1,
+            },
+        );
+        assert_eq!(
+            a.into_iter().collect::<Vec<_>>(),
+            vec![(20, "x".to_string())]
+        );
+    }
+}

@@ -1,0 +1,318 @@
+//! The stream `<PREFIX>_ALARMS`: what is stored where (schemas/alarms.md).
+//!
+//! - `<prefix>.alarms.rec.<id>`: the alarm's history, one [`Record`] a message; every
+//!   write expects the subject's last sequence (compare-and-set), so one change wins.
+//! - `<prefix>.alarms.due.<partition>.<bucket>.<id>`: the due index, a small
+//!   [`DueEntry`] per alarm in the bucket of its next action. A window load reads only
+//!   its buckets' subjects. An entry is a hint: the record decides. It is written
+//!   before the record that needs it and purged after the record that no longer does,
+//!   so a crash in between leaves an extra entry (ignored), never a missing one.
+//! - `<prefix>.alarms.swept.<partition>`: the last bucket of a partition whose entries
+//!   are all gone: a loader that takes a partition over loads from the one after it,
+//!   so alarms due while every loader was down fire on recovery.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use journal::subjects::Subjects;
+
+use crate::alarm::{bucket_of, partition_of, Record};
+use crate::{Error, Result};
+
+/// How long one read of the stream may take.
+const READ_DEADLINE: Duration = Duration::from_secs(10);
+
+/// An entry of the due index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DueEntry {
+    /// The alarm.
+    pub id: String,
+    /// When its next action is due (ms).
+    pub at_ms: u64,
+}
+
+/// The alarm stream.
+#[derive(Debug, Clone)]
+pub struct Store {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    subjects: Subjects,
+}
+
+impl Store {
+    /// Opens (creating it if missing) the alarm stream.
+    pub async fn open(
+        js: jetstream::Context,
+        subjects: Subjects,
+        options: &journal::setup::LogOptions,
+    ) -> Result<Store> {
+        let stream = journal::setup::ensure_alarms(&js, &subjects, options).await?;
+        Ok(Store {
+            js,
+            stream,
+            subjects,
+        })
+    }
+
+    /// The subjects in use.
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    /// When the stream's first message was stored (ms), if it holds any.
+    pub async fn first_timestamp_ms(&self) -> Result<Option<u64>> {
+        let mut s = self.stream.clone();
+        let info = s
+            .info()
+            .await
+            .map_err(|e| Error::js("alarm stream info", e))?;
+        if info.state.messages == 0 {
+            return Ok(None);
+        }
+        let ns = info.state.first_timestamp.unix_timestamp_nanos();
+        Ok(u64::try_from(ns / 1_000_000).ok())
+    }
+
+    /// The alarm's current record and its stream sequence; none if never set.
+    pub async fn read(&self, id: &str) -> Result<Option<(Record, u64)>> {
+        let subject = self.subjects.alarm_record(id);
+        match self.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => Ok(Some((
+                decode(&m.payload, &subject, m.sequence)?,
+                m.sequence,
+            ))),
+            Err(e) if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => {
+                Ok(None)
+            }
+            Err(e) => Err(Error::js("read alarm", e)),
+        }
+    }
+
+    /// The alarm's whole history, oldest first (bounded by `limit` records).
+    pub async fn history(&self, id: &str, limit: usize) -> Result<Vec<(Record, u64)>> {
+        let subject = self.subjects.alarm_record(id);
+        let mut out = Vec::new();
+        let mut from = 1;
+        while out.len() < limit {
+            let m = match self
+                .stream
+                .direct_get_next_for_subject(&subject, Some(from))
+                .await
+            {
+                Ok(m) => m,
+                Err(e) if matches!(e.kind(), stream::DirectGetErrorKind::NotFound) => break,
+                Err(e) => return Err(Error::js("read alarm history", e)),
+            };
+            let seq = m.sequence;
+            out.push((decode(&m.payload, &subject, seq)?, seq));
+            from = seq + 1;
+        }
+        Ok(out)
+    }
+
+    /// Appends `record` to its alarm's history if the history's last sequence is still
+    /// `expected` (0: the alarm has no history); its stream sequence, or
+    /// [`Error::Conflict`] when another write came first.
+    pub async fn append(&self, record: &Record, expected: u64) -> Result<u64> {
+        let subject = self.subjects.alarm_record(&record.alarm.id);
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(record.encode()?.into())
+            .headers(HeaderMap::new())
+            .expected_last_subject_sequence(expected);
+        let ack = match self.js.send_publish(subject, publish).await {
+            Ok(f) => f.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(a) => Ok(a.sequence),
+            Err(e) if journal::jserr::is_conflict(&e) => {
+                Err(Error::Conflict(record.alarm.id.clone()))
+            }
+            Err(e) => Err(Error::js("write alarm", e)),
+        }
+    }
+
+    /// Writes the due-index entry of alarm `id` for `at_ms`.
+    pub async fn put_due(&self, id: &str, at_ms: u64) -> Result<()> {
+        let subject = self
+            .subjects
+            .alarm_due(partition_of(id), bucket_of(at_ms), id);
+        let entry = DueEntry {
+            id: id.to_string(),
+            at_ms,
+        };
+        let body = serde_json::to_vec(&entry).map_err(|e| Error::Invalid(e.to_string()))?;
+        self.js
+            .publish(subject, body.into())
+            .await
+            .map_err(|e| Error::js("write due entry", e))?
+            .await
+            .map_err(|e| Error::js("write due entry", e))?;
+        Ok(())
+    }
+
+    /// Removes alarm `id`'s entry from the bucket of `at_ms` (nothing if none).
+    pub async fn remove_due(&self, id: &str, at_ms: u64) -> Result<()> {
+        let subject = self
+            .subjects
+            .alarm_due(partition_of(id), bucket_of(at_ms), id);
+        self.stream
+            .purge()
+            .filter(subject)
+            .await
+            .map_err(|e| Error::js("remove due entry", e))?;
+        Ok(())
+    }
+
+    /// Every entry in buckets `buckets` of `partitions` (each bucket read once, in one
+    /// ordered consumer per partition; entries a later write replaced are not
+    /// returned twice: the last one of a subject wins).
+    pub async fn load(
+        &self,
+        partitions: &[u32],
+        buckets: std::ops::RangeInclusive<u64>,
+    ) -> Result<Vec<DueEntry>> {
+        let mut out = Vec::new();
+        for &p in partitions {
+            let filters: Vec<String> = buckets
+                .clone()
+                .map(|b| self.subjects.alarm_due_bucket(p, b))
+                .collect();
+            // A consumer takes a bounded number of filters; read in chunks.
+            for chunk in filters.chunks(64) {
+                out.extend(self.read_filters(chunk.to_vec()).await?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether bucket `bucket` of `partition` holds no entry.
+    pub async fn bucket_is_empty(&self, partition: u32, bucket: u64) -> Result<bool> {
+        let filter = self.subjects.alarm_due_bucket(partition, bucket);
+        use futures::TryStreamExt as _;
+        let mut subjects = self
+            .stream
+            .info_with_subjects(filter)
+            .await
+            .map_err(|e| Error::js("due bucket info", e))?;
+        let first = subjects
+            .try_next()
+            .await
+            .map_err(|e| Error::js("due bucket info", e))?;
+        Ok(first.is_none())
+    }
+
+    async fn read_filters(&self, filter_subjects: Vec<String>) -> Result<Vec<DueEntry>> {
+        let name = format!("tsa-{}", uuid::Uuid::new_v4().simple());
+        let config = consumer::pull::OrderedConfig {
+            name: Some(name.clone()),
+            filter_subjects,
+            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        };
+        let result = tokio::time::timeout(READ_DEADLINE, async {
+            let mut c = self
+                .stream
+                .create_consumer(config)
+                .await
+                .map_err(|e| Error::js("due index read", e))?;
+            let pending = c
+                .info()
+                .await
+                .map_err(|e| Error::js("due index read", e))?
+                .num_pending;
+            let mut out = Vec::with_capacity(pending as usize);
+            if pending == 0 {
+                return Ok(out);
+            }
+            let mut msgs = c
+                .messages()
+                .await
+                .map_err(|e| Error::js("due index read", e))?;
+            while let Some(m) = msgs.next().await {
+                let m = m.map_err(|e| Error::js("due index read", e))?;
+                let left = m.info().map(|i| i.pending).unwrap_or(0);
+                match serde_json::from_slice::<DueEntry>(&m.payload) {
+                    Ok(e) => out.push(e),
+                    Err(e) => {
+                        tracing::warn!(subject = %m.subject, error = %e, "due entry that does not decode; ignored")
+                    }
+                }
+                if left == 0 {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::JetStream {
+                op: "due index read",
+                reason: format!("no answer within {READ_DEADLINE:?}"),
+            })
+        });
+        // Ordered consumers are ephemeral; remove it now rather than after its
+        // inactivity threshold.
+        let _ = self.stream.delete_consumer(&name).await;
+        result
+    }
+
+    /// The last swept bucket of `partition`, if any.
+    pub async fn swept(&self, partition: u32) -> Result<Option<u64>> {
+        let subject = self.subjects.alarm_swept(partition);
+        match self.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => Ok(std::str::from_utf8(&m.payload)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())),
+            Err(e) if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => {
+                Ok(None)
+            }
+            Err(e) => Err(Error::js("read sweep checkpoint", e)),
+        }
+    }
+
+    /// Records that every bucket of `partition` up to `bucket` is empty.
+    pub async fn set_swept(&self, partition: u32, bucket: u64) -> Result<()> {
+        let subject = self.subjects.alarm_swept(partition);
+        self.js
+            .publish(subject, bucket.to_string().into())
+            .await
+            .map_err(|e| Error::js("write sweep checkpoint", e))?
+            .await
+            .map_err(|e| Error::js("write sweep checkpoint", e))?;
+        // Only the last checkpoint matters.
+        let subject = self.subjects.alarm_swept(partition);
+        self.stream
+            .purge()
+            .filter(subject)
+            .keep(1)
+            .await
+            .map_err(|e| Error::js("trim sweep checkpoints", e))?;
+        Ok(())
+    }
+
+    /// Announces a dead alarm on `<prefix>.alarms.dead` (stored in the stream too).
+    pub async fn dead_letter(&self, record: &Record) -> Result<()> {
+        self.js
+            .publish(self.subjects.alarm_dead(), record.encode()?.into())
+            .await
+            .map_err(|e| Error::js("dead letter", e))?
+            .await
+            .map_err(|e| Error::js("dead letter", e))?;
+        Ok(())
+    }
+}
+
+/// Decodes a stored record; a `Set` record's own sequence is its `set_seq` (not
+/// known when it was written).
+fn decode(bytes: &[u8], subject: &str, seq: u64) -> Result<Record> {
+    let mut r = Record::decode(bytes, subject, seq)?;
+    if r.set_seq == 0 {
+        r.set_seq = seq;
+    }
+    Ok(r)
+}

@@ -1,0 +1,488 @@
+//! The alarm-loader against a real nats-server and a real scheduler: alarms fire into
+//! their process once, with their slot recorded; cancel, replace, past-due; loaders
+//! racing and crashing; every loader down while alarms fall due; subject targets with
+//! retry and dead letters; hostile requests as raw protocol bytes.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use harness::{NatsServer, Role};
+use protocol::ProcessId;
+use scheduler::Config;
+
+use crate::support::{connect, connect_as, read_log, server, test_key, InProcess};
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Starts the alarm-loader binary on `server` with its two identities, loading
+/// every 300 ms.
+fn spawn_loader(server: &NatsServer) -> Result<harness::Process> {
+    let mut cmd = std::process::Command::new(harness::workspace_bin("alarm-loader")?);
+    cmd.arg("--in-memory-interval-ms")
+        .arg("300")
+        .env("NATS_URL", server.url_as(Role::AlarmLoader))
+        .env("TS_INTAKE_URL", server.url_as(Role::AlarmIntake))
+        .env("RUST_LOG", "warn");
+    Ok(harness::Process::spawn(cmd)?)
+}
+
+/// Waits until `n` loaders answer PING.
+async fn wait_for_loaders(client: &async_nats::Client, n: usize) -> Result<()> {
+    for _ in 0..200 {
+        let inbox = client.new_inbox();
+        let mut sub = client.subscribe(inbox.clone()).await?;
+        client
+            .publish_with_reply("$SRV.PING.turnstile-alarm-loader", inbox, Bytes::new())
+            .await?;
+        let mut seen = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
+            // "No responders" comes back as an empty status message.
+            if !m.payload.is_empty() {
+                seen += 1;
+            }
+        }
+        if seen >= n {
+            return Ok(());
+        }
+    }
+    bail!("fewer than {n} alarm-loaders answered PING within 20 s")
+}
+
+/// One alarm request; the JSON answer, or the `Ts-Error` code.
+async fn alarm(
+    client: &async_nats::Client,
+    op: &str,
+    body: Value,
+) -> Result<Result<Value, String>> {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(format!("ts.alarm.{op}"), serde_json::to_vec(&body)?.into()),
+    )
+    .await
+    .context("alarm request timed out")??;
+    if let Some(code) = reply.headers.as_ref().and_then(|h| h.get("Ts-Error")) {
+        return Ok(Err(code.to_string()));
+    }
+    Ok(Ok(serde_json::from_slice(&reply.payload)?))
+}
+
+fn set_body(id: &str, due_ms: u64, process: &str, body: &str) -> Value {
+    use base64::Engine as _;
+    json!({
+        "id": id,
+        "due_ms": due_ms,
+        "target": {"process": process},
+        "body": base64::engine::general_purpose::STANDARD.encode(body),
+    })
+}
+
+/// Waits until alarm `id`'s status is `status` (at most `secs`); its `get` answer.
+async fn wait_status(
+    client: &async_nats::Client,
+    id: &str,
+    status: &str,
+    secs: u64,
+) -> Result<Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let got = alarm(client, "get", json!({"id": id})).await?;
+        if let Ok(v) = &got {
+            if v["status"]["status"] == status {
+                return Ok(v.clone());
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("alarm {id} not {status} within {secs} s: {got:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How many times each body is in `process`'s log.
+async fn bodies(server: &NatsServer, process: &str) -> Result<HashMap<String, usize>> {
+    let p = ProcessId::new(process)?;
+    let mut out = HashMap::new();
+    for e in read_log(server.url(), &p).await? {
+        *out.entry(String::from_utf8_lossy(&e.body).into_owned())
+            .or_default() += 1;
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alarm_fires_into_its_process_once_and_records_its_slot() -> Result<()> {
+    let server = server()?;
+    let sched = InProcess::start(&server, Config::default(), vec![test_key(1)]).await?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    let due = now_ms() + 1_500;
+    let set = alarm(&client, "set", set_body("a-1", due, "alarmed", "wake up")).await?;
+    let set = set.map_err(|e| anyhow::anyhow!("set refused: {e}"))?;
+    assert_eq!(set["replaced"], false);
+    let got = wait_status(&client, "a-1", "done", 20).await?;
+    let slot = got["status"]["slot"]
+        .as_u64()
+        .context("a done process alarm names its slot")?;
+    let log = read_log(server.url(), &ProcessId::new("alarmed")?).await?;
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].slot, slot);
+    assert_eq!(&log[0].body[..], b"wake up");
+    assert!(
+        log[0].message_id.starts_with("alarm-a-1-"),
+        "{}",
+        log[0].message_id
+    );
+    // It fired on time (not before its due time) and its history says how.
+    let events: Vec<&str> = got["history"]
+        .as_array()
+        .context("history")?
+        .iter()
+        .filter_map(|h| h["event"]["event"].as_str())
+        .collect();
+    assert_eq!(events, ["set", "attempt", "delivered"]);
+    let delivered = &got["history"][2]["event"];
+    assert!(delivered["lateness_ms"].as_i64() >= Some(0), "{delivered}");
+    assert!(log[0].timestamp_ms >= due);
+    // The loader reports it.
+    let stats: Value = serde_json::from_slice(
+        &client
+            .request("$SRV.STATS.turnstile-alarm-loader", Bytes::new())
+            .await?
+            .payload,
+    )?;
+    let data = &stats["endpoints"][0]["data"];
+    assert_eq!(data["delivered"], 1, "{stats}");
+    assert_eq!(data["lateness_ms"]["samples"], 1, "{stats}");
+    loader.terminate(Duration::from_secs(10));
+    sched.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_due_fires_at_once_cancelled_never_replaced_at_its_new_time() -> Result<()> {
+    let server = server()?;
+    let sched = InProcess::start(&server, Config::default(), vec![test_key(1)]).await?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    let now = now_ms();
+    alarm(&client, "set", set_body("past", now - 60_000, "p", "past"))
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    alarm(
+        &client,
+        "set",
+        set_body("cancel-me", now + 2_000, "p", "cancelled"),
+    )
+    .await?
+    .map_err(anyhow::Error::msg)?;
+    alarm(
+        &client,
+        "set",
+        set_body("moved", now + 60_000, "p", "moved"),
+    )
+    .await?
+    .map_err(anyhow::Error::msg)?;
+    let replaced = alarm(&client, "set", set_body("moved", now + 1_000, "p", "moved"))
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    assert_eq!(replaced["replaced"], true);
+    let c = alarm(&client, "cancel", json!({"id": "cancel-me"}))
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    assert_eq!(c["cancelled"], true);
+    wait_status(&client, "past", "done", 10).await?;
+    wait_status(&client, "moved", "done", 10).await?;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    wait_status(&client, "cancel-me", "cancelled", 1).await?;
+    let b = bodies(&server, "p").await?;
+    assert_eq!(b.get("past"), Some(&1));
+    assert_eq!(b.get("moved"), Some(&1));
+    assert_eq!(b.get("cancelled"), None, "{b:?}");
+    // Unknown ids are refused by type.
+    assert_eq!(
+        alarm(&client, "get", json!({"id": "nope"})).await?,
+        Err("not_found".into())
+    );
+    assert_eq!(
+        alarm(&client, "cancel", json!({"id": "nope"})).await?,
+        Err("not_found".into())
+    );
+    loader.terminate(Duration::from_secs(10));
+    sched.stop().await?;
+    Ok(())
+}
+
+/// Two loaders share the alarms; one is killed (SIGKILL) while they fire; later every
+/// loader is down while alarms fall due, and they fire on recovery. Each alarm is in
+/// the log exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_loaders_a_crash_and_a_full_outage_fire_each_alarm_once() -> Result<()> {
+    let server = server()?;
+    let sched = InProcess::start(&server, Config::default(), vec![test_key(1)]).await?;
+    let mut a = spawn_loader(&server)?;
+    let mut b = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 2).await?;
+    let now = now_ms();
+    let n = 60;
+    for i in 0..n {
+        let due = now + 1_000 + (i as u64 % 20) * 100;
+        alarm(
+            &client,
+            "set",
+            set_body(&format!("r{i}"), due, "race", &format!("r{i}")),
+        )
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    a.kill();
+    for i in 0..n {
+        wait_status(&client, &format!("r{i}"), "done", 30).await?;
+    }
+    // Every loader down; alarms fall due; then one comes back.
+    let now = now_ms();
+    for i in 0..20 {
+        alarm(
+            &client,
+            "set",
+            set_body(&format!("o{i}"), now + 500, "race", &format!("o{i}")),
+        )
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    }
+    b.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut c = spawn_loader(&server)?;
+    wait_for_loaders(&client, 1).await?;
+    for i in 0..20 {
+        wait_status(&client, &format!("o{i}"), "done", 30).await?;
+    }
+    let b = bodies(&server, "race").await?;
+    for i in 0..n {
+        assert_eq!(b.get(&format!("r{i}")), Some(&1), "r{i}: {b:?}");
+    }
+    for i in 0..20 {
+        assert_eq!(b.get(&format!("o{i}")), Some(&1), "o{i}: {b:?}");
+    }
+    assert_eq!(b.len(), n + 20);
+    c.terminate(Duration::from_secs(10));
+    sched.stop().await?;
+    Ok(())
+}
+
+/// A subject target that asks for a retry is called again after it with the new
+/// body; one that never answers is retried with backoff, then dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subject_targets_retry_when_asked_and_dead_letter_when_they_fail() -> Result<()> {
+    let server = server()?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    let responder = connect(server.url()).await?;
+    let mut sub = responder.subscribe("jobs.work").await?;
+    let seen = tokio::spawn(async move {
+        let mut bodies = Vec::new();
+        while let Some(m) = sub.next().await {
+            bodies.push((
+                String::from_utf8_lossy(&m.payload).into_owned(),
+                m.headers
+                    .as_ref()
+                    .and_then(|h| h.get("Ts-Alarm-Id"))
+                    .map(|v| v.to_string()),
+            ));
+            let answer = if bodies.len() == 1 {
+                json!({"result": "retry", "in_ms": 300, "body_base64": "c2Vjb25k"})
+            } else {
+                json!({"result": "ok"})
+            };
+            if let Some(r) = m.reply {
+                let _ = responder
+                    .publish(r, serde_json::to_vec(&answer).unwrap_or_default().into())
+                    .await;
+                let _ = responder.flush().await;
+            }
+            if bodies.len() == 2 {
+                return bodies;
+            }
+        }
+        bodies
+    });
+    let ops = connect_as(&server, Role::Operator).await?;
+    let mut dead = ops.subscribe("ts.alarms.dead").await?;
+    ops.flush().await?;
+    let now = now_ms();
+    alarm(&client, "set", json!({"id": "s1", "due_ms": now + 300, "target": {"subject": "jobs.work"}, "body": "Zmlyc3Q="}))
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    alarm(
+        &client,
+        "set",
+        json!({
+            "id": "s2", "due_ms": now + 300, "target": {"subject": "jobs.nobody"},
+            "dispatch_timeout_ms": 200,
+            "retry": {"attempts": 3, "backoff_ms": 100, "max_backoff_ms": 200}
+        }),
+    )
+    .await?
+    .map_err(anyhow::Error::msg)?;
+    let got = wait_status(&client, "s1", "done", 20).await?;
+    let calls = tokio::time::timeout(Duration::from_secs(5), seen).await??;
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0], ("first".to_string(), Some("s1".to_string())));
+    assert_eq!(calls[1].0, "second");
+    let events: Vec<&str> = got["history"]
+        .as_array()
+        .context("history")?
+        .iter()
+        .filter_map(|h| h["event"]["event"].as_str())
+        .collect();
+    assert_eq!(
+        events,
+        ["set", "attempt", "retry_asked", "attempt", "delivered"]
+    );
+    let got = wait_status(&client, "s2", "dead", 20).await?;
+    let failed = got["history"]
+        .as_array()
+        .context("history")?
+        .iter()
+        .filter(|h| h["event"]["event"] == "failed")
+        .count();
+    assert_eq!(failed, 2, "{got}");
+    let letter = tokio::time::timeout(Duration::from_secs(5), dead.next())
+        .await?
+        .context("dead letter")?;
+    let letter: Value = serde_json::from_slice(&letter.payload)?;
+    assert_eq!(letter["alarm"]["id"], "s2");
+    assert!(
+        letter["status"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no responders")),
+        "{letter}"
+    );
+    loader.terminate(Duration::from_secs(10));
+    Ok(())
+}
+
+/// Hostile requests, as raw protocol bytes: each gets a typed refusal (or, with a
+/// reply subject in our own space, none), and the loader keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_alarm_requests_get_typed_refusals_and_hurt_nothing() -> Result<()> {
+    let server = server()?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("set", b"not json".to_vec(), "malformed"),
+        ("set", b"".to_vec(), "malformed"),
+        ("set", vec![b'x'; 600 * 1024], "too_large"),
+        (
+            "set",
+            br#"{"id":"a.b","due_ms":1,"target":{"process":"p"}}"#.to_vec(),
+            "invalid_alarm",
+        ),
+        (
+            "set",
+            br#"{"id":"x","due_ms":1,"target":{"subject":"ts.log.p"}}"#.to_vec(),
+            "invalid_alarm",
+        ),
+        (
+            "set",
+            br#"{"id":"x","due_ms":1,"target":{"subject":"$JS.API.STREAM.DELETE.TS_LOG"}}"#
+                .to_vec(),
+            "invalid_alarm",
+        ),
+        (
+            "set",
+            br#"{"id":"x","due_ms":1,"target":{"process":"p"},"headers":[["Ts-Mode","disabled"]]}"#
+                .to_vec(),
+            "invalid_alarm",
+        ),
+        ("get", br#"{"id":"../../etc"}"#.to_vec(), "invalid_alarm"),
+        (
+            "list",
+            br#"{"from_ms":10,"to_ms":1}"#.to_vec(),
+            "invalid_range",
+        ),
+        ("drop", b"{}".to_vec(), "malformed"),
+    ];
+    for (op, body, code) in cases {
+        let reply = client
+            .request(format!("ts.alarm.{op}"), body.into())
+            .await?;
+        let got = reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Ts-Error"))
+            .map(|v| v.to_string());
+        assert_eq!(got.as_deref(), Some(code), "{op}");
+    }
+    // Raw bytes: a header block that does not parse, and a reply into our own space.
+    let addr = server.url().trim_start_matches("nats://").to_string();
+    let mut raw = tokio::net::TcpStream::connect(&addr).await?;
+    let mut info = vec![0u8; 4096];
+    let _ = raw.read(&mut info).await?;
+    let inbox = "_INBOX.raw.1";
+    let headers = b"NATS/1.0\r\nbad header line\r\n\r\n";
+    let mut out = Vec::new();
+    out.extend_from_slice(
+        b"CONNECT {\"verbose\":false,\"headers\":true,\"no_responders\":true}\r\n",
+    );
+    out.extend_from_slice(format!("SUB {inbox} 1\r\n").as_bytes());
+    out.extend_from_slice(
+        format!(
+            "HPUB ts.alarm.set {inbox} {} {}\r\n",
+            headers.len(),
+            headers.len() + 2
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(headers);
+    out.extend_from_slice(b"{}\r\n");
+    out.extend_from_slice(b"PUB ts.alarm.set ts.alarms.rec.evil 2\r\n{}\r\nPING\r\n");
+    raw.write_all(&out).await?;
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !String::from_utf8_lossy(&got).contains("malformed_request") {
+        let mut buf = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, raw.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => bail!(
+                "no malformed_request answer: {}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    // Nothing was written where the evil reply pointed.
+    let js = async_nats::jetstream::new(connect_as(&server, Role::Operator).await?);
+    let stream = js.get_stream("TS_ALARMS").await?;
+    assert!(stream
+        .get_last_raw_message_by_subject("ts.alarms.rec.evil")
+        .await
+        .is_err());
+    // Still serving.
+    let ok = alarm(
+        &client,
+        "set",
+        set_body("after", now_ms() + 3_600_000, "p", "x"),
+    )
+    .await?;
+    assert!(ok.is_ok(), "{ok:?}");
+    assert!(loader.exited().is_none());
+    loader.terminate(Duration::from_secs(10));
+    Ok(())
+}
