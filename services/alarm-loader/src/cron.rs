@@ -240,7 +240,9 @@ fn tzdb() -> &'static TimeZoneDatabase {
 
 /// The IANA time zone `name` (e.g. `America/New_York`, `UTC`) from the bundled database.
 pub fn zone(name: &str) -> Result<TimeZone> {
-    tzdb().get(name).map_err(|_| Error::UnknownZone { name: name.into() })
+    tzdb()
+        .get(name)
+        .map_err(|_| Error::UnknownZone { name: name.into() })
 }
 
 #[derive(Debug, Clone)]
@@ -417,7 +419,10 @@ impl Schedule {
                 Some(s) => tz.to_offset(s.checked_sub(ns).ok()?),
                 None => offset,
             };
-            let end = tz.following(from).next().map(|t| (t.timestamp(), t.offset()));
+            let end = tz
+                .following(from)
+                .next()
+                .map(|t| (t.timestamp(), t.offset()));
 
             // Wall times before `repeat_end` also existed before this period began.
             let repeat_end = match start {
@@ -528,12 +533,10 @@ fn parse_fields(text: &str) -> Result<Cron> {
             .map_err(|e| problem(e.to_string()))?;
     }
     let expression = fields.join(" ");
-    let cron = parser()
-        .parse(&expression)
-        .map_err(|e| Error::Expression {
-            expression: text.into(),
-            reason: e.to_string(),
-        })?;
+    let cron = parser().parse(&expression).map_err(|e| Error::Expression {
+        expression: text.into(),
+        reason: e.to_string(),
+    })?;
     // Refuse what can never fire (30 February) now rather than at every lookup.
     let epoch = DateTime::constant(1970, 1, 1, 0, 0, 0, 0);
     if cron.find_next_occurrence(&epoch, true).is_err() {
