@@ -38,8 +38,9 @@
 //! once); a job that must run at a fixed real-time interval is an `@every` job.
 //!
 //! # Ticks
-//! A [`Tick`] is the UTC instant (ms, always a whole second) and the wall time the
-//! schedule named. [`Schedule::next_after`] is strictly after its input, so the ticks
+//! A [`Tick`] is the UTC instant (ms: a whole second for a cron expression, a point
+//! of its grid for `@every`) and the wall time the schedule named.
+//! [`Schedule::next_after`] is strictly after its input, so the ticks
 //! of [`Schedule::ticks_after`] strictly increase; both depend on nothing but the
 //! schedule and the instant. [`missed`] decides what to fire after downtime, and
 //! [`tick_id`] names a tick for idempotent publishing.
@@ -212,7 +213,8 @@ impl TickKind {
 /// One firing of a schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tick {
-    /// The instant, ms since the Unix epoch (UTC); a whole second.
+    /// The instant, ms since the Unix epoch (UTC): a whole second for a cron expression,
+    /// `anchor + k × period` for `@every`.
     pub utc_ms: i64,
     /// The wall time the schedule named, in the schedule's zone. For an `@every`
     /// schedule: the zone's wall clock at the instant.
