@@ -5,6 +5,8 @@
 //!
 //! # Layout
 //! - [`alarm`]: the records (pure): an alarm, its events, its state machine.
+//! - [`cron`]: pure cron logic: parsing schedules (cron fields, aliases, `@every`),
+//!   time zones and the daylight-saving policy, the next ticks, missed runs, tick ids.
 //! - [`store`]: the stream `<PREFIX>_ALARMS`: histories, the due index, compare-and-set.
 //! - [`loader`]: the window loader and the dispatcher.
 //! - [`api`]: the `<prefix>.alarm.*` requests.
@@ -13,6 +15,7 @@
 
 pub mod alarm;
 pub mod api;
+pub mod cron;
 mod error;
 pub mod loader;
 pub mod store;
