@@ -13,6 +13,8 @@
 //! - `word`: the scheduler keeps its word (stalls, bursts, limits, races).
 //! - `hostile`: foreign messages on the log, replies aimed into our own space.
 //! - `keys_history`: required keys decided from the log (declared per run, handed over).
+//! - `cluster`: a three-node cluster: an R3 stream across a leader's death, the
+//!   scheduler started on a cluster that has just formed, misconfigurations refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -21,6 +23,8 @@ pub mod support;
 
 #[cfg(test)]
 mod bad_input;
+#[cfg(test)]
+mod cluster;
 #[cfg(test)]
 mod hostile;
 #[cfg(test)]
