@@ -112,3 +112,132 @@ async fn an_r3_stream_keeps_taking_writes_after_its_leader_is_killed_and_keeps_t
     assert!(caught_up, "node {first} did not catch up within 30 s");
     Ok(())
 }
+
+/// Waits until a scheduler answers PING, failing at once if `process` exits first.
+async fn wait_for_scheduler(
+    client: &async_nats::Client,
+    process: &mut harness::Process,
+) -> Result<()> {
+    for _ in 0..120 {
+        if let Some(status) = process.exited() {
+            bail!("the scheduler exited with {status} before it answered");
+        }
+        if wait_for_one_ping(client).await? {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    bail!("no scheduler answered PING within 60 s")
+}
+
+async fn wait_for_one_ping(client: &async_nats::Client) -> Result<bool> {
+    match tokio::time::timeout(
+        Duration::from_millis(100),
+        client.request("$SRV.PING.turnstile-scheduler", Bytes::new()),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(false),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Ok(false),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_started_with_a_fresh_cluster_comes_up_and_writes_an_r3_log() -> Result<()> {
+    let options = harness::ClusterOptions {
+        unformed: true,
+        ..Default::default()
+    };
+    let cluster = NatsCluster::start_with(3, options)?;
+    let dir = tempfile::tempdir()?;
+    let key = test_key(31);
+    let path = key_file(dir.path(), &key)?;
+    // At once, while the nodes are still electing a meta leader: the scheduler must
+    // wait that out, then the elections of the log's and buckets' leaders, instead of
+    // exiting on the first "no stream found" or "temporarily unavailable".
+    let mut scheduler = spawn_scheduler(&cluster, &path, &["--replicas", "3"])?;
+    let nats = connect(&cluster.url()).await?;
+    wait_for_scheduler(&nats, &mut scheduler).await?;
+
+    let client = journal::client::Client::new(nats, journal::subjects::Subjects::default());
+    let p = protocol::ProcessId::new("fresh")?;
+    for i in 0..5u64 {
+        let body = Bytes::from(format!("m{i}"));
+        let r = schedule_retrying(&client, &p, body, &Default::default()).await?;
+        assert_eq!(r.slot, i);
+    }
+    let entries = read_log(&cluster.url(), &p).await?;
+    assert_eq!(entries.len(), 5);
+
+    let js = jetstream::new(connect(&cluster.url_as(Role::Operator)).await?);
+    for name in ["TS_LOG", "KV_TS_PROCESSES", "KV_TS_KEYS"] {
+        let info = js.get_stream(name).await?.cached_info().clone();
+        let followers = info.cluster.map(|c| c.replicas.len());
+        assert_eq!(
+            (info.config.num_replicas, followers),
+            (3, Some(2)),
+            "{name}"
+        );
+    }
+    assert!(scheduler.exited().is_none(), "the scheduler exited");
+    Ok(())
+}
+
+/// A deployment the scheduler cannot work with, made before it starts.
+enum Misconfiguration {
+    /// TS_LOG exists but takes other subjects: it cannot be the log.
+    ForeignLogStream,
+    /// `--replicas 3` on a server without a cluster (JetStream error 10074).
+    ReplicasWithoutCluster,
+}
+
+/// Runs the scheduler against `server` prepared with `bad`; returns its exit status and
+/// stderr. A step retried as transient would run for a minute: 30 s is far beyond a
+/// refusal and far below that.
+async fn run_misconfigured(bad: Misconfiguration) -> Result<(std::process::ExitStatus, String)> {
+    let server = server()?;
+    let mut args: Vec<&str> = Vec::new();
+    match bad {
+        Misconfiguration::ForeignLogStream => {
+            let js = jetstream::new(connect_as(&server, Role::Operator).await?);
+            js.create_stream(stream::Config {
+                name: "TS_LOG".into(),
+                subjects: vec!["elsewhere.>".into()],
+                ..Default::default()
+            })
+            .await?;
+        }
+        Misconfiguration::ReplicasWithoutCluster => args.extend(["--replicas", "3"]),
+    }
+    let dir = tempfile::tempdir()?;
+    let path = key_file(dir.path(), &test_key(32))?;
+    let mut cmd = tokio::process::Command::from(scheduler_command(&server, &path, &args)?);
+    cmd.kill_on_drop(true).stdout(std::process::Stdio::null());
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .context("the scheduler did not end within 30 s")??;
+    Ok((
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misconfiguration_ends_the_scheduler_at_once_with_one_clear_line() -> Result<()> {
+    for (bad, names) in [
+        (Misconfiguration::ForeignLogStream, "TS_LOG"),
+        (Misconfiguration::ReplicasWithoutCluster, "10074"),
+    ] {
+        let (status, stderr) = run_misconfigured(bad).await?;
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(!status.success(), "{status}: {stderr}");
+        assert_eq!(lines.len(), 1, "{stderr}");
+        assert!(
+            lines[0].starts_with("scheduler: ") && lines[0].contains(names),
+            "{stderr}"
+        );
+    }
+    Ok(())
+}

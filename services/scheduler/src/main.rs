@@ -106,7 +106,19 @@ impl scheduler::Clock for SkewedClock {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    // One line for an operator (or a supervisor's log) to act on: the whole cause
+    // chain, no debug dump.
+    match start().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("scheduler: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn start() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -238,7 +250,9 @@ async fn connect(
         if let Some(auth) = auth.clone() {
             options = auth.apply(options);
         }
-        match options.connect(addrs.as_str()).await {
+        // async-nats takes a comma-separated string as one (invalid) address.
+        let servers: Vec<&str> = addrs.split(',').collect();
+        match options.connect(servers).await {
             Ok(c) => return Ok(c),
             Err(e)
                 if attempt < 30

@@ -537,6 +537,10 @@ pub struct ClusterOptions {
     /// Replaces the deployed `lame_duck_duration` (30 s) so that a node sent SIGUSR2
     /// exits sooner; `None` keeps the file's.
     pub lame_duck: Option<Duration>,
+    /// Return as soon as every node takes connections, before the cluster has formed
+    /// (no meta leader yet): what a service started together with its cluster meets.
+    /// [`NatsCluster::wait_ready`] waits for the rest.
+    pub unformed: bool,
 }
 
 /// A private JetStream cluster: `n` nodes running `deploy/nats-cluster.conf` (and
@@ -554,7 +558,7 @@ impl NatsCluster {
     pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
     /// Starts `n` nodes and returns once the cluster is ready (see
-    /// [`NatsCluster::wait_ready`]).
+    /// [`NatsCluster::wait_ready`]): routed, with a JetStream meta leader.
     pub fn start(n: usize) -> Result<NatsCluster> {
         NatsCluster::start_with(n, ClusterOptions::default())
     }
@@ -582,7 +586,9 @@ impl NatsCluster {
             node.wait_for_port(Duration::from_secs(20))?;
         }
         let cluster = NatsCluster { nodes };
-        cluster.wait_ready(NatsCluster::READY_TIMEOUT)?;
+        if !options.unformed {
+            cluster.wait_ready(NatsCluster::READY_TIMEOUT)?;
+        }
         Ok(cluster)
     }
 
