@@ -14,6 +14,8 @@
 //! - `hostile`: foreign messages on the log, replies aimed into our own space.
 //! - `alarms`: the alarm-loader: firing once, cancel, replace, crashes, outages, subject targets.
 //! - `keys_history`: required keys decided from the log (declared per run, handed over).
+//! - `cluster`: a three-node cluster: an R3 stream across a leader's death, the
+//!   scheduler started on a cluster that has just formed, misconfigurations refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -24,6 +26,8 @@ pub mod support;
 mod alarms;
 #[cfg(test)]
 mod bad_input;
+#[cfg(test)]
+mod cluster;
 #[cfg(test)]
 mod hostile;
 #[cfg(test)]

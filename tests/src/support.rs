@@ -36,7 +36,8 @@ pub fn key_file(dir: &std::path::Path, key: &Keypair) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Connects to `url`, as the user and password inside it if any (`NatsServer::url_as`).
+/// Connects to `url` (or to any of several, comma-separated: a cluster's), as the user
+/// and password inside it if any (`NatsServer::url_as`, `NatsCluster::url_as`).
 pub async fn connect(url: &str) -> Result<async_nats::Client> {
     let (url, credentials) = harness::split_url_credentials(url);
     let options = match credentials {
@@ -45,7 +46,9 @@ pub async fn connect(url: &str) -> Result<async_nats::Client> {
         }
         None => async_nats::ConnectOptions::new(),
     };
-    Ok(options.connect(url).await?)
+    // async-nats takes a comma-separated string as one (invalid) address.
+    let addrs: Vec<&str> = url.split(',').collect();
+    Ok(options.connect(addrs).await?)
 }
 
 /// Connects to `server` as `role`.
@@ -164,11 +167,11 @@ pub async fn wait_for_schedulers(client: &async_nats::Client, n: usize) -> Resul
     bail!("fewer than {n} schedulers answered PING within 20 s")
 }
 
-/// Starts a scheduler on `server` as a separate process (so a test can SIGKILL it),
-/// with its three identities ([`Role::Scheduler`], [`Role::SchedulerIntake`],
-/// [`Role::SchedulerReplies`]), as deployed.
+/// Starts a scheduler on `server` (a server or a cluster) as a separate process (so a
+/// test can SIGKILL it), with its three identities ([`Role::Scheduler`],
+/// [`Role::SchedulerIntake`], [`Role::SchedulerReplies`]), as deployed.
 pub fn spawn_scheduler(
-    server: &NatsServer,
+    server: &impl harness::Urls,
     key: &std::path::Path,
     extra: &[&str],
 ) -> Result<harness::Process> {
@@ -180,7 +183,7 @@ pub fn spawn_scheduler(
 /// The command [`spawn_scheduler`] runs, for a caller that changes it first (e.g.
 /// sends its output to a file).
 pub fn scheduler_command(
-    server: &NatsServer,
+    server: &impl harness::Urls,
     key: &std::path::Path,
     extra: &[&str],
 ) -> Result<Command> {

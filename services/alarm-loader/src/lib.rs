@@ -69,6 +69,8 @@ pub async fn run(
     let js = async_nats::jetstream::new(core.clone());
     let options = journal::setup::LogOptions {
         replicas: settings.replicas,
+        retry: journal::retry::Retry::new(journal::retry::Backoff::default())
+            .watching(connections.events.clone()),
     };
     let store = store::Store::open(js.clone(), subjects.clone(), &options).await?;
     let intake = connections.intake.clone().unwrap_or_else(|| core.clone());

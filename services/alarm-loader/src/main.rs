@@ -45,7 +45,18 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    // One line for an operator (or a supervisor's log) to act on.
+    match start().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("alarm-loader: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn start() -> anyhow::Result<()> {
     service::runtime::init_tracing();
     let args = Args::parse();
     let events = Arc::new(service::ConnectionEvents::default());

@@ -50,6 +50,10 @@ pub struct Config {
     pub max_queue_wait: Duration,
     /// An idle process actor stops after this long (its state is reloaded from the log).
     pub idle_actor: Duration,
+    /// How the startup steps (stream, buckets, keys, settings) retry transient failures,
+    /// such as a cluster still electing leaders (default 100 ms doubling to 5 s, for up
+    /// to 60 s).
+    pub startup_backoff: journal::retry::Backoff,
 }
 
 impl Default for Config {
@@ -72,6 +76,7 @@ impl Default for Config {
             max_queued_bytes_per_process: 64 * 1024 * 1024,
             max_queue_wait: Duration::from_secs(5),
             idle_actor: Duration::from_secs(600),
+            startup_backoff: journal::retry::Backoff::default(),
         }
     }
 }

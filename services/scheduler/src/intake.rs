@@ -448,10 +448,8 @@ pub(crate) async fn keys_loop(
 pub(crate) async fn load_process_configs(
     store: &kv::Store,
 ) -> journal::Result<HashMap<String, ProcessConfig>> {
-    let err = |e: &dyn std::fmt::Display| journal::Error::JetStream {
-        op: "load process settings",
-        reason: e.to_string(),
-    };
+    let err =
+        |e: &(dyn std::error::Error + 'static)| journal::Error::nats("load process settings", e);
     let keys: Vec<String> = store
         .keys()
         .await

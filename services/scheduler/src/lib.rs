@@ -45,6 +45,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use journal::reader::LogReader;
+use journal::retry::Retry;
 use journal::setup::{self, LogOptions};
 use journal::subjects::Subjects;
 use protocol::merkle::Tree;
@@ -479,14 +480,27 @@ pub async fn run_with_clock(
     let version = setup::check_server(&client)?;
     let subjects = Subjects::new(&config.prefix)?;
     let js = jetstream::new(client.clone());
+    // Every startup step is retried while it fails transiently (a fresh cluster
+    // elects the leader of each new stream and bucket); a permission violation the
+    // core connection reports during a step ends it at once.
+    let retry = Retry::new(config.startup_backoff).watching(events.core.clone());
     let options = LogOptions {
         replicas: config.replicas,
+        retry: retry.clone(),
     };
     let log_stream = setup::ensure_log(&js, &subjects, &options).await?;
     let processes_kv = setup::ensure_processes(&js, &subjects, &options).await?;
     let keys_kv = setup::ensure_keys(&js, &subjects, &options).await?;
-    journal::keyring::publish(&keys_kv, &keyring.all()).await?;
-    let mut trusted = journal::keyring::trust(&journal::keyring::fetch(&keys_kv).await?);
+    let ours = keyring.all();
+    retry
+        .run("publish keys", || {
+            journal::keyring::publish(&keys_kv, &ours)
+        })
+        .await?;
+    let published = retry
+        .run("read published keys", || journal::keyring::fetch(&keys_kv))
+        .await?;
+    let mut trusted = journal::keyring::trust(&published);
     for k in keyring.all() {
         trusted.insert(k.public_key());
     }
@@ -531,11 +545,15 @@ pub async fn run_with_clock(
             reason: e.to_string(),
         })?;
     let reader = LogReader::new(js.clone(), stream_handle, subjects.clone());
-    let initial = intake::load_process_configs(&processes_kv).await?;
+    let initial = retry
+        .run("load process settings", || {
+            intake::load_process_configs(&processes_kv)
+        })
+        .await?;
     let tracker = TaskTracker::new();
     let keyring = Arc::new(keyring);
     let signer = signer::Signer::start(Arc::clone(&keyring));
-    let atomic = setup::allows_atomic(&log_stream).await;
+    let atomic = setup::allows_atomic(&log_stream);
     if !atomic {
         warn!("the log stream does not allow atomic batches; every run is written on its own");
     }

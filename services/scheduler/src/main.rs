@@ -105,7 +105,19 @@ impl scheduler::Clock for SkewedClock {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    // One line for an operator (or a supervisor's log) to act on: the whole cause
+    // chain, no debug dump.
+    match start().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("scheduler: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn start() -> anyhow::Result<()> {
     service::runtime::init_tracing();
     let args = Args::parse();
     let default_mode: Mode = args.default_mode.parse()?;

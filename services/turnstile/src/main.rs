@@ -230,8 +230,10 @@ async fn connect(nats: &NatsArgs) -> Result<async_nats::Client> {
     if let Some(auth) = auth {
         options = auth.apply(options);
     }
+    // async-nats takes a comma-separated string as one (invalid) address.
+    let servers: Vec<&str> = urls.split(',').collect();
     let client = options
-        .connect(urls.as_str())
+        .connect(servers)
         .await
         .with_context(|| format!("connecting to {urls} (set NATS_URL)"))?;
     setup::check_server(&client)?;

@@ -19,10 +19,7 @@ pub async fn publish(store: &kv::Store, keys: &[&Keypair]) -> Result<()> {
         store
             .put(k.id(), record.encode()?.into())
             .await
-            .map_err(|e| Error::JetStream {
-                op: "publish key",
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| Error::nats("publish key", &e))?;
     }
     Ok(())
 }
@@ -33,22 +30,16 @@ pub async fn fetch(store: &kv::Store) -> Result<Vec<PublishedKey>> {
     let keys: Vec<String> = store
         .keys()
         .await
-        .map_err(|e| Error::JetStream {
-            op: "list keys",
-            reason: e.to_string(),
-        })?
+        .map_err(|e| Error::nats("list keys", &e))?
         .try_collect()
         .await
-        .map_err(|e| Error::JetStream {
-            op: "list keys",
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| Error::nats("list keys", &e))?;
     let mut out = Vec::new();
     for id in keys {
-        let Some(bytes) = store.get(&id).await.map_err(|e| Error::JetStream {
-            op: "read key",
-            reason: e.to_string(),
-        })?
+        let Some(bytes) = store
+            .get(&id)
+            .await
+            .map_err(|e| Error::nats("read key", &e))?
         else {
             continue;
         };

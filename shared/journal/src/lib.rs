@@ -12,6 +12,8 @@
 //! - [`client`]: the request/reply client of the scheduler (what the CLI uses).
 //! - [`keyring`]: publishing and fetching scheduler public keys.
 //! - [`url`]: credentials inside NATS URLs.
+//! - [`retry`]: startup steps retried while a cluster forms; a misconfiguration ends
+//!   them at once.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -21,6 +23,7 @@ pub mod client;
 pub mod jserr;
 pub mod keyring;
 pub mod reader;
+pub mod retry;
 pub mod setup;
 pub mod subjects;
 pub mod url;
@@ -51,6 +54,33 @@ pub enum Error {
         /// The server's or client's reason.
         reason: String,
     },
+    /// A NATS call failed, with the kind of failure read from its error code or kind
+    /// (the startup paths: setup, keys, settings).
+    #[error("jetstream {op}: {reason}")]
+    Nats {
+        /// What was being done.
+        op: &'static str,
+        /// What kind of failure (transient or not).
+        failure: retry::Failure,
+        /// The server's or client's reason.
+        reason: String,
+    },
+    /// A startup step still failed transiently when its time was up.
+    #[error("{what}: still failing after {attempts} attempts in {elapsed:.1?}: {last}")]
+    GaveUp {
+        /// The step.
+        what: &'static str,
+        /// How many attempts were made.
+        attempts: u32,
+        /// How long they took.
+        elapsed: std::time::Duration,
+        /// The last attempt's error.
+        last: Box<Error>,
+    },
+    /// The deployment contradicts what turnstile needs (an existing stream that cannot
+    /// be the log, ...).
+    #[error("misconfigured: {0}")]
+    Misconfigured(String),
     /// Nobody answers on the subject (no scheduler running).
     #[error("no scheduler answers on {0}")]
     NoResponders(String),
@@ -79,6 +109,25 @@ pub enum Error {
     /// A protocol-level error (invalid process id, decode failure, ...).
     #[error(transparent)]
     Protocol(#[from] protocol::Error),
+}
+
+impl Error {
+    /// A failed NATS call `op`, its kind of failure read from `error`.
+    pub fn nats(op: &'static str, error: &(dyn std::error::Error + 'static)) -> Error {
+        Error::Nats {
+            op,
+            failure: retry::Failure::of(error),
+            reason: error.to_string(),
+        }
+    }
+
+    /// Whether waiting may cure it (see [`retry::Failure::is_transient`]).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Nats { failure, .. } => failure.is_transient(),
+            _ => false,
+        }
+    }
 }
 
 /// The crate's result type.

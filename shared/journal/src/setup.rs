@@ -1,7 +1,9 @@
-//! Server checks and idempotent creation of the stream and buckets.
+//! Server checks and idempotent creation of the stream and buckets, each step retried
+//! while the server (a cluster still electing leaders) fails transiently.
 
 use async_nats::jetstream::{self, kv, stream};
 
+use crate::retry::Retry;
 use crate::subjects::Subjects;
 use crate::{Error, Result};
 
@@ -37,16 +39,21 @@ pub fn check_server(client: &async_nats::Client) -> Result<String> {
     Ok(found)
 }
 
-/// How the log stream is created.
+/// How the log stream and the buckets are created.
 #[derive(Debug, Clone)]
 pub struct LogOptions {
     /// Stream replicas (1 for a single server, 3 in a cluster).
     pub replicas: usize,
+    /// How transient failures (a cluster still electing leaders) are retried.
+    pub retry: Retry,
 }
 
 impl Default for LogOptions {
     fn default() -> Self {
-        LogOptions { replicas: 1 }
+        LogOptions {
+            replicas: 1,
+            retry: Retry::default(),
+        }
     }
 }
 
@@ -71,37 +78,101 @@ pub fn log_stream_config(subjects: &Subjects, options: &LogOptions) -> stream::C
     }
 }
 
-/// Creates the log stream if it is missing and returns it. An existing stream is used
-/// as it is; if it allows deletes or purges a warning says so.
+/// Why an existing stream cannot be the log (`None`: it can): it must take every log
+/// subject and keep every message (limits retention, nothing discarded as old).
+pub fn log_conflict(subjects: &Subjects, existing: &stream::Config) -> Option<String> {
+    let name = &existing.name;
+    if !existing
+        .subjects
+        .iter()
+        .any(|s| covers(s, &subjects.log_all()))
+    {
+        return Some(format!(
+            "stream {name} exists with subjects {:?}, not {:?}: it cannot be the log; fix or remove it, or choose another --prefix",
+            existing.subjects,
+            subjects.log_all()
+        ));
+    }
+    if existing.retention != stream::RetentionPolicy::Limits {
+        return Some(format!(
+            "stream {name} exists with {:?} retention, which removes messages: the log needs limits retention; fix or remove it",
+            existing.retention
+        ));
+    }
+    None
+}
+
+/// Whether every subject `pattern` matches is also matched by the subject filter
+/// `filter` (`ts.log.>` covers `ts.log.*`; `ts.log.a` does not).
+fn covers(filter: &str, pattern: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut p = pattern.split('.');
+    loop {
+        match (f.next(), p.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(t)) if t != ">" => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Creates the log stream if it is missing and returns it (its cached info current).
+/// An existing stream is used as it is, unless it cannot be the log
+/// ([`log_conflict`]: [`Error::Misconfigured`]); if it allows deletes or purges, or
+/// has other replicas than asked, a warning says so. Transient failures are retried
+/// with `options.retry`.
 pub async fn ensure_log(
     js: &jetstream::Context,
     subjects: &Subjects,
     options: &LogOptions,
 ) -> Result<stream::Stream> {
     let config = log_stream_config(subjects, options);
-    let mut stream = js
-        .get_or_create_stream(config)
-        .await
-        .map_err(|e| Error::JetStream {
-            op: "create log stream",
-            reason: e.to_string(),
-        })?;
-    let info = stream.info().await.map_err(|e| Error::JetStream {
-        op: "log stream info",
-        reason: e.to_string(),
-    })?;
+    let stream = options
+        .retry
+        .run("create log stream", || async {
+            js.get_or_create_stream(config.clone())
+                .await
+                .map_err(|e| Error::nats("create log stream", &e))
+        })
+        .await?;
+    let info = stream.cached_info().clone();
+    if let Some(conflict) = log_conflict(subjects, &info.config) {
+        return Err(Error::Misconfigured(conflict));
+    }
     if !info.config.deny_delete || !info.config.deny_purge {
         tracing::warn!(stream = %info.config.name, "log stream allows deletes or purges; the log is only append-only if it denies both");
     }
-    if !info.config.allow_atomic_publish {
-        // A stream made by an older turnstile: turn atomic batches on if we may.
-        let mut config = info.config.clone();
-        config.allow_atomic_publish = true;
-        if let Err(e) = js.update_stream(config).await {
-            tracing::warn!(error = %e, "cannot enable atomic batches on the log stream");
-        }
+    if info.config.num_replicas != options.replicas {
+        tracing::warn!(stream = %info.config.name, replicas = info.config.num_replicas, asked = options.replicas, "the existing log stream has other replicas than asked; change them with `nats stream edit`");
     }
-    Ok(stream)
+    if info.config.allow_atomic_publish {
+        return Ok(stream);
+    }
+    // A stream made by an older turnstile: turn atomic batches on if we may.
+    let mut config = info.config.clone();
+    config.allow_atomic_publish = true;
+    let updated = options
+        .retry
+        .run("enable atomic batches", || async {
+            js.update_stream(config.clone())
+                .await
+                .map_err(|e| Error::nats("enable atomic batches", &e))
+        })
+        .await;
+    if let Err(e) = updated {
+        tracing::warn!(error = %e, "cannot enable atomic batches on the log stream");
+        return Ok(stream);
+    }
+    options
+        .retry
+        .run("log stream info", || async {
+            js.get_stream(&info.config.name)
+                .await
+                .map_err(|e| Error::nats("log stream info", &e))
+        })
+        .await
 }
 
 /// The alarm stream's configuration: alarm histories (`<prefix>.alarms.rec.<id>`), the
@@ -121,27 +192,28 @@ pub fn alarms_stream_config(subjects: &Subjects, options: &LogOptions) -> stream
     }
 }
 
-/// Creates the alarm stream if it is missing and returns it.
+/// Creates the alarm stream if it is missing and returns it; transient failures are
+/// retried with `options.retry`.
 pub async fn ensure_alarms(
     js: &jetstream::Context,
     subjects: &Subjects,
     options: &LogOptions,
 ) -> Result<stream::Stream> {
-    js.get_or_create_stream(alarms_stream_config(subjects, options))
-        .await
-        .map_err(|e| Error::JetStream {
-            op: "create alarm stream",
-            reason: e.to_string(),
+    let config = alarms_stream_config(subjects, options);
+    options
+        .retry
+        .run("create alarm stream", || async {
+            js.get_or_create_stream(config.clone())
+                .await
+                .map_err(|e| Error::nats("create alarm stream", &e))
         })
+        .await
 }
 
-/// Whether `stream` accepts atomic batch publishes (reads its info).
-pub async fn allows_atomic(stream: &stream::Stream) -> bool {
-    let mut stream = stream.clone();
-    match stream.info().await {
-        Ok(info) => info.config.allow_atomic_publish,
-        Err(_) => false,
-    }
+/// Whether `stream` accepts atomic batch publishes (from the info it was opened with:
+/// [`ensure_log`] returns it current).
+pub fn allows_atomic(stream: &stream::Stream) -> bool {
+    stream.cached_info().config.allow_atomic_publish
 }
 
 /// Creates (or opens) the per-process settings bucket.
@@ -174,46 +246,49 @@ pub async fn ensure_keys(
     .await
 }
 
+/// Opens `bucket`, or creates it when the server says it does not exist; retried
+/// with `options.retry` while that fails transiently.
 async fn ensure_bucket(
     js: &jetstream::Context,
     bucket: String,
     description: &str,
     options: &LogOptions,
 ) -> Result<kv::Store> {
-    if let Ok(store) = js.get_key_value(&bucket).await {
-        return Ok(store);
-    }
-    let created = js
-        .create_key_value(kv::Config {
-            bucket: bucket.clone(),
-            description: description.into(),
-            history: 5,
-            storage: stream::StorageType::File,
-            num_replicas: options.replicas,
-            ..Default::default()
+    let config = kv::Config {
+        bucket: bucket.clone(),
+        description: description.into(),
+        history: 5,
+        storage: stream::StorageType::File,
+        num_replicas: options.replicas,
+        ..Default::default()
+    };
+    options
+        .retry
+        .run("create bucket", || async {
+            let missing = match js.get_key_value(&bucket).await {
+                Ok(store) => return Ok(store),
+                Err(e) => Error::nats("open bucket", &e),
+            };
+            if !matches!(&missing, Error::Nats { failure, .. } if failure.is_not_found()) {
+                return Err(missing);
+            }
+            match js.create_key_value(config.clone()).await {
+                Ok(store) => Ok(store),
+                // Another replica may have created it between our get and our create.
+                Err(e) => js
+                    .get_key_value(&bucket)
+                    .await
+                    .map_err(|_| Error::nats("create bucket", &e)),
+            }
         })
-        .await;
-    match created {
-        Ok(store) => Ok(store),
-        // Another replica may have created it between our get and our create.
-        Err(e) => js
-            .get_key_value(&bucket)
-            .await
-            .map_err(|_| Error::JetStream {
-                op: "create bucket",
-                reason: e.to_string(),
-            }),
-    }
+        .await
 }
 
 /// Opens an existing bucket without creating it (readers, the CLI).
 pub async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::Store> {
     js.get_key_value(bucket)
         .await
-        .map_err(|e| Error::JetStream {
-            op: "open bucket",
-            reason: e.to_string(),
-        })
+        .map_err(|e| Error::nats("open bucket", &e))
 }
 
 #[cfg(test)]
@@ -229,5 +304,29 @@ mod tests {
         assert!(parse_version("2.9.10").unwrap() < MIN_SERVER);
         assert!(parse_version("2.12.0").unwrap() >= MIN_SERVER);
         assert!(parse_version("3.0.0").unwrap() >= MIN_SERVER);
+    }
+
+    #[test]
+    fn an_existing_stream_is_the_log_only_if_it_takes_its_subjects_and_keeps_everything() {
+        let subjects = Subjects::default();
+        let ours = log_stream_config(&subjects, &LogOptions::default());
+        assert_eq!(log_conflict(&subjects, &ours), None);
+        let mut elsewhere = ours.clone();
+        elsewhere.subjects = vec!["elsewhere.>".into()];
+        assert!(log_conflict(&subjects, &elsewhere).is_some());
+        let mut wider = ours.clone();
+        wider.subjects = vec!["other.>".into(), "ts.>".into()];
+        assert_eq!(log_conflict(&subjects, &wider), None);
+        let mut narrower = ours.clone();
+        narrower.subjects = vec!["ts.log.a".into()];
+        assert!(log_conflict(&subjects, &narrower).is_some());
+        let mut work_queue = ours.clone();
+        work_queue.retention = stream::RetentionPolicy::WorkQueue;
+        assert!(log_conflict(&subjects, &work_queue).is_some());
+        // Other replicas or deletes allowed are warned about, not refused.
+        let mut other = ours;
+        other.num_replicas = 3;
+        other.deny_delete = false;
+        assert_eq!(log_conflict(&subjects, &other), None);
     }
 }

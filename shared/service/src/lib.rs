@@ -129,6 +129,9 @@ pub struct ConnectionEvents {
     disconnects: AtomicU64,
     server_errors: AtomicU64,
     last_server_error: Mutex<String>,
+    /// Server errors that are permission violations (a startup step retrying a
+    /// request that only times out ends on one: `journal::retry::Denials`).
+    permission_denials: AtomicU64,
 }
 
 impl ConnectionEvents {
@@ -164,6 +167,12 @@ impl ConnectionEvents {
             }
             Event::ServerError(e) => {
                 self.server_errors.fetch_add(1, Ordering::Relaxed);
+                // The server's -ERR carries no code: its text is all there is.
+                if let async_nats::ServerError::Other(text) = &e {
+                    if text.to_ascii_lowercase().contains("permissions violation") {
+                        self.permission_denials.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 if let Ok(mut last) = self.last_server_error.lock() {
                     *last = e.to_string();
                 }
@@ -188,6 +197,17 @@ impl ConnectionEvents {
             "in_msgs": s.in_messages.load(Ordering::Relaxed),
             "out_msgs": s.out_messages.load(Ordering::Relaxed),
         })
+    }
+}
+
+impl journal::retry::Denials for ConnectionEvents {
+    fn permission_denials(&self) -> (u64, String) {
+        let last = self
+            .last_server_error
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default();
+        (self.permission_denials.load(Ordering::Relaxed), last)
     }
 }
 

@@ -108,7 +108,9 @@ pub async fn connect(
         if let Some(auth) = auth.clone() {
             options = auth.apply(options);
         }
-        match options.connect(addrs.as_str()).await {
+        // async-nats takes a comma-separated string as one (invalid) address.
+        let servers: Vec<&str> = addrs.split(',').collect();
+        match options.connect(servers).await {
             Ok(c) => return Ok(c),
             Err(e)
                 if attempt < 30

@@ -1,0 +1,243 @@
+//! A three-node JetStream cluster (`harness::NatsCluster`): an R3 stream across a
+//! leader's death, and the scheduler started on a cluster that has just formed.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use harness::NatsCluster;
+
+use crate::support::*;
+
+/// Publishes `payload` with the message id `id`, retrying what a leader change does to
+/// a publish (no responders, timeouts, a lost connection) for up to 60 s; the id makes
+/// a retry of a write that did land a duplicate the stream drops.
+async fn publish_retrying(js: &jetstream::Context, subject: &str, id: &str) -> Result<u64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = async {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id);
+            js.publish_with_headers(subject.to_string(), headers, Bytes::from(id.to_string()))
+                .await?
+                .await
+                .map_err(anyhow::Error::from)
+        };
+        match attempt.await {
+            Ok(ack) => return Ok(ack.sequence),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, id, "publish failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("publishing {id}")),
+        }
+    }
+}
+
+/// The stream's leader, waiting up to 30 s for one that is not `not`.
+async fn leader_other_than(
+    cluster: &NatsCluster,
+    stream: &str,
+    not: Option<usize>,
+) -> Result<usize> {
+    for _ in 0..300 {
+        if let Ok(Some(l)) = cluster.stream_leader(stream).await {
+            if Some(l) != not {
+                return Ok(l);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("stream {stream} had no leader other than {not:?} within 30 s")
+}
+
+/// Every payload stored in `stream`, read back by sequence from its leader.
+async fn payloads(js: &jetstream::Context, name: &str) -> Result<BTreeSet<String>> {
+    let mut stream = js.get_stream(name).await?;
+    let last = stream.info().await?.state.last_sequence;
+    let mut out = BTreeSet::new();
+    for seq in 1..=last {
+        let m = stream.get_raw_message(seq).await?;
+        out.insert(String::from_utf8(m.payload.to_vec())?);
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_r3_stream_keeps_taking_writes_after_its_leader_is_killed_and_keeps_them_all(
+) -> Result<()> {
+    let mut cluster = NatsCluster::start(3)?;
+    let js = jetstream::new(connect(&cluster.url_as(Role::Operator)).await?);
+    let name = "R3_PROBE";
+    js.create_stream(stream::Config {
+        name: name.into(),
+        subjects: vec!["probe.>".into()],
+        num_replicas: 3,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
+
+    let ids = |range: std::ops::Range<usize>| range.map(|i| format!("m{i:03}"));
+    for id in ids(0..50) {
+        publish_retrying(&js, "probe.a", &id).await?;
+    }
+    let first = leader_other_than(&cluster, name, None).await?;
+    cluster.kill(first);
+    // Writes go on while (and after) the survivors elect a new leader.
+    for id in ids(50..100) {
+        publish_retrying(&js, "probe.a", &id).await?;
+    }
+    let second = leader_other_than(&cluster, name, Some(first)).await?;
+    assert_ne!(second, first);
+    let expected: BTreeSet<String> = ids(0..100).collect();
+    assert_eq!(payloads(&js, name).await?, expected);
+    assert_eq!(js.get_stream(name).await?.info().await?.state.messages, 100);
+
+    // The killed node comes back in place (same ports, same store) and catches up.
+    cluster.restart(first)?;
+    let node = jetstream::new(connect(&cluster.node_url_as(first, Role::Operator)).await?);
+    let mut caught_up = false;
+    for _ in 0..300 {
+        let info = node.get_stream(name).await?.info().await?.clone();
+        let replicas = info.cluster.map(|c| c.replicas).unwrap_or_default();
+        if replicas.len() == 2 && replicas.iter().all(|r| r.current && !r.offline) {
+            caught_up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(caught_up, "node {first} did not catch up within 30 s");
+    Ok(())
+}
+
+/// Waits until a scheduler answers PING, failing at once if `process` exits first.
+async fn wait_for_scheduler(
+    client: &async_nats::Client,
+    process: &mut harness::Process,
+) -> Result<()> {
+    for _ in 0..120 {
+        if let Some(status) = process.exited() {
+            bail!("the scheduler exited with {status} before it answered");
+        }
+        if wait_for_one_ping(client).await? {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    bail!("no scheduler answered PING within 60 s")
+}
+
+async fn wait_for_one_ping(client: &async_nats::Client) -> Result<bool> {
+    match tokio::time::timeout(
+        Duration::from_millis(100),
+        client.request("$SRV.PING.turnstile-scheduler", Bytes::new()),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(false),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Ok(false),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_started_with_a_fresh_cluster_comes_up_and_writes_an_r3_log() -> Result<()> {
+    let options = harness::ClusterOptions {
+        unformed: true,
+        ..Default::default()
+    };
+    let cluster = NatsCluster::start_with(3, options)?;
+    let dir = tempfile::tempdir()?;
+    let key = test_key(31);
+    let path = key_file(dir.path(), &key)?;
+    // At once, while the nodes are still electing a meta leader: the scheduler must
+    // wait that out, then the elections of the log's and buckets' leaders, instead of
+    // exiting on the first "no stream found" or "temporarily unavailable".
+    let mut scheduler = spawn_scheduler(&cluster, &path, &["--replicas", "3"])?;
+    let nats = connect(&cluster.url()).await?;
+    wait_for_scheduler(&nats, &mut scheduler).await?;
+
+    let client = journal::client::Client::new(nats, journal::subjects::Subjects::default());
+    let p = protocol::ProcessId::new("fresh")?;
+    for i in 0..5u64 {
+        let body = Bytes::from(format!("m{i}"));
+        let r = schedule_retrying(&client, &p, body, &Default::default()).await?;
+        assert_eq!(r.slot, i);
+    }
+    let entries = read_log(&cluster.url(), &p).await?;
+    assert_eq!(entries.len(), 5);
+
+    let js = jetstream::new(connect(&cluster.url_as(Role::Operator)).await?);
+    for name in ["TS_LOG", "KV_TS_PROCESSES", "KV_TS_KEYS"] {
+        let info = js.get_stream(name).await?.cached_info().clone();
+        let followers = info.cluster.map(|c| c.replicas.len());
+        assert_eq!(
+            (info.config.num_replicas, followers),
+            (3, Some(2)),
+            "{name}"
+        );
+    }
+    assert!(scheduler.exited().is_none(), "the scheduler exited");
+    Ok(())
+}
+
+/// A deployment the scheduler cannot work with, made before it starts.
+enum Misconfiguration {
+    /// TS_LOG exists but takes other subjects: it cannot be the log.
+    ForeignLogStream,
+    /// `--replicas 3` on a server without a cluster (JetStream error 10074).
+    ReplicasWithoutCluster,
+}
+
+/// Runs the scheduler against `server` prepared with `bad`; returns its exit status and
+/// stderr. A step retried as transient would run for a minute: 30 s is far beyond a
+/// refusal and far below that.
+async fn run_misconfigured(bad: Misconfiguration) -> Result<(std::process::ExitStatus, String)> {
+    let server = server()?;
+    let mut args: Vec<&str> = Vec::new();
+    match bad {
+        Misconfiguration::ForeignLogStream => {
+            let js = jetstream::new(connect_as(&server, Role::Operator).await?);
+            js.create_stream(stream::Config {
+                name: "TS_LOG".into(),
+                subjects: vec!["elsewhere.>".into()],
+                ..Default::default()
+            })
+            .await?;
+        }
+        Misconfiguration::ReplicasWithoutCluster => args.extend(["--replicas", "3"]),
+    }
+    let dir = tempfile::tempdir()?;
+    let path = key_file(dir.path(), &test_key(32))?;
+    let mut cmd = tokio::process::Command::from(scheduler_command(&server, &path, &args)?);
+    cmd.kill_on_drop(true).stdout(std::process::Stdio::null());
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .context("the scheduler did not end within 30 s")??;
+    Ok((
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misconfiguration_ends_the_scheduler_at_once_with_one_clear_line() -> Result<()> {
+    for (bad, names) in [
+        (Misconfiguration::ForeignLogStream, "TS_LOG"),
+        (Misconfiguration::ReplicasWithoutCluster, "10074"),
+    ] {
+        let (status, stderr) = run_misconfigured(bad).await?;
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(!status.success(), "{status}: {stderr}");
+        assert_eq!(lines.len(), 1, "{stderr}");
+        assert!(
+            lines[0].starts_with("scheduler: ") && lines[0].contains(names),
+            "{stderr}"
+        );
+    }
+    Ok(())
+}
