@@ -143,6 +143,52 @@ pub async fn ensure_keys(
     .await
 }
 
+/// How long the server keeps a marker that says a key was deleted or expired in the
+/// ownership bucket (the bucket's `subject_delete_marker_ttl`; the markers ownership
+/// writes itself carry the same TTL). Long enough for every watcher to see it; once it
+/// is gone the key has no message at all, which means the same (free).
+pub const OWNERSHIP_MARKER_TTL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// Creates (or opens) the ownership bucket: file storage, per-key TTL enabled and
+/// subject delete markers (`allow_msg_ttl`, `subject_delete_marker_ttl`: nats-server
+/// 2.11), so a lease expires on the server's clock and every watcher sees it expire.
+/// An existing bucket is opened as it is (`ownership` refuses one without per-key TTL).
+pub async fn ensure_ownership(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    options: &LogOptions,
+) -> Result<kv::Store> {
+    let bucket = subjects.ownership_bucket();
+    let store = match js.get_key_value(&bucket).await {
+        Ok(store) => store,
+        Err(_) => {
+            let created = js
+                .create_key_value(kv::Config {
+                    bucket: bucket.clone(),
+                    description: "turnstile cluster-wide ownership: members and partition leases"
+                        .into(),
+                    history: 5,
+                    storage: stream::StorageType::File,
+                    num_replicas: options.replicas,
+                    limit_markers: Some(OWNERSHIP_MARKER_TTL),
+                    ..Default::default()
+                })
+                .await;
+            match created {
+                Ok(store) => store,
+                Err(e) => js
+                    .get_key_value(&bucket)
+                    .await
+                    .map_err(|_| Error::JetStream {
+                        op: "create ownership bucket",
+                        reason: e.to_string(),
+                    })?,
+            }
+        }
+    };
+    Ok(store)
+}
+
 async fn ensure_bucket(
     js: &jetstream::Context,
     bucket: String,
