@@ -13,6 +13,7 @@
 //! - `word`: the scheduler keeps its word (stalls, bursts, limits, races).
 //! - `hostile`: foreign messages on the log, replies aimed into our own space.
 //! - `keys_history`: required keys decided from the log (declared per run, handed over).
+//! - `ownership`: partitions split among live members, handovers, crashes, stalls, restarts.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -29,6 +30,8 @@ mod integrity;
 mod keys_history;
 #[cfg(test)]
 mod malformed;
+#[cfg(test)]
+mod ownership;
 #[cfg(test)]
 mod privilege;
 #[cfg(test)]

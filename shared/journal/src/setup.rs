@@ -167,7 +167,10 @@ pub async fn ensure_ownership(
                     bucket: bucket.clone(),
                     description: "turnstile cluster-wide ownership: members and partition leases"
                         .into(),
-                    history: 5,
+                    // One message a key: nats-server raises a message's TTL to the marker
+                    // TTL unless a subject keeps a single message (nats-server #6741,
+                    // #6818), and a lease is only ever its newest write.
+                    history: 1,
                     storage: stream::StorageType::File,
                     num_replicas: options.replicas,
                     limit_markers: Some(OWNERSHIP_MARKER_TTL),

@@ -79,10 +79,11 @@ pub enum Error {
     /// The bucket could not be created or opened.
     #[error("ownership bucket: {0}")]
     Bucket(#[source] journal::Error),
-    /// The bucket exists without per-key TTL or delete markers: leases in it would
-    /// never expire.
-    #[error("bucket {0} exists without per-key TTL and delete markers (allow_msg_ttl, subject_delete_marker_ttl): leases in it would never expire; delete it or enable both")]
-    NoKeyTtl(String),
+    /// The bucket exists, but not as ownership needs it: per-key TTL and delete markers
+    /// (else leases never expire, or expire unseen) and one message a key (else the
+    /// server raises every TTL to the markers' 15 minutes).
+    #[error("bucket {0} exists without per-key TTL, delete markers or history 1 (allow_msg_ttl, subject_delete_marker_ttl, max_msgs_per_subject 1): leases in it would not expire in time; delete it")]
+    BucketConfig(String),
     /// A JetStream call failed.
     #[error("jetstream {op}: {reason}")]
     JetStream {

@@ -24,8 +24,10 @@ use crate::lease::{Lease, Token};
 use crate::plan::{self, Action, KeyState, Local, View};
 use crate::{Config, Error, Result};
 
-/// The partitions a member holds (given up ones are removed at once, before they are
-/// released), with their tokens.
+/// The partitions a member holds, with their tokens. A partition given up is removed
+/// at once, before it is released; one acquired is added once its create is
+/// acknowledged. (A watch keeps the newest set only: a reader may miss a short-lived
+/// one. The [`Lease`]s themselves are each delivered.)
 pub type Held = BTreeMap<u32, Token>;
 
 /// The value of a partition key (a wire type: other members read it).
@@ -55,7 +57,7 @@ pub struct Membership {
     member: String,
     lease: Duration,
     held: watch::Receiver<Held>,
-    leases: mpsc::UnboundedReceiver<Lease>,
+    leases: Option<mpsc::UnboundedReceiver<Lease>>,
     leave: Option<oneshot::Sender<()>>,
     driver: Option<JoinHandle<()>>,
 }
@@ -76,8 +78,12 @@ impl Membership {
             op: "ownership bucket info",
             reason: e.to_string(),
         })?;
-        if !info.config.allow_message_ttl || info.config.subject_delete_marker_ttl.is_none() {
-            return Err(Error::NoKeyTtl(store.name.clone()));
+        let c = &info.config;
+        if !c.allow_message_ttl
+            || c.subject_delete_marker_ttl.is_none()
+            || c.max_messages_per_subject != 1
+        {
+            return Err(Error::BucketConfig(store.name.clone()));
         }
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (held_tx, held) = watch::channel(Held::new());
@@ -113,8 +119,9 @@ impl Membership {
             out_rx,
             tasks: JoinSet::new(),
         };
-        // Announce first, then watch: the watch's first snapshot holds at least our
-        // own key, so it always ends with an entry marked current.
+        // Announce first, then watch (the newest message of every key, then every
+        // change: `watch_with_history`; plain `watch` sends changes only): the first
+        // snapshot holds at least our own key, so it ends with an entry marked current.
         let put = driver.writer.member_record(config.partitions, config.lease);
         match driver.writer.put_member(put).await {
             Write::Done(_) => {}
@@ -134,7 +141,7 @@ impl Membership {
         let watch = driver
             .writer
             .store
-            .watch(subjects::ownership_group_keys(&config.group))
+            .watch_with_history(subjects::ownership_group_keys(&config.group))
             .await
             .map_err(|e| Error::JetStream {
                 op: "watch ownership keys",
@@ -148,7 +155,7 @@ impl Membership {
             member: config.member,
             lease: config.lease,
             held,
-            leases,
+            leases: Some(leases),
             leave: Some(leave_tx),
             driver: Some(handle),
         })
@@ -168,7 +175,16 @@ impl Membership {
     /// has stopped. A lease left unread here is released only after one lease period
     /// when it is given up, so read them.
     pub async fn next_lease(&mut self) -> Option<Lease> {
-        self.leases.recv().await
+        match &mut self.leases {
+            Some(leases) => leases.recv().await,
+            None => None,
+        }
+    }
+
+    /// Takes the channel of acquired leases, for a task of the user's own that
+    /// starts the work of each (then [`Membership::next_lease`] has nothing).
+    pub fn leases(&mut self) -> Option<mpsc::UnboundedReceiver<Lease>> {
+        self.leases.take()
     }
 
     /// Leaves the group gracefully: deletes the member key (the others rebalance at
@@ -178,8 +194,10 @@ impl Membership {
     /// released then expires on the server).
     pub async fn leave(mut self) -> Result<()> {
         // Leases never taken from the channel have no work to wait for.
-        self.leases.close();
-        while self.leases.try_recv().is_ok() {}
+        if let Some(leases) = &mut self.leases {
+            leases.close();
+            while leases.try_recv().is_ok() {}
+        }
         let Some(driver) = self.driver.take() else {
             return Err(Error::Stopped);
         };
@@ -282,7 +300,7 @@ enum Outcome {
     },
     MemberWritten,
     MemberLeft,
-    Watch(Option<kv::Watch>),
+    Watch(Option<Box<kv::Watch>>),
 }
 
 /// The bucket writes of one member.
@@ -625,8 +643,8 @@ impl Driver {
             let w = self.writer.clone();
             let keys = subjects::ownership_group_keys(&w.group);
             self.spawn(async move {
-                let watch = tokio::time::timeout(w.timeout, w.store.watch(keys)).await;
-                Outcome::Watch(watch.ok().and_then(|r| r.ok()))
+                let watch = tokio::time::timeout(w.timeout, w.store.watch_with_history(keys)).await;
+                Outcome::Watch(watch.ok().and_then(|r| r.ok()).map(Box::new))
             });
         }
         // The snapshot of a watch is complete once an entry says so; an empty one
@@ -789,7 +807,7 @@ impl Driver {
                 if let Some(watch) = watch {
                     self.view = View::default();
                     self.synced = false;
-                    self.watch = Some(watch);
+                    self.watch = Some(*watch);
                     self.watch_started = Some(Instant::now());
                 }
             }
