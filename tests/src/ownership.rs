@@ -502,3 +502,33 @@ async fn ownership_keeps_working_across_a_server_restart() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_whose_leases_would_not_expire_in_time_is_refused() -> Result<()> {
+    let server = server()?;
+    let operator = jetstream::new(connect_as(&server, Role::Operator).await?);
+    // Made by hand with the defaults: no per-key TTL, several messages a key.
+    operator
+        .create_key_value(kv::Config {
+            bucket: Subjects::default().ownership_bucket(),
+            history: 5,
+            ..Default::default()
+        })
+        .await?;
+    let js = jetstream::new(connect_as(&server, Role::Scheduler).await?);
+    match Membership::join(js, Config::new(GROUP, 4, LEASE, "a")?).await {
+        Err(::ownership::Error::BucketConfig(bucket)) => assert_eq!(bucket, "TS_OWNERSHIP"),
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(_) => panic!("joined a group in a bucket whose leases never expire"),
+    }
+    // Configs that cannot work are refused before anything is written.
+    for bad in [
+        Config::new("a.b", 4, LEASE, "a"),
+        Config::new(GROUP, 0, LEASE, "a"),
+        Config::new(GROUP, 4, Duration::from_millis(500), "a"),
+        Config::new(GROUP, 4, LEASE, "a b"),
+    ] {
+        assert!(matches!(bad, Err(::ownership::Error::Config(_))), "{bad:?}");
+    }
+    Ok(())
+}

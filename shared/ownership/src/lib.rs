@@ -23,6 +23,8 @@
 //!   expects our last revision (refused: lost). Release: a delete marker that expects
 //!   our last revision. A holder that dies stops renewing and the server expires the
 //!   key one lease later, on its own clock, and places a marker every watcher sees.
+//!   The bucket keeps one message a key (else nats-server raises every TTL to the
+//!   markers' TTL), and members watch each key's newest message, then every change.
 //! - Who should hold what is [`assign::assign`]: rendezvous hashing with exact quotas,
 //!   a pure function of the live member ids and the partition count, so members agree
 //!   without talking and a join or a leave moves about one share.
