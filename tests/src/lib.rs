@@ -16,6 +16,7 @@
 //! - `keys_history`: required keys decided from the log (declared per run, handed over).
 //! - `cluster`: a three-node cluster: an R3 stream across a leader's death, the
 //!   scheduler started on a cluster that has just formed, misconfigurations refused.
+//! - `ownership`: partitions split among live members, handovers, crashes, stalls, restarts.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -36,6 +37,8 @@ mod integrity;
 mod keys_history;
 #[cfg(test)]
 mod malformed;
+#[cfg(test)]
+mod ownership;
 #[cfg(test)]
 mod privilege;
 #[cfg(test)]

@@ -246,6 +246,55 @@ pub async fn ensure_keys(
     .await
 }
 
+/// How long the server keeps a marker that says a key was deleted or expired in the
+/// ownership bucket (the bucket's `subject_delete_marker_ttl`; the markers ownership
+/// writes itself carry the same TTL). Long enough for every watcher to see it; once it
+/// is gone the key has no message at all, which means the same (free).
+pub const OWNERSHIP_MARKER_TTL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// Creates (or opens) the ownership bucket: file storage, per-key TTL enabled and
+/// subject delete markers (`allow_msg_ttl`, `subject_delete_marker_ttl`: nats-server
+/// 2.11), so a lease expires on the server's clock and every watcher sees it expire.
+/// An existing bucket is opened as it is (`ownership` refuses one without per-key TTL).
+pub async fn ensure_ownership(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    options: &LogOptions,
+) -> Result<kv::Store> {
+    let bucket = subjects.ownership_bucket();
+    options
+        .retry
+        .run("open ownership bucket", || async {
+            if let Ok(store) = js.get_key_value(&bucket).await {
+                return Ok(store);
+            }
+            let created = js
+                .create_key_value(kv::Config {
+                    bucket: bucket.clone(),
+                    description: "turnstile cluster-wide ownership: members and partition leases"
+                        .into(),
+                    // One message a key: nats-server raises a message's TTL to the marker
+                    // TTL unless a subject keeps a single message (nats-server #6741,
+                    // #6818), and a lease is only ever its newest write.
+                    history: 1,
+                    storage: stream::StorageType::File,
+                    num_replicas: options.replicas,
+                    limit_markers: Some(OWNERSHIP_MARKER_TTL),
+                    ..Default::default()
+                })
+                .await;
+            match created {
+                Ok(store) => Ok(store),
+                // Another member created it meanwhile: open that one.
+                Err(e) => js
+                    .get_key_value(&bucket)
+                    .await
+                    .map_err(|_| Error::nats("create ownership bucket", &e)),
+            }
+        })
+        .await
+}
+
 /// Opens `bucket`, or creates it when the server says it does not exist; retried
 /// with `options.retry` while that fails transiently.
 async fn ensure_bucket(

@@ -17,6 +17,7 @@
 //! | an alarm's place in time (the due index) | `ts.alarms.due.<partition>.<bucket>.<id>` in `TS_ALARMS` |
 //! | a partition's last bucket known empty | `ts.alarms.swept.<partition>` in `TS_ALARMS` |
 //! | alarms that failed for good | `ts.alarms.dead` (stored in `TS_ALARMS`) |
+//! | cluster-wide ownership (leases) | KV bucket `TS_OWNERSHIP`: keys `<group>.m.<member>`, `<group>.p.<partition>` |
 
 use protocol::ProcessId;
 
@@ -41,6 +42,11 @@ pub const TIME: &str = "Ts-Time";
 /// Log header: the client-supplied message ids of the run, base64 of MessagePack
 /// `[[slot, id], ...]`; absent when the run has none.
 pub const IDS: &str = "Ts-Ids";
+
+/// KV header: the operation of a bucket write (`DEL`, `PURGE`; absent: a put).
+pub const KV_OPERATION: &str = "KV-Operation";
+/// KV operation: a delete marker.
+pub const KV_DELETE: &str = "DEL";
 
 /// Headers a scheduler never stores as part of a message (they steer the request).
 pub fn is_control_header(name: &str) -> bool {
@@ -217,6 +223,57 @@ impl Subjects {
     pub fn alarms_stream(&self) -> String {
         format!("{}_ALARMS", self.upper())
     }
+    /// The ownership bucket (leases of every group): `<PREFIX>_OWNERSHIP`.
+    pub fn ownership_bucket(&self) -> String {
+        format!("{}_OWNERSHIP", self.upper())
+    }
+}
+
+/// Whether `name` may be an ownership group or member id: one token of
+/// `A-Z a-z 0-9 - _`, at most 64 bytes (it becomes part of a KV key).
+pub fn is_ownership_token(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The ownership bucket's key of `member` in `group`: `<group>.m.<member>`.
+pub fn ownership_member_key(group: &str, member: &str) -> String {
+    format!("{group}.m.{member}")
+}
+
+/// The ownership bucket's key of `partition` of `group`: `<group>.p.<partition>`.
+pub fn ownership_partition_key(group: &str, partition: u32) -> String {
+    format!("{group}.p.{partition}")
+}
+
+/// Every key of `group` in the ownership bucket: `<group>.>`.
+pub fn ownership_group_keys(group: &str) -> String {
+    format!("{group}.>")
+}
+
+/// A key of the ownership bucket, parsed back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnershipKey {
+    /// `<group>.m.<member>`.
+    Member(String),
+    /// `<group>.p.<partition>`.
+    Partition(u32),
+}
+
+/// Parses a key of `group` (`None`: another group's, or not ours at all).
+pub fn parse_ownership_key(group: &str, key: &str) -> Option<OwnershipKey> {
+    let rest = key.strip_prefix(group)?.strip_prefix('.')?;
+    if let Some(m) = rest.strip_prefix("m.") {
+        return is_ownership_token(m).then(|| OwnershipKey::Member(m.to_string()));
+    }
+    let p = rest.strip_prefix("p.")?;
+    if p.starts_with('+') || (p.len() > 1 && p.starts_with('0')) {
+        return None;
+    }
+    p.parse().ok().map(OwnershipKey::Partition)
 }
 
 #[cfg(test)]
@@ -264,6 +321,36 @@ mod tests {
         for r in ["_INBOX.abc.1", "tsx.log.V", "my.reply", "ts_reply"] {
             assert!(!s.is_reserved_reply(r), "{r}");
         }
+    }
+
+    #[test]
+    fn ownership_keys_round_trip() {
+        assert_eq!(Subjects::default().ownership_bucket(), "TS_OWNERSHIP");
+        let m = ownership_member_key("alarm-loader", "host-1_a");
+        assert_eq!(m, "alarm-loader.m.host-1_a");
+        assert_eq!(
+            parse_ownership_key("alarm-loader", &m),
+            Some(OwnershipKey::Member("host-1_a".into()))
+        );
+        let p = ownership_partition_key("alarm-loader", 31);
+        assert_eq!(p, "alarm-loader.p.31");
+        assert_eq!(
+            parse_ownership_key("alarm-loader", &p),
+            Some(OwnershipKey::Partition(31))
+        );
+        for other in [
+            "alarm.m.x",
+            "alarm-loader-2.p.1",
+            "alarm-loader.p.01",
+            "alarm-loader.p.+1",
+            "alarm-loader.p.x",
+            "alarm-loader.q.1",
+            "alarm-loader.m.a.b",
+        ] {
+            assert_eq!(parse_ownership_key("alarm-loader", other), None, "{other}");
+        }
+        assert!(is_ownership_token("scheduler") && !is_ownership_token("a.b"));
+        assert!(!is_ownership_token("") && !is_ownership_token(&"x".repeat(65)));
     }
 
     #[test]
