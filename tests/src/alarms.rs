@@ -97,7 +97,11 @@ async fn wait_status(
 ) -> Result<Value> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     loop {
-        let got = alarm(client, "get", json!({"id": id})).await?;
+        // A request in flight to a loader that is killed is lost: ask again.
+        let got = match alarm(client, "get", json!({"id": id})).await {
+            Ok(got) => got,
+            Err(e) => Err(e.to_string()),
+        };
         if let Ok(v) = &got {
             if v["status"]["status"] == status {
                 return Ok(v.clone());

@@ -124,7 +124,7 @@ async fn set(store: &Store, clock: &Clock, alarm: Alarm) -> Result<Value, Refusa
             next_ms: at,
             attempts: 0,
         };
-        store.put_due(&alarm.id, at).await?;
+        store.put_due(&alarm.id, at, now).await?;
         let expected = existing.as_ref().map_or(0, |(_, s)| *s);
         match store.append(&record, expected).await {
             Ok(seq) => {

@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use journal::client::Schedule;
 
-use crate::alarm::{bucket_of, partition_of, Record, Target, PARTITIONS};
+use crate::alarm::{bucket_of, Record, Target, PARTITIONS};
 use crate::store::{DueEntry, Store};
 use crate::{Error, Result};
 
@@ -90,6 +90,12 @@ pub struct Metrics {
     lateness: Mutex<VecDeque<i64>>,
 }
 
+/// How long an index entry the record does not account for is given to be explained
+/// by a record still being written (a set's entry precedes its record).
+const ENTRY_GRACE_MS: u64 = 15_000;
+/// How soon such an entry is looked at again.
+const RECHECK_MS: u64 = 500;
+
 /// How many lateness samples the percentiles use.
 const LATENESS_SAMPLES: usize = 10_000;
 
@@ -149,6 +155,14 @@ enum Rearm {
     InWindow(u64),
     /// At this time, window or not: no entry will bring it back before a restart.
     Always(u64),
+}
+
+impl Rearm {
+    fn at(self) -> u64 {
+        match self {
+            Rearm::InWindow(at) | Rearm::Always(at) => at,
+        }
+    }
 }
 
 /// What a dispatch came to.
@@ -221,14 +235,14 @@ impl Loader {
             .max(Duration::from_millis(100));
         let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
         let mut armed: BTreeSet<(u64, String)> = BTreeSet::new();
-        let mut armed_at: HashMap<String, u64> = HashMap::new();
+        let mut armed_at: HashMap<String, DueEntry> = HashMap::new();
         let mut swept: HashMap<u32, u64> = HashMap::new();
         let start = self.start_bucket(&partitions, &mut swept).await?;
         let mut loaded_through: Option<u64> = start.checked_sub(1);
         let mut watch = self.watch_new_entries(&js).await?;
         let permits = Arc::new(Semaphore::new(self.config.max_in_flight.max(1)));
         let tracker = tokio_util::task::TaskTracker::new();
-        let (rearm_tx, mut rearm_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Rearm)>();
+        let (rearm_tx, mut rearm_rx) = tokio::sync::mpsc::unbounded_channel::<(Rearm, DueEntry)>();
         let mut next_load = tokio::time::Instant::now();
         info!(replica = %self.config.replica, from_bucket = start, "alarm loader running");
         loop {
@@ -263,7 +277,11 @@ impl Loader {
                     break;
                 }
                 armed.pop_first();
-                armed_at.remove(&id);
+                let entry = armed_at.remove(&id).unwrap_or(DueEntry {
+                    id: id.clone(),
+                    at_ms: at,
+                    written_ms: 0,
+                });
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
                     break;
                 };
@@ -271,16 +289,18 @@ impl Loader {
                 let rearm = rearm_tx.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
-                    match me.dispatch(&id, at).await {
-                        Ok(Some(next)) => {
-                            let _ = rearm.send((id, next));
+                    // Looked at again, the entry keeps its write time.
+                    let again = |at| DueEntry { at_ms: at, ..entry.clone() };
+                    match me.dispatch(&entry).await {
+                        Ok(Some(r)) => {
+                            let _ = rearm.send((r, again(r.at())));
                         }
                         Ok(None) => {}
                         Err(e) => {
                             // Its entry is still there; keep it in memory too.
-                            warn!(alarm = %id, error = %e, "dispatch failed; trying again shortly");
+                            warn!(alarm = %entry.id, error = %e, "dispatch failed; trying again shortly");
                             let at = (me.clock)().saturating_add(1_000);
-                            let _ = rearm.send((id, Rearm::Always(at)));
+                            let _ = rearm.send((Rearm::Always(at), again(at)));
                         }
                     }
                 });
@@ -293,12 +313,12 @@ impl Loader {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(wake) => {}
-                Some((id, rearm)) = rearm_rx.recv() => match rearm {
-                    Rearm::Always(at) => arm(&mut armed, &mut armed_at, DueEntry { id, at_ms: at }),
-                    Rearm::InWindow(at) => {
+                Some((rearm, entry)) = rearm_rx.recv() => match rearm {
+                    Rearm::Always(_) => arm(&mut armed, &mut armed_at, entry),
+                    Rearm::InWindow(_) => {
                         // Beyond the window its entry is loaded with its bucket.
-                        if loaded_through.is_some_and(|b| bucket_of(at) <= b) {
-                            arm(&mut armed, &mut armed_at, DueEntry { id, at_ms: at });
+                        if loaded_through.is_some_and(|b| bucket_of(entry.at_ms) <= b) {
+                            arm(&mut armed, &mut armed_at, entry);
                         }
                     }
                 },
@@ -397,27 +417,46 @@ impl Loader {
     /// Handles alarm `id`, armed for `armed_at`: fires it if its record says it is due
     /// (claim, dispatch, outcome), and removes the entry that armed it once another
     /// one (or none) is needed. When to look at it again, if its record says later.
-    async fn dispatch(&self, id: &str, armed_at: u64) -> Result<Option<Rearm>> {
+    async fn dispatch(&self, entry: &DueEntry) -> Result<Option<Rearm>> {
+        let id = entry.id.as_str();
+        let armed_at = entry.at_ms;
         let grace = u64::try_from(self.config.takeover_grace.as_millis()).unwrap_or(u64::MAX);
         for _ in 0..5 {
             let now = (self.clock)();
+            // An entry is written before the record that needs it: a young entry the
+            // record does not (yet) account for may be waiting for that record, so it
+            // is looked at again rather than removed.
+            let young = now < entry.written_ms.saturating_add(ENTRY_GRACE_MS);
             let Some((record, seq)) = self.store.read(id).await? else {
+                if young {
+                    return Ok(Some(Rearm::Always(now.saturating_add(RECHECK_MS))));
+                }
                 self.store.remove_due(id, armed_at).await?;
                 return Ok(None);
             };
             let Some(next) = record.next_action_ms(grace) else {
+                if young {
+                    return Ok(Some(Rearm::Always(now.saturating_add(RECHECK_MS))));
+                }
                 self.store.remove_due(id, armed_at).await?;
                 return Ok(None);
             };
             if next > now {
                 return match record.status {
                     // Replaced or re-armed: its own entry exists (written before the
-                    // record); this one is obsolete unless it is that one.
+                    // record); this one is obsolete unless it is that one (or the
+                    // record that needs it is still on its way).
                     crate::alarm::Status::Pending { .. } => {
-                        if bucket_of(next) != bucket_of(armed_at) {
+                        if bucket_of(next) == bucket_of(armed_at) {
+                            Ok(Some(Rearm::InWindow(next)))
+                        } else if young {
+                            Ok(Some(Rearm::Always(
+                                now.saturating_add(RECHECK_MS).min(next),
+                            )))
+                        } else {
                             self.store.remove_due(id, armed_at).await?;
+                            Ok(Some(Rearm::InWindow(next)))
                         }
-                        Ok(Some(Rearm::InWindow(next)))
                     }
                     // Claimed by a loader that may be alive: look again when its claim
                     // runs out. This entry stays: it is the alarm's only one (a restart
@@ -461,7 +500,7 @@ impl Loader {
             let next = outcome.next_action_ms(grace);
             if let Some(at) = next {
                 // The entry first, then the record that needs it.
-                self.store.put_due(id, at).await?;
+                self.store.put_due(id, at, done).await?;
             }
             self.record_outcome(outcome.clone(), claim_seq).await?;
             if dead {
@@ -599,21 +638,25 @@ fn answer_of(m: &async_nats::Message) -> Fired {
     }
 }
 
-/// Arms `entry` (keeps the earliest time per alarm).
-fn arm(armed: &mut BTreeSet<(u64, String)>, armed_at: &mut HashMap<String, u64>, entry: DueEntry) {
-    if !crate::alarm::is_token(&entry.id, crate::alarm::MAX_ID)
-        || partition_of(&entry.id) >= PARTITIONS
-    {
+/// Arms `entry` (keeps the earliest time per alarm, and the youngest write time).
+fn arm(
+    armed: &mut BTreeSet<(u64, String)>,
+    armed_at: &mut HashMap<String, DueEntry>,
+    mut entry: DueEntry,
+) {
+    if !crate::alarm::is_token(&entry.id, crate::alarm::MAX_ID) {
         return;
     }
-    if let Some(&old) = armed_at.get(&entry.id) {
-        if old <= entry.at_ms {
-            return;
+    if let Some(old) = armed_at.get(&entry.id) {
+        entry.written_ms = entry.written_ms.max(old.written_ms);
+        if old.at_ms <= entry.at_ms {
+            entry.at_ms = old.at_ms;
+        } else {
+            armed.remove(&(old.at_ms, entry.id.clone()));
         }
-        armed.remove(&(old, entry.id.clone()));
     }
-    armed_at.insert(entry.id.clone(), entry.at_ms);
-    armed.insert((entry.at_ms, entry.id));
+    armed.insert((entry.at_ms, entry.id.clone()));
+    armed_at.insert(entry.id.clone(), entry);
 }
 
 #[cfg(test)]
@@ -665,44 +708,23 @@ mod tests {
     }
 
     #[test]
-    fn arming_keeps_the_earliest_time_per_alarm() {
+    fn arming_keeps_the_earliest_time_and_the_youngest_write_per_alarm() {
         let mut a = BTreeSet::new();
         let mut at = HashMap::new();
-        arm(
-            &mut a,
-            &mut at,
-            DueEntry {
-                id: "x".into(),
-                at_ms: 50,
-            },
-        );
-        arm(
-            &mut a,
-            &mut at,
-            DueEntry {
-                id: "x".into(),
-                at_ms: 90,
-            },
-        );
-        arm(
-            &mut a,
-            &mut at,
-            DueEntry {
-                id: "x".into(),
-                at_ms: 20,
-            },
-        );
-        arm(
-            &mut a,
-            &mut at,
-            DueEntry {
-                id: "bad id".into(),
-                at_ms: 1,
-            },
-        );
+        let e = |id: &str, at_ms, written_ms| DueEntry {
+            id: id.into(),
+            at_ms,
+            written_ms,
+        };
+        arm(&mut a, &mut at, e("x", 50, 7));
+        arm(&mut a, &mut at, e("x", 90, 9));
+        arm(&mut a, &mut at, e("x", 20, 3));
+        arm(&mut a, &mut at, e("bad id", 1, 0));
         assert_eq!(
             a.into_iter().collect::<Vec<_>>(),
             vec![(20, "x".to_string())]
         );
+        assert_eq!(at.get("x"), Some(&e("x", 20, 9)));
+        assert_eq!(at.len(), 1);
     }
 }

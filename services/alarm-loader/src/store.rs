@@ -33,6 +33,10 @@ pub struct DueEntry {
     pub id: String,
     /// When its next action is due (ms).
     pub at_ms: u64,
+    /// When the entry was written (ms, the writer's clock): a young entry that its
+    /// record does not account for yet may precede that record.
+    #[serde(default)]
+    pub written_ms: u64,
 }
 
 /// The alarm stream.
@@ -136,14 +140,15 @@ impl Store {
         }
     }
 
-    /// Writes the due-index entry of alarm `id` for `at_ms`.
-    pub async fn put_due(&self, id: &str, at_ms: u64) -> Result<()> {
+    /// Writes the due-index entry of alarm `id` for `at_ms`, at `now`.
+    pub async fn put_due(&self, id: &str, at_ms: u64, now: u64) -> Result<()> {
         let subject = self
             .subjects
             .alarm_due(partition_of(id), bucket_of(at_ms), id);
         let entry = DueEntry {
             id: id.to_string(),
             at_ms,
+            written_ms: now,
         };
         let body = serde_json::to_vec(&entry).map_err(|e| Error::Invalid(e.to_string()))?;
         self.js
