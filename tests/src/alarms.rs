@@ -31,6 +31,8 @@ fn spawn_loader(server: &NatsServer) -> Result<harness::Process> {
     let mut cmd = std::process::Command::new(harness::workspace_bin("alarm-loader")?);
     cmd.arg("--in-memory-interval-ms")
         .arg("300")
+        .arg("--lease-ms")
+        .arg("2000")
         .env("NATS_URL", server.url_as(Role::AlarmLoader))
         .env("TS_INTAKE_URL", server.url_as(Role::AlarmIntake))
         .env("RUST_LOG", "warn");

@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer};
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use journal::client::Schedule;
 
-use crate::alarm::{bucket_of, Record, Target, PARTITIONS};
+use crate::alarm::{bucket_of, partition_of, Record, Target, PARTITIONS};
 use crate::store::{DueEntry, Store};
 use crate::{Error, Result};
 
@@ -52,8 +52,12 @@ pub struct Config {
     pub takeover_grace: Duration,
     /// Dispatches at once.
     pub max_in_flight: usize,
-    /// This replica's name in the records (`by`).
+    /// This replica's name in the records (`by`) and in the ownership group.
     pub replica: String,
+    /// The partitions' lease: a dead loader's alarms move after about this long.
+    pub lease: Duration,
+    /// Replicas of the ownership bucket if this loader creates it.
+    pub replicas: usize,
 }
 
 impl Default for Config {
@@ -63,6 +67,8 @@ impl Default for Config {
             takeover_grace: Duration::from_secs(2),
             max_in_flight: 256,
             replica: format!("loader-{}", uuid::Uuid::new_v4().simple()),
+            lease: Duration::from_secs(10),
+            replicas: 1,
         }
     }
 }
@@ -86,9 +92,14 @@ pub struct Metrics {
     pub loads: AtomicU64,
     /// Alarms armed in memory now.
     pub armed: AtomicU64,
+    /// Partitions held now.
+    pub partitions: AtomicU64,
     /// Lateness (fire − due, ms) of the last firings.
     lateness: Mutex<VecDeque<i64>>,
 }
+
+/// The loaders' ownership group (shared/ownership).
+pub const OWNERSHIP_GROUP: &str = "alarm-loader";
 
 /// How long an index entry the record does not account for is given to be explained
 /// by a record still being written (a set's entry precedes its record).
@@ -138,6 +149,7 @@ impl Metrics {
             "conflicts": get(&self.conflicts),
             "loads": get(&self.loads),
             "armed": get(&self.armed),
+            "partitions": get(&self.partitions),
             "lateness_ms": {
                 "samples": l.len(),
                 "p50": pct(0.5),
@@ -225,39 +237,58 @@ impl Loader {
         Arc::clone(&self.metrics)
     }
 
-    /// Runs until `shutdown`; dispatches in flight are finished (their outcomes
-    /// recorded) before it returns.
+    /// Runs until `shutdown`: joins the loaders' ownership group and loads, sweeps and
+    /// fires the partitions it holds. Dispatches in flight are finished (their
+    /// outcomes recorded) and the partitions released before it returns.
     pub async fn run(self, js: jetstream::Context, shutdown: CancellationToken) -> Result<()> {
-        let partitions: Vec<u32> = (0..PARTITIONS).collect();
         let interval = self
             .config
             .in_memory_interval
             .max(Duration::from_millis(100));
         let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        let mut ownership_config = ownership::Config::new(
+            OWNERSHIP_GROUP,
+            PARTITIONS,
+            self.config.lease,
+            &self.config.replica,
+        )
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+        ownership_config.subjects = self.store.subjects().clone();
+        ownership_config.replicas = self.config.replicas;
+        let mut membership = ownership::Membership::join(js.clone(), ownership_config)
+            .await
+            .map_err(|e| Error::js("join the loaders' group", e))?;
+        let mut lease_rx = membership
+            .leases()
+            .ok_or_else(|| Error::Invalid("ownership leases taken twice".into()))?;
+        let mut leases: HashMap<u32, ownership::Lease> = HashMap::new();
+        let mut lost = futures::stream::FuturesUnordered::new();
         let mut armed: BTreeSet<(u64, String)> = BTreeSet::new();
         let mut armed_at: HashMap<String, DueEntry> = HashMap::new();
         let mut swept: HashMap<u32, u64> = HashMap::new();
-        let start = self.start_bucket(&partitions, &mut swept).await?;
-        let mut loaded_through: Option<u64> = start.checked_sub(1);
+        // Every partition's window is loaded through this bucket; a partition taken
+        // over is caught up to it from its own checkpoint.
+        let mut loaded_through = bucket_of((self.clock)()).saturating_sub(1);
+        let first = self.store.first_timestamp_ms().await?;
         let mut watch = self.watch_new_entries(&js).await?;
         let permits = Arc::new(Semaphore::new(self.config.max_in_flight.max(1)));
         let tracker = tokio_util::task::TaskTracker::new();
         let (rearm_tx, mut rearm_rx) = tokio::sync::mpsc::unbounded_channel::<(Rearm, DueEntry)>();
         let mut next_load = tokio::time::Instant::now();
-        info!(replica = %self.config.replica, from_bucket = start, "alarm loader running");
+        info!(replica = %self.config.replica, "alarm loader running");
         loop {
             let now = (self.clock)();
-            // Load the window when its time comes.
+            // Load the window of the partitions held when its time comes.
             if tokio::time::Instant::now() >= next_load {
                 let until = bucket_of(now.saturating_add(2 * interval_ms));
-                let from = loaded_through.map_or(start, |b| b + 1);
-                if from <= until {
-                    match self.store.load(&partitions, from..=until).await {
+                let owned: Vec<u32> = leases.keys().copied().collect();
+                if loaded_through < until {
+                    match self.store.load(&owned, loaded_through + 1..=until).await {
                         Ok(entries) => {
                             for e in entries {
                                 arm(&mut armed, &mut armed_at, e);
                             }
-                            loaded_through = Some(until);
+                            loaded_through = until;
                             Metrics::bump(&self.metrics.loads);
                         }
                         Err(e) => {
@@ -265,12 +296,15 @@ impl Loader {
                         }
                     }
                 }
-                self.sweep(&partitions, &mut swept, bucket_of(now)).await;
+                self.sweep(&owned, &mut swept, bucket_of(now)).await;
                 next_load = tokio::time::Instant::now() + interval;
             }
             self.metrics
                 .armed
                 .store(armed.len() as u64, Ordering::Relaxed);
+            self.metrics
+                .partitions
+                .store(leases.len() as u64, Ordering::Relaxed);
             // Fire what is due.
             while let Some((at, id)) = armed.first().cloned() {
                 if at > now {
@@ -282,6 +316,14 @@ impl Loader {
                     at_ms: at,
                     written_ms: 0,
                 });
+                // Only for a partition still held (the claim's compare-and-set is the
+                // safety; this saves the work).
+                if !leases
+                    .get(&partition_of(&id))
+                    .is_some_and(ownership::Lease::is_current)
+                {
+                    continue;
+                }
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
                     break;
                 };
@@ -313,11 +355,43 @@ impl Loader {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(wake) => {}
+                Some(lease) = lease_rx.recv() => {
+                    let p = lease.partition();
+                    lost.push(lease.cancellation().cancelled_owned().map(move |()| p));
+                    leases.insert(p, lease);
+                    // Catch the partition up: from its checkpoint to the window.
+                    let from = match self.store.swept(p).await {
+                        Ok(Some(b)) => b,
+                        Ok(None) => bucket_of(first.unwrap_or(now)).saturating_sub(1),
+                        Err(e) => {
+                            warn!(partition = p, error = %e, "reading the sweep checkpoint failed; loading from the window");
+                            loaded_through
+                        }
+                    };
+                    swept.insert(p, from);
+                    match self.store.load(&[p], from + 1..=loaded_through).await {
+                        Ok(entries) => {
+                            for e in entries {
+                                arm(&mut armed, &mut armed_at, e);
+                            }
+                        }
+                        Err(e) => warn!(partition = p, error = %e, "catching a partition up failed"),
+                    }
+                    debug!(partition = p, from, "partition taken");
+                }
+                Some(p) = lost.next() => {
+                    // Given up (rebalanced, or not renewed in time): forget its alarms.
+                    leases.remove(&p);
+                    swept.remove(&p);
+                    armed.retain(|(_, id)| partition_of(id) != p);
+                    armed_at.retain(|id, _| partition_of(id) != p);
+                    debug!(partition = p, "partition given up");
+                }
                 Some((rearm, entry)) = rearm_rx.recv() => match rearm {
                     Rearm::Always(_) => arm(&mut armed, &mut armed_at, entry),
                     Rearm::InWindow(_) => {
                         // Beyond the window its entry is loaded with its bucket.
-                        if loaded_through.is_some_and(|b| bucket_of(entry.at_ms) <= b) {
+                        if bucket_of(entry.at_ms) <= loaded_through {
                             arm(&mut armed, &mut armed_at, entry);
                         }
                     }
@@ -325,7 +399,9 @@ impl Loader {
                 m = watch.next() => match m {
                     Some(Ok(m)) => {
                         if let Ok(e) = serde_json::from_slice::<DueEntry>(&m.payload) {
-                            if loaded_through.is_some_and(|b| bucket_of(e.at_ms) <= b) {
+                            if bucket_of(e.at_ms) <= loaded_through
+                                && leases.contains_key(&partition_of(&e.id))
+                            {
                                 arm(&mut armed, &mut armed_at, e);
                             }
                         }
@@ -340,23 +416,12 @@ impl Loader {
         }
         tracker.close();
         tracker.wait().await;
-        Ok(())
-    }
-
-    /// The first bucket to load: after each partition's checkpoint; with none, from
-    /// the stream's first message (a new deployment).
-    async fn start_bucket(&self, partitions: &[u32], swept: &mut HashMap<u32, u64>) -> Result<u64> {
-        let mut start = u64::MAX;
-        let first = self.store.first_timestamp_ms().await?;
-        for &p in partitions {
-            let s = match self.store.swept(p).await? {
-                Some(b) => b,
-                None => bucket_of(first.unwrap_or_else(|| (self.clock)())).saturating_sub(1),
-            };
-            swept.insert(p, s);
-            start = start.min(s + 1);
+        drop(leases);
+        drop(lost);
+        if let Err(e) = membership.leave().await {
+            warn!(error = %e, "leaving the loaders' group; others take over when the leases expire");
         }
-        Ok(start)
+        Ok(())
     }
 
     /// Advances each partition's checkpoint over past buckets that are empty (at most

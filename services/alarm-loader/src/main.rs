@@ -39,7 +39,11 @@ struct Args {
     /// Dispatches at once.
     #[arg(long, env = "TS_MAX_IN_FLIGHT", default_value_t = 256)]
     max_in_flight: usize,
-    /// Replicas of the alarm stream when this loader creates it.
+    /// The partitions' lease: a dead loader's alarms are taken over after about this
+    /// long (at least 1000).
+    #[arg(long, env = "TS_LEASE_MS", default_value_t = 10_000)]
+    lease_ms: u64,
+    /// Replicas of the alarm stream (and the ownership bucket) when this loader creates it.
     #[arg(long, env = "TS_REPLICAS", default_value_t = 1)]
     replicas: usize,
 }
@@ -87,6 +91,8 @@ async fn start() -> anyhow::Result<()> {
         loader: alarm_loader::loader::Config {
             in_memory_interval: Duration::from_millis(args.in_memory_interval_ms.max(100)),
             max_in_flight: args.max_in_flight,
+            lease: Duration::from_millis(args.lease_ms.max(1_000)),
+            replicas: args.replicas,
             ..Default::default()
         },
     };
