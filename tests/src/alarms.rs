@@ -27,7 +27,7 @@ fn now_ms() -> u64 {
 
 /// Starts the alarm-loader binary on `server` with its two identities, loading
 /// every 300 ms.
-fn spawn_loader(server: &NatsServer) -> Result<harness::Process> {
+pub(crate) fn spawn_loader(server: &NatsServer) -> Result<harness::Process> {
     let mut cmd = std::process::Command::new(harness::workspace_bin("alarm-loader")?);
     cmd.arg("--in-memory-interval-ms")
         .arg("300")
@@ -40,7 +40,7 @@ fn spawn_loader(server: &NatsServer) -> Result<harness::Process> {
 }
 
 /// Waits until `n` loaders answer PING.
-async fn wait_for_loaders(client: &async_nats::Client, n: usize) -> Result<()> {
+pub(crate) async fn wait_for_loaders(client: &async_nats::Client, n: usize) -> Result<()> {
     for _ in 0..200 {
         let inbox = client.new_inbox();
         let mut sub = client.subscribe(inbox.clone()).await?;

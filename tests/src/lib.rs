@@ -13,6 +13,7 @@
 //! - `word`: the scheduler keeps its word (stalls, bursts, limits, races).
 //! - `hostile`: foreign messages on the log, replies aimed into our own space.
 //! - `alarms`: the alarm-loader: firing once, cancel, replace, crashes, outages, subject targets.
+//! - `alarm_cli`: `turnstile alarm set|get|list|cancel` as the binary: output, refusals, usage errors.
 //! - `keys_history`: required keys decided from the log (declared per run, handed over).
 //! - `cluster`: a three-node cluster: an R3 stream across a leader's death, the
 //!   scheduler started on a cluster that has just formed, misconfigurations refused.
@@ -23,6 +24,8 @@
 pub mod raw;
 pub mod support;
 
+#[cfg(test)]
+mod alarm_cli;
 #[cfg(test)]
 mod alarms;
 #[cfg(test)]

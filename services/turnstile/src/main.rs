@@ -1,7 +1,8 @@
 //! `turnstile`: the command-line client. Schedules messages, reads and tails the
 //! assignment log, verifies it against the published keys, makes key files,
-//! edits per-process settings and shows the next fire times of cron schedules.
-//! Everything it does is plain NATS (`cron` needs no server); see `schemas/`.
+//! edits per-process settings, sets and inspects alarms (the alarm-loader) and shows
+//! the next fire times of cron schedules. Everything it does is plain NATS (`cron`
+//! needs no server); see `schemas/`.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ use protocol::keys::{KeyFile, Keypair};
 use protocol::wire::{Entry, Mode, ProcessConfig, Receipt};
 use protocol::ProcessId;
 
+mod alarm;
 mod audit;
 mod verify;
 
@@ -122,6 +124,13 @@ enum Command {
     },
     /// List the published scheduler keys.
     Keys,
+    /// Alarms: messages due at a time, scheduled into a process's log or sent to a
+    /// subject by the alarm-loader. Exit status 1: the loader refused (the reason on
+    /// standard error).
+    Alarm {
+        #[command(subcommand)]
+        action: alarm::Action,
+    },
     /// Cron schedules, computed locally (no server needed).
     Cron {
         #[command(subcommand)]
@@ -420,6 +429,9 @@ async fn run(cli: Cli) -> Result<i32> {
                 }
             }
             Ok(0)
+        }
+        Command::Alarm { action } => {
+            alarm::run(connect(&cli.nats_url).await?, subjects, action).await
         }
         Command::Cron { action } => match action {
             CronAction::Next {
