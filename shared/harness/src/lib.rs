@@ -157,6 +157,31 @@ pub fn split_url_credentials(url: &str) -> (String, Option<(String, String)>) {
 pub struct Options {
     /// `jetstream { sync_interval: always }`: fsync every write.
     pub sync_always: bool,
+    /// Open the monitoring (`http`) and profiling (`prof_port`) ports, on 127.0.0.1,
+    /// kept across restarts; printed to stderr and given by [`NatsServer::debug_ports`].
+    /// Also on when the environment has `TS_NATS_DEBUG_PORTS=1`. Off by default.
+    pub debug_ports: bool,
+}
+
+/// The variable that opens a server's monitoring and profiling ports (see
+/// [`Options::debug_ports`]).
+pub const DEBUG_PORTS_VAR: &str = "TS_NATS_DEBUG_PORTS";
+
+/// The monitoring and profiling ports of a server started with
+/// [`Options::debug_ports`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DebugPorts {
+    /// `/varz`, `/jsz`, `/connz`, ...
+    pub http: u16,
+    /// `/debug/pprof/...`.
+    pub prof: u16,
+}
+
+/// A port free now on 127.0.0.1 (the server binds it a moment later).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// A running private nats-server.
@@ -168,6 +193,7 @@ pub struct NatsServer {
     options: Options,
     /// The password of each role that has one (random, kept across restarts).
     passwords: Vec<(Role, String)>,
+    debug_ports: Option<DebugPorts>,
 }
 
 impl NatsServer {
@@ -185,15 +211,38 @@ impl NatsServer {
             .iter()
             .map(|(role, _, _)| Ok((*role, random_password()?)))
             .collect::<Result<Vec<_>>>()?;
+        let debug = options.debug_ports
+            || std::env::var(DEBUG_PORTS_VAR).is_ok_and(|v| v == "1");
+        let debug_ports = if debug {
+            let ports = DebugPorts {
+                http: free_port()?,
+                prof: free_port()?,
+            };
+            eprintln!(
+                "nats-server debug ports: monitoring http://127.0.0.1:{}/ profiling http://127.0.0.1:{}/debug/pprof/ (store {})",
+                ports.http,
+                ports.prof,
+                dir.path().display()
+            );
+            Some(ports)
+        } else {
+            None
+        };
         let mut s = NatsServer {
             child: None,
             dir,
             url: String::new(),
             options,
             passwords,
+            debug_ports,
         };
         s.launch()?;
         Ok(s)
+    }
+
+    /// The monitoring and profiling ports, when the server was started with them.
+    pub fn debug_ports(&self) -> Option<DebugPorts> {
+        self.debug_ports
     }
 
     /// The URL of a client without credentials, `nats://127.0.0.1:<port>`.
@@ -332,7 +381,7 @@ impl NatsServer {
     }
 
     /// Renders `deploy/nats.conf` into the server's folder (store there, the
-    /// `sync_always` option) next to `deploy/accounts.conf`; returns its path.
+    /// `sync_always` and `debug_ports` options) next to `deploy/accounts.conf`; returns its path.
     fn write_config(&self) -> Result<PathBuf> {
         let mut config = NATS_CONF.replace("@DATA@", &self.dir.path().display().to_string());
         if self.options.sync_always {
@@ -341,6 +390,12 @@ impl NatsServer {
                 .ok_or_else(|| Error::Config("no `jetstream {` block".into()))?
                 + "jetstream {\n".len();
             config.insert_str(at, "  sync_interval: always\n");
+        }
+        if let Some(p) = self.debug_ports {
+            config.push_str(&format!(
+                "\n# {DEBUG_PORTS_VAR}\nhttp: \"127.0.0.1:{}\"\nprof_port: {}\n",
+                p.http, p.prof
+            ));
         }
         std::fs::write(self.dir.path().join("accounts.conf"), ACCOUNTS_CONF)?;
         let path = self.dir.path().join("nats.conf");
