@@ -50,6 +50,9 @@ pub struct Config {
     pub max_queue_wait: Duration,
     /// An idle process actor stops after this long (its state is reloaded from the log).
     pub idle_actor: Duration,
+    /// Head loads (head, dedupe window) and after-reconnect re-checks running at once on
+    /// this replica; the other actors wait for a turn (ARCHITECTURE.md "Loads take turns").
+    pub concurrent_loads: usize,
 }
 
 impl Default for Config {
@@ -72,6 +75,7 @@ impl Default for Config {
             max_queued_bytes_per_process: 64 * 1024 * 1024,
             max_queue_wait: Duration::from_secs(5),
             idle_actor: Duration::from_secs(600),
+            concurrent_loads: 8,
         }
     }
 }
