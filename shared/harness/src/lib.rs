@@ -211,8 +211,7 @@ impl NatsServer {
             .iter()
             .map(|(role, _, _)| Ok((*role, random_password()?)))
             .collect::<Result<Vec<_>>>()?;
-        let debug = options.debug_ports
-            || std::env::var(DEBUG_PORTS_VAR).is_ok_and(|v| v == "1");
+        let debug = options.debug_ports || std::env::var(DEBUG_PORTS_VAR).is_ok_and(|v| v == "1");
         let debug_ports = if debug {
             let ports = DebugPorts {
                 http: free_port()?,
