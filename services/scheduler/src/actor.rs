@@ -178,6 +178,12 @@ pub(crate) async fn run(
 /// the requests waiting on it are answered `unavailable` and tried again).
 const LOAD_DEADLINE: Duration = Duration::from_secs(10);
 
+/// Messages one pull of the dedupe-window reader asks for. Headers only, yet the
+/// server copies each whole run (up to ~1 MiB) to cut its headers out and keeps the
+/// copy until it is sent; with the library's default of 500 per pull, ~300 actors
+/// loading at once after a server restart made it hold gigabytes.
+const WINDOW_BATCH: i64 = 16;
+
 /// What became of a write whose outcome was unknown.
 enum Fate {
     /// It is in the log at this stream sequence.
@@ -553,6 +559,8 @@ impl Actor {
         if let Some(h) = &self.head {
             return Ok(h.clone());
         }
+        // One turn of `concurrent_loads`, held for the whole load (window included).
+        let _turn = self.turn().await?;
         let mut loaded =
             chain::load_head(self.reader(), &self.process, &self.shared.trusted()).await?;
         // A run sealed by a key we have not read yet (another replica started after us)
@@ -594,6 +602,17 @@ impl Actor {
         Ok(head)
     }
 
+    /// Waits for a turn to load or re-check (`Shared::loads`).
+    async fn turn(&self) -> journal::Result<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.shared.loads)
+            .acquire_owned()
+            .await
+            .map_err(|e| journal::Error::JetStream {
+                op: "wait for a turn to load",
+                reason: e.to_string(),
+            })
+    }
+
     /// Reads the message ids of the runs within the dedupe window, headers only. The
     /// `Ts-Ids` headers are unsigned, so what they say is kept as hints, each checked
     /// against its signed run before a request is answered as a duplicate.
@@ -618,6 +637,9 @@ impl Actor {
                 filter_subject: self.shared.subjects.log(&self.process),
                 deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: start },
                 headers_only: true,
+                // The server copies each whole run to send its headers and holds the
+                // copy until it is sent: few at a time (the library's default is 500).
+                max_batch: WINDOW_BATCH,
                 ..Default::default()
             })
             .await
@@ -732,7 +754,11 @@ impl Actor {
             return;
         };
         let result = if recheck {
-            self.recheck(head).await
+            // Every live actor re-checks at once after a reconnect: take turns.
+            match self.turn().await {
+                Ok(_turn) => self.recheck(head).await,
+                Err(e) => Err(e),
+            }
         } else if landed > head.seq {
             self.catch_up(None).await.map(|_| ())
         } else {

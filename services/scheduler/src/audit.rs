@@ -22,6 +22,10 @@ use tracing::{info, warn};
 
 use crate::Shared;
 
+/// Messages one pull of the audit's consumer asks for: at most this many runs (up to
+/// ~1 MiB each) wait in the server for this replica.
+const AUDIT_BATCH: i64 = 64;
+
 /// Watches the log for messages landing on subjects this replica serves.
 pub(crate) async fn watch_log(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
@@ -32,6 +36,9 @@ pub(crate) async fn watch_log(shared: Arc<Shared>, shutdown: CancellationToken) 
                 filter_subject: shared.subjects.log_all(),
                 deliver_policy: consumer::DeliverPolicy::New,
                 headers_only: true,
+                // Headers only, yet the server holds a copy of each whole run until
+                // it is sent: a bounded number per pull (the library's default: 500).
+                max_batch: AUDIT_BATCH,
                 ..Default::default()
             })
             .await;

@@ -54,6 +54,9 @@ pub struct Config {
     /// such as a cluster still electing leaders (default 100 ms doubling to 5 s, for up
     /// to 60 s).
     pub startup_backoff: journal::retry::Backoff,
+    /// Head loads (head, dedupe window) and after-reconnect re-checks running at once on
+    /// this replica; the other actors wait for a turn (ARCHITECTURE.md "Loads take turns").
+    pub concurrent_loads: usize,
 }
 
 impl Default for Config {
@@ -77,6 +80,7 @@ impl Default for Config {
             max_queue_wait: Duration::from_secs(5),
             idle_actor: Duration::from_secs(600),
             startup_backoff: journal::retry::Backoff::default(),
+            concurrent_loads: 8,
         }
     }
 }

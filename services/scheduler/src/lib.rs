@@ -120,6 +120,10 @@ pub(crate) struct Shared {
     /// The published-keys bucket (a key met in the log and not yet trusted is looked
     /// up there before its run is judged foreign).
     pub keys_kv: async_nats::jetstream::kv::Store,
+    /// Turns for head loads and re-checks (`config.concurrent_loads` at once): after a
+    /// server restart every live actor reloads, and unbounded, their reads made the
+    /// server hold gigabytes (ARCHITECTURE.md "Loads take turns").
+    pub loads: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -567,6 +571,7 @@ pub async fn run_with_clock(
         },
         Arc::clone(&metrics),
     );
+    let loads = Arc::new(tokio::sync::Semaphore::new(config.concurrent_loads.max(1)));
     let shared = Arc::new(Shared {
         config,
         limits,
@@ -585,6 +590,7 @@ pub async fn run_with_clock(
         trusted: RwLock::new(trusted),
         core: client.clone(),
         keys_kv: keys_kv.clone(),
+        loads,
     });
 
     let spec = service::Spec {

@@ -179,6 +179,24 @@ pub fn split_url_credentials(url: &str) -> (String, Option<(String, String)>) {
 pub struct Options {
     /// `jetstream { sync_interval: always }`: fsync every write.
     pub sync_always: bool,
+    /// Open the monitoring (`http`) and profiling (`prof_port`) ports, on 127.0.0.1,
+    /// kept across restarts; printed to stderr and given by [`NatsServer::debug_ports`].
+    /// Also on when the environment has `TS_NATS_DEBUG_PORTS=1`. Off by default.
+    pub debug_ports: bool,
+}
+
+/// The variable that opens a server's monitoring and profiling ports (see
+/// [`Options::debug_ports`]).
+pub const DEBUG_PORTS_VAR: &str = "TS_NATS_DEBUG_PORTS";
+
+/// The monitoring and profiling ports of a server started with
+/// [`Options::debug_ports`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DebugPorts {
+    /// `/varz`, `/jsz`, `/connz`, ...
+    pub http: u16,
+    /// `/debug/pprof/...`.
+    pub prof: u16,
 }
 
 /// The passwords of one deployment: a server, or every node of a cluster (the nodes
@@ -259,6 +277,7 @@ pub struct NatsServer {
     layout: Layout,
     /// The password of each role that has one (random, kept across restarts).
     passwords: Passwords,
+    debug_ports: Option<DebugPorts>,
 }
 
 impl NatsServer {
@@ -278,13 +297,36 @@ impl NatsServer {
         let dir = tempfile::Builder::new()
             .prefix("turnstile-nats-")
             .tempdir()?;
+        let debug = matches!(&layout, Layout::Single(o) if o.debug_ports)
+            || std::env::var(DEBUG_PORTS_VAR).is_ok_and(|v| v == "1");
+        let debug_ports = if debug {
+            let ports = DebugPorts {
+                http: free_port()?,
+                prof: free_port()?,
+            };
+            eprintln!(
+                "nats-server debug ports: monitoring http://127.0.0.1:{}/ profiling http://127.0.0.1:{}/debug/pprof/ (store {})",
+                ports.http,
+                ports.prof,
+                dir.path().display()
+            );
+            Some(ports)
+        } else {
+            None
+        };
         Ok(NatsServer {
             child: None,
             dir,
             url: String::new(),
             layout,
             passwords,
+            debug_ports,
         })
+    }
+
+    /// The monitoring and profiling ports, when the server was started with them.
+    pub fn debug_ports(&self) -> Option<DebugPorts> {
+        self.debug_ports
     }
 
     /// The URL of a client without credentials, `nats://127.0.0.1:<port>`.
@@ -445,10 +487,16 @@ impl NatsServer {
     /// `deploy/accounts.conf`; returns its path.
     fn write_config(&self) -> Result<PathBuf> {
         let data = self.dir.path().display().to_string();
-        let config = match &self.layout {
+        let mut config = match &self.layout {
             Layout::Single(options) => single_config(&data, options)?,
             Layout::Node(node) => node_config(&data, node)?,
         };
+        if let Some(p) = self.debug_ports {
+            config.push_str(&format!(
+                "\n# {DEBUG_PORTS_VAR}\nhttp: \"127.0.0.1:{}\"\nprof_port: {}\n",
+                p.http, p.prof
+            ));
+        }
         std::fs::write(self.dir.path().join("accounts.conf"), ACCOUNTS_CONF)?;
         let path = self.dir.path().join("nats.conf");
         std::fs::write(&path, config)?;

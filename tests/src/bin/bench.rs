@@ -101,7 +101,10 @@ async fn main() -> Result<()> {
             "default sync"
         };
         eprintln!("== {label}");
-        let server = NatsServer::start_with(Options { sync_always })?;
+        let server = NatsServer::start_with(Options {
+            sync_always,
+            ..Options::default()
+        })?;
         // The raw ceiling makes a stream of its own: the operator's right.
         let raw = raw_ceiling(&server.url_as(Role::Operator), &body, args.seconds).await?;
         eprintln!("raw JetStream pipelined publish, {PROCESSES} subjects: {raw:.0} msg/s");
