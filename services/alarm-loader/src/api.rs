@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use protocol::wire::ErrorCode;
 
-use crate::alarm::{bucket_of, Alarm, Record, Status, Target, BUCKET_MS, PARTITIONS};
+use crate::alarm::{bucket_of, Alarm, Record, Status, Target, PARTITIONS};
 use crate::loader::Clock;
 use crate::store::Store;
 use crate::Error;
@@ -15,6 +15,8 @@ use crate::Error;
 pub const MAX_REQUEST: usize = 512 * 1024;
 /// Longest time range one `list` may cover.
 pub const MAX_LIST_RANGE_MS: u64 = 24 * 3600 * 1000;
+/// Most events of an alarm's history one `get` returns (its oldest).
+pub const MAX_HISTORY: usize = 1000;
 /// Most alarms one `list` returns.
 pub const MAX_LIST: usize = 1000;
 
@@ -174,15 +176,18 @@ async fn cancel(store: &Store, clock: &Clock, id: &str) -> Result<Value, Refusal
 
 async fn get(store: &Store, id: &str) -> Result<Value, Refusal> {
     check_id(id)?;
-    let history = store.history(id, 10_000).await?;
-    let Some((last, _)) = history.last() else {
+    // The state is the last record, read as such; the history is bounded.
+    let Some((last, _)) = store.read(id).await? else {
         return Err(Refusal::new(ErrorCode::NotFound, format!("no alarm {id}")));
     };
+    let history = store.history(id, MAX_HISTORY + 1).await?;
+    let truncated = history.len() > MAX_HISTORY;
     Ok(json!({
         "id": id,
         "alarm": last.alarm,
         "status": last.status,
-        "history": history.iter().map(|(r, seq)| json!({"seq": seq, "event": r.event, "status": r.status})).collect::<Vec<_>>(),
+        "history": history.iter().take(MAX_HISTORY).map(|(r, seq)| json!({"seq": seq, "event": r.event, "status": r.status})).collect::<Vec<_>>(),
+        "history_truncated": truncated,
     }))
 }
 
@@ -193,17 +198,18 @@ async fn list(store: &Store, r: ListRequest) -> Result<Value, Refusal> {
             format!("from_ms <= to_ms, at most {MAX_LIST_RANGE_MS} ms apart"),
         ));
     }
-    let limit = r.limit.unwrap_or(MAX_LIST).min(MAX_LIST);
+    let limit = r.limit.unwrap_or(MAX_LIST).clamp(1, MAX_LIST);
     let partitions: Vec<u32> = (0..PARTITIONS).collect();
-    let entries = store
+    let mut entries = store
         .load(&partitions, bucket_of(r.from_ms)..=bucket_of(r.to_ms))
         .await?;
+    // Earliest first by the index; each record then decides.
+    entries.sort_by(|a, b| (a.at_ms, &a.id).cmp(&(b.at_ms, &b.id)));
+    entries.dedup_by(|a, b| a.id == b.id);
     let mut out = Vec::new();
-    let mut ids: Vec<String> = entries.into_iter().map(|e| e.id).collect();
-    ids.sort();
-    ids.dedup();
-    for id in ids {
-        let Some((rec, _)) = store.read(&id).await? else {
+    let mut truncated = false;
+    for e in entries {
+        let Some((rec, _)) = store.read(&e.id).await? else {
             continue;
         };
         let Some(next) = rec.next_action_ms(0) else {
@@ -215,14 +221,15 @@ async fn list(store: &Store, r: ListRequest) -> Result<Value, Refusal> {
         if r.target.as_ref().is_some_and(|t| *t != rec.alarm.target) {
             continue;
         }
-        out.push(json!({
-            "id": id, "next_ms": next, "due_ms": rec.alarm.due_ms,
-            "target": rec.alarm.target, "status": rec.status,
-        }));
         if out.len() == limit {
+            truncated = true;
             break;
         }
+        out.push(json!({
+            "id": e.id, "next_ms": next, "due_ms": rec.alarm.due_ms,
+            "target": rec.alarm.target, "status": rec.status,
+        }));
     }
     out.sort_by_key(|v| v["next_ms"].as_u64());
-    Ok(json!({ "alarms": out, "bucket_ms": BUCKET_MS, "truncated": out.len() == limit }))
+    Ok(json!({ "alarms": out, "truncated": truncated }))
 }

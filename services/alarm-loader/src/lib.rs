@@ -113,7 +113,10 @@ pub async fn run(
 
     let tasks = tokio_util::task::TaskTracker::new();
     let loader_task = tasks.spawn(loader.run(js, shutdown.clone()));
+    // Answers in progress are finished before the process ends.
+    let answering = tokio_util::task::TaskTracker::new();
     let requests = tasks.spawn({
+        let answering = answering.clone();
         let shutdown = shutdown.clone();
         let store = store.clone();
         let clock = Arc::clone(&clock);
@@ -131,7 +134,7 @@ pub async fn run(
                 let store = store.clone();
                 let clock = Arc::clone(&clock);
                 let subjects = subjects.clone();
-                tokio::spawn(async move { answer(&store, &clock, &subjects, req).await });
+                answering.spawn(async move { answer(&store, &clock, &subjects, req).await });
             }
         }
     });
@@ -139,6 +142,8 @@ pub async fn run(
     let result = loader_task.await;
     shutdown.cancel();
     let _ = requests.await;
+    answering.close();
+    answering.wait().await;
     svc.stop();
     let _ = core.flush().await;
     let _ = intake.flush().await;

@@ -98,6 +98,9 @@ pub struct Metrics {
     lateness: Mutex<VecDeque<i64>>,
 }
 
+/// The shortest retry a subject target may ask for.
+pub const MIN_RETRY_MS: u64 = 100;
+
 /// The loaders' ownership group (shared/ownership).
 pub const OWNERSHIP_GROUP: &str = "alarm-loader";
 
@@ -693,8 +696,10 @@ fn answer_of(m: &async_nats::Message) -> Fired {
                 },
                 None => None,
             };
+            // Not sooner than MIN_RETRY_MS: a responder answering "retry in 0" must
+            // not make a tight loop.
             Fired::RetryAsked {
-                in_ms: in_ms.min(366 * 24 * 3600 * 1000),
+                in_ms: in_ms.clamp(MIN_RETRY_MS, 366 * 24 * 3600 * 1000),
                 body,
             }
         }
