@@ -18,7 +18,7 @@ use scheduler::Config;
 
 use crate::support::{connect, connect_as, read_log, server, test_key, InProcess};
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -63,7 +63,7 @@ pub(crate) async fn wait_for_loaders(client: &async_nats::Client, n: usize) -> R
 }
 
 /// One alarm request; the JSON answer, or the `Ts-Error` code.
-async fn alarm(
+pub(crate) async fn alarm(
     client: &async_nats::Client,
     op: &str,
     body: Value,
@@ -91,7 +91,7 @@ fn set_body(id: &str, due_ms: u64, process: &str, body: &str) -> Value {
 }
 
 /// Waits until alarm `id`'s status is `status` (at most `secs`); its `get` answer.
-async fn wait_status(
+pub(crate) async fn wait_status(
     client: &async_nats::Client,
     id: &str,
     status: &str,

@@ -14,6 +14,7 @@
 //! - `hostile`: foreign messages on the log, replies aimed into our own space.
 //! - `alarms`: the alarm-loader: firing once, cancel, replace, crashes, outages, subject targets.
 //! - `alarm_cli`: `turnstile alarm set|get|list|cancel` as the binary: output, refusals, usage errors.
+//! - `cron_jobs`: cron jobs: once per tick across loaders, overlap, deletion, missed ticks, broadcast.
 //! - `keys_history`: required keys decided from the log (declared per run, handed over).
 //! - `cluster`: a three-node cluster: an R3 stream across a leader's death, the
 //!   scheduler started on a cluster that has just formed, misconfigurations refused.
@@ -32,6 +33,8 @@ mod alarms;
 mod bad_input;
 #[cfg(test)]
 mod cluster;
+#[cfg(test)]
+mod cron_jobs;
 #[cfg(test)]
 mod hostile;
 #[cfg(test)]

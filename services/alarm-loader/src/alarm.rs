@@ -18,8 +18,12 @@ pub const BUCKET_MS: u64 = 10_000;
 /// Partitions of the due index (the unit of ownership among loader replicas). Fixed:
 /// it is part of the stored subjects.
 pub const PARTITIONS: u32 = 32;
-/// Longest alarm id.
-pub const MAX_ID: usize = 128;
+/// Longest alarm id (a cron tick's, `cron-<job>-<ms>`, included).
+pub const MAX_ID: usize = 160;
+/// Longest alarm id a client may choose.
+pub const MAX_CLIENT_ID: usize = 128;
+/// Alarm ids starting so are the loader's own (cron ticks).
+pub const RESERVED_ID_PREFIX: &str = "cron-";
 /// Largest alarm body (it travels in every record of its history, as base64).
 pub const MAX_BODY: usize = 256 * 1024;
 /// Default dispatch timeout (X3m's).
@@ -90,6 +94,25 @@ pub struct Alarm {
     /// How failures are retried.
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// Set by the loader on the alarm of a cron job's tick; never by a client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<CronTick>,
+}
+
+/// What makes an alarm one tick of a cron job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CronTick {
+    /// The job.
+    pub job: String,
+    /// The tick (UTC ms).
+    pub tick_ms: u64,
+    /// The previous tick's alarm when the job skips a tick while the previous
+    /// execution is not finished (`overlap: skip`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// The worker group whose every live instance gets the tick (`strategy: all`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fan_out: Option<String>,
 }
 
 fn default_timeout() -> u64 {
@@ -105,6 +128,22 @@ pub fn is_token(s: &str, max: usize) -> bool {
 }
 
 impl Alarm {
+    /// Checks an alarm a client sets: its fields, an id of its own (not a cron tick's)
+    /// and no cron tick.
+    pub fn validate_client(&self, subjects: &journal::subjects::Subjects) -> Result<()> {
+        if !is_token(&self.id, MAX_CLIENT_ID) || self.id.starts_with(RESERVED_ID_PREFIX) {
+            return Err(Error::Invalid(format!(
+                "id: 1-{MAX_CLIENT_ID} characters of A-Z a-z 0-9 - _, not starting {RESERVED_ID_PREFIX}"
+            )));
+        }
+        if self.cron.is_some() {
+            return Err(Error::Invalid(
+                "cron: set by the loader for a cron job's ticks".into(),
+            ));
+        }
+        self.validate(subjects)
+    }
+
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self, subjects: &journal::subjects::Subjects) -> Result<()> {
         if !is_token(&self.id, MAX_ID) {
@@ -209,6 +248,14 @@ pub enum Status {
         /// When.
         at_ms: u64,
     },
+    /// Not fired, by the rules of its cron job (deleted or inactive job, overlap,
+    /// missed-run policy).
+    Skipped {
+        /// When.
+        at_ms: u64,
+        /// Which rule.
+        reason: String,
+    },
 }
 
 impl Status {
@@ -216,7 +263,10 @@ impl Status {
     pub fn is_final(&self) -> bool {
         matches!(
             self,
-            Status::Done { .. } | Status::Dead { .. } | Status::Cancelled { .. }
+            Status::Done { .. }
+                | Status::Dead { .. }
+                | Status::Cancelled { .. }
+                | Status::Skipped { .. }
         )
     }
 }
@@ -281,6 +331,13 @@ pub enum Event {
     Cancelled {
         /// When.
         at_ms: u64,
+    },
+    /// Skipped by its cron job's rules.
+    Skipped {
+        /// When.
+        at_ms: u64,
+        /// Which rule.
+        reason: String,
     },
 }
 
@@ -453,6 +510,23 @@ impl Record {
         ))
     }
 
+    /// The record after a cron rule skipped the firing at `now`; none when final.
+    pub fn skipped(&self, now: u64, reason: &str) -> Option<Record> {
+        if self.status.is_final() {
+            return None;
+        }
+        Some(self.next(
+            Status::Skipped {
+                at_ms: now,
+                reason: reason.to_string(),
+            },
+            Event::Skipped {
+                at_ms: now,
+                reason: reason.to_string(),
+            },
+        ))
+    }
+
     /// The first record of a newly set alarm (its `set_seq` is filled in by the store
     /// once known: 0 until then).
     pub fn set(alarm: Alarm, now: u64) -> Record {
@@ -509,7 +583,7 @@ pub fn bucket_of(ms: u64) -> u64 {
     ms / BUCKET_MS
 }
 
-mod b64 {
+pub(crate) mod b64 {
     use base64::Engine as _;
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -542,6 +616,7 @@ mod tests {
                 backoff_ms: 100,
                 max_backoff_ms: 250,
             },
+            cron: None,
         }
     }
 

@@ -7,6 +7,8 @@ use serde_json::{json, Value};
 use protocol::wire::ErrorCode;
 
 use crate::alarm::{bucket_of, Alarm, Record, Status, Target, PARTITIONS};
+use crate::cron::JobName;
+use crate::jobs::{CronJob, StoredJob};
 use crate::loader::Clock;
 use crate::store::Store;
 use crate::Error;
@@ -42,11 +44,16 @@ impl From<Error> for Refusal {
     fn from(e: Error) -> Refusal {
         match e {
             Error::Invalid(m) => Refusal::new(ErrorCode::InvalidAlarm, m),
+            Error::BadRecord { .. }
+            | Error::JetStream { .. }
+            | Error::Journal(_)
+            | Error::Service(_) => Refusal::new(ErrorCode::Unavailable, e.to_string()),
             Error::Conflict(id) => Refusal::new(
                 ErrorCode::Busy,
                 format!("alarm {id} is changing under another request; retry"),
             ),
-            other => Refusal::new(ErrorCode::Unavailable, other.to_string()),
+            // The cron module's own refusals (schedule, zone, policy, name).
+            other => Refusal::new(ErrorCode::InvalidAlarm, other.to_string()),
         }
     }
 }
@@ -115,7 +122,7 @@ fn check_id(id: &str) -> Result<(), Refusal> {
 /// Sets (or replaces) an alarm: persisted before the answer. A due time in the past
 /// fires at once.
 async fn set(store: &Store, clock: &Clock, alarm: Alarm) -> Result<Value, Refusal> {
-    alarm.validate(store.subjects())?;
+    alarm.validate_client(store.subjects())?;
     for _ in 0..3 {
         let now = clock();
         let existing = store.read(&alarm.id).await?;
@@ -232,4 +239,173 @@ async fn list(store: &Store, r: ListRequest) -> Result<Value, Refusal> {
     }
     out.sort_by_key(|v| v["next_ms"].as_u64());
     Ok(json!({ "alarms": out, "truncated": truncated }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameRequest {
+    name: String,
+}
+
+/// How many next ticks `cron get` and `cron add` show.
+const SHOWN_TICKS: usize = 5;
+
+/// Answers one cron-job request of operation `op`.
+pub async fn handle_cron(
+    store: &Store,
+    clock: &Clock,
+    op: &str,
+    body: &[u8],
+) -> Result<Value, Refusal> {
+    if body.len() > MAX_REQUEST {
+        return Err(Refusal::new(
+            ErrorCode::TooLarge,
+            format!("request over {MAX_REQUEST} bytes"),
+        ));
+    }
+    let malformed = |e: serde_json::Error| Refusal::new(ErrorCode::Malformed, e.to_string());
+    match op {
+        "add" => {
+            let job: CronJob = serde_json::from_slice(body).map_err(malformed)?;
+            add_job(store, clock, job).await
+        }
+        "delete" | "activate" | "deactivate" | "get" => {
+            let r: NameRequest = serde_json::from_slice(body).map_err(malformed)?;
+            let name = JobName::new(r.name.clone())
+                .map_err(|e| Refusal::new(ErrorCode::InvalidAlarm, e.to_string()))?;
+            match op {
+                "get" => get_job(store, clock, name.as_str()).await,
+                "delete" => change_job(store, clock, name.as_str(), None).await,
+                "activate" => change_job(store, clock, name.as_str(), Some(true)).await,
+                _ => change_job(store, clock, name.as_str(), Some(false)).await,
+            }
+        }
+        "list" => {
+            if !body.iter().all(u8::is_ascii_whitespace) {
+                let _: serde_json::Map<String, Value> =
+                    serde_json::from_slice(body).map_err(malformed)?;
+            }
+            list_jobs(store).await
+        }
+        other => Err(Refusal::new(
+            ErrorCode::Malformed,
+            format!("unknown operation {other:?}: add, delete, activate, deactivate, get, list"),
+        )),
+    }
+}
+
+/// The next `n` ticks of `job` after `now`, as JSON (UTC ms and the local wall time).
+fn next_ticks(job: &CronJob, now: u64, n: usize) -> Value {
+    let Ok(schedule) = job.schedule() else {
+        return Value::Null;
+    };
+    let ticks: Vec<Value> = schedule
+        .ticks_after(i64::try_from(now).unwrap_or(i64::MAX))
+        .take(n)
+        .map(|t| json!({ "utc_ms": t.utc_ms, "local": t.local.to_string() }))
+        .collect();
+    Value::Array(ticks)
+}
+
+async fn add_job(store: &Store, clock: &Clock, mut job: CronJob) -> Result<Value, Refusal> {
+    let now = clock();
+    job.created_ms = now;
+    job.validate(store.subjects())
+        .map_err(|e| Refusal::new(ErrorCode::InvalidAlarm, e.to_string()))?;
+    let existing = store.job(&job.name).await?;
+    let replaced = existing.as_ref().is_some_and(|(j, _)| j.job.is_some());
+    let expected = existing.map_or(0, |(_, s)| s);
+    let stored = StoredJob {
+        v: 1,
+        job: Some(job.clone()),
+        at_ms: now,
+    };
+    store.put_job(&job.name, &stored, expected).await?;
+    Ok(json!({
+        "name": job.name,
+        "replaced": replaced,
+        "next": next_ticks(&job, now, SHOWN_TICKS),
+    }))
+}
+
+/// Deletes (`active` none) or (de)activates a job.
+async fn change_job(
+    store: &Store,
+    clock: &Clock,
+    name: &str,
+    active: Option<bool>,
+) -> Result<Value, Refusal> {
+    for _ in 0..3 {
+        let Some((
+            StoredJob {
+                job: Some(mut job), ..
+            },
+            seq,
+        )) = store.job(name).await?
+        else {
+            return Err(Refusal::new(
+                ErrorCode::NotFound,
+                format!("no cron job {name}"),
+            ));
+        };
+        let stored = match active {
+            Some(a) => {
+                job.active = a;
+                StoredJob {
+                    v: 1,
+                    job: Some(job),
+                    at_ms: clock(),
+                }
+            }
+            None => StoredJob {
+                v: 1,
+                job: None,
+                at_ms: clock(),
+            },
+        };
+        match store.put_job(name, &stored, seq).await {
+            Ok(_) => {
+                return Ok(json!({
+                    "name": name,
+                    "deleted": stored.job.is_none(),
+                    "active": stored.job.as_ref().map(|j| j.active),
+                }))
+            }
+            Err(Error::Conflict(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::Conflict(name.to_string()).into())
+}
+
+async fn get_job(store: &Store, clock: &Clock, name: &str) -> Result<Value, Refusal> {
+    let Some((StoredJob { job: Some(job), .. }, _)) = store.job(name).await? else {
+        return Err(Refusal::new(
+            ErrorCode::NotFound,
+            format!("no cron job {name}"),
+        ));
+    };
+    let planned = store.planned(name).await?.map(|(p, _)| p.tick_ms);
+    Ok(json!({
+        "job": job,
+        "last_planned_ms": planned,
+        "last_planned_alarm": planned.map(|t| CronJob::tick_alarm_id(name, t)),
+        "next": next_ticks(&job, clock(), SHOWN_TICKS),
+    }))
+}
+
+async fn list_jobs(store: &Store) -> Result<Value, Refusal> {
+    let partitions: Vec<u32> = (0..PARTITIONS).collect();
+    let mut jobs: Vec<CronJob> = store
+        .jobs(&partitions)
+        .await?
+        .into_iter()
+        .filter_map(|s| s.job)
+        .collect();
+    jobs.sort_by(|a, b| a.name.cmp(&b.name));
+    let out: Vec<Value> = jobs
+        .iter()
+        .map(|j| json!({ "name": j.name, "schedule": j.schedule, "tz": j.tz, "active": j.active, "target": j.target }))
+        .collect();
+    Ok(json!({ "jobs": out }))
 }

@@ -17,6 +17,7 @@ pub mod alarm;
 pub mod api;
 pub mod cron;
 mod error;
+pub mod jobs;
 pub mod loader;
 pub mod store;
 
@@ -106,7 +107,8 @@ pub async fn run(
     if let Some(i) = &connections.intake {
         svc.watch("intake", i.clone(), Arc::clone(&connections.events));
     }
-    let mut endpoint = svc.endpoint("alarm", subjects.alarm_requests()).await?;
+    let alarms = svc.endpoint("alarm", subjects.alarm_requests()).await?;
+    let crons = svc.endpoint("cron", subjects.cron_requests()).await?;
     intake.flush().await.map_err(|e| Error::js("flush", e))?;
     svc.announce().await?;
     info!(prefix = %subjects.prefix(), replica = %settings.loader.replica, "alarm-loader ready");
@@ -115,33 +117,22 @@ pub async fn run(
     let loader_task = tasks.spawn(loader.run(js, shutdown.clone()));
     // Answers in progress are finished before the process ends.
     let answering = tokio_util::task::TaskTracker::new();
-    let requests = tasks.spawn({
-        let answering = answering.clone();
-        let shutdown = shutdown.clone();
-        let store = store.clone();
-        let clock = Arc::clone(&clock);
-        let subjects = subjects.clone();
-        async move {
-            loop {
-                let req = tokio::select! {
-                    r = endpoint.next() => r,
-                    _ = shutdown.cancelled() => {
-                        endpoint.drain().await;
-                        tokio::time::timeout(Duration::from_secs(5), endpoint.next()).await.unwrap_or_default()
-                    }
-                };
-                let Some(req) = req else { break };
-                let store = store.clone();
-                let clock = Arc::clone(&clock);
-                let subjects = subjects.clone();
-                answering.spawn(async move { answer(&store, &clock, &subjects, req).await });
-            }
-        }
-    });
+    let ctx = Answering {
+        store: store.clone(),
+        clock: Arc::clone(&clock),
+        subjects: subjects.clone(),
+        tracker: answering.clone(),
+    };
+    let requests = [
+        tasks.spawn(serve(alarms, Kind::Alarm, ctx.clone(), shutdown.clone())),
+        tasks.spawn(serve(crons, Kind::Cron, ctx, shutdown.clone())),
+    ];
     tasks.close();
     let result = loader_task.await;
     shutdown.cancel();
-    let _ = requests.await;
+    for r in requests {
+        let _ = r.await;
+    }
     answering.close();
     answering.wait().await;
     svc.stop();
@@ -154,24 +145,68 @@ pub async fn run(
     }
 }
 
-/// Answers one alarm request.
-async fn answer(
-    store: &store::Store,
-    clock: &loader::Clock,
-    subjects: &journal::subjects::Subjects,
-    req: service::Request,
+/// Which requests an endpoint takes.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// `<prefix>.alarm.<op>`.
+    Alarm,
+    /// `<prefix>.cron.<op>`.
+    Cron,
+}
+
+/// What answering needs.
+#[derive(Clone)]
+struct Answering {
+    store: store::Store,
+    clock: loader::Clock,
+    subjects: journal::subjects::Subjects,
+    tracker: tokio_util::task::TaskTracker,
+}
+
+/// Takes `endpoint`'s requests until `shutdown`, then drains it: each answered on a
+/// task of its own.
+async fn serve(
+    mut endpoint: service::Endpoint,
+    kind: Kind,
+    ctx: Answering,
+    shutdown: CancellationToken,
 ) {
+    loop {
+        let req = tokio::select! {
+            r = endpoint.next() => r,
+            _ = shutdown.cancelled() => {
+                endpoint.drain().await;
+                tokio::time::timeout(Duration::from_secs(5), endpoint.next()).await.unwrap_or_default()
+            }
+        };
+        let Some(req) = req else { break };
+        let ctx2 = ctx.clone();
+        ctx.tracker
+            .spawn(async move { answer(&ctx2, kind, req).await });
+    }
+}
+
+/// Answers one request.
+async fn answer(ctx: &Answering, kind: Kind, req: service::Request) {
     if let Some(why) = req.malformed() {
         let c = protocol::wire::ErrorCode::MalformedRequest;
         let _ = req.refuse(c.as_str(), c.status(), why).await;
         return;
     }
     let subject = req.message().subject.as_str();
-    let op = subject
-        .strip_prefix(subjects.prefix())
-        .and_then(|s| s.strip_prefix(".alarm."))
-        .unwrap_or("");
-    let sent = match api::handle(store, clock, op, &req.message().payload).await {
+    let rest = subject.strip_prefix(ctx.subjects.prefix()).unwrap_or("");
+    let body = &req.message().payload;
+    let result = match kind {
+        Kind::Alarm => {
+            let op = rest.strip_prefix(".alarm.").unwrap_or("");
+            api::handle(&ctx.store, &ctx.clock, op, body).await
+        }
+        Kind::Cron => {
+            let op = rest.strip_prefix(".cron.").unwrap_or("");
+            api::handle_cron(&ctx.store, &ctx.clock, op, body).await
+        }
+    };
+    let sent = match result {
         Ok(v) => match serde_json::to_vec(&v) {
             Ok(body) => req.respond(Bytes::from(body)).await,
             Err(e) => {
@@ -185,6 +220,6 @@ async fn answer(
         }
     };
     if let Err(e) = sent {
-        warn!(error = %e, "alarm answer not sent");
+        warn!(error = %e, "answer not sent");
     }
 }

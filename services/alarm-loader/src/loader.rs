@@ -94,9 +94,16 @@ pub struct Metrics {
     pub armed: AtomicU64,
     /// Partitions held now.
     pub partitions: AtomicU64,
+    /// Cron-tick alarms skipped by their job's rules.
+    pub skipped: AtomicU64,
+    /// Cron ticks that fell while no loader planned them and were not fired.
+    pub cron_missed: AtomicU64,
     /// Lateness (fire − due, ms) of the last firings.
     lateness: Mutex<VecDeque<i64>>,
 }
+
+/// How long the instances of a worker group are given to answer a discovery PING.
+const DISCOVERY: Duration = Duration::from_millis(300);
 
 /// The shortest retry a subject target may ask for.
 pub const MIN_RETRY_MS: u64 = 100;
@@ -153,6 +160,8 @@ impl Metrics {
             "loads": get(&self.loads),
             "armed": get(&self.armed),
             "partitions": get(&self.partitions),
+            "skipped": get(&self.skipped),
+            "cron_missed": get(&self.cron_missed),
             "lateness_ms": {
                 "samples": l.len(),
                 "p50": pct(0.5),
@@ -300,6 +309,8 @@ impl Loader {
                     }
                 }
                 self.sweep(&owned, &mut swept, bucket_of(now)).await;
+                self.plan_jobs(&owned, now, now.saturating_add(2 * interval_ms))
+                    .await;
                 next_load = tokio::time::Instant::now() + interval;
             }
             self.metrics
@@ -458,6 +469,105 @@ impl Loader {
         }
     }
 
+    /// Makes the coming ticks of the cron jobs in `partitions` into alarms (each
+    /// created only if absent) and records the last one planned.
+    async fn plan_jobs(&self, partitions: &[u32], now: u64, horizon: u64) {
+        if partitions.is_empty() {
+            return;
+        }
+        let jobs = match self.store.jobs(partitions).await {
+            Ok(j) => j,
+            Err(e) => {
+                warn!(error = %e, "reading the cron jobs failed; planning at the next interval");
+                return;
+            }
+        };
+        for job in jobs.into_iter().filter_map(|s| s.job).filter(|j| j.active) {
+            if let Err(e) = self.plan_job(&job, now, horizon).await {
+                warn!(job = %job.name, error = %e, "planning a cron job failed; again at the next interval");
+            }
+        }
+    }
+
+    async fn plan_job(&self, job: &crate::jobs::CronJob, now: u64, horizon: u64) -> Result<()> {
+        let planned = self.store.planned(&job.name).await?;
+        let last = planned.map(|(p, _)| p.tick_ms);
+        // A job replaced after it was planned starts again from its new creation.
+        let last = last.filter(|&t| t >= job.created_ms);
+        let (ticks, dropped) = job.plan(last, now, horizon)?;
+        if dropped > 0 {
+            self.metrics
+                .cron_missed
+                .fetch_add(dropped, Ordering::Relaxed);
+            info!(job = %job.name, dropped, policy = %job.missed, "cron ticks missed while no loader planned them");
+        }
+        let mut previous = last;
+        for &tick in &ticks {
+            let alarm = job.tick_alarm(tick, previous);
+            previous = Some(tick);
+            let mut record = Record::set(alarm, now);
+            let at = tick.max(now);
+            record.status = crate::alarm::Status::Pending {
+                next_ms: at,
+                attempts: 0,
+            };
+            self.store.put_due(&record.alarm.id, at, now).await?;
+            match self.store.append(&record, 0).await {
+                // Created here, or already by another loader: one tick, one alarm.
+                Ok(_) | Err(Error::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(&tick_ms) = ticks.last() {
+            let expected = planned.map_or(0, |(_, s)| s);
+            match self
+                .store
+                .set_planned(&job.name, crate::jobs::Planned { tick_ms }, expected)
+                .await
+            {
+                Ok(_) | Err(Error::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Why a cron tick's alarm is not fired now, if it is not: its job was deleted or
+    /// deactivated; on its first attempt, it is late past its missed-run policy, or the
+    /// previous tick's execution has not finished and the job does not overlap.
+    async fn cron_rule(&self, record: &Record, now: u64) -> Result<Option<String>> {
+        let Some(tick) = &record.alarm.cron else {
+            return Ok(None);
+        };
+        let job = match self.store.job(&tick.job).await? {
+            Some((crate::jobs::StoredJob { job: Some(job), .. }, _)) => job,
+            _ => return Ok(Some(format!("cron job {} was deleted", tick.job))),
+        };
+        if !job.active {
+            return Ok(Some(format!("cron job {} is inactive", tick.job)));
+        }
+        let first = matches!(
+            record.status,
+            crate::alarm::Status::Pending { attempts: 0, .. }
+        );
+        if !first {
+            return Ok(None);
+        }
+        if let Some(reason) = job.late_rule(tick.tick_ms, now) {
+            return Ok(Some(reason));
+        }
+        if let Some(previous) = &tick.after {
+            if let Some((prev, _)) = self.store.read(previous).await? {
+                if !prev.status.is_final() {
+                    return Ok(Some(format!(
+                        "overlap: the previous execution ({previous}) has not finished"
+                    )));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     async fn watch_new_entries(&self, js: &jetstream::Context) -> Result<consumer::push::Ordered> {
         let stream = js
             .get_stream(self.store.subjects().alarms_stream())
@@ -531,6 +641,23 @@ impl Loader {
                     // finds it, and the sweep cannot pass it).
                     _ => Ok(Some(Rearm::Always(next))),
                 };
+            }
+            if let Some(reason) = self.cron_rule(&record, now).await? {
+                let Some(skipped) = record.skipped(now, &reason) else {
+                    return Ok(None);
+                };
+                match self.store.append(&skipped, seq).await {
+                    Ok(_) => {
+                        Metrics::bump(&self.metrics.skipped);
+                        self.store.remove_due(id, armed_at).await?;
+                        return Ok(None);
+                    }
+                    Err(Error::Conflict(_)) => {
+                        Metrics::bump(&self.metrics.conflicts);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             let Some(claim) = record.claim(now, &self.config.replica) else {
                 return Ok(None);
@@ -637,32 +764,114 @@ impl Loader {
                     Err(e) => Fired::Failed(e.to_string()),
                 }
             }
-            Target::Subject(s) => {
-                let mut h = HeaderMap::new();
-                for (k, v) in &a.headers {
-                    h.append(k.as_str(), v.as_str());
-                }
-                h.insert("Ts-Alarm-Id", a.id.as_str());
-                h.insert("Ts-Alarm-Firing", claim.firing_id().as_str());
-                h.insert("Ts-Alarm-Due-Ms", a.due_ms.to_string().as_str());
-                if let crate::alarm::Status::Dispatching { attempt, .. } = claim.status {
-                    h.insert("Ts-Alarm-Attempt", attempt.to_string().as_str());
-                }
-                let req = async_nats::Request::new()
-                    .payload(Bytes::from(a.body.clone()))
-                    .headers(h)
-                    .timeout(Some(timeout));
-                match self.dispatch.send_request(s.clone(), req).await {
-                    Ok(m) => answer_of(&m),
-                    Err(e) => Fired::Failed(match e.kind() {
-                        async_nats::RequestErrorKind::TimedOut => {
-                            format!("no answer within {} ms", a.dispatch_timeout_ms)
-                        }
-                        async_nats::RequestErrorKind::NoResponders => "no responders".into(),
-                        _ => e.to_string(),
-                    }),
-                }
+            Target::Subject(s) if a.cron.as_ref().is_some_and(|c| c.fan_out.is_some()) => {
+                let group = a
+                    .cron
+                    .as_ref()
+                    .and_then(|c| c.fan_out.clone())
+                    .unwrap_or_default();
+                self.fan_out(claim, s, &group, timeout).await
             }
+            Target::Subject(s) => self.request(claim, s.clone(), timeout).await,
+        }
+    }
+
+    /// Sends a cron tick to every live instance of worker group `group`: those that
+    /// answer `$SRV.PING.<group>` within [`DISCOVERY`], each on `<subject>.<id>`.
+    /// Delivered when every one answered ok; a failure of any is the attempt's (a retry
+    /// sends to all again: instances deduplicate on `Ts-Alarm-Firing`).
+    async fn fan_out(
+        &self,
+        claim: &Record,
+        subject: &str,
+        group: &str,
+        timeout: Duration,
+    ) -> Fired {
+        let instances = match self.instances(group).await {
+            Ok(i) if !i.is_empty() => i,
+            Ok(_) => return Fired::Failed(format!("no live instance of worker group {group}")),
+            Err(e) => return Fired::Failed(format!("discovering worker group {group}: {e}")),
+        };
+        let sends = instances
+            .iter()
+            .map(|id| self.request(claim, format!("{subject}.{id}"), timeout));
+        let results = futures::future::join_all(sends).await;
+        let failed: Vec<String> = instances
+            .iter()
+            .zip(results)
+            .filter_map(|(id, r)| match r {
+                Fired::Delivered { .. } => None,
+                Fired::Failed(why) => Some(format!("{id}: {why}")),
+                Fired::RetryAsked { .. } => Some(format!("{id}: asked for a retry")),
+            })
+            .collect();
+        if failed.is_empty() {
+            Fired::Delivered {
+                slot: None,
+                duplicate: false,
+            }
+        } else {
+            Fired::Failed(format!(
+                "{} of {} instances: {}",
+                failed.len(),
+                instances.len(),
+                failed.join("; ")
+            ))
+        }
+    }
+
+    /// The ids of the live instances of `group` (services-API PING).
+    async fn instances(&self, group: &str) -> Result<Vec<String>> {
+        let inbox = self.dispatch.new_inbox();
+        let mut sub = self
+            .dispatch
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| Error::js("discover instances", e))?;
+        self.dispatch
+            .publish_with_reply(format!("$SRV.PING.{group}"), inbox, Bytes::new())
+            .await
+            .map_err(|e| Error::js("discover instances", e))?;
+        let mut ids = BTreeSet::new();
+        let deadline = tokio::time::Instant::now() + DISCOVERY;
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
+            if let Some(id) = serde_json::from_slice::<Value>(&m.payload)
+                .ok()
+                .and_then(|v| v["id"].as_str().map(str::to_string))
+                .filter(|id| crate::alarm::is_token(id, 64))
+            {
+                ids.insert(id);
+            }
+        }
+        Ok(ids.into_iter().collect())
+    }
+
+    /// One request to a subject target.
+    async fn request(&self, claim: &Record, subject: String, timeout: Duration) -> Fired {
+        let a = &claim.alarm;
+        let mut h = HeaderMap::new();
+        for (k, v) in &a.headers {
+            h.append(k.as_str(), v.as_str());
+        }
+        h.insert("Ts-Alarm-Id", a.id.as_str());
+        h.insert("Ts-Alarm-Firing", claim.firing_id().as_str());
+        h.insert("Ts-Alarm-Due-Ms", a.due_ms.to_string().as_str());
+        if let crate::alarm::Status::Dispatching { attempt, .. } = claim.status {
+            h.insert("Ts-Alarm-Attempt", attempt.to_string().as_str());
+        }
+        let req = async_nats::Request::new()
+            .payload(Bytes::from(a.body.clone()))
+            .headers(h)
+            .timeout(Some(timeout));
+        match self.dispatch.send_request(subject, req).await {
+            Ok(m) => answer_of(&m),
+            Err(e) => Fired::Failed(match e.kind() {
+                async_nats::RequestErrorKind::TimedOut => {
+                    format!("no answer within {} ms", a.dispatch_timeout_ms)
+                }
+                async_nats::RequestErrorKind::NoResponders => "no responders".into(),
+                _ => e.to_string(),
+            }),
         }
     }
 }

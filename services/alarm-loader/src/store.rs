@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use journal::subjects::Subjects;
 
 use crate::alarm::{bucket_of, partition_of, Record};
+use crate::jobs::{Planned, StoredJob};
 use crate::{Error, Result};
 
 /// How long one read of the stream may take.
@@ -84,16 +85,121 @@ impl Store {
     /// The alarm's current record and its stream sequence; none if never set.
     pub async fn read(&self, id: &str) -> Result<Option<(Record, u64)>> {
         let subject = self.subjects.alarm_record(id);
-        match self.stream.get_last_raw_message_by_subject(&subject).await {
-            Ok(m) => Ok(Some((
-                decode(&m.payload, &subject, m.sequence)?,
-                m.sequence,
-            ))),
+        match self.last_raw(&subject, "read alarm").await? {
+            Some((payload, seq)) => Ok(Some((decode(&payload, &subject, seq)?, seq))),
+            None => Ok(None),
+        }
+    }
+
+    /// The last message of `subject` and its sequence; none if it has none.
+    async fn last_raw(
+        &self,
+        subject: &str,
+        op: &'static str,
+    ) -> Result<Option<(bytes::Bytes, u64)>> {
+        match self.stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => Ok(Some((m.payload, m.sequence))),
             Err(e) if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => {
                 Ok(None)
             }
-            Err(e) => Err(Error::js("read alarm", e)),
+            Err(e) => Err(Error::js(op, e)),
         }
+    }
+
+    /// The last message of `subject` as JSON `T`, and its sequence.
+    async fn last_json<T: serde::de::DeserializeOwned>(
+        &self,
+        subject: &str,
+        op: &'static str,
+    ) -> Result<Option<(T, u64)>> {
+        let Some((payload, seq)) = self.last_raw(subject, op).await? else {
+            return Ok(None);
+        };
+        let value = serde_json::from_slice(&payload).map_err(|e| Error::BadRecord {
+            subject: subject.to_string(),
+            seq,
+            reason: e.to_string(),
+        })?;
+        Ok(Some((value, seq)))
+    }
+
+    /// Publishes `payload` on `subject` if the subject's last sequence is still
+    /// `expected` (0: none); its sequence, or [`Error::Conflict`] naming `what`.
+    async fn put_expecting(
+        &self,
+        subject: String,
+        payload: Vec<u8>,
+        expected: u64,
+        what: &str,
+        op: &'static str,
+    ) -> Result<u64> {
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .headers(HeaderMap::new())
+            .expected_last_subject_sequence(expected);
+        let ack = match self.js.send_publish(subject, publish).await {
+            Ok(f) => f.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(a) => Ok(a.sequence),
+            Err(e) if journal::jserr::is_conflict(&e) => Err(Error::Conflict(what.to_string())),
+            Err(e) => Err(Error::js(op, e)),
+        }
+    }
+
+    /// A cron job as stored (a tombstone once deleted) and its sequence.
+    pub async fn job(&self, name: &str) -> Result<Option<(StoredJob, u64)>> {
+        self.last_json(
+            &self.subjects.cron_job(partition_of(name), name),
+            "read cron job",
+        )
+        .await
+    }
+
+    /// Stores a cron job (or its tombstone) if its last sequence is still `expected`.
+    pub async fn put_job(&self, name: &str, job: &StoredJob, expected: u64) -> Result<u64> {
+        let body = serde_json::to_vec(job).map_err(|e| Error::Invalid(e.to_string()))?;
+        let subject = self.subjects.cron_job(partition_of(name), name);
+        self.put_expecting(subject, body, expected, name, "write cron job")
+            .await
+    }
+
+    /// The last tick of job `name` made into an alarm, and its sequence.
+    pub async fn planned(&self, name: &str) -> Result<Option<(Planned, u64)>> {
+        self.last_json(
+            &self.subjects.cron_tick(partition_of(name), name),
+            "read cron tick",
+        )
+        .await
+    }
+
+    /// Records the last planned tick of job `name` if nobody did meanwhile.
+    pub async fn set_planned(&self, name: &str, planned: Planned, expected: u64) -> Result<u64> {
+        let body = serde_json::to_vec(&planned).map_err(|e| Error::Invalid(e.to_string()))?;
+        let subject = self.subjects.cron_tick(partition_of(name), name);
+        self.put_expecting(subject, body, expected, name, "write cron tick")
+            .await
+    }
+
+    /// Every job stored in `partitions` (tombstones included), each its last version.
+    pub async fn jobs(&self, partitions: &[u32]) -> Result<Vec<StoredJob>> {
+        let filters: Vec<String> = partitions
+            .iter()
+            .map(|&p| self.subjects.cron_jobs(p))
+            .collect();
+        let mut out = Vec::new();
+        for chunk in filters.chunks(64) {
+            for payload in self.read_last_per_subject(chunk.to_vec()).await? {
+                match serde_json::from_slice::<StoredJob>(&payload) {
+                    Ok(j) => out.push(j),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a stored cron job that does not decode; ignored")
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The alarm's whole history, oldest first (bounded by `limit` records).
@@ -123,21 +229,14 @@ impl Store {
     /// [`Error::Conflict`] when another write came first.
     pub async fn append(&self, record: &Record, expected: u64) -> Result<u64> {
         let subject = self.subjects.alarm_record(&record.alarm.id);
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(record.encode()?.into())
-            .headers(HeaderMap::new())
-            .expected_last_subject_sequence(expected);
-        let ack = match self.js.send_publish(subject, publish).await {
-            Ok(f) => f.await,
-            Err(e) => Err(e),
-        };
-        match ack {
-            Ok(a) => Ok(a.sequence),
-            Err(e) if journal::jserr::is_conflict(&e) => {
-                Err(Error::Conflict(record.alarm.id.clone()))
-            }
-            Err(e) => Err(Error::js("write alarm", e)),
-        }
+        self.put_expecting(
+            subject,
+            record.encode()?,
+            expected,
+            &record.alarm.id,
+            "write alarm",
+        )
+        .await
     }
 
     /// Writes the due-index entry of alarm `id` for `at_ms`, at `now`.
@@ -189,7 +288,14 @@ impl Store {
                 .collect();
             // A consumer takes a bounded number of filters; read in chunks.
             for chunk in filters.chunks(64) {
-                out.extend(self.read_filters(chunk.to_vec()).await?);
+                for payload in self.read_last_per_subject(chunk.to_vec()).await? {
+                    match serde_json::from_slice::<DueEntry>(&payload) {
+                        Ok(e) => out.push(e),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "due entry that does not decode; ignored")
+                        }
+                    }
+                }
             }
         }
         Ok(out)
@@ -211,7 +317,12 @@ impl Store {
         Ok(first.is_none())
     }
 
-    async fn read_filters(&self, filter_subjects: Vec<String>) -> Result<Vec<DueEntry>> {
+    /// The last message of every subject matching `filter_subjects`, read with one
+    /// ordered consumer, deleted after.
+    async fn read_last_per_subject(
+        &self,
+        filter_subjects: Vec<String>,
+    ) -> Result<Vec<bytes::Bytes>> {
         let name = format!("tsa-{}", uuid::Uuid::new_v4().simple());
         let config = consumer::pull::OrderedConfig {
             name: Some(name.clone()),
@@ -224,11 +335,11 @@ impl Store {
                 .stream
                 .create_consumer(config)
                 .await
-                .map_err(|e| Error::js("due index read", e))?;
+                .map_err(|e| Error::js("last-per-subject read", e))?;
             let pending = c
                 .info()
                 .await
-                .map_err(|e| Error::js("due index read", e))?
+                .map_err(|e| Error::js("last-per-subject read", e))?
                 .num_pending;
             let mut out = Vec::with_capacity(pending as usize);
             if pending == 0 {
@@ -237,16 +348,11 @@ impl Store {
             let mut msgs = c
                 .messages()
                 .await
-                .map_err(|e| Error::js("due index read", e))?;
+                .map_err(|e| Error::js("last-per-subject read", e))?;
             while let Some(m) = msgs.next().await {
-                let m = m.map_err(|e| Error::js("due index read", e))?;
+                let m = m.map_err(|e| Error::js("last-per-subject read", e))?;
                 let left = m.info().map(|i| i.pending).unwrap_or(0);
-                match serde_json::from_slice::<DueEntry>(&m.payload) {
-                    Ok(e) => out.push(e),
-                    Err(e) => {
-                        tracing::warn!(subject = %m.subject, error = %e, "due entry that does not decode; ignored")
-                    }
-                }
+                out.push(m.payload.clone());
                 if left == 0 {
                     break;
                 }
@@ -256,7 +362,7 @@ impl Store {
         .await
         .unwrap_or_else(|_| {
             Err(Error::JetStream {
-                op: "due index read",
+                op: "last-per-subject read",
                 reason: format!("no answer within {READ_DEADLINE:?}"),
             })
         });

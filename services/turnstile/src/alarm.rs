@@ -263,6 +263,7 @@ fn alarm_of(args: &SetArgs, now: u64) -> Result<Alarm> {
             backoff_ms: args.backoff_ms,
             max_backoff_ms: args.max_backoff_ms,
         },
+        cron: None,
     })
 }
 
@@ -402,6 +403,7 @@ fn status_text(s: &Status) -> String {
         },
         Status::Dead { at_ms, reason } => format!("dead at {}: {reason}", utc(*at_ms)),
         Status::Cancelled { at_ms } => format!("cancelled at {}", utc(*at_ms)),
+        Status::Skipped { at_ms, reason } => format!("skipped at {}: {reason}", utc(*at_ms)),
     }
 }
 
@@ -409,6 +411,7 @@ fn status_text(s: &Status) -> String {
 fn event_text(e: &Event) -> (u64, String) {
     match e {
         Event::Set { at_ms } => (*at_ms, "set".into()),
+        Event::Skipped { at_ms, reason } => (*at_ms, format!("skipped: {reason}")),
         Event::Attempt { attempt, at_ms, by } => (*at_ms, format!("attempt {attempt} by {by}")),
         Event::Delivered {
             attempt,

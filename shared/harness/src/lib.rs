@@ -114,11 +114,13 @@ pub enum Role {
     AlarmLoader,
     /// `alarm-intake` (PUBLIC): the alarm requests, and requests to subject targets.
     AlarmIntake,
+    /// `worker` (PUBLIC): users' responders and worker instances.
+    Worker,
 }
 
 impl Role {
     /// Every role with a password: the user name and the variable nats-server reads it from.
-    const WITH_PASSWORD: [(Role, &'static str, &'static str); 6] = [
+    const WITH_PASSWORD: [(Role, &'static str, &'static str); 7] = [
         (Role::Scheduler, "scheduler", "TS_SCHEDULER_PASSWORD"),
         (
             Role::SchedulerIntake,
@@ -137,6 +139,7 @@ impl Role {
             "alarm-intake",
             "TS_ALARM_INTAKE_PASSWORD",
         ),
+        (Role::Worker, "worker", "TS_WORKER_PASSWORD"),
     ];
 
     /// The NATS user name (`client` for the anonymous role).

@@ -17,6 +17,8 @@
 //! | an alarm's place in time (the due index) | `ts.alarms.due.<partition>.<bucket>.<id>` in `TS_ALARMS` |
 //! | a partition's last bucket known empty | `ts.alarms.swept.<partition>` in `TS_ALARMS` |
 //! | alarms that failed for good | `ts.alarms.dead` (stored in `TS_ALARMS`) |
+//! | cron-job requests (add, delete, activate, deactivate, get, list) | `ts.cron.<op>` |
+//! | a cron job (definition) and its last planned tick | `ts.alarms.cron.<partition>.<job>`, `ts.alarms.crontick.<partition>.<job>` in `TS_ALARMS` |
 //! | cluster-wide ownership (leases) | KV bucket `TS_OWNERSHIP`: keys `<group>.m.<member>`, `<group>.p.<partition>` |
 
 use protocol::ProcessId;
@@ -183,6 +185,29 @@ impl Subjects {
     /// `<prefix>.alarms.due.<partition>.<bucket>.*`: one bucket of one partition.
     pub fn alarm_due_bucket(&self, partition: u32, bucket: u64) -> String {
         format!("{}.alarms.due.{partition}.{bucket}.*", self.prefix)
+    }
+    /// `<prefix>.cron.<op>`: a cron-job request (`add`, `delete`, `activate`,
+    /// `deactivate`, `get`, `list`).
+    pub fn cron_request(&self, op: &str) -> String {
+        format!("{}.cron.{op}", self.prefix)
+    }
+    /// `<prefix>.cron.*`: every cron-job request (the alarm-loader's endpoint).
+    pub fn cron_requests(&self) -> String {
+        format!("{}.cron.*", self.prefix)
+    }
+    /// `<prefix>.alarms.cron.<partition>.<job>`: a cron job's definition (the last
+    /// message is the job; a deleted job's is a tombstone).
+    pub fn cron_job(&self, partition: u32, job: &str) -> String {
+        format!("{}.alarms.cron.{partition}.{job}", self.prefix)
+    }
+    /// `<prefix>.alarms.cron.<partition>.*`: the jobs of one partition.
+    pub fn cron_jobs(&self, partition: u32) -> String {
+        format!("{}.alarms.cron.{partition}.*", self.prefix)
+    }
+    /// `<prefix>.alarms.crontick.<partition>.<job>`: the last tick of a job made into
+    /// an alarm.
+    pub fn cron_tick(&self, partition: u32, job: &str) -> String {
+        format!("{}.alarms.crontick.{partition}.{job}", self.prefix)
     }
     /// `<prefix>.alarms.swept.<partition>`: the last bucket of a partition known empty.
     pub fn alarm_swept(&self, partition: u32) -> String {
