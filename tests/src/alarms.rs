@@ -492,3 +492,85 @@ async fn hostile_alarm_requests_get_typed_refusals_and_hurt_nothing() -> Result<
     loader.terminate(Duration::from_secs(10));
     Ok(())
 }
+
+/// A loader that died after its firing reached the log and before it recorded the
+/// outcome, with every loader down for longer than the scheduler's idempotency window:
+/// the successor finds the firing in the log (by its message id) and records it, and
+/// does not send it again. The dead loader's state is written here by hand: its claim,
+/// and its firing in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firing_older_than_the_idempotency_window_is_found_in_the_log_not_sent_again(
+) -> Result<()> {
+    use alarm_loader::alarm::{Alarm, Record, RetryPolicy, Target};
+    let server = server()?;
+    let config = Config {
+        dedupe_window: Duration::from_secs(1),
+        ..Config::default()
+    };
+    let sched = InProcess::start(&server, config, vec![test_key(1)]).await?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let store = alarm_loader::store::Store::open(
+        async_nats::jetstream::new(operator.clone()),
+        journal::subjects::Subjects::default(),
+        &journal::setup::LogOptions::default(),
+    )
+    .await?;
+    // The dead loader's claim, made 10 s ago (past its 5 s dispatch timeout)...
+    let now = now_ms();
+    let alarm = Alarm {
+        id: "orphan".into(),
+        due_ms: now - 10_000,
+        target: Target::Process("orphaned".into()),
+        body: b"once".to_vec(),
+        headers: Vec::new(),
+        dispatch_timeout_ms: 5_000,
+        retry: RetryPolicy::default(),
+        cron: None,
+    };
+    // (Its entry where the set put it: never behind the stream's present.)
+    store.put_due("orphan", now, now - 10_000).await?;
+    let seq = store.append(&Record::set(alarm, now - 10_000), 0).await?;
+    let (set, _) = store
+        .read("orphan")
+        .await?
+        .context("the record just written")?;
+    let claim = set
+        .claim(now - 10_000, "dead-loader")
+        .context("a pending alarm can be claimed")?;
+    store.append(&claim, seq).await?;
+    // ...and its firing, which reached the log.
+    let nats = connect(server.url()).await?;
+    crate::support::wait_for_schedulers(&nats, 1).await?;
+    let client = journal::client::Client::new(nats.clone(), journal::subjects::Subjects::default());
+    let receipt = client
+        .schedule(
+            &ProcessId::new("orphaned")?,
+            Bytes::from_static(b"once"),
+            &journal::client::Schedule {
+                message_id: Some(claim.firing_id()),
+                ..Default::default()
+            },
+        )
+        .await?;
+    // Past the scheduler's idempotency window: the same message id would get a new slot.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let mut loader = spawn_loader(&server)?;
+    wait_for_loaders(&nats, 1).await?;
+    let got = wait_status(&nats, "orphan", "done", 30).await?;
+    assert_eq!(got["status"]["slot"].as_u64(), Some(receipt.slot), "{got}");
+    let delivered = got["history"]
+        .as_array()
+        .and_then(|h| h.iter().find(|e| e["event"]["event"] == "delivered"))
+        .context("a delivered event")?;
+    assert_eq!(delivered["event"]["duplicate"], true, "{delivered}");
+    let log = read_log(server.url(), &ProcessId::new("orphaned")?).await?;
+    assert_eq!(
+        log.len(),
+        1,
+        "the firing was sent again: {} entries",
+        log.len()
+    );
+    loader.terminate(Duration::from_secs(10));
+    sched.stop().await?;
+    Ok(())
+}

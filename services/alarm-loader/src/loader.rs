@@ -94,6 +94,8 @@ pub struct Metrics {
     pub armed: AtomicU64,
     /// Partitions held now.
     pub partitions: AtomicU64,
+    /// Claims taken over from a loader that died mid-dispatch.
+    pub takeovers: AtomicU64,
     /// Cron-tick alarms skipped by their job's rules.
     pub skipped: AtomicU64,
     /// Cron ticks that fell while no loader planned them and were not fired.
@@ -104,6 +106,10 @@ pub struct Metrics {
 
 /// How long the instances of a worker group are given to answer a discovery PING.
 const DISCOVERY: Duration = Duration::from_millis(300);
+
+/// How far before a dead loader's claim its firing is looked for in the log (clock
+/// skew between the loader and the scheduler).
+const FIND_MARGIN_MS: u64 = 60_000;
 
 /// The shortest retry a subject target may ask for.
 pub const MIN_RETRY_MS: u64 = 100;
@@ -161,6 +167,7 @@ impl Metrics {
             "armed": get(&self.armed),
             "partitions": get(&self.partitions),
             "skipped": get(&self.skipped),
+            "takeovers": get(&self.takeovers),
             "cron_missed": get(&self.cron_missed),
             "lateness_ms": {
                 "samples": l.len(),
@@ -469,6 +476,63 @@ impl Loader {
         }
     }
 
+    /// The slot of the entry with message id `firing` in `process`'s log written after
+    /// `since_ms` (less a margin for skewed clocks), if there is one: the first slot
+    /// from then is found by bisection on timestamps, then the entries from there are
+    /// read in pages, through the scheduler's public `slot` and `range` requests (the
+    /// loader cannot read the log stream itself). Errors count as not found: the
+    /// firing is then sent again, which the scheduler deduplicates within its window.
+    async fn find_firing(&self, process: &str, firing: &str, since_ms: u64) -> Option<u64> {
+        let process = protocol::ProcessId::new(process).ok()?;
+        let from_ms = since_ms.saturating_sub(FIND_MARGIN_MS);
+        let head = self.scheduler.slot(&process).await.ok()?.slot?;
+        let (mut lo, mut hi) = (0u64, head + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let page = self
+                .scheduler
+                .range(
+                    &process,
+                    &protocol::wire::RangeRequest {
+                        from: mid,
+                        to: Some(mid),
+                        limit: Some(1),
+                    },
+                )
+                .await
+                .ok()?;
+            let ts = page.entries.first()?.timestamp_ms;
+            if ts < from_ms {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let mut from = Some(lo);
+        while let Some(f) = from {
+            if f > head {
+                break;
+            }
+            let page = self
+                .scheduler
+                .range(
+                    &process,
+                    &protocol::wire::RangeRequest {
+                        from: f,
+                        to: Some(head),
+                        limit: None,
+                    },
+                )
+                .await
+                .ok()?;
+            if let Some(e) = page.entries.iter().find(|e| e.message_id == firing) {
+                return Some(e.slot);
+            }
+            from = page.next;
+        }
+        None
+    }
+
     /// Makes the coming ticks of the cron jobs in `partitions` into alarms (each
     /// created only if absent) and records the last one planned.
     async fn plan_jobs(&self, partitions: &[u32], now: u64, horizon: u64) {
@@ -671,7 +735,26 @@ impl Loader {
                 Err(e) => return Err(e),
             };
             Metrics::bump(&self.metrics.dispatched);
-            let fired = self.fire(&claim).await;
+            // A claim taken over from a loader that died mid-dispatch: its firing may be
+            // in the log already, beyond the scheduler's idempotency window (every loader
+            // down for longer): look there first.
+            let taken_over = matches!(record.status, crate::alarm::Status::Dispatching { .. });
+            let found = match (&record.alarm.target, &record.status) {
+                (Target::Process(p), crate::alarm::Status::Dispatching { since_ms, .. })
+                    if taken_over =>
+                {
+                    Metrics::bump(&self.metrics.takeovers);
+                    self.find_firing(p, &claim.firing_id(), *since_ms).await
+                }
+                _ => None,
+            };
+            let fired = match found {
+                Some(slot) => Fired::Delivered {
+                    slot: Some(slot),
+                    duplicate: true,
+                },
+                None => self.fire(&claim).await,
+            };
             let done = (self.clock)();
             let (outcome, dead) = match fired {
                 Fired::Delivered { slot, duplicate } => {
