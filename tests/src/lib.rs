@@ -14,6 +14,7 @@
 //! - `hostile`: foreign messages on the log, replies aimed into our own space.
 //! - `alarms`: the alarm-loader: firing once, cancel, replace, crashes, outages, subject targets.
 //! - `alarm_cli`: `turnstile alarm set|get|list|cancel` as the binary: output, refusals, usage errors.
+//! - `cron_cli`: `turnstile cron add|get|list|activate|deactivate|delete|next` as the binary.
 //! - `cron_jobs`: cron jobs: once per tick across loaders, overlap, deletion, missed ticks, broadcast.
 //! - `keys_history`: required keys decided from the log (declared per run, handed over).
 //! - `cluster`: a three-node cluster: an R3 stream across a leader's death, the
@@ -33,6 +34,8 @@ mod alarms;
 mod bad_input;
 #[cfg(test)]
 mod cluster;
+#[cfg(test)]
+mod cron_cli;
 #[cfg(test)]
 mod cron_jobs;
 #[cfg(test)]

@@ -141,7 +141,7 @@ pub async fn run(nats: async_nats::Client, subjects: Subjects, action: Action) -
     match action {
         Action::Set(args) => {
             let alarm = alarm_of(&args, now)?;
-            let Some(answer) = call(&client, &subjects, "set", &alarm).await? else {
+            let Some(answer) = call(&client, subjects.alarm_request("set"), &alarm).await? else {
                 return Ok(1);
             };
             if args.json {
@@ -158,7 +158,12 @@ pub async fn run(nats: async_nats::Client, subjects: Subjects, action: Action) -
             )?;
         }
         Action::Cancel { id, json } => {
-            let Some(answer) = call(&client, &subjects, "cancel", &json!({ "id": id })).await?
+            let Some(answer) = call(
+                &client,
+                subjects.alarm_request("cancel"),
+                &json!({ "id": id }),
+            )
+            .await?
             else {
                 return Ok(1);
             };
@@ -179,7 +184,9 @@ pub async fn run(nats: async_nats::Client, subjects: Subjects, action: Action) -
             }
         }
         Action::Get { id, json } => {
-            let Some(answer) = call(&client, &subjects, "get", &json!({ "id": id })).await? else {
+            let Some(answer) =
+                call(&client, subjects.alarm_request("get"), &json!({ "id": id })).await?
+            else {
                 return Ok(1);
             };
             if json {
@@ -211,7 +218,8 @@ pub async fn run(nats: async_nats::Client, subjects: Subjects, action: Action) -
             if let Some(l) = limit {
                 request["limit"] = l.into();
             }
-            let Some(answer) = call(&client, &subjects, "list", &request).await? else {
+            let Some(answer) = call(&client, subjects.alarm_request("list"), &request).await?
+            else {
                 return Ok(1);
             };
             if json {
@@ -238,14 +246,7 @@ fn alarm_of(args: &SetArgs, now: u64) -> Result<Alarm> {
         (None, Some(d)) => now.saturating_add(d),
         (None, None) => bail!("give the due time with --at or --in"),
     };
-    let body = match &args.data {
-        Some(d) => d.as_bytes().to_vec(),
-        None => {
-            let mut buf = Vec::new();
-            std::io::stdin().read_to_end(&mut buf)?;
-            buf
-        }
-    };
+    let body = body_of(args.data.as_deref())?;
     let target = match (&args.process, &args.subject) {
         (Some(p), _) => Target::Process(p.clone()),
         (None, Some(s)) => Target::Subject(s.clone()),
@@ -267,19 +268,32 @@ fn alarm_of(args: &SetArgs, now: u64) -> Result<Alarm> {
     })
 }
 
-/// Sends one request; the JSON answer, or none after printing the loader's typed
-/// refusal.
-async fn call(
+/// The body given with `-d`, or else standard input.
+pub(crate) fn body_of(data: Option<&str>) -> Result<Vec<u8>> {
+    match data {
+        Some(d) => Ok(d.as_bytes().to_vec()),
+        None => {
+            let mut buf = Vec::new();
+            std::io::stdin().read_to_end(&mut buf)?;
+            Ok(buf)
+        }
+    }
+}
+
+/// Sends one request to the alarm-loader (an alarm's or a cron job's); the JSON
+/// answer, or none after printing the loader's typed refusal.
+pub(crate) async fn call(
     client: &Client,
-    subjects: &Subjects,
-    op: &str,
+    subject: String,
     body: &impl serde::Serialize,
 ) -> Result<Option<Value>> {
-    let subject = subjects.alarm_request(op);
     let body = Bytes::from(serde_json::to_vec(body)?);
-    match client.request(subject, HeaderMap::new(), body).await {
+    match client
+        .request(subject.clone(), HeaderMap::new(), body)
+        .await
+    {
         Ok(msg) => Ok(Some(serde_json::from_slice(&msg.payload).with_context(
-            || format!("the loader's answer to {op} is not JSON"),
+            || format!("the loader's answer on {subject} is not JSON"),
         )?)),
         Err(e @ journal::Error::Refused { .. }) => {
             eprintln!("turnstile: {e}");
@@ -292,12 +306,12 @@ async fn call(
     }
 }
 
-fn print_json(out: &mut impl Write, v: &Value) -> Result<i32> {
+pub(crate) fn print_json(out: &mut impl Write, v: &Value) -> Result<i32> {
     writeln!(out, "{}", serde_json::to_string_pretty(v)?)?;
     Ok(0)
 }
 
-fn now_ms() -> Result<u64> {
+pub(crate) fn now_ms() -> Result<u64> {
     Ok(u64::try_from(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
@@ -362,18 +376,18 @@ fn parse_duration(text: &str) -> Result<u64, String> {
     Ok(total)
 }
 
-fn parse_header(text: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_header(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| "headers are NAME=VALUE".to_string())
 }
 
 /// An instant as RFC 3339 UTC, as every command prints one.
-fn utc(ms: u64) -> String {
+pub(crate) fn utc(ms: u64) -> String {
     crate::audit::rfc3339(ms)
 }
 
-fn target_text(t: &Target) -> String {
+pub(crate) fn target_text(t: &Target) -> String {
     match t {
         Target::Process(p) => format!("into process {p}"),
         Target::Subject(s) => format!("to subject {s}"),
@@ -450,7 +464,7 @@ fn event_text(e: &Event) -> (u64, String) {
 }
 
 /// A body for a person: text (quoted, cut at 80 characters) or its size.
-fn body_text(body: &[u8]) -> String {
+pub(crate) fn body_text(body: &[u8]) -> String {
     match std::str::from_utf8(body) {
         Ok("") => "empty".into(),
         Ok(s) if !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') => {

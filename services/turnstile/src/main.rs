@@ -1,8 +1,8 @@
 //! `turnstile`: the command-line client. Schedules messages, reads and tails the
 //! assignment log, verifies it against the published keys, makes key files,
-//! edits per-process settings, sets and inspects alarms (the alarm-loader) and shows
-//! the next fire times of cron schedules. Everything it does is plain NATS (`cron`
-//! needs no server); see `schemas/`.
+//! edits per-process settings, sets and inspects alarms and cron jobs (the
+//! alarm-loader) and shows the next fire times of cron schedules. Everything it does
+//! is plain NATS (`cron next` of an expression needs no server); see `schemas/`.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -23,6 +23,7 @@ use protocol::ProcessId;
 
 mod alarm;
 mod audit;
+mod cron;
 mod verify;
 
 // `verify` receives every run into a fresh buffer of up to 512 KiB and frees it soon
@@ -131,43 +132,12 @@ enum Command {
         #[command(subcommand)]
         action: alarm::Action,
     },
-    /// Cron schedules, computed locally (no server needed).
+    /// Cron jobs kept by the alarm-loader (add, delete, activate, deactivate, get,
+    /// list; exit status 1: the loader refused, the reason on standard error), and the
+    /// next fire times of a schedule (`next`: an expression needs no server).
     Cron {
         #[command(subcommand)]
-        action: CronAction,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-enum CronAction {
-    /// Print the next fire times of a schedule expression, local and UTC, one per line.
-    /// (Naming a stored job instead of an expression comes with the alarm-loader service.)
-    Next {
-        /// A cron expression (6 fields with seconds, or 5 without), an alias
-        /// (@daily, @hourly, ...) or `@every 1h30m`; quote it.
-        expression: String,
-        /// IANA time zone the fields are read in.
-        #[arg(long, default_value = "UTC")]
-        tz: String,
-        /// How many fire times.
-        #[arg(long, default_value_t = 10)]
-        count: usize,
-        /// The anchor of an `@every` schedule, ms since the epoch (the job's creation
-        /// time; default: the epoch).
-        #[arg(long)]
-        every_anchor_ms: Option<i64>,
-        /// Start after this instant, ms since the epoch (default: now).
-        #[arg(long)]
-        after_ms: Option<i64>,
-        /// A wall time that does not exist: skip or shift (fire once after the gap).
-        #[arg(long, default_value = "shift")]
-        gap: String,
-        /// A wall time that occurs twice: once or twice.
-        #[arg(long, default_value = "once")]
-        fold: String,
-        /// One JSON object a line instead of text.
-        #[arg(long)]
-        json: bool,
+        action: cron::Action,
     },
 }
 
@@ -433,46 +403,14 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Alarm { action } => {
             alarm::run(connect(&cli.nats_url).await?, subjects, action).await
         }
-        Command::Cron { action } => match action {
-            CronAction::Next {
-                expression,
-                tz,
-                count,
-                every_anchor_ms,
-                after_ms,
-                gap,
-                fold,
-                json,
-            } => {
-                let dst = alarm_loader::cron::DstPolicy {
-                    gap: gap.parse()?,
-                    fold: fold.parse()?,
-                };
-                let mut schedule = alarm_loader::cron::Schedule::parse(&expression)?
-                    .in_zone(alarm_loader::cron::zone(&tz)?)
-                    .with_dst(dst);
-                if let Some(anchor) = every_anchor_ms {
-                    if schedule.every_ms().is_none() {
-                        bail!("--every-anchor-ms is for @every schedules only");
-                    }
-                    schedule = schedule.anchored_at(anchor);
-                }
-                // The command line is the edge: the clock is read here, and only here.
-                let after = match after_ms {
-                    Some(ms) => ms,
-                    None => i64::try_from(
-                        std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)?
-                            .as_millis(),
-                    )?,
-                };
-                let mut out = std::io::stdout().lock();
-                for tick in schedule.ticks_after(after).take(count) {
-                    writeln!(out, "{}", cron_line(&schedule, &tick, json)?)?;
-                }
-                Ok(0)
-            }
-        },
+        Command::Cron { action } => {
+            let nats = if action.needs_server() {
+                Some(connect(&cli.nats_url).await?)
+            } else {
+                None
+            };
+            cron::run(nats, subjects, action).await
+        }
         Command::Keys => {
             let js = async_nats::jetstream::new(connect(&cli.nats_url).await?);
             let store = setup::open_bucket(&js, &subjects.keys_bucket()).await?;
@@ -494,33 +432,6 @@ fn write_private(path: &PathBuf, text: &str) -> Result<()> {
         .with_context(|| format!("creating {} (it must not exist)", path.display()))?;
     f.write_all(text.as_bytes())?;
     Ok(())
-}
-
-/// One fire time: the wall clock at the instant (with its offset), the instant in UTC,
-/// and what the daylight-saving policy did, if anything.
-fn cron_line(
-    schedule: &alarm_loader::cron::Schedule,
-    tick: &alarm_loader::cron::Tick,
-    json: bool,
-) -> Result<String> {
-    use alarm_loader::cron::TickKind;
-    let zoned = tick.utc().to_zoned(schedule.zone().clone());
-    let local = zoned.strftime("%Y-%m-%dT%H:%M:%S%:z").to_string();
-    if json {
-        return Ok(serde_json::to_string(&json!({
-            "utc_ms": tick.utc_ms,
-            "utc": tick.utc().to_string(),
-            "local": local,
-            "named": tick.local.to_string(),
-            "kind": tick.kind.as_str(),
-        }))?);
-    }
-    let note = match tick.kind {
-        TickKind::Exact => String::new(),
-        TickKind::Shifted => format!("  shifted: {} does not exist", tick.local),
-        TickKind::Repeated => format!("  repeated: second {}", tick.local),
-    };
-    Ok(format!("{local}  {}{note}", tick.utc()))
 }
 
 fn receipt_json(r: &Receipt) -> serde_json::Value {
