@@ -50,7 +50,7 @@ impl From<Error> for Refusal {
             | Error::Service(_) => Refusal::new(ErrorCode::Unavailable, e.to_string()),
             Error::Conflict(id) => Refusal::new(
                 ErrorCode::Busy,
-                format!("alarm {id} is changing under another request; retry"),
+                format!("{id} is changing under another request; retry"),
             ),
             // The cron module's own refusals (schedule, zone, policy, name).
             other => Refusal::new(ErrorCode::InvalidAlarm, other.to_string()),
@@ -312,20 +312,50 @@ async fn add_job(store: &Store, clock: &Clock, mut job: CronJob) -> Result<Value
     job.created_ms = now;
     job.validate(store.subjects())
         .map_err(|e| Refusal::new(ErrorCode::InvalidAlarm, e.to_string()))?;
-    let existing = store.job(&job.name).await?;
-    let replaced = existing.as_ref().is_some_and(|(j, _)| j.job.is_some());
-    let expected = existing.map_or(0, |(_, s)| s);
-    let stored = StoredJob {
-        v: 1,
-        job: Some(job.clone()),
-        at_ms: now,
-    };
-    store.put_job(&job.name, &stored, expected).await?;
-    Ok(json!({
-        "name": job.name,
-        "replaced": replaced,
-        "next": next_ticks(&job, now, SHOWN_TICKS),
-    }))
+    for _ in 0..3 {
+        let existing = store.job(&job.name).await?;
+        let replaced = existing.as_ref().is_some_and(|(j, _)| j.job.is_some());
+        let expected = existing.map_or(0, |(_, s)| s);
+        let stored = StoredJob {
+            v: 1,
+            job: Some(job.clone()),
+            at_ms: now,
+        };
+        match store.put_job(&job.name, &stored, expected).await {
+            Ok(_) => {
+                // A replaced job plans from now: the old one's gap is no missed run.
+                restart_planning(store, &job.name, now).await?;
+                return Ok(json!({
+                    "name": job.name,
+                    "replaced": replaced,
+                    "next": next_ticks(&job, now, SHOWN_TICKS),
+                }));
+            }
+            Err(Error::Conflict(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::Conflict(job.name).into())
+}
+
+/// Makes job `name` plan its ticks from `now` on (after an add or an activation:
+/// the time it was absent or inactive is not a missed run).
+async fn restart_planning(store: &Store, name: &str, now: u64) -> Result<(), Refusal> {
+    for _ in 0..3 {
+        // A job never planned plans from its creation anyway.
+        let Some((_, expected)) = store.planned(name).await? else {
+            return Ok(());
+        };
+        match store
+            .set_planned(name, crate::jobs::Planned { tick_ms: now }, expected)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(Error::Conflict(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::Conflict(name.to_string()).into())
 }
 
 /// Deletes (`active` none) or (de)activates a job.
@@ -365,11 +395,14 @@ async fn change_job(
         };
         match store.put_job(name, &stored, seq).await {
             Ok(_) => {
+                if active == Some(true) {
+                    restart_planning(store, name, clock()).await?;
+                }
                 return Ok(json!({
                     "name": name,
                     "deleted": stored.job.is_none(),
                     "active": stored.job.as_ref().map(|j| j.active),
-                }))
+                }));
             }
             Err(Error::Conflict(_)) => continue,
             Err(e) => return Err(e.into()),

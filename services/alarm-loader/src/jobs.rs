@@ -252,6 +252,19 @@ impl CronJob {
         Ok((out, dropped))
     }
 
+    /// Whether `tick_ms` is a tick of this job's schedule.
+    pub fn is_tick(&self, tick_ms: u64) -> bool {
+        let Ok(schedule) = self.schedule() else {
+            return false;
+        };
+        let Ok(t) = i64::try_from(tick_ms) else {
+            return false;
+        };
+        schedule
+            .next_after(t.saturating_sub(1))
+            .is_some_and(|next| next.utc_ms == t)
+    }
+
     /// Why a tick due at `tick_ms` is not fired at `now`, if it is not: it is late
     /// beyond [`MISSED_AFTER_MS`] and the policy is `skip`, or `latest` and a later
     /// tick is due too.
@@ -380,6 +393,15 @@ mod tests {
         j.overlap = Overlap::Skip;
         let c = j.tick_alarm(1_020_000, Some(1_010_000)).cron.unwrap();
         assert_eq!(c.after.as_deref(), Some("cron-backup-1010000"));
+    }
+
+    #[test]
+    fn ticks_of_the_schedule_are_recognised() {
+        let j = job("@every 10s");
+        assert!(j.is_tick(1_010_000) && j.is_tick(1_020_000));
+        assert!(!j.is_tick(1_015_000) && !j.is_tick(1_010_001));
+        let h = job("0 0 * * * *");
+        assert!(h.is_tick(3_600_000) && !h.is_tick(3_600_000 + 60_000));
     }
 
     #[test]

@@ -111,6 +111,9 @@ const DISCOVERY: Duration = Duration::from_millis(300);
 /// skew between the loader and the scheduler).
 const FIND_MARGIN_MS: u64 = 60_000;
 
+/// How many ticks skipped for the overlap are walked back to find the running one.
+const MAX_OVERLAP_WALK: usize = 1_000;
+
 /// The shortest retry a subject target may ask for.
 pub const MIN_RETRY_MS: u64 = 100;
 
@@ -194,6 +197,15 @@ impl Rearm {
             Rearm::InWindow(at) | Rearm::Always(at) => at,
         }
     }
+}
+
+/// What a cron tick's rules say.
+#[derive(Debug)]
+enum CronCheck {
+    /// Not fired, for this reason.
+    Skip(String),
+    /// Fired; with the job's current definition for a tick.
+    Fire(Option<crate::jobs::CronJob>),
 }
 
 /// What a dispatch came to.
@@ -596,37 +608,65 @@ impl Loader {
         Ok(())
     }
 
-    /// Why a cron tick's alarm is not fired now, if it is not: its job was deleted or
-    /// deactivated; on its first attempt, it is late past its missed-run policy, or the
-    /// previous tick's execution has not finished and the job does not overlap.
-    async fn cron_rule(&self, record: &Record, now: u64) -> Result<Option<String>> {
+    /// Whether a cron tick's alarm fires now: skipped (why) when its job was deleted
+    /// or deactivated, when the tick is no longer one of the job's schedule (the job
+    /// was replaced), and, on its first attempt, when it is late past its missed-run
+    /// policy or the last execution that ran has not finished and the job does not
+    /// overlap. Fired with the job's current definition (target, body, headers,
+    /// timeout, retry), which a replace may have changed since the tick was planned.
+    async fn cron_rule(&self, record: &Record, now: u64) -> Result<CronCheck> {
         let Some(tick) = &record.alarm.cron else {
-            return Ok(None);
+            return Ok(CronCheck::Fire(None));
         };
+        let skip = |why: String| Ok(CronCheck::Skip(why));
         let job = match self.store.job(&tick.job).await? {
             Some((crate::jobs::StoredJob { job: Some(job), .. }, _)) => job,
-            _ => return Ok(Some(format!("cron job {} was deleted", tick.job))),
+            _ => return skip(format!("cron job {} was deleted", tick.job)),
         };
         if !job.active {
-            return Ok(Some(format!("cron job {} is inactive", tick.job)));
+            return skip(format!("cron job {} is inactive", tick.job));
+        }
+        if !job.is_tick(tick.tick_ms) {
+            return skip(format!(
+                "not a tick of cron job {}'s current schedule (it was replaced)",
+                tick.job
+            ));
         }
         let first = matches!(
             record.status,
             crate::alarm::Status::Pending { attempts: 0, .. }
         );
-        if !first {
-            return Ok(None);
-        }
-        if let Some(reason) = job.late_rule(tick.tick_ms, now) {
-            return Ok(Some(reason));
-        }
-        if let Some(previous) = &tick.after {
-            if let Some((prev, _)) = self.store.read(previous).await? {
-                if !prev.status.is_final() {
-                    return Ok(Some(format!(
-                        "overlap: the previous execution ({previous}) has not finished"
-                    )));
+        if first {
+            if let Some(reason) = job.late_rule(tick.tick_ms, now) {
+                return skip(reason);
+            }
+            if job.overlap == crate::jobs::Overlap::Skip {
+                if let Some(running) = self.running_before(tick).await? {
+                    return skip(format!(
+                        "overlap: the previous execution ({running}) has not finished"
+                    ));
                 }
+            }
+        }
+        Ok(CronCheck::Fire(Some(job)))
+    }
+
+    /// The last tick before `tick` that was not skipped, if it has not finished:
+    /// walking back over ticks skipped for the overlap, so a long execution holds off
+    /// every tick until it ends, not every other one.
+    async fn running_before(&self, tick: &crate::alarm::CronTick) -> Result<Option<String>> {
+        let mut previous = tick.after.clone();
+        for _ in 0..MAX_OVERLAP_WALK {
+            let Some(id) = previous else { return Ok(None) };
+            let Some((prev, _)) = self.store.read(&id).await? else {
+                return Ok(None);
+            };
+            match &prev.status {
+                crate::alarm::Status::Skipped { reason, .. } if reason.starts_with("overlap") => {
+                    previous = prev.alarm.cron.and_then(|c| c.after);
+                }
+                s if s.is_final() => return Ok(None),
+                _ => return Ok(Some(id)),
             }
         }
         Ok(None)
@@ -706,22 +746,34 @@ impl Loader {
                     _ => Ok(Some(Rearm::Always(next))),
                 };
             }
-            if let Some(reason) = self.cron_rule(&record, now).await? {
-                let Some(skipped) = record.skipped(now, &reason) else {
-                    return Ok(None);
-                };
-                match self.store.append(&skipped, seq).await {
-                    Ok(_) => {
-                        Metrics::bump(&self.metrics.skipped);
-                        self.store.remove_due(id, armed_at).await?;
+            let mut record = record;
+            match self.cron_rule(&record, now).await? {
+                CronCheck::Skip(reason) => {
+                    let Some(skipped) = record.skipped(now, &reason) else {
                         return Ok(None);
+                    };
+                    match self.store.append(&skipped, seq).await {
+                        Ok(_) => {
+                            Metrics::bump(&self.metrics.skipped);
+                            self.store.remove_due(id, armed_at).await?;
+                            return Ok(None);
+                        }
+                        Err(Error::Conflict(_)) => {
+                            Metrics::bump(&self.metrics.conflicts);
+                            continue;
+                        }
+                        Err(e) => return Err(e),
                     }
-                    Err(Error::Conflict(_)) => {
-                        Metrics::bump(&self.metrics.conflicts);
-                        continue;
-                    }
-                    Err(e) => return Err(e),
                 }
+                CronCheck::Fire(Some(job)) => {
+                    let current = job.tick_alarm(0, None);
+                    record.alarm.target = current.target;
+                    record.alarm.body = current.body;
+                    record.alarm.headers = current.headers;
+                    record.alarm.dispatch_timeout_ms = current.dispatch_timeout_ms;
+                    record.alarm.retry = current.retry;
+                }
+                CronCheck::Fire(None) => {}
             }
             let Some(claim) = record.claim(now, &self.config.replica) else {
                 return Ok(None);
