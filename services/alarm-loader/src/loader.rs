@@ -205,7 +205,7 @@ enum CronCheck {
     /// Not fired, for this reason.
     Skip(String),
     /// Fired; with the job's current definition for a tick.
-    Fire(Option<crate::jobs::CronJob>),
+    Fire(Option<Box<crate::jobs::CronJob>>),
 }
 
 /// What a dispatch came to.
@@ -648,7 +648,7 @@ impl Loader {
                 }
             }
         }
-        Ok(CronCheck::Fire(Some(job)))
+        Ok(CronCheck::Fire(Some(Box::new(job))))
     }
 
     /// The last tick before `tick` that was not skipped, if it has not finished:
