@@ -127,7 +127,7 @@ const ENTRY_GRACE_MS: u64 = 15_000;
 const RECHECK_MS: u64 = 500;
 
 /// How many lateness samples the percentiles use.
-const LATENESS_SAMPLES: usize = 10_000;
+const LATENESS_SAMPLES: usize = 200_000;
 
 impl Metrics {
     fn bump(c: &AtomicU64) {
