@@ -19,7 +19,7 @@ use crate::{Error, Result};
 
 /// Longest job name (its tick alarms' ids must fit [`crate::alarm::MAX_ID`]).
 pub const MAX_NAME: usize = 100;
-/// A tick fired later than this after its time counts as missed.
+/// The default grace: a tick later than this after its time counts as missed.
 pub const MISSED_AFTER_MS: u64 = 30_000;
 /// Most ticks planned for one job in one round.
 pub const MAX_TICKS_A_ROUND: usize = 1_000;
@@ -74,6 +74,10 @@ pub struct CronJob {
     /// Most missed ticks fired under `all`.
     #[serde(default = "ten")]
     pub missed_bound: u32,
+    /// A tick is missed only once it is this late (ms): within it a tick that fell
+    /// while no loader planned it (a failover, a short outage) still fires, late.
+    #[serde(default = "grace")]
+    pub missed_grace_ms: u64,
     /// A wall time that does not exist: `shift` (fire after the gap) or `skip`.
     #[serde(default = "shift")]
     pub dst_gap: String,
@@ -110,6 +114,9 @@ fn skip() -> String {
 }
 fn ten() -> u32 {
     10
+}
+fn grace() -> u64 {
+    MISSED_AFTER_MS
 }
 fn shift() -> String {
     "shift".into()
@@ -223,11 +230,14 @@ impl CronJob {
         let from = last.unwrap_or(self.created_ms);
         let mut out = Vec::new();
         let mut dropped = 0;
-        if from < now {
+        // Ticks later than the grace are missed; those within it are planned (late).
+        let missed_before = now.saturating_sub(self.missed_grace_ms);
+        let mut from = from;
+        if from < missed_before {
             let m = cron::missed(
                 &schedule,
                 to_i(from),
-                to_i(now),
+                to_i(missed_before),
                 self.missed_policy()?,
                 self.missed_bound as usize,
             );
@@ -238,9 +248,12 @@ impl CronJob {
                     cron::Count::Exact(n) | cron::Count::AtLeast(n) => n,
                 };
             }
+            from = missed_before;
         }
-        let start = to_i(from.max(now));
-        for t in schedule.ticks_after(start) {
+        if last.is_none() {
+            from = from.max(now);
+        }
+        for t in schedule.ticks_after(to_i(from)) {
             let Ok(t) = u64::try_from(t.utc_ms) else {
                 break;
             };
@@ -266,11 +279,11 @@ impl CronJob {
     }
 
     /// Why a tick due at `tick_ms` is not fired at `now`, if it is not: it is late
-    /// beyond [`MISSED_AFTER_MS`] and the policy is `skip`, or `latest` and a later
-    /// tick is due too.
+    /// beyond the job's grace and the policy is `skip`, or `latest` and a later tick
+    /// is due too.
     pub fn late_rule(&self, tick_ms: u64, now: u64) -> Option<String> {
         let late = now.saturating_sub(tick_ms);
-        if late <= MISSED_AFTER_MS {
+        if late <= self.missed_grace_ms {
             return None;
         }
         match self.missed_policy().ok()? {
@@ -312,6 +325,7 @@ mod tests {
             ("UTC", true, Overlap::Allow)
         );
         assert_eq!((j.missed.as_str(), j.missed_bound), ("skip", 10));
+        assert_eq!(j.missed_grace_ms, MISSED_AFTER_MS);
         assert_eq!(j.strategy, Strategy::One);
         assert!(serde_json::from_value::<CronJob>(serde_json::json!({
             "name": "x", "schedule": "@hourly", "target": {"process": "p"}, "colour": 1
@@ -359,22 +373,28 @@ mod tests {
     #[test]
     fn ticks_missed_while_nothing_planned_follow_the_policy() {
         let mut j = job("@every 10s");
-        // Last planned 1,010,000; back at 1,065,000: 1,020,000 … 1,060,000 fell (5).
+        // Last planned 1,010,000; back at 1,065,000 (grace 30 s): 1,020,000 and
+        // 1,030,000 are missed; 1,040,000 … 1,060,000 are late but within the grace.
         let (ticks, dropped) = j.plan(Some(1_010_000), 1_065_000, 1_075_000).unwrap();
-        assert_eq!((ticks.as_slice(), dropped), (&[1_070_000][..], 5));
+        let within = [1_040_000, 1_050_000, 1_060_000, 1_070_000];
+        assert_eq!((ticks.as_slice(), dropped), (&within[..], 2));
         j.missed = "latest".into();
         let (ticks, dropped) = j.plan(Some(1_010_000), 1_065_000, 1_075_000).unwrap();
-        assert_eq!(
-            (ticks.as_slice(), dropped),
-            (&[1_060_000, 1_070_000][..], 4)
-        );
+        assert_eq!(ticks[0], 1_030_000);
+        assert_eq!((&ticks[1..], dropped), (&within[..], 1));
         j.missed = "all".into();
-        j.missed_bound = 3;
+        j.missed_bound = 1;
         let (ticks, dropped) = j.plan(Some(1_010_000), 1_065_000, 1_075_000).unwrap();
         assert_eq!(
-            (ticks.as_slice(), dropped),
-            (&[1_040_000, 1_050_000, 1_060_000, 1_070_000][..], 2)
+            (ticks[0], &ticks[1..], dropped),
+            (1_030_000, &within[..], 1)
         );
+        j.missed_bound = 10;
+        // A short grace: everything up to now - 5 s is missed (1,020,000 … 1,060,000).
+        j.missed = "skip".into();
+        j.missed_grace_ms = 5_000;
+        let (ticks, dropped) = j.plan(Some(1_010_000), 1_065_000, 1_075_000).unwrap();
+        assert_eq!((ticks.as_slice(), dropped), (&[1_070_000][..], 5));
         // Planned ahead already: nothing new before the horizon moves.
         let (ticks, _) = j.plan(Some(1_070_000), 1_065_000, 1_075_000).unwrap();
         assert!(ticks.is_empty());

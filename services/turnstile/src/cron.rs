@@ -90,6 +90,10 @@ pub struct AddArgs {
     /// Most missed ticks fired under --missed all.
     #[arg(long, default_value_t = 10)]
     missed_bound: u32,
+    /// A tick counts as missed only once it is this late (ms); within it a tick that
+    /// fell during a failover still fires, late.
+    #[arg(long, default_value_t = alarm_loader::jobs::MISSED_AFTER_MS)]
+    missed_grace_ms: u64,
     /// A wall time that does not exist (spring forward): fire once right after the
     /// gap, or skip it.
     #[arg(long, value_parser = ["shift", "skip"], default_value = "shift")]
@@ -354,6 +358,7 @@ fn job_of(args: &AddArgs) -> Result<CronJob> {
         },
         missed: args.missed.clone(),
         missed_bound: args.missed_bound,
+        missed_grace_ms: args.missed_grace_ms,
         dst_gap: args.dst_gap.clone(),
         dst_fold: args.dst_fold.clone(),
         target,
