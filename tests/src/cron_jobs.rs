@@ -76,7 +76,7 @@ async fn ticks_in_log(url: &str, process: &str, job: &str) -> Result<Vec<u64>> {
 async fn a_cron_job_fires_once_per_tick_across_three_loaders_one_killed() -> Result<()> {
     let server = server()?;
     let sched = InProcess::start(&server, Config::default(), vec![test_key(1)]).await?;
-    let mut loaders = vec![
+    let mut loaders = [
         spawn_loader(&server)?,
         spawn_loader(&server)?,
         spawn_loader(&server)?,
