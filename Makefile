@@ -122,7 +122,8 @@ run: tools release
 	echo "  ./target/release/turnstile slot my-process"; \
 	echo "  ./target/release/turnstile log my-process --text --follow"; \
 	echo "  ./target/release/turnstile verify my-process"; \
-	echo "  nats req ts.alarm.set '{\"id\":\"hello-1\",\"due_ms\":'\$$(( \$$(date +%s) * 1000 + 5000 ))',\"target\":{\"process\":\"my-process\"},\"body\":\"aGVsbG8=\"}'   # fires in 5 s"; \
+	echo "  ./target/release/turnstile alarm set hello-1 --in 5s --process my-process -d 'wake up'   # fires in 5 s"; \
+	echo "  ./target/release/turnstile cron add beat '@every 10s' --process my-process -d 'tick'"; \
 	if [ -z "$${NATS_URL}" ]; then \
 	  echo "As the operator (process settings, stream administration):"; \
 	  echo "  env \$$(cat data/operator.env) ./target/release/turnstile process set my-process --mode disabled"; \

@@ -247,6 +247,10 @@ struct NameRequest {
     name: String,
 }
 
+/// How far ahead an add or an activation plans a job's ticks itself (the loaders'
+/// planning rounds go on from there).
+const PLAN_AHEAD_MS: u64 = 20_000;
+
 /// How many next ticks `cron get` and `cron add` show.
 const SHOWN_TICKS: usize = 5;
 
@@ -325,6 +329,10 @@ async fn add_job(store: &Store, clock: &Clock, mut job: CronJob) -> Result<Value
             Ok(_) => {
                 // A replaced job plans from now: the old one's gap is no missed run.
                 restart_planning(store, &job.name, now).await?;
+                // Its first ticks are alarms at once, not at the next planning round.
+                if job.active {
+                    crate::jobs::plan_into(store, &job, now, now + PLAN_AHEAD_MS).await?;
+                }
                 return Ok(json!({
                     "name": job.name,
                     "replaced": replaced,
@@ -396,7 +404,11 @@ async fn change_job(
         match store.put_job(name, &stored, seq).await {
             Ok(_) => {
                 if active == Some(true) {
-                    restart_planning(store, name, clock()).await?;
+                    let now = clock();
+                    restart_planning(store, name, now).await?;
+                    if let Some(job) = &stored.job {
+                        crate::jobs::plan_into(store, job, now, now + PLAN_AHEAD_MS).await?;
+                    }
                 }
                 return Ok(json!({
                     "name": name,

@@ -13,8 +13,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::alarm::{Alarm, CronTick, RetryPolicy, Target};
+use crate::alarm::{Alarm, CronTick, Record, RetryPolicy, Status, Target};
 use crate::cron::{self, DstPolicy, JobName, MissedPolicy, Schedule};
+use crate::store::Store;
 use crate::{Error, Result};
 
 /// Longest job name (its tick alarms' ids must fit [`crate::alarm::MAX_ID`]).
@@ -250,9 +251,6 @@ impl CronJob {
             }
             from = missed_before;
         }
-        if last.is_none() {
-            from = from.max(now);
-        }
         for t in schedule.ticks_after(to_i(from)) {
             let Ok(t) = u64::try_from(t.utc_ms) else {
                 break;
@@ -301,6 +299,46 @@ impl CronJob {
             MissedPolicy::All => None,
         }
     }
+}
+
+/// Makes `job`'s ticks up to `horizon` into alarms (each created only if absent: the
+/// same tick planned twice, by two loaders or by an add and a loader, is one alarm)
+/// and records the last one planned (compare-and-set; a lost race means another
+/// planner did it). Returns how many ticks were missed (dropped by the policy).
+pub async fn plan_into(store: &Store, job: &CronJob, now: u64, horizon: u64) -> Result<u64> {
+    let planned = store.planned(&job.name).await?;
+    // A job replaced after it was planned starts again from its new creation.
+    let last = planned
+        .map(|(p, _)| p.tick_ms)
+        .filter(|&t| t >= job.created_ms);
+    let (ticks, dropped) = job.plan(last, now, horizon)?;
+    let mut previous = last;
+    for &tick in &ticks {
+        let alarm = job.tick_alarm(tick, previous);
+        previous = Some(tick);
+        let mut record = Record::set(alarm, now);
+        let at = tick.max(now);
+        record.status = Status::Pending {
+            next_ms: at,
+            attempts: 0,
+        };
+        store.put_due(&record.alarm.id, at, now).await?;
+        match store.append(&record, 0).await {
+            Ok(_) | Err(Error::Conflict(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(&tick_ms) = ticks.last() {
+        let expected = planned.map_or(0, |(_, s)| s);
+        match store
+            .set_planned(&job.name, Planned { tick_ms }, expected)
+            .await
+        {
+            Ok(_) | Err(Error::Conflict(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(dropped)
 }
 
 #[cfg(test)]
@@ -362,12 +400,20 @@ mod tests {
     }
 
     #[test]
-    fn a_new_job_plans_from_its_creation_and_misses_nothing() {
+    fn a_new_job_plans_from_its_creation_within_the_grace_and_misses_nothing() {
         let j = job("@every 10s");
-        // Created at 1,000,000; asked at 1,025,000 for a horizon of 1,045,000.
+        // Created at 1,000,000, first planned at 1,025,000 (horizon 1,045,000): the
+        // ticks since its creation are late but within the 30 s grace.
         let (ticks, dropped) = j.plan(None, 1_025_000, 1_045_000).unwrap();
-        assert_eq!(ticks, [1_030_000, 1_040_000]);
+        assert_eq!(ticks, [1_010_000, 1_020_000, 1_030_000, 1_040_000]);
         assert_eq!(dropped, 0);
+        // First planned long after its creation: nothing older than the grace, and
+        // nothing counted as missed (it was never due to run).
+        let (ticks, dropped) = j.plan(None, 1_100_000, 1_110_000).unwrap();
+        assert_eq!(
+            (ticks.as_slice(), dropped),
+            (&[1_080_000, 1_090_000, 1_100_000, 1_110_000][..], 0)
+        );
     }
 
     #[test]

@@ -566,44 +566,12 @@ impl Loader {
     }
 
     async fn plan_job(&self, job: &crate::jobs::CronJob, now: u64, horizon: u64) -> Result<()> {
-        let planned = self.store.planned(&job.name).await?;
-        let last = planned.map(|(p, _)| p.tick_ms);
-        // A job replaced after it was planned starts again from its new creation.
-        let last = last.filter(|&t| t >= job.created_ms);
-        let (ticks, dropped) = job.plan(last, now, horizon)?;
+        let dropped = crate::jobs::plan_into(&self.store, job, now, horizon).await?;
         if dropped > 0 {
             self.metrics
                 .cron_missed
                 .fetch_add(dropped, Ordering::Relaxed);
             info!(job = %job.name, dropped, policy = %job.missed, "cron ticks missed while no loader planned them");
-        }
-        let mut previous = last;
-        for &tick in &ticks {
-            let alarm = job.tick_alarm(tick, previous);
-            previous = Some(tick);
-            let mut record = Record::set(alarm, now);
-            let at = tick.max(now);
-            record.status = crate::alarm::Status::Pending {
-                next_ms: at,
-                attempts: 0,
-            };
-            self.store.put_due(&record.alarm.id, at, now).await?;
-            match self.store.append(&record, 0).await {
-                // Created here, or already by another loader: one tick, one alarm.
-                Ok(_) | Err(Error::Conflict(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if let Some(&tick_ms) = ticks.last() {
-            let expected = planned.map_or(0, |(_, s)| s);
-            match self
-                .store
-                .set_planned(&job.name, crate::jobs::Planned { tick_ms }, expected)
-                .await
-            {
-                Ok(_) | Err(Error::Conflict(_)) => {}
-                Err(e) => return Err(e),
-            }
         }
         Ok(())
     }
