@@ -581,12 +581,8 @@ impl Loader {
         for &tick in &ticks {
             let alarm = job.tick_alarm(tick, previous);
             previous = Some(tick);
-            let mut record = Record::set(alarm, now);
+            let record = Record::set(alarm, now);
             let at = tick.max(now);
-            record.status = crate::alarm::Status::Pending {
-                next_ms: at,
-                attempts: 0,
-            };
             self.store.put_due(&record.alarm.id, at, now).await?;
             match self.store.append(&record, 0).await {
                 // Created here, or already by another loader: one tick, one alarm.
