@@ -532,7 +532,7 @@ fn cron_jobs() -> Result<Vec<Value>> {
         "name": "backup",
         "schedule": "30 2 * * *",
         "tz": "America/New_York",
-        "missed_bound": 2,
+        "missed_bound": 3,
         "target": {"process": "ops"},
         "created_ms": 1_772_323_200_000u64,
     }))
