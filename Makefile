@@ -142,10 +142,12 @@ test: tools build
 	@$(MAKE) --no-print-directory vectors
 	./target/debug/chaos --duration 90 --scale 0.3 --workers 4 --out bench-results/chaos-test.json
 
-# The golden vectors, recomputed by an independent Python implementation of schemas/.
+# The golden vectors (schemas/vectors.json, schemas/alarm-vectors.json), recomputed by an
+# independent Python implementation of schemas/.
 vectors:
 	@python3 -m pip install --quiet --target "$(TOOLS)/py" -r schemas/python/requirements.txt
 	PYTHONPATH="$(TOOLS)/py" python3 schemas/python/check_vectors.py schemas/vectors.json
+	PYTHONPATH="$(TOOLS)/py" python3 schemas/python/check_alarm_vectors.py schemas/alarm-vectors.json
 
 # Fault injection (README "Chaos"): DURATION seconds of seeded workload and faults
 # against scheduler replicas, checked from the log; SEED (default: random, printed)

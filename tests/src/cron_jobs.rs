@@ -282,10 +282,11 @@ async fn ticks_missed_during_an_outage_follow_the_policy() -> Result<()> {
         "the job went on: {ticks:?}"
     );
     let stats = loader_stats(&client).await?;
-    assert!(
-        stats.get("cron_missed").copied().unwrap_or(0) >= 2,
-        "{stats:?}"
-    );
+    // Dropped as missed when planning resumed, or skipped as late at fire time when
+    // they had been planned before the outage: either way by the policy, and said.
+    let by_policy =
+        stats.get("cron_missed").copied().unwrap_or(0) + stats.get("skipped").copied().unwrap_or(0);
+    assert!(by_policy >= 2, "{stats:?}");
     b.terminate(Duration::from_secs(10));
     sched.stop().await?;
     Ok(())

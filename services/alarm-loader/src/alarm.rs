@@ -527,13 +527,15 @@ impl Record {
         ))
     }
 
-    /// The first record of a newly set alarm (its `set_seq` is filled in by the store
-    /// once known: 0 until then).
+    /// The first record of a newly set alarm at `now`: pending from its due time, or
+    /// from `now` if that is later (never indexed behind the present: the sweep may
+    /// have passed that bucket). Its `set_seq` is 0 as stored: a reader takes the
+    /// record's own stream sequence (the store's `decode`).
     pub fn set(alarm: Alarm, now: u64) -> Record {
         Record {
             v: 1,
             status: Status::Pending {
-                next_ms: alarm.due_ms,
+                next_ms: alarm.due_ms.max(now),
                 attempts: 0,
             },
             alarm,

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use protocol::wire::ErrorCode;
 
-use crate::alarm::{bucket_of, Alarm, Record, Status, Target, PARTITIONS};
+use crate::alarm::{bucket_of, Alarm, Record, Target, PARTITIONS};
 use crate::cron::JobName;
 use crate::jobs::{CronJob, StoredJob};
 use crate::loader::Clock;
@@ -126,13 +126,9 @@ async fn set(store: &Store, clock: &Clock, alarm: Alarm) -> Result<Value, Refusa
     for _ in 0..3 {
         let now = clock();
         let existing = store.read(&alarm.id).await?;
-        let mut record = Record::set(alarm.clone(), now);
+        let record = Record::set(alarm.clone(), now);
         // Never index behind the present: the sweep may have passed that bucket.
         let at = alarm.due_ms.max(now);
-        record.status = Status::Pending {
-            next_ms: at,
-            attempts: 0,
-        };
         store.put_due(&alarm.id, at, now).await?;
         let expected = existing.as_ref().map_or(0, |(_, s)| *s);
         match store.append(&record, expected).await {

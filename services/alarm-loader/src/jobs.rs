@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::alarm::{Alarm, CronTick, Record, RetryPolicy, Status, Target};
+use crate::alarm::{Alarm, CronTick, Record, RetryPolicy, Target};
 use crate::cron::{self, DstPolicy, JobName, MissedPolicy, Schedule};
 use crate::store::Store;
 use crate::{Error, Result};
@@ -316,12 +316,9 @@ pub async fn plan_into(store: &Store, job: &CronJob, now: u64, horizon: u64) -> 
     for &tick in &ticks {
         let alarm = job.tick_alarm(tick, previous);
         previous = Some(tick);
-        let mut record = Record::set(alarm, now);
+        // Pending from the later of the tick and now (Record::set).
+        let record = Record::set(alarm, now);
         let at = tick.max(now);
-        record.status = Status::Pending {
-            next_ms: at,
-            attempts: 0,
-        };
         store.put_due(&record.alarm.id, at, now).await?;
         match store.append(&record, 0).await {
             Ok(_) | Err(Error::Conflict(_)) => {}

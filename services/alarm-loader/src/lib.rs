@@ -10,6 +10,7 @@
 //! - [`store`]: the stream `<PREFIX>_ALARMS`: histories, the due index, compare-and-set.
 //! - [`loader`]: the window loader and the dispatcher.
 //! - [`api`]: the `<prefix>.alarm.*` requests.
+//! - [`vectors`]: the golden vectors of `schemas/alarm-vectors.json`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -20,6 +21,7 @@ mod error;
 pub mod jobs;
 pub mod loader;
 pub mod store;
+pub mod vectors;
 
 pub use error::{Error, Result};
 
