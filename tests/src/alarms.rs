@@ -420,6 +420,21 @@ async fn hostile_alarm_requests_get_typed_refusals_and_hurt_nothing() -> Result<
         ),
         ("get", br#"{"id":"../../etc"}"#.to_vec(), "invalid_alarm"),
         (
+            "set",
+            br#"{"id":"x","due_ms":99999999999999,"target":{"process":"p"}}"#.to_vec(),
+            "invalid_alarm",
+        ),
+        (
+            "set",
+            br#"{"id":"x","due_ms":1,"target":{"queue":"p"}}"#.to_vec(),
+            "malformed",
+        ),
+        (
+            "set",
+            br#"{"id":"cron-x-1","due_ms":1,"target":{"process":"p"}}"#.to_vec(),
+            "invalid_alarm",
+        ),
+        (
             "list",
             br#"{"from_ms":10,"to_ms":1}"#.to_vec(),
             "invalid_range",

@@ -13,6 +13,8 @@ use crate::loader::Clock;
 use crate::store::Store;
 use crate::Error;
 
+/// How far ahead an alarm may be due (10 years).
+pub const MAX_HORIZON_MS: u64 = 10 * 366 * 86_400_000;
 /// Largest request body.
 pub const MAX_REQUEST: usize = 512 * 1024;
 /// Longest time range one `list` may cover.
@@ -123,6 +125,15 @@ fn check_id(id: &str) -> Result<(), Refusal> {
 /// fires at once.
 async fn set(store: &Store, clock: &Clock, alarm: Alarm) -> Result<Value, Refusal> {
     alarm.validate_client(store.subjects())?;
+    if alarm.due_ms > clock().saturating_add(MAX_HORIZON_MS) {
+        return Err(Refusal::new(
+            ErrorCode::InvalidAlarm,
+            format!(
+                "due_ms: more than {} days ahead",
+                MAX_HORIZON_MS / 86_400_000
+            ),
+        ));
+    }
     for _ in 0..3 {
         let now = clock();
         let existing = store.read(&alarm.id).await?;
