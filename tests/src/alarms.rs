@@ -589,3 +589,93 @@ async fn a_firing_older_than_the_idempotency_window_is_found_in_the_log_not_sent
     sched.stop().await?;
     Ok(())
 }
+
+/// Alarms fire in due order, and a replace or a cancel of an alarm already loaded in
+/// the loader's window takes effect there: the replaced one fires once, with its new
+/// body at its new time; the cancelled one never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alarms_fire_in_due_order_and_changes_reach_the_window() -> Result<()> {
+    let server = server()?;
+    let sched = InProcess::start(&server, Config::default(), vec![test_key(1)]).await?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    let start = now_ms() + 2_500;
+    // Set in reverse order, 300 ms apart.
+    for i in (0..8u64).rev() {
+        alarm(
+            &client,
+            "set",
+            set_body(
+                &format!("o{i}"),
+                start + i * 300,
+                "ordered",
+                &format!("o{i}"),
+            ),
+        )
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    }
+    alarm(
+        &client,
+        "set",
+        set_body("moved", start + 600, "ordered", "old body"),
+    )
+    .await?
+    .map_err(anyhow::Error::msg)?;
+    alarm(
+        &client,
+        "set",
+        set_body("gone", start + 900, "ordered", "gone"),
+    )
+    .await?
+    .map_err(anyhow::Error::msg)?;
+    // Loaded by now (the loader loads every 300 ms, its whole 10 s bucket).
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    alarm(
+        &client,
+        "set",
+        set_body("moved", start + 2_700, "ordered", "new body"),
+    )
+    .await?
+    .map_err(anyhow::Error::msg)?;
+    alarm(&client, "cancel", json!({"id": "gone"}))
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    wait_status(&client, "moved", "done", 20).await?;
+    wait_status(&client, "o7", "done", 20).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = read_log(server.url(), &ProcessId::new("ordered")?).await?;
+    let bodies: Vec<String> = log
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.body).into_owned())
+        .collect();
+    let ordered: Vec<&String> = bodies.iter().filter(|b| b.starts_with('o')).collect();
+    let expected: Vec<String> = (0..8).map(|i| format!("o{i}")).collect();
+    assert_eq!(
+        ordered,
+        expected.iter().collect::<Vec<_>>(),
+        "fired out of due order: {bodies:?}"
+    );
+    assert_eq!(
+        bodies.iter().filter(|b| *b == "new body").count(),
+        1,
+        "{bodies:?}"
+    );
+    assert!(
+        !bodies.iter().any(|b| b == "old body" || b == "gone"),
+        "{bodies:?}"
+    );
+    let moved = log
+        .iter()
+        .find(|e| e.body == b"new body")
+        .context("the replaced alarm")?;
+    assert!(
+        moved.timestamp_ms >= start + 2_700,
+        "fired before its new time"
+    );
+    wait_status(&client, "gone", "cancelled", 1).await?;
+    loader.terminate(Duration::from_secs(10));
+    sched.stop().await?;
+    Ok(())
+}
