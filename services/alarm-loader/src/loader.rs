@@ -90,6 +90,10 @@ pub struct Metrics {
     pub conflicts: AtomicU64,
     /// Window loads done.
     pub loads: AtomicU64,
+    /// How long the last window load took (µs), and how many entries it read.
+    pub last_load_us: AtomicU64,
+    /// Entries the last window load read.
+    pub last_load_entries: AtomicU64,
     /// Alarms armed in memory now.
     pub armed: AtomicU64,
     /// Partitions held now.
@@ -167,6 +171,8 @@ impl Metrics {
             "dead": get(&self.dead),
             "conflicts": get(&self.conflicts),
             "loads": get(&self.loads),
+            "last_load_us": get(&self.last_load_us),
+            "last_load_entries": get(&self.last_load_entries),
             "armed": get(&self.armed),
             "partitions": get(&self.partitions),
             "skipped": get(&self.skipped),
@@ -314,13 +320,20 @@ impl Loader {
                 let until = bucket_of(now.saturating_add(2 * interval_ms));
                 let owned: Vec<u32> = leases.keys().copied().collect();
                 if loaded_through < until {
+                    let started = std::time::Instant::now();
                     match self.store.load(&owned, loaded_through + 1..=until).await {
                         Ok(entries) => {
+                            self.metrics
+                                .last_load_entries
+                                .store(entries.len() as u64, Ordering::Relaxed);
                             for e in entries {
                                 arm(&mut armed, &mut armed_at, e);
                             }
                             loaded_through = until;
                             Metrics::bump(&self.metrics.loads);
+                            let us =
+                                u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                            self.metrics.last_load_us.store(us, Ordering::Relaxed);
                         }
                         Err(e) => {
                             warn!(error = %e, "loading the alarm window failed; retrying at the next interval")

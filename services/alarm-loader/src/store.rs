@@ -24,6 +24,9 @@ use crate::alarm::{bucket_of, partition_of, Record};
 use crate::jobs::{Planned, StoredJob};
 use crate::{Error, Result};
 
+/// Filter subjects one ordered consumer reads at once.
+const FILTERS_PER_READ: usize = 256;
+
 /// How long one read of the stream may take.
 const READ_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -280,20 +283,23 @@ impl Store {
         partitions: &[u32],
         buckets: std::ops::RangeInclusive<u64>,
     ) -> Result<Vec<DueEntry>> {
+        let filters: Vec<String> = partitions
+            .iter()
+            .flat_map(|&p| {
+                buckets
+                    .clone()
+                    .map(move |b| self.subjects.alarm_due_bucket(p, b))
+            })
+            .collect();
         let mut out = Vec::new();
-        for &p in partitions {
-            let filters: Vec<String> = buckets
-                .clone()
-                .map(|b| self.subjects.alarm_due_bucket(p, b))
-                .collect();
-            // A consumer takes a bounded number of filters; read in chunks.
-            for chunk in filters.chunks(64) {
-                for payload in self.read_last_per_subject(chunk.to_vec()).await? {
-                    match serde_json::from_slice::<DueEntry>(&payload) {
-                        Ok(e) => out.push(e),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "due entry that does not decode; ignored")
-                        }
+        // One consumer reads many filters at once (a window of every partition is one
+        // read); a very long catch-up is read in chunks.
+        for chunk in filters.chunks(FILTERS_PER_READ) {
+            for payload in self.read_last_per_subject(chunk.to_vec()).await? {
+                match serde_json::from_slice::<DueEntry>(&payload) {
+                    Ok(e) => out.push(e),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "due entry that does not decode; ignored")
                     }
                 }
             }

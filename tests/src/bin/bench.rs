@@ -1318,18 +1318,72 @@ async fn alarms_section(body: &Bytes, seconds: f64) -> Result<serde_json::Value>
     let burst =
         json!({"alarms": n, "set_errors": errs_b, "last_fired_after_the_second_ms": last_ms});
     eprintln!("100,000 due in one second: {burst}");
+
+    // 4. Capacity: pending alarms far ahead (an hour to two from now) do not enter the
+    // window: the loader's memory and the time to load one window stay flat as they
+    // grow. Measured at 100k and 1M pending.
+    let rss_kb = |pid: Option<u32>| -> u64 {
+        pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+            })
+            .unwrap_or(0)
+    };
+    let mut capacity = Vec::new();
+    let mut pending = 50_000usize; // the set phase's, due in an hour
+    for (round, total) in [100_000usize, 1_000_000].into_iter().enumerate() {
+        let add = total - pending;
+        let base = now_ms() + 3_600_000;
+        let prefix: &'static str = if round == 0 { "c" } else { "d" };
+        let (rate, errs) = set_many(
+            prefix,
+            add,
+            Arc::new(move |i| base + (i as u64 * 7) % 3_600_000),
+        )
+        .await?;
+        pending = total;
+        // Two window loads after the sets, then read what the last one cost.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        let d = delivered(probe.clone()).await?;
+        let row = json!({
+            "pending": total, "set_per_s": rate.round(), "set_errors": errs,
+            "loader_rss_mb": rss_kb(loader.pid()) / 1024,
+            "last_window_load_ms": d["last_load_us"].as_u64().map(|u| u as f64 / 1000.0),
+            "last_window_entries": d["last_load_entries"],
+            "armed": d["armed"],
+        });
+        eprintln!("capacity: {row}");
+        capacity.push(row);
+    }
     Ok(json!({
         "raw_ceiling_msgs_per_s": raw.round(),
         "set_per_s": set_rate.round(), "set_errors": set_errors, "set_vs_raw": (set_rate / raw * 1000.0).round() / 1000.0,
         "set_target_min": 50000, "cpu_set": set_cpu,
         "lateness_10k_per_s_10s": spread,
         "burst_100k_in_one_second": burst,
+        "capacity": capacity,
+        "capacity_target": {"pending": 10_000_000, "loader_rss_mb_max": 256},
     }))
 }
 
 fn print_alarms_table(a: &serde_json::Value) {
     if a.is_null() {
         return;
+    }
+    println!();
+    println!("| alarms pending (due in 1–2 h) | loader RSS MB | one window load ms (entries) | alarms in memory |");
+    println!("|---|---|---|---|");
+    for c in a["capacity"].as_array().into_iter().flatten() {
+        println!(
+            "| {} | {} | {} ({}) | {} |",
+            c["pending"],
+            c["loader_rss_mb"],
+            c["last_window_load_ms"],
+            c["last_window_entries"],
+            c["armed"]
+        );
     }
     let l = &a["lateness_10k_per_s_10s"]["lateness_ms"];
     println!();
