@@ -35,7 +35,10 @@ pub(crate) fn spawn_loader(server: &NatsServer) -> Result<harness::Process> {
         .arg("2000")
         .env("NATS_URL", server.url_as(Role::AlarmLoader))
         .env("TS_INTAKE_URL", server.url_as(Role::AlarmIntake))
-        .env("RUST_LOG", "warn");
+        .env(
+            "RUST_LOG",
+            std::env::var("TS_TEST_LOADER_LOG").unwrap_or_else(|_| "warn".into()),
+        );
     Ok(harness::Process::spawn(cmd)?)
 }
 
@@ -60,6 +63,30 @@ pub(crate) async fn wait_for_loaders(client: &async_nats::Client, n: usize) -> R
         }
     }
     bail!("fewer than {n} alarm-loaders answered PING within 20 s")
+}
+
+/// Waits until `n` loaders share the 32 partitions, each holding some (the group has
+/// settled after they joined).
+pub(crate) async fn wait_for_partitions(client: &async_nats::Client, n: usize) -> Result<()> {
+    for _ in 0..300 {
+        let inbox = client.new_inbox();
+        let mut sub = client.subscribe(inbox.clone()).await?;
+        client
+            .publish_with_reply("$SRV.STATS.turnstile-alarm-loader", inbox, Bytes::new())
+            .await?;
+        let mut held = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
+            let v: Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+            if let Some(p) = v["endpoints"][0]["data"]["partitions"].as_u64() {
+                held.push(p);
+            }
+        }
+        if held.len() == n && held.iter().all(|&p| p > 0) && held.iter().sum::<u64>() == 32 {
+            return Ok(());
+        }
+    }
+    bail!("{n} alarm-loaders did not come to share the 32 partitions within 60 s")
 }
 
 /// One alarm request; the JSON answer, or the `Ts-Error` code.
@@ -243,6 +270,7 @@ async fn racing_loaders_a_crash_and_a_full_outage_fire_each_alarm_once() -> Resu
     let mut b = spawn_loader(&server)?;
     let client = connect(server.url()).await?;
     wait_for_loaders(&client, 2).await?;
+    wait_for_partitions(&client, 2).await?;
     let now = now_ms();
     let n = 60;
     for i in 0..n {

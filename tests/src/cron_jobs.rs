@@ -83,6 +83,7 @@ async fn a_cron_job_fires_once_per_tick_across_three_loaders_one_killed() -> Res
     ];
     let client = connect(server.url()).await?;
     wait_for_loaders(&client, 3).await?;
+    crate::alarms::wait_for_partitions(&client, 3).await?;
     let added = cron(&client, "add", json!({
         "name": "beat", "schedule": "@every 1s", "target": {"process": "cronned"}, "body": "dGljaw=="
     }))

@@ -303,6 +303,8 @@ impl Loader {
         let mut armed: BTreeSet<(u64, String)> = BTreeSet::new();
         let mut armed_at: HashMap<String, DueEntry> = HashMap::new();
         let mut swept: HashMap<u32, u64> = HashMap::new();
+        // Partitions taken whose past (checkpoint to window) is not loaded yet.
+        let mut catch_up: BTreeSet<u32> = BTreeSet::new();
         // Every partition's window is loaded through this bucket; a partition taken
         // over is caught up to it from its own checkpoint.
         let mut loaded_through = bucket_of((self.clock)()).saturating_sub(1);
@@ -340,6 +342,16 @@ impl Loader {
                         }
                     }
                 }
+                self.catch_up(
+                    &mut catch_up,
+                    &mut swept,
+                    first,
+                    now,
+                    loaded_through,
+                    &mut armed,
+                    &mut armed_at,
+                )
+                .await;
                 self.sweep(&owned, &mut swept, bucket_of(now)).await;
                 self.plan_jobs(&owned, now, now.saturating_add(2 * interval_ms))
                     .await;
@@ -352,6 +364,7 @@ impl Loader {
                 .partitions
                 .store(leases.len() as u64, Ordering::Relaxed);
             // Fire what is due.
+            let mut deferred = Vec::new();
             while let Some((at, id)) = armed.first().cloned() {
                 if at > now {
                     break;
@@ -363,12 +376,19 @@ impl Loader {
                     written_ms: 0,
                 });
                 // Only for a partition still held (the claim's compare-and-set is the
-                // safety; this saves the work).
-                if !leases
-                    .get(&partition_of(&id))
-                    .is_some_and(ownership::Lease::is_current)
-                {
-                    continue;
+                // safety; this saves the work). A partition no longer held is forgotten
+                // with its alarms when its lease is given up; one whose lease is only
+                // not current this instant (a renewal on its way) is looked at again.
+                match leases.get(&partition_of(&id)) {
+                    None => continue,
+                    Some(lease) if !lease.is_current() => {
+                        deferred.push(DueEntry {
+                            at_ms: now.saturating_add(RECHECK_MS),
+                            ..entry
+                        });
+                        continue;
+                    }
+                    Some(_) => {}
                 }
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
                     break;
@@ -393,6 +413,9 @@ impl Loader {
                     }
                 });
             }
+            for e in deferred {
+                arm(&mut armed, &mut armed_at, e);
+            }
             let wake = armed
                 .first()
                 .map(|(at, _)| Duration::from_millis(at.saturating_sub(now)))
@@ -405,30 +428,17 @@ impl Loader {
                     let p = lease.partition();
                     lost.push(lease.cancellation().cancelled_owned().map(move |()| p));
                     leases.insert(p, lease);
-                    // Catch the partition up: from its checkpoint to the window.
-                    let from = match self.store.swept(p).await {
-                        Ok(Some(b)) => b,
-                        Ok(None) => bucket_of(first.unwrap_or(now)).saturating_sub(1),
-                        Err(e) => {
-                            warn!(partition = p, error = %e, "reading the sweep checkpoint failed; loading from the window");
-                            loaded_through
-                        }
-                    };
-                    swept.insert(p, from);
-                    match self.store.load(&[p], from + 1..=loaded_through).await {
-                        Ok(entries) => {
-                            for e in entries {
-                                arm(&mut armed, &mut armed_at, e);
-                            }
-                        }
-                        Err(e) => warn!(partition = p, error = %e, "catching a partition up failed"),
-                    }
-                    debug!(partition = p, from, "partition taken");
+                    // Catch the partition up: from its checkpoint to the window (again
+                    // at each interval until it worked).
+                    catch_up.insert(p);
+                    self.catch_up(&mut catch_up, &mut swept, first, now, loaded_through, &mut armed, &mut armed_at).await;
+                    debug!(partition = p, "partition taken");
                 }
                 Some(p) = lost.next() => {
                     // Given up (rebalanced, or not renewed in time): forget its alarms.
                     leases.remove(&p);
                     swept.remove(&p);
+                    catch_up.remove(&p);
                     armed.retain(|(_, id)| partition_of(id) != p);
                     armed_at.retain(|id, _| partition_of(id) != p);
                     debug!(partition = p, "partition given up");
@@ -468,6 +478,45 @@ impl Loader {
             warn!(error = %e, "leaving the loaders' group; others take over when the leases expire");
         }
         Ok(())
+    }
+
+    /// Loads the past of each partition in `pending` (from its sweep checkpoint, or the
+    /// stream's first message, to the loaded window) and arms it; a partition whose
+    /// checkpoint or entries could not be read stays pending (and unswept).
+    #[allow(clippy::too_many_arguments)]
+    async fn catch_up(
+        &self,
+        pending: &mut BTreeSet<u32>,
+        swept: &mut HashMap<u32, u64>,
+        first: Option<u64>,
+        now: u64,
+        loaded_through: u64,
+        armed: &mut BTreeSet<(u64, String)>,
+        armed_at: &mut HashMap<String, DueEntry>,
+    ) {
+        let todo: Vec<u32> = pending.iter().copied().collect();
+        for p in todo {
+            let from = match self.store.swept(p).await {
+                Ok(Some(b)) => b,
+                Ok(None) => bucket_of(first.unwrap_or(now)).saturating_sub(1),
+                Err(e) => {
+                    warn!(partition = p, error = %e, "reading a sweep checkpoint failed; again at the next interval");
+                    continue;
+                }
+            };
+            match self.store.load(&[p], from + 1..=loaded_through).await {
+                Ok(entries) => {
+                    for e in entries {
+                        arm(armed, armed_at, e);
+                    }
+                    swept.insert(p, from);
+                    pending.remove(&p);
+                }
+                Err(e) => {
+                    warn!(partition = p, error = %e, "catching a partition up failed; again at the next interval")
+                }
+            }
+        }
     }
 
     /// Advances each partition's checkpoint over past buckets that are empty (at most
