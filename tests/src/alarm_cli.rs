@@ -12,24 +12,10 @@ use protocol::ProcessId;
 use scheduler::Config;
 
 use crate::alarms::{spawn_loader, wait_for_loaders};
-use crate::support::{connect, read_log, server, show, test_key, turnstile, InProcess};
-
-fn stdout(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Runs the CLI and requires exit status 0; its standard output.
-async fn ok(url: &str, args: &[&str]) -> Result<String> {
-    let out = turnstile(url, args).await?;
-    if !out.status.success() {
-        bail!("turnstile {args:?} failed: {}", show(&out));
-    }
-    Ok(stdout(&out))
-}
+use crate::support::{
+    cli_ok as ok, cli_stderr as stderr, connect, read_log, server, show, test_key, turnstile,
+    InProcess,
+};
 
 /// The ids of a `list --json` answer, in its order.
 fn ids(listed: &str) -> Result<Vec<String>> {

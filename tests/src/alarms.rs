@@ -117,6 +117,13 @@ fn set_body(id: &str, due_ms: u64, process: &str, body: &str) -> Value {
     })
 }
 
+/// Sets an alarm that must be accepted; the loader's answer.
+pub(crate) async fn set(client: &async_nats::Client, body: Value) -> Result<Value> {
+    alarm(client, "set", body)
+        .await?
+        .map_err(anyhow::Error::msg)
+}
+
 /// Waits until alarm `id`'s status is `status` (at most `secs`); its `get` answer.
 pub(crate) async fn wait_status(
     client: &async_nats::Client,
@@ -212,26 +219,14 @@ async fn past_due_fires_at_once_cancelled_never_replaced_at_its_new_time() -> Re
     let client = connect(server.url()).await?;
     wait_for_loaders(&client, 1).await?;
     let now = now_ms();
-    alarm(&client, "set", set_body("past", now - 60_000, "p", "past"))
-        .await?
-        .map_err(anyhow::Error::msg)?;
-    alarm(
+    set(&client, set_body("past", now - 60_000, "p", "past")).await?;
+    set(
         &client,
-        "set",
         set_body("cancel-me", now + 2_000, "p", "cancelled"),
     )
-    .await?
-    .map_err(anyhow::Error::msg)?;
-    alarm(
-        &client,
-        "set",
-        set_body("moved", now + 60_000, "p", "moved"),
-    )
-    .await?
-    .map_err(anyhow::Error::msg)?;
-    let replaced = alarm(&client, "set", set_body("moved", now + 1_000, "p", "moved"))
-        .await?
-        .map_err(anyhow::Error::msg)?;
+    .await?;
+    set(&client, set_body("moved", now + 60_000, "p", "moved")).await?;
+    let replaced = set(&client, set_body("moved", now + 1_000, "p", "moved")).await?;
     assert_eq!(replaced["replaced"], true);
     let c = alarm(&client, "cancel", json!({"id": "cancel-me"}))
         .await?
@@ -275,13 +270,11 @@ async fn racing_loaders_a_crash_and_a_full_outage_fire_each_alarm_once() -> Resu
     let n = 60;
     for i in 0..n {
         let due = now + 1_000 + (i as u64 % 20) * 100;
-        alarm(
+        set(
             &client,
-            "set",
             set_body(&format!("r{i}"), due, "race", &format!("r{i}")),
         )
-        .await?
-        .map_err(anyhow::Error::msg)?;
+        .await?;
     }
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     a.kill();
@@ -291,13 +284,11 @@ async fn racing_loaders_a_crash_and_a_full_outage_fire_each_alarm_once() -> Resu
     // Every loader down; alarms fall due; then one comes back.
     let now = now_ms();
     for i in 0..20 {
-        alarm(
+        set(
             &client,
-            "set",
             set_body(&format!("o{i}"), now + 500, "race", &format!("o{i}")),
         )
-        .await?
-        .map_err(anyhow::Error::msg)?;
+        .await?;
     }
     b.kill();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -631,9 +622,8 @@ async fn alarms_fire_in_due_order_and_changes_reach_the_window() -> Result<()> {
     let start = now_ms() + 2_500;
     // Set in reverse order, 300 ms apart.
     for i in (0..8u64).rev() {
-        alarm(
+        set(
             &client,
-            "set",
             set_body(
                 &format!("o{i}"),
                 start + i * 300,
@@ -641,32 +631,21 @@ async fn alarms_fire_in_due_order_and_changes_reach_the_window() -> Result<()> {
                 &format!("o{i}"),
             ),
         )
-        .await?
-        .map_err(anyhow::Error::msg)?;
+        .await?;
     }
-    alarm(
+    set(
         &client,
-        "set",
         set_body("moved", start + 600, "ordered", "old body"),
     )
-    .await?
-    .map_err(anyhow::Error::msg)?;
-    alarm(
-        &client,
-        "set",
-        set_body("gone", start + 900, "ordered", "gone"),
-    )
-    .await?
-    .map_err(anyhow::Error::msg)?;
+    .await?;
+    set(&client, set_body("gone", start + 900, "ordered", "gone")).await?;
     // Loaded by now (the loader loads every 300 ms, its whole 10 s bucket).
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    alarm(
+    set(
         &client,
-        "set",
         set_body("moved", start + 2_700, "ordered", "new body"),
     )
-    .await?
-    .map_err(anyhow::Error::msg)?;
+    .await?;
     alarm(&client, "cancel", json!({"id": "gone"}))
         .await?
         .map_err(anyhow::Error::msg)?;

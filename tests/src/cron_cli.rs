@@ -13,24 +13,10 @@ use protocol::ProcessId;
 use scheduler::Config;
 
 use crate::alarms::{now_ms, spawn_loader, wait_for_loaders};
-use crate::support::{connect, read_log, server, show, test_key, turnstile, InProcess};
-
-fn stdout(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Runs the CLI and requires exit status 0; its standard output.
-async fn ok(url: &str, args: &[&str]) -> Result<String> {
-    let out = turnstile(url, args).await?;
-    if !out.status.success() {
-        bail!("turnstile {args:?} failed: {}", show(&out));
-    }
-    Ok(stdout(&out))
-}
+use crate::support::{
+    cli_ok as ok, cli_stderr as stderr, connect, read_log, server, show, test_key, turnstile,
+    InProcess,
+};
 
 /// Runs the CLI and requires exit status 1 (the loader refused) with `code` on
 /// standard error and nothing on standard output.

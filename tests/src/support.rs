@@ -104,6 +104,25 @@ pub async fn turnstile(url: &str, args: &[&str]) -> Result<std::process::Output>
         .context("running turnstile")
 }
 
+/// A CLI run's standard output, lossily decoded.
+pub fn cli_stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A CLI run's standard error, lossily decoded.
+pub fn cli_stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs the CLI against `url` and requires exit status 0; its standard output.
+pub async fn cli_ok(url: &str, args: &[&str]) -> Result<String> {
+    let out = turnstile(url, args).await?;
+    if !out.status.success() {
+        bail!("turnstile {args:?} failed: {}", show(&out));
+    }
+    Ok(cli_stdout(&out))
+}
+
 /// A CLI run's exit code and output, for a failing assertion's message.
 pub fn show(out: &std::process::Output) -> String {
     format!(
