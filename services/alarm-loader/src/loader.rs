@@ -364,7 +364,6 @@ impl Loader {
                 .partitions
                 .store(leases.len() as u64, Ordering::Relaxed);
             // Fire what is due.
-            let mut deferred = Vec::new();
             while let Some((at, id)) = armed.first().cloned() {
                 if at > now {
                     break;
@@ -375,20 +374,12 @@ impl Loader {
                     at_ms: at,
                     written_ms: 0,
                 });
-                // Only for a partition still held (the claim's compare-and-set is the
-                // safety; this saves the work). A partition no longer held is forgotten
-                // with its alarms when its lease is given up; one whose lease is only
-                // not current this instant (a renewal on its way) is looked at again.
-                match leases.get(&partition_of(&id)) {
-                    None => continue,
-                    Some(lease) if !lease.is_current() => {
-                        deferred.push(DueEntry {
-                            at_ms: now.saturating_add(RECHECK_MS),
-                            ..entry
-                        });
-                        continue;
-                    }
-                    Some(_) => {}
+                // Only for a partition held: one given up is forgotten with its alarms
+                // when its lease ends. Whether the lease is current this instant is not
+                // asked: the claim's compare-and-set is the safety, and a lease whose
+                // renewal is late must not hold its alarms back.
+                if !leases.contains_key(&partition_of(&id)) {
+                    continue;
                 }
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
                     break;
@@ -412,9 +403,6 @@ impl Loader {
                         }
                     }
                 });
-            }
-            for e in deferred {
-                arm(&mut armed, &mut armed_at, e);
             }
             let wake = armed
                 .first()
