@@ -368,12 +368,22 @@ async fn a_crashed_member_loses_its_partitions_to_the_others_after_a_lease() -> 
     eprintln!("crash: the survivor holds all 32 {took:?} after the crash (lease {LEASE:?})");
 
     tenures.assert_exclusive();
-    // b's partitions went to a when the server expired them, never earlier.
-    let after: Vec<_> = audit
-        .check()
-        .into_iter()
-        .filter(|(p, holder, _)| holder == "a" && b_had.contains(p))
-        .collect();
+    // b's partitions went to a when the server expired them, never earlier. The audit
+    // watches the bucket on its own connection and may lag behind: wait (bounded) until
+    // it has seen a take every partition of b.
+    let mut after: Vec<_> = Vec::new();
+    for _ in 0..100 {
+        after = audit
+            .check()
+            .into_iter()
+            .filter(|(p, holder, _)| holder == "a" && b_had.contains(p))
+            .collect();
+        let seen: BTreeSet<u32> = after.iter().map(|(p, _, _)| *p).collect();
+        if seen == b_had {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let retaken: BTreeSet<u32> = after
         .iter()
         .filter(|(_, _, how)| *how == FreedBy::Expiry)
