@@ -713,6 +713,12 @@ impl NatsCluster {
         self.nodes[i].kill();
     }
 
+    /// How node `i` ended, if it has by itself (see [`NatsServer::exited`]); it is
+    /// reaped then, and [`NatsCluster::restart`] starts it again.
+    pub fn exited(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        self.nodes[i].exited()
+    }
+
     /// Stops node `i` with SIGTERM and waits for it to exit.
     pub fn stop(&mut self, i: usize) {
         self.nodes[i].stop();
