@@ -151,11 +151,12 @@ vectors:
 
 # Fault injection (README "Chaos"): DURATION seconds of seeded workload and faults
 # against scheduler replicas, checked from the log; SEED (default: random, printed)
-# replays a run.
+# replays a run; CLUSTER=1 runs against a 3-node cluster (R3, leader changes).
 DURATION ?= 120
 SEED     ?=
+CLUSTER  ?=
 chaos: tools release
-	./target/release/chaos --duration $(DURATION) $(if $(SEED),--seed $(SEED))
+	./target/release/chaos --duration $(DURATION) $(if $(SEED),--seed $(SEED)) $(if $(filter 1,$(CLUSTER)),--cluster)
 
 bench: tools release
 	./target/release/bench --out bench-results/bench.json

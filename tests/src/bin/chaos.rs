@@ -1,8 +1,9 @@
-//! `make chaos DURATION=<seconds> [SEED=<n>]`: the scheduler under injected faults,
-//! checked from the log alone.
+//! `make chaos DURATION=<seconds> [SEED=<n>] [CLUSTER=1]`: the scheduler under injected
+//! faults, checked from the log alone.
 //!
 //! Several scheduler replicas (the real binary, `target/<profile>/scheduler`, each
-//! with its output in a log file) run against a private nats-server. A seeded random
+//! with its output in a log file) run against a private nats-server, or with
+//! `--cluster` a private 3-node JetStream cluster (below). A seeded random
 //! workload runs for `--duration` seconds: steady clients over a few hundred processes,
 //! and at seeded times bursts (hundreds of requests at once to one process), overload
 //! (as many requests in flight as the harness can keep for a few seconds), big bodies
@@ -21,8 +22,27 @@
 //! or stopped (SIGTERM) and restarted, a replica restarted with its clock skewed
 //! (`--clock-skew-ms`, ±1–20 s) or with other flags (`--max-run-entries`,
 //! `--dedupe-window-secs`, `--singles-in-flight`) for a while, and a full store (the
-//! log stream's `max_bytes` lowered to its size for a few seconds). One nats-server
-//! only: the harness has no cluster, so no leader change.
+//! log stream's `max_bytes` lowered to its size for a few seconds).
+//!
+//! With `--cluster` (`make chaos CLUSTER=1`) the replicas run against three nodes of
+//! deploy/nats-cluster.conf (`harness::NatsCluster`; its `sync_interval: always`
+//! fsyncs every write), started as deploy/ says for a cluster: `--replicas 3` (the log
+//! and the buckets R3) and `--singles-in-flight 16`, every connection (replicas,
+//! clients, the oracle, `turnstile verify`) given every node's URL. The server's stall
+//! and kill become a node's, and leader changes join them: a node stalled (SIGSTOP
+//! 2–10 s; half the time the one that leads `TS_LOG`, else another), a node that does
+//! not lead the log killed (SIGKILL, restarted in place after 0–5 s), the log's leader
+//! killed (SIGKILL, restarted in place after 1–8 s: the other two elect a leader
+//! meanwhile), and a stream's leader asked to step down
+//! (`$JS.API.STREAM.LEADER.STEPDOWN.<stream>` as the operator: `TS_LOG` half the time,
+//! else the settings or the keys bucket, which every replica watches). After each of
+//! these the harness waits (up to 60 s; it notes how long, or that it gave up) until
+//! the log has a leader and both other nodes are current replicas. The replica faults
+//! and the full store stay as they are (`max_bytes` is lowered on the R3 stream alike).
+//! Not injected: the meta leader's step-down (`$JS.API.META.LEADER.STEPDOWN` answers
+//! only the system account, and deploy/accounts.conf has no system user, on purpose;
+//! the meta leader moves when its node is the one killed or stalled), and the whole
+//! cluster killed at once.
 //!
 //! At the end it reads every process's chain (the rule of schemas/chain.md) and checks,
 //! from the log alone:
@@ -42,17 +62,22 @@
 //!    unknown fate (`unavailable`, a timeout, a client error) lets it be there, once;
 //! 5. a request within the limits is never refused `too_large`; one past a limit is;
 //! 6. every request is answered (receipt or typed refusal) within the client timeout,
-//!    except around faults that lose requests in flight by nature: nats-server stalled
-//!    or killed, a replica killed with SIGKILL (from one client timeout before the fault
-//!    to 10 s after its recovery). A replica stopped with SIGTERM (also the skew and
-//!    flag restarts) drains, and a full store answers `log_full`: there an unanswered
-//!    request is a violation;
+//!    except around faults that lose requests in flight by nature: nats-server or a
+//!    node stalled or killed (the log's leader included: the clients and replicas
+//!    connected to that node lose what was on their connection), a replica killed with
+//!    SIGKILL (from one client timeout before the fault to 10 s after its recovery). A
+//!    replica stopped with SIGTERM (also the skew and flag restarts) drains, a full
+//!    store answers `log_full`, and a leader's step-down touches no connection:
+//!    requests and answers travel on core NATS, and what the step-down does to the
+//!    scheduler's writes (refused or unanswered publishes, retried) it must absorb
+//!    within its write deadline (30 s, then `unavailable`), below the client's 45 s.
+//!    There an unanswered request is a violation;
 //! 7. a replica exits only when told to, within 20 s of SIGTERM, and every replica
 //!    answers PING within 20 s of each fault's recovery;
 //! 8. `turnstile verify --all --json` exits 0 and counts the same assignments.
 //!
 //! It prints a summary and writes JSON (`--out`); on a violation it prints the seed,
-//! the fault timeline and the first violations, copies the replicas' and the server's
+//! the fault timeline and the first violations, copies the replicas' and the servers'
 //! logs to `bench-results/chaos-<seed>/`, and exits 1 (2: the harness itself failed).
 //! `--seed` replays the same workload and fault schedule (what a fault hits depends on
 //! timing too, so a replay is close, not identical).
@@ -76,7 +101,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
-use harness::{NatsServer, Role};
+use harness::{NatsCluster, NatsServer, Role, Urls as _};
 use journal::client::{Client, Schedule};
 use journal::subjects::Subjects;
 use protocol::seal::Seal;
@@ -116,6 +141,15 @@ struct Args {
     /// Inject no fault (the same workload, as a baseline).
     #[arg(long)]
     no_faults: bool,
+    /// Run against a 3-node JetStream cluster (deploy/nats-cluster.conf: the log and
+    /// the buckets R3) instead of one nats-server, with the cluster's faults (node
+    /// stalls and kills, leader kills and step-downs).
+    #[arg(long)]
+    cluster: bool,
+    /// Inject only these fault kinds (comma-separated, e.g. `leader_stepdown,leader_kill`)
+    /// [default: every kind of the mode].
+    #[arg(long, value_delimiter = ',')]
+    faults: Vec<String>,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench-results/chaos.json")]
     out: PathBuf,
@@ -679,12 +713,55 @@ enum Fault {
     FullStore {
         hold_ms: u64,
     },
+    /// Cluster: a node stopped (SIGSTOP) for `ms`, then continued.
+    NodeStall {
+        node: Node,
+        ms: u64,
+    },
+    /// Cluster: a node that does not lead the log killed (SIGKILL), restarted in place.
+    NodeKill {
+        follower: usize,
+        down_ms: u64,
+    },
+    /// Cluster: the node that leads the log killed (SIGKILL), restarted in place.
+    LeaderKill {
+        down_ms: u64,
+    },
+    /// Cluster: the leader of `stream` asked to step down
+    /// (`$JS.API.STREAM.LEADER.STEPDOWN.<stream>`, as the operator).
+    LeaderStepdown {
+        stream: String,
+    },
+}
+
+/// Which node of the cluster a fault hits, resolved when it starts.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Node {
+    /// The node that leads the log stream.
+    Leader,
+    /// One of the nodes that do not (this one, modulo their number).
+    Follower(usize),
 }
 
 impl Fault {
+    /// The kinds against one nats-server.
     const KINDS: [&'static str; 7] = [
         "nats_stall",
         "nats_kill",
+        "replica_kill",
+        "replica_term",
+        "clock_skew",
+        "flags",
+        "full_store",
+    ];
+    /// The kinds against a cluster: the server's stall and kill become a node's (any,
+    /// or the log's leader), plus leader changes; the rest as against one server.
+    const CLUSTER_KINDS: [&'static str; 9] = [
+        "node_stall",
+        "node_kill",
+        "leader_kill",
+        "leader_stepdown",
         "replica_kill",
         "replica_term",
         "clock_skew",
@@ -701,15 +778,28 @@ impl Fault {
             Fault::ClockSkew { .. } => "clock_skew",
             Fault::Flags { .. } => "flags",
             Fault::FullStore { .. } => "full_store",
+            Fault::NodeStall { .. } => "node_stall",
+            Fault::NodeKill { .. } => "node_kill",
+            Fault::LeaderKill { .. } => "leader_kill",
+            Fault::LeaderStepdown { .. } => "leader_stepdown",
         }
     }
 
-    /// Faults that lose requests in flight by their nature (a request on a stopped
-    /// server, or inside a killed process, gets no answer).
+    /// Faults that lose requests in flight by their nature: a request on a stopped or
+    /// killed server or node (the client's or the replica's connection is there), or
+    /// inside a killed replica, gets no answer. A step-down is not one of them: the
+    /// requests and answers travel on core NATS, which a stream's leader change does
+    /// not touch, and the scheduler answers within its write deadline (30 s) whatever
+    /// its writes meet, so an unanswered request around a step-down is a violation.
     fn loses_in_flight(&self) -> bool {
         matches!(
             self,
-            Fault::NatsStall { .. } | Fault::NatsKill { .. } | Fault::ReplicaKill { .. }
+            Fault::NatsStall { .. }
+                | Fault::NatsKill { .. }
+                | Fault::ReplicaKill { .. }
+                | Fault::NodeStall { .. }
+                | Fault::NodeKill { .. }
+                | Fault::LeaderKill { .. }
         )
     }
 
@@ -746,13 +836,60 @@ impl Fault {
             Fault::FullStore { hold_ms } => {
                 format!("log stream max_bytes = its size for {} s", secs(*hold_ms))
             }
+            Fault::NodeStall { node, ms } => format!(
+                "{} stalled (SIGSTOP) {} s",
+                match node {
+                    Node::Leader => "the log's leader node",
+                    Node::Follower(_) => "a follower node",
+                },
+                secs(*ms)
+            ),
+            Fault::NodeKill { down_ms, .. } => format!(
+                "a follower node SIGKILL, down {} s, restarted in place",
+                secs(*down_ms)
+            ),
+            Fault::LeaderKill { down_ms } => format!(
+                "the log's leader node SIGKILL, down {} s, restarted in place",
+                secs(*down_ms)
+            ),
+            Fault::LeaderStepdown { stream } => format!("the leader of {stream} steps down"),
         }
     }
 }
 
-/// The fault schedule: every kind once in a seeded order, again and again, each with
-/// the pause after it.
-fn plan_faults(seed: u64, replicas: usize) -> Vec<(Fault, u64)> {
+/// The kinds a run injects: `only` (each a kind of the mode), or every kind of the mode.
+fn fault_kinds(cluster: bool, only: &[String]) -> Result<Vec<&'static str>> {
+    let all: &[&'static str] = if cluster {
+        &Fault::CLUSTER_KINDS
+    } else {
+        &Fault::KINDS
+    };
+    if only.is_empty() {
+        return Ok(all.to_vec());
+    }
+    only.iter()
+        .map(|k| {
+            all.iter()
+                .find(|a| **a == k.as_str())
+                .copied()
+                .with_context(|| {
+                    format!(
+                        "--faults: no fault {k:?} {}; there are {}",
+                        if cluster {
+                            "with --cluster"
+                        } else {
+                            "without --cluster"
+                        },
+                        all.join(", ")
+                    )
+                })
+        })
+        .collect()
+}
+
+/// The fault schedule: every kind of `kinds` once in a seeded order, again and again,
+/// each with the pause after it.
+fn plan_faults(seed: u64, replicas: usize, kinds: &[&'static str]) -> Vec<(Fault, u64)> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(STREAM_FAULTS);
     let flag_sets: [[&str; 2]; 7] = [
@@ -764,11 +901,20 @@ fn plan_faults(seed: u64, replicas: usize) -> Vec<(Fault, u64)> {
         ["--singles-in-flight", "1"],
         ["--singles-in-flight", "4"],
     ];
+    let subjects = Subjects::default();
+    // The log's leader most of the time; the buckets' (settings and keys, which every
+    // replica watches) now and then.
+    let stepdown_streams = [
+        subjects.log_stream(),
+        subjects.log_stream(),
+        format!("KV_{}", subjects.processes_bucket()),
+        format!("KV_{}", subjects.keys_bucket()),
+    ];
     let mut out = Vec::new();
     while out.len() < 700 {
-        let mut kinds = Fault::KINDS;
-        kinds.shuffle(&mut rng);
-        for kind in kinds {
+        let mut round = kinds.to_vec();
+        round.shuffle(&mut rng);
+        for kind in round {
             let replica = rng.gen_range(0..replicas.max(1));
             let fault = match kind {
                 "nats_stall" => Fault::NatsStall {
@@ -797,6 +943,24 @@ fn plan_faults(seed: u64, replicas: usize) -> Vec<(Fault, u64)> {
                         .map(|s| s.to_string())
                         .collect(),
                     hold_ms: rng.gen_range(8_000..=20_000),
+                },
+                "node_stall" => Fault::NodeStall {
+                    node: if rng.gen_bool(0.5) {
+                        Node::Leader
+                    } else {
+                        Node::Follower(rng.gen_range(0..2))
+                    },
+                    ms: rng.gen_range(2_000..=10_000),
+                },
+                "node_kill" => Fault::NodeKill {
+                    follower: rng.gen_range(0..2),
+                    down_ms: rng.gen_range(0..=5_000),
+                },
+                "leader_kill" => Fault::LeaderKill {
+                    down_ms: rng.gen_range(1_000..=8_000),
+                },
+                "leader_stepdown" => Fault::LeaderStepdown {
+                    stream: stepdown_streams[rng.gen_range(0..stepdown_streams.len())].clone(),
                 },
                 _ => Fault::FullStore {
                     hold_ms: rng.gen_range(3_000..=6_000),
@@ -837,20 +1001,186 @@ struct Replica {
     starts: usize,
 }
 
-/// The server and the replicas, owned by the fault injector while it runs.
-struct Cluster {
-    server: NatsServer,
+/// What the replicas run against: one nats-server, or a 3-node cluster.
+enum Nats {
+    Single(NatsServer),
+    Cluster(NatsCluster),
+}
+
+impl harness::Urls for Nats {
+    fn url_as(&self, role: Role) -> String {
+        match self {
+            Nats::Single(s) => s.url_as(role),
+            Nats::Cluster(c) => c.url_as(role),
+        }
+    }
+}
+
+impl Nats {
+    /// The anonymous client's URL (every node's, comma-separated, for a cluster).
+    fn url(&self) -> String {
+        match self {
+            Nats::Single(s) => s.url().to_string(),
+            Nats::Cluster(c) => c.url(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Nats::Single(s) => format!("nats-server {}", s.url()),
+            Nats::Cluster(c) => format!("a {}-node cluster {}", c.len(), c.url()),
+        }
+    }
+
+    /// The flags every replica runs with, as deploy/ says for this deployment: on a
+    /// cluster, the log and the buckets R3, and 16 singles in flight (every write is
+    /// an fsync under the cluster's `sync_interval: always`).
+    fn scheduler_flags(&self) -> Vec<String> {
+        match self {
+            Nats::Single(_) => Vec::new(),
+            Nats::Cluster(_) => ["--replicas", "3", "--singles-in-flight", "16"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+
+    /// The servers' logs, each with the name it is kept under.
+    fn logs(&self) -> Vec<(String, PathBuf)> {
+        match self {
+            Nats::Single(s) => vec![("nats.log".to_string(), s.log_path())],
+            Nats::Cluster(c) => (0..c.len())
+                .map(|i| (format!("nats-{}.log", c.name(i)), c.node(i).log_path()))
+                .collect(),
+        }
+    }
+}
+
+/// `base` flags with those of `extra` in place of the same options of `base` (the
+/// scheduler refuses an option given twice); both are `--option value` pairs.
+fn with_flags(base: &[String], extra: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = base
+        .chunks(2)
+        .filter(|pair| {
+            pair.first()
+                .is_none_or(|name| !extra.iter().step_by(2).any(|e| e == name))
+        })
+        .flatten()
+        .cloned()
+        .collect();
+    out.extend_from_slice(extra);
+    out
+}
+
+/// The info of `stream`, asked with a short timeout (a stalled leader answers nothing).
+async fn stream_info(
+    operator: &async_nats::Client,
+    stream: &str,
+) -> Result<async_nats::jetstream::stream::Info> {
+    let mut js = async_nats::jetstream::new(operator.clone());
+    js.set_timeout(Duration::from_secs(2));
+    let s = js.get_stream(stream).await?;
+    Ok(s.cached_info().clone())
+}
+
+/// The name of the node that leads `stream` now, if it has a leader and says so.
+async fn leader_of(operator: &async_nats::Client, stream: &str) -> Option<String> {
+    stream_info(operator, stream).await.ok()?.cluster?.leader
+}
+
+/// Waits (up to 60 s) until the log stream has a leader and every other node is a
+/// current replica; says how it went. A cluster that does not settle is noted, not a
+/// violation: the next fault then meets a cluster still recovering, which the
+/// scheduler must survive as well.
+async fn settle(operator: &async_nats::Client, nodes: usize) -> String {
+    let stream = Subjects::default().log_stream();
+    let started = Instant::now();
+    let mut last = String::from("no answer");
+    while started.elapsed() < Duration::from_secs(60) {
+        match stream_info(operator, &stream).await {
+            Ok(info) => {
+                let cluster = info.cluster.unwrap_or_default();
+                let current = cluster
+                    .replicas
+                    .iter()
+                    .filter(|r| r.current && !r.offline)
+                    .count();
+                if let Some(leader) = &cluster.leader {
+                    if current + 1 == nodes {
+                        return format!(
+                            "{stream} led by {leader}, every replica current after {} s",
+                            secs(started.elapsed().as_millis() as u64)
+                        );
+                    }
+                }
+                last = format!(
+                    "leader {:?}, {current} of {} replicas current",
+                    cluster.leader,
+                    nodes.saturating_sub(1)
+                );
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    format!("{stream} not settled within 60 s: {last}")
+}
+
+/// Asks the leader of `stream` to step down; waits (up to 20 s) for another one.
+async fn step_down(operator: &async_nats::Client, stream: &str) -> Result<Vec<String>> {
+    let before = leader_of(operator, stream).await;
+    let started = Instant::now();
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        operator.request(
+            format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}"),
+            Bytes::new(),
+        ),
+    )
+    .await
+    .context("step-down request: no answer within 5 s")??;
+    let answer: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    if answer["success"].as_bool() != Some(true) {
+        return Ok(vec![format!(
+            "{stream}: step-down refused: {} (leader {before:?})",
+            answer["error"]
+        )]);
+    }
+    while started.elapsed() < Duration::from_secs(20) {
+        if let Some(now) = leader_of(operator, stream).await {
+            if Some(&now) != before.as_ref() {
+                return Ok(vec![format!(
+                    "{stream}: leader {} -> {now} after {} s",
+                    before.as_deref().unwrap_or("?"),
+                    secs(started.elapsed().as_millis() as u64)
+                )]);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(vec![format!(
+        "{stream}: step-down accepted, but no other leader than {before:?} within 20 s"
+    )])
+}
+
+/// The servers and the replicas, owned by the fault injector while it runs.
+struct Rig {
+    nats: Nats,
     replicas: Vec<Replica>,
+    /// Flags every replica starts with ([`Nats::scheduler_flags`]).
+    flags: Vec<String>,
     /// A connection for PING (reconnects by itself after a server restart).
     ping: async_nats::Client,
+    /// The operator's connection (every node's URL): leaders, step-downs.
+    operator: async_nats::Client,
     violations: Vec<Violation>,
 }
 
-impl Cluster {
+impl Rig {
     fn start(&mut self, r: usize, flags: &[String]) -> Result<()> {
+        let flags = with_flags(&self.flags, flags);
         let rep = &mut self.replicas[r];
         let args: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let mut cmd = scheduler_command(&self.server, &rep.key, &args)?;
+        let mut cmd = scheduler_command(&self.nats, &rep.key, &args)?;
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -888,17 +1218,37 @@ impl Cluster {
         }
     }
 
-    /// A server or replica that exited by itself is a violation; it is started again.
+    /// A server, node or replica that exited by itself is a violation; it is started
+    /// again.
     fn check_alive(&mut self) -> Result<()> {
-        if let Some(status) = self.server.exited() {
+        let mut exited = Vec::new();
+        match &mut self.nats {
+            Nats::Single(server) => {
+                if let Some(status) = server.exited() {
+                    exited.push(format!("nats-server exited by itself ({status})"));
+                    server.restart_in_place()?;
+                }
+            }
+            Nats::Cluster(cluster) => {
+                for i in 0..cluster.len() {
+                    if let Some(status) = cluster.exited(i) {
+                        exited.push(format!(
+                            "node {} exited by itself ({status})",
+                            cluster.name(i)
+                        ));
+                        cluster.restart(i)?;
+                    }
+                }
+            }
+        }
+        for what in exited {
             self.violations.push(violation(
                 "server",
                 format!(
-                    "nats-server exited by itself ({status}) before {} s (out of memory? see its log); restarted",
+                    "{what} before {} s (out of memory? see its log); restarted",
                     secs(now_ms())
                 ),
             ));
-            self.server.restart_in_place()?;
         }
         for r in 0..self.replicas.len() {
             let exited = self.replicas[r].process.as_mut().and_then(|p| p.exited());
@@ -928,21 +1278,75 @@ impl Cluster {
         }
     }
 
+    fn cluster(&mut self) -> Result<&mut NatsCluster> {
+        match &mut self.nats {
+            Nats::Cluster(c) => Ok(c),
+            Nats::Single(_) => bail!("a cluster fault without a cluster"),
+        }
+    }
+
+    /// The node `node` names now: the log's leader, or one of the others. Without a
+    /// known leader, the leader's fault hits some node (noted).
+    fn pick(
+        &mut self,
+        node: Node,
+        rt: &tokio::runtime::Handle,
+        notes: &mut Vec<String>,
+    ) -> Result<usize> {
+        let stream = Subjects::default().log_stream();
+        let leader_name = rt.block_on(leader_of(&self.operator, &stream));
+        let cluster = self.cluster()?;
+        let names: Vec<String> = (0..cluster.len()).map(|i| cluster.name(i)).collect();
+        let leader = leader_name
+            .as_ref()
+            .and_then(|l| names.iter().position(|n| n == l));
+        let i = match (node, leader) {
+            (Node::Leader, Some(l)) => l,
+            (Node::Leader, None) => {
+                notes.push(format!("{stream} has no known leader"));
+                0
+            }
+            (Node::Follower(k), _) => {
+                let others: Vec<usize> = (0..names.len()).filter(|i| Some(*i) != leader).collect();
+                others[k % others.len().max(1)]
+            }
+        };
+        notes.push(format!(
+            "node {} ({stream} led by {})",
+            names[i],
+            leader_name.as_deref().unwrap_or("nobody")
+        ));
+        Ok(i)
+    }
+
+    /// After a cluster fault: waits for the log's replicas ([`settle`]).
+    fn settle(&mut self, rt: &tokio::runtime::Handle, notes: &mut Vec<String>) -> Result<()> {
+        let nodes = self.cluster()?.len();
+        notes.push(rt.block_on(settle(&self.operator, nodes)));
+        Ok(())
+    }
+
     fn apply(&mut self, fault: &Fault, rt: &tokio::runtime::Handle) -> Result<Vec<String>> {
         let mut notes = Vec::new();
         let sleep = |ms: u64| std::thread::sleep(Duration::from_millis(ms));
         match fault {
             Fault::NatsStall { ms } => {
-                let pid = self.server.pid().context("nats-server is not running")?;
+                let Nats::Single(server) = &self.nats else {
+                    bail!("nats_stall is for one server");
+                };
+                let pid = server.pid().context("nats-server is not running")?;
                 harness::send_signal(pid, "STOP")?;
                 sleep(*ms);
                 harness::send_signal(pid, "CONT")?;
             }
             Fault::NatsKill { down_ms } => {
-                let pid = self.server.pid().context("nats-server is not running")?;
+                let Nats::Single(server) = &mut self.nats else {
+                    bail!("nats_kill is for one server");
+                };
+                let pid = server.pid().context("nats-server is not running")?;
                 harness::send_signal(pid, "KILL")?;
                 sleep(*down_ms);
-                self.server.restart_in_place()?;
+                server.restart_in_place()?;
             }
             Fault::ReplicaKill { replica, down_ms } => {
                 if let Some(mut p) = self.replicas[*replica].process.take() {
@@ -969,11 +1373,53 @@ impl Cluster {
                 hold_ms,
             } => self.hold_with(*replica, flags, *hold_ms, rt, &mut notes)?,
             Fault::FullStore { hold_ms } => {
-                let url = self.server.url_as(Role::Operator);
+                let url = self.nats.url_as(Role::Operator);
                 notes.extend(rt.block_on(full_store(&url, *hold_ms))?);
+            }
+            Fault::NodeStall { node, ms } => {
+                let i = self.pick(*node, rt, &mut notes)?;
+                let cluster = self.cluster()?;
+                cluster.signal(i, "STOP")?;
+                sleep(*ms);
+                cluster.signal(i, "CONT")?;
+                self.settle(rt, &mut notes)?;
+            }
+            Fault::NodeKill { follower, down_ms } => {
+                let i = self.pick(Node::Follower(*follower), rt, &mut notes)?;
+                self.kill_node(i, *down_ms, rt, &mut notes)?;
+            }
+            Fault::LeaderKill { down_ms } => {
+                let i = self.pick(Node::Leader, rt, &mut notes)?;
+                self.kill_node(i, *down_ms, rt, &mut notes)?;
+            }
+            Fault::LeaderStepdown { stream } => {
+                self.cluster()?;
+                notes.extend(rt.block_on(step_down(&self.operator, stream))?);
+                self.settle(rt, &mut notes)?;
             }
         }
         Ok(notes)
+    }
+
+    /// SIGKILLs node `i`, restarts it in place after `down_ms`, waits for the log.
+    fn kill_node(
+        &mut self,
+        i: usize,
+        down_ms: u64,
+        rt: &tokio::runtime::Handle,
+        notes: &mut Vec<String>,
+    ) -> Result<()> {
+        let cluster = self.cluster()?;
+        cluster.kill(i);
+        std::thread::sleep(Duration::from_millis(down_ms));
+        let restarting = Instant::now();
+        cluster.restart(i)?;
+        notes.push(format!(
+            "{} back in {} s",
+            cluster.name(i),
+            secs(restarting.elapsed().as_millis() as u64)
+        ));
+        self.settle(rt, notes)
     }
 
     /// Restarts `r` with `flags`, lets it serve `hold_ms`, restarts it as it was.
@@ -1028,32 +1474,32 @@ async fn full_store(operator_url: &str, hold_ms: u64) -> Result<Vec<String>> {
 }
 
 /// Runs the fault schedule from `first_ms` until `last_start_ms` (no fault starts
-/// later); returns the cluster and what happened.
+/// later); returns the rig and what happened.
 fn inject(
-    mut cluster: Cluster,
+    mut rig: Rig,
     rt: tokio::runtime::Handle,
     plan: Vec<(Fault, u64)>,
     first_ms: u64,
     last_start_ms: u64,
-) -> (Cluster, Vec<FaultRecord>, Result<()>) {
+) -> (Rig, Vec<FaultRecord>, Result<()>) {
     let mut records = Vec::new();
     sleep_until(first_ms);
     for (fault, pause) in plan {
         if now_ms() > last_start_ms {
             break;
         }
-        if let Err(e) = cluster.check_alive() {
-            return (cluster, records, Err(e));
+        if let Err(e) = rig.check_alive() {
+            return (rig, records, Err(e));
         }
         let start_ms = now_ms();
-        let notes = match cluster.apply(&fault, &rt) {
+        let notes = match rig.apply(&fault, &rt) {
             Ok(n) => n,
             Err(e) => {
                 let e = e.context(format!("injecting {}", fault.describe()));
-                return (cluster, records, Err(e));
+                return (rig, records, Err(e));
             }
         };
-        cluster.ready(&rt, fault.name());
+        rig.ready(&rt, fault.name());
         let end_ms = now_ms();
         println!(
             "[{:>6} s] {} (recovered after {} s){}",
@@ -1077,8 +1523,8 @@ fn inject(
         }
         std::thread::sleep(Duration::from_millis(pause));
     }
-    let alive = cluster.check_alive();
-    (cluster, records, alive)
+    let alive = rig.check_alive();
+    (rig, records, alive)
 }
 
 // ---------------------------------------------------------------------------------
@@ -1674,12 +2120,18 @@ struct Outcome {
     limits: Limits,
     elapsed_ms: u64,
     logs: Vec<PathBuf>,
-    nats_log: PathBuf,
+    /// The servers' logs, each with the name it is kept under.
+    nats_logs: Vec<(String, PathBuf)>,
     injector_error: Option<String>,
 }
 
 async fn run(args: &Args, seed: u64) -> Result<Outcome> {
-    let server = NatsServer::start()?;
+    let kinds = fault_kinds(args.cluster, &args.faults)?;
+    let nats = if args.cluster {
+        Nats::Cluster(NatsCluster::start(3)?)
+    } else {
+        Nats::Single(NatsServer::start()?)
+    };
     let work = tempfile::Builder::new()
         .prefix("turnstile-chaos-")
         .tempdir()?;
@@ -1693,21 +2145,23 @@ async fn run(args: &Args, seed: u64) -> Result<Outcome> {
             starts: 0,
         });
     }
-    let ping = connect(server.url()).await?;
-    let nats_log = server.log_path();
-    let mut cluster = Cluster {
-        server,
+    let client_url = nats.url();
+    let operator_url = nats.url_as(Role::Operator);
+    let ping = connect(&client_url).await?;
+    let nats_logs = nats.logs();
+    let mut rig = Rig {
+        flags: nats.scheduler_flags(),
+        nats,
         replicas,
         ping: ping.clone(),
+        operator: connect(&operator_url).await?,
         violations: Vec::new(),
     };
     for r in 0..args.replicas {
-        cluster.start(r, &[])?;
+        rig.start(r, &[])?;
     }
     wait_for_schedulers(&ping, args.replicas).await?;
     let limits = Limits::fetch(&ping).await?;
-    let client_url = cluster.server.url().to_string();
-    let operator_url = cluster.server.url_as(Role::Operator);
     let mut clients = Vec::new();
     for _ in 0..CONNECTIONS {
         clients.push(
@@ -1730,8 +2184,12 @@ async fn run(args: &Args, seed: u64) -> Result<Outcome> {
         scale: args.scale,
     });
     println!(
-        "chaos: {} replicas on nats-server {client_url}, limits: body {} B, request {} B, id {} B",
-        args.replicas, limits.max_body, limits.max_request_bytes, limits.max_message_id
+        "chaos: {} replicas on {}, limits: body {} B, request {} B, id {} B",
+        args.replicas,
+        rig.nats.describe(),
+        limits.max_body,
+        limits.max_request_bytes,
+        limits.max_message_id
     );
 
     let events = plan_events(seed, duration_ms, args.scale);
@@ -1751,18 +2209,18 @@ async fn run(args: &Args, seed: u64) -> Result<Outcome> {
     let plan = if args.no_faults {
         Vec::new()
     } else {
-        plan_faults(seed, args.replicas)
+        plan_faults(seed, args.replicas, &kinds)
     };
     let rt = tokio::runtime::Handle::current();
     let last_start = stop_ms.saturating_sub(20_000);
     let injector =
-        tokio::task::spawn_blocking(move || inject(cluster, rt, plan, started + 8_000, last_start));
+        tokio::task::spawn_blocking(move || inject(rig, rt, plan, started + 8_000, last_start));
 
     for w in workers {
         w.await??;
     }
     events_task.await??;
-    let (mut cluster, faults, injected) = injector.await?;
+    let (mut rig, faults, injected) = injector.await?;
     let injector_error = injected.err().map(|e| format!("{e:#}"));
     ctx.tracker.close();
     let longest = RETRY_SPAN_MS / 1000 + 2 * args.timeout + 30;
@@ -1777,9 +2235,9 @@ async fn run(args: &Args, seed: u64) -> Result<Outcome> {
         "[{:>6} s] workload done; every request answered or timed out; reading the log",
         secs(workload_end)
     );
-    cluster.check_alive()?;
+    rig.check_alive()?;
     if let Err(e) = wait_for_schedulers(&ping, args.replicas).await {
-        cluster.violations.push(violation(
+        rig.violations.push(violation(
             "replica",
             format!("after the workload: {e} (at {} s)", secs(now_ms())),
         ));
@@ -1833,17 +2291,26 @@ async fn run(args: &Args, seed: u64) -> Result<Outcome> {
         }
     );
     // A graceful stop of every replica, as at the end of any deployment.
-    for r in 0..cluster.replicas.len() {
+    for r in 0..rig.replicas.len() {
         let mut notes = Vec::new();
-        cluster.stop(r, &mut notes);
+        rig.stop(r, &mut notes);
     }
-    let server_log = std::fs::read_to_string(&nats_log).unwrap_or_default();
-    let observed = |what: &str| server_log.lines().filter(|l| l.contains(what)).count();
+    let server_logs: Vec<String> = nats_logs
+        .iter()
+        .map(|(_, path)| std::fs::read_to_string(path).unwrap_or_default())
+        .collect();
+    let observed = |what: &str| {
+        server_logs
+            .iter()
+            .flat_map(|log| log.lines())
+            .filter(|l| l.contains(what))
+            .count()
+    };
     counts.server_publish_violations = observed("Publish Violation");
     counts.server_slow_consumers = observed("Slow Consumer");
-    let mut all = std::mem::take(&mut cluster.violations);
+    let mut all = std::mem::take(&mut rig.violations);
     all.extend(violations);
-    let mut logs: Vec<PathBuf> = cluster.replicas.iter().map(|r| r.log.clone()).collect();
+    let mut logs: Vec<PathBuf> = rig.replicas.iter().map(|r| r.log.clone()).collect();
     logs.push(work.path().join("verify.err"));
     let outcome = Outcome {
         seed,
@@ -1855,27 +2322,28 @@ async fn run(args: &Args, seed: u64) -> Result<Outcome> {
         limits,
         elapsed_ms: now_ms() - started,
         logs: logs.clone(),
-        nats_log: nats_log.clone(),
+        nats_logs: nats_logs.clone(),
         injector_error,
     };
     if !outcome.violations.is_empty() || outcome.injector_error.is_some() {
-        keep_logs(seed, &logs, &nats_log);
+        keep_logs(seed, &logs, &nats_logs);
     }
-    drop(cluster);
+    drop(rig);
     drop(work);
     Ok(outcome)
 }
 
 /// Copies the replicas' and the server's logs to `bench-results/chaos-<seed>/`.
-fn keep_logs(seed: u64, logs: &[PathBuf], nats_log: &Path) {
+fn keep_logs(seed: u64, logs: &[PathBuf], nats_logs: &[(String, PathBuf)]) {
     let dir = PathBuf::from(format!("bench-results/chaos-{seed}"));
     if std::fs::create_dir_all(&dir).is_err() {
         return;
     }
-    for l in logs.iter().map(PathBuf::as_path).chain([nats_log]) {
-        if let Some(name) = l.file_name() {
-            let _ = std::fs::copy(l, dir.join(name));
-        }
+    let named = logs
+        .iter()
+        .filter_map(|l| Some((l.file_name()?.to_string_lossy().into_owned(), l)));
+    for (name, l) in named.chain(nats_logs.iter().map(|(n, l)| (n.clone(), l))) {
+        let _ = std::fs::copy(l, dir.join(name));
     }
     println!("logs kept in {}", dir.display());
 }
@@ -1900,17 +2368,19 @@ fn summary(args: &Args, o: &Outcome) -> String {
     let rows = [
         (
             "seed",
-            format!(
-                "{} (replay: make chaos DURATION={} SEED={})",
-                o.seed, args.duration, o.seed
-            ),
+            format!("{} (replay: {})", o.seed, replay(args, o.seed)),
         ),
         (
             "ran",
             format!(
-                "{} s, {} replicas, {} build",
+                "{} s, {} replicas, {}, {} build",
                 secs(o.elapsed_ms),
                 args.replicas,
+                if args.cluster {
+                    "a 3-node cluster (log and buckets R3)"
+                } else {
+                    "one nats-server"
+                },
                 profile()
             ),
         ),
@@ -1995,10 +2465,30 @@ fn profile() -> &'static str {
     }
 }
 
+/// The command that replays a run (`make chaos` has no `--faults`).
+fn replay(args: &Args, seed: u64) -> String {
+    if args.faults.is_empty() {
+        format!(
+            "make chaos DURATION={} SEED={seed}{}",
+            args.duration,
+            if args.cluster { " CLUSTER=1" } else { "" }
+        )
+    } else {
+        format!(
+            "./target/{}/chaos --duration {} --seed {seed}{} --faults {}",
+            profile(),
+            args.duration,
+            if args.cluster { " --cluster" } else { "" },
+            args.faults.join(",")
+        )
+    }
+}
+
 fn write_json(args: &Args, o: &Outcome) -> Result<()> {
     let doc = json!({
         "seed": o.seed,
         "duration_s": args.duration,
+        "cluster": args.cluster,
         "elapsed_s": o.elapsed_ms as f64 / 1000.0,
         "replicas": args.replicas,
         "build": profile(),
@@ -2012,7 +2502,7 @@ fn write_json(args: &Args, o: &Outcome) -> Result<()> {
         "injector_error": o.injector_error,
         "verify": {"ok": o.verify["ok"], "totals": o.verify["totals"]},
         "logs": o.logs,
-        "nats_log": o.nats_log,
+        "nats_logs": o.nats_logs.iter().map(|(_, p)| p).collect::<Vec<_>>(),
     });
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
@@ -2027,13 +2517,17 @@ async fn main() -> Result<()> {
     let seed = args.seed.unwrap_or_else(rand::random);
     now_ms();
     println!(
-        "chaos: seed {seed}, {} s (replay: make chaos DURATION={} SEED={seed})",
-        args.duration, args.duration
+        "chaos: seed {seed}, {} s (replay: {})",
+        args.duration,
+        replay(&args, seed)
     );
     let outcome = match run(&args, seed).await {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("chaos: the harness failed: {e:#}\nseed {seed} (replay: make chaos DURATION={} SEED={seed})", args.duration);
+            eprintln!(
+                "chaos: the harness failed: {e:#}\nseed {seed} (replay: {})",
+                replay(&args, seed)
+            );
             std::process::exit(2);
         }
     };
@@ -2048,9 +2542,9 @@ async fn main() -> Result<()> {
         return Ok(());
     }
     println!(
-        "\nchaos: FAILED with {} violation(s); seed {seed} (replay: make chaos DURATION={} SEED={seed})",
+        "\nchaos: FAILED with {} violation(s); seed {seed} (replay: {})",
         outcome.violations.len(),
-        args.duration
+        replay(&args, seed)
     );
     println!("fault timeline:");
     for f in &outcome.faults {
