@@ -136,11 +136,14 @@ stop:
 	done
 
 # Every test: unit tests (no server) and system tests (each starts its own nats-server),
-# then a 90-second chaos run (debug build, lighter load).
+# then a 90-second chaos run (debug build, lighter load) and a 60-second one against a
+# 3-node cluster with only the cluster's faults (~3 minutes on 2 cores).
 test: tools build
 	cargo test --workspace --no-fail-fast
 	@$(MAKE) --no-print-directory vectors
 	./target/debug/chaos --duration 90 --scale 0.3 --workers 4 --out bench-results/chaos-test.json
+	./target/debug/chaos --cluster --duration 60 --scale 0.2 --workers 3 \
+	  --faults node_stall,node_kill,leader_kill,leader_stepdown --out bench-results/chaos-cluster-test.json
 
 # The golden vectors (schemas/vectors.json, schemas/alarm-vectors.json), recomputed by an
 # independent Python implementation of schemas/.
