@@ -686,3 +686,97 @@ async fn alarms_fire_in_due_order_and_changes_reach_the_window() -> Result<()> {
     sched.stop().await?;
     Ok(())
 }
+
+/// The subjects of `TS_ALARMS` under `filter` that hold messages now.
+async fn stored_subjects(server: &NatsServer, filter: &str) -> Result<Vec<String>> {
+    use futures::TryStreamExt as _;
+    let op = connect_as(server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(op);
+    let stream = js.get_stream("TS_ALARMS").await?;
+    let subjects: Vec<(String, usize)> = stream
+        .info_with_subjects(filter)
+        .await?
+        .try_collect()
+        .await?;
+    Ok(subjects.into_iter().map(|(s, _)| s).collect())
+}
+
+/// The partition checkpoint `ts.alarms.swept.<p>`: the last bucket known empty.
+async fn swept(server: &NatsServer, partition: u32) -> Result<Option<u64>> {
+    let op = connect_as(server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(op);
+    let stream = js.get_stream("TS_ALARMS").await?;
+    match stream
+        .get_last_raw_message_by_subject(&format!("ts.alarms.swept.{partition}"))
+        .await
+    {
+        Ok(m) => Ok(std::str::from_utf8(&m.payload)?.trim().parse().ok()),
+        Err(_) => Ok(None),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fired_buckets_are_emptied_at_once_and_a_replaced_alarms_new_entry_survives() -> Result<()>
+{
+    let server = server()?;
+    let sched = InProcess::start(&server, Config::default(), vec![test_key(1)]).await?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    let now = now_ms();
+    let due = now + 1_000;
+    let ids: Vec<String> = (0..40).map(|i| format!("sweep-{i}")).collect();
+    for id in &ids {
+        set(&client, set_body(id, due, "swept", id)).await?;
+    }
+    // Set for soon, then moved to 25 s ahead (two buckets on): its first entry's
+    // bucket is swept while the alarm waits for its new time.
+    let moved_due = now + 25_000;
+    set(&client, set_body("moved", now + 1_000, "swept", "moved")).await?;
+    set(&client, set_body("moved", moved_due, "swept", "moved")).await?;
+    for id in &ids {
+        wait_status(&client, id, "done", 30).await?;
+    }
+    // Every partition those alarms live in gets its checkpoint past their bucket, and
+    // the bucket holds nothing any more.
+    let bucket = due / 10_000;
+    let partitions: std::collections::BTreeSet<u32> = ids
+        .iter()
+        .map(|id| alarm_loader::alarm::partition_of(id))
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let mut behind = Vec::new();
+        for &p in &partitions {
+            if swept(&server, p).await?.is_none_or(|b| b < bucket) {
+                behind.push(p);
+            }
+        }
+        let left = stored_subjects(&server, &format!("ts.alarms.due.*.{bucket}.*")).await?;
+        if behind.is_empty() && left.is_empty() {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("after 40 s: partitions {behind:?} not swept past bucket {bucket}; entries left: {left:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The moved alarm was not fired at its old time, its new entry is still indexed,
+    // and it fires at its new time, once.
+    let moved_bucket = moved_due / 10_000;
+    let got = alarm(&client, "get", json!({"id": "moved"}))
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    assert_eq!(got["status"]["status"], "pending", "{got}");
+    let entry = stored_subjects(&server, &format!("ts.alarms.due.*.{moved_bucket}.moved")).await?;
+    assert_eq!(entry.len(), 1, "the moved alarm's entry: {entry:?}");
+    let got = wait_status(&client, "moved", "done", 40).await?;
+    let log = read_log(server.url(), &ProcessId::new("swept")?).await?;
+    let fired: Vec<_> = log.iter().filter(|e| &e.body[..] == b"moved").collect();
+    assert_eq!(fired.len(), 1, "{got}");
+    assert!(fired[0].timestamp_ms >= moved_due);
+    assert_eq!(log.len(), ids.len() + 1);
+    loader.terminate(Duration::from_secs(10));
+    sched.stop().await?;
+    Ok(())
+}

@@ -11,6 +11,7 @@
 //!   are all gone: a loader that takes a partition over loads from the one after it,
 //!   so alarms due while every loader was down fire on recovery.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -27,6 +28,11 @@ use crate::{Error, Result};
 /// Filter subjects one ordered consumer reads at once.
 const FILTERS_PER_READ: usize = 256;
 
+/// Records one batch read names: nats-server answers at most 1,024 subjects a
+/// multi-last request (and stops at its pending-bytes limit; what it leaves out is read
+/// alone when needed).
+const RECORDS_PER_BATCH: usize = 512;
+
 /// How long one read of the stream may take.
 const READ_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -41,6 +47,9 @@ pub struct DueEntry {
     /// record does not account for yet may precede that record.
     #[serde(default)]
     pub written_ms: u64,
+    /// The entry's stream sequence (known once read; not stored).
+    #[serde(skip)]
+    pub seq: u64,
 }
 
 /// The alarm stream.
@@ -92,6 +101,85 @@ impl Store {
             Some((payload, seq)) => Ok(Some((decode(&payload, &subject, seq)?, seq))),
             None => Ok(None),
         }
+    }
+
+    /// The current records of `ids` that have one, each with its sequence, read in
+    /// batches (one direct get names up to [`RECORDS_PER_BATCH`] subjects). A record
+    /// the server left out of a batch, or that does not decode, is not returned: a
+    /// caller reads it alone. What this returns may be stale by the time it is used:
+    /// only a compare-and-set against its sequence may act on it.
+    pub async fn read_many(&self, ids: &[String]) -> Result<HashMap<String, (Record, u64)>> {
+        let mut out = HashMap::with_capacity(ids.len());
+        let client = self.js.client();
+        let api = self.subjects.direct_get(&self.subjects.alarms_stream());
+        for chunk in ids.chunks(RECORDS_PER_BATCH) {
+            let subjects: Vec<String> = chunk
+                .iter()
+                .map(|id| self.subjects.alarm_record(id))
+                .collect();
+            let body = serde_json::to_vec(&serde_json::json!({ "multi_last": subjects }))
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            let inbox = client.new_inbox();
+            let mut answers = client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|e| Error::js("batch read alarms", e))?;
+            client
+                .publish_with_reply(api.clone(), inbox, body.into())
+                .await
+                .map_err(|e| Error::js("batch read alarms", e))?;
+            let read = tokio::time::timeout(READ_DEADLINE, async {
+                while let Some(m) = answers.next().await {
+                    if let Some(status) = m.status {
+                        // 204: the end of the batch; 404: none has a record.
+                        return match status.as_u16() {
+                            204 | 404 => Ok(()),
+                            code => Err(Error::JetStream {
+                                op: "batch read alarms",
+                                reason: format!(
+                                    "{code} {}",
+                                    m.description.as_deref().unwrap_or_default()
+                                ),
+                            }),
+                        };
+                    }
+                    let Some(h) = m.headers.as_ref() else {
+                        continue;
+                    };
+                    let (Some(subject), Some(seq)) = (
+                        h.get("Nats-Subject").map(|v| v.as_str().to_string()),
+                        h.get("Nats-Sequence")
+                            .and_then(|v| v.as_str().parse::<u64>().ok()),
+                    ) else {
+                        continue;
+                    };
+                    let Some(id) = self.subjects.alarm_of_record(&subject) else {
+                        continue;
+                    };
+                    match decode(&m.payload, &subject, seq) {
+                        Ok(r) => {
+                            out.insert(id.to_string(), (r, seq));
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "batch read: a record left to read alone")
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .await;
+            let _ = answers.unsubscribe().await;
+            match read {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(Error::JetStream {
+                        op: "batch read alarms",
+                        reason: format!("no end of batch within {READ_DEADLINE:?}"),
+                    })
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The last message of `subject` and its sequence; none if it has none.
@@ -193,7 +281,7 @@ impl Store {
             .collect();
         let mut out = Vec::new();
         for chunk in filters.chunks(64) {
-            for payload in self.read_last_per_subject(chunk.to_vec()).await? {
+            for (payload, _) in self.read_last_per_subject(chunk.to_vec()).await? {
                 match serde_json::from_slice::<StoredJob>(&payload) {
                     Ok(j) => out.push(j),
                     Err(e) => {
@@ -251,6 +339,7 @@ impl Store {
             id: id.to_string(),
             at_ms,
             written_ms: now,
+            seq: 0,
         };
         let body = serde_json::to_vec(&entry).map_err(|e| Error::Invalid(e.to_string()))?;
         self.js
@@ -295,9 +384,9 @@ impl Store {
         // One consumer reads many filters at once (a window of every partition is one
         // read); a very long catch-up is read in chunks.
         for chunk in filters.chunks(FILTERS_PER_READ) {
-            for payload in self.read_last_per_subject(chunk.to_vec()).await? {
+            for (payload, seq) in self.read_last_per_subject(chunk.to_vec()).await? {
                 match serde_json::from_slice::<DueEntry>(&payload) {
-                    Ok(e) => out.push(e),
+                    Ok(e) => out.push(DueEntry { seq, ..e }),
                     Err(e) => {
                         tracing::warn!(error = %e, "due entry that does not decode; ignored")
                     }
@@ -323,12 +412,24 @@ impl Store {
         Ok(first.is_none())
     }
 
-    /// The last message of every subject matching `filter_subjects`, read with one
-    /// ordered consumer, deleted after.
+    /// Removes the entries of bucket `bucket` of `partition` stored before sequence
+    /// `below` (those after it are left: the caller has not seen them).
+    pub async fn purge_bucket(&self, partition: u32, bucket: u64, below: u64) -> Result<()> {
+        self.stream
+            .purge()
+            .filter(self.subjects.alarm_due_bucket(partition, bucket))
+            .sequence(below)
+            .await
+            .map_err(|e| Error::js("purge due bucket", e))?;
+        Ok(())
+    }
+
+    /// The last message of every subject matching `filter_subjects` and its sequence,
+    /// read with one ordered consumer, deleted after.
     async fn read_last_per_subject(
         &self,
         filter_subjects: Vec<String>,
-    ) -> Result<Vec<bytes::Bytes>> {
+    ) -> Result<Vec<(bytes::Bytes, u64)>> {
         let name = format!("tsa-{}", uuid::Uuid::new_v4().simple());
         let config = consumer::pull::OrderedConfig {
             name: Some(name.clone()),
@@ -357,8 +458,11 @@ impl Store {
                 .map_err(|e| Error::js("last-per-subject read", e))?;
             while let Some(m) = msgs.next().await {
                 let m = m.map_err(|e| Error::js("last-per-subject read", e))?;
-                let left = m.info().map(|i| i.pending).unwrap_or(0);
-                out.push(m.payload.clone());
+                let (left, seq) = m
+                    .info()
+                    .map(|i| (i.pending, i.stream_sequence))
+                    .unwrap_or((0, 0));
+                out.push((m.payload.clone(), seq));
                 if left == 0 {
                     break;
                 }

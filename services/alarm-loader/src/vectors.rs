@@ -108,6 +108,7 @@ fn due_index(subjects: &journal::subjects::Subjects) -> Result<Vec<Value>> {
             id: id.clone(),
             at_ms,
             written_ms: T0 - 60_000,
+            seq: 0,
         };
         out.push(json!({
             "id": id,

@@ -248,6 +248,11 @@ impl Subjects {
     pub fn alarms_stream(&self) -> String {
         format!("{}_ALARMS", self.upper())
     }
+    /// `$JS.API.DIRECT.GET.<stream>`: a stream's direct-get API (several messages at
+    /// once with `multi_last`, ADR-31).
+    pub fn direct_get(&self, stream: &str) -> String {
+        format!("$JS.API.DIRECT.GET.{stream}")
+    }
     /// The ownership bucket (leases of every group): `<PREFIX>_OWNERSHIP`.
     pub fn ownership_bucket(&self) -> String {
         format!("{}_OWNERSHIP", self.upper())

@@ -80,6 +80,9 @@ struct Args {
     /// Skip the alarm-loader's section.
     #[arg(long)]
     no_alarms: bool,
+    /// Profiling aid: in the alarm-loader's section, skip the capacity phase.
+    #[arg(long)]
+    no_alarm_capacity: bool,
     /// Internal: serve as the echo responder at this NATS URL (the request/reply
     /// transport ceiling: replies at once with a receipt-sized payload).
     #[arg(long, hide = true)]
@@ -101,7 +104,7 @@ async fn main() -> Result<()> {
         return log_reads_only(&body).await;
     }
     if args.only_alarms {
-        let a = alarms_section(&body, args.seconds).await?;
+        let a = alarms_section(&body, args.seconds, !args.no_alarm_capacity).await?;
         println!("{}", serde_json::to_string_pretty(&a)?);
         print_alarms_table(&a);
         return Ok(());
@@ -278,7 +281,7 @@ async fn main() -> Result<()> {
         serde_json::Value::Null
     } else {
         eprintln!("== alarm-loader");
-        alarms_section(&body, args.seconds).await?
+        alarms_section(&body, args.seconds, true).await?
     };
     let doc = json!({
         "alarms": alarms,
@@ -1170,7 +1173,11 @@ fn print_log_reads_table(doc: &serde_json::Value) {
 /// due in one second (time until the last fired). Its own server (default storage), a
 /// scheduler and one loader (release builds, separate processes); the raw JetStream
 /// publish ceiling measured in the same run.
-async fn alarms_section(body: &Bytes, seconds: f64) -> Result<serde_json::Value> {
+async fn alarms_section(
+    body: &Bytes,
+    seconds: f64,
+    with_capacity: bool,
+) -> Result<serde_json::Value> {
     use base64::Engine as _;
     let server = NatsServer::start_with(Options::default())?;
     let raw = raw_ceiling(&server.url_as(Role::Operator), body, seconds).await?;
@@ -1178,7 +1185,7 @@ async fn alarms_section(body: &Bytes, seconds: f64) -> Result<serde_json::Value>
     let key = protocol::keys::Keypair::generate();
     let key_path = dir.path().join("key.json");
     std::fs::write(&key_path, key.to_key_file())?;
-    let _scheduler = tests::support::spawn_scheduler(&server, &key_path, &[])?;
+    let scheduler = tests::support::spawn_scheduler(&server, &key_path, &[])?;
     let mut cmd = std::process::Command::new(harness::workspace_bin("alarm-loader")?);
     cmd.arg("--in-memory-interval-ms")
         .arg("1000")
@@ -1186,7 +1193,11 @@ async fn alarms_section(body: &Bytes, seconds: f64) -> Result<serde_json::Value>
         .env("TS_INTAKE_URL", server.url_as(Role::AlarmIntake))
         .env("RUST_LOG", "warn");
     let loader = harness::Process::spawn(cmd)?;
-    let meter = CpuMeter::new(&[("nats", server.pid()), ("alarm-loader", loader.pid())]);
+    let meter = CpuMeter::new(&[
+        ("nats", server.pid()),
+        ("alarm-loader", loader.pid()),
+        ("scheduler", scheduler.pid()),
+    ]);
     let probe = tests::support::connect(server.url()).await?;
     tests::support::wait_for_schedulers(&probe, 1).await?;
     // The loader answers PING once its endpoints serve; give its partitions a moment.
@@ -1277,6 +1288,12 @@ async fn alarms_section(body: &Bytes, seconds: f64) -> Result<serde_json::Value>
         .as_u64()
         .unwrap_or(0);
     let target = base + (per_s * spread_s) as u64 - errs_l;
+    // CPU from a second before the first is due until the last fired, per alarm.
+    let first_due = start.saturating_sub(1000);
+    while now_ms() < first_due {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (cpu_before, cpu_t0) = (meter.sample(), Instant::now());
     let deadline = Instant::now() + Duration::from_millis(lead + 60_000);
     let mut data = serde_json::Value::Null;
     while Instant::now() < deadline {
@@ -1286,8 +1303,14 @@ async fn alarms_section(body: &Bytes, seconds: f64) -> Result<serde_json::Value>
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let fired = data["delivered"].as_u64().unwrap_or(0).saturating_sub(base);
+    let spread_cpu = meter.usage(
+        &cpu_before,
+        cpu_t0.elapsed(),
+        fired as f64 / cpu_t0.elapsed().as_secs_f64().max(1e-9),
+    );
     let spread = json!({
-        "alarms": per_s * spread_s, "set_errors": errs_l,
+        "alarms": per_s * spread_s, "set_errors": errs_l, "cpu": spread_cpu,
         "delivered": data["delivered"].as_u64().unwrap_or(0).saturating_sub(base),
         "lateness_ms": data["lateness_ms"].clone(),
         "targets": {"p99_ms_max": 5, "max_ms_max": 20},
@@ -1303,6 +1326,10 @@ async fn alarms_section(body: &Bytes, seconds: f64) -> Result<serde_json::Value>
         .as_u64()
         .unwrap_or(0);
     let target = base + n as u64 - errs_b;
+    while now_ms() < due.saturating_sub(1000) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (cpu_before, cpu_t0) = (meter.sample(), Instant::now());
     let deadline = Instant::now() + Duration::from_millis(lead + 300_000);
     let mut last_ms = None;
     while Instant::now() < deadline {
@@ -1315,8 +1342,12 @@ async fn alarms_section(body: &Bytes, seconds: f64) -> Result<serde_json::Value>
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let burst =
-        json!({"alarms": n, "set_errors": errs_b, "last_fired_after_the_second_ms": last_ms});
+    let burst_cpu = meter.usage(
+        &cpu_before,
+        cpu_t0.elapsed(),
+        n as f64 / cpu_t0.elapsed().as_secs_f64().max(1e-9),
+    );
+    let burst = json!({"alarms": n, "set_errors": errs_b, "last_fired_after_the_second_ms": last_ms, "cpu": burst_cpu});
     eprintln!("100,000 due in one second: {burst}");
 
     // 4. Capacity: pending alarms far ahead (an hour to two from now) do not enter the
@@ -1333,7 +1364,12 @@ async fn alarms_section(body: &Bytes, seconds: f64) -> Result<serde_json::Value>
     };
     let mut capacity = Vec::new();
     let mut pending = 50_000usize; // the set phase's, due in an hour
-    for (round, total) in [100_000usize, 1_000_000].into_iter().enumerate() {
+    let rounds: &[usize] = if with_capacity {
+        &[100_000, 1_000_000]
+    } else {
+        &[]
+    };
+    for (round, &total) in rounds.iter().enumerate() {
         let add = total - pending;
         let base = now_ms() + 3_600_000;
         let prefix: &'static str = if round == 0 { "c" } else { "d" };
@@ -1387,10 +1423,10 @@ fn print_alarms_table(a: &serde_json::Value) {
     }
     let l = &a["lateness_10k_per_s_10s"]["lateness_ms"];
     println!();
-    println!("| alarm-loader | set /s (vs raw) | lateness p50 / p99 / max ms (10k/s × 10 s) | 100k due in 1 s: last fired after |");
-    println!("|---|---|---|---|");
+    println!("| alarm-loader | set /s (vs raw) | lateness p50 / p99 / max ms (10k/s × 10 s) | 100k due in 1 s: last fired after | CPU µs per alarm fired (10k/s; 100k) |");
+    println!("|---|---|---|---|---|");
     println!(
-        "| default sync | {} ({}) {} | {} / {} / {} {} | {} ms |",
+        "| default sync | {} ({}) {} | {} / {} / {} {} | {} ms | {}; {} |",
         a["set_per_s"],
         a["set_vs_raw"],
         if a["set_per_s"].as_f64().unwrap_or(0.0) >= 50_000.0 {
@@ -1407,5 +1443,7 @@ fn print_alarms_table(a: &serde_json::Value) {
             "✗ (p99 ≤ 5, max ≤ 20)"
         },
         a["burst_100k_in_one_second"]["last_fired_after_the_second_ms"],
+        a["lateness_10k_per_s_10s"]["cpu"]["cpu_us_per_op"],
+        a["burst_100k_in_one_second"]["cpu"]["cpu_us_per_op"],
     );
 }
