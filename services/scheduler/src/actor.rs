@@ -184,6 +184,9 @@ const LOAD_DEADLINE: Duration = Duration::from_secs(10);
 /// loading at once after a server restart made it hold gigabytes.
 const WINDOW_BATCH: i64 = 16;
 
+/// The answer to what a stopping replica could not write in time.
+const GIVEN_UP: &str = "this scheduler replica is stopping and did not write the request in time; if it carries a message id, retry with the same id (another replica takes it)";
+
 /// What became of a write whose outcome was unknown.
 enum Fate {
     /// It is in the log at this stream sequence.
@@ -224,6 +227,12 @@ impl Actor {
     /// `job`, unless it waited in the queue past `max_queue_wait`: then it is answered
     /// `busy` (nothing of it was planned, so a retry is safe) and none.
     async fn fresh(&self, job: Job) -> Option<Job> {
+        if self.shared.abandon.is_cancelled() {
+            job.reply
+                .refuse(Refusal::new(ErrorCode::Unavailable, GIVEN_UP.to_string()))
+                .await;
+            return None;
+        }
         let waited = job.queued.elapsed();
         let limit = self.shared.config.max_queue_wait;
         if waited <= limit {
@@ -259,6 +268,13 @@ impl Actor {
         let mut pending: Option<Attempt> = None;
         let mut server_says: Option<u64> = None;
         loop {
+            // A drain out of time: nothing more is written; a write in flight may still
+            // land, so `unavailable` (fate unknown: retry with the same id).
+            if self.shared.abandon.is_cancelled() {
+                refuse_all(&jobs, &answered_early, ErrorCode::Unavailable, GIVEN_UP).await;
+                self.head = None;
+                return;
+            }
             let head = match self.load().await {
                 Ok(h) => h,
                 Err(e) => {

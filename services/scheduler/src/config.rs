@@ -50,6 +50,9 @@ pub struct Config {
     pub max_queue_wait: Duration,
     /// An idle process actor stops after this long (its state is reloaded from the log).
     pub idle_actor: Duration,
+    /// On SIGTERM, how long the replica goes on writing the requests it already took;
+    /// then what it still holds is answered `unavailable` (never dropped).
+    pub drain: Duration,
     /// How the startup steps (stream, buckets, keys, settings) retry transient failures,
     /// such as a cluster still electing leaders (default 100 ms doubling to 5 s, for up
     /// to 60 s).
@@ -78,6 +81,7 @@ impl Default for Config {
             max_queued_bytes: 512 * 1024 * 1024,
             max_queued_bytes_per_process: 64 * 1024 * 1024,
             max_queue_wait: Duration::from_secs(5),
+            drain: Duration::from_secs(12),
             idle_actor: Duration::from_secs(600),
             startup_backoff: journal::retry::Backoff::default(),
             concurrent_loads: 8,

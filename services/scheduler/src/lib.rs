@@ -98,6 +98,9 @@ pub const IDS_HEADER_BUDGET: usize = 48 * 1024;
 const RUN_OVERHEAD: usize = 8 * 1024;
 
 /// State every task of one scheduler shares.
+/// After the drain (`Config::drain`), how long its actors get to answer what is left `unavailable`.
+const ABANDON: Duration = Duration::from_secs(5);
+
 pub(crate) struct Shared {
     pub config: Config,
     pub limits: Limits,
@@ -124,6 +127,10 @@ pub(crate) struct Shared {
     /// server restart every live actor reloads, and unbounded, their reads made the
     /// server hold gigabytes (ARCHITECTURE.md "Loads take turns").
     pub loads: Arc<tokio::sync::Semaphore>,
+    /// Cancelled when a drain at shutdown runs out of time: every request still held
+    /// is then answered `unavailable` (its fate told, another replica takes the retry)
+    /// rather than dropped with the process.
+    pub abandon: tokio_util::sync::CancellationToken,
 }
 
 impl Shared {
@@ -591,6 +598,7 @@ pub async fn run_with_clock(
         core: client.clone(),
         keys_kv: keys_kv.clone(),
         loads,
+        abandon: tokio_util::sync::CancellationToken::new(),
     });
 
     let spec = service::Spec {
@@ -718,11 +726,21 @@ pub async fn run_with_clock(
     loops.wait().await;
     shared.actors.close_all();
     shared.tracker.close();
-    if tokio::time::timeout(Duration::from_secs(15), shared.tracker.wait())
+    let drain = shared.config.drain;
+    if tokio::time::timeout(drain, shared.tracker.wait())
         .await
         .is_err()
     {
-        warn!("some process actors did not finish within 15 s");
+        // Out of time: what is still queued or being written is answered
+        // `unavailable` (an unknown fate for a write in flight), never dropped.
+        warn!("process actors did not drain within {drain:?}; answering what they still hold `unavailable`");
+        shared.abandon.cancel();
+        if tokio::time::timeout(ABANDON, shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("some process actors did not finish within {ABANDON:?} of being told to give up");
+        }
     }
     // Make sure every reply has left before the connections go.
     if let Some(r) = &replies {

@@ -65,6 +65,10 @@ struct Args {
     /// `busy` (retry) instead of being scheduled late.
     #[arg(long, env = "TS_MAX_QUEUE_WAIT_MS", default_value_t = 5000)]
     max_queue_wait_ms: u64,
+    /// On SIGTERM, how long the requests already taken are still written; then what is
+    /// left is answered `unavailable` (the process exits within about this + 5 s).
+    #[arg(long, env = "TS_DRAIN_MS", default_value_t = 12_000)]
+    drain_ms: u64,
     /// Most assignments per run (one log write).
     #[arg(long, default_value_t = 1000)]
     max_run_entries: usize,
@@ -128,6 +132,7 @@ async fn start() -> anyhow::Result<()> {
         dedupe_window: Duration::from_secs(args.dedupe_window_secs),
         max_run_entries: args.max_run_entries,
         max_queue_wait: Duration::from_millis(args.max_queue_wait_ms.max(1)),
+        drain: Duration::from_millis(args.drain_ms),
         remote_stream: args.remote_stream,
         remote_domain: args.remote_domain,
         replicas: args.replicas,
