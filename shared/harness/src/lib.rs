@@ -271,6 +271,9 @@ struct NodeConfig {
     lame_duck: Option<Duration>,
 }
 
+/// How long a server started again on its store may take to listen.
+const RESTART_WAIT: Duration = Duration::from_secs(180);
+
 /// A running private nats-server.
 #[derive(Debug)]
 pub struct NatsServer {
@@ -429,7 +432,10 @@ impl NatsServer {
             return Ok(());
         }
         let port = self.url.rsplit(':').next().unwrap_or("-1").to_string();
-        self.launch_on(&port)
+        self.spawn_on(&port)?;
+        // A server restarted on a store of gigabytes recovers it before it listens:
+        // on a loaded machine (an hour of chaos) that took longer than 20 s.
+        self.wait_for_port(RESTART_WAIT)
     }
 
     fn launch_on(&mut self, port: &str) -> Result<()> {
