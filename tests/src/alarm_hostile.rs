@@ -1,0 +1,576 @@
+//! The alarm-loader attacked as a hostile client would: its cron requests as raw
+//! protocol bytes (garbage, wrong types, oversized bodies, headers that do not parse,
+//! non-UTF-8 subjects and replies, replies aimed into our own space) mixed with good
+//! requests; forged and replayed records in its stream; a loader stalled (SIGSTOP)
+//! in the middle of a burst while another takes its partitions over.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use harness::Role;
+
+use crate::alarms::{now_ms, set, spawn_loader, wait_for_loaders};
+use crate::raw::{publish, RawClient};
+use crate::support::{connect, connect_as, server};
+
+/// One bad request: subject, reply (none: an inbox of the test), header block, body,
+/// and the `Ts-Error` the answer must carry (none: no answer may come).
+struct Bad {
+    what: &'static str,
+    subject: &'static [u8],
+    reply: Option<&'static [u8]>,
+    header: Option<&'static [u8]>,
+    body: Vec<u8>,
+    expect: Option<&'static str>,
+}
+
+fn bad(
+    what: &'static str,
+    subject: &'static [u8],
+    body: impl Into<Vec<u8>>,
+    expect: &'static str,
+) -> Bad {
+    Bad {
+        what,
+        subject,
+        reply: None,
+        header: None,
+        body: body.into(),
+        expect: Some(expect),
+    }
+}
+
+/// A valid `cron add` body for job `name` (a yearly tick: nothing fires in a test).
+fn job(name: &str) -> Vec<u8> {
+    json!({"name": name, "schedule": "0 0 0 1 1 *", "target": {"process": "p"}})
+        .to_string()
+        .into_bytes()
+}
+
+/// A `cron add` body for job `name` with `field` set to `value`.
+fn job_with(name: &str, field: &str, value: Value) -> Vec<u8> {
+    let mut j: Value = serde_json::from_slice(&job(name)).unwrap_or_default();
+    j[field] = value;
+    j.to_string().into_bytes()
+}
+
+/// Every hostile cron request. Each valid-looking body names a job that must never
+/// exist (`bad-…`): the test then knows nothing of it was stored.
+fn cron_cases() -> Vec<Bad> {
+    let huge_zone = "A".repeat(300 * 1024);
+    vec![
+        // Bodies.
+        bad(
+            "garbage",
+            b"ts.cron.add",
+            &b"\x00\xff\xfegarbage"[..],
+            "malformed",
+        ),
+        bad("empty add", b"ts.cron.add", Vec::new(), "malformed"),
+        bad("not json", b"ts.cron.add", &b"not json"[..], "malformed"),
+        bad("an array", b"ts.cron.add", &b"[1,2]"[..], "malformed"),
+        bad(
+            "name a number",
+            b"ts.cron.add",
+            job_with("bad-1", "name", json!(1)),
+            "malformed",
+        ),
+        bad(
+            "schedule a number",
+            b"ts.cron.add",
+            job_with("bad-2", "schedule", json!(5)),
+            "malformed",
+        ),
+        bad(
+            "active a string",
+            b"ts.cron.add",
+            job_with("bad-3", "active", json!("yes")),
+            "malformed",
+        ),
+        bad(
+            "second 61",
+            b"ts.cron.add",
+            job_with("bad-4", "schedule", json!("61 * * * * *")),
+            "invalid_alarm",
+        ),
+        bad(
+            "30 February",
+            b"ts.cron.add",
+            job_with("bad-5", "schedule", json!("0 0 0 30 2 *")),
+            "invalid_alarm",
+        ),
+        bad(
+            "unknown alias",
+            b"ts.cron.add",
+            job_with("bad-6", "schedule", json!("@fortnightly")),
+            "invalid_alarm",
+        ),
+        bad(
+            "unknown zone",
+            b"ts.cron.add",
+            job_with("bad-7", "tz", json!("Mars/Olympus_Mons")),
+            "invalid_alarm",
+        ),
+        bad(
+            "a 300 KiB zone",
+            b"ts.cron.add",
+            job_with("bad-8", "tz", json!(huge_zone)),
+            "invalid_alarm",
+        ),
+        bad(
+            "unknown missed policy",
+            b"ts.cron.add",
+            job_with("bad-9", "missed", json!("sometimes")),
+            "invalid_alarm",
+        ),
+        bad(
+            "missed_bound 0",
+            b"ts.cron.add",
+            job_with("bad-10", "missed_bound", json!(0)),
+            "invalid_alarm",
+        ),
+        bad(
+            "unknown target kind",
+            b"ts.cron.add",
+            job_with("bad-11", "target", json!({"queue": "p"})),
+            "malformed",
+        ),
+        bad(
+            "target in the log",
+            b"ts.cron.add",
+            job_with("bad-12", "target", json!({"subject": "ts.log.p"})),
+            "invalid_alarm",
+        ),
+        bad(
+            "target in a bucket",
+            b"ts.cron.add",
+            job_with(
+                "bad-13",
+                "target",
+                json!({"subject": "$KV.TS_OWNERSHIP.alarm-loader.p.0"}),
+            ),
+            "invalid_alarm",
+        ),
+        bad(
+            "a control header",
+            b"ts.cron.add",
+            job_with("bad-14", "headers", json!([["Nats-Msg-Id", "x"]])),
+            "invalid_alarm",
+        ),
+        bad(
+            "unknown field",
+            b"ts.cron.add",
+            job_with("bad-15", "evil", json!(1)),
+            "malformed",
+        ),
+        bad(
+            "a dot in the name",
+            b"ts.cron.add",
+            job("bad.16"),
+            "invalid_alarm",
+        ),
+        bad(
+            "a name ending in -",
+            b"ts.cron.add",
+            job("bad-17-"),
+            "invalid_alarm",
+        ),
+        bad(
+            "oversized body",
+            b"ts.cron.add",
+            job_with("bad-18", "body", json!("A".repeat(600 * 1024))),
+            "too_large",
+        ),
+        bad(
+            "delete without a name",
+            b"ts.cron.delete",
+            &b"{}"[..],
+            "malformed",
+        ),
+        bad(
+            "delete nothing",
+            b"ts.cron.delete",
+            &br#"{"name":"nope"}"#[..],
+            "not_found",
+        ),
+        bad(
+            "activate a b",
+            b"ts.cron.activate",
+            &br#"{"name":"a b"}"#[..],
+            "invalid_alarm",
+        ),
+        bad(
+            "deactivate an array",
+            b"ts.cron.deactivate",
+            &b"[]"[..],
+            "malformed",
+        ),
+        bad(
+            "get nothing",
+            b"ts.cron.get",
+            &br#"{"name":"nope"}"#[..],
+            "not_found",
+        ),
+        bad(
+            "get with a stray field",
+            b"ts.cron.get",
+            &br#"{"name":"x","also":1}"#[..],
+            "malformed",
+        ),
+        bad("get garbage", b"ts.cron.get", &b"\xc3\x28"[..], "malformed"),
+        bad(
+            "list garbage",
+            b"ts.cron.list",
+            &b"\x01\x02"[..],
+            "malformed",
+        ),
+        bad("list an array", b"ts.cron.list", &b"[1]"[..], "malformed"),
+        bad(
+            "unknown operation",
+            b"ts.cron.drop",
+            &br#"{"name":"x"}"#[..],
+            "malformed",
+        ),
+        // What the client library cannot parse: a valid body behind a bad header block
+        // or subject must not be acted upon.
+        Bad {
+            header: Some(b"NATS/1.0\r\nno colon here\r\n\r\n"),
+            ..bad(
+                "a header line without a colon",
+                b"ts.cron.add",
+                job("bad-h1"),
+                "malformed_request",
+            )
+        },
+        Bad {
+            header: Some(b"NATS/1.0\r\nX: a\rb\r\n\r\n"),
+            ..bad(
+                "a lone CR in a header value",
+                b"ts.cron.add",
+                job("bad-h2"),
+                "malformed_request",
+            )
+        },
+        Bad {
+            header: Some(b"NATS/2.0\r\nX: y\r\n\r\n"),
+            ..bad(
+                "version NATS/2.0",
+                b"ts.cron.add",
+                job("bad-h3"),
+                "malformed_request",
+            )
+        },
+        Bad {
+            header: Some(b"NATS/1.0\r\nX: \xff\xfe\r\n\r\n"),
+            ..bad(
+                "a non-UTF-8 header value",
+                b"ts.cron.add",
+                job("bad-h4"),
+                "malformed_request",
+            )
+        },
+        Bad {
+            header: Some(b"NATS/1.0\r\nA B: y\r\n\r\n"),
+            ..bad(
+                "a space in a header name",
+                b"ts.cron.delete",
+                &br#"{"name":"good-0"}"#[..],
+                "malformed_request",
+            )
+        },
+        bad(
+            "a non-UTF-8 subject",
+            b"ts.cron.\xff",
+            job("bad-s1"),
+            "malformed_request",
+        ),
+        bad(
+            "a non-UTF-8 operation",
+            b"ts.cron.add\xc3",
+            job("bad-s2"),
+            "malformed_request",
+        ),
+        // No answer possible: a reply subject that is not UTF-8.
+        Bad {
+            reply: Some(b"_INBOX.bad.\xff"),
+            expect: None,
+            ..bad("a non-UTF-8 reply", b"ts.cron.add", job("bad-r0"), "")
+        },
+        // Replies aimed into our own space: dropped, never acted upon.
+        Bad {
+            reply: Some(b"ts.schedule.x"),
+            expect: None,
+            ..bad("reply into a process", b"ts.cron.add", job("bad-r1"), "")
+        },
+        Bad {
+            reply: Some(b"ts.alarms.rec.evil"),
+            expect: None,
+            ..bad(
+                "reply into the alarm stream",
+                b"ts.cron.add",
+                job("bad-r2"),
+                "",
+            )
+        },
+        Bad {
+            reply: Some(b"$KV.TS_OWNERSHIP.alarm-loader.p.0"),
+            expect: None,
+            ..bad("reply into the leases", b"ts.cron.add", job("bad-r3"), "")
+        },
+        Bad {
+            reply: Some(b"$JS.API.STREAM.PURGE.TS_ALARMS"),
+            expect: None,
+            ..bad(
+                "reply into the JetStream API",
+                b"ts.cron.delete",
+                &br#"{"name":"good-0"}"#[..],
+                "",
+            )
+        },
+        Bad {
+            reply: Some(b"$SRV.PING"),
+            expect: None,
+            ..bad(
+                "reply into the services API",
+                b"ts.cron.list",
+                Vec::new(),
+                "",
+            )
+        },
+        Bad {
+            reply: Some(b"ts.cron.add"),
+            expect: None,
+            ..bad(
+                "reply into our own requests",
+                b"ts.cron.add",
+                job("bad-r4"),
+                "",
+            )
+        },
+        Bad {
+            reply: Some(b"$KV.TS_OWNERSHIP.alarm-loader.m.x"),
+            expect: None,
+            ..bad(
+                "services API answer into the leases",
+                b"$SRV.STATS",
+                Vec::new(),
+                "",
+            )
+        },
+    ]
+}
+
+/// The loader's STATS (one loader).
+async fn stats(client: &async_nats::Client) -> Result<Value> {
+    let m = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request("$SRV.STATS.turnstile-alarm-loader", Bytes::new()),
+    )
+    .await
+    .context("STATS timed out")??;
+    Ok(serde_json::from_slice(&m.payload)?)
+}
+
+/// One cron request through the client library; the JSON answer or the `Ts-Error`.
+async fn cron(client: &async_nats::Client, op: &str, body: Value) -> Result<Result<Value, String>> {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(format!("ts.cron.{op}"), serde_json::to_vec(&body)?.into()),
+    )
+    .await
+    .context("cron request timed out")??;
+    if let Some(code) = reply.headers.as_ref().and_then(|h| h.get("Ts-Error")) {
+        return Ok(Err(code.to_string()));
+    }
+    Ok(Ok(serde_json::from_slice(&reply.payload)?))
+}
+
+/// Hostile cron requests as raw protocol bytes, five rounds of every case, each round
+/// followed by good requests on the same raw connection, while a well-behaved client
+/// sets and reads alarms: every bad request with a usable reply gets its typed error,
+/// the others no answer anywhere; none of them stores anything; every good request is
+/// answered; the loader never loses a connection, and its STATS count what it refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_cron_requests_as_raw_bytes_get_typed_errors_and_store_nothing() -> Result<()> {
+    let server = server()?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    // Where answers aimed into our space would land if they were sent: the scheduler's
+    // requests (nobody else schedules in this test) and the alarm stream.
+    let intake = connect_as(&server, Role::SchedulerIntake).await?;
+    let mut into_processes = intake.subscribe("ts.schedule.>").await?;
+    intake.flush().await?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let mut into_alarms = operator.subscribe("ts.alarms.rec.>").await?;
+    let leases = async_nats::jetstream::new(operator.clone())
+        .get_key_value("TS_OWNERSHIP")
+        .await?;
+    let lease_before = leases.entry("alarm-loader.p.0").await?.map(|e| e.revision);
+    operator.flush().await?;
+
+    // A well-behaved client at the same time.
+    let good_client = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            for i in 0..40 {
+                let id = format!("good-alarm-{i}");
+                set(
+                    &client,
+                    json!({"id": id, "due_ms": now_ms() + 3_600_000, "target": {"process": "p"}}),
+                )
+                .await?;
+                let got = crate::alarms::alarm(&client, "get", json!({"id": id})).await?;
+                anyhow::ensure!(got.is_ok(), "get {id}: {got:?}");
+            }
+            anyhow::Ok(())
+        })
+    };
+
+    let cases = cron_cases();
+    let mut raw = RawClient::connect(server.url()).await?;
+    raw.subscribe("_INBOX.bad.>", 1).await?;
+    raw.subscribe("_INBOX.good.>", 2).await?;
+    raw.flush().await?;
+    let rounds = 5;
+    let mut expected: BTreeMap<String, (String, &str)> = BTreeMap::new();
+    let mut answers = Vec::new();
+    for round in 0..rounds {
+        for (i, case) in cases.iter().enumerate() {
+            let inbox = format!("_INBOX.bad.{round}.{i}");
+            let reply = case.reply.unwrap_or(inbox.as_bytes());
+            raw.send(&publish(case.subject, Some(reply), case.header, &case.body))
+                .await?;
+            if let (Some(code), None) = (case.expect, case.reply) {
+                expected.insert(inbox, (code.to_string(), case.what));
+            }
+        }
+        // Good requests right behind the bad ones, on the same connection.
+        let name = format!("good-{round}");
+        raw.send(&publish(
+            b"ts.cron.add",
+            Some(format!("_INBOX.good.add.{round}").as_bytes()),
+            None,
+            &job(&name),
+        ))
+        .await?;
+        raw.send(&publish(
+            b"ts.cron.list",
+            Some(format!("_INBOX.good.list.{round}").as_bytes()),
+            None,
+            b"",
+        ))
+        .await?;
+        answers.extend(raw.flush().await?);
+    }
+    let wanted = expected.len() + 2 * rounds;
+    let missing = wanted.saturating_sub(answers.len());
+    answers.extend(raw.collect(missing, Duration::from_secs(30)).await?);
+
+    let mut got: BTreeMap<String, (String, &str)> = BTreeMap::new();
+    let mut good = BTreeMap::new();
+    for m in &answers {
+        let subject = String::from_utf8_lossy(&m.subject).to_string();
+        if subject.starts_with("_INBOX.good.") {
+            good.insert(subject, m.clone());
+            continue;
+        }
+        let what = expected.get(&subject).map_or("unexpected", |(_, w)| w);
+        got.insert(subject, (m.header("Ts-Error").unwrap_or_default(), what));
+    }
+    assert_eq!(
+        got, expected,
+        "every bad request with a usable reply gets its typed error, at once"
+    );
+    for round in 0..rounds {
+        let add = good
+            .get(&format!("_INBOX.good.add.{round}"))
+            .with_context(|| format!("good add {round} unanswered"))?;
+        assert_eq!(add.header("Ts-Error"), None, "good add {round}");
+        let add: Value = serde_json::from_slice(&add.payload)?;
+        assert_eq!(add["name"], format!("good-{round}"), "{add}");
+        let list = good
+            .get(&format!("_INBOX.good.list.{round}"))
+            .with_context(|| format!("good list {round} unanswered"))?;
+        let list: Value = serde_json::from_slice(&list.payload)?;
+        assert!(list["jobs"].is_array(), "{list}");
+    }
+    good_client.await??;
+
+    // Nothing of the bad requests was stored: exactly the good jobs exist.
+    let list = cron(&client, "list", json!({}))
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    let names: BTreeSet<&str> = list["jobs"]
+        .as_array()
+        .context("jobs")?
+        .iter()
+        .filter_map(|j| j["name"].as_str())
+        .collect();
+    let good_names: Vec<String> = (0..rounds).map(|r| format!("good-{r}")).collect();
+    assert_eq!(
+        names,
+        good_names.iter().map(String::as_str).collect(),
+        "only the good jobs were stored"
+    );
+    // No answer landed where a hostile reply pointed.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), into_processes.next())
+            .await
+            .is_err(),
+        "an answer reached the scheduler's requests"
+    );
+    while let Ok(Some(m)) =
+        tokio::time::timeout(Duration::from_millis(300), into_alarms.next()).await
+    {
+        assert!(
+            !m.subject.as_str().ends_with(".evil"),
+            "an answer reached the alarm stream"
+        );
+    }
+    assert_eq!(
+        leases
+            .entry("alarm-loader.p.0")
+            .await?
+            .map(|e| e.revision)
+            .is_some(),
+        lease_before.is_some(),
+        "the lease of partition 0 is as it was"
+    );
+
+    // The loader counted what it refused and never lost a connection.
+    let s = stats(&client).await?;
+    let per_round = |f: fn(&Bad) -> bool| (cases.iter().filter(|c| f(c)).count() * rounds) as u64;
+    let refused = per_round(|c| {
+        c.expect.is_none() && c.reply.is_some_and(|r| std::str::from_utf8(r).is_ok())
+    });
+    let malformed = per_round(|c| {
+        c.expect == Some("malformed_request")
+            || c.reply.is_some_and(|r| std::str::from_utf8(r).is_err())
+    });
+    assert_eq!(s["replies_refused"], refused, "{s}");
+    assert_eq!(s["malformed_requests"], malformed, "{s}");
+    assert_eq!(s["connects"], 1, "the intake reconnected: {s}");
+    for c in ["core", "intake"] {
+        assert_eq!(s["connections"][c]["disconnects"], 0, "{c}: {s}");
+        assert_eq!(s["connections"][c]["slow_consumer_drops"], 0, "{c}: {s}");
+    }
+    let cron_errors = s["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == "cron")
+        .and_then(|e| e["num_errors"].as_u64())
+        .context("the cron endpoint's STATS")?;
+    // Every typed refusal is an error of the endpoint, the unanswerable ones too.
+    let unanswerable = per_round(|c| c.reply.is_some_and(|r| std::str::from_utf8(r).is_err()));
+    assert_eq!(cron_errors, expected.len() as u64 + unanswerable, "{s}");
+    assert!(loader.exited().is_none(), "the loader died");
+    loader.terminate(Duration::from_secs(10));
+    Ok(())
+}
