@@ -4,19 +4,21 @@
 //! requests; forged and replayed records in its stream; a loader stalled (SIGSTOP)
 //! in the middle of a burst while another takes its partitions over.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
 use harness::Role;
+use protocol::ProcessId;
+use scheduler::Config;
 
-use crate::alarms::{now_ms, set, spawn_loader, wait_for_loaders};
+use crate::alarms::{now_ms, set, spawn_loader, wait_for_loaders, wait_status};
 use crate::raw::{publish, RawClient};
-use crate::support::{connect, connect_as, server};
+use crate::support::{connect, connect_as, read_log, server, test_key, InProcess};
 
 /// One bad request: subject, reply (none: an inbox of the test), header block, body,
 /// and the `Ts-Error` the answer must carry (none: no answer may come).
@@ -572,5 +574,240 @@ async fn hostile_cron_requests_as_raw_bytes_get_typed_errors_and_store_nothing()
     assert_eq!(cron_errors, expected.len() as u64 + unanswerable, "{s}");
     assert!(loader.exited().is_none(), "the loader died");
     loader.terminate(Duration::from_secs(10));
+    Ok(())
+}
+
+/// How many times each body is in `process`'s log.
+async fn bodies(url: &str, process: &str) -> Result<HashMap<String, usize>> {
+    let mut out = HashMap::new();
+    for e in read_log(url, &ProcessId::new(process)?).await? {
+        *out.entry(String::from_utf8_lossy(&e.body).into_owned())
+            .or_default() += 1;
+    }
+    Ok(out)
+}
+
+/// A process-target alarm whose body is its id.
+fn alarm_body(id: &str, due_ms: u64, process: &str) -> Value {
+    use base64::Engine as _;
+    json!({
+        "id": id, "due_ms": due_ms, "target": {"process": process},
+        "body": base64::engine::general_purpose::STANDARD.encode(id),
+        "dispatch_timeout_ms": 2_000,
+    })
+}
+
+/// The stored message at `seq` of the alarm stream, as `STREAM.MSG.GET` gives it: its
+/// header block and its body.
+async fn stored(nats: &async_nats::Client, seq: u64) -> Result<(Vec<u8>, Vec<u8>)> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let m = nats
+        .request(
+            "$JS.API.STREAM.MSG.GET.TS_ALARMS",
+            json!({ "seq": seq }).to_string().into(),
+        )
+        .await?;
+    let v: Value = serde_json::from_slice(&m.payload)?;
+    let hdrs = v["message"]["hdrs"].as_str().unwrap_or_default();
+    let data = v["message"]["data"].as_str().unwrap_or_default();
+    Ok((b64.decode(hdrs)?, b64.decode(data)?))
+}
+
+/// The stream sequence of the last message on `subject`, if any (read raw: the
+/// message may have headers no client library parses).
+async fn last_seq(nats: &async_nats::Client, subject: &str) -> Result<Option<u64>> {
+    let m = nats
+        .request(
+            "$JS.API.STREAM.MSG.GET.TS_ALARMS",
+            json!({ "last_by_subj": subject }).to_string().into(),
+        )
+        .await?;
+    let v: Value = serde_json::from_slice(&m.payload)?;
+    Ok(v["message"]["seq"].as_u64())
+}
+
+/// Publishes `body` on `subject` as the next message there (the compare-and-set every
+/// genuine writer uses): written in its place.
+async fn in_place(
+    js: &async_nats::jetstream::Context,
+    nats: &async_nats::Client,
+    subject: &str,
+    body: Vec<u8>,
+) -> Result<u64> {
+    let last = last_seq(nats, subject).await?.unwrap_or(0);
+    let publish = async_nats::jetstream::message::PublishMessage::build()
+        .payload(body.into())
+        .expected_last_subject_sequence(last);
+    Ok(js
+        .send_publish(subject.to_string(), publish)
+        .await?
+        .await?
+        .sequence)
+}
+
+/// Forged and replayed records in the alarm stream, written as the operator (the only
+/// user besides the loader's that may write there): a record that does not decode
+/// (in its place, and with a header block no library parses), a record of another
+/// alarm on an alarm's subject, a replay of a fired alarm's `set` record (body only;
+/// the verbatim copy is refused by JetStream's own expectation), due-index entries for
+/// alarms that do not exist (one written "in the future", one whose body names
+/// another alarm than its subject). The loader skips every foreign message (the
+/// alarm's state is its last genuine record), reports each (`get`'s `foreign`, STATS
+/// `foreign_records`), fires each alarm exactly once, removes the stray entries, and
+/// keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_replayed_records_are_skipped_reported_and_fire_nothing_twice() -> Result<()> {
+    use alarm_loader::alarm::{bucket_of, partition_of};
+    let server = server()?;
+    let sched = InProcess::start(&server, Config::default(), vec![test_key(1)]).await?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator.clone());
+    let subjects = journal::subjects::Subjects::default();
+    let p = "forged";
+
+    // A replay: an alarm that fired, then its `set` record copied after its end.
+    set(&client, alarm_body("replayed", now_ms() - 1_000, p)).await?;
+    let done = wait_status(&client, "replayed", "done", 30).await?;
+    let set_seq = done["history"][0]["seq"].as_u64().context("set seq")?;
+    let (header, body) = stored(&operator, set_seq).await?;
+    let rec = subjects.alarm_record("replayed");
+    // Verbatim (its expectation header included): JetStream refuses it.
+    let verbatim = async_nats::jetstream::message::PublishMessage::build()
+        .payload(body.clone().into())
+        .expected_last_subject_sequence(0);
+    let refused = match js.send_publish(rec.clone(), verbatim).await {
+        Ok(ack) => ack.await.is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "a verbatim replay was stored");
+    assert!(
+        String::from_utf8_lossy(&header).contains("Nats-Expected-Last-Subject-Sequence"),
+        "a record is stored with its expectation: {}",
+        String::from_utf8_lossy(&header)
+    );
+    // The body alone is stored; with an entry that makes a loader look at it now.
+    let replay_seq = js.publish(rec.clone(), body.into()).await?.await?.sequence;
+    let now = now_ms();
+    let due = |id: &str| subjects.alarm_due(partition_of(id), bucket_of(now), id);
+    let entry = |id: &str, written_ms: u64| {
+        json!({"id": id, "at_ms": now, "written_ms": written_ms})
+            .to_string()
+            .into_bytes()
+    };
+    js.publish(due("replayed"), entry("replayed", now).into())
+        .await?
+        .await?;
+
+    // Three alarms due in a few seconds, each with something forged after its record.
+    let due_at = now_ms() + 3_000;
+    for id in ["bad-json", "bad-headers", "other-id"] {
+        set(&client, alarm_body(id, due_at, p)).await?;
+    }
+    // Garbage in its place.
+    let bad_json = in_place(
+        &js,
+        &operator,
+        &subjects.alarm_record("bad-json"),
+        b"{\"v\":1,\"alarm\":".to_vec(),
+    )
+    .await?;
+    // Garbage behind a header block no client library parses (a lone CR).
+    let mut raw = RawClient::connect(&server.url_as(Role::Operator)).await?;
+    raw.send(&publish(
+        subjects.alarm_record("bad-headers").as_bytes(),
+        None,
+        Some(b"NATS/1.0\r\nX: a\rb\r\n\r\n"),
+        b"\xff\xfe",
+    ))
+    .await?;
+    raw.flush().await?;
+    let bad_headers = last_seq(&operator, &subjects.alarm_record("bad-headers"))
+        .await?
+        .context("the forged message")?;
+    // A well-formed record of another alarm, due long ago, on other-id's subject.
+    let mut other: Value = serde_json::from_slice(&stored(&operator, set_seq).await?.1)?;
+    other["alarm"]["id"] = json!("elsewhere");
+    other["alarm"]["body"] = json!("ZWxzZXdoZXJl"); // "elsewhere"
+    let other_seq = in_place(
+        &js,
+        &operator,
+        &subjects.alarm_record("other-id"),
+        other.to_string().into_bytes(),
+    )
+    .await?;
+
+    // Entries for alarms that do not exist.
+    let ghost_future = due("ghost-future");
+    js.publish(
+        ghost_future.clone(),
+        entry("ghost-future", now + 10 * 365 * 86_400_000).into(),
+    )
+    .await?
+    .await?;
+    let ghost_other = due("ghost-subject");
+    js.publish(
+        ghost_other.clone(),
+        entry("ghost-body", now - 60_000).into(),
+    )
+    .await?
+    .await?;
+
+    // Each alarm fires once, from its last genuine record.
+    for id in ["bad-json", "bad-headers", "other-id"] {
+        let got = wait_status(&client, id, "done", 30).await?;
+        assert_eq!(got["alarm"]["id"], id, "{got}");
+    }
+    let expect_foreign = [
+        ("bad-json", bad_json),
+        ("bad-headers", bad_headers),
+        ("other-id", other_seq),
+        ("replayed", replay_seq),
+    ];
+    for (id, seq) in expect_foreign {
+        let got = crate::alarms::alarm(&client, "get", json!({"id": id}))
+            .await?
+            .map_err(anyhow::Error::msg)?;
+        assert_eq!(got["status"]["status"], "done", "{id}: {got}");
+        let foreign: Vec<u64> = got["foreign"]
+            .as_array()
+            .with_context(|| format!("{id}: no foreign list: {got}"))?
+            .iter()
+            .filter_map(|f| f["seq"].as_u64())
+            .collect();
+        assert_eq!(foreign, vec![seq], "{id}: {got}");
+    }
+    // The stray entries are removed (after the grace a young entry gets).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    for subject in [&ghost_future, &ghost_other, &due("replayed")] {
+        while last_seq(&operator, subject).await?.is_some() {
+            if tokio::time::Instant::now() > deadline {
+                bail!("the stray entry {subject} is still there");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    // Nothing fired twice, nothing forged fired at all.
+    let b = bodies(server.url(), p).await?;
+    for id in ["replayed", "bad-json", "bad-headers", "other-id"] {
+        assert_eq!(b.get(id), Some(&1), "{id}: {b:?}");
+    }
+    assert_eq!(b.len(), 4, "{b:?}");
+    assert!(
+        last_seq(&operator, &subjects.alarm_record("elsewhere"))
+            .await?
+            .is_none(),
+        "the loader wrote where a forged record pointed"
+    );
+    let s = stats(&client).await?;
+    let data = &s["endpoints"][0]["data"];
+    assert!(data["foreign_records"].as_u64() >= Some(4), "{s}");
+    assert!(data["bad_entries"].as_u64() >= Some(1), "{s}");
+    assert!(loader.exited().is_none(), "the loader died");
+    loader.terminate(Duration::from_secs(10));
+    sched.stop().await?;
     Ok(())
 }

@@ -136,12 +136,14 @@ async fn set(store: &Store, clock: &Clock, alarm: Alarm) -> Result<Value, Refusa
     }
     for _ in 0..3 {
         let now = clock();
-        let existing = store.read(&alarm.id).await?;
+        // A set replaces whatever is stored, foreign messages included.
+        let current = store.current(&alarm.id).await?;
+        let existing = current.record;
         let record = Record::set(alarm.clone(), now);
         // Never index behind the present: the sweep may have passed that bucket.
         let at = alarm.due_ms.max(now);
         store.put_due(&alarm.id, at, now).await?;
-        let expected = existing.as_ref().map_or(0, |(_, s)| *s);
+        let expected = current.last_seq;
         match store.append(&record, expected).await {
             Ok(seq) => {
                 if let Some((old, _)) = &existing {
@@ -194,7 +196,7 @@ async fn get(store: &Store, id: &str) -> Result<Value, Refusal> {
     let Some((last, _)) = store.read(id).await? else {
         return Err(Refusal::new(ErrorCode::NotFound, format!("no alarm {id}")));
     };
-    let history = store.history(id, MAX_HISTORY + 1).await?;
+    let (history, foreign) = store.history(id, MAX_HISTORY + 1).await?;
     let truncated = history.len() > MAX_HISTORY;
     Ok(json!({
         "id": id,
@@ -202,6 +204,8 @@ async fn get(store: &Store, id: &str) -> Result<Value, Refusal> {
         "status": last.status,
         "history": history.iter().take(MAX_HISTORY).map(|(r, seq)| json!({"seq": seq, "event": r.event, "status": r.status})).collect::<Vec<_>>(),
         "history_truncated": truncated,
+        // Messages on the alarm's subject that are none of its records (skipped).
+        "foreign": foreign,
     }))
 }
 

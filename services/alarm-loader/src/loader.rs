@@ -104,6 +104,10 @@ pub struct Metrics {
     pub skipped: AtomicU64,
     /// Cron ticks that fell while no loader planned them and were not fired.
     pub cron_missed: AtomicU64,
+    /// Foreign messages met on alarm subjects (skipped; shared with the store).
+    pub foreign_records: Arc<AtomicU64>,
+    /// Due-index entries removed because they were none (shared with the store).
+    pub bad_entries: Arc<AtomicU64>,
     /// Lateness (fire − due, ms) of the last firings.
     lateness: Mutex<VecDeque<i64>>,
 }
@@ -178,6 +182,8 @@ impl Metrics {
             "skipped": get(&self.skipped),
             "takeovers": get(&self.takeovers),
             "cron_missed": get(&self.cron_missed),
+            "foreign_records": get(&self.foreign_records),
+            "bad_entries": get(&self.bad_entries),
             "lateness_ms": {
                 "samples": l.len(),
                 "p50": pct(0.5),
@@ -195,14 +201,6 @@ enum Rearm {
     InWindow(u64),
     /// At this time, window or not: no entry will bring it back before a restart.
     Always(u64),
-}
-
-impl Rearm {
-    fn at(self) -> u64 {
-        match self {
-            Rearm::InWindow(at) | Rearm::Always(at) => at,
-        }
-    }
 }
 
 /// What a cron tick's rules say.
@@ -259,13 +257,18 @@ impl Loader {
         config: Config,
         clock: Clock,
     ) -> Loader {
+        let (foreign_records, bad_entries) = store.counters();
         Loader {
             store,
             scheduler,
             dispatch,
             config,
             clock,
-            metrics: Arc::default(),
+            metrics: Arc::new(Metrics {
+                foreign_records,
+                bad_entries,
+                ..Metrics::default()
+            }),
         }
     }
 
@@ -301,7 +304,7 @@ impl Loader {
         let mut leases: HashMap<u32, ownership::Lease> = HashMap::new();
         let mut lost = futures::stream::FuturesUnordered::new();
         let mut armed: BTreeSet<(u64, String)> = BTreeSet::new();
-        let mut armed_at: HashMap<String, DueEntry> = HashMap::new();
+        let mut armed_at: ArmedAt = HashMap::new();
         let mut swept: HashMap<u32, u64> = HashMap::new();
         // Partitions taken whose past (checkpoint to window) is not loaded yet.
         let mut catch_up: BTreeSet<u32> = BTreeSet::new();
@@ -323,8 +326,13 @@ impl Loader {
                 let owned: Vec<u32> = leases.keys().copied().collect();
                 if loaded_through < until {
                     let started = std::time::Instant::now();
-                    match self.store.load(&owned, loaded_through + 1..=until).await {
-                        Ok(entries) => {
+                    match self
+                        .store
+                        .load_checked(&owned, loaded_through + 1..=until)
+                        .await
+                    {
+                        Ok((entries, bad)) => {
+                            self.remove_bad_entries(&bad).await;
                             self.metrics
                                 .last_load_entries
                                 .store(entries.len() as u64, Ordering::Relaxed);
@@ -369,11 +377,18 @@ impl Loader {
                     break;
                 }
                 armed.pop_first();
-                let entry = armed_at.remove(&id).unwrap_or(DueEntry {
-                    id: id.clone(),
-                    at_ms: at,
-                    written_ms: 0,
-                });
+                let mut entry = armed_at.remove(&id).map_or(
+                    DueEntry {
+                        id: id.clone(),
+                        at_ms: at,
+                        written_ms: 0,
+                    },
+                    |(_, e)| e,
+                );
+                // An entry is young for a while after it was written; one "written" in
+                // the future (a skewed or a forged clock) is young from now on only:
+                // its grace must run out, or it would be looked at forever.
+                entry.written_ms = entry.written_ms.min(now);
                 // Only for a partition held: one given up is forgotten with its alarms
                 // when its lease ends. Whether the lease is current this instant is not
                 // asked: the claim's compare-and-set is the safety, and a lease whose
@@ -388,18 +403,22 @@ impl Loader {
                 let rearm = rearm_tx.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
-                    // Looked at again, the entry keeps its write time.
-                    let again = |at| DueEntry { at_ms: at, ..entry.clone() };
+                    // Looked at again, the entry keeps its write time; looked at later
+                    // for the same entry (`Always`), it keeps its subject too, so the
+                    // entry removed then is the one that armed it.
                     match me.dispatch(&entry).await {
-                        Ok(Some(r)) => {
-                            let _ = rearm.send((r, again(r.at())));
+                        Ok(Some(r @ Rearm::InWindow(at))) => {
+                            let _ = rearm.send((r, DueEntry { at_ms: at, ..entry.clone() }));
+                        }
+                        Ok(Some(r @ Rearm::Always(_))) => {
+                            let _ = rearm.send((r, entry.clone()));
                         }
                         Ok(None) => {}
                         Err(e) => {
                             // Its entry is still there; keep it in memory too.
                             warn!(alarm = %entry.id, error = %e, "dispatch failed; trying again shortly");
                             let at = (me.clock)().saturating_add(1_000);
-                            let _ = rearm.send((Rearm::Always(at), again(at)));
+                            let _ = rearm.send((Rearm::Always(at), entry.clone()));
                         }
                     }
                 });
@@ -432,7 +451,7 @@ impl Loader {
                     debug!(partition = p, "partition given up");
                 }
                 Some((rearm, entry)) = rearm_rx.recv() => match rearm {
-                    Rearm::Always(_) => arm(&mut armed, &mut armed_at, entry),
+                    Rearm::Always(at) => arm_at(&mut armed, &mut armed_at, at, entry),
                     Rearm::InWindow(_) => {
                         // Beyond the window its entry is loaded with its bucket.
                         if bucket_of(entry.at_ms) <= loaded_through {
@@ -441,15 +460,27 @@ impl Loader {
                     }
                 },
                 m = watch.next() => match m {
-                    Some(Ok(m)) => {
-                        if let Ok(e) = serde_json::from_slice::<DueEntry>(&m.payload) {
+                    Some(Ok(m)) => match self.store.due_entry(m.subject.as_str(), &m.payload) {
+                        Ok(e) => {
                             if bucket_of(e.at_ms) <= loaded_through
                                 && leases.contains_key(&partition_of(&e.id))
                             {
                                 arm(&mut armed, &mut armed_at, e);
                             }
                         }
-                    }
+                        Err(why) => {
+                            // Not an entry: its partition's holder removes it.
+                            let held = self
+                                .store
+                                .subjects()
+                                .due_partition(m.subject.as_str())
+                                .is_some_and(|p| leases.contains_key(&p));
+                            if held {
+                                warn!(subject = %m.subject, %why, "not a due entry");
+                                self.remove_bad_entries(&[m.subject.to_string()]).await;
+                            }
+                        }
+                    },
                     Some(Err(e)) => warn!(error = %e, "due-index watch"),
                     None => {
                         warn!("due-index watch ended; restarting it");
@@ -480,7 +511,7 @@ impl Loader {
         now: u64,
         loaded_through: u64,
         armed: &mut BTreeSet<(u64, String)>,
-        armed_at: &mut HashMap<String, DueEntry>,
+        armed_at: &mut ArmedAt,
     ) {
         let todo: Vec<u32> = pending.iter().copied().collect();
         for p in todo {
@@ -492,8 +523,13 @@ impl Loader {
                     continue;
                 }
             };
-            match self.store.load(&[p], from + 1..=loaded_through).await {
-                Ok(entries) => {
+            match self
+                .store
+                .load_checked(&[p], from + 1..=loaded_through)
+                .await
+            {
+                Ok((entries, bad)) => {
+                    self.remove_bad_entries(&bad).await;
                     for e in entries {
                         arm(armed, armed_at, e);
                     }
@@ -503,6 +539,17 @@ impl Loader {
                 Err(e) => {
                     warn!(partition = p, error = %e, "catching a partition up failed; again at the next interval")
                 }
+            }
+        }
+    }
+
+    /// Removes what is stored on `subjects` of the due index that is no entry (it
+    /// would hold its bucket unswept for ever); a failure is retried at the next load
+    /// that meets it.
+    async fn remove_bad_entries(&self, subjects: &[String]) {
+        for s in subjects {
+            if let Err(e) = self.store.remove_bad_entry(s).await {
+                warn!(subject = %s, error = %e, "removing a stray due entry failed");
             }
         }
     }
@@ -1070,25 +1117,37 @@ fn answer_of(m: &async_nats::Message) -> Fired {
     }
 }
 
-/// Arms `entry` (keeps the earliest time per alarm, and the youngest write time).
-fn arm(
+/// Per armed alarm: when it is looked at, and the entry that armed it.
+type ArmedAt = HashMap<String, (u64, DueEntry)>;
+
+/// Arms `entry` for its own time.
+fn arm(armed: &mut BTreeSet<(u64, String)>, armed_at: &mut ArmedAt, entry: DueEntry) {
+    arm_at(armed, armed_at, entry.at_ms, entry)
+}
+
+/// Arms `entry` to be looked at at `at` (keeps the earliest time per alarm, with its
+/// entry, and the youngest write time).
+fn arm_at(
     armed: &mut BTreeSet<(u64, String)>,
-    armed_at: &mut HashMap<String, DueEntry>,
+    armed_at: &mut ArmedAt,
+    mut at: u64,
     mut entry: DueEntry,
 ) {
     if !crate::alarm::is_token(&entry.id, crate::alarm::MAX_ID) {
         return;
     }
-    if let Some(old) = armed_at.get(&entry.id) {
-        entry.written_ms = entry.written_ms.max(old.written_ms);
-        if old.at_ms <= entry.at_ms {
-            entry.at_ms = old.at_ms;
+    if let Some((old_at, old)) = armed_at.get(&entry.id) {
+        let written_ms = entry.written_ms.max(old.written_ms);
+        if *old_at <= at {
+            at = *old_at;
+            entry = old.clone();
         } else {
-            armed.remove(&(old.at_ms, entry.id.clone()));
+            armed.remove(&(*old_at, entry.id.clone()));
         }
+        entry.written_ms = written_ms;
     }
-    armed.insert((entry.at_ms, entry.id.clone()));
-    armed_at.insert(entry.id.clone(), entry);
+    armed.insert((at, entry.id.clone()));
+    armed_at.insert(entry.id.clone(), (at, entry));
 }
 
 #[cfg(test)]
@@ -1156,7 +1215,12 @@ mod tests {
             a.into_iter().collect::<Vec<_>>(),
             vec![(20, "x".to_string())]
         );
-        assert_eq!(at.get("x"), Some(&e("x", 20, 9)));
+        assert_eq!(at.get("x"), Some(&(20, e("x", 20, 9))));
         assert_eq!(at.len(), 1);
+        // Looked at again later for the same entry: the entry (its subject) is kept.
+        let (mut a, mut at) = (BTreeSet::new(), HashMap::new());
+        arm_at(&mut a, &mut at, 12_500, e("y", 9_000, 4));
+        assert_eq!(a.first(), Some(&(12_500, "y".to_string())));
+        assert_eq!(at.get("y"), Some(&(12_500, e("y", 9_000, 4))));
     }
 }

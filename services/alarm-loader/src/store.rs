@@ -10,7 +10,18 @@
 //! - `<prefix>.alarms.swept.<partition>`: the last bucket of a partition whose entries
 //!   are all gone: a loader that takes a partition over loads from the one after it,
 //!   so alarms due while every loader was down fire on recovery.
+//!
+//! Anyone allowed to publish on an alarm's subject can append anything there, so what
+//! an alarm's history *is* is a rule (schemas/alarms.md, "Reading a history"): a
+//! message is one of its records when it was written in its place (its
+//! `Nats-Expected-Last-Subject-Sequence`, which every genuine write carries and
+//! JetStream checked, names the message before it on the subject) and decodes as a
+//! record of that very alarm. Anything else (garbage, another alarm's record, a replay)
+//! is foreign: reported, skipped, never the state. Due-index entries are hints that
+//! must agree with their subject; those that do not are removed.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -43,12 +54,51 @@ pub struct DueEntry {
     pub written_ms: u64,
 }
 
+/// The header of a write's compare-and-set (JetStream checks it and stores it).
+const EXPECTED: &str = "Nats-Expected-Last-Subject-Sequence";
+
+/// A message on an alarm's subject that is not one of its records: skipped, reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Foreign {
+    /// Its stream sequence.
+    pub seq: u64,
+    /// Why it is no record of the alarm.
+    pub reason: String,
+}
+
+/// An alarm's subject as read by the rule.
+#[derive(Debug, Clone, Default)]
+pub struct Current {
+    /// The alarm's last record (its state) and that record's stream sequence.
+    pub record: Option<(Record, u64)>,
+    /// The subject's last stream sequence, whatever is stored there: what the next
+    /// write expects (0: nothing).
+    pub last_seq: u64,
+    /// The foreign messages met on the way.
+    pub foreign: Vec<Foreign>,
+}
+
+/// One stored message, read raw.
+#[derive(Debug)]
+struct Raw {
+    seq: u64,
+    /// The sequence its expectation header names, when its header block is exactly a
+    /// genuine write's (that one header); none otherwise.
+    exact_claim: Option<u64>,
+    payload: bytes::Bytes,
+}
+
 /// The alarm stream.
 #[derive(Debug, Clone)]
 pub struct Store {
     js: jetstream::Context,
     stream: stream::Stream,
     subjects: Subjects,
+    /// Foreign messages met on alarm subjects, each time one is read past.
+    foreign: Arc<AtomicU64>,
+    /// Due-index entries removed because they contradicted their subject or did not
+    /// decode.
+    bad_entries: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -63,7 +113,15 @@ impl Store {
             js,
             stream,
             subjects,
+            foreign: Arc::default(),
+            bad_entries: Arc::default(),
         })
+    }
+
+    /// Its counters: foreign messages met on alarm subjects (each time a read passes
+    /// one), and due-index entries removed because they were not entries.
+    pub fn counters(&self) -> (Arc<AtomicU64>, Arc<AtomicU64>) {
+        (Arc::clone(&self.foreign), Arc::clone(&self.bad_entries))
     }
 
     /// The subjects in use.
@@ -85,12 +143,169 @@ impl Store {
         Ok(u64::try_from(ns / 1_000_000).ok())
     }
 
-    /// The alarm's current record and its stream sequence; none if never set.
+    /// The alarm's state (its last record) and the sequence the next write must
+    /// expect (the subject's last, which may be a foreign message after the record);
+    /// none if the alarm has no record.
     pub async fn read(&self, id: &str) -> Result<Option<(Record, u64)>> {
+        let c = self.current(id).await?;
+        Ok(c.record.map(|(r, _)| (r, c.last_seq)))
+    }
+
+    /// Alarm `id`'s subject read by the rule: on an intact subject one read (the last
+    /// message, written by a genuine write, a record of `id`); otherwise the whole
+    /// subject is read and judged, and the state is its last record.
+    pub async fn current(&self, id: &str) -> Result<Current> {
         let subject = self.subjects.alarm_record(id);
-        match self.last_raw(&subject, "read alarm").await? {
-            Some((payload, seq)) => Ok(Some((decode(&payload, &subject, seq)?, seq))),
-            None => Ok(None),
+        let request = serde_json::json!({ "last_by_subj": subject });
+        let Some(last) = self.msg_get(&request, "read alarm").await? else {
+            return Ok(Current::default());
+        };
+        if last.exact_claim.is_some_and(|e| e < last.seq) {
+            if let Ok(record) = judge_body(&last.payload, id, &subject, last.seq) {
+                return Ok(Current {
+                    record: Some((record, last.seq)),
+                    last_seq: last.seq,
+                    foreign: Vec::new(),
+                });
+            }
+        }
+        let (records, foreign, last_seq) = self.judge_subject(id, usize::MAX).await?;
+        Ok(Current {
+            record: records.into_iter().last(),
+            last_seq: last_seq.max(last.seq),
+            foreign,
+        })
+    }
+
+    /// Reads every message of alarm `id`'s subject (or until `limit` records) and
+    /// judges each: its records (state after each, with its sequence), the foreign
+    /// messages (each reported), and the last sequence read.
+    async fn judge_subject(
+        &self,
+        id: &str,
+        limit: usize,
+    ) -> Result<(Vec<(Record, u64)>, Vec<Foreign>, u64)> {
+        let subject = self.subjects.alarm_record(id);
+        let name = format!("tsa-{}", uuid::Uuid::new_v4().simple());
+        let config = consumer::pull::OrderedConfig {
+            name: Some(name.clone()),
+            filter_subject: subject.clone(),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        };
+        let result = tokio::time::timeout(READ_DEADLINE, async {
+            let mut c = self
+                .stream
+                .create_consumer(config)
+                .await
+                .map_err(|e| Error::js("read alarm history", e))?;
+            let pending = c
+                .info()
+                .await
+                .map_err(|e| Error::js("read alarm history", e))?
+                .num_pending;
+            let (mut records, mut foreign) = (Vec::new(), Vec::new());
+            let mut prev: Option<u64> = None;
+            if pending == 0 {
+                return Ok((records, foreign, 0));
+            }
+            let mut msgs = c
+                .messages()
+                .await
+                .map_err(|e| Error::js("read alarm history", e))?;
+            while let Some(m) = msgs.next().await {
+                let m = m.map_err(|e| Error::js("read alarm history", e))?;
+                let info = m.info().map_err(|e| Error::js("read alarm history", e))?;
+                let (seq, left) = (info.stream_sequence, info.pending);
+                match judge_message(&m, prev, id, &subject, seq) {
+                    Ok(record) => records.push((record, seq)),
+                    Err(reason) => {
+                        self.report(&subject, seq, &reason);
+                        foreign.push(Foreign { seq, reason });
+                    }
+                }
+                prev = Some(seq);
+                if left == 0 || records.len() >= limit {
+                    break;
+                }
+            }
+            Ok((records, foreign, prev.unwrap_or(0)))
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::JetStream {
+                op: "read alarm history",
+                reason: format!("no answer within {READ_DEADLINE:?}"),
+            })
+        });
+        let _ = self.stream.delete_consumer(&name).await;
+        result
+    }
+
+    /// Reports a foreign message (an error line, a counter).
+    fn report(&self, subject: &str, seq: u64, reason: &str) {
+        self.foreign.fetch_add(1, Ordering::Relaxed);
+        let e = Error::BadRecord {
+            subject: subject.to_string(),
+            seq,
+            reason: reason.to_string(),
+        };
+        tracing::error!(error = %e, "a foreign message on an alarm's history: skipped");
+    }
+
+    /// One `STREAM.MSG.GET` of the alarm stream (the leader: never stale), read raw: a
+    /// stored message whose headers no library parses is still returned.
+    async fn msg_get(&self, request: &serde_json::Value, op: &'static str) -> Result<Option<Raw>> {
+        #[derive(Deserialize)]
+        struct ApiMessage {
+            seq: u64,
+            #[serde(default)]
+            hdrs: Option<String>,
+            #[serde(default)]
+            data: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct ApiError {
+            #[serde(default)]
+            err_code: u64,
+            #[serde(default)]
+            description: String,
+        }
+        #[derive(Deserialize)]
+        struct ApiAnswer {
+            #[serde(default)]
+            message: Option<ApiMessage>,
+            #[serde(default)]
+            error: Option<ApiError>,
+        }
+        /// JetStream's "no message found".
+        const NO_MESSAGE_FOUND: u64 = 10037;
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let subject = format!("STREAM.MSG.GET.{}", self.subjects.alarms_stream());
+        let answer: ApiAnswer = self
+            .js
+            .request(subject, request)
+            .await
+            .map_err(|e| Error::js(op, e))?;
+        match (answer.message, answer.error) {
+            (Some(m), _) => {
+                let payload = b64
+                    .decode(m.data.unwrap_or_default())
+                    .map_err(|e| Error::js(op, e))?;
+                let header = m.hdrs.and_then(|h| b64.decode(h).ok()).unwrap_or_default();
+                Ok(Some(Raw {
+                    seq: m.seq,
+                    exact_claim: exact_claim(&header),
+                    payload: payload.into(),
+                }))
+            }
+            (None, Some(e)) if e.err_code == NO_MESSAGE_FOUND => Ok(None),
+            (None, Some(e)) => Err(Error::js(
+                op,
+                format!("{} (error {})", e.description, e.err_code),
+            )),
+            (None, None) => Err(Error::js(op, "an answer with neither message nor error")),
         }
     }
 
@@ -193,7 +408,7 @@ impl Store {
             .collect();
         let mut out = Vec::new();
         for chunk in filters.chunks(64) {
-            for payload in self.read_last_per_subject(chunk.to_vec()).await? {
+            for (_, payload) in self.read_last_per_subject(chunk.to_vec()).await? {
                 match serde_json::from_slice::<StoredJob>(&payload) {
                     Ok(j) => out.push(j),
                     Err(e) => {
@@ -205,26 +420,15 @@ impl Store {
         Ok(out)
     }
 
-    /// The alarm's whole history, oldest first (bounded by `limit` records).
-    pub async fn history(&self, id: &str, limit: usize) -> Result<Vec<(Record, u64)>> {
-        let subject = self.subjects.alarm_record(id);
-        let mut out = Vec::new();
-        let mut from = 1;
-        while out.len() < limit {
-            let m = match self
-                .stream
-                .direct_get_next_for_subject(&subject, Some(from))
-                .await
-            {
-                Ok(m) => m,
-                Err(e) if matches!(e.kind(), stream::DirectGetErrorKind::NotFound) => break,
-                Err(e) => return Err(Error::js("read alarm history", e)),
-            };
-            let seq = m.sequence;
-            out.push((decode(&m.payload, &subject, seq)?, seq));
-            from = seq + 1;
-        }
-        Ok(out)
+    /// The alarm's history by the rule, oldest first (bounded by `limit` records), and
+    /// the foreign messages met on the way.
+    pub async fn history(
+        &self,
+        id: &str,
+        limit: usize,
+    ) -> Result<(Vec<(Record, u64)>, Vec<Foreign>)> {
+        let (records, foreign, _) = self.judge_subject(id, limit).await?;
+        Ok((records, foreign))
     }
 
     /// Appends `record` to its alarm's history if the history's last sequence is still
@@ -277,12 +481,23 @@ impl Store {
 
     /// Every entry in buckets `buckets` of `partitions` (each bucket read once, in one
     /// ordered consumer per partition; entries a later write replaced are not
-    /// returned twice: the last one of a subject wins).
+    /// returned twice: the last one of a subject wins). An entry that does not decode
+    /// or contradicts its subject is not returned.
     pub async fn load(
         &self,
         partitions: &[u32],
         buckets: std::ops::RangeInclusive<u64>,
     ) -> Result<Vec<DueEntry>> {
+        Ok(self.load_checked(partitions, buckets).await?.0)
+    }
+
+    /// [`Store::load`], with the subjects of the entries that are not entries (they do
+    /// not decode, or their body contradicts their subject).
+    pub async fn load_checked(
+        &self,
+        partitions: &[u32],
+        buckets: std::ops::RangeInclusive<u64>,
+    ) -> Result<(Vec<DueEntry>, Vec<String>)> {
         let filters: Vec<String> = partitions
             .iter()
             .flat_map(|&p| {
@@ -291,20 +506,52 @@ impl Store {
                     .map(move |b| self.subjects.alarm_due_bucket(p, b))
             })
             .collect();
-        let mut out = Vec::new();
+        let (mut out, mut bad) = (Vec::new(), Vec::new());
         // One consumer reads many filters at once (a window of every partition is one
         // read); a very long catch-up is read in chunks.
         for chunk in filters.chunks(FILTERS_PER_READ) {
-            for payload in self.read_last_per_subject(chunk.to_vec()).await? {
-                match serde_json::from_slice::<DueEntry>(&payload) {
+            for (subject, payload) in self.read_last_per_subject(chunk.to_vec()).await? {
+                match self.due_entry(&subject, &payload) {
                     Ok(e) => out.push(e),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "due entry that does not decode; ignored")
+                    Err(why) => {
+                        tracing::warn!(%subject, %why, "not a due entry");
+                        bad.push(subject);
                     }
                 }
             }
         }
-        Ok(out)
+        Ok((out, bad))
+    }
+
+    /// The entry stored on `subject`, if it is one: it decodes, and its id, partition
+    /// and bucket are the subject's.
+    pub fn due_entry(&self, subject: &str, payload: &[u8]) -> Result<DueEntry, String> {
+        let e: DueEntry =
+            serde_json::from_slice(payload).map_err(|e| format!("does not decode: {e}"))?;
+        let expected = self
+            .subjects
+            .alarm_due(partition_of(&e.id), bucket_of(e.at_ms), &e.id);
+        if subject != expected {
+            return Err(format!(
+                "an entry of alarm {} at {} belongs on {expected}",
+                e.id, e.at_ms
+            ));
+        }
+        Ok(e)
+    }
+
+    /// Removes what is stored on due-index subject `subject` (an entry that is none).
+    pub async fn remove_bad_entry(&self, subject: &str) -> Result<()> {
+        if !subject.starts_with(&format!("{}.alarms.due.", self.subjects.prefix())) {
+            return Err(Error::Invalid(format!("{subject} is no due-index subject")));
+        }
+        self.stream
+            .purge()
+            .filter(subject)
+            .await
+            .map_err(|e| Error::js("remove due entry", e))?;
+        self.bad_entries.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Whether bucket `bucket` of `partition` holds no entry.
@@ -328,7 +575,7 @@ impl Store {
     async fn read_last_per_subject(
         &self,
         filter_subjects: Vec<String>,
-    ) -> Result<Vec<bytes::Bytes>> {
+    ) -> Result<Vec<(String, bytes::Bytes)>> {
         let name = format!("tsa-{}", uuid::Uuid::new_v4().simple());
         let config = consumer::pull::OrderedConfig {
             name: Some(name.clone()),
@@ -358,7 +605,7 @@ impl Store {
             while let Some(m) = msgs.next().await {
                 let m = m.map_err(|e| Error::js("last-per-subject read", e))?;
                 let left = m.info().map(|i| i.pending).unwrap_or(0);
-                out.push(m.payload.clone());
+                out.push((m.subject.to_string(), m.payload.clone()));
                 if left == 0 {
                     break;
                 }
@@ -424,10 +671,86 @@ impl Store {
     }
 }
 
-/// Decodes a stored record; a `Set` record's own sequence is its `set_seq` (not
-/// known when it was written).
-fn decode(bytes: &[u8], subject: &str, seq: u64) -> Result<Record> {
-    let mut r = Record::decode(bytes, subject, seq)?;
+/// The sequence a stored header block's expectation names, when the block is exactly
+/// what a genuine write stores (`NATS/1.0`, that one header, a canonical decimal):
+/// then JetStream read it as this does and checked it when it stored the message.
+fn exact_claim(header: &[u8]) -> Option<u64> {
+    let prefix = format!("NATS/1.0\r\n{EXPECTED}: ");
+    let digits = header
+        .strip_prefix(prefix.as_bytes())?
+        .strip_suffix(b"\r\n\r\n")?;
+    canonical_u64(digits)
+}
+
+/// A decimal without sign, spaces or leading zeros.
+fn canonical_u64(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty()
+        || !digits.iter().all(u8::is_ascii_digit)
+        || (digits.len() > 1 && digits[0] == b'0')
+    {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Judges one message of alarm `id`'s subject read in order (`prev`: the sequence of
+/// the message before it on the subject, none for the first read): a record of the
+/// alarm, or why it is foreign.
+fn judge_message(
+    m: &jetstream::Message,
+    prev: Option<u64>,
+    id: &str,
+    subject: &str,
+    seq: u64,
+) -> std::result::Result<Record, String> {
+    if m.message.is_malformed() {
+        return Err("its header block does not parse".into());
+    }
+    let claims: Vec<&str> = m
+        .headers
+        .as_ref()
+        .map(|h| h.get_all(EXPECTED).map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    let claim = match claims.as_slice() {
+        [] => {
+            return Err(
+                "written without a genuine write's expectation (a replay, or a foreign writer)"
+                    .into(),
+            )
+        }
+        [one] => canonical_u64(one.as_bytes())
+            .ok_or_else(|| format!("an expectation that is no sequence: {one:?}"))?,
+        _ => return Err("more than one expectation header".into()),
+    };
+    match prev {
+        Some(p) if claim != p => {
+            return Err(format!(
+                "written after sequence {claim}, but {p} precedes it (a replay)"
+            ))
+        }
+        None if claim >= seq => {
+            return Err(format!("written after sequence {claim}, not before it"))
+        }
+        _ => {}
+    }
+    judge_body(&m.payload, id, subject, seq)
+}
+
+/// A stored record of alarm `id` (at `seq`), or why the body is none; a `set` record's
+/// own sequence is its `set_seq` (not known when it was written).
+fn judge_body(
+    bytes: &[u8],
+    id: &str,
+    subject: &str,
+    seq: u64,
+) -> std::result::Result<Record, String> {
+    let mut r = Record::decode(bytes, subject, seq).map_err(|e| match e {
+        Error::BadRecord { reason, .. } => format!("does not decode: {reason}"),
+        other => other.to_string(),
+    })?;
+    if r.alarm.id != id {
+        return Err(format!("a record of alarm {:?}, not of {id}", r.alarm.id));
+    }
     if r.set_seq == 0 {
         r.set_seq = seq;
     }
