@@ -811,3 +811,142 @@ async fn forged_and_replayed_records_are_skipped_reported_and_fire_nothing_twice
     sched.stop().await?;
     Ok(())
 }
+
+/// A loader stopped (SIGSTOP) in the middle of a burst of firings into one process,
+/// kept stopped past its lease and its claims' dispatch timeout while the other loader
+/// takes its partitions and its claims over, then continued (SIGCONT): it wakes with
+/// claims, requests and outcomes in flight, yet every alarm is in the log exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_stopped_mid_burst_and_continued_after_a_takeover_fires_each_alarm_once(
+) -> Result<()> {
+    let server = server()?;
+    let sched = InProcess::start(&server, Config::default(), vec![test_key(1)]).await?;
+    let client = connect(server.url()).await?;
+    // A first, alone: its services-API id names it.
+    let mut a = spawn_loader(&server)?;
+    wait_for_loaders(&client, 1).await?;
+    let ping: Value = serde_json::from_slice(
+        &client
+            .request("$SRV.PING.turnstile-alarm-loader", Bytes::new())
+            .await?
+            .payload,
+    )?;
+    let a_id = ping["id"].as_str().context("loader a's id")?.to_string();
+    let mut b = spawn_loader(&server)?;
+    wait_for_loaders(&client, 2).await?;
+    crate::alarms::wait_for_partitions(&client, 2).await?;
+    let p = "stalled";
+    let n = 150;
+    // Due just before a bucket of the due index ends, so the other loader takes the
+    // stopped one's partitions over in the next bucket (where a catch-up that starts
+    // at the present would miss them).
+    let now = now_ms();
+    let bucket_ms = alarm_loader::alarm::BUCKET_MS;
+    let mut due = (now / bucket_ms + 1) * bucket_ms - 800;
+    if due < now + 2_500 {
+        due += bucket_ms;
+    }
+    for i in 0..n {
+        let mut body = alarm_body(&format!("s{i}"), due + (i as u64 % 3) * 100, p);
+        body["dispatch_timeout_ms"] = json!(1_000);
+        set(&client, body).await?;
+    }
+    // Read from the stream itself: a request to the loaders' queue group may go to
+    // the stopped one (its subscriptions live on until the server gives up on it).
+    let store = alarm_loader::store::Store::open(
+        async_nats::jetstream::new(connect_as(&server, Role::Operator).await?),
+        journal::subjects::Subjects::default(),
+        &journal::setup::LogOptions::default(),
+    )
+    .await?;
+    // Stopped as soon as it is firing the burst (its first claim won).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = client
+            .request(
+                format!("$SRV.STATS.turnstile-alarm-loader.{a_id}"),
+                Bytes::new(),
+            )
+            .await?;
+        let v: Value = serde_json::from_slice(&m.payload)?;
+        if v["endpoints"][0]["data"]["dispatched"].as_u64() > Some(0) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("loader a fired nothing within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pid = a.pid().context("loader a's pid")?;
+    harness::send_signal(pid, "STOP")?;
+    let stopped_at = now_ms();
+    let result = async {
+        // Every alarm is fired by the other loader (A's partitions after its lease, A's
+        // claims after their dispatch timeout and the grace).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut left: BTreeSet<usize> = (0..n).collect();
+        while !left.is_empty() {
+            let mut still = BTreeSet::new();
+            let mut statuses = BTreeMap::new();
+            for &i in &left {
+                let rec = store.read(&format!("s{i}")).await?;
+                match rec.map(|(r, _)| r.status) {
+                    Some(alarm_loader::alarm::Status::Done { .. }) => {}
+                    other => {
+                        still.insert(i);
+                        statuses.insert(i, format!("{other:?}"));
+                    }
+                }
+            }
+            left = still;
+            if !left.is_empty() && tokio::time::Instant::now() > deadline {
+                bail!("not done within 60 s of the stop: {statuses:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Stopped past its lease and its claims' timeout whatever the machine's pace.
+        let past = stopped_at + 4_000;
+        tokio::time::sleep(Duration::from_millis(past.saturating_sub(now_ms()))).await;
+        harness::send_signal(pid, "CONT")?;
+        // It wakes, finishes what it had in flight, joins again and shares the work.
+        wait_for_loaders(&client, 2).await?;
+        crate::alarms::wait_for_partitions(&client, 2).await?;
+        // A new alarm after the wake-up fires too (both loaders are working).
+        set(&client, alarm_body("after", now_ms(), p)).await?;
+        wait_status(&client, "after", "done", 30).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    // Never leave a stopped process behind.
+    let _ = harness::send_signal(pid, "CONT");
+    result?;
+    // How the stop fell: alarms claimed by more than one loader (taken over from the
+    // stopped one, or claimed by it after it woke).
+    let mut claimed_twice = 0;
+    for i in 0..n {
+        let (history, _) = store.history(&format!("s{i}"), 100).await?;
+        let by: BTreeSet<String> = history
+            .iter()
+            .filter_map(|(r, _)| match &r.event {
+                alarm_loader::alarm::Event::Attempt { by, .. } => Some(by.clone()),
+                _ => None,
+            })
+            .collect();
+        claimed_twice += usize::from(by.len() > 1);
+    }
+    eprintln!("{claimed_twice} of {n} alarms were claimed by both loaders");
+    let log = bodies(server.url(), p).await?;
+    for i in 0..n {
+        assert_eq!(log.get(&format!("s{i}")), Some(&1), "s{i}: {log:?}");
+    }
+    assert_eq!(log.get("after"), Some(&1));
+    assert_eq!(log.len(), n + 1, "{log:?}");
+    assert!(
+        a.exited().is_none() && b.exited().is_none(),
+        "a loader died"
+    );
+    a.terminate(Duration::from_secs(10));
+    b.terminate(Duration::from_secs(10));
+    sched.stop().await?;
+    Ok(())
+}

@@ -311,7 +311,6 @@ impl Loader {
         // Every partition's window is loaded through this bucket; a partition taken
         // over is caught up to it from its own checkpoint.
         let mut loaded_through = bucket_of((self.clock)()).saturating_sub(1);
-        let first = self.store.first_timestamp_ms().await?;
         let mut watch = self.watch_new_entries(&js).await?;
         let permits = Arc::new(Semaphore::new(self.config.max_in_flight.max(1)));
         let tracker = tokio_util::task::TaskTracker::new();
@@ -353,7 +352,6 @@ impl Loader {
                 self.catch_up(
                     &mut catch_up,
                     &mut swept,
-                    first,
                     now,
                     loaded_through,
                     &mut armed,
@@ -438,7 +436,7 @@ impl Loader {
                     // Catch the partition up: from its checkpoint to the window (again
                     // at each interval until it worked).
                     catch_up.insert(p);
-                    self.catch_up(&mut catch_up, &mut swept, first, now, loaded_through, &mut armed, &mut armed_at).await;
+                    self.catch_up(&mut catch_up, &mut swept, now, loaded_through, &mut armed, &mut armed_at).await;
                     debug!(partition = p, "partition taken");
                 }
                 Some(p) = lost.next() => {
@@ -507,7 +505,6 @@ impl Loader {
         &self,
         pending: &mut BTreeSet<u32>,
         swept: &mut HashMap<u32, u64>,
-        first: Option<u64>,
         now: u64,
         loaded_through: u64,
         armed: &mut BTreeSet<(u64, String)>,
@@ -517,7 +514,16 @@ impl Loader {
         for p in todo {
             let from = match self.store.swept(p).await {
                 Ok(Some(b)) => b,
-                Ok(None) => bucket_of(first.unwrap_or(now)).saturating_sub(1),
+                // Never swept: from the stream's first message as it is now (not as it
+                // was when this loader started: an empty stream then would make this
+                // the present, and skip the buckets a dead holder left behind).
+                Ok(None) => match self.store.first_timestamp_ms().await {
+                    Ok(first) => bucket_of(first.unwrap_or(now)).saturating_sub(1),
+                    Err(e) => {
+                        warn!(partition = p, error = %e, "reading the stream's start failed; again at the next interval");
+                        continue;
+                    }
+                },
                 Err(e) => {
                     warn!(partition = p, error = %e, "reading a sweep checkpoint failed; again at the next interval");
                     continue;
@@ -530,6 +536,13 @@ impl Loader {
             {
                 Ok((entries, bad)) => {
                     self.remove_bad_entries(&bad).await;
+                    debug!(
+                        partition = p,
+                        from,
+                        through = loaded_through,
+                        entries = entries.len(),
+                        "partition caught up"
+                    );
                     for e in entries {
                         arm(armed, armed_at, e);
                     }
