@@ -29,6 +29,18 @@ struct Bad {
     header: Option<&'static [u8]>,
     body: Vec<u8>,
     expect: Option<&'static str>,
+    /// What the refusal's message must name (the field at fault).
+    names: Option<&'static str>,
+}
+
+impl Bad {
+    /// The refusal's message must name `field`.
+    fn naming(self, field: &'static str) -> Bad {
+        Bad {
+            names: Some(field),
+            ..self
+        }
+    }
 }
 
 fn bad(
@@ -44,6 +56,7 @@ fn bad(
         header: None,
         body: body.into(),
         expect: Some(expect),
+        names: None,
     }
 }
 
@@ -75,79 +88,91 @@ fn cron_cases() -> Vec<Bad> {
         ),
         bad("empty add", b"ts.cron.add", Vec::new(), "malformed"),
         bad("not json", b"ts.cron.add", &b"not json"[..], "malformed"),
-        bad("an array", b"ts.cron.add", &b"[1,2]"[..], "malformed"),
+        bad("an array", b"ts.cron.add", &b"[1,2]"[..], "malformed").naming("object"),
         bad(
             "name a number",
             b"ts.cron.add",
             job_with("bad-1", "name", json!(1)),
             "malformed",
-        ),
+        )
+        .naming("name"),
         bad(
             "schedule a number",
             b"ts.cron.add",
             job_with("bad-2", "schedule", json!(5)),
             "malformed",
-        ),
+        )
+        .naming("schedule"),
         bad(
             "active a string",
             b"ts.cron.add",
             job_with("bad-3", "active", json!("yes")),
             "malformed",
-        ),
+        )
+        .naming("active"),
         bad(
             "second 61",
             b"ts.cron.add",
             job_with("bad-4", "schedule", json!("61 * * * * *")),
             "invalid_alarm",
-        ),
+        )
+        .naming("schedule"),
         bad(
             "30 February",
             b"ts.cron.add",
             job_with("bad-5", "schedule", json!("0 0 0 30 2 *")),
             "invalid_alarm",
-        ),
+        )
+        .naming("schedule"),
         bad(
             "unknown alias",
             b"ts.cron.add",
             job_with("bad-6", "schedule", json!("@fortnightly")),
             "invalid_alarm",
-        ),
+        )
+        .naming("schedule"),
         bad(
             "unknown zone",
             b"ts.cron.add",
             job_with("bad-7", "tz", json!("Mars/Olympus_Mons")),
             "invalid_alarm",
-        ),
+        )
+        .naming("tz"),
         bad(
             "a 300 KiB zone",
             b"ts.cron.add",
             job_with("bad-8", "tz", json!(huge_zone)),
             "invalid_alarm",
-        ),
+        )
+        .naming("tz"),
         bad(
             "unknown missed policy",
             b"ts.cron.add",
             job_with("bad-9", "missed", json!("sometimes")),
             "invalid_alarm",
-        ),
+        )
+        .naming("missed"),
         bad(
             "missed_bound 0",
             b"ts.cron.add",
             job_with("bad-10", "missed_bound", json!(0)),
             "invalid_alarm",
-        ),
+        )
+        .naming("missed_bound"),
         bad(
             "unknown target kind",
             b"ts.cron.add",
             job_with("bad-11", "target", json!({"queue": "p"})),
             "malformed",
-        ),
+        )
+        .naming("target"),
         bad(
             "target in the log",
             b"ts.cron.add",
             job_with("bad-12", "target", json!({"subject": "ts.log.p"})),
             "invalid_alarm",
-        ),
+        )
+        .naming("target"),
         bad(
             "target in a bucket",
             b"ts.cron.add",
@@ -157,31 +182,36 @@ fn cron_cases() -> Vec<Bad> {
                 json!({"subject": "$KV.TS_OWNERSHIP.alarm-loader.p.0"}),
             ),
             "invalid_alarm",
-        ),
+        )
+        .naming("target"),
         bad(
             "a control header",
             b"ts.cron.add",
             job_with("bad-14", "headers", json!([["Nats-Msg-Id", "x"]])),
             "invalid_alarm",
-        ),
+        )
+        .naming("header"),
         bad(
             "unknown field",
             b"ts.cron.add",
             job_with("bad-15", "evil", json!(1)),
             "malformed",
-        ),
+        )
+        .naming("evil"),
         bad(
             "a dot in the name",
             b"ts.cron.add",
             job("bad.16"),
             "invalid_alarm",
-        ),
+        )
+        .naming("name"),
         bad(
             "a name ending in -",
             b"ts.cron.add",
             job("bad-17-"),
             "invalid_alarm",
-        ),
+        )
+        .naming("name"),
         bad(
             "oversized body",
             b"ts.cron.add",
@@ -193,7 +223,8 @@ fn cron_cases() -> Vec<Bad> {
             b"ts.cron.delete",
             &b"{}"[..],
             "malformed",
-        ),
+        )
+        .naming("name"),
         bad(
             "delete nothing",
             b"ts.cron.delete",
@@ -205,7 +236,8 @@ fn cron_cases() -> Vec<Bad> {
             b"ts.cron.activate",
             &br#"{"name":"a b"}"#[..],
             "invalid_alarm",
-        ),
+        )
+        .naming("name"),
         bad(
             "deactivate an array",
             b"ts.cron.deactivate",
@@ -223,7 +255,8 @@ fn cron_cases() -> Vec<Bad> {
             b"ts.cron.get",
             &br#"{"name":"x","also":1}"#[..],
             "malformed",
-        ),
+        )
+        .naming("also"),
         bad("get garbage", b"ts.cron.get", &b"\xc3\x28"[..], "malformed"),
         bad(
             "list garbage",
@@ -441,6 +474,7 @@ async fn hostile_cron_requests_as_raw_bytes_get_typed_errors_and_store_nothing()
     raw.flush().await?;
     let rounds = 5;
     let mut expected: BTreeMap<String, (String, &str)> = BTreeMap::new();
+    let mut naming: BTreeMap<String, &str> = BTreeMap::new();
     let mut answers = Vec::new();
     for round in 0..rounds {
         for (i, case) in cases.iter().enumerate() {
@@ -449,6 +483,9 @@ async fn hostile_cron_requests_as_raw_bytes_get_typed_errors_and_store_nothing()
             raw.send(&publish(case.subject, Some(reply), case.header, &case.body))
                 .await?;
             if let (Some(code), None) = (case.expect, case.reply) {
+                if let Some(field) = case.names {
+                    naming.insert(inbox.clone(), field);
+                }
                 expected.insert(inbox, (code.to_string(), case.what));
             }
         }
@@ -483,6 +520,19 @@ async fn hostile_cron_requests_as_raw_bytes_get_typed_errors_and_store_nothing()
             continue;
         }
         let what = expected.get(&subject).map_or("unexpected", |(_, w)| w);
+        // A typed error names what is wrong, in a bounded message.
+        let message = m.header("Nats-Service-Error").unwrap_or_default();
+        assert!(
+            message.len() <= 1024,
+            "{what}: a {} byte message",
+            message.len()
+        );
+        if let Some(field) = naming.get(&subject) {
+            assert!(
+                message.contains(field),
+                "{what}: {message:?} does not name {field}"
+            );
+        }
         got.insert(subject, (m.header("Ts-Error").unwrap_or_default(), what));
     }
     assert_eq!(
