@@ -244,6 +244,14 @@ fn cron_cases() -> Vec<Bad> {
             &b"[]"[..],
             "malformed",
         ),
+        // A struct read by position from an array would delete the job good-0.
+        bad(
+            "delete by position",
+            b"ts.cron.delete",
+            &br#"["good-0"]"#[..],
+            "malformed",
+        )
+        .naming("object"),
         bad(
             "get nothing",
             b"ts.cron.get",
