@@ -1008,3 +1008,165 @@ async fn a_loader_stopped_mid_burst_and_continued_after_a_takeover_fires_each_al
     sched.stop().await?;
     Ok(())
 }
+
+/// The ticks of `job` in `process`'s log, in log order.
+async fn ticks(url: &str, process: &str, job: &str) -> Result<Vec<String>> {
+    let prefix = format!("alarm-cron-{job}-");
+    Ok(read_log(url, &ProcessId::new(process)?)
+        .await?
+        .into_iter()
+        .filter(|e| e.message_id.starts_with(&prefix))
+        .map(|e| e.message_id)
+        .collect())
+}
+
+/// Waits until `job` has at least `n` ticks in `process`'s log.
+async fn wait_ticks(url: &str, process: &str, job: &str, n: usize) -> Result<Vec<String>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = ticks(url, process, job).await?;
+        if t.len() >= n {
+            return Ok(t);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{job}: {} ticks of {n} within 30 s", t.len());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Forged records of cron jobs, written as the operator: garbage in place of a job's
+/// planning record (the job goes on ticking), garbage in place of a job's definition
+/// (an add replaces it; the job ticks again), and a deleted job's old definition
+/// replayed (body only) after its deletion (the job stays deleted: no tick fires, `get`
+/// and `list` do not show it). Each is reported (STATS `foreign_records`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_cron_records_neither_stop_a_job_nor_bring_a_deleted_one_back() -> Result<()> {
+    use alarm_loader::alarm::partition_of;
+    let server = server()?;
+    let sched = InProcess::start(&server, Config::default(), vec![test_key(1)]).await?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator.clone());
+    let subjects = journal::subjects::Subjects::default();
+    let p = "ticked";
+    let every =
+        |name: &str| json!({"name": name, "schedule": "@every 1s", "target": {"process": p}});
+    for name in ["planned", "garbled", "deleted"] {
+        cron(&client, "add", every(name))
+            .await?
+            .map_err(anyhow::Error::msg)?;
+    }
+    for name in ["planned", "garbled", "deleted"] {
+        wait_ticks(server.url(), p, name, 1).await?;
+    }
+
+    // Garbage in place of "planned"'s last planned tick: it goes on ticking.
+    let tick_subject = subjects.cron_tick(partition_of("planned"), "planned");
+    in_place(&js, &operator, &tick_subject, b"\x00garbage".to_vec()).await?;
+    let before = ticks(server.url(), p, "planned").await?.len();
+
+    // Garbage in place of "garbled"'s definition: an add replaces it, ticks go on.
+    let job_subject = subjects.cron_job(partition_of("garbled"), "garbled");
+    in_place(&js, &operator, &job_subject, b"{\"v\":1,\"job\":".to_vec()).await?;
+    let replaced = cron(&client, "add", every("garbled")).await?;
+    assert!(
+        replaced.is_ok(),
+        "a job over a foreign record: {replaced:?}"
+    );
+    let garbled = ticks(server.url(), p, "garbled").await?.len();
+
+    // "deleted" is deleted; its old definition is replayed after the tombstone.
+    let deleted_subject = subjects.cron_job(partition_of("deleted"), "deleted");
+    let definition = last_seq(&operator, &deleted_subject)
+        .await?
+        .context("deleted's definition")?;
+    let (_, old) = stored(&operator, definition).await?;
+    cron(&client, "delete", json!({"name": "deleted"}))
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    js.publish(deleted_subject.clone(), old.into())
+        .await?
+        .await?;
+    let deleted = ticks(server.url(), p, "deleted").await?.len();
+
+    wait_ticks(server.url(), p, "planned", before + 3).await?;
+    wait_ticks(server.url(), p, "garbled", garbled + 3).await?;
+    // Long enough for a resurrected job to tick: its ticks are planned 600 ms ahead and
+    // fire every second.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = ticks(server.url(), p, "deleted").await?;
+    assert!(
+        after.len() <= deleted + 1,
+        "a deleted job ticks again after a replay: {} ticks, {deleted} at its deletion",
+        after.len()
+    );
+    assert_eq!(
+        cron(&client, "get", json!({"name": "deleted"})).await?,
+        Err("not_found".to_string())
+    );
+    let list = cron(&client, "list", json!({}))
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    assert!(
+        !list["jobs"]
+            .as_array()
+            .context("jobs")?
+            .iter()
+            .any(|j| j["name"] == "deleted"),
+        "{list}"
+    );
+    let s = stats(&client).await?;
+    assert!(
+        s["endpoints"][0]["data"]["foreign_records"].as_u64() >= Some(2),
+        "{s}"
+    );
+    assert!(loader.exited().is_none(), "the loader died");
+    loader.terminate(Duration::from_secs(10));
+    sched.stop().await?;
+    Ok(())
+}
+
+/// A forged sweep checkpoint far ahead (a genuine one is always behind the present)
+/// must not make a starting loader skip the alarms that fell due while no loader ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_sweep_checkpoint_ahead_of_time_hides_no_alarm() -> Result<()> {
+    use alarm_loader::alarm::{bucket_of, partition_of, BUCKET_MS};
+    let server = server()?;
+    let sched = InProcess::start(&server, Config::default(), vec![test_key(1)]).await?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    let p = "swept";
+    let due = now_ms() + 300;
+    set(&client, alarm_body("during-outage", due, p)).await?;
+    loader.terminate(Duration::from_secs(10));
+    // Its partition's checkpoint "says" every bucket up to year 5138 is empty.
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator.clone());
+    let subjects = journal::subjects::Subjects::default();
+    js.publish(
+        subjects.alarm_swept(partition_of("during-outage")),
+        "99999999999".into(),
+    )
+    .await?
+    .await?;
+    // Restarted once the alarm's bucket is over: only a catch-up can find it.
+    let next_bucket = (bucket_of(due) + 1) * BUCKET_MS;
+    tokio::time::sleep(Duration::from_millis(
+        (next_bucket + 100).saturating_sub(now_ms()),
+    ))
+    .await;
+    let mut loader = spawn_loader(&server)?;
+    wait_for_loaders(&client, 1).await?;
+    wait_status(&client, "during-outage", "done", 30).await?;
+    assert_eq!(
+        bodies(server.url(), p).await?.get("during-outage"),
+        Some(&1)
+    );
+    loader.terminate(Duration::from_secs(10));
+    sched.stop().await?;
+    Ok(())
+}

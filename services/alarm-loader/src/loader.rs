@@ -513,21 +513,29 @@ impl Loader {
         let todo: Vec<u32> = pending.iter().copied().collect();
         for p in todo {
             let from = match self.store.swept(p).await {
-                Ok(Some(b)) => b,
+                // A sweep writes only buckets before the one before the present; a
+                // checkpoint that says otherwise is not one (forged, or a clock that
+                // ran far ahead) and would hide every alarm behind it.
+                Ok(Some(b)) if b.saturating_add(2) <= bucket_of(now) => Some(b),
+                Ok(Some(b)) => {
+                    warn!(
+                        partition = p,
+                        checkpoint = b,
+                        "a sweep checkpoint ahead of the present: ignored"
+                    );
+                    self.first_bucket(now).await
+                }
                 // Never swept: from the stream's first message as it is now (not as it
                 // was when this loader started: an empty stream then would make this
                 // the present, and skip the buckets a dead holder left behind).
-                Ok(None) => match self.store.first_timestamp_ms().await {
-                    Ok(first) => bucket_of(first.unwrap_or(now)).saturating_sub(1),
-                    Err(e) => {
-                        warn!(partition = p, error = %e, "reading the stream's start failed; again at the next interval");
-                        continue;
-                    }
-                },
+                Ok(None) => self.first_bucket(now).await,
                 Err(e) => {
                     warn!(partition = p, error = %e, "reading a sweep checkpoint failed; again at the next interval");
                     continue;
                 }
+            };
+            let Some(from) = from else {
+                continue;
             };
             match self
                 .store
@@ -563,6 +571,18 @@ impl Loader {
         for s in subjects {
             if let Err(e) = self.store.remove_bad_entry(s).await {
                 warn!(subject = %s, error = %e, "removing a stray due entry failed");
+            }
+        }
+    }
+
+    /// The bucket before the stream's first message as it is now (none if it cannot
+    /// be read: the catch-up is tried again at the next interval).
+    async fn first_bucket(&self, now: u64) -> Option<u64> {
+        match self.store.first_timestamp_ms().await {
+            Ok(first) => Some(bucket_of(first.unwrap_or(now)).saturating_sub(1)),
+            Err(e) => {
+                warn!(error = %e, "reading the stream's start failed; again at the next interval");
+                None
             }
         }
     }

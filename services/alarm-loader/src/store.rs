@@ -309,36 +309,32 @@ impl Store {
         }
     }
 
-    /// The last message of `subject` and its sequence; none if it has none.
-    async fn last_raw(
+    /// The last message of `subject` as JSON `T` if a genuine write stored it (its
+    /// header block is exactly a compare-and-set's, which JetStream checked: it was
+    /// written in its place) and it decodes; otherwise why not (reported). With its
+    /// sequence either way (the next write expects it).
+    async fn last_genuine<T: serde::de::DeserializeOwned>(
         &self,
         subject: &str,
         op: &'static str,
-    ) -> Result<Option<(bytes::Bytes, u64)>> {
-        match self.stream.get_last_raw_message_by_subject(subject).await {
-            Ok(m) => Ok(Some((m.payload, m.sequence))),
-            Err(e) if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => {
-                Ok(None)
-            }
-            Err(e) => Err(Error::js(op, e)),
-        }
-    }
-
-    /// The last message of `subject` as JSON `T`, and its sequence.
-    async fn last_json<T: serde::de::DeserializeOwned>(
-        &self,
-        subject: &str,
-        op: &'static str,
-    ) -> Result<Option<(T, u64)>> {
-        let Some((payload, seq)) = self.last_raw(subject, op).await? else {
+    ) -> Result<Option<(std::result::Result<T, String>, u64)>> {
+        let request = serde_json::json!({ "last_by_subj": subject });
+        let Some(last) = self.msg_get(&request, op).await? else {
             return Ok(None);
         };
-        let value = serde_json::from_slice(&payload).map_err(|e| Error::BadRecord {
-            subject: subject.to_string(),
-            seq,
-            reason: e.to_string(),
-        })?;
-        Ok(Some((value, seq)))
+        let judged = match last.exact_claim {
+            Some(e) if e < last.seq => {
+                serde_json::from_slice(&last.payload).map_err(|e| format!("does not decode: {e}"))
+            }
+            _ => Err(
+                "written without a genuine write's expectation (a replay, or a foreign writer)"
+                    .into(),
+            ),
+        };
+        if let Err(reason) = &judged {
+            self.report(subject, last.seq, reason);
+        }
+        Ok(Some((judged, last.seq)))
     }
 
     /// Publishes `payload` on `subject` if the subject's last sequence is still
@@ -366,13 +362,34 @@ impl Store {
         }
     }
 
-    /// A cron job as stored (a tombstone once deleted) and its sequence.
+    /// A cron job as stored (a tombstone once deleted) and its sequence. A last message
+    /// that no genuine write stored, that does not decode or that names another job
+    /// is foreign: reported, and read as a tombstone (the job is no more; an add writes
+    /// over it).
     pub async fn job(&self, name: &str) -> Result<Option<(StoredJob, u64)>> {
-        self.last_json(
-            &self.subjects.cron_job(partition_of(name), name),
-            "read cron job",
+        let subject = self.subjects.cron_job(partition_of(name), name);
+        let tombstone = StoredJob {
+            v: 1,
+            job: None,
+            at_ms: 0,
+        };
+        Ok(
+            match self
+                .last_genuine::<StoredJob>(&subject, "read cron job")
+                .await?
+            {
+                None => None,
+                Some((Ok(j), seq)) => match &j.job {
+                    Some(job) if job.name != name => {
+                        let reason = format!("the definition of cron job {:?}", job.name);
+                        self.report(&subject, seq, &reason);
+                        Some((tombstone, seq))
+                    }
+                    _ => Some((j, seq)),
+                },
+                Some((Err(_), seq)) => Some((tombstone, seq)),
+            },
         )
-        .await
     }
 
     /// Stores a cron job (or its tombstone) if its last sequence is still `expected`.
@@ -383,13 +400,21 @@ impl Store {
             .await
     }
 
-    /// The last tick of job `name` made into an alarm, and its sequence.
+    /// The last tick of job `name` made into an alarm, and its sequence. A foreign last
+    /// message (reported) reads as tick 0: before any job's creation, so the job plans
+    /// from its creation again (each tick's alarm is created only if absent).
     pub async fn planned(&self, name: &str) -> Result<Option<(Planned, u64)>> {
-        self.last_json(
-            &self.subjects.cron_tick(partition_of(name), name),
-            "read cron tick",
+        let subject = self.subjects.cron_tick(partition_of(name), name);
+        Ok(
+            match self
+                .last_genuine::<Planned>(&subject, "read cron tick")
+                .await?
+            {
+                None => None,
+                Some((Ok(p), seq)) => Some((p, seq)),
+                Some((Err(_), seq)) => Some((Planned { tick_ms: 0 }, seq)),
+            },
         )
-        .await
     }
 
     /// Records the last planned tick of job `name` if nobody did meanwhile.
@@ -408,11 +433,17 @@ impl Store {
             .collect();
         let mut out = Vec::new();
         for chunk in filters.chunks(64) {
-            for (_, payload) in self.read_last_per_subject(chunk.to_vec()).await? {
+            for (subject, genuine, payload) in self.read_last_per_subject(chunk.to_vec()).await? {
+                let name = subject.rsplit('.').next().unwrap_or_default();
                 match serde_json::from_slice::<StoredJob>(&payload) {
-                    Ok(j) => out.push(j),
+                    Ok(j) if genuine && j.job.as_ref().is_none_or(|job| job.name == name) => {
+                        out.push(j)
+                    }
+                    Ok(_) => {
+                        tracing::warn!(%subject, "a stored cron job no genuine write stored there; ignored")
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "a stored cron job that does not decode; ignored")
+                        tracing::warn!(%subject, error = %e, "a stored cron job that does not decode; ignored")
                     }
                 }
             }
@@ -510,7 +541,7 @@ impl Store {
         // One consumer reads many filters at once (a window of every partition is one
         // read); a very long catch-up is read in chunks.
         for chunk in filters.chunks(FILTERS_PER_READ) {
-            for (subject, payload) in self.read_last_per_subject(chunk.to_vec()).await? {
+            for (subject, _, payload) in self.read_last_per_subject(chunk.to_vec()).await? {
                 match self.due_entry(&subject, &payload) {
                     Ok(e) => out.push(e),
                     Err(why) => {
@@ -570,12 +601,13 @@ impl Store {
         Ok(first.is_none())
     }
 
-    /// The last message of every subject matching `filter_subjects`, read with one
-    /// ordered consumer, deleted after.
+    /// The last message of every subject matching `filter_subjects` (its subject,
+    /// whether its headers are a genuine compare-and-set write's, its body), read with
+    /// one ordered consumer, deleted after.
     async fn read_last_per_subject(
         &self,
         filter_subjects: Vec<String>,
-    ) -> Result<Vec<(String, bytes::Bytes)>> {
+    ) -> Result<Vec<(String, bool, bytes::Bytes)>> {
         let name = format!("tsa-{}", uuid::Uuid::new_v4().simple());
         let config = consumer::pull::OrderedConfig {
             name: Some(name.clone()),
@@ -605,7 +637,11 @@ impl Store {
             while let Some(m) = msgs.next().await {
                 let m = m.map_err(|e| Error::js("last-per-subject read", e))?;
                 let left = m.info().map(|i| i.pending).unwrap_or(0);
-                out.push((m.subject.to_string(), m.payload.clone()));
+                out.push((
+                    m.subject.to_string(),
+                    genuine_headers(&m),
+                    m.payload.clone(),
+                ));
                 if left == 0 {
                     break;
                 }
@@ -680,6 +716,23 @@ fn exact_claim(header: &[u8]) -> Option<u64> {
         .strip_prefix(prefix.as_bytes())?
         .strip_suffix(b"\r\n\r\n")?;
     canonical_u64(digits)
+}
+
+/// Whether `m`'s headers are exactly a genuine compare-and-set write's: the one
+/// expectation header, a canonical decimal below the message's own sequence.
+fn genuine_headers(m: &jetstream::Message) -> bool {
+    let Some(h) = m.headers.as_ref().filter(|_| !m.message.is_malformed()) else {
+        return false;
+    };
+    let values: Vec<&str> = h
+        .iter()
+        .flat_map(|(_, vs)| vs.iter().map(|v| v.as_str()))
+        .collect();
+    let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+    match (h.get_all(EXPECTED).count(), values.as_slice()) {
+        (1, [one]) => canonical_u64(one.as_bytes()).is_some_and(|e| e < seq),
+        _ => false,
+    }
 }
 
 /// A decimal without sign, spaces or leading zeros.
