@@ -366,14 +366,15 @@ async fn only_the_alarm_loader_writes_the_alarm_stream_and_its_leases() -> Resul
         .is_some_and(|e| &e.value[..] != b"forged"));
     crate::alarms::wait_status(&client, "kept", "pending", 5).await?;
 
-    // The loader's own user may (what the refusals above are measured against).
+    // The loader's own user may (what the refusals above are measured against; on a
+    // subject no loader reads, so nothing removes it meanwhile).
     let own = js_of(&connect_as(&server, Role::AlarmLoader).await?);
-    own.publish("ts.alarms.due.0.1.forged", Bytes::from("{}"))
+    own.publish("ts.alarms.rec.probe", Bytes::from("{}"))
         .await?
         .await
         .context("the loader's user writes its stream")?;
     assert!(alarms
-        .get_last_raw_message_by_subject("ts.alarms.due.0.1.forged")
+        .get_last_raw_message_by_subject("ts.alarms.rec.probe")
         .await
         .is_ok());
     loader.terminate(Duration::from_secs(10));
