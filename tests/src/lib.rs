@@ -15,6 +15,8 @@
 //! - `alarms`: the alarm-loader: firing once, cancel, replace, crashes, outages, subject targets.
 //! - `alarm_cli`: `turnstile alarm set|get|list|cancel` as the binary: output, refusals, usage errors.
 //! - `cron_cli`: `turnstile cron add|get|list|activate|deactivate|delete|next` as the binary.
+//! - `alarm_hostile`: the alarm-loader attacked: raw cron requests, forged and replayed
+//!   records, a loader stalled mid-burst.
 //! - `cron_jobs`: cron jobs: once per tick across loaders, overlap, deletion, missed ticks, broadcast.
 //! - `keys_history`: required keys decided from the log (declared per run, handed over).
 //! - `cluster`: a three-node cluster: an R3 stream across a leader's death, the
@@ -28,6 +30,8 @@ pub mod support;
 
 #[cfg(test)]
 mod alarm_cli;
+#[cfg(test)]
+mod alarm_hostile;
 #[cfg(test)]
 mod alarms;
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! deploy/accounts.conf): a client without credentials schedules and reads but cannot
 //! write the log, the buckets or the streams; the scheduler's intake publishes nothing
 //! but replies, and no reply of it reaches the log whatever reply subject a client
-//! chose; the operator changes settings.
+//! chose; its replies user publishes answers and nothing in our space; only the
+//! alarm-loader's user writes the alarm stream; the operator changes settings.
 
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use harness::NatsServer;
+use harness::{NatsServer, Role};
 use journal::client::{Client, Schedule};
 use journal::subjects::Subjects;
 use protocol::wire::{Mode, ProcessConfig};
@@ -258,6 +259,192 @@ async fn the_operator_changes_settings_and_the_scheduler_cannot_delete_the_log()
     assert!(js_of(&core).delete_stream("TS_LOG").await.is_err());
     expect_violation(&mut errors, "$JS.API.STREAM.DELETE.TS_LOG").await?;
     assert!(admin.get_stream("TS_LOG").await.is_ok());
+    s.stop().await?;
+    Ok(())
+}
+
+/// The alarm stream and the loaders' leases are written by the `alarm-loader` user
+/// alone (and the operator): no client, worker, intake or replies user, nor the
+/// scheduler's core user, may publish on `ts.alarms.>`, purge the stream or delete
+/// it; none of them but the scheduler's core user (the ownership bucket is shared by
+/// groups) may write a lease. The loader's own user can write there: the check is real.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_alarm_loader_writes_the_alarm_stream_and_its_leases() -> Result<()> {
+    let server = server()?;
+    let mut loader = crate::alarms::spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    crate::alarms::wait_for_loaders(&client, 1).await?;
+    crate::alarms::set(
+        &client,
+        serde_json::json!({"id": "kept", "due_ms": crate::alarms::now_ms() + 3_600_000,
+                           "target": {"process": "p"}}),
+    )
+    .await?;
+    let admin = js_of(&connect_as(&server, Role::Operator).await?);
+    let alarms = admin.get_stream("TS_ALARMS").await?;
+    let leases = admin.get_key_value("TS_OWNERSHIP").await?;
+    let lease = "alarm-loader.p.0";
+    // The loader holds every partition once it has settled.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while leases.entry(lease).await?.is_none() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("no lease of partition 0");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Everything published on the stream's subjects and the leases, as it happens
+    // (the loader itself writes there all along: checkpoints, renewals).
+    let watcher = connect_as(&server, Role::Operator).await?;
+    let mut published = watcher.subscribe("ts.alarms.>").await?;
+    let mut leased = watcher.subscribe("$KV.TS_OWNERSHIP.>").await?;
+    watcher.flush().await?;
+
+    for role in [
+        Role::Client,
+        Role::Worker,
+        Role::AlarmIntake,
+        Role::SchedulerIntake,
+        Role::SchedulerReplies,
+        Role::Scheduler,
+    ] {
+        let (nats, mut errors) = connect_watching(&server.url_as(role)).await?;
+        nats.publish("ts.alarms.rec.kept", Bytes::from("forged"))
+            .await?;
+        nats.flush().await?;
+        expect_violation(&mut errors, "ts.alarms.rec.kept")
+            .await
+            .with_context(|| format!("{role:?}"))?;
+        let ack = js_of(&nats)
+            .publish("ts.alarms.due.0.1.forged", Bytes::from("{}"))
+            .await?;
+        assert!(
+            ack.await.is_err(),
+            "{role:?}: a JetStream publish was acknowledged"
+        );
+        expect_violation(&mut errors, "ts.alarms.due.0.1.forged")
+            .await
+            .with_context(|| format!("{role:?}"))?;
+        for api in [
+            "$JS.API.STREAM.PURGE.TS_ALARMS",
+            "$JS.API.STREAM.DELETE.TS_ALARMS",
+        ] {
+            nats.publish(api, Bytes::from("{}")).await?;
+            nats.flush().await?;
+            expect_violation(&mut errors, api)
+                .await
+                .with_context(|| format!("{role:?}"))?;
+        }
+        if role != Role::Scheduler {
+            let key = format!("$KV.TS_OWNERSHIP.{lease}");
+            nats.publish(key.clone(), Bytes::from("forged")).await?;
+            nats.flush().await?;
+            expect_violation(&mut errors, &key)
+                .await
+                .with_context(|| format!("{role:?}"))?;
+        }
+    }
+    watcher.flush().await?;
+    for sub in [&mut published, &mut leased] {
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), sub.next()).await {
+            assert!(
+                &m.payload[..] != b"forged" && !m.subject.as_str().ends_with(".forged"),
+                "a forged write reached {}",
+                m.subject
+            );
+        }
+    }
+    assert!(
+        alarms
+            .get_last_raw_message_by_subject("ts.alarms.due.0.1.forged")
+            .await
+            .is_err(),
+        "a forged entry was stored"
+    );
+    assert!(leases
+        .entry(lease)
+        .await?
+        .is_some_and(|e| &e.value[..] != b"forged"));
+    crate::alarms::wait_status(&client, "kept", "pending", 5).await?;
+
+    // The loader's own user may (what the refusals above are measured against; on a
+    // subject no loader reads, so nothing removes it meanwhile).
+    let own = js_of(&connect_as(&server, Role::AlarmLoader).await?);
+    own.publish("ts.alarms.rec.probe", Bytes::from("{}"))
+        .await?
+        .await
+        .context("the loader's user writes its stream")?;
+    assert!(alarms
+        .get_last_raw_message_by_subject("ts.alarms.rec.probe")
+        .await
+        .is_ok());
+    loader.terminate(Duration::from_secs(10));
+    Ok(())
+}
+
+/// The scheduler's replies user publishes the answers to clients' inboxes (or any
+/// subject of theirs) and nothing else: not on the log, the buckets, the JetStream or
+/// services API, the request or event subjects; it subscribes to nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replies_user_publishes_answers_but_never_into_our_space() -> Result<()> {
+    let server = server()?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(23)]).await?;
+    let client_nats = connect(server.url()).await?;
+    wait_for_schedulers(&client_nats, 1).await?;
+    let p = ProcessId::new("p")?;
+    Client::new(client_nats.clone(), Subjects::default())
+        .schedule(&p, Bytes::from("one"), &Schedule::default())
+        .await?;
+    let operator = js_of(&connect_as(&server, Role::Operator).await?);
+    let before = log_messages(&operator).await?;
+
+    let (replies, mut errors) = connect_watching(&server.url_as(Role::SchedulerReplies)).await?;
+    // An answer reaches a client's inbox.
+    let inbox = client_nats.new_inbox();
+    let mut answers = client_nats.subscribe(inbox.clone()).await?;
+    client_nats.flush().await?;
+    replies.publish(inbox, Bytes::from("an answer")).await?;
+    replies.flush().await?;
+    let got = tokio::time::timeout(Duration::from_secs(5), answers.next())
+        .await
+        .context("the answer did not arrive")?
+        .context("inbox closed")?;
+    assert_eq!(&got.payload[..], b"an answer");
+
+    for subject in [
+        "ts.log.p",
+        "$KV.TS_PROCESSES.p",
+        "$KV.TS_KEYS.evil",
+        "$JS.API.STREAM.DELETE.TS_LOG",
+        "$JS.API.STREAM.PURGE.TS_LOG",
+        "ts.schedule.p",
+        "ts.events.fault",
+        "$SRV.PING",
+    ] {
+        replies.publish(subject, Bytes::from("forged")).await?;
+        replies.flush().await?;
+        expect_violation(&mut errors, subject).await?;
+    }
+    // It receives nothing.
+    let _sub = replies.subscribe("_INBOX.>").await?;
+    replies.flush().await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, errors.recv()).await {
+            Ok(Some(e)) if e.contains("Permissions Violation for Subscription") => break,
+            Ok(Some(_)) => {}
+            _ => bail!("the replies user subscribed"),
+        }
+    }
+    assert_eq!(log_messages(&operator).await?, before, "the log changed");
+    let settings = operator.get_key_value("TS_PROCESSES").await?;
+    assert_eq!(settings.get("p").await?, None, "a bucket changed");
+    assert_eq!(
+        Client::new(client_nats.clone(), Subjects::default())
+            .schedule(&p, Bytes::from("two"), &Schedule::default())
+            .await?
+            .slot,
+        1
+    );
     s.stop().await?;
     Ok(())
 }

@@ -77,6 +77,27 @@ struct ListRequest {
     limit: Option<usize>,
 }
 
+/// A request body as `T`: a JSON object, nothing after it; a refusal names the member
+/// at fault (`target.process: invalid type: …`).
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Refusal> {
+    let malformed = |m: String| Refusal::new(ErrorCode::Malformed, m);
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(malformed("the body is not a JSON object".into()));
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        malformed(if path == "." {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        })
+    })?;
+    de.end().map_err(|e| malformed(e.to_string()))?;
+    Ok(value)
+}
+
 /// Answers one request of operation `op` with body `body`.
 pub async fn handle(store: &Store, clock: &Clock, op: &str, body: &[u8]) -> Result<Value, Refusal> {
     if body.len() > MAX_REQUEST {
@@ -85,24 +106,17 @@ pub async fn handle(store: &Store, clock: &Clock, op: &str, body: &[u8]) -> Resu
             format!("request over {MAX_REQUEST} bytes"),
         ));
     }
-    let malformed = |e: serde_json::Error| Refusal::new(ErrorCode::Malformed, e.to_string());
     match op {
-        "set" => {
-            let alarm: Alarm = serde_json::from_slice(body).map_err(malformed)?;
-            set(store, clock, alarm).await
-        }
+        "set" => set(store, clock, parse(body)?).await,
         "cancel" => {
-            let r: IdRequest = serde_json::from_slice(body).map_err(malformed)?;
+            let r: IdRequest = parse(body)?;
             cancel(store, clock, &r.id).await
         }
         "get" => {
-            let r: IdRequest = serde_json::from_slice(body).map_err(malformed)?;
+            let r: IdRequest = parse(body)?;
             get(store, &r.id).await
         }
-        "list" => {
-            let r: ListRequest = serde_json::from_slice(body).map_err(malformed)?;
-            list(store, r).await
-        }
+        "list" => list(store, parse(body)?).await,
         other => Err(Refusal::new(
             ErrorCode::Malformed,
             format!("unknown operation {other:?}: set, cancel, get, list"),
@@ -136,12 +150,14 @@ async fn set(store: &Store, clock: &Clock, alarm: Alarm) -> Result<Value, Refusa
     }
     for _ in 0..3 {
         let now = clock();
-        let existing = store.read(&alarm.id).await?;
+        // A set replaces whatever is stored, foreign messages included.
+        let current = store.current(&alarm.id).await?;
+        let existing = current.record;
         let record = Record::set(alarm.clone(), now);
         // Never index behind the present: the sweep may have passed that bucket.
         let at = alarm.due_ms.max(now);
         store.put_due(&alarm.id, at, now).await?;
-        let expected = existing.as_ref().map_or(0, |(_, s)| *s);
+        let expected = current.last_seq;
         match store.append(&record, expected).await {
             Ok(seq) => {
                 if let Some((old, _)) = &existing {
@@ -194,7 +210,7 @@ async fn get(store: &Store, id: &str) -> Result<Value, Refusal> {
     let Some((last, _)) = store.read(id).await? else {
         return Err(Refusal::new(ErrorCode::NotFound, format!("no alarm {id}")));
     };
-    let history = store.history(id, MAX_HISTORY + 1).await?;
+    let (history, foreign) = store.history(id, MAX_HISTORY + 1).await?;
     let truncated = history.len() > MAX_HISTORY;
     Ok(json!({
         "id": id,
@@ -202,6 +218,8 @@ async fn get(store: &Store, id: &str) -> Result<Value, Refusal> {
         "status": last.status,
         "history": history.iter().take(MAX_HISTORY).map(|(r, seq)| json!({"seq": seq, "event": r.event, "status": r.status})).collect::<Vec<_>>(),
         "history_truncated": truncated,
+        // Messages on the alarm's subject that are none of its records (skipped).
+        "foreign": foreign,
     }))
 }
 
@@ -274,16 +292,12 @@ pub async fn handle_cron(
             format!("request over {MAX_REQUEST} bytes"),
         ));
     }
-    let malformed = |e: serde_json::Error| Refusal::new(ErrorCode::Malformed, e.to_string());
     match op {
-        "add" => {
-            let job: CronJob = serde_json::from_slice(body).map_err(malformed)?;
-            add_job(store, clock, job).await
-        }
+        "add" => add_job(store, clock, parse(body)?).await,
         "delete" | "activate" | "deactivate" | "get" => {
-            let r: NameRequest = serde_json::from_slice(body).map_err(malformed)?;
+            let r: NameRequest = parse(body)?;
             let name = JobName::new(r.name.clone())
-                .map_err(|e| Refusal::new(ErrorCode::InvalidAlarm, e.to_string()))?;
+                .map_err(|e| Refusal::new(ErrorCode::InvalidAlarm, format!("name: {e}")))?;
             match op {
                 "get" => get_job(store, clock, name.as_str()).await,
                 "delete" => change_job(store, clock, name.as_str(), None).await,
@@ -293,8 +307,7 @@ pub async fn handle_cron(
         }
         "list" => {
             if !body.iter().all(u8::is_ascii_whitespace) {
-                let _: serde_json::Map<String, Value> =
-                    serde_json::from_slice(body).map_err(malformed)?;
+                let _: serde_json::Map<String, Value> = parse(body)?;
             }
             list_jobs(store).await
         }

@@ -167,12 +167,21 @@ impl CronJob {
 
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self, subjects: &journal::subjects::Subjects) -> Result<()> {
-        let name = JobName::new(self.name.clone())?;
+        let named = |field: &str, e: Error| Error::Invalid(format!("{field}: {e}"));
+        let name = JobName::new(self.name.clone()).map_err(|e| named("name", e))?;
         if name.as_str().len() > MAX_NAME {
             return Err(Error::Invalid(format!("name: at most {MAX_NAME} bytes")));
         }
-        self.schedule()?;
-        self.missed_policy()?;
+        Schedule::parse(&self.schedule).map_err(|e| named("schedule", e))?;
+        cron::zone(&self.tz).map_err(|e| named("tz", e))?;
+        self.dst_gap
+            .parse::<cron::Gap>()
+            .map_err(|e| named("dst_gap", e))?;
+        self.dst_fold
+            .parse::<cron::Fold>()
+            .map_err(|e| named("dst_fold", e))?;
+        self.schedule().map_err(|e| named("schedule", e))?;
+        self.missed_policy().map_err(|e| named("missed", e))?;
         if self.missed_bound == 0 || self.missed_bound > 1000 {
             return Err(Error::Invalid("missed_bound: 1..=1000".into()));
         }

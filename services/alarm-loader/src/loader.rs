@@ -114,6 +114,10 @@ pub struct Metrics {
     pub cron_missed: AtomicU64,
     /// Firings claimed on a record read ahead in a batch (no read of their own).
     pub read_ahead: AtomicU64,
+    /// Foreign messages met on alarm subjects (skipped; shared with the store).
+    pub foreign_records: Arc<AtomicU64>,
+    /// Due-index entries removed because they were none (shared with the store).
+    pub bad_entries: Arc<AtomicU64>,
     /// Lateness (fire − due, ms) of the last firings.
     lateness: Mutex<VecDeque<i64>>,
 }
@@ -193,6 +197,8 @@ impl Metrics {
             "takeovers": get(&self.takeovers),
             "read_ahead": get(&self.read_ahead),
             "cron_missed": get(&self.cron_missed),
+            "foreign_records": get(&self.foreign_records),
+            "bad_entries": get(&self.bad_entries),
             "lateness_ms": {
                 "samples": samples,
                 "p50": p50,
@@ -210,14 +216,6 @@ enum Rearm {
     InWindow(u64),
     /// At this time, window or not: no entry will bring it back before a restart.
     Always(u64),
-}
-
-impl Rearm {
-    fn at(self) -> u64 {
-        match self {
-            Rearm::InWindow(at) | Rearm::Always(at) => at,
-        }
-    }
 }
 
 /// What a dispatch concluded about its alarm's entries in the due index.
@@ -303,13 +301,18 @@ impl Loader {
         config: Config,
         clock: Clock,
     ) -> Loader {
+        let (foreign_records, bad_entries) = store.counters();
         Loader {
             store,
             scheduler,
             dispatch,
             config,
             clock,
-            metrics: Arc::default(),
+            metrics: Arc::new(Metrics {
+                foreign_records,
+                bad_entries,
+                ..Metrics::default()
+            }),
         }
     }
 
@@ -345,14 +348,13 @@ impl Loader {
         let mut leases: HashMap<u32, ownership::Lease> = HashMap::new();
         let mut lost = futures::stream::FuturesUnordered::new();
         let mut armed: BTreeSet<(u64, String)> = BTreeSet::new();
-        let mut armed_at: HashMap<String, DueEntry> = HashMap::new();
+        let mut armed_at: ArmedAt = HashMap::new();
         let mut swept: HashMap<u32, u64> = HashMap::new();
         // Partitions taken whose past (checkpoint to window) is not loaded yet.
         let mut catch_up: BTreeSet<u32> = BTreeSet::new();
         // Every partition's window is loaded through this bucket; a partition taken
         // over is caught up to it from its own checkpoint.
         let mut loaded_through = bucket_of((self.clock)()).saturating_sub(1);
-        let first = self.store.first_timestamp_ms().await?;
         let mut watch = self.watch_new_entries(&js).await?;
         let permits = Arc::new(Semaphore::new(self.config.max_in_flight.max(1)));
         let tracker = tokio_util::task::TaskTracker::new();
@@ -374,8 +376,13 @@ impl Loader {
                 let owned: Vec<u32> = leases.keys().copied().collect();
                 if loaded_through < until {
                     let started = std::time::Instant::now();
-                    match self.store.load(&owned, loaded_through + 1..=until).await {
-                        Ok(entries) => {
+                    match self
+                        .store
+                        .load_checked(&owned, loaded_through + 1..=until)
+                        .await
+                    {
+                        Ok((entries, bad)) => {
+                            self.remove_bad_entries(&bad).await;
                             self.metrics
                                 .last_load_entries
                                 .store(entries.len() as u64, Ordering::Relaxed);
@@ -398,7 +405,6 @@ impl Loader {
                 self.catch_up(
                     &mut catch_up,
                     &mut swept,
-                    first,
                     now,
                     loaded_through,
                     &mut armed,
@@ -455,12 +461,19 @@ impl Loader {
                     break;
                 }
                 armed.pop_first();
-                let entry = armed_at.remove(&id).unwrap_or(DueEntry {
-                    id: id.clone(),
-                    at_ms: at,
-                    written_ms: 0,
-                    seq: 0,
-                });
+                let mut entry = armed_at.remove(&id).map_or(
+                    DueEntry {
+                        id: id.clone(),
+                        at_ms: at,
+                        written_ms: 0,
+                        seq: 0,
+                    },
+                    |(_, e)| e,
+                );
+                // An entry is young for a while after it was written; one "written" in
+                // the future (a skewed or a forged clock) is young from now on only:
+                // its grace must run out, or it would be looked at forever.
+                entry.written_ms = entry.written_ms.min(now);
                 // Only for a partition held: one given up is forgotten with its alarms
                 // when its lease ends. Whether the lease is current this instant is not
                 // asked: the claim's compare-and-set is the safety, and a lease whose
@@ -476,19 +489,22 @@ impl Loader {
                 let rearm = rearm_tx.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
-                    // Looked at again, the entry keeps its write time.
-                    let again = |at| DueEntry { at_ms: at, ..entry.clone() };
+                    // Looked at again, the entry keeps its write time; looked at later
+                    // for the same entry (`Always`), it keeps its subject too.
                     match me.dispatch(&entry, hint).await {
                         Ok(next) => {
-                            let at = next.rearm.map_or(entry.at_ms, Rearm::at);
-                            let _ = rearm.send((next, again(at)));
+                            let entry = match next.rearm {
+                                Some(Rearm::InWindow(at)) => DueEntry { at_ms: at, ..entry.clone() },
+                                _ => entry.clone(),
+                            };
+                            let _ = rearm.send((next, entry));
                         }
                         Err(e) => {
                             // Its entry is still there; keep it in memory too.
                             warn!(alarm = %entry.id, error = %e, "dispatch failed; trying again shortly");
                             let at = (me.clock)().saturating_add(1_000);
                             let next = Next { rearm: Some(Rearm::Always(at)), entries: Entries::Keep };
-                            let _ = rearm.send((next, again(at)));
+                            let _ = rearm.send((next, entry.clone()));
                         }
                     }
                 });
@@ -508,7 +524,7 @@ impl Loader {
                     // Catch the partition up: from its checkpoint to the window (again
                     // at each interval until it worked).
                     catch_up.insert(p);
-                    self.catch_up(&mut catch_up, &mut swept, first, now, loaded_through, &mut armed, &mut armed_at, &mut open).await;
+                    self.catch_up(&mut catch_up, &mut swept, now, loaded_through, &mut armed, &mut armed_at, &mut open).await;
                     debug!(partition = p, "partition taken");
                 }
                 Some(p) = lost.next() => {
@@ -535,8 +551,8 @@ impl Loader {
                     if leases.contains_key(&partition_of(&entry.id)) {
                         open.settle(&entry.id, next.entries);
                         match next.rearm {
-                            Some(Rearm::Always(_)) => {
-                                arm(&mut armed, &mut armed_at, entry);
+                            Some(Rearm::Always(at)) => {
+                                arm_at(&mut armed, &mut armed_at, at, entry);
                             }
                             // Beyond the window its entry is loaded with its bucket.
                             Some(Rearm::InWindow(_)) if bucket_of(entry.at_ms) <= loaded_through => {
@@ -547,8 +563,8 @@ impl Loader {
                     }
                 }
                 m = watch.next() => match m {
-                    Some(Ok(m)) => {
-                        if let Ok(mut e) = serde_json::from_slice::<DueEntry>(&m.payload) {
+                    Some(Ok(m)) => match self.store.due_entry(m.subject.as_str(), &m.payload) {
+                        Ok(mut e) => {
                             e.seq = m.info().map_or(0, |i| i.stream_sequence);
                             if bucket_of(e.at_ms) <= loaded_through
                                 && leases.contains_key(&partition_of(&e.id))
@@ -560,7 +576,19 @@ impl Loader {
                                 }
                             }
                         }
-                    }
+                        Err(why) => {
+                            // Not an entry: its partition's holder removes it.
+                            let held = self
+                                .store
+                                .subjects()
+                                .due_partition(m.subject.as_str())
+                                .is_some_and(|p| leases.contains_key(&p));
+                            if held {
+                                warn!(subject = %m.subject, %why, "not a due entry");
+                                self.remove_bad_entries(&[m.subject.to_string()]).await;
+                            }
+                        }
+                    },
                     Some(Err(e)) => warn!(error = %e, "due-index watch"),
                     None => {
                         warn!("due-index watch ended; restarting it");
@@ -587,25 +615,53 @@ impl Loader {
         &self,
         pending: &mut BTreeSet<u32>,
         swept: &mut HashMap<u32, u64>,
-        first: Option<u64>,
         now: u64,
         loaded_through: u64,
         armed: &mut BTreeSet<(u64, String)>,
-        armed_at: &mut HashMap<String, DueEntry>,
+        armed_at: &mut ArmedAt,
         open: &mut Open,
     ) {
         let todo: Vec<u32> = pending.iter().copied().collect();
         for p in todo {
             let from = match self.store.swept(p).await {
-                Ok(Some(b)) => b,
-                Ok(None) => bucket_of(first.unwrap_or(now)).saturating_sub(1),
+                // A sweep writes only buckets before the one before the present; a
+                // checkpoint that says otherwise is not one (forged, or a clock that
+                // ran far ahead) and would hide every alarm behind it.
+                Ok(Some(b)) if b.saturating_add(2) <= bucket_of(now) => Some(b),
+                Ok(Some(b)) => {
+                    warn!(
+                        partition = p,
+                        checkpoint = b,
+                        "a sweep checkpoint ahead of the present: ignored"
+                    );
+                    self.first_bucket(now).await
+                }
+                // Never swept: from the stream's first message as it is now (not as it
+                // was when this loader started: an empty stream then would make this
+                // the present, and skip the buckets a dead holder left behind).
+                Ok(None) => self.first_bucket(now).await,
                 Err(e) => {
                     warn!(partition = p, error = %e, "reading a sweep checkpoint failed; again at the next interval");
                     continue;
                 }
             };
-            match self.store.load(&[p], from + 1..=loaded_through).await {
-                Ok(entries) => {
+            let Some(from) = from else {
+                continue;
+            };
+            match self
+                .store
+                .load_checked(&[p], from + 1..=loaded_through)
+                .await
+            {
+                Ok((entries, bad)) => {
+                    self.remove_bad_entries(&bad).await;
+                    debug!(
+                        partition = p,
+                        from,
+                        through = loaded_through,
+                        entries = entries.len(),
+                        "partition caught up"
+                    );
                     for e in entries {
                         if arm(armed, armed_at, e.clone()) {
                             open.note(&e);
@@ -617,6 +673,29 @@ impl Loader {
                 Err(e) => {
                     warn!(partition = p, error = %e, "catching a partition up failed; again at the next interval")
                 }
+            }
+        }
+    }
+
+    /// Removes what is stored on `subjects` of the due index that is no entry (it
+    /// would hold its bucket unswept for ever); a failure is retried at the next load
+    /// that meets it.
+    async fn remove_bad_entries(&self, subjects: &[String]) {
+        for s in subjects {
+            if let Err(e) = self.store.remove_bad_entry(s).await {
+                warn!(subject = %s, error = %e, "removing a stray due entry failed");
+            }
+        }
+    }
+
+    /// The bucket before the stream's first message as it is now (none if it cannot
+    /// be read: the catch-up is tried again at the next interval).
+    async fn first_bucket(&self, now: u64) -> Option<u64> {
+        match self.store.first_timestamp_ms().await {
+            Ok(first) => Some(bucket_of(first.unwrap_or(now)).saturating_sub(1)),
+            Err(e) => {
+                warn!(error = %e, "reading the stream's start failed; again at the next interval");
+                None
             }
         }
     }
@@ -1215,25 +1294,37 @@ fn answer_of(m: &async_nats::Message) -> Fired {
     }
 }
 
-/// Arms `entry` (keeps the earliest time per alarm, and the youngest write time).
-fn arm(
+/// Per armed alarm: when it is looked at, and the entry that armed it.
+type ArmedAt = HashMap<String, (u64, DueEntry)>;
+
+/// Arms `entry` for its own time.
+fn arm(armed: &mut BTreeSet<(u64, String)>, armed_at: &mut ArmedAt, entry: DueEntry) -> bool {
+    arm_at(armed, armed_at, entry.at_ms, entry)
+}
+
+/// Arms `entry` to be looked at at `at` (keeps the earliest time per alarm, with its
+/// entry, and the youngest write time).
+fn arm_at(
     armed: &mut BTreeSet<(u64, String)>,
-    armed_at: &mut HashMap<String, DueEntry>,
+    armed_at: &mut ArmedAt,
+    mut at: u64,
     mut entry: DueEntry,
 ) -> bool {
     if !crate::alarm::is_token(&entry.id, crate::alarm::MAX_ID) {
         return false;
     }
-    if let Some(old) = armed_at.get(&entry.id) {
-        entry.written_ms = entry.written_ms.max(old.written_ms);
-        if old.at_ms <= entry.at_ms {
-            entry.at_ms = old.at_ms;
+    if let Some((old_at, old)) = armed_at.get(&entry.id) {
+        let written_ms = entry.written_ms.max(old.written_ms);
+        if *old_at <= at {
+            at = *old_at;
+            entry = old.clone();
         } else {
-            armed.remove(&(old.at_ms, entry.id.clone()));
+            armed.remove(&(*old_at, entry.id.clone()));
         }
+        entry.written_ms = written_ms;
     }
-    armed.insert((entry.at_ms, entry.id.clone()));
-    armed_at.insert(entry.id.clone(), entry);
+    armed.insert((at, entry.id.clone()));
+    armed_at.insert(entry.id.clone(), (at, entry));
     true
 }
 
@@ -1375,8 +1466,13 @@ mod tests {
             a.into_iter().collect::<Vec<_>>(),
             vec![(20, "x".to_string())]
         );
-        assert_eq!(at.get("x"), Some(&e("x", 20, 9)));
+        assert_eq!(at.get("x"), Some(&(20, e("x", 20, 9))));
         assert_eq!(at.len(), 1);
+        // Looked at again later for the same entry: the entry (its subject) is kept.
+        let (mut a, mut at) = (BTreeSet::new(), HashMap::new());
+        arm_at(&mut a, &mut at, 12_500, e("y", 9_000, 4));
+        assert_eq!(a.first(), Some(&(12_500, "y".to_string())));
+        assert_eq!(at.get("y"), Some(&(12_500, e("y", 9_000, 4))));
     }
 
     #[test]

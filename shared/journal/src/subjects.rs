@@ -182,6 +182,16 @@ impl Subjects {
     pub fn alarm_due(&self, partition: u32, bucket: u64, id: &str) -> String {
         format!("{}.alarms.due.{partition}.{bucket}.{id}", self.prefix)
     }
+    /// The partition token of due-index subject `subject`, if it is one.
+    pub fn due_partition(&self, subject: &str) -> Option<u32> {
+        subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".alarms.due.")?
+            .split('.')
+            .next()?
+            .parse()
+            .ok()
+    }
     /// `<prefix>.alarms.due.<partition>.<bucket>.*`: one bucket of one partition.
     pub fn alarm_due_bucket(&self, partition: u32, bucket: u64) -> String {
         format!("{}.alarms.due.{partition}.{bucket}.*", self.prefix)

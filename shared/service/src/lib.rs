@@ -407,6 +407,21 @@ async fn subscribe(
     })
 }
 
+/// Longest `Nats-Service-Error` message (bytes); a longer one is cut, marked `…`.
+pub const MAX_ERROR_MESSAGE: usize = 1024;
+
+/// `text` cut to at most `max` bytes on a character boundary, `…` marking a cut.
+fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 /// Why the client library could not parse `msg`, if it could not.
 pub fn malformed(msg: &Message) -> Option<String> {
     msg.malformed_reason().map(str::to_string)
@@ -678,10 +693,11 @@ impl Request {
         let mut h = HeaderMap::new();
         h.insert(subjects::ERROR, code);
         h.insert(subjects::SERVICE_ERROR_CODE, status.to_string().as_str());
-        // A header value is one line: keep the message on one.
+        // A header value is one line: keep the message on one, and short (it may
+        // quote what the client sent, which can be as large as a request).
         h.insert(
             subjects::SERVICE_ERROR,
-            message.replace(['\r', '\n'], " ").as_str(),
+            bounded(&message.replace(['\r', '\n'], " "), MAX_ERROR_MESSAGE).as_str(),
         );
         self.send(Some(h), Bytes::new()).await
     }
@@ -705,5 +721,20 @@ impl Request {
             subject: reply.clone(),
             reason: e.to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_messages_are_cut_on_a_character_boundary() {
+        assert_eq!(bounded("short", 10), "short");
+        let long = "é".repeat(600);
+        let cut = bounded(&long, MAX_ERROR_MESSAGE);
+        assert!(cut.len() <= MAX_ERROR_MESSAGE, "{}", cut.len());
+        assert!(cut.ends_with('…'));
+        assert!(cut.len() > MAX_ERROR_MESSAGE - 8);
     }
 }
