@@ -954,21 +954,27 @@ impl Loader {
                         && r.next_action_ms(grace).is_some_and(|next| next <= now) =>
                 {
                     Metrics::bump(&self.metrics.read_ahead);
-                    Some((r, seq))
+                    Some((r, seq, seq))
                 }
-                _ => self.store.read(id).await?,
+                _ => {
+                    let c = self.store.current(id).await?;
+                    c.record.map(|(r, rseq)| (r, c.last_seq, rseq))
+                }
             };
-            let Some((record, seq)) = read else {
+            // `seq`: what a write expects (the subject's last message, which may be
+            // foreign); `rseq`: the record's own, by which its entries are settled (an
+            // entry stored after it, even before a foreign message, waits for its own).
+            let Some((record, seq, rseq)) = read else {
                 if young {
                     return Ok(keep(Rearm::Always(now.saturating_add(RECHECK_MS))));
                 }
                 return Ok(Next::settled(None, orphan_through, None));
             };
             let Some(next) = record.next_action_ms(grace) else {
-                if young && entry.seq > seq {
+                if young && entry.seq > rseq {
                     return Ok(keep(Rearm::Always(now.saturating_add(RECHECK_MS))));
                 }
-                return Ok(Next::settled(None, seq.max(orphan_through), None));
+                return Ok(Next::settled(None, rseq.max(orphan_through), None));
             };
             if next > now {
                 return match record.status {
@@ -976,12 +982,12 @@ impl Loader {
                     // record); this one is obsolete unless it is that one (or the
                     // record that needs it is still on its way).
                     crate::alarm::Status::Pending { .. } => {
-                        if young && entry.seq > seq && bucket_of(next) != bucket_of(armed_at) {
+                        if young && entry.seq > rseq && bucket_of(next) != bucket_of(armed_at) {
                             Ok(keep(Rearm::Always(
                                 now.saturating_add(RECHECK_MS).min(next),
                             )))
                         } else {
-                            Ok(Next::settled(Some(Rearm::InWindow(next)), seq, Some(next)))
+                            Ok(Next::settled(Some(Rearm::InWindow(next)), rseq, Some(next)))
                         }
                     }
                     // Claimed by a loader that may be alive: look again when its claim
@@ -994,7 +1000,7 @@ impl Loader {
             match self.cron_rule(&record, now).await? {
                 CronCheck::Skip(reason) => {
                     let Some(skipped) = record.skipped(now, &reason) else {
-                        return Ok(Next::settled(None, seq, None));
+                        return Ok(Next::settled(None, rseq, None));
                     };
                     match self.store.append(&skipped, seq).await {
                         Ok(skipped_seq) => {
@@ -1019,7 +1025,7 @@ impl Loader {
                 CronCheck::Fire(None) => {}
             }
             let Some(claim) = record.claim(now, &self.config.replica) else {
-                return Ok(Next::settled(None, seq, None));
+                return Ok(Next::settled(None, rseq, None));
             };
             let claim_seq = match self.store.append(&claim, seq).await {
                 Ok(s) => s,

@@ -511,7 +511,8 @@ impl Store {
             .collect();
         let mut out = Vec::new();
         for chunk in filters.chunks(64) {
-            for (subject, genuine, payload, _) in self.read_last_per_subject(chunk.to_vec()).await? {
+            for (subject, genuine, payload, _) in self.read_last_per_subject(chunk.to_vec()).await?
+            {
                 let name = subject.rsplit('.').next().unwrap_or_default();
                 match serde_json::from_slice::<StoredJob>(&payload) {
                     Ok(j) if genuine && j.job.as_ref().is_none_or(|job| job.name == name) => {
@@ -856,12 +857,10 @@ fn genuine_direct(m: &async_nats::Message) -> Option<(String, u64)> {
     let subject = one("Nats-Subject")?;
     let seq: u64 = one("Nats-Sequence")?.parse().ok()?;
     let expected = canonical_u64(one(EXPECTED)?.as_bytes())?;
-    let only_ours = h
-        .iter()
-        .all(|(name, _)| {
-            let name: &str = name.as_ref();
-            name == EXPECTED || ADDED.contains(&name)
-        });
+    let only_ours = h.iter().all(|(name, _)| {
+        let name: &str = name.as_ref();
+        name == EXPECTED || ADDED.contains(&name)
+    });
     (expected < seq && only_ours).then_some((subject, seq))
 }
 
