@@ -345,7 +345,7 @@ impl Loader {
         let mut lease_rx = membership
             .leases()
             .ok_or_else(|| Error::Invalid("ownership leases taken twice".into()))?;
-        let mut leases: HashMap<u32, ownership::Lease> = HashMap::new();
+        let mut leases: Holdings<ownership::Lease> = Holdings::default();
         let mut lost = futures::stream::FuturesUnordered::new();
         let mut armed: BTreeSet<(u64, String)> = BTreeSet::new();
         let mut armed_at: ArmedAt = HashMap::new();
@@ -373,7 +373,7 @@ impl Loader {
             // Load the window of the partitions held when its time comes.
             if tokio::time::Instant::now() >= next_load {
                 let until = bucket_of(now.saturating_add(2 * interval_ms));
-                let owned: Vec<u32> = leases.keys().copied().collect();
+                let owned: Vec<u32> = leases.partitions();
                 if loaded_through < until {
                     let started = std::time::Instant::now();
                     match self
@@ -518,18 +518,24 @@ impl Loader {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(wake) => {}
                 Some(lease) = lease_rx.recv() => {
-                    let p = lease.partition();
-                    lost.push(lease.cancellation().cancelled_owned().map(move |()| p));
-                    leases.insert(p, lease);
+                    let (p, token) = (lease.partition(), lease.token().get());
+                    lost.push(lease.cancellation().cancelled_owned().map(move |()| (p, token)));
+                    leases.insert(p, token, lease);
                     // Catch the partition up: from its checkpoint to the window (again
                     // at each interval until it worked).
                     catch_up.insert(p);
                     self.catch_up(&mut catch_up, &mut swept, now, loaded_through, &mut armed, &mut armed_at, &mut open).await;
                     debug!(partition = p, "partition taken");
                 }
-                Some(p) = lost.next() => {
+                Some((p, token)) = lost.next() => {
                     // Given up (rebalanced, or not renewed in time): forget its alarms.
-                    leases.remove(&p);
+                    // Unless the partition was taken again since (this loop was busy
+                    // while the membership gave the lease up, released and acquired
+                    // it anew, and the new lease came first): that loss is stale.
+                    if !leases.lose(p, token) {
+                        debug!(partition = p, token, "loss of an earlier lease of a partition held again; ignored");
+                        continue;
+                    }
                     swept.remove(&p);
                     open.forget(p);
                     catch_up.remove(&p);
@@ -1300,6 +1306,52 @@ fn answer_of(m: &async_nats::Message) -> Fired {
     }
 }
 
+/// The partitions held, each with its lease and the lease's token.
+#[derive(Debug)]
+struct Holdings<L> {
+    by_partition: HashMap<u32, (u64, L)>,
+}
+
+impl<L> Default for Holdings<L> {
+    fn default() -> Self {
+        Holdings {
+            by_partition: HashMap::new(),
+        }
+    }
+}
+
+impl<L> Holdings<L> {
+    /// Holds partition `p` under `lease` (token `token`), replacing an earlier lease.
+    fn insert(&mut self, p: u32, token: u64, lease: L) {
+        self.by_partition.insert(p, (token, lease));
+    }
+
+    /// The loss of partition `p`'s lease `token`: forgets the partition and returns
+    /// true if that lease is the one held; false (nothing changes) if the partition is
+    /// held under another lease, or not at all.
+    fn lose(&mut self, p: u32, token: u64) -> bool {
+        match self.by_partition.get(&p) {
+            Some((held, _)) if *held == token => {
+                self.by_partition.remove(&p);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn contains_key(&self, p: &u32) -> bool {
+        self.by_partition.contains_key(p)
+    }
+
+    fn len(&self) -> usize {
+        self.by_partition.len()
+    }
+
+    fn partitions(&self) -> Vec<u32> {
+        self.by_partition.keys().copied().collect()
+    }
+}
+
 /// Per armed alarm: when it is looked at, and the entry that armed it.
 type ArmedAt = HashMap<String, (u64, DueEntry)>;
 
@@ -1452,6 +1504,31 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("Ts-Error", "busy");
         assert!(matches!(answer_of(&msg(b"", Some(h))), Fired::Failed(_)));
+    }
+
+    /// The loop may be busy (a slow round) while the membership gives a lease up,
+    /// releases it and acquires the partition anew: the new lease and the old one's
+    /// loss are then both waiting, in either order. The old loss must not drop the
+    /// new lease (the partition would stay held, renewed, and never fired).
+    #[test]
+    fn a_stale_loss_does_not_drop_the_lease_taken_since() {
+        let mut h = Holdings::default();
+        h.insert(7, 10, "first");
+        // The new lease is read before the old one's loss.
+        h.insert(7, 25, "second");
+        assert!(!h.lose(7, 10), "the loss of lease 10 is stale");
+        assert!(h.contains_key(&7));
+        assert_eq!(h.partitions(), vec![7]);
+        // The new lease's own loss ends it.
+        assert!(h.lose(7, 25));
+        assert!(!h.contains_key(&7));
+        assert_eq!(h.len(), 0);
+        // The other order: the old loss first, then the new lease.
+        h.insert(3, 1, "old");
+        assert!(h.lose(3, 1));
+        h.insert(3, 2, "new");
+        assert!(h.contains_key(&3));
+        assert!(!h.lose(4, 2), "a partition not held");
     }
 
     #[test]
