@@ -44,25 +44,7 @@ pub(crate) fn spawn_loader(server: &NatsServer) -> Result<harness::Process> {
 
 /// Waits until `n` loaders answer PING.
 pub(crate) async fn wait_for_loaders(client: &async_nats::Client, n: usize) -> Result<()> {
-    for _ in 0..200 {
-        let inbox = client.new_inbox();
-        let mut sub = client.subscribe(inbox.clone()).await?;
-        client
-            .publish_with_reply("$SRV.PING.turnstile-alarm-loader", inbox, Bytes::new())
-            .await?;
-        let mut seen = 0;
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
-        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
-            // "No responders" comes back as an empty status message.
-            if !m.payload.is_empty() {
-                seen += 1;
-            }
-        }
-        if seen >= n {
-            return Ok(());
-        }
-    }
-    bail!("fewer than {n} alarm-loaders answered PING within 20 s")
+    crate::support::wait_for_service(client, "turnstile-alarm-loader", n).await
 }
 
 /// Waits until `n` loaders share the 32 partitions, each holding some (the group has

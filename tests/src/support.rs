@@ -168,22 +168,47 @@ pub async fn connections(server: &NatsServer) -> Result<scheduler::Connections> 
 
 /// Waits until `n` schedulers answer the services-API PING.
 pub async fn wait_for_schedulers(client: &async_nats::Client, n: usize) -> Result<()> {
+    wait_for_service(client, "turnstile-scheduler", n).await
+}
+
+/// Waits until `n` distinct instances of service `name` answer the services-API PING
+/// (20 s at most). Only a real PING response counts: with nobody subscribed, the
+/// server answers the request itself with an empty "no responders" status message,
+/// which once let a test start before its scheduler listened.
+pub async fn wait_for_service(client: &async_nats::Client, name: &str, n: usize) -> Result<()> {
     for _ in 0..200 {
-        let inbox = client.new_inbox();
-        let mut sub = client.subscribe(inbox.clone()).await?;
-        client
-            .publish_with_reply("$SRV.PING.turnstile-scheduler", inbox, Bytes::new())
-            .await?;
-        let mut seen = 0;
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
-        while let Ok(Some(_)) = tokio::time::timeout_at(deadline, sub.next()).await {
-            seen += 1;
-        }
-        if seen >= n {
+        if ping_instances(client, name).await?.len() >= n {
             return Ok(());
         }
     }
-    bail!("fewer than {n} schedulers answered PING within 20 s")
+    bail!("fewer than {n} instances of {name} answered PING within 20 s")
+}
+
+/// The ids of the instances of service `name` that answer PING within 100 ms.
+pub async fn ping_instances(
+    client: &async_nats::Client,
+    name: &str,
+) -> Result<std::collections::BTreeSet<String>> {
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await?;
+    client
+        .publish_with_reply(format!("$SRV.PING.{name}"), inbox, Bytes::new())
+        .await?;
+    let mut ids = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
+        if m.status.is_some() {
+            continue;
+        }
+        let id = serde_json::from_slice::<serde_json::Value>(&m.payload)
+            .ok()
+            .filter(|v| v["name"] == name)
+            .and_then(|v| v["id"].as_str().map(str::to_string));
+        if let Some(id) = id {
+            ids.insert(id);
+        }
+    }
+    Ok(ids)
 }
 
 /// Starts a scheduler on `server` (a server or a cluster) as a separate process (so a
