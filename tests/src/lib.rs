@@ -22,6 +22,7 @@
 //! - `cluster`: a three-node cluster: an R3 stream across a leader's death, the
 //!   scheduler started on a cluster that has just formed, misconfigurations refused.
 //! - `ownership`: partitions split among live members, handovers, crashes, stalls, restarts.
+//! - `workers`: worker groups: every job once, an instance killed mid-job, foreign runs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -61,3 +62,5 @@ mod scheduling;
 mod verify_cli;
 #[cfg(test)]
 mod word;
+#[cfg(test)]
+mod workers;

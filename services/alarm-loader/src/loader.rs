@@ -38,18 +38,7 @@ const PREFETCH_BATCH: usize = 2_048;
 /// alone when its time comes): memory stays bounded whatever the bodies.
 const PREFETCH_MAX_BODY: usize = 16 * 1024;
 
-/// Milliseconds since the Unix epoch (UTC); the real clock lives at the edge.
-pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-/// The system clock.
-pub fn system_clock() -> Clock {
-    Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0)
-    })
-}
+pub use service::{system_clock, Clock};
 
 /// How the loader runs.
 #[derive(Debug, Clone)]

@@ -210,6 +210,60 @@ pub async fn ensure_alarms(
         .await
 }
 
+/// How long the work stream remembers a job's message id (`Nats-Msg-Id` =
+/// `<process>:<slot>`): a feeder that resumes from its last checkpoint hands out again
+/// what it fed after it, and the stream drops those copies within this window.
+pub const WORK_DUPLICATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The work stream's configuration: one message per job, removed once acknowledged
+/// (work-queue retention), deduplicated by job id.
+pub fn work_stream_config(subjects: &Subjects, options: &LogOptions) -> stream::Config {
+    stream::Config {
+        name: subjects.work_stream(),
+        description: Some("turnstile jobs: one message per assignment, per worker group".into()),
+        subjects: vec![subjects.work_all()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::WorkQueue,
+        discard: stream::DiscardPolicy::New,
+        num_replicas: options.replicas,
+        duplicate_window: WORK_DUPLICATE_WINDOW,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// The results stream's configuration: every job's history (one subject a job).
+pub fn results_stream_config(subjects: &Subjects, options: &LogOptions) -> stream::Config {
+    stream::Config {
+        name: subjects.results_stream(),
+        description: Some("turnstile job results: every outcome of every job".into()),
+        subjects: vec![subjects.results_all()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::New,
+        num_replicas: options.replicas,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Creates `config`'s stream if it is missing and returns it; transient failures are
+/// retried with `options.retry`.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+    options: &LogOptions,
+) -> Result<stream::Stream> {
+    options
+        .retry
+        .run("create stream", || async {
+            js.get_or_create_stream(config.clone())
+                .await
+                .map_err(|e| Error::nats("create stream", &e))
+        })
+        .await
+}
+
 /// Whether `stream` accepts atomic batch publishes (from the info it was opened with:
 /// [`ensure_log`] returns it current).
 pub fn allows_atomic(stream: &stream::Stream) -> bool {
@@ -293,6 +347,21 @@ pub async fn ensure_ownership(
             }
         })
         .await
+}
+
+/// Opens the workers' bucket (feed checkpoints, job control), creating it if missing.
+pub async fn ensure_workers(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    options: &LogOptions,
+) -> Result<kv::Store> {
+    ensure_bucket(
+        js,
+        subjects.workers_bucket(),
+        "turnstile workers: feed checkpoints and job control",
+        options,
+    )
+    .await
 }
 
 /// Opens `bucket`, or creates it when the server says it does not exist; retried

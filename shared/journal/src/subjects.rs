@@ -239,6 +239,62 @@ impl Subjects {
             .filter(|id| !id.is_empty() && !id.contains('.'))
     }
 
+    /// `<prefix>.work.<group>.<partition>.<process>`: the jobs a group's feeder hands
+    /// out (one message per assignment), in the group's work stream.
+    pub fn work(&self, group: &str, partition: u32, p: &ProcessId) -> String {
+        format!("{}.work.{group}.{partition}.{p}", self.prefix)
+    }
+    /// `<prefix>.work.<group>.>`: every job of a group.
+    pub fn work_group(&self, group: &str) -> String {
+        format!("{}.work.{group}.>", self.prefix)
+    }
+    /// `<prefix>.work.<group>.<partition>.>`: the jobs of one partition of a group.
+    pub fn work_partition(&self, group: &str, partition: u32) -> String {
+        format!("{}.work.{group}.{partition}.>", self.prefix)
+    }
+    /// `<prefix>.work.>`: the work stream's subjects.
+    pub fn work_all(&self) -> String {
+        format!("{}.work.>", self.prefix)
+    }
+    /// `<prefix>.result.<group>.<process>.<slot>`: the history of one job in a group
+    /// (every outcome an event).
+    pub fn result(&self, group: &str, p: &ProcessId, slot: u64) -> String {
+        format!("{}.result.{group}.{p}.{slot}", self.prefix)
+    }
+    /// `<prefix>.result.<group>.<process>.*`: every job history of a process in a group.
+    pub fn results_of(&self, group: &str, p: &ProcessId) -> String {
+        format!("{}.result.{group}.{p}.*", self.prefix)
+    }
+    /// `<prefix>.result.<group>.<process>.fault`: a run of the process's log that did
+    /// not verify (never a job), as the group's feeder met it.
+    pub fn result_fault(&self, group: &str, p: &ProcessId) -> String {
+        format!("{}.result.{group}.{p}.fault", self.prefix)
+    }
+    /// `<prefix>.result.>`: the results stream's subjects.
+    pub fn results_all(&self) -> String {
+        format!("{}.result.>", self.prefix)
+    }
+    /// `<prefix>.worker.dead.<group>`: where a job that failed for good is announced.
+    pub fn worker_dead(&self, group: &str) -> String {
+        format!("{}.worker.dead.{group}", self.prefix)
+    }
+    /// `<prefix>.worker.inspect.<instance>`: one worker instance's introspection.
+    pub fn worker_inspect(&self, instance: &str) -> String {
+        format!("{}.worker.inspect.{instance}", self.prefix)
+    }
+    /// The work stream: `<PREFIX>_WORK`.
+    pub fn work_stream(&self) -> String {
+        format!("{}_WORK", self.upper())
+    }
+    /// The results stream: `<PREFIX>_RESULTS`.
+    pub fn results_stream(&self) -> String {
+        format!("{}_RESULTS", self.upper())
+    }
+    /// The workers' bucket (feeder checkpoints, job control): `<PREFIX>_WORKERS`.
+    pub fn workers_bucket(&self) -> String {
+        format!("{}_WORKERS", self.upper())
+    }
+
     fn upper(&self) -> String {
         self.prefix.to_ascii_uppercase().replace(['.', '-'], "_")
     }

@@ -39,6 +39,20 @@ use journal::subjects::{self, Subjects};
 
 pub mod runtime;
 
+/// Milliseconds since the Unix epoch (UTC). Services take one: the real clock lives at
+/// the edge ([`system_clock`]), tests and fault runs pass their own.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0)
+    })
+}
+
 /// Everything that can go wrong running a service.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -1,0 +1,530 @@
+//! A group's feeder: reads the assignment log once for the whole group, in stream
+//! order, judges every message by the chain rule (schemas/chain.md, the one
+//! [`LogVerifier`] the scheduler and `turnstile verify` use), and hands out each
+//! assignment of a run that verifies as one job on the group's work stream. A message
+//! that does not verify is a recorded fault, never a job.
+//!
+//! One feeder a group at a time: every instance joins the ownership group
+//! `feed-<group>` (one partition); the holder feeds. Its progress is a checkpoint in
+//! the workers bucket — the stream sequence it has fed through (`feed.<group>`) and,
+//! per process, where the chain stands (`feed.<group>.<process>`) — written every
+//! [`CHECKPOINT_EVERY`] once every job before it is stored, each key by compare-and-set
+//! on the revision the feeder read or wrote (a feeder that lost its lease and wakes up
+//! is fenced off). A feeder that takes over resumes from the checkpoint; jobs fed
+//! after it are handed out again under the same `Nats-Msg-Id` (`<process>:<slot>`), and
+//! the work stream drops them as duplicates (ARCHITECTURE.md "Workers").
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, publish::PublishAck};
+use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use journal::chain::{judge, Judged};
+use journal::reader::{LogMessage, LogReader};
+use journal::subjects::Subjects;
+use protocol::verify::{ChainPoint, LogVerifier, TrustedKeys};
+use protocol::{Hash32, ProcessId};
+
+use crate::job::{partition_of, FaultEvent, Job, PARTITIONS};
+use crate::{Error, Result};
+
+/// How often the feeder writes its checkpoint.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// A job publish's acknowledgement.
+type AckFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = std::result::Result<
+                    PublishAck,
+                    async_nats::jetstream::context::PublishError,
+                >,
+            > + Send,
+    >,
+>;
+
+/// Job publishes awaiting their acknowledgement at most.
+const IN_FLIGHT: usize = 4096;
+
+/// Which processes a group serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Serves {
+    /// Every process.
+    All,
+    /// These processes.
+    List(Vec<ProcessId>),
+    /// Processes whose id starts with this.
+    Prefix(String),
+}
+
+impl Serves {
+    /// Whether the group serves `p`.
+    pub fn covers(&self, p: &ProcessId) -> bool {
+        match self {
+            Serves::All => true,
+            Serves::List(l) => l.contains(p),
+            Serves::Prefix(x) => p.as_str().starts_with(x.as_str()),
+        }
+    }
+
+    /// The log subjects to read for it.
+    pub fn filters(&self, subjects: &Subjects) -> Vec<String> {
+        match self {
+            Serves::List(l) => l.iter().map(|p| subjects.log(p)).collect(),
+            Serves::All | Serves::Prefix(_) => vec![subjects.log_all()],
+        }
+    }
+}
+
+/// Where a group starts reading the log when it is first created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum From {
+    /// The log's end then: only what is scheduled from now on.
+    New,
+    /// The log's beginning: every assignment ever made, too.
+    Start,
+}
+
+/// A process's place in the feed, as checkpointed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessPoint {
+    /// The slot the next run must start at.
+    pub next_slot: u64,
+    /// Chain hash the next run links to (hex).
+    pub prev: String,
+    /// Stream sequence of the chain's last run (0: none).
+    pub chain_seq: u64,
+    /// The key set of the chain's last run.
+    #[serde(default)]
+    pub keys: Option<Vec<String>>,
+    /// Stream sequence of the last message of the subject fed (chain or foreign).
+    pub last_seq: u64,
+}
+
+impl ProcessPoint {
+    fn of(v: &LogVerifier) -> Option<ProcessPoint> {
+        let p = v.point()?;
+        Some(ProcessPoint {
+            next_slot: p.next_slot,
+            prev: hex::encode(p.prev.0),
+            chain_seq: p.seq,
+            keys: p.keys.clone(),
+            last_seq: v.last_seq().unwrap_or(0),
+        })
+    }
+
+    fn verifier(&self, process: &ProcessId, trusted: &TrustedKeys) -> Option<LogVerifier> {
+        let mut prev = [0u8; 32];
+        hex::decode_to_slice(&self.prev, &mut prev).ok()?;
+        let point = ChainPoint {
+            next_slot: self.next_slot,
+            prev: Hash32(prev),
+            seq: self.chain_seq,
+            keys: self.keys.clone(),
+        };
+        Some(LogVerifier::resume(
+            process.clone(),
+            trusted.clone(),
+            vec![],
+            Some(point),
+            Some(self.last_seq),
+        ))
+    }
+}
+
+/// What the feeder counts (STATS).
+#[derive(Debug, Default)]
+pub struct FeedStats {
+    /// Jobs handed out.
+    pub jobs: AtomicU64,
+    /// Runs that verified.
+    pub runs: AtomicU64,
+    /// Messages that did not (never jobs).
+    pub foreign: AtomicU64,
+    /// Stream sequence fed through (checkpointed).
+    pub checkpoint: AtomicU64,
+}
+
+/// What a feeder needs.
+#[derive(Clone)]
+pub struct Feed {
+    /// The group.
+    pub group: String,
+    /// Which processes.
+    pub serves: Serves,
+    /// Where a new group starts.
+    pub from: From,
+    /// Subjects.
+    pub subjects: Subjects,
+    /// JetStream.
+    pub js: jetstream::Context,
+    /// The workers bucket.
+    pub kv: kv::Store,
+    /// The keys the log must be sealed by.
+    pub trusted: TrustedKeys,
+    /// Counters.
+    pub stats: Arc<FeedStats>,
+}
+
+fn global_key(group: &str) -> String {
+    format!("feed.{group}")
+}
+
+fn process_key(group: &str, p: &ProcessId) -> String {
+    format!("feed.{group}.{p}")
+}
+
+struct Fed {
+    verifier: LogVerifier,
+    /// KV revision of the process's key (none: not written yet).
+    revision: Option<u64>,
+    dirty: bool,
+}
+
+impl Feed {
+    /// Feeds until `stop` fires or something fails (the caller starts it again from
+    /// the checkpoint while it holds the lease).
+    pub async fn run(&self, stop: tokio_util::sync::CancellationToken) -> Result<()> {
+        let (mut fed_through, mut global_rev) = self.start_point().await?;
+        self.stats.checkpoint.store(fed_through, Ordering::Relaxed);
+        info!(group = %self.group, from = fed_through + 1, "feeding");
+        let reader = LogReader::open(self.js.clone(), self.subjects.clone()).await?;
+        let log = self
+            .js
+            .get_stream(self.subjects.log_stream())
+            .await
+            .map_err(|e| Error::nats("open the log", e))?;
+        let name = format!("feed-{}-{}", self.group, uuid::Uuid::new_v4().simple());
+        let filters = self.serves.filters(&self.subjects);
+        let mut config = consumer::pull::OrderedConfig {
+            name: Some(name.clone()),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: fed_through + 1,
+            },
+            ..Default::default()
+        };
+        if filters.len() == 1 {
+            config.filter_subject = filters[0].clone();
+        } else {
+            config.filter_subjects = filters;
+        }
+        let consumer = log
+            .create_consumer(config)
+            .await
+            .map_err(|e| Error::nats("read the log", e))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| Error::nats("read the log", e))?;
+        let mut procs: HashMap<ProcessId, Fed> = HashMap::new();
+        let mut acks: FuturesUnordered<AckFuture> = FuturesUnordered::new();
+        let mut seen_through = fed_through;
+        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            tokio::select! {
+                _ = stop.cancelled() => break Ok(()),
+                _ = tick.tick() => {
+                    if seen_through > fed_through {
+                        if let Err(e) = self.checkpoint(&mut acks, &mut procs, seen_through, &mut global_rev).await {
+                            break Err(e);
+                        }
+                        fed_through = seen_through;
+                        self.stats.checkpoint.store(fed_through, Ordering::Relaxed);
+                    }
+                }
+                Some(ack) = acks.next(), if !acks.is_empty() => {
+                    if let Err(e) = ack {
+                        break Err(Error::nats("hand out a job", e));
+                    }
+                }
+                m = messages.next() => {
+                    let m = match m {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => break Err(Error::nats("read the log", e)),
+                        None => break Err(Error::nats("read the log", "the log reader ended")),
+                    };
+                    let seq = match m.info() {
+                        Ok(i) => i.stream_sequence,
+                        Err(e) => break Err(Error::nats("read the log", e)),
+                    };
+                    seen_through = seq;
+                    let Some(process) = self.subjects.process_of_log(m.subject.as_str()) else {
+                        continue;
+                    };
+                    if !self.serves.covers(&process) {
+                        continue;
+                    }
+                    let msg = LogMessage {
+                        seq,
+                        headers: m.headers.clone().unwrap_or_default(),
+                        payload: m.payload.clone(),
+                    };
+                    if let Err(e) = self.feed_one(&reader, &mut procs, &mut acks, process, msg).await {
+                        break Err(e);
+                    }
+                    // Bound what waits for its acknowledgement.
+                    let mut failed = None;
+                    while acks.len() >= IN_FLIGHT && failed.is_none() {
+                        if let Some(Err(e)) = acks.next().await {
+                            failed = Some(Error::nats("hand out a job", e));
+                        }
+                    }
+                    if let Some(e) = failed {
+                        break Err(e);
+                    }
+                }
+            }
+        };
+        // The ordered consumer goes with its stream; delete it now rather than after
+        // the server's inactivity threshold.
+        drop(messages);
+        let _ = log.delete_consumer(&name).await;
+        result
+    }
+
+    /// Where the group's feed stands: (fed through, revision of the global key). A
+    /// new group is created here, at the log's end or beginning by `from`.
+    pub(crate) async fn start_point(&self) -> Result<(u64, u64)> {
+        let key = global_key(&self.group);
+        if let Some(e) = self
+            .kv
+            .entry(&key)
+            .await
+            .map_err(|e| Error::nats("read the feed checkpoint", e))?
+        {
+            if e.operation == kv::Operation::Put {
+                let seq = std::str::from_utf8(&e.value)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        Error::Config(format!("feed checkpoint {key} is not a number"))
+                    })?;
+                return Ok((seq, e.revision));
+            }
+        }
+        let start = match self.from {
+            From::Start => 0,
+            From::New => {
+                let mut log = self
+                    .js
+                    .get_stream(self.subjects.log_stream())
+                    .await
+                    .map_err(|e| Error::nats("open the log", e))?;
+                log.info()
+                    .await
+                    .map_err(|e| Error::nats("log info", e))?
+                    .state
+                    .last_sequence
+            }
+        };
+        match self.kv.create(&key, Bytes::from(start.to_string())).await {
+            Ok(rev) => {
+                info!(group = %self.group, start, "new worker group: feeding from here");
+                Ok((start, rev))
+            }
+            // Another instance created it first: take theirs.
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                Box::pin(self.start_point()).await
+            }
+            Err(e) => Err(Error::nats("create the feed checkpoint", e)),
+        }
+    }
+
+    /// The verifier of `process` right before stream sequence `seq`: from its
+    /// checkpoint, or (none yet) by reading its subject from the start.
+    async fn load(&self, reader: &LogReader, process: &ProcessId, seq: u64) -> Result<Fed> {
+        let key = process_key(&self.group, process);
+        let entry = self
+            .kv
+            .entry(&key)
+            .await
+            .map_err(|e| Error::nats("read a process checkpoint", e))?;
+        if let Some(e) = entry.filter(|e| e.operation == kv::Operation::Put) {
+            let verifier = serde_json::from_slice::<ProcessPoint>(&e.value)
+                .ok()
+                .and_then(|p| p.verifier(process, &self.trusted))
+                .ok_or_else(|| Error::Config(format!("process checkpoint {key} does not parse")))?;
+            return Ok(Fed {
+                verifier,
+                revision: Some(e.revision),
+                dirty: false,
+            });
+        }
+        let mut verifier = LogVerifier::from_genesis(process.clone(), self.trusted.clone(), vec![]);
+        // Nothing to read when the subject's first message is this one (one direct get).
+        let first = reader
+            .next_message(process, 1)
+            .await?
+            .is_some_and(|m| m.seq >= seq);
+        if seq > 1 && !first {
+            let mut earlier = reader.messages(process, 1, Some(seq - 1)).await?;
+            while let Some(m) = earlier.next().await {
+                let m = m?;
+                if m.seq >= seq {
+                    break;
+                }
+                judge(&mut verifier, m);
+            }
+        }
+        Ok(Fed {
+            verifier,
+            revision: None,
+            dirty: true,
+        })
+    }
+
+    async fn feed_one(
+        &self,
+        reader: &LogReader,
+        procs: &mut HashMap<ProcessId, Fed>,
+        acks: &mut FuturesUnordered<AckFuture>,
+        process: ProcessId,
+        msg: LogMessage,
+    ) -> Result<()> {
+        if !procs.contains_key(&process) {
+            let fed = self.load(reader, &process, msg.seq).await?;
+            procs.insert(process.clone(), fed);
+        }
+        let Some(fed) = procs.get_mut(&process) else {
+            return Ok(());
+        };
+        if fed.verifier.last_seq().is_some_and(|s| s >= msg.seq) {
+            // Fed before the checkpoint we resumed from.
+            return Ok(());
+        }
+        let seq = msg.seq;
+        fed.dirty = true;
+        match judge(&mut fed.verifier, msg) {
+            Judged::Chain { run, lost } => {
+                for f in lost {
+                    self.fault(&process, seq, f.kind.code(), &f.kind.to_string(), true)
+                        .await?;
+                }
+                let partition = partition_of(process.as_str(), PARTITIONS);
+                let subject = self.subjects.work(&self.group, partition, &process);
+                for e in &run.run.entries {
+                    let job = Job::of_entry(&self.group, &process, seq, e);
+                    let publish = async_nats::jetstream::message::PublishMessage::build()
+                        .payload(Bytes::from(job.encode()?))
+                        .message_id(job.id());
+                    let ack = self
+                        .js
+                        .send_publish(subject.clone(), publish)
+                        .await
+                        .map_err(|e| Error::nats("hand out a job", e))?;
+                    acks.push(Box::pin(std::future::IntoFuture::into_future(ack)));
+                }
+                self.stats
+                    .jobs
+                    .fetch_add(run.run.entries.len() as u64, Ordering::Relaxed);
+                self.stats.runs.fetch_add(1, Ordering::Relaxed);
+            }
+            Judged::Foreign(f) => {
+                self.stats.foreign.fetch_add(1, Ordering::Relaxed);
+                warn!(group = %self.group, %process, seq, fault = %f.kind, "a message of the log is not part of the chain: no job");
+                self.fault(&process, seq, f.kind.code(), &f.kind.to_string(), false)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn fault(
+        &self,
+        process: &ProcessId,
+        seq: u64,
+        code: &str,
+        detail: &str,
+        handed_out: bool,
+    ) -> Result<()> {
+        let event = FaultEvent {
+            group: self.group.clone(),
+            process: process.to_string(),
+            log_seq: seq,
+            code: code.to_string(),
+            detail: detail.to_string(),
+            handed_out,
+        };
+        let body = serde_json::to_vec(&event).map_err(|e| Error::Config(e.to_string()))?;
+        let publish = async_nats::jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(body))
+            .message_id(format!("fault:{process}:{seq}"));
+        self.js
+            .send_publish(self.subjects.result_fault(&self.group, process), publish)
+            .await
+            .map_err(|e| Error::nats("record a fault", e))?
+            .await
+            .map_err(|e| Error::nats("record a fault", e))?;
+        Ok(())
+    }
+
+    /// Waits for every job handed out, then writes each changed process's point and
+    /// the sequence fed through, each by compare-and-set.
+    async fn checkpoint(
+        &self,
+        acks: &mut FuturesUnordered<AckFuture>,
+        procs: &mut HashMap<ProcessId, Fed>,
+        through: u64,
+        global_rev: &mut u64,
+    ) -> Result<()> {
+        while let Some(ack) = acks.next().await {
+            let _: PublishAck = ack.map_err(|e| Error::nats("hand out a job", e))?;
+        }
+        let pending: Vec<(ProcessId, Vec<u8>, Option<u64>)> = procs
+            .iter()
+            .filter(|(_, f)| f.dirty)
+            .filter_map(|(p, f)| {
+                let point = ProcessPoint::of(&f.verifier)?;
+                let body = serde_json::to_vec(&point).ok()?;
+                Some((p.clone(), body, f.revision))
+            })
+            .collect();
+        let writes: Vec<_> = pending
+            .into_iter()
+            .map(|(p, body, rev)| {
+                let kv = self.kv.clone();
+                let key = process_key(&self.group, &p);
+                async move {
+                    let r = match rev {
+                        Some(rev) => kv
+                            .update(&key, Bytes::from(body), rev)
+                            .await
+                            .map_err(|e| Error::Fenced(format!("{key}: {e}"))),
+                        None => kv
+                            .create(&key, Bytes::from(body))
+                            .await
+                            .map_err(|e| Error::Fenced(format!("{key}: {e}"))),
+                    };
+                    (p, r)
+                }
+            })
+            .collect();
+        let results: Vec<_> = futures::stream::iter(writes)
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        for (p, r) in results {
+            let rev = r?;
+            if let Some(f) = procs.get_mut(&p) {
+                f.revision = Some(rev);
+                f.dirty = false;
+            }
+        }
+        let key = global_key(&self.group);
+        *global_rev = self
+            .kv
+            .update(&key, Bytes::from(through.to_string()), *global_rev)
+            .await
+            .map_err(|e| Error::Fenced(format!("{key}: {e}")))?;
+        debug!(group = %self.group, through, "feed checkpoint");
+        Ok(())
+    }
+}

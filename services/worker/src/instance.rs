@@ -1,0 +1,768 @@
+//! One worker instance: fetches jobs of its group from the work stream into its
+//! buffer, runs them with the handler, records every outcome in the results stream,
+//! keeps the jobs it holds alive (in-progress acknowledgements) and answers
+//! introspection.
+//!
+//! A job is acknowledged in the work stream only after its final outcome is stored in
+//! the results stream. A job delivered again (its instance died, an acknowledgement
+//! was lost) is first looked up there: if its history already ends in a final state it
+//! is acknowledged and not run again.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, AckKind};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use journal::subjects::Subjects;
+use protocol::ProcessId;
+use service::Clock;
+
+use crate::buffer::{Buffer, Kind};
+use crate::handler::{Handler, Outcome};
+use crate::job::{backoff, Job, ResultEvent, State};
+use crate::{Error, Result};
+
+/// How an instance behaves.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The group.
+    pub group: String,
+    /// The buffer's kind.
+    pub buffer: Kind,
+    /// Jobs run at once.
+    pub concurrency: usize,
+    /// Attempts before a job is dead.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt.
+    pub backoff_initial: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// An attempt running longer is cancelled and fails.
+    pub job_timeout: Duration,
+    /// How long the work stream waits for a sign of life before it hands a job to
+    /// another instance (the instance signs every third of it for what it holds).
+    pub ack_wait: Duration,
+    /// On shutdown, how long running jobs may take to finish before they are
+    /// cancelled and handed back.
+    pub drain: Duration,
+    /// The header whose value is a job's merge key (dropbox).
+    pub merge_header: String,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            group: "default".into(),
+            buffer: Kind::Bounded(256),
+            concurrency: 16,
+            max_attempts: 5,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            job_timeout: Duration::from_secs(300),
+            ack_wait: Duration::from_secs(30),
+            drain: Duration::from_secs(10),
+            merge_header: "Ts-Merge-Key".into(),
+        }
+    }
+}
+
+/// An instance's life (tezos-workers' statuses).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "status")]
+pub enum Status {
+    /// Starting.
+    Launching {
+        /// Since (ms).
+        since_ms: u64,
+    },
+    /// Taking and running jobs.
+    Running {
+        /// Since (ms).
+        since_ms: u64,
+    },
+    /// Stopping: no more jobs taken; finishing or handing back what it holds.
+    Closing {
+        /// Since (ms).
+        since_ms: u64,
+    },
+    /// Stopped.
+    Closed {
+        /// Since (ms).
+        since_ms: u64,
+    },
+    /// Stopped by an error.
+    Crashed {
+        /// Since (ms).
+        since_ms: u64,
+        /// The error.
+        error: String,
+    },
+}
+
+/// Level of a backlog event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    /// Routine.
+    Info,
+    /// Worth a look.
+    Warn,
+    /// Something failed.
+    Error,
+}
+
+/// One event of an instance's backlog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Event {
+    /// When (ms).
+    pub at_ms: u64,
+    /// How bad.
+    pub level: Level,
+    /// What.
+    pub message: String,
+}
+
+/// Events an instance keeps.
+pub const BACKLOG: usize = 256;
+
+/// A job as introspection shows it (no body).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobView {
+    /// `<process>:<slot>`.
+    pub id: String,
+    /// The message id.
+    pub message_id: String,
+    /// Body size (bytes).
+    pub body_bytes: usize,
+    /// Which attempt (1 = first).
+    pub attempt: u32,
+    /// When it entered the buffer (ms).
+    pub pushed_ms: u64,
+    /// When it started (ms), if running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+}
+
+/// What `<prefix>.worker.inspect.<instance>` answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct Inspection {
+    /// The instance.
+    pub instance: String,
+    /// Its group.
+    pub group: String,
+    /// Its buffer kind.
+    pub buffer: String,
+    /// Its status.
+    pub status: Status,
+    /// Jobs waiting in its buffer, oldest first.
+    pub pending: Vec<JobView>,
+    /// Jobs running.
+    pub running: Vec<JobView>,
+    /// Its counters.
+    pub counts: BTreeMap<&'static str, u64>,
+    /// Its recent events, oldest first.
+    pub backlog: Vec<Event>,
+}
+
+/// A job the instance holds, with its message in the work stream.
+#[derive(Clone)]
+struct Held {
+    job: Arc<Job>,
+    msg: Arc<jetstream::Message>,
+    attempt: u32,
+    pushed_ms: u64,
+}
+
+impl Held {
+    fn view(&self, started_ms: Option<u64>) -> JobView {
+        JobView {
+            id: self.job.id(),
+            message_id: self.job.message_id.clone(),
+            body_bytes: self.job.body.len(),
+            attempt: self.attempt,
+            pushed_ms: self.pushed_ms,
+            started_ms,
+        }
+    }
+}
+
+/// Counters.
+#[derive(Debug, Default)]
+pub struct Counts {
+    /// Jobs finished.
+    pub done: AtomicU64,
+    /// Attempts that failed and will be retried.
+    pub failed: AtomicU64,
+    /// Jobs dead.
+    pub dead: AtomicU64,
+    /// Jobs merged away.
+    pub merged: AtomicU64,
+    /// Deliveries skipped because the job's history was already final.
+    pub already_final: AtomicU64,
+    /// Handler panics caught.
+    pub panics: AtomicU64,
+    /// Messages of the work stream that are not jobs.
+    pub malformed: AtomicU64,
+}
+
+struct State_ {
+    status: Status,
+    buffer: Buffer<Held>,
+    running: BTreeMap<String, (Held, u64, CancellationToken)>,
+    backlog: VecDeque<Event>,
+}
+
+/// A running instance: what its tasks share.
+pub struct Instance {
+    id: String,
+    config: Config,
+    subjects: Subjects,
+    js: jetstream::Context,
+    handler: Arc<dyn Handler>,
+    clock: Clock,
+    state: Mutex<State_>,
+    /// Something was pushed (executors) or popped (the fetcher).
+    changed: Notify,
+    counts: Counts,
+    /// Fires on shutdown: stop fetching.
+    closing: CancellationToken,
+    /// Fires when running jobs must stop now.
+    hard_stop: CancellationToken,
+}
+
+impl Instance {
+    /// A new instance `id` of `config.group`.
+    pub fn new(
+        id: String,
+        config: Config,
+        subjects: Subjects,
+        js: jetstream::Context,
+        handler: Arc<dyn Handler>,
+        clock: Clock,
+    ) -> Arc<Instance> {
+        let now = clock();
+        Arc::new(Instance {
+            id,
+            state: Mutex::new(State_ {
+                status: Status::Launching { since_ms: now },
+                buffer: Buffer::new(config.buffer),
+                running: BTreeMap::new(),
+                backlog: VecDeque::new(),
+            }),
+            config,
+            subjects,
+            js,
+            handler,
+            clock,
+            changed: Notify::new(),
+            counts: Counts::default(),
+            closing: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+        })
+    }
+
+    /// The instance id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Its counters.
+    pub fn counts(&self) -> &Counts {
+        &self.counts
+    }
+
+    /// Stops taking jobs and shuts down (the library's programmatic trigger; SIGTERM
+    /// in the binary).
+    pub fn trigger_shutdown(&self) {
+        self.closing.cancel();
+        self.changed.notify_waiters();
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut State_) -> R) -> Option<R> {
+        self.state.lock().ok().map(|mut s| f(&mut s))
+    }
+
+    /// Records `message` in the backlog (and the log).
+    pub fn record(&self, level: Level, message: String) {
+        match level {
+            Level::Info => debug!(instance = %self.id, "{message}"),
+            Level::Warn | Level::Error => warn!(instance = %self.id, "{message}"),
+        }
+        let at_ms = (self.clock)();
+        self.with(|s| {
+            if s.backlog.len() >= BACKLOG {
+                s.backlog.pop_front();
+            }
+            s.backlog.push_back(Event {
+                at_ms,
+                level,
+                message,
+            });
+        });
+    }
+
+    fn set_status(&self, status: Status) {
+        self.with(|s| s.status = status);
+    }
+
+    /// What introspection shows now.
+    pub fn inspect(&self) -> Option<Inspection> {
+        let c = &self.counts;
+        let counts = BTreeMap::from([
+            ("done", c.done.load(Ordering::Relaxed)),
+            ("failed", c.failed.load(Ordering::Relaxed)),
+            ("dead", c.dead.load(Ordering::Relaxed)),
+            ("merged", c.merged.load(Ordering::Relaxed)),
+            ("already_final", c.already_final.load(Ordering::Relaxed)),
+            ("panics", c.panics.load(Ordering::Relaxed)),
+            ("malformed", c.malformed.load(Ordering::Relaxed)),
+        ]);
+        self.with(|s| Inspection {
+            instance: self.id.clone(),
+            group: self.config.group.clone(),
+            buffer: match s.buffer.kind() {
+                Kind::Queue => "queue".into(),
+                Kind::Bounded(n) => format!("bounded:{n}"),
+                Kind::Dropbox => "dropbox".into(),
+            },
+            status: s.status.clone(),
+            pending: s.buffer.iter().map(|p| p.item.view(None)).collect(),
+            running: s
+                .running
+                .values()
+                .map(|(h, started, _)| h.view(Some(*started)))
+                .collect(),
+            counts,
+            backlog: s.backlog.iter().cloned().collect(),
+        })
+    }
+
+    /// Runs the instance until [`Instance::trigger_shutdown`]: fetches, runs, keeps
+    /// alive; then drains.
+    pub async fn run(self: &Arc<Self>) -> Result<()> {
+        let consumer = self.consumer().await?;
+        self.set_status(Status::Running {
+            since_ms: (self.clock)(),
+        });
+        self.record(Level::Info, "running".into());
+        let tasks = tokio_util::task::TaskTracker::new();
+        for _ in 0..self.config.concurrency.max(1) {
+            let me = Arc::clone(self);
+            tasks.spawn(async move { me.execute_loop().await });
+        }
+        let me = Arc::clone(self);
+        let keepalive = tokio::spawn(async move { me.keep_alive().await });
+        let fetched = self.fetch_loop(consumer).await;
+        // Closing: stop fetching (done), hand back what waits at once, give the
+        // running jobs their drain time, then cancel them.
+        self.set_status(Status::Closing {
+            since_ms: (self.clock)(),
+        });
+        self.closing.cancel();
+        self.changed.notify_waiters();
+        let waiting = self.with(|s| s.buffer.drain()).unwrap_or_default();
+        let handed_back = waiting.len();
+        for p in waiting {
+            let _ = p.item.msg.ack_with(AckKind::Nak(None)).await;
+        }
+        self.record(
+            Level::Info,
+            format!("closing: {handed_back} waiting jobs handed back"),
+        );
+        tasks.close();
+        if tokio::time::timeout(self.config.drain, tasks.wait())
+            .await
+            .is_err()
+        {
+            self.record(
+                Level::Warn,
+                "running jobs did not finish within the drain time: cancelled and handed back"
+                    .into(),
+            );
+            self.hard_stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+        }
+        keepalive.abort();
+        let now = (self.clock)();
+        match &fetched {
+            Ok(()) => self.set_status(Status::Closed { since_ms: now }),
+            Err(e) => self.set_status(Status::Crashed {
+                since_ms: now,
+                error: e.to_string(),
+            }),
+        }
+        fetched
+    }
+
+    async fn consumer(&self) -> Result<consumer::PullConsumer> {
+        let stream = self
+            .js
+            .get_stream(self.subjects.work_stream())
+            .await
+            .map_err(|e| Error::nats("open the work stream", e))?;
+        let name = consumer_name(&self.config.group);
+        let config = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            description: Some(format!("turnstile worker group {}", self.config.group)),
+            filter_subject: self.subjects.work_group(&self.config.group),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.config.ack_wait,
+            max_ack_pending: 100_000,
+            max_deliver: -1,
+            ..Default::default()
+        };
+        stream
+            .get_or_create_consumer(&name, config)
+            .await
+            .map_err(|e| Error::nats("open the group's consumer", e))
+    }
+
+    async fn fetch_loop(&self, consumer: consumer::PullConsumer) -> Result<()> {
+        let mut failures = 0u32;
+        while !self.closing.is_cancelled() {
+            let room = self.with(|s| s.buffer.room()).unwrap_or(0);
+            if room == 0 {
+                tokio::select! {
+                    _ = self.changed.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = self.closing.cancelled() => {}
+                }
+                continue;
+            }
+            let want = room.min(256);
+            let batch = consumer
+                .fetch()
+                .max_messages(want)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    failures += 1;
+                    self.record(Level::Warn, format!("fetch: {e}"));
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(failures.min(10))))
+                        .await;
+                    continue;
+                }
+            };
+            failures = 0;
+            while let Some(m) = batch.next().await {
+                match m {
+                    Ok(m) => self.take(m).await,
+                    Err(e) => {
+                        self.record(Level::Warn, format!("fetch: {e}"));
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A delivered message into the buffer.
+    async fn take(&self, m: jetstream::Message) {
+        let attempt = m
+            .info()
+            .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
+            .unwrap_or(1)
+            .max(1);
+        let job = match Job::decode(&m.payload) {
+            Ok(j) if j.group == self.config.group => j,
+            Ok(j) => {
+                self.counts.malformed.fetch_add(1, Ordering::Relaxed);
+                self.record(
+                    Level::Error,
+                    format!("a job of group {} on our subject: dropped", j.group),
+                );
+                let _ = m.ack_with(AckKind::Term).await;
+                return;
+            }
+            Err(e) => {
+                self.counts.malformed.fetch_add(1, Ordering::Relaxed);
+                self.record(
+                    Level::Error,
+                    format!("a message on {} is not a job ({e}): dropped", m.subject),
+                );
+                let _ = m.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let key = if self.config.buffer == Kind::Dropbox {
+            job.header(&self.config.merge_header).map(str::to_string)
+        } else {
+            None
+        };
+        let held = Held {
+            job: Arc::new(job),
+            msg: Arc::new(m),
+            attempt,
+            pushed_ms: (self.clock)(),
+        };
+        let now = held.pushed_ms;
+        let new_slot = held.job.slot;
+        // Keep the newest: the new job stays (in the old one's place), the old one is
+        // merged away into it.
+        let away = self
+            .with(|s| s.buffer.push(held, key, now, |old, new| (new, old)))
+            .flatten();
+        self.changed.notify_waiters();
+        if let Some(old) = away {
+            let kept = Some(new_slot);
+            let mut ev = self.event(&old, State::Merged);
+            ev.merged_into = kept;
+            if self.store_result(&ev).await.is_ok() {
+                self.counts.merged.fetch_add(1, Ordering::Relaxed);
+                let _ = old.msg.ack().await;
+            }
+        }
+    }
+
+    async fn execute_loop(&self) {
+        loop {
+            let next = self.with(|s| s.buffer.pop()).flatten();
+            let Some(p) = next else {
+                if self.closing.is_cancelled() {
+                    return;
+                }
+                tokio::select! {
+                    _ = self.changed.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+                continue;
+            };
+            self.changed.notify_waiters();
+            self.execute(p.item).await;
+        }
+    }
+
+    fn event(&self, h: &Held, state: State) -> ResultEvent {
+        ResultEvent::of(&h.job, state, h.attempt, (self.clock)(), &self.id)
+    }
+
+    async fn store_result(&self, ev: &ResultEvent) -> Result<()> {
+        let process =
+            ProcessId::new(ev.process.clone()).map_err(|e| Error::MalformedJob(e.to_string()))?;
+        let subject = self.subjects.result(&ev.group, &process, ev.slot);
+        let body = serde_json::to_vec(ev).map_err(|e| Error::MalformedJob(e.to_string()))?;
+        let publish = async_nats::jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(body))
+            .message_id(format!(
+                "{}:{}:{}:{:?}",
+                ev.process, ev.slot, ev.attempt, ev.state
+            ));
+        self.js
+            .send_publish(subject, publish)
+            .await
+            .map_err(|e| Error::nats("record a result", e))?
+            .await
+            .map_err(|e| Error::nats("record a result", e))?;
+        Ok(())
+    }
+
+    /// The last event of a job's history, if any.
+    async fn last_result(&self, job: &Job) -> Result<Option<ResultEvent>> {
+        let process =
+            ProcessId::new(job.process.clone()).map_err(|e| Error::MalformedJob(e.to_string()))?;
+        let subject = self.subjects.result(&job.group, &process, job.slot);
+        let stream = self
+            .js
+            .get_stream(self.subjects.results_stream())
+            .await
+            .map_err(|e| Error::nats("open the results", e))?;
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => Ok(serde_json::from_slice(&m.payload).ok()),
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(e) => Err(Error::nats("read a job's history", e)),
+        }
+    }
+
+    async fn execute(&self, h: Held) {
+        // A job delivered again may have been finished by an instance that died
+        // before it acknowledged: its history decides.
+        if h.attempt > 1 {
+            match self.last_result(&h.job).await {
+                Ok(Some(ev)) if ev.state.is_final() => {
+                    self.counts.already_final.fetch_add(1, Ordering::Relaxed);
+                    let _ = h.msg.ack().await;
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.record(Level::Warn, format!("{}: {e}; handed back", h.job.id()));
+                    let _ = h
+                        .msg
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                    return;
+                }
+            }
+        }
+        let cancel = self.hard_stop.child_token();
+        let started = (self.clock)();
+        let id = h.job.id();
+        self.with(|s| {
+            s.running
+                .insert(id.clone(), (h.clone(), started, cancel.clone()))
+        });
+        let handler = Arc::clone(&self.handler);
+        let job = Arc::clone(&h.job);
+        let c2 = cancel.clone();
+        let run = tokio::spawn(async move { handler.handle(&job, c2).await });
+        let t0 = std::time::Instant::now();
+        let outcome = match tokio::time::timeout(self.config.job_timeout, run).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) if e.is_panic() => {
+                self.counts.panics.fetch_add(1, Ordering::Relaxed);
+                Outcome::Failed(format!("handler panicked: {}", panic_text(e)))
+            }
+            Ok(Err(e)) => Outcome::Failed(format!("handler task: {e}")),
+            Err(_) => {
+                cancel.cancel();
+                Outcome::Failed(format!(
+                    "timed out after {} ms",
+                    self.config.job_timeout.as_millis()
+                ))
+            }
+        };
+        let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.with(|s| s.running.remove(&id));
+        if self.hard_stop.is_cancelled() {
+            // Stopped by the shutdown, not by its own fault: hand it back untouched.
+            let _ = h.msg.ack_with(AckKind::Nak(None)).await;
+            return;
+        }
+        self.settle(&h, outcome, ms).await;
+    }
+
+    async fn settle(&self, h: &Held, outcome: Outcome, ms: u64) {
+        let (state, reason, delay) = match outcome {
+            Outcome::Done => (State::Done, None, None),
+            Outcome::Fatal(r) => (State::Dead, Some(r), None),
+            Outcome::Retry { reason, .. } | Outcome::Failed(reason)
+                if h.attempt >= self.config.max_attempts =>
+            {
+                (
+                    State::Dead,
+                    Some(format!(
+                        "{reason} (attempt {} of {})",
+                        h.attempt, self.config.max_attempts
+                    )),
+                    None,
+                )
+            }
+            Outcome::Retry { after, reason } => {
+                let d = after.unwrap_or_else(|| self.backoff(h.attempt));
+                (State::Failed, Some(reason), Some(d))
+            }
+            Outcome::Failed(reason) => (State::Failed, Some(reason), Some(self.backoff(h.attempt))),
+        };
+        let mut ev = self.event(h, state);
+        ev.duration_ms = Some(ms);
+        ev.reason = reason.clone();
+        if let Err(e) = self.store_result(&ev).await {
+            // Not recorded: hand it back; its next delivery decides again.
+            self.record(Level::Error, format!("{}: {e}; handed back", h.job.id()));
+            let _ = h
+                .msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return;
+        }
+        match state {
+            State::Done => {
+                self.counts.done.fetch_add(1, Ordering::Relaxed);
+                let _ = h.msg.ack().await;
+            }
+            State::Failed => {
+                self.counts.failed.fetch_add(1, Ordering::Relaxed);
+                self.record(
+                    Level::Warn,
+                    format!(
+                        "{} attempt {} failed: {}",
+                        h.job.id(),
+                        h.attempt,
+                        reason.unwrap_or_default()
+                    ),
+                );
+                let _ = h.msg.ack_with(AckKind::Nak(delay)).await;
+            }
+            State::Dead | State::Cancelled | State::Merged => {
+                self.counts.dead.fetch_add(1, Ordering::Relaxed);
+                self.record(
+                    Level::Error,
+                    format!(
+                        "{} is dead: {}",
+                        h.job.id(),
+                        reason.clone().unwrap_or_default()
+                    ),
+                );
+                if let Ok(body) = serde_json::to_vec(&ev) {
+                    let _ = self
+                        .js
+                        .publish(
+                            self.subjects.worker_dead(&self.config.group),
+                            Bytes::from(body),
+                        )
+                        .await;
+                }
+                let _ = h.msg.ack_with(AckKind::Term).await;
+            }
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        Duration::from_millis(backoff(
+            attempt,
+            u64::try_from(self.config.backoff_initial.as_millis()).unwrap_or(u64::MAX),
+            u64::try_from(self.config.backoff_max.as_millis()).unwrap_or(u64::MAX),
+        ))
+    }
+
+    /// Every third of `ack_wait`, tells the work stream that every job this instance
+    /// holds (waiting or running) is alive, so none is handed to another instance.
+    async fn keep_alive(&self) {
+        let every = self.config.ack_wait / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let held: Vec<Arc<jetstream::Message>> = self
+                .with(|s| {
+                    s.buffer
+                        .iter()
+                        .map(|p| Arc::clone(&p.item.msg))
+                        .chain(s.running.values().map(|(h, _, _)| Arc::clone(&h.msg)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for m in held {
+                let _ = m.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
+}
+
+/// The durable consumer of a group on the work stream.
+pub fn consumer_name(group: &str) -> String {
+    format!("group-{group}")
+}
+
+fn panic_text(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(not text)".into()),
+        Err(e) => e.to_string(),
+    }
+}

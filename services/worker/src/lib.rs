@@ -1,0 +1,279 @@
+//! Workers: independently scaled groups of instances that run the jobs of the
+//! assignment log. This crate is both the `worker` service and the library Rust users
+//! build their own workers with ([`run`] with any [`handler::Handler`]). See
+//! ARCHITECTURE.md, "Workers", and schemas/workers.md.
+//!
+//! # Layout
+//! - [`job`]: jobs, results and faults as stored (pure).
+//! - [`buffer`]: an instance's buffer: queue, bounded, dropbox (pure).
+//! - [`handler`]: the [`handler::Handler`] trait and the `command` handler.
+//! - [`feeder`]: one per group: the log, verified, into one job per assignment.
+//! - [`instance`]: fetch, run, record, keep alive, introspect, drain.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod buffer;
+mod error;
+pub mod feeder;
+pub mod handler;
+pub mod instance;
+pub mod job;
+
+pub use error::{Error, Result};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use journal::subjects::Subjects;
+
+/// The connections of an instance.
+#[derive(Debug, Clone)]
+pub struct Connections {
+    /// The worker's user (`worker` in deploy/accounts.conf): reads the log, feeds and
+    /// consumes the work stream, writes results; never the log.
+    pub core: async_nats::Client,
+    /// Their events, for STATS.
+    pub events: Arc<service::ConnectionEvents>,
+}
+
+/// What an instance is told at start.
+#[derive(Clone)]
+pub struct Settings {
+    /// Subject prefix.
+    pub prefix: String,
+    /// Replicas of the streams and bucket when this instance creates them.
+    pub replicas: usize,
+    /// Which processes the group serves.
+    pub serves: feeder::Serves,
+    /// Where a new group starts in the log.
+    pub from: feeder::From,
+    /// The instance's behaviour.
+    pub instance: instance::Config,
+    /// The feeder's lease: a dead feeder is replaced after about this long.
+    pub lease: Duration,
+    /// Trust these keys (none: the scheduler's published keys).
+    pub trusted: Option<protocol::verify::TrustedKeys>,
+}
+
+/// Runs one instance of a worker group until `shutdown`: the services API with its
+/// introspection endpoint, a turn at feeding the group when it holds the feed lease,
+/// and the jobs.
+pub async fn run(
+    settings: Settings,
+    connections: Connections,
+    handler: Arc<dyn handler::Handler>,
+    shutdown: CancellationToken,
+    clock: service::Clock,
+) -> Result<()> {
+    let group = settings.instance.group.clone();
+    if !journal::subjects::is_ownership_token(&group) || group.len() > 48 {
+        return Err(Error::Config(format!(
+            "group {group:?}: 1–48 characters of A-Z a-z 0-9 - _"
+        )));
+    }
+    let subjects =
+        Subjects::new(&settings.prefix).map_err(|e| Error::Config(format!("prefix: {e}")))?;
+    let core = connections.core.clone();
+    journal::setup::check_server(&core)?;
+    let js = async_nats::jetstream::new(core.clone());
+    let options = journal::setup::LogOptions {
+        replicas: settings.replicas,
+        retry: journal::retry::Retry::new(journal::retry::Backoff::default())
+            .watching(connections.events.clone()),
+    };
+    journal::setup::ensure_stream(
+        &js,
+        journal::setup::work_stream_config(&subjects, &options),
+        &options,
+    )
+    .await?;
+    journal::setup::ensure_stream(
+        &js,
+        journal::setup::results_stream_config(&subjects, &options),
+        &options,
+    )
+    .await?;
+    let kv = journal::setup::ensure_workers(&js, &subjects, &options).await?;
+    let trusted = match settings.trusted.clone() {
+        Some(t) => t,
+        None => {
+            let keys = journal::setup::open_bucket(&js, &subjects.keys_bucket()).await?;
+            journal::keyring::trust(&journal::keyring::fetch(&keys).await?)
+        }
+    };
+    if trusted.is_empty() {
+        warn!("no trusted key: no run of the log can verify, so no job will be handed out");
+    }
+
+    let svc_spec = service::Spec {
+        name: "turnstile-worker".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        description: "turnstile worker: runs the jobs of the assignment log".into(),
+        queue_group: format!("turnstile-worker-{group}"),
+        metadata: std::collections::HashMap::from([
+            ("group".to_string(), group.clone()),
+            (
+                "buffer".to_string(),
+                format!("{:?}", settings.instance.buffer),
+            ),
+            (
+                "concurrency".to_string(),
+                settings.instance.concurrency.to_string(),
+            ),
+        ]),
+    };
+    let feed_stats = Arc::new(feeder::FeedStats::default());
+    let fs = Arc::clone(&feed_stats);
+    let svc = service::Service::start(core.clone(), svc_spec, subjects.clone(), move |_| {
+        use std::sync::atomic::Ordering::Relaxed;
+        serde_json::json!({
+            "feed_jobs": fs.jobs.load(Relaxed),
+            "feed_runs": fs.runs.load(Relaxed),
+            "feed_foreign": fs.foreign.load(Relaxed),
+            "feed_checkpoint": fs.checkpoint.load(Relaxed),
+        })
+    })
+    .await
+    .map_err(|e| Error::Service(e.to_string()))?;
+    svc.watch("core", core.clone(), Arc::clone(&connections.events));
+    let id = svc.id().to_string();
+    let inspect = svc
+        .endpoint("inspect", subjects.worker_inspect(&id))
+        .await
+        .map_err(|e| Error::Service(e.to_string()))?;
+
+    let instance = instance::Instance::new(
+        id.clone(),
+        settings.instance.clone(),
+        subjects.clone(),
+        js.clone(),
+        handler,
+        clock,
+    );
+    let feed = feeder::Feed {
+        group: group.clone(),
+        serves: settings.serves.clone(),
+        from: settings.from,
+        subjects: subjects.clone(),
+        js: js.clone(),
+        kv,
+        trusted,
+        stats: feed_stats,
+    };
+    // The group exists (its place in the log is fixed) before the instance says it
+    // is ready: what is scheduled from then on is the group's.
+    feed.start_point().await?;
+    core.flush().await.map_err(|e| Error::nats("flush", e))?;
+    svc.announce()
+        .await
+        .map_err(|e| Error::Service(e.to_string()))?;
+    info!(%group, instance = %id, "worker ready");
+
+    let stop_feeding = CancellationToken::new();
+    let feeding = tokio::spawn(feed_while_held(
+        js.clone(),
+        subjects.clone(),
+        feed,
+        id.clone(),
+        settings.lease,
+        settings.replicas,
+        stop_feeding.clone(),
+    ));
+    let me = Arc::clone(&instance);
+    // Introspection answers until the instance has closed (it shows `closing`).
+    let answering = tokio::spawn(answer_inspect(me, inspect));
+    let me = Arc::clone(&instance);
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        me.trigger_shutdown();
+    });
+    let result = instance.run().await;
+    stop_feeding.cancel();
+    let _ = feeding.await;
+    svc.stop();
+    answering.abort();
+    let _ = core.flush().await;
+    info!(%group, instance = %id, "worker stopped");
+    result
+}
+
+/// Joins the group's feed ownership (one partition) and feeds while holding it.
+async fn feed_while_held(
+    js: async_nats::jetstream::Context,
+    subjects: Subjects,
+    feed: feeder::Feed,
+    member: String,
+    lease: Duration,
+    replicas: usize,
+    stop: CancellationToken,
+) {
+    let group = format!("feed-{}", feed.group);
+    let mut config = match ownership::Config::new(&group, 1, lease, &member) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("feed ownership: {e}");
+            return;
+        }
+    };
+    config.subjects = subjects;
+    config.replicas = replicas;
+    let mut membership = loop {
+        match ownership::Membership::join(js.clone(), config.clone()).await {
+            Ok(m) => break m,
+            Err(e) => {
+                warn!("joining the feed group: {e}; again in 1 s");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
+    loop {
+        let lease = tokio::select! {
+            _ = stop.cancelled() => break,
+            l = membership.next_lease() => match l { Some(l) => l, None => break },
+        };
+        info!(group = %feed.group, "this instance feeds the group");
+        while lease.is_current() && !stop.is_cancelled() {
+            let token = lease.cancellation();
+            let both = CancellationToken::new();
+            let b2 = both.clone();
+            let s2 = stop.clone();
+            let watcher = tokio::spawn(async move {
+                tokio::select! {
+                    _ = token.cancelled() => {}
+                    _ = s2.cancelled() => {}
+                }
+                b2.cancel();
+            });
+            let r = feed.run(both).await;
+            watcher.abort();
+            if let Err(e) = r {
+                warn!(group = %feed.group, "feeding stopped: {e}; resuming from the checkpoint");
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = lease.lost() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+        drop(lease);
+    }
+    let _ = membership.leave().await;
+}
+
+async fn answer_inspect(instance: Arc<instance::Instance>, mut endpoint: service::Endpoint) {
+    while let Some(req) = endpoint.next().await {
+        let body = instance
+            .inspect()
+            .and_then(|i| serde_json::to_vec(&i).ok())
+            .unwrap_or_default();
+        let _ = req.respond(Bytes::from(body)).await;
+    }
+}

@@ -1,0 +1,324 @@
+//! Workers: a group of instances runs every job of the log once, records it, survives
+//! an instance killed mid-job, and never turns a foreign message into a job.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use harness::{NatsServer, Role};
+use journal::client::{Client, Schedule};
+use journal::subjects::Subjects;
+use protocol::ProcessId;
+use worker::job::{ResultEvent, State};
+
+use crate::support::{
+    connect, connect_as, key_file, server, spawn_scheduler, test_key, wait_for_schedulers,
+    wait_for_service,
+};
+
+/// A worker instance of `group` whose handler runs `script` with `sh -c`.
+fn spawn_worker(
+    server: &NatsServer,
+    group: &str,
+    script: &str,
+    extra: &[&str],
+) -> Result<harness::Process> {
+    let mut cmd = std::process::Command::new(harness::workspace_bin("worker")?);
+    cmd.arg("--group")
+        .arg(group)
+        .arg("--lease-ms")
+        .arg("2000")
+        .args(extra)
+        .arg("--command")
+        .arg("sh")
+        .arg("-c")
+        .arg(script)
+        .env("NATS_URL", server.url_as(Role::Operator))
+        .env(
+            "RUST_LOG",
+            std::env::var("TS_TEST_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+        );
+    Ok(harness::Process::spawn(cmd)?)
+}
+
+/// A handler that appends `<process>:<slot>` to `out`.
+fn appender(out: &Path) -> String {
+    format!("echo \"$TS_PROCESS:$TS_SLOT\" >> {}", out.display())
+}
+
+/// Every event of every job of `group` in the results stream, by job id.
+async fn results(
+    js: &async_nats::jetstream::Context,
+    group: &str,
+) -> Result<BTreeMap<String, Vec<ResultEvent>>> {
+    let stream = js.get_stream("TS_RESULTS").await?;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: format!("ts.result.{group}.>"),
+            ..Default::default()
+        })
+        .await?;
+    let pending = consumer.cached_info().num_pending;
+    let mut out: BTreeMap<String, Vec<ResultEvent>> = BTreeMap::new();
+    if pending == 0 {
+        return Ok(out);
+    }
+    let mut msgs = consumer.messages().await?;
+    let mut n = 0;
+    while let Some(m) = msgs.next().await {
+        let m = m?;
+        n += 1;
+        if !m.subject.ends_with(".fault") {
+            let ev: ResultEvent = serde_json::from_slice(&m.payload)?;
+            out.entry(format!("{}:{}", ev.process, ev.slot))
+                .or_default()
+                .push(ev);
+        }
+        if n >= pending {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Waits until `n` jobs of `group` have a final result (at most `secs`).
+async fn wait_final(
+    js: &async_nats::jetstream::Context,
+    group: &str,
+    n: usize,
+    secs: u64,
+) -> Result<BTreeMap<String, Vec<ResultEvent>>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let r = results(js, group).await?;
+        let finals = r
+            .values()
+            .filter(|evs| evs.iter().any(|e| e.state.is_final()))
+            .count();
+        if finals >= n {
+            return Ok(r);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{finals} of {n} jobs final after {secs} s: {r:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+async fn schedule_many(
+    client: &Client,
+    processes: usize,
+    per: usize,
+    tag: &str,
+) -> Result<BTreeSet<String>> {
+    let mut ids = BTreeSet::new();
+    let mut tasks = Vec::new();
+    for p in 0..processes {
+        let client = client.clone();
+        let tag = tag.to_string();
+        tasks.push(tokio::spawn(async move {
+            let process = ProcessId::new(format!("w{p}"))?;
+            let mut got = Vec::new();
+            for i in 0..per {
+                let opts = Schedule {
+                    message_id: Some(format!("{tag}-{p}-{i}")),
+                    ..Default::default()
+                };
+                let r = client
+                    .schedule(&process, Bytes::from(format!("{tag} {i}")), &opts)
+                    .await?;
+                got.push(format!("{process}:{}", r.slot));
+            }
+            anyhow::Ok(got)
+        }));
+    }
+    for t in tasks {
+        ids.extend(t.await??);
+    }
+    Ok(ids)
+}
+
+/// Two instances of one group run 200 jobs of 8 processes: each job ran once, each
+/// has exactly one `done` in its history, and nothing else is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_runs_every_job_once_and_records_it() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(71))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let _a = spawn_worker(&server, "g1", &appender(&out), &[])?;
+    let _b = spawn_worker(&server, "g1", &appender(&out), &[])?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    wait_for_service(&operator, "turnstile-worker", 2).await?;
+    let client = Client::new(nats, Subjects::default());
+    let ids = schedule_many(&client, 8, 25, "a").await?;
+    assert_eq!(ids.len(), 200);
+    let js = async_nats::jetstream::new(operator);
+    let r = wait_final(&js, "g1", 200, 60).await?;
+    let ran = lines(&out);
+    let distinct: BTreeSet<String> = ran.iter().cloned().collect();
+    assert_eq!(distinct, ids, "the jobs run are the assignments made");
+    assert_eq!(ran.len(), ids.len(), "a job ran twice");
+    for (id, evs) in &r {
+        let states: Vec<State> = evs.iter().map(|e| e.state).collect();
+        assert_eq!(states, vec![State::Done], "{id}: {evs:?}");
+    }
+    assert_eq!(r.keys().cloned().collect::<BTreeSet<_>>(), ids);
+    Ok(())
+}
+
+/// An instance SIGKILLed while it runs a long job: the job is handed out again once
+/// the work stream's wait for it runs out and is done once; the jobs the dead instance
+/// had finished are not run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_of_an_instance_killed_mid_job_is_done_once_by_another() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(72))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let started = dir.path().join("started");
+    // A body "slow" marks the job as started, then takes 3 s; others finish at once.
+    let script = format!(
+        "b=$(cat); if [ \"$b\" = slow ]; then echo \"$TS_PROCESS:$TS_SLOT $PPID\" >> {s}; sleep 10; fi; echo \"$TS_PROCESS:$TS_SLOT\" >> {o}",
+        s = started.display(),
+        o = out.display()
+    );
+    let extra = ["--ack-wait-ms", "2000", "--concurrency", "4"];
+    let mut a = spawn_worker(&server, "g2", &script, &extra)?;
+    let mut b = spawn_worker(&server, "g2", &script, &extra)?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    wait_for_service(&operator, "turnstile-worker", 2).await?;
+    let client = Client::new(nats, Subjects::default());
+    let mut ids = schedule_many(&client, 4, 10, "k").await?;
+    let slow = client
+        .schedule(
+            &ProcessId::new("slowp")?,
+            Bytes::from("slow"),
+            &Schedule::default(),
+        )
+        .await?;
+    ids.insert(format!("slowp:{}", slow.slot));
+    // Every other job is final first: what the killed instance leaves is the slow job.
+    let js = async_nats::jetstream::new(operator);
+    wait_final(&js, "g2", ids.len() - 1, 60).await?;
+    // Wait until the slow job started somewhere, and kill that instance.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let runner_pid = loop {
+        if let Some(l) = lines(&started).first() {
+            break l.split(' ').nth(1).and_then(|p| p.parse::<u32>().ok());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the slow job never started");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let killed = if runner_pid == a.pid() {
+        a.kill();
+        "a"
+    } else if runner_pid == b.pid() {
+        b.kill();
+        "b"
+    } else {
+        bail!("the slow job's parent {runner_pid:?} is neither instance");
+    };
+    let r = wait_final(&js, "g2", ids.len(), 60).await?;
+    assert_eq!(r.keys().cloned().collect::<BTreeSet<_>>(), ids);
+    for (id, evs) in &r {
+        let done = evs.iter().filter(|e| e.state == State::Done).count();
+        assert_eq!(done, 1, "{id}: {evs:?}");
+    }
+    // The slow job started twice (the killed attempt, then the other instance's) and
+    // finished once; every other job ran once.
+    assert_eq!(
+        lines(&started).len(),
+        2,
+        "killed {killed}: {:?}",
+        lines(&started)
+    );
+    let ran = lines(&out);
+    assert_eq!(ran.len(), ids.len(), "a finished job ran again: {ran:?}");
+    assert_eq!(ran.iter().cloned().collect::<BTreeSet<_>>(), ids);
+    Ok(())
+}
+
+/// A replay of a genuine run (valid seal, wrong place) and garbage on a log subject:
+/// each is a recorded fault, never a job; the genuine jobs still run once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_run_or_garbage_on_the_log_is_a_fault_never_a_job() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(73))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let _a = spawn_worker(&server, "g3", &appender(&out), &[])?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    wait_for_service(&operator, "turnstile-worker", 1).await?;
+    let client = Client::new(nats, Subjects::default());
+    let p = ProcessId::new("victim")?;
+    let first = client
+        .schedule(&p, Bytes::from("one"), &Schedule::default())
+        .await?;
+    let js = async_nats::jetstream::new(operator.clone());
+    wait_final(&js, "g3", 1, 30).await?;
+    // Replay the stored run, then garbage, then a genuine second message.
+    let log = js.get_stream("TS_LOG").await?;
+    let stored = log.get_last_raw_message_by_subject("ts.log.victim").await?;
+    js.publish("ts.log.victim", stored.payload.clone())
+        .await?
+        .await?;
+    js.publish("ts.log.victim", Bytes::from_static(b"\x00garbage"))
+        .await?
+        .await?;
+    let second = client
+        .schedule(&p, Bytes::from("two"), &Schedule::default())
+        .await?;
+    wait_final(&js, "g3", 2, 30).await?;
+    // Both faults are recorded.
+    let results = js.get_stream("TS_RESULTS").await?;
+    let consumer = results
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: "ts.result.g3.victim.fault".into(),
+            ..Default::default()
+        })
+        .await?;
+    let mut faults = Vec::new();
+    let mut msgs = consumer.messages().await?;
+    while faults.len() < 2 {
+        let m = tokio::time::timeout(Duration::from_secs(30), msgs.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no fault"))??;
+        faults.push(serde_json::from_slice::<worker::job::FaultEvent>(
+            &m.payload,
+        )?);
+    }
+    assert!(faults.iter().all(|f| !f.handed_out), "{faults:?}");
+    let ran = lines(&out);
+    assert_eq!(
+        ran,
+        vec![
+            format!("victim:{}", first.slot),
+            format!("victim:{}", second.slot)
+        ],
+        "jobs run"
+    );
+    Ok(())
+}
