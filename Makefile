@@ -77,7 +77,7 @@ run: tools release
 	@mkdir -p "$(DATA)"
 	@if [ -z "$${NATS_URL}" ]; then \
 	  for v in TS_SCHEDULER_PASSWORD TS_INTAKE_PASSWORD TS_REPLIES_PASSWORD TS_OPERATOR_PASSWORD \
-	           TS_ALARM_PASSWORD TS_ALARM_INTAKE_PASSWORD TS_WORKER_PASSWORD; do \
+	           TS_ALARM_PASSWORD TS_ALARM_INTAKE_PASSWORD TS_WORKER_PASSWORD TS_JOB_WORKER_PASSWORD; do \
 	    grep -q "^$$v=" "$(DATA)/secrets.env" 2>/dev/null && continue; \
 	    ( umask 077; echo "$$v=$$(python3 -c 'import secrets; print("p" + secrets.token_hex(16))')" >> "$(DATA)/secrets.env" ); \
 	    echo "made a NATS user's password: $$v in data/secrets.env"; \

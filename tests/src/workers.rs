@@ -36,7 +36,8 @@ fn spawn_worker(
         .arg("sh")
         .arg("-c")
         .arg(script)
-        .env("NATS_URL", server.url_as(Role::Operator))
+        .env("NATS_URL", server.url_as(Role::JobWorker))
+        .env("TS_INTAKE_URL", server.url_as(Role::Worker))
         .env(
             "RUST_LOG",
             std::env::var("TS_TEST_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
@@ -162,8 +163,8 @@ async fn a_group_runs_every_job_once_and_records_it() -> Result<()> {
     let out = dir.path().join("out");
     let _a = spawn_worker(&server, "g1", &appender(&out), &[])?;
     let _b = spawn_worker(&server, "g1", &appender(&out), &[])?;
+    wait_for_service(&nats, "turnstile-worker", 2).await?;
     let operator = connect_as(&server, Role::Operator).await?;
-    wait_for_service(&operator, "turnstile-worker", 2).await?;
     let client = Client::new(nats, Subjects::default());
     let ids = schedule_many(&client, 8, 25, "a").await?;
     assert_eq!(ids.len(), 200);
@@ -203,8 +204,8 @@ async fn a_job_of_an_instance_killed_mid_job_is_done_once_by_another() -> Result
     let extra = ["--ack-wait-ms", "2000", "--concurrency", "4"];
     let mut a = spawn_worker(&server, "g2", &script, &extra)?;
     let mut b = spawn_worker(&server, "g2", &script, &extra)?;
+    wait_for_service(&nats, "turnstile-worker", 2).await?;
     let operator = connect_as(&server, Role::Operator).await?;
-    wait_for_service(&operator, "turnstile-worker", 2).await?;
     let client = Client::new(nats, Subjects::default());
     let mut ids = schedule_many(&client, 4, 10, "k").await?;
     let slow = client
@@ -270,8 +271,8 @@ async fn a_replayed_run_or_garbage_on_the_log_is_a_fault_never_a_job() -> Result
     wait_for_schedulers(&nats, 1).await?;
     let out = dir.path().join("out");
     let _a = spawn_worker(&server, "g3", &appender(&out), &[])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
     let operator = connect_as(&server, Role::Operator).await?;
-    wait_for_service(&operator, "turnstile-worker", 1).await?;
     let client = Client::new(nats, Subjects::default());
     let p = ProcessId::new("victim")?;
     let first = client

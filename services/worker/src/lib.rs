@@ -36,6 +36,10 @@ pub struct Connections {
     /// The worker's user (`worker` in deploy/accounts.conf): reads the log, feeds and
     /// consumes the work stream, writes results; never the log.
     pub core: async_nats::Client,
+    /// The public side (user `worker`, in the clients' account): the services API and
+    /// introspection, so that any client finds and inspects the instances; none: the
+    /// core connection.
+    pub intake: Option<async_nats::Client>,
     /// Their events, for STATS.
     pub events: Arc<service::ConnectionEvents>,
 }
@@ -128,7 +132,8 @@ pub async fn run(
     };
     let feed_stats = Arc::new(feeder::FeedStats::default());
     let fs = Arc::clone(&feed_stats);
-    let svc = service::Service::start(core.clone(), svc_spec, subjects.clone(), move |_| {
+    let intake = connections.intake.clone().unwrap_or_else(|| core.clone());
+    let svc = service::Service::start(intake.clone(), svc_spec, subjects.clone(), move |_| {
         use std::sync::atomic::Ordering::Relaxed;
         serde_json::json!({
             "feed_jobs": fs.jobs.load(Relaxed),
@@ -140,6 +145,9 @@ pub async fn run(
     .await
     .map_err(|e| Error::Service(e.to_string()))?;
     svc.watch("core", core.clone(), Arc::clone(&connections.events));
+    if let Some(i) = &connections.intake {
+        svc.watch("intake", i.clone(), Arc::clone(&connections.events));
+    }
     let id = svc.id().to_string();
     let inspect = svc
         .endpoint("inspect", subjects.worker_inspect(&id))
@@ -167,7 +175,7 @@ pub async fn run(
     // The group exists (its place in the log is fixed) before the instance says it
     // is ready: what is scheduled from then on is the group's.
     feed.start_point().await?;
-    core.flush().await.map_err(|e| Error::nats("flush", e))?;
+    intake.flush().await.map_err(|e| Error::nats("flush", e))?;
     svc.announce()
         .await
         .map_err(|e| Error::Service(e.to_string()))?;
@@ -198,6 +206,7 @@ pub async fn run(
     svc.stop();
     answering.abort();
     let _ = core.flush().await;
+    let _ = intake.flush().await;
     info!(%group, instance = %id, "worker stopped");
     result
 }

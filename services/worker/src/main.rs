@@ -25,6 +25,13 @@ struct Args {
     /// NATS credentials file.
     #[arg(long, env = "NATS_CREDS")]
     creds: Option<PathBuf>,
+    /// NATS server URL(s) of the public connection, in the clients' account (user
+    /// `worker`): the services API and introspection. Default: the core connection.
+    #[arg(long, env = "TS_INTAKE_URL")]
+    intake_url: Option<String>,
+    /// NATS credentials file of the public connection.
+    #[arg(long, env = "TS_INTAKE_CREDS")]
+    intake_creds: Option<PathBuf>,
     /// Subject prefix.
     #[arg(long, env = "TS_PREFIX", default_value = "ts")]
     prefix: String,
@@ -116,6 +123,26 @@ async fn start() -> anyhow::Result<()> {
         None,
     )
     .await?;
+    let intake_identity = service::runtime::Identity {
+        url: args.intake_url,
+        creds: args.intake_creds,
+    };
+    let intake = if intake_identity.is_given() {
+        let (url, creds) = intake_identity.resolve(&args.nats_url)?;
+        Some(
+            connect(
+                "turnstile-worker-intake",
+                &url,
+                creds.as_deref(),
+                &events,
+                None,
+            )
+            .await?,
+        )
+    } else {
+        tracing::warn!("no intake identity (TS_INTAKE_URL / TS_INTAKE_CREDS): the services API answers on the core connection, in its account only");
+        None
+    };
     let shutdown = service::runtime::shutdown_on_signals();
     let (program, rest) = args
         .command
@@ -151,7 +178,11 @@ async fn start() -> anyhow::Result<()> {
     };
     worker::run(
         settings,
-        worker::Connections { core, events },
+        worker::Connections {
+            core,
+            intake,
+            events,
+        },
         handler,
         shutdown,
         service::system_clock(),

@@ -116,11 +116,13 @@ pub enum Role {
     AlarmIntake,
     /// `worker` (PUBLIC): users' responders and worker instances.
     Worker,
+    /// `job-worker` (TURNSTILE): a worker instance's core connection.
+    JobWorker,
 }
 
 impl Role {
     /// Every role with a password: the user name and the variable nats-server reads it from.
-    const WITH_PASSWORD: [(Role, &'static str, &'static str); 7] = [
+    const WITH_PASSWORD: [(Role, &'static str, &'static str); 8] = [
         (Role::Scheduler, "scheduler", "TS_SCHEDULER_PASSWORD"),
         (
             Role::SchedulerIntake,
@@ -140,6 +142,7 @@ impl Role {
             "TS_ALARM_INTAKE_PASSWORD",
         ),
         (Role::Worker, "worker", "TS_WORKER_PASSWORD"),
+        (Role::JobWorker, "job-worker", "TS_JOB_WORKER_PASSWORD"),
     ];
 
     /// The NATS user name (`client` for the anonymous role).
