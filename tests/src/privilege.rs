@@ -306,6 +306,7 @@ async fn only_the_alarm_loader_writes_the_alarm_stream_and_its_leases() -> Resul
         Role::SchedulerIntake,
         Role::SchedulerReplies,
         Role::Scheduler,
+        Role::JobWorker,
     ] {
         let (nats, mut errors) = connect_watching(&server.url_as(role)).await?;
         nats.publish("ts.alarms.rec.kept", Bytes::from("forged"))
@@ -334,7 +335,8 @@ async fn only_the_alarm_loader_writes_the_alarm_stream_and_its_leases() -> Resul
                 .await
                 .with_context(|| format!("{role:?}"))?;
         }
-        if role != Role::Scheduler {
+        // The scheduler and the workers hold leases of their own in the bucket.
+        if role != Role::Scheduler && role != Role::JobWorker {
             let key = format!("$KV.TS_OWNERSHIP.{lease}");
             nats.publish(key.clone(), Bytes::from("forged")).await?;
             nats.flush().await?;
@@ -445,6 +447,59 @@ async fn the_replies_user_publishes_answers_but_never_into_our_space() -> Result
             .slot,
         1
     );
+    s.stop().await?;
+    Ok(())
+}
+
+/// A worker instance's user reads the log and never writes it: no publish on a log
+/// subject (plain or JetStream), no removal or administration of the log, the
+/// settings or the keys; the work and results streams it may write, never remove.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_worker_reads_the_log_and_never_writes_it() -> Result<()> {
+    let server = server()?;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(21)]).await?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let client = Client::new(nats, Subjects::default());
+    let p = ProcessId::new("p")?;
+    client
+        .schedule(&p, Bytes::from("m"), &Schedule::default())
+        .await?;
+    let (worker, mut errors) = connect_watching(&server.url_as(Role::JobWorker)).await?;
+    let js = js_of(&worker);
+    let before = log_messages(&js).await?;
+    // It reads the log.
+    assert_eq!(
+        js.get_stream("TS_LOG")
+            .await?
+            .get_last_raw_message_by_subject("ts.log.p")
+            .await?
+            .sequence,
+        before
+    );
+    worker.publish("ts.log.p", Bytes::from("forged")).await?;
+    worker.flush().await?;
+    expect_violation(&mut errors, "ts.log.p").await?;
+    let ack = js.publish("ts.log.p", Bytes::from("forged")).await?;
+    assert!(
+        ack.await.is_err(),
+        "a JetStream publish on the log was acknowledged"
+    );
+    expect_violation(&mut errors, "ts.log.p").await?;
+    for api in [
+        "$JS.API.STREAM.DELETE.TS_LOG",
+        "$JS.API.STREAM.PURGE.TS_LOG",
+        "$JS.API.STREAM.UPDATE.TS_LOG",
+        "$JS.API.STREAM.PURGE.TS_WORK",
+        "$JS.API.STREAM.DELETE.TS_RESULTS",
+        "$KV.TS_PROCESSES.p",
+        "$KV.TS_KEYS.forged",
+    ] {
+        worker.publish(api, Bytes::from("{}")).await?;
+        worker.flush().await?;
+        expect_violation(&mut errors, api).await?;
+    }
+    assert_eq!(log_messages(&js).await?, before, "the log changed");
     s.stop().await?;
     Ok(())
 }

@@ -323,3 +323,264 @@ async fn a_replayed_run_or_garbage_on_the_log_is_a_fault_never_a_job() -> Result
     );
     Ok(())
 }
+
+/// A job whose handler keeps failing is tried `--max-attempts` times with backoff,
+/// then dead: announced on `ts.worker.dead.<group>`, and its whole history (and the
+/// process's jobs by state) shown by the CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_job_is_retried_then_dead_and_the_cli_shows_its_history() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(74))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let _a = spawn_worker(
+        &server,
+        "g4",
+        "echo nope >&2; exit 3",
+        &["--max-attempts", "3", "--backoff-ms", "100"],
+    )?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let mut dead = operator.subscribe("ts.worker.dead.g4").await?;
+    operator.flush().await?;
+    let client = Client::new(nats, Subjects::default());
+    let p = ProcessId::new("failing")?;
+    let r = client
+        .schedule(&p, Bytes::from("x"), &Schedule::default())
+        .await?;
+    let letter = tokio::time::timeout(Duration::from_secs(30), dead.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no dead letter"))?;
+    let ev: ResultEvent = serde_json::from_slice(&letter.payload)?;
+    assert_eq!((ev.state, ev.attempt, ev.slot), (State::Dead, 3, r.slot));
+    assert!(
+        ev.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("exit 3: nope")),
+        "{ev:?}"
+    );
+    let slot = r.slot.to_string();
+    let out = crate::support::cli_ok(server.url(), &["job", "get", "g4", "failing", &slot]).await?;
+    let states: Vec<(String, u64)> = out
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["state"].as_str().unwrap().to_string(),
+                v["attempt"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("failed".into(), 1),
+            ("failed".into(), 2),
+            ("dead".into(), 3)
+        ]
+    );
+    let listed =
+        crate::support::cli_ok(server.url(), &["jobs", "g4", "failing", "--state", "dead"]).await?;
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    let none =
+        crate::support::cli_ok(server.url(), &["jobs", "g4", "failing", "--state", "done"]).await?;
+    assert_eq!(none, "");
+    // A job with no history: exit status 1.
+    let missing =
+        crate::support::turnstile(server.url(), &["job", "get", "g4", "failing", "99"]).await?;
+    assert_eq!(missing.status.code(), Some(1));
+    Ok(())
+}
+
+/// `turnstile workers` lists the group's instance; `turnstile worker inspect` shows
+/// the job it runs (with push and start times), the jobs waiting in its buffer (with
+/// push times), its status and its backlog, as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn introspection_shows_what_an_instance_holds_as_it_is() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(75))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let _a = spawn_worker(
+        &server,
+        "g5",
+        "sleep 30",
+        &["--concurrency", "1", "--buffer", "queue"],
+    )?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let client = Client::new(nats, Subjects::default());
+    let p = ProcessId::new("held")?;
+    for i in 0..4 {
+        client
+            .schedule(&p, Bytes::from(format!("{i}")), &Schedule::default())
+            .await?;
+    }
+    let listed = crate::support::cli_ok(server.url(), &["workers"]).await?;
+    let group: serde_json::Value = serde_json::from_str(listed.lines().next().unwrap_or("{}"))?;
+    assert_eq!(group["group"], "g5", "{listed}");
+    let id = group["instances"][0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(group["instances"].as_array().map(Vec::len), Some(1));
+    // Wait until the buffer holds the three others.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let seen = loop {
+        let out = crate::support::cli_ok(server.url(), &["worker", "inspect", &id]).await?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        if v["pending"].as_array().map(Vec::len) == Some(3)
+            && v["running"].as_array().map(Vec::len) == Some(1)
+        {
+            break v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("never 1 running and 3 pending: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(seen["status"]["status"], "running");
+    assert_eq!(seen["group"], "g5");
+    assert_eq!(seen["buffer"], "queue");
+    let running = &seen["running"][0];
+    assert_eq!(running["id"], "held:0");
+    assert!(running["started_ms"].as_u64() >= running["pushed_ms"].as_u64());
+    let pending: Vec<&str> = seen["pending"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(pending, vec!["held:1", "held:2", "held:3"]);
+    assert!(seen["pending"][0]["pushed_ms"].as_u64().is_some());
+    assert!(
+        seen["backlog"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|e| e["message"] == "running")),
+        "{seen}"
+    );
+    // An unknown instance: a clear error.
+    let unknown = crate::support::turnstile(server.url(), &["worker", "inspect", "nobody"]).await?;
+    assert_eq!(unknown.status.code(), Some(2));
+    Ok(())
+}
+
+/// SIGTERM: the instance stops fetching, hands back the jobs waiting in its buffer at
+/// once (another instance takes them long before the 30 s redelivery wait), finishes
+/// the one it runs, and exits; every job is done once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_back_waiting_jobs_at_once() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(76))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let script = format!(
+        "sleep 1; echo \"$TS_PROCESS:$TS_SLOT\" >> {}",
+        out.display()
+    );
+    let mut a = spawn_worker(
+        &server,
+        "g6",
+        &script,
+        &["--concurrency", "1", "--buffer", "queue"],
+    )?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let ids = schedule_many(&client, 1, 8, "t").await?;
+    // Let `a` take them all into its buffer, then start `b` and stop `a`.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _b = spawn_worker(&server, "g6", &script, &["--concurrency", "4"])?;
+    wait_for_service(&nats, "turnstile-worker", 2).await?;
+    let t = std::time::Instant::now();
+    let exited = tokio::task::spawn_blocking(move || a.terminate(Duration::from_secs(15))).await?;
+    assert!(exited, "a did not exit within 15 s of SIGTERM");
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator);
+    let r = wait_final(&js, "g6", ids.len(), 20).await?;
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "handed back late: {:?}",
+        t.elapsed()
+    );
+    for (id, evs) in &r {
+        assert_eq!(
+            evs.iter().filter(|e| e.state == State::Done).count(),
+            1,
+            "{id}: {evs:?}"
+        );
+    }
+    let ran = lines(&out);
+    assert_eq!(ran.len(), ids.len(), "{ran:?}");
+    Ok(())
+}
+
+/// A dropbox instance busy with one job: five more with one merge key merge into the
+/// newest, which runs; the four merged away are recorded `merged` (each into the job
+/// that replaced it), none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropbox_merges_pending_jobs_by_key_and_records_the_merged() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(77))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let script = format!(
+        "b=$(cat); [ \"$b\" = slow ] && sleep 3; echo \"$TS_PROCESS:$TS_SLOT\" >> {}",
+        out.display()
+    );
+    let _a = spawn_worker(
+        &server,
+        "g7",
+        &script,
+        &["--concurrency", "1", "--buffer", "dropbox"],
+    )?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let client = Client::new(nats, Subjects::default());
+    let p = ProcessId::new("box")?;
+    client
+        .schedule(&p, Bytes::from("slow"), &Schedule::default())
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut last = 0;
+    for i in 0..5 {
+        let opts = Schedule {
+            headers: vec![("Merge-Key".into(), "k".into())],
+            ..Default::default()
+        };
+        last = client
+            .schedule(&p, Bytes::from(format!("v{i}")), &opts)
+            .await?
+            .slot;
+    }
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator);
+    let r = wait_final(&js, "g7", 6, 30).await?;
+    let state_of = |slot: u64| {
+        r[&format!("box:{slot}")]
+            .last()
+            .map(|e| (e.state, e.merged_into))
+    };
+    assert_eq!(state_of(0), Some((State::Done, None)));
+    assert_eq!(state_of(last), Some((State::Done, None)));
+    // Each was merged into the next one (which was then merged on, up to the newest).
+    for slot in 1..last {
+        assert_eq!(
+            state_of(slot),
+            Some((State::Merged, Some(slot + 1))),
+            "slot {slot}: {r:#?}"
+        );
+    }
+    assert_eq!(
+        lines(&out),
+        vec!["box:0".to_string(), format!("box:{last}")]
+    );
+    Ok(())
+}

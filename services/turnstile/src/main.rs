@@ -24,6 +24,7 @@ use protocol::ProcessId;
 mod alarm;
 mod audit;
 mod cron;
+mod jobs;
 mod verify;
 
 // `verify` receives every run into a fresh buffer of up to 512 KiB and frees it soon
@@ -138,6 +139,30 @@ enum Command {
     Cron {
         #[command(subcommand)]
         action: cron::Action,
+    },
+    /// The worker groups and their live instances, one JSON object a group.
+    Workers,
+    /// One worker instance (`inspect <id>`).
+    Worker {
+        #[command(subcommand)]
+        action: jobs::WorkerAction,
+    },
+    /// One job's history in a worker group.
+    Job {
+        #[command(subcommand)]
+        action: jobs::JobAction,
+    },
+    /// The jobs of a process in a worker group, each with its last event (one JSON
+    /// object a line, in slot order).
+    Jobs {
+        /// The worker group.
+        group: String,
+        /// The process.
+        process: String,
+        /// Only jobs whose last event is this state (done, failed, dead, cancelled,
+        /// merged).
+        #[arg(long)]
+        state: Option<String>,
     },
 }
 
@@ -410,6 +435,27 @@ async fn run(cli: Cli) -> Result<i32> {
                 None
             };
             cron::run(nats, subjects, action).await
+        }
+        Command::Workers => jobs::workers(connect(&cli.nats_url).await?).await,
+        Command::Worker { action } => {
+            jobs::worker(connect(&cli.nats_url).await?, &subjects, action).await
+        }
+        Command::Job { action } => {
+            jobs::job(connect(&cli.nats_url).await?, &subjects, action).await
+        }
+        Command::Jobs {
+            group,
+            process,
+            state,
+        } => {
+            jobs::jobs(
+                connect(&cli.nats_url).await?,
+                &subjects,
+                group,
+                process,
+                state,
+            )
+            .await
         }
         Command::Keys => {
             let js = async_nats::jetstream::new(connect(&cli.nats_url).await?);

@@ -69,7 +69,7 @@ impl Default for Config {
             job_timeout: Duration::from_secs(300),
             ack_wait: Duration::from_secs(30),
             drain: Duration::from_secs(10),
-            merge_header: "Ts-Merge-Key".into(),
+            merge_header: "Merge-Key".into(),
         }
     }
 }
@@ -508,6 +508,7 @@ impl Instance {
             pushed_ms: (self.clock)(),
         };
         let now = held.pushed_ms;
+        debug!(job = %held.job.id(), key = ?key, headers = ?held.job.headers, "taken");
         let new_slot = held.job.slot;
         // Keep the newest: the new job stays (in the old one's place), the old one is
         // merged away into it.

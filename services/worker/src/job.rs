@@ -220,7 +220,7 @@ mod tests {
             slot,
             message_id: format!("m{slot}"),
             timestamp_ms: 1_700_000_000_000,
-            headers: vec![("Ts-Merge-Key".into(), "k".into())],
+            headers: vec![("Merge-Key".into(), "k".into())],
             body: b"hello".to_vec(),
             prev_hash: Hash32::ZERO,
             chain_hash: Hash32([7; 32]),
@@ -232,7 +232,7 @@ mod tests {
         let p = ProcessId::new("p-1").unwrap();
         let job = Job::of_entry("g", &p, 42, &entry(3));
         assert_eq!(job.id(), "p-1:3");
-        assert_eq!(job.header("ts-merge-key"), Some("k"));
+        assert_eq!(job.header("merge-key"), Some("k"));
         let back = Job::decode(&job.encode().unwrap()).unwrap();
         assert_eq!(back, job);
         assert_eq!(back.chain_hash, hex::encode([7u8; 32]));

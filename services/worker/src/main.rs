@@ -74,7 +74,7 @@ struct Args {
     #[arg(long, env = "TS_DRAIN_MS", default_value_t = 10_000)]
     drain_ms: u64,
     /// The header holding a job's merge key (dropbox).
-    #[arg(long, env = "TS_MERGE_HEADER", default_value = "Ts-Merge-Key")]
+    #[arg(long, env = "TS_MERGE_HEADER", default_value = "Merge-Key")]
     merge_header: String,
     /// The feeder's lease (ms): a dead feeder is replaced after about this long.
     #[arg(long, env = "TS_LEASE_MS", default_value_t = 10_000)]

@@ -1,0 +1,193 @@
+//! `turnstile workers`, `turnstile worker inspect`, `turnstile job get`, `turnstile
+//! jobs`: worker groups, their live instances, and every job's history.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use async_nats::jetstream::{self, consumer};
+use bytes::Bytes;
+use clap::Subcommand;
+use futures::StreamExt;
+use serde_json::Value;
+
+use journal::subjects::Subjects;
+use protocol::ProcessId;
+
+/// `turnstile worker …`.
+#[derive(Subcommand, Debug)]
+pub enum WorkerAction {
+    /// One instance as it is now: status, the jobs in its buffer (with push times), the
+    /// jobs it runs (with push and start times), its counters and recent events.
+    Inspect {
+        /// The instance id (`turnstile workers` lists them).
+        id: String,
+    },
+}
+
+/// `turnstile job …`.
+#[derive(Subcommand, Debug)]
+pub enum JobAction {
+    /// A job's history in a group, one JSON event a line (done, failed with its
+    /// attempt, dead, cancelled, merged). Exit status 1: no event yet.
+    Get {
+        /// The worker group.
+        group: String,
+        /// The process.
+        process: String,
+        /// The slot.
+        slot: u64,
+    },
+}
+
+/// The live instances of every worker group (services-API INFO), grouped.
+pub async fn workers(nats: async_nats::Client) -> Result<i32> {
+    let inbox = nats.new_inbox();
+    let mut sub = nats.subscribe(inbox.clone()).await?;
+    nats.publish_with_reply("$SRV.INFO.turnstile-worker", inbox, Bytes::new())
+        .await?;
+    let mut groups: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
+        if m.status.is_some() {
+            continue;
+        }
+        let Ok(info) = serde_json::from_slice::<Value>(&m.payload) else {
+            continue;
+        };
+        let group = info["metadata"]["group"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string();
+        groups.entry(group).or_default().push(serde_json::json!({
+            "id": info["id"],
+            "buffer": info["metadata"]["buffer"],
+            "concurrency": info["metadata"]["concurrency"],
+            "version": info["version"],
+        }));
+    }
+    for (group, instances) in groups {
+        println!(
+            "{}",
+            serde_json::json!({ "group": group, "instances": instances })
+        );
+    }
+    Ok(0)
+}
+
+/// `turnstile worker inspect <id>`.
+pub async fn worker(
+    nats: async_nats::Client,
+    subjects: &Subjects,
+    action: WorkerAction,
+) -> Result<i32> {
+    match action {
+        WorkerAction::Inspect { id } => {
+            if id.is_empty() || id.contains(['.', '*', '>', ' ']) {
+                bail!("instance id {id:?}: one token, as `turnstile workers` shows it");
+            }
+            let reply = tokio::time::timeout(
+                Duration::from_secs(5),
+                nats.request(subjects.worker_inspect(&id), Bytes::new()),
+            )
+            .await
+            .context("no answer within 5 s")?
+            .with_context(|| format!("no instance {id} answers"))?;
+            let v: Value = serde_json::from_slice(&reply.payload)
+                .context("the instance's answer is not JSON")?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(0)
+        }
+    }
+}
+
+/// `turnstile job get`.
+pub async fn job(nats: async_nats::Client, subjects: &Subjects, action: JobAction) -> Result<i32> {
+    match action {
+        JobAction::Get {
+            group,
+            process,
+            slot,
+        } => {
+            let p = ProcessId::new(process)?;
+            let subject = subjects.result(&group, &p, slot);
+            let events = read(nats, subjects, subject, consumer::DeliverPolicy::All).await?;
+            for e in &events {
+                println!("{e}");
+            }
+            Ok(if events.is_empty() { 1 } else { 0 })
+        }
+    }
+}
+
+/// `turnstile jobs <group> <process> [--state S]`: each job's last event.
+pub async fn jobs(
+    nats: async_nats::Client,
+    subjects: &Subjects,
+    group: String,
+    process: String,
+    state: Option<String>,
+) -> Result<i32> {
+    let p = ProcessId::new(process)?;
+    let subject = subjects.results_of(&group, &p);
+    let events = read(
+        nats,
+        subjects,
+        subject,
+        consumer::DeliverPolicy::LastPerSubject,
+    )
+    .await?;
+    let mut by_slot: BTreeMap<u64, Value> = BTreeMap::new();
+    for e in events {
+        if let Some(slot) = e["slot"].as_u64() {
+            by_slot.insert(slot, e);
+        }
+    }
+    for e in by_slot.values() {
+        if state.as_deref().is_none_or(|s| e["state"] == s) {
+            println!("{e}");
+        }
+    }
+    Ok(0)
+}
+
+/// Every message on `subject` of the results stream (JSON events), by `deliver`.
+async fn read(
+    nats: async_nats::Client,
+    subjects: &Subjects,
+    subject: String,
+    deliver: consumer::DeliverPolicy,
+) -> Result<Vec<Value>> {
+    let js = jetstream::new(nats);
+    let stream = js
+        .get_stream(subjects.results_stream())
+        .await
+        .context("no results stream (no worker group has run yet?)")?;
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: subject,
+            deliver_policy: deliver,
+            ..Default::default()
+        })
+        .await?;
+    let pending = consumer.cached_info().num_pending;
+    let mut out = Vec::new();
+    if pending == 0 {
+        return Ok(out);
+    }
+    let mut msgs = consumer.messages().await?;
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(10), msgs.next())
+        .await
+        .context("the results stream stopped answering")?
+    {
+        let m = m?;
+        let remaining = m.info().map(|i| i.pending).unwrap_or(0);
+        if let Ok(v) = serde_json::from_slice::<Value>(&m.payload) {
+            out.push(v);
+        }
+        if remaining == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
