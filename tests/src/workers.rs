@@ -584,3 +584,87 @@ async fn a_dropbox_merges_pending_jobs_by_key_and_records_the_merged() -> Result
     );
     Ok(())
 }
+
+/// A group scaled 1 → 3 → 1 while jobs keep coming: the feed moves as members join
+/// (the ownership crate's balance) and again when the first instance is SIGKILLed
+/// (whoever holds it then resumes from the checkpoint), and one instance
+/// stopped with SIGTERM: no job lost, each done exactly once in its history. (A job the
+/// killed instance was running may have run twice — at least once is what a kill
+/// allows — but it is recorded done once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaled_1_3_1_with_the_feeder_killed_no_job_is_lost_or_done_twice() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(78))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let extra = ["--ack-wait-ms", "2000"];
+    let mut a = spawn_worker(&server, "g8", &appender(&out), &extra)?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let client = Client::new(nats.clone(), Subjects::default());
+    // 8 processes, a message every 10 ms each, for ~8 s.
+    let producer = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut ids = BTreeSet::new();
+            for i in 0..100 {
+                let batch: Vec<_> = (0..8)
+                    .map(|p| {
+                        let client = client.clone();
+                        tokio::spawn(async move {
+                            let process = ProcessId::new(format!("s{p}"))?;
+                            let opts = Schedule {
+                                message_id: Some(format!("s-{p}-{i}")),
+                                ..Default::default()
+                            };
+                            let r = crate::support::schedule_retrying(
+                                &client,
+                                &process,
+                                Bytes::from("x"),
+                                &opts,
+                            )
+                            .await?;
+                            anyhow::Ok(format!("{process}:{}", r.slot))
+                        })
+                    })
+                    .collect();
+                for t in batch {
+                    ids.insert(t.await??);
+                }
+                tokio::time::sleep(Duration::from_millis(80)).await;
+            }
+            anyhow::Ok(ids)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut b = spawn_worker(&server, "g8", &appender(&out), &extra)?;
+    let mut c = spawn_worker(&server, "g8", &appender(&out), &extra)?;
+    wait_for_service(&nats, "turnstile-worker", 3).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.kill(); // the first instance: the feeder
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stopped = tokio::task::spawn_blocking(move || c.terminate(Duration::from_secs(15))).await?;
+    assert!(stopped, "c did not stop within 15 s of SIGTERM");
+    let ids = producer.await??;
+    assert_eq!(ids.len(), 800);
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator);
+    let r = wait_final(&js, "g8", ids.len(), 90).await?;
+    assert_eq!(r.keys().cloned().collect::<BTreeSet<_>>(), ids);
+    for (id, evs) in &r {
+        let done = evs.iter().filter(|e| e.state == State::Done).count();
+        assert_eq!(done, 1, "{id}: {evs:?}");
+    }
+    let ran = lines(&out);
+    assert_eq!(ran.iter().cloned().collect::<BTreeSet<_>>(), ids);
+    assert!(
+        ran.len() - ids.len() <= 16,
+        "{} runs for {} jobs",
+        ran.len(),
+        ids.len()
+    );
+    b.kill();
+    Ok(())
+}

@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use journal::chain::{judge, Judged};
 use journal::reader::{LogMessage, LogReader};
 use journal::subjects::Subjects;
-use protocol::verify::{ChainPoint, LogVerifier, TrustedKeys};
+use protocol::verify::{check_run, ChainPoint, LogVerifier, TrustedKeys};
 use protocol::{Hash32, ProcessId};
 
 use crate::job::{partition_of, FaultEvent, Job, PARTITIONS};
@@ -186,7 +186,15 @@ struct Fed {
     /// KV revision of the process's key (none: not written yet).
     revision: Option<u64>,
     dirty: bool,
+    /// Bumped at every change: a checkpoint clears `dirty` only if nothing changed
+    /// since it took its snapshot.
+    generation: u64,
 }
+
+/// What a checkpoint in flight reports back: the new revision of each process key it
+/// wrote (with the generation it wrote), the sequence fed through and the global key's
+/// new revision.
+type Written = Result<(Vec<(ProcessId, u64, u64)>, u64, u64)>;
 
 impl Feed {
     /// Feeds until `stop` fires or something fails (the caller starts it again from
@@ -226,18 +234,36 @@ impl Feed {
         let mut procs: HashMap<ProcessId, Fed> = HashMap::new();
         let mut acks: FuturesUnordered<AckFuture> = FuturesUnordered::new();
         let mut seen_through = fed_through;
+        let mut checkpointing: Option<tokio::task::JoinHandle<Written>> = None;
+        let mut never = tokio::spawn(std::future::pending::<Written>());
         let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             tokio::select! {
                 _ = stop.cancelled() => break Ok(()),
-                _ = tick.tick() => {
+                _ = tick.tick(), if checkpointing.is_none() => {
                     if seen_through > fed_through {
-                        if let Err(e) = self.checkpoint(&mut acks, &mut procs, seen_through, &mut global_rev).await {
-                            break Err(e);
+                        checkpointing = Some(self.start_checkpoint(&mut acks, &procs, seen_through, global_rev));
+                    }
+                }
+                written = async { checkpointing.as_mut().map(|h| h as &mut _).unwrap_or(&mut never).await }, if checkpointing.is_some() => {
+                    checkpointing = None;
+                    match written {
+                        Ok(Ok((revisions, through, rev))) => {
+                            for (p, generation, revision) in revisions {
+                                if let Some(f) = procs.get_mut(&p) {
+                                    f.revision = Some(revision);
+                                    if f.generation == generation {
+                                        f.dirty = false;
+                                    }
+                                }
+                            }
+                            global_rev = rev;
+                            fed_through = through;
+                            self.stats.checkpoint.store(fed_through, Ordering::Relaxed);
                         }
-                        fed_through = seen_through;
-                        self.stats.checkpoint.store(fed_through, Ordering::Relaxed);
+                        Ok(Err(e)) => break Err(e),
+                        Err(e) => break Err(Error::nats("checkpoint", e)),
                     }
                 }
                 Some(ack) = acks.next(), if !acks.is_empty() => {
@@ -283,6 +309,10 @@ impl Feed {
                 }
             }
         };
+        never.abort();
+        if let Some(h) = checkpointing {
+            h.abort();
+        }
         // The ordered consumer goes with its stream; delete it now rather than after
         // the server's inactivity threshold.
         drop(messages);
@@ -340,7 +370,8 @@ impl Feed {
 
     /// The verifier of `process` right before stream sequence `seq`: from its
     /// checkpoint, or (none yet) by reading its subject from the start.
-    async fn load(&self, reader: &LogReader, process: &ProcessId, seq: u64) -> Result<Fed> {
+    async fn load(&self, reader: &LogReader, process: &ProcessId, msg: &LogMessage) -> Result<Fed> {
+        let seq = msg.seq;
         let key = process_key(&self.group, process);
         let entry = self
             .kv
@@ -356,15 +387,21 @@ impl Feed {
                 verifier,
                 revision: Some(e.revision),
                 dirty: false,
+                generation: 0,
             });
         }
+        if let Some(verifier) = self.fast_load(reader, process, msg).await? {
+            return Ok(Fed {
+                verifier,
+                revision: None,
+                dirty: true,
+                generation: 1,
+            });
+        }
+        // Otherwise the rule from genesis over the subject's history (judged, never
+        // handed out: it lies before the group's place in the log).
         let mut verifier = LogVerifier::from_genesis(process.clone(), self.trusted.clone(), vec![]);
-        // Nothing to read when the subject's first message is this one (one direct get).
-        let first = reader
-            .next_message(process, 1)
-            .await?
-            .is_some_and(|m| m.seq >= seq);
-        if seq > 1 && !first {
+        if seq > 1 {
             let mut earlier = reader.messages(process, 1, Some(seq - 1)).await?;
             while let Some(m) = earlier.next().await {
                 let m = m?;
@@ -378,7 +415,56 @@ impl Feed {
             verifier,
             revision: None,
             dirty: true,
+            generation: 1,
         })
+    }
+
+    /// The verifier right before the run at `seq`, from at most three reads, when the
+    /// run is sealed by a trusted key and either is the subject's first message, or
+    /// sits right after the message its signed `prev_seq` names and that message is a
+    /// sealed run too (the scheduler wrote it after the chain's head, as its head's
+    /// fast path reads it). None: anything else — the caller reads the history.
+    async fn fast_load(
+        &self,
+        reader: &LogReader,
+        process: &ProcessId,
+        msg: &LogMessage,
+    ) -> Result<Option<LogVerifier>> {
+        let seq = msg.seq;
+        let Ok(run) = msg.decode() else {
+            return Ok(None);
+        };
+        if check_run(&run, process, &self.trusted, &[]).is_err() {
+            return Ok(None);
+        }
+        let after = run.prev_seq + 1;
+        let next = reader.next_message(process, after.max(1)).await?;
+        if next.map(|m| m.seq) != Some(seq) {
+            return Ok(None);
+        }
+        if run.prev_seq == 0 {
+            return Ok(Some(LogVerifier::from_genesis(
+                process.clone(),
+                self.trusted.clone(),
+                vec![],
+            )));
+        }
+        let Some(prev) = reader.message_at(process, run.prev_seq).await? else {
+            return Ok(None);
+        };
+        let Ok(prev_run) = prev.decode() else {
+            return Ok(None);
+        };
+        if check_run(&prev_run, process, &self.trusted, &[]).is_err() {
+            return Ok(None);
+        }
+        Ok(Some(LogVerifier::resume(
+            process.clone(),
+            self.trusted.clone(),
+            vec![],
+            Some(journal::chain::point_after(&prev_run, run.prev_seq)),
+            Some(run.prev_seq),
+        )))
     }
 
     async fn feed_one(
@@ -390,7 +476,7 @@ impl Feed {
         msg: LogMessage,
     ) -> Result<()> {
         if !procs.contains_key(&process) {
-            let fed = self.load(reader, &process, msg.seq).await?;
+            let fed = self.load(reader, &process, &msg).await?;
             procs.insert(process.clone(), fed);
         }
         let Some(fed) = procs.get_mut(&process) else {
@@ -402,6 +488,7 @@ impl Feed {
         }
         let seq = msg.seq;
         fed.dirty = true;
+        fed.generation += 1;
         match judge(&mut fed.verifier, msg) {
             Judged::Chain { run, lost } => {
                 for f in lost {
@@ -466,65 +553,63 @@ impl Feed {
         Ok(())
     }
 
-    /// Waits for every job handed out, then writes each changed process's point and
-    /// the sequence fed through, each by compare-and-set.
-    async fn checkpoint(
+    /// Starts a checkpoint through `through` in the background: it waits for every
+    /// job handed out so far (taken from `acks`), then writes each changed process's
+    /// point and the sequence fed through, each by compare-and-set on the revision
+    /// last written (one checkpoint at a time, so those are current).
+    fn start_checkpoint(
         &self,
         acks: &mut FuturesUnordered<AckFuture>,
-        procs: &mut HashMap<ProcessId, Fed>,
+        procs: &HashMap<ProcessId, Fed>,
         through: u64,
-        global_rev: &mut u64,
-    ) -> Result<()> {
-        while let Some(ack) = acks.next().await {
-            let _: PublishAck = ack.map_err(|e| Error::nats("hand out a job", e))?;
-        }
-        let pending: Vec<(ProcessId, Vec<u8>, Option<u64>)> = procs
+        global_rev: u64,
+    ) -> tokio::task::JoinHandle<Written> {
+        let mut waiting = std::mem::take(acks);
+        let points: Vec<(ProcessId, Vec<u8>, Option<u64>, u64)> = procs
             .iter()
             .filter(|(_, f)| f.dirty)
             .filter_map(|(p, f)| {
                 let point = ProcessPoint::of(&f.verifier)?;
                 let body = serde_json::to_vec(&point).ok()?;
-                Some((p.clone(), body, f.revision))
+                Some((p.clone(), body, f.revision, f.generation))
             })
             .collect();
-        let writes: Vec<_> = pending
-            .into_iter()
-            .map(|(p, body, rev)| {
-                let kv = self.kv.clone();
-                let key = process_key(&self.group, &p);
-                async move {
-                    let r = match rev {
-                        Some(rev) => kv
-                            .update(&key, Bytes::from(body), rev)
-                            .await
-                            .map_err(|e| Error::Fenced(format!("{key}: {e}"))),
-                        None => kv
-                            .create(&key, Bytes::from(body))
-                            .await
-                            .map_err(|e| Error::Fenced(format!("{key}: {e}"))),
-                    };
-                    (p, r)
-                }
-            })
-            .collect();
-        let results: Vec<_> = futures::stream::iter(writes)
-            .buffer_unordered(64)
-            .collect()
-            .await;
-        for (p, r) in results {
-            let rev = r?;
-            if let Some(f) = procs.get_mut(&p) {
-                f.revision = Some(rev);
-                f.dirty = false;
+        let kv = self.kv.clone();
+        let group = self.group.clone();
+        tokio::spawn(async move {
+            while let Some(ack) = waiting.next().await {
+                let _: PublishAck = ack.map_err(|e| Error::nats("hand out a job", e))?;
             }
-        }
-        let key = global_key(&self.group);
-        *global_rev = self
-            .kv
-            .update(&key, Bytes::from(through.to_string()), *global_rev)
-            .await
-            .map_err(|e| Error::Fenced(format!("{key}: {e}")))?;
-        debug!(group = %self.group, through, "feed checkpoint");
-        Ok(())
+            let writes: Vec<_> = points
+                .into_iter()
+                .map(|(p, body, rev, generation)| {
+                    let kv = kv.clone();
+                    let key = process_key(&group, &p);
+                    async move {
+                        let r = match rev {
+                            Some(rev) => kv.update(&key, Bytes::from(body), rev).await,
+                            None => kv.create(&key, Bytes::from(body)).await.map_err(|e| {
+                                kv::UpdateError::with_source(kv::UpdateErrorKind::Other, e)
+                            }),
+                        };
+                        r.map(|rev| (p, generation, rev))
+                            .map_err(|e| Error::Fenced(format!("{key}: {e}")))
+                    }
+                })
+                .collect();
+            let written: Vec<_> = futures::stream::iter(writes)
+                .buffer_unordered(64)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<Result<_>>()?;
+            let key = global_key(&group);
+            let rev = kv
+                .update(&key, Bytes::from(through.to_string()), global_rev)
+                .await
+                .map_err(|e| Error::Fenced(format!("{key}: {e}")))?;
+            debug!(%group, through, "feed checkpoint");
+            Ok((written, through, rev))
+        })
     }
 }

@@ -643,10 +643,10 @@ impl Instance {
             let _ = h.msg.ack_with(AckKind::Nak(None)).await;
             return;
         }
-        self.settle(&h, outcome, ms).await;
+        self.settle(&h, outcome, started, ms).await;
     }
 
-    async fn settle(&self, h: &Held, outcome: Outcome, ms: u64) {
+    async fn settle(&self, h: &Held, outcome: Outcome, started: u64, ms: u64) {
         let (state, reason, delay) = match outcome {
             Outcome::Done => (State::Done, None, None),
             Outcome::Fatal(r) => (State::Dead, Some(r), None),
@@ -669,6 +669,7 @@ impl Instance {
             Outcome::Failed(reason) => (State::Failed, Some(reason), Some(self.backoff(h.attempt))),
         };
         let mut ev = self.event(h, state);
+        ev.started_ms = Some(started);
         ev.duration_ms = Some(ms);
         ev.reason = reason.clone();
         if let Err(e) = self.store_result(&ev).await {

@@ -151,6 +151,11 @@ pub struct ResultEvent {
     pub attempt: u32,
     /// When (ms since the epoch, the instance's clock).
     pub at_ms: u64,
+    /// When the scheduler assigned the job (its timestamp in the log).
+    pub scheduled_ms: u64,
+    /// When this attempt started (ms, the instance's clock); none if it did not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
     /// The instance that recorded it.
     pub instance: String,
     /// How long the attempt ran (ms); none if it did not run.
@@ -176,6 +181,8 @@ impl ResultEvent {
             state,
             attempt,
             at_ms,
+            scheduled_ms: job.timestamp_ms,
+            started_ms: None,
             instance: instance.to_string(),
             duration_ms: None,
             reason: None,

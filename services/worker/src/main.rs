@@ -84,8 +84,11 @@ struct Args {
     replicas: usize,
     /// The handler: run this program per job (body on stdin; exit 0 done, 75 retry,
     /// anything else failed).
-    #[arg(long, env = "TS_COMMAND", required = true, num_args = 1.., allow_hyphen_values = true)]
+    #[arg(long, env = "TS_COMMAND", required_unless_present = "noop", num_args = 1.., allow_hyphen_values = true)]
     command: Vec<String>,
+    /// Benchmarks: a handler that does nothing (every job done at once).
+    #[arg(long, hide = true)]
+    noop: bool,
 }
 
 #[tokio::main]
@@ -144,14 +147,22 @@ async fn start() -> anyhow::Result<()> {
         None
     };
     let shutdown = service::runtime::shutdown_on_signals();
-    let (program, rest) = args
-        .command
-        .split_first()
-        .ok_or_else(|| anyhow::anyhow!("--command needs a program"))?;
-    let handler = Arc::new(worker::handler::Command::new(
-        program.clone(),
-        rest.to_vec(),
-    ));
+    let handler: Arc<dyn worker::handler::Handler> = if args.noop {
+        Arc::new(
+            |_job: worker::job::Job, _cancel: tokio_util::sync::CancellationToken| async {
+                worker::handler::Outcome::Done
+            },
+        )
+    } else {
+        let (program, rest) = args
+            .command
+            .split_first()
+            .ok_or_else(|| anyhow::anyhow!("--command needs a program"))?;
+        Arc::new(worker::handler::Command::new(
+            program.clone(),
+            rest.to_vec(),
+        ))
+    };
     let settings = worker::Settings {
         prefix: args.prefix,
         replicas: args.replicas,

@@ -80,6 +80,12 @@ struct Args {
     /// Skip the alarm-loader's section.
     #[arg(long)]
     no_alarms: bool,
+    /// Only the workers' section.
+    #[arg(long)]
+    only_workers: bool,
+    /// Skip the workers' section.
+    #[arg(long)]
+    no_workers: bool,
     /// Profiling aid: in the alarm-loader's section, skip the capacity phase.
     #[arg(long)]
     no_alarm_capacity: bool,
@@ -102,6 +108,12 @@ async fn main() -> Result<()> {
     let body = Bytes::from(vec![b'x'; BODY]);
     if args.only_log_reads {
         return log_reads_only(&body).await;
+    }
+    if args.only_workers {
+        let w = workers_section(&body, args.seconds, args.window).await?;
+        println!("{}", serde_json::to_string_pretty(&w)?);
+        print_workers_table(&w);
+        return Ok(());
     }
     if args.only_alarms {
         let a = alarms_section(&body, args.seconds, !args.no_alarm_capacity).await?;
@@ -283,8 +295,16 @@ async fn main() -> Result<()> {
         eprintln!("== alarm-loader");
         alarms_section(&body, args.seconds, true).await?
     };
+    let workers = if args.no_workers || args.closed_processes.is_some() || args.open_rate.is_some()
+    {
+        serde_json::Value::Null
+    } else {
+        eprintln!("== workers");
+        workers_section(&body, args.seconds, args.window).await?
+    };
     let doc = json!({
         "alarms": alarms,
+        "workers": workers,
         "body_bytes": BODY,
         "connections": CONNECTIONS,
         "window": args.window,
@@ -299,6 +319,7 @@ async fn main() -> Result<()> {
     print_table(&doc);
     print_log_reads_table(&doc);
     print_alarms_table(&doc["alarms"]);
+    print_workers_table(&doc["workers"]);
     println!("\nwrote {}", args.out);
     Ok(())
 }
@@ -1446,4 +1467,220 @@ fn print_alarms_table(a: &serde_json::Value) {
         a["lateness_10k_per_s_10s"]["cpu"]["cpu_us_per_op"],
         a["burst_100k_in_one_second"]["cpu"]["cpu_us_per_op"],
     );
+}
+
+/// Resident memory of `pid` in kB (0 when unreadable).
+fn rss_kb_of(pid: Option<u32>) -> u64 {
+    pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Messages stored in `stream` now.
+async fn stream_messages(js: &async_nats::jetstream::Context, stream: &str) -> Result<u64> {
+    Ok(js.get_stream(stream).await?.info().await?.state.messages)
+}
+
+/// The workers, end to end: a client schedules into 1,000 processes, the scheduler
+/// assigns, one group of two instances (`worker --noop`: a Rust handler that does
+/// nothing) runs each job and records its outcome. Jobs/s is the growth of the results
+/// stream while the producer saturates, beside the scheduler-only rate of the same
+/// run; then schedule-to-start latency at half that rate; worker memory under a
+/// producer that outruns the workers (bounded buffer).
+async fn workers_section(body: &Bytes, seconds: f64, window: usize) -> Result<serde_json::Value> {
+    let server = NatsServer::start_with(Options::default())?;
+    let dir = tempfile::tempdir()?;
+    let key = protocol::keys::Keypair::generate();
+    let key_path = dir.path().join("key.json");
+    std::fs::write(&key_path, key.to_key_file())?;
+    let scheduler = tests::support::spawn_scheduler(&server, &key_path, &[])?;
+    let probe = tests::support::connect(server.url()).await?;
+    tests::support::wait_for_schedulers(&probe, 1).await?;
+    let conns = connect_all(server.url()).await?;
+    // 1. The scheduler alone (no group yet: a new group starts at the log's end).
+    let alone = closed_loop(&conns, body, PROCESSES, window, seconds).await?;
+    eprintln!(
+        "scheduler alone, {PROCESSES} processes: {:.0} assignments/s",
+        alone.rate
+    );
+    // 2. Two instances of one group.
+    let spawn = |n: usize| -> Result<harness::Process> {
+        let mut cmd = std::process::Command::new(harness::workspace_bin("worker")?);
+        cmd.args([
+            "--group",
+            "bench",
+            "--noop",
+            "--concurrency",
+            "64",
+            "--buffer",
+            "bounded:1024",
+        ])
+        .env("NATS_URL", server.url_as(Role::JobWorker))
+        .env("TS_INTAKE_URL", server.url_as(Role::Worker))
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .env("BENCH_INSTANCE", n.to_string());
+        Ok(harness::Process::spawn(cmd)?)
+    };
+    let w1 = spawn(1)?;
+    let w2 = spawn(2)?;
+    tests::support::wait_for_service(&probe, "turnstile-worker", 2).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await; // the feeder's lease
+    let operator = tests::support::connect(&server.url_as(Role::Operator)).await?;
+    let js = async_nats::jetstream::new(operator);
+    let meter = CpuMeter::new(&[
+        ("nats", server.pid()),
+        ("scheduler", scheduler.pid()),
+        ("worker_1", w1.pid()),
+        ("worker_2", w2.pid()),
+    ]);
+    let rss_start = rss_kb_of(w1.pid()) + rss_kb_of(w2.pid());
+    let peak = Arc::new(AtomicU64::new(rss_start));
+    let (p2, pids) = (Arc::clone(&peak), (w1.pid(), w2.pid()));
+    let sampler = tokio::spawn(async move {
+        loop {
+            p2.fetch_max(rss_kb_of(pids.0) + rss_kb_of(pids.1), Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let results_before = stream_messages(&js, "TS_RESULTS").await?;
+    let (before, t0) = (meter.sample(), Instant::now());
+    // The producer runs a 1 s warm-up, then `seconds`: count the results of the
+    // measured seconds.
+    let producer = {
+        let (conns, body) = (conns.clone(), body.clone());
+        tokio::spawn(async move { closed_loop(&conns, &body, PROCESSES, window, seconds).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let r0 = stream_messages(&js, "TS_RESULTS").await?;
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    let r1 = stream_messages(&js, "TS_RESULTS").await?;
+    let produced = producer.await??;
+    let jobs_rate = (r1 - r0) as f64 / seconds;
+    let cpu = meter.usage(&before, t0.elapsed(), jobs_rate);
+    // Drain: how long until every job handed out is done.
+    let work = js.get_stream("TS_WORK").await?;
+    let drain_start = Instant::now();
+    let mut drained_s = f64::NAN;
+    while drain_start.elapsed() < Duration::from_secs(120) {
+        let i = work.consumer_info("group-bench").await?;
+        if i.num_pending == 0 && i.num_ack_pending == 0 {
+            drained_s = drain_start.elapsed().as_secs_f64();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sampler.abort();
+    let rss_peak = peak.load(Ordering::Relaxed);
+    let total_jobs = stream_messages(&js, "TS_RESULTS").await? - results_before;
+    eprintln!(
+        "workers: {jobs_rate:.0} jobs/s ({:.2} of the scheduler alone; producer {:.0}/s); drained {drained_s:.1} s after; {total_jobs} jobs; cpu {cpu}",
+        jobs_rate / alone.rate,
+        produced.rate
+    );
+    // 3. Schedule-to-done latency at half the rate: the results of that phase.
+    let rate = (jobs_rate / 2.0).max(100.0);
+    let from_seq = js
+        .get_stream("TS_RESULTS")
+        .await?
+        .info()
+        .await?
+        .state
+        .last_sequence
+        + 1;
+    let _ = open_loop(&conns, body, PROCESSES, rate, seconds.min(4.0)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stream = js.get_stream("TS_RESULTS").await?;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from_seq,
+            },
+            ..Default::default()
+        })
+        .await?;
+    let mut lat: Vec<Duration> = Vec::new();
+    let pending = consumer.cached_info().num_pending;
+    if pending > 0 {
+        let mut msgs = consumer.messages().await?;
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), msgs.next()).await {
+            let m = m?;
+            let left = m.info().map(|i| i.pending).unwrap_or(0);
+            if let Ok(ev) = serde_json::from_slice::<serde_json::Value>(&m.payload) {
+                if let (Some(ts), Some(at)) =
+                    (ev["scheduled_ms"].as_u64(), ev["started_ms"].as_u64())
+                {
+                    lat.push(Duration::from_millis(at.saturating_sub(ts)));
+                }
+            }
+            if left == 0 {
+                break;
+            }
+        }
+    }
+    lat.sort();
+    let (p50, p99) = (percentile_ms(&lat, 0.5), percentile_ms(&lat, 0.99));
+    eprintln!(
+        "schedule to start at {rate:.0}/s: p50 {p50} ms, p99 {p99} ms ({} jobs)",
+        lat.len()
+    );
+    Ok(json!({
+        "scheduler_alone_per_s": alone.rate.round(),
+        "jobs_per_s": jobs_rate.round(),
+        "jobs_vs_scheduler_alone": (jobs_rate / alone.rate * 1000.0).round() / 1000.0,
+        "producer_per_s": produced.rate.round(),
+        "drained_after_s": (drained_s * 10.0).round() / 10.0,
+        "jobs_total": total_jobs,
+        "cpu": cpu,
+        "latency_at_half_rate": {"rate": rate.round(), "p50_ms": p50, "p99_ms": p99, "jobs": lat.len()},
+        "workers_rss_mb": {"start": rss_start / 1024, "peak": rss_peak / 1024},
+        "instances": 2,
+        "handler": "noop (Rust)",
+        "buffer": "bounded:1024",
+        "targets": {"jobs_per_s_min": 35000},
+        "meets_target": jobs_rate >= 35000.0,
+    }))
+}
+
+fn print_workers_table(w: &serde_json::Value) {
+    if w.is_null() {
+        return;
+    }
+    println!("\n| workers (2 instances, no-op handler, 1,000 processes) | value |");
+    println!("|---|---|");
+    println!(
+        "| scheduler alone (assignments/s) | {} |",
+        w["scheduler_alone_per_s"]
+    );
+    println!(
+        "| end to end (jobs/s; target ≥ 35,000) | {} ({} of the scheduler alone) {} |",
+        w["jobs_per_s"],
+        w["jobs_vs_scheduler_alone"],
+        if w["meets_target"].as_bool() == Some(true) {
+            "✓"
+        } else {
+            "✗"
+        }
+    );
+    println!(
+        "| drained after the producer stopped (s) | {} |",
+        w["drained_after_s"]
+    );
+    println!(
+        "| schedule → start at {} /s: p50 / p99 (ms) | {} / {} |",
+        w["latency_at_half_rate"]["rate"],
+        w["latency_at_half_rate"]["p50_ms"],
+        w["latency_at_half_rate"]["p99_ms"]
+    );
+    println!(
+        "| worker RSS, start → peak (MB, bounded:1024) | {} → {} |",
+        w["workers_rss_mb"]["start"], w["workers_rss_mb"]["peak"]
+    );
+    println!("| CPU (cores) | {} |", w["cpu"]);
 }
