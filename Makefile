@@ -117,6 +117,17 @@ run: tools release
 	  sleep 1; kill -0 $$(cat "$(DATA)/alarm-loader.pid") || { cat "$(DATA)/alarm-loader.log"; exit 1; }; \
 	  echo "alarm-loader running (log: data/alarm-loader.log)"; \
 	fi
+	@for n in 1 2; do \
+	  if [ -f "$(DATA)/worker-$$n.pid" ] && kill -0 $$(cat "$(DATA)/worker-$$n.pid") 2>/dev/null; then echo "worker demo-$$n already running"; continue; fi; \
+	  if [ -z "$${NATS_URL}" ]; then \
+	    . "$(DATA)/secrets.env"; \
+	    export NATS_URL="nats://job-worker:$$TS_JOB_WORKER_PASSWORD@127.0.0.1:4222"; \
+	    export TS_INTAKE_URL="nats://worker:$$TS_WORKER_PASSWORD@127.0.0.1:4222"; \
+	  fi; \
+	  nohup ./target/release/worker --group demo --command sh -c 'printf "%s:%s %s\n" "$$TS_PROCESS" "$$TS_SLOT" "$$(cat)" >> "$(DATA)/jobs.log"' > "$(DATA)/worker-$$n.log" 2>&1 & echo $$! > "$(DATA)/worker-$$n.pid"; \
+	  sleep 1; kill -0 $$(cat "$(DATA)/worker-$$n.pid") || { cat "$(DATA)/worker-$$n.log"; exit 1; }; \
+	  echo "worker demo-$$n running (log: data/worker-$$n.log); its jobs go to data/jobs.log"; \
+	done
 	@echo; echo "Try (any client, no credentials needed):"; \
 	echo "  ./target/release/turnstile schedule my-process -d 'hello'"; \
 	echo "  ./target/release/turnstile slot my-process"; \
@@ -124,6 +135,7 @@ run: tools release
 	echo "  ./target/release/turnstile verify my-process"; \
 	echo "  ./target/release/turnstile alarm set hello-1 --in 5s --process my-process -d 'wake up'   # fires in 5 s"; \
 	echo "  ./target/release/turnstile cron add beat '@every 10s' --process my-process -d 'tick'"; \
+	echo "  tail -f data/jobs.log; ./target/release/turnstile workers   # the demo group runs every job"; \
 	if [ -z "$${NATS_URL}" ]; then \
 	  echo "As the operator (process settings, stream administration):"; \
 	  echo "  env \$$(cat data/operator.env) ./target/release/turnstile process set my-process --mode disabled"; \
@@ -131,7 +143,7 @@ run: tools release
 	echo "Stop with: make stop"
 
 stop:
-	@for p in alarm-loader scheduler nats; do \
+	@for p in worker-1 worker-2 alarm-loader scheduler nats; do \
 	  if [ -f "$(DATA)/$$p.pid" ]; then kill $$(cat "$(DATA)/$$p.pid") 2>/dev/null || true; rm -f "$(DATA)/$$p.pid"; echo "stopped $$p"; fi; \
 	done
 

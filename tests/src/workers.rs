@@ -668,3 +668,49 @@ async fn scaled_1_3_1_with_the_feeder_killed_no_job_is_lost_or_done_twice() -> R
     b.kill();
     Ok(())
 }
+
+/// A worker started before any scheduler waits for the keys; a scheduler that starts
+/// later with a key the worker has never seen (and another after it, with another
+/// key) gets its runs verified and run: the worker reads the published keys again
+/// when a run is sealed by a key it does not know yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_learns_keys_published_after_it_started() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("out");
+    let _w = spawn_worker(&server, "g9", &appender(&out), &[])?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let key = key_file(dir.path(), &test_key(79))?;
+    let mut s1 = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let first = client
+        .schedule(
+            &ProcessId::new("k1")?,
+            Bytes::from("a"),
+            &Schedule::default(),
+        )
+        .await?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator);
+    wait_final(&js, "g9", 1, 30).await?;
+    s1.kill();
+    let key2 = key_file(dir.path(), &test_key(80))?;
+    let _s2 = spawn_scheduler(&server, &key2, &[])?;
+    wait_for_schedulers(&nats, 1).await?;
+    let second = client
+        .schedule(
+            &ProcessId::new("k2")?,
+            Bytes::from("b"),
+            &Schedule::default(),
+        )
+        .await?;
+    wait_final(&js, "g9", 2, 30).await?;
+    assert_eq!(
+        lines(&out),
+        vec![format!("k1:{}", first.slot), format!("k2:{}", second.slot)]
+    );
+    Ok(())
+}

@@ -167,8 +167,14 @@ pub struct Feed {
     pub js: jetstream::Context,
     /// The workers bucket.
     pub kv: kv::Store,
-    /// The keys the log must be sealed by.
-    pub trusted: TrustedKeys,
+    /// The keys the log must be sealed by (pinned) — or, with `keys`, the scheduler's
+    /// published keys as last read.
+    pub trusted: Arc<std::sync::RwLock<TrustedKeys>>,
+    /// The published keys' bucket: read again when a run is sealed by a key not yet
+    /// trusted (a scheduler started after the group, a new key); none: pinned keys.
+    pub keys: Option<kv::Store>,
+    /// When the keys were last read again.
+    pub keys_read: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
     /// Counters.
     pub stats: Arc<FeedStats>,
 }
@@ -368,6 +374,24 @@ impl Feed {
         }
     }
 
+    /// The keys trusted now.
+    fn trusted(&self) -> TrustedKeys {
+        self.trusted.read().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Whether the published keys may be read again now (once a second at most).
+    fn may_read_keys(&self) -> bool {
+        let Ok(mut last) = self.keys_read.lock() else {
+            return false;
+        };
+        let now = tokio::time::Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+
     /// The verifier of `process` right before stream sequence `seq`: from its
     /// checkpoint, or (none yet) by reading its subject from the start.
     async fn load(&self, reader: &LogReader, process: &ProcessId, msg: &LogMessage) -> Result<Fed> {
@@ -381,7 +405,7 @@ impl Feed {
         if let Some(e) = entry.filter(|e| e.operation == kv::Operation::Put) {
             let verifier = serde_json::from_slice::<ProcessPoint>(&e.value)
                 .ok()
-                .and_then(|p| p.verifier(process, &self.trusted))
+                .and_then(|p| p.verifier(process, &self.trusted()))
                 .ok_or_else(|| Error::Config(format!("process checkpoint {key} does not parse")))?;
             return Ok(Fed {
                 verifier,
@@ -400,7 +424,7 @@ impl Feed {
         }
         // Otherwise the rule from genesis over the subject's history (judged, never
         // handed out: it lies before the group's place in the log).
-        let mut verifier = LogVerifier::from_genesis(process.clone(), self.trusted.clone(), vec![]);
+        let mut verifier = LogVerifier::from_genesis(process.clone(), self.trusted(), vec![]);
         if seq > 1 {
             let mut earlier = reader.messages(process, 1, Some(seq - 1)).await?;
             while let Some(m) = earlier.next().await {
@@ -434,7 +458,7 @@ impl Feed {
         let Ok(run) = msg.decode() else {
             return Ok(None);
         };
-        if check_run(&run, process, &self.trusted, &[]).is_err() {
+        if check_run(&run, process, &self.trusted(), &[]).is_err() {
             return Ok(None);
         }
         let after = run.prev_seq + 1;
@@ -445,7 +469,7 @@ impl Feed {
         if run.prev_seq == 0 {
             return Ok(Some(LogVerifier::from_genesis(
                 process.clone(),
-                self.trusted.clone(),
+                self.trusted(),
                 vec![],
             )));
         }
@@ -455,12 +479,12 @@ impl Feed {
         let Ok(prev_run) = prev.decode() else {
             return Ok(None);
         };
-        if check_run(&prev_run, process, &self.trusted, &[]).is_err() {
+        if check_run(&prev_run, process, &self.trusted(), &[]).is_err() {
             return Ok(None);
         }
         Ok(Some(LogVerifier::resume(
             process.clone(),
-            self.trusted.clone(),
+            self.trusted(),
             vec![],
             Some(journal::chain::point_after(&prev_run, run.prev_seq)),
             Some(run.prev_seq),
@@ -475,6 +499,32 @@ impl Feed {
         process: ProcessId,
         msg: LogMessage,
     ) -> Result<()> {
+        // A run sealed by a key we do not know yet: read the published keys again (at
+        // most once a second) before judging it.
+        if let (Some(keys), Ok(run)) = (&self.keys, msg.decode()) {
+            let trusted = self.trusted();
+            if matches!(
+                check_run(&run, &process, &trusted, &[]),
+                Err(protocol::verify::FaultKind::UntrustedKey(_)
+                    | protocol::verify::FaultKind::Unsigned)
+            ) && self.may_read_keys()
+            {
+                let fresh = journal::keyring::trust(&journal::keyring::fetch(keys).await?);
+                if let Ok(mut t) = self.trusted.write() {
+                    *t = fresh;
+                }
+                let trusted = self.trusted();
+                for f in procs.values_mut() {
+                    f.verifier = LogVerifier::resume(
+                        f.verifier.process().clone(),
+                        trusted.clone(),
+                        vec![],
+                        f.verifier.point().cloned(),
+                        f.verifier.last_seq(),
+                    );
+                }
+            }
+        }
         if !procs.contains_key(&process) {
             let fed = self.load(reader, &process, &msg).await?;
             procs.insert(process.clone(), fed);

@@ -102,14 +102,32 @@ pub async fn run(
     )
     .await?;
     let kv = journal::setup::ensure_workers(&js, &subjects, &options).await?;
-    let trusted = match settings.trusted.clone() {
-        Some(t) => t,
+    let (trusted, keys) = match settings.trusted.clone() {
+        Some(t) => (t, None),
         None => {
-            let keys = journal::setup::open_bucket(&js, &subjects.keys_bucket()).await?;
-            journal::keyring::trust(&journal::keyring::fetch(&keys).await?)
+            // The scheduler makes the keys bucket; wait for it (a worker may start
+            // first on a fresh deployment).
+            let mut waited = 0u32;
+            let keys = loop {
+                match journal::setup::open_bucket(&js, &subjects.keys_bucket()).await {
+                    Ok(k) => break k,
+                    Err(e) => {
+                        if waited % 30 == 0 {
+                            warn!("no scheduler keys bucket yet ({e}); waiting for a scheduler");
+                        }
+                        waited += 1;
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                }
+            };
+            let t = journal::keyring::trust(&journal::keyring::fetch(&keys).await?);
+            (t, Some(keys))
         }
     };
-    if trusted.is_empty() {
+    if trusted.is_empty() && keys.is_none() {
         warn!("no trusted key: no run of the log can verify, so no job will be handed out");
     }
 
@@ -169,7 +187,9 @@ pub async fn run(
         subjects: subjects.clone(),
         js: js.clone(),
         kv,
-        trusted,
+        trusted: Arc::new(std::sync::RwLock::new(trusted)),
+        keys,
+        keys_read: Arc::new(std::sync::Mutex::new(None)),
         stats: feed_stats,
     };
     // The group exists (its place in the log is fixed) before the instance says it
