@@ -714,3 +714,128 @@ async fn a_worker_learns_keys_published_after_it_started() -> Result<()> {
     );
     Ok(())
 }
+
+fn operator_env(server: &NatsServer) -> String {
+    server.url_as(Role::Operator)
+}
+
+/// Pause: no job of the paused group starts (within a second of the pause), across a
+/// restart of the instance; a job cancelled meanwhile is recorded `cancelled` and
+/// never runs; resume runs the rest. A running job cancelled is stopped (its child
+/// killed) and recorded `cancelled`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_survives_a_restart_and_cancel_skips_a_queued_job_and_stops_a_running_one(
+) -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(81))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let pids = dir.path().join("pids");
+    // "long": records its pid, then sleeps; others append at once.
+    let script = format!(
+        "b=$(cat); if [ \"$b\" = long ]; then echo $$ >> {p}; sleep 60; fi; echo \"$TS_PROCESS:$TS_SLOT\" >> {o}",
+        p = pids.display(),
+        o = out.display()
+    );
+    let mut a = spawn_worker(&server, "g10", &script, &[])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let op = operator_env(&server);
+    crate::support::cli_ok(&op, &["queue", "pause", "g10"]).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let p = ProcessId::new("q")?;
+    let mut slots = Vec::new();
+    for i in 0..3 {
+        slots.push(
+            client
+                .schedule(&p, Bytes::from(format!("m{i}")), &Schedule::default())
+                .await?
+                .slot,
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        lines(&out).is_empty(),
+        "a paused queue ran {:?}",
+        lines(&out)
+    );
+    // Restart the instance: still paused.
+    let stopped = tokio::task::spawn_blocking(move || a.terminate(Duration::from_secs(15))).await?;
+    assert!(stopped);
+    let _a2 = spawn_worker(&server, "g10", &script, &[])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        lines(&out).is_empty(),
+        "a paused queue ran after a restart {:?}",
+        lines(&out)
+    );
+    // Cancel the middle one by its message id... by slot here, then resume.
+    let s1 = slots[1].to_string();
+    crate::support::cli_ok(&op, &["job", "cancel", "g10", "q", &s1]).await?;
+    crate::support::cli_ok(&op, &["queue", "resume", "g10"]).await?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator);
+    let r = wait_final(&js, "g10", 3, 30).await?;
+    assert_eq!(
+        r[&format!("q:{}", slots[1])]
+            .iter()
+            .map(|e| e.state)
+            .collect::<Vec<_>>(),
+        vec![State::Cancelled]
+    );
+    let mut ran = lines(&out);
+    ran.sort();
+    assert_eq!(
+        ran,
+        vec![format!("q:{}", slots[0]), format!("q:{}", slots[2])]
+    );
+
+    // A running job: cancelled while it runs, its child is killed.
+    let long = client
+        .schedule(&p, Bytes::from("long"), &Schedule::default())
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let pid = loop {
+        if let Some(l) = lines(&pids).first() {
+            break l.trim().parse::<u32>()?;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the long job never started");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let msg_id = r[&format!("q:{}", slots[0])][0].message_id.clone();
+    assert!(!msg_id.is_empty());
+    let ls = long.slot.to_string();
+    crate::support::cli_ok(&op, &["job", "cancel", "g10", "q", &ls]).await?;
+    let r = wait_final(&js, "g10", 4, 20).await?;
+    let evs = &r[&format!("q:{}", long.slot)];
+    assert_eq!(
+        evs.last().map(|e| e.state),
+        Some(State::Cancelled),
+        "{evs:?}"
+    );
+    assert!(evs.last().and_then(|e| e.started_ms).is_some());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("the cancelled job's child {pid} is still alive");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        lines(&out).len(),
+        2,
+        "the cancelled job finished: {:?}",
+        lines(&out)
+    );
+    // By message id: the CLI finds the slot in the verified log.
+    let by_id =
+        crate::support::cli_ok(&op, &["job", "cancel", "g10", "q", "--id", &msg_id]).await?;
+    assert!(by_id.contains(&format!("\"slot\":{}", slots[0])), "{by_id}");
+    Ok(())
+}

@@ -25,9 +25,46 @@ pub enum WorkerAction {
     },
 }
 
+/// `turnstile queue …` (the operator's: writes the workers bucket).
+#[derive(Subcommand, Debug)]
+pub enum QueueAction {
+    /// No instance of the group starts a job of it (or of one process) from now on,
+    /// until resumed; survives restarts. Jobs already running finish.
+    Pause {
+        /// The worker group.
+        group: String,
+        /// Only this process's jobs.
+        #[arg(long)]
+        process: Option<String>,
+    },
+    /// Lifts a pause.
+    Resume {
+        /// The worker group.
+        group: String,
+        /// The process whose pause is lifted (a group pause is lifted without it).
+        #[arg(long)]
+        process: Option<String>,
+    },
+}
+
 /// `turnstile job …`.
 #[derive(Subcommand, Debug)]
 pub enum JobAction {
+    /// Cancels a job in a group (the operator's): skipped and recorded `cancelled`
+    /// when it reaches an instance, stopped if it is running (a `command`'s child is
+    /// killed). By slot, or by the message id the log holds (`--id`).
+    Cancel {
+        /// The worker group.
+        group: String,
+        /// The process.
+        process: String,
+        /// The slot.
+        #[arg(required_unless_present = "id")]
+        slot: Option<u64>,
+        /// The message id instead of the slot (found in the verified log).
+        #[arg(long, conflicts_with = "slot")]
+        id: Option<String>,
+    },
     /// A job's history in a group, one JSON event a line (done, failed with its
     /// attempt, dead, cancelled, merged). Exit status 1: no event yet.
     Get {
@@ -101,9 +138,84 @@ pub async fn worker(
     }
 }
 
-/// `turnstile job get`.
+/// The workers bucket, for the operator's writes.
+async fn workers_bucket(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+) -> Result<jetstream::kv::Store> {
+    js.get_key_value(subjects.workers_bucket())
+        .await
+        .context("no workers bucket (no worker group has started yet?)")
+}
+
+/// `turnstile queue pause|resume`.
+pub async fn queue(
+    nats: async_nats::Client,
+    subjects: &Subjects,
+    action: QueueAction,
+) -> Result<i32> {
+    let js = jetstream::new(nats);
+    let kv = workers_bucket(&js, subjects).await?;
+    let (group, process, pause) = match action {
+        QueueAction::Pause { group, process } => (group, process, true),
+        QueueAction::Resume { group, process } => (group, process, false),
+    };
+    check_group(&group)?;
+    if let Some(p) = &process {
+        ProcessId::new(p.clone())?;
+    }
+    let key = worker::control::pause_key(&group, process.as_deref());
+    if pause {
+        kv.put(&key, Bytes::from_static(b"paused")).await?;
+    } else {
+        kv.delete(&key).await?;
+    }
+    println!(
+        "{}",
+        serde_json::json!({"group": group, "process": process, "paused": pause})
+    );
+    Ok(0)
+}
+
+fn check_group(group: &str) -> Result<()> {
+    if !journal::subjects::is_ownership_token(group) || group.len() > 48 {
+        bail!("group {group:?}: 1–48 characters of A-Z a-z 0-9 - _");
+    }
+    Ok(())
+}
+
+/// `turnstile job get|cancel`.
 pub async fn job(nats: async_nats::Client, subjects: &Subjects, action: JobAction) -> Result<i32> {
     match action {
+        JobAction::Cancel {
+            group,
+            process,
+            slot,
+            id,
+        } => {
+            check_group(&group)?;
+            let p = ProcessId::new(process)?;
+            let js = jetstream::new(nats);
+            let slot = match (slot, id) {
+                (Some(s), _) => s,
+                (None, Some(id)) => match slot_of_id(&js, subjects, &p, &id).await? {
+                    Some(s) => s,
+                    None => bail!("no assignment of {p} holds message id {id:?}"),
+                },
+                (None, None) => bail!("a slot or --id"),
+            };
+            let kv = workers_bucket(&js, subjects).await?;
+            kv.put(
+                worker::control::cancel_key(&group, p.as_str(), slot),
+                Bytes::from_static(b"cancelled"),
+            )
+            .await?;
+            println!(
+                "{}",
+                serde_json::json!({"group": group, "process": p.as_str(), "slot": slot, "cancelled": true})
+            );
+            Ok(0)
+        }
         JobAction::Get {
             group,
             process,
@@ -190,4 +302,25 @@ async fn read(
         }
     }
     Ok(out)
+}
+
+/// The slot of `process`'s assignment with message id `id`, from the verified log.
+async fn slot_of_id(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    process: &ProcessId,
+    id: &str,
+) -> Result<Option<u64>> {
+    let keys = journal::setup::open_bucket(js, &subjects.keys_bucket()).await?;
+    let trusted = journal::keyring::trust(&journal::keyring::fetch(&keys).await?);
+    let reader = journal::reader::LogReader::open(js.clone(), subjects.clone()).await?;
+    let mut judged = journal::chain::from_slot(&reader, process, &trusted, 0, false).await?;
+    while let Some(j) = judged.next().await {
+        if let journal::chain::Judged::Chain { run, .. } = j? {
+            if let Some(e) = run.run.entries.iter().find(|e| e.message_id == id) {
+                return Ok(Some(e.slot));
+            }
+        }
+    }
+    Ok(None)
 }

@@ -147,7 +147,12 @@ enum Command {
         #[command(subcommand)]
         action: jobs::WorkerAction,
     },
-    /// One job's history in a worker group.
+    /// Pause or resume a worker group's queue, or one process of it (the operator's).
+    Queue {
+        #[command(subcommand)]
+        action: jobs::QueueAction,
+    },
+    /// One job in a worker group: its history, or cancel it (the operator's).
     Job {
         #[command(subcommand)]
         action: jobs::JobAction,
@@ -439,6 +444,9 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Workers => jobs::workers(connect(&cli.nats_url).await?).await,
         Command::Worker { action } => {
             jobs::worker(connect(&cli.nats_url).await?, &subjects, action).await
+        }
+        Command::Queue { action } => {
+            jobs::queue(connect(&cli.nats_url).await?, &subjects, action).await
         }
         Command::Job { action } => {
             jobs::job(connect(&cli.nats_url).await?, &subjects, action).await

@@ -26,6 +26,7 @@ use protocol::ProcessId;
 use service::Clock;
 
 use crate::buffer::{Buffer, Kind};
+use crate::control::Control;
 use crate::handler::{Handler, Outcome};
 use crate::job::{backoff, Job, ResultEvent, State};
 use crate::{Error, Result};
@@ -209,6 +210,8 @@ pub struct Counts {
     pub already_final: AtomicU64,
     /// Handler panics caught.
     pub panics: AtomicU64,
+    /// Jobs cancelled.
+    pub cancelled: AtomicU64,
     /// Messages of the work stream that are not jobs.
     pub malformed: AtomicU64,
 }
@@ -236,6 +239,10 @@ pub struct Instance {
     closing: CancellationToken,
     /// Fires when running jobs must stop now.
     hard_stop: CancellationToken,
+    /// Cancelled jobs and paused queues (the workers bucket, watched).
+    control: Mutex<Control>,
+    /// The workers bucket, if control is watched.
+    kv: Option<async_nats::jetstream::kv::Store>,
 }
 
 impl Instance {
@@ -247,6 +254,7 @@ impl Instance {
         js: jetstream::Context,
         handler: Arc<dyn Handler>,
         clock: Clock,
+        kv: Option<async_nats::jetstream::kv::Store>,
     ) -> Arc<Instance> {
         let now = clock();
         Arc::new(Instance {
@@ -266,7 +274,37 @@ impl Instance {
             counts: Counts::default(),
             closing: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
+            control: Mutex::new(Control::default()),
+            kv,
         })
+    }
+
+    /// Applies a change of a control key: a cancelled job that runs here is stopped.
+    fn control_changed(&self, key: &str, present: bool) {
+        let Ok(mut c) = self.control.lock() else {
+            return;
+        };
+        c.apply(&self.config.group, key, present);
+        // Stop what runs here and is now cancelled.
+        self.with(|s| {
+            for (h, _, token) in s.running.values() {
+                if c.is_cancelled(&h.job.process, h.job.slot) {
+                    token.cancel();
+                }
+            }
+        });
+        drop(c);
+        self.changed.notify_waiters();
+    }
+
+    fn is_cancelled(&self, job: &Job) -> bool {
+        self.control
+            .lock()
+            .is_ok_and(|c| c.is_cancelled(&job.process, job.slot))
+    }
+
+    fn is_paused(&self, process: &str) -> bool {
+        self.control.lock().is_ok_and(|c| c.is_paused(process))
     }
 
     /// The instance id.
@@ -323,6 +361,7 @@ impl Instance {
             ("merged", c.merged.load(Ordering::Relaxed)),
             ("already_final", c.already_final.load(Ordering::Relaxed)),
             ("panics", c.panics.load(Ordering::Relaxed)),
+            ("cancelled", c.cancelled.load(Ordering::Relaxed)),
             ("malformed", c.malformed.load(Ordering::Relaxed)),
         ]);
         self.with(|s| Inspection {
@@ -349,6 +388,51 @@ impl Instance {
     /// alive; then drains.
     pub async fn run(self: &Arc<Self>) -> Result<()> {
         let consumer = self.consumer().await?;
+        // Control first: no job starts before the instance knows what is paused and
+        // cancelled.
+        let watching = self.kv.as_ref().map(|kv| {
+            let me = Arc::clone(self);
+            let group = self.config.group.clone();
+            let bucket = kv.name.clone();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let task = tokio::spawn(async move {
+                let mut tx = Some(tx);
+                loop {
+                    let m = Arc::clone(&me);
+                    // Only the first watch tells the start; a re-watch replays the
+                    // current values over the ones held.
+                    let loaded = tx
+                        .take()
+                        .unwrap_or_else(|| tokio::sync::oneshot::channel().0);
+                    let r = crate::control::watch(
+                        me.js.clone(),
+                        bucket.clone(),
+                        group.clone(),
+                        move |k, present| m.control_changed(k, present),
+                        loaded,
+                    )
+                    .await;
+                    if let Err(e) = r {
+                        me.record(Level::Warn, format!("control watch: {e}; again in 1 s"));
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
+            (task, rx)
+        });
+        let watching = match watching {
+            Some((task, rx)) => match tokio::time::timeout(Duration::from_secs(30), rx).await {
+                Ok(Ok(())) => Some(task),
+                _ => {
+                    task.abort();
+                    return Err(Error::nats(
+                        "load job control",
+                        "the paused queues and cancelled jobs could not be read within 30 s",
+                    ));
+                }
+            },
+            None => None,
+        };
         self.set_status(Status::Running {
             since_ms: (self.clock)(),
         });
@@ -391,6 +475,9 @@ impl Instance {
             let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
         }
         keepalive.abort();
+        if let Some(w) = watching {
+            w.abort();
+        }
         let now = (self.clock)();
         match &fetched {
             Ok(()) => self.set_status(Status::Closed { since_ms: now }),
@@ -529,7 +616,14 @@ impl Instance {
 
     async fn execute_loop(&self) {
         loop {
-            let next = self.with(|s| s.buffer.pop()).flatten();
+            // The oldest job whose queue is not paused (a cancelled one goes anyway:
+            // it only needs recording).
+            let next = self
+                .with(|s| {
+                    s.buffer
+                        .pop_first(|h| !self.is_paused(&h.job.process) || self.is_cancelled(&h.job))
+                })
+                .flatten();
             let Some(p) = next else {
                 if self.closing.is_cancelled() {
                     return;
@@ -609,6 +703,10 @@ impl Instance {
                 }
             }
         }
+        if self.is_cancelled(&h.job) {
+            self.settle_cancelled(&h, None, None).await;
+            return;
+        }
         let cancel = self.hard_stop.child_token();
         let started = (self.clock)();
         let id = h.job.id();
@@ -638,12 +736,36 @@ impl Instance {
         };
         let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.with(|s| s.running.remove(&id));
+        if self.is_cancelled(&h.job) {
+            self.settle_cancelled(&h, Some(started), Some(ms)).await;
+            return;
+        }
         if self.hard_stop.is_cancelled() {
             // Stopped by the shutdown, not by its own fault: hand it back untouched.
             let _ = h.msg.ack_with(AckKind::Nak(None)).await;
             return;
         }
         self.settle(&h, outcome, started, ms).await;
+    }
+
+    /// Records a cancelled job (before it ran, or stopped while running) and
+    /// acknowledges it.
+    async fn settle_cancelled(&self, h: &Held, started: Option<u64>, ms: Option<u64>) {
+        let mut ev = self.event(h, State::Cancelled);
+        ev.started_ms = started;
+        ev.duration_ms = ms;
+        ev.reason = Some("cancelled (turnstile job cancel)".into());
+        if let Err(e) = self.store_result(&ev).await {
+            self.record(Level::Error, format!("{}: {e}; handed back", h.job.id()));
+            let _ = h
+                .msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return;
+        }
+        self.counts.cancelled.fetch_add(1, Ordering::Relaxed);
+        self.record(Level::Info, format!("{} cancelled", h.job.id()));
+        let _ = h.msg.ack().await;
     }
 
     async fn settle(&self, h: &Held, outcome: Outcome, started: u64, ms: u64) {

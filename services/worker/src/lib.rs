@@ -6,6 +6,7 @@
 //! # Layout
 //! - [`job`]: jobs, results and faults as stored (pure).
 //! - [`buffer`]: an instance's buffer: queue, bounded, dropbox (pure).
+//! - [`control`]: cancelled jobs and paused queues, cluster-wide (the workers bucket).
 //! - [`handler`]: the [`handler::Handler`] trait and the `command` handler.
 //! - [`feeder`]: one per group: the log, verified, into one job per assignment.
 //! - [`instance`]: fetch, run, record, keep alive, introspect, drain.
@@ -13,6 +14,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod buffer;
+pub mod control;
 mod error;
 pub mod feeder;
 pub mod handler;
@@ -112,7 +114,7 @@ pub async fn run(
                 match journal::setup::open_bucket(&js, &subjects.keys_bucket()).await {
                     Ok(k) => break k,
                     Err(e) => {
-                        if waited % 30 == 0 {
+                        if waited.is_multiple_of(30) {
                             warn!("no scheduler keys bucket yet ({e}); waiting for a scheduler");
                         }
                         waited += 1;
@@ -179,6 +181,7 @@ pub async fn run(
         js.clone(),
         handler,
         clock,
+        Some(kv.clone()),
     );
     let feed = feeder::Feed {
         group: group.clone(),
