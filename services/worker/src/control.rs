@@ -158,7 +158,7 @@ mod tests {
         c.apply("g", &cancel_key("g", "p-1", 7), true);
         assert!(c.is_cancelled("p-1", 7));
         assert!(!c.is_cancelled("p-1", 8));
-        c.apply("h", &cancel_key("h", "p-1", 8), true);
+        c.apply("g", &cancel_key("h", "p-1", 8), true);
         assert!(!c.is_cancelled("p-1", 8));
         c.apply("g", &cancel_key("g", "p-1", 7), false);
         assert!(!c.is_cancelled("p-1", 7));
