@@ -839,3 +839,91 @@ async fn pause_survives_a_restart_and_cancel_skips_a_queued_job_and_stops_a_runn
     assert!(by_id.contains(&format!("\"slot\":{}", slots[0])), "{by_id}");
     Ok(())
 }
+
+/// Strict order: two instances of a strict group, six processes, 15 jobs each, one
+/// of them failing its first attempt, and one instance stopped half-way (its
+/// partitions move): every process's jobs ran one at a time, in slot order, the
+/// failed one retried before anything after it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_group_runs_each_process_one_job_at_a_time_in_slot_order() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(82))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let script = format!(
+        "b=$(cat); echo \"S $TS_PROCESS $TS_SLOT\" >> {o}; \
+         if [ \"$b\" = flaky ] && [ ! -f {d}/flaky-$TS_PROCESS ]; then touch {d}/flaky-$TS_PROCESS; echo \"F $TS_PROCESS $TS_SLOT\" >> {o}; exit 1; fi; \
+         sleep 0.0$((TS_SLOT % 4)); echo \"E $TS_PROCESS $TS_SLOT\" >> {o}",
+        o = out.display(),
+        d = dir.path().display()
+    );
+    let extra = [
+        "--ordering",
+        "strict",
+        "--backoff-ms",
+        "100",
+        "--concurrency",
+        "8",
+    ];
+    let mut a = spawn_worker(&server, "g11", &script, &extra)?;
+    let _b = spawn_worker(&server, "g11", &script, &extra)?;
+    wait_for_service(&nats, "turnstile-worker", 2).await?;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let mut tasks = Vec::new();
+    for p in 0..6 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let process = ProcessId::new(format!("o{p}"))?;
+            for i in 0..15 {
+                let body = if i == 5 { "flaky" } else { "ok" };
+                client
+                    .schedule(&process, Bytes::from(body), &Schedule::default())
+                    .await?;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let stopped = tokio::task::spawn_blocking(move || a.terminate(Duration::from_secs(20))).await?;
+    assert!(stopped, "a did not stop");
+    for t in tasks {
+        t.await??;
+    }
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator);
+    let r = wait_final(&js, "g11", 90, 60).await?;
+    assert!(
+        r.values()
+            .all(|evs| evs.last().map(|e| e.state) == Some(State::Done)),
+        "{r:?}"
+    );
+    // Per process: S k (F k S k)? E k, for k = 0, 1, … in order, nothing interleaved.
+    let ran = lines(&out);
+    for p in 0..6 {
+        let name = format!("o{p}");
+        let mine: Vec<(String, u64)> = ran
+            .iter()
+            .filter_map(|l| {
+                let mut it = l.split(' ');
+                let (kind, proc_, slot) = (it.next()?, it.next()?, it.next()?);
+                let slot: u64 = slot.parse().ok()?;
+                (proc_ == name).then(|| (kind.to_string(), slot))
+            })
+            .collect();
+        let mut expected = Vec::new();
+        for k in 0..15u64 {
+            expected.push(("S".to_string(), k));
+            if k == 5 {
+                expected.push(("F".to_string(), k));
+                expected.push(("S".to_string(), k));
+            }
+            expected.push(("E".to_string(), k));
+        }
+        assert_eq!(mine, expected, "process {name}");
+    }
+    Ok(())
+}

@@ -56,6 +56,35 @@ pub struct Config {
     pub drain: Duration,
     /// The header whose value is a job's merge key (dropbox).
     pub merge_header: String,
+    /// `unordered` (any concurrency) or `strict` (a process's jobs one at a time, in
+    /// slot order; processes in parallel).
+    pub order: Order,
+    /// Strict groups: the lease on each of the group's work partitions.
+    pub lease: Duration,
+    /// Strict groups: replicas of the ownership bucket if this instance creates it.
+    pub replicas: usize,
+}
+
+/// How a group orders its jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Any job of any process may run at any time, on any instance.
+    Unordered,
+    /// A process's jobs run one at a time, in slot order, across the whole group: each
+    /// of the group's 16 work partitions is consumed by the one instance that holds its
+    /// lease (the ownership crate), and a failed attempt is retried in place.
+    Strict,
+}
+
+impl std::str::FromStr for Order {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Order, String> {
+        match s {
+            "unordered" => Ok(Order::Unordered),
+            "strict" => Ok(Order::Strict),
+            _ => Err(format!("ordering {s:?}: strict or unordered")),
+        }
+    }
 }
 
 impl Default for Config {
@@ -71,6 +100,9 @@ impl Default for Config {
             ack_wait: Duration::from_secs(30),
             drain: Duration::from_secs(10),
             merge_header: "Merge-Key".into(),
+            order: Order::Unordered,
+            lease: Duration::from_secs(10),
+            replicas: 1,
         }
     }
 }
@@ -180,6 +212,8 @@ struct Held {
     msg: Arc<jetstream::Message>,
     attempt: u32,
     pushed_ms: u64,
+    /// The work partition it came from.
+    partition: u32,
 }
 
 impl Held {
@@ -221,6 +255,9 @@ struct State_ {
     buffer: Buffer<Held>,
     running: BTreeMap<String, (Held, u64, CancellationToken)>,
     backlog: VecDeque<Event>,
+    /// Strict order: processes with a job taken by an executor (running or waiting
+    /// for its retry).
+    busy: std::collections::HashSet<String>,
 }
 
 /// A running instance: what its tasks share.
@@ -264,6 +301,7 @@ impl Instance {
                 buffer: Buffer::new(config.buffer),
                 running: BTreeMap::new(),
                 backlog: VecDeque::new(),
+                busy: std::collections::HashSet::new(),
             }),
             config,
             subjects,
@@ -387,7 +425,10 @@ impl Instance {
     /// Runs the instance until [`Instance::trigger_shutdown`]: fetches, runs, keeps
     /// alive; then drains.
     pub async fn run(self: &Arc<Self>) -> Result<()> {
-        let consumer = self.consumer().await?;
+        let consumer = match self.config.order {
+            Order::Unordered => Some(self.consumer().await?),
+            Order::Strict => None,
+        };
         // Control first: no job starts before the instance knows what is paused and
         // cancelled.
         let watching = self.kv.as_ref().map(|kv| {
@@ -444,7 +485,19 @@ impl Instance {
         }
         let me = Arc::clone(self);
         let keepalive = tokio::spawn(async move { me.keep_alive().await });
-        let fetched = self.fetch_loop(consumer).await;
+        let mut leases = Vec::new();
+        let mut membership = None;
+        let fetched = match consumer {
+            Some(consumer) => self.fetch_loop(consumer).await,
+            None => match self.strict_loop().await {
+                Ok((m, held)) => {
+                    membership = Some(m);
+                    leases = held;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+        };
         // Closing: stop fetching (done), hand back what waits at once, give the
         // running jobs their drain time, then cancel them.
         self.set_status(Status::Closing {
@@ -475,6 +528,12 @@ impl Instance {
             let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
         }
         keepalive.abort();
+        // Strict order: the partitions are released only now that nothing of them
+        // runs here any more, so their next holder cannot overtake a job of ours.
+        drop(leases);
+        if let Some(m) = membership {
+            let _ = m.leave().await;
+        }
         if let Some(w) = watching {
             w.abort();
         }
@@ -512,15 +571,141 @@ impl Instance {
             .map_err(|e| Error::nats("open the group's consumer", e))
     }
 
+    /// Strict order: holds some of the group's work partitions (the ownership crate
+    /// balances them over the live instances) and consumes each held one alone. Runs
+    /// until closing; returns the membership and the leases still held (released by
+    /// the caller once the running jobs are done).
+    async fn strict_loop(
+        self: &Arc<Self>,
+    ) -> Result<(ownership::Membership, Vec<ownership::Lease>)> {
+        let group = format!("work-{}", self.config.group);
+        let mut config =
+            ownership::Config::new(&group, crate::job::PARTITIONS, self.config.lease, &self.id)?;
+        config.subjects = self.subjects.clone();
+        config.replicas = self.config.replicas;
+        let mut membership = ownership::Membership::join(self.js.clone(), config).await?;
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = self.closing.cancelled() => break,
+                lease = membership.next_lease() => {
+                    let Some(lease) = lease else { break };
+                    let me = Arc::clone(self);
+                    tasks.spawn(async move { me.partition_loop(lease).await });
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        let mut held = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            if let Ok(Some(lease)) = r {
+                held.push(lease);
+            }
+        }
+        Ok((membership, held))
+    }
+
+    /// Consumes one work partition while its lease is held. On losing it: stops
+    /// fetching, hands back (in stream order) what of it waits here, waits until
+    /// nothing of it runs here, then lets the lease go. On closing: hands back what
+    /// waits and returns the lease, still held, to be released after the drain.
+    async fn partition_loop(self: Arc<Self>, lease: ownership::Lease) -> Option<ownership::Lease> {
+        let n = lease.partition();
+        self.record(Level::Info, format!("work partition {n}: taken"));
+        let consumer = loop {
+            match self.partition_consumer(n).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    self.record(
+                        Level::Warn,
+                        format!("work partition {n}: {e}; again in 1 s"),
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = lease.lost() => return None,
+                        _ = self.closing.cancelled() => return Some(lease),
+                    }
+                }
+            }
+        };
+        let stop = CancellationToken::new();
+        let (s2, lost, closing) = (stop.clone(), lease.cancellation(), self.closing.clone());
+        let watcher = tokio::spawn(async move {
+            tokio::select! {
+                _ = lost.cancelled() => {}
+                _ = closing.cancelled() => {}
+            }
+            s2.cancel();
+        });
+        let _ = self.fetch_from(consumer, &stop).await;
+        watcher.abort();
+        let waiting = self
+            .with(|s| s.buffer.remove_where(|h| h.partition == n))
+            .unwrap_or_default();
+        let handed_back = waiting.len();
+        for h in waiting {
+            let _ = h.msg.ack_with(AckKind::Nak(None)).await;
+        }
+        if self.closing.is_cancelled() {
+            return Some(lease);
+        }
+        while self
+            .with(|s| s.running.values().any(|(h, _, _)| h.partition == n))
+            .unwrap_or(false)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.record(
+            Level::Info,
+            format!("work partition {n}: given up ({handed_back} waiting jobs handed back)"),
+        );
+        None
+    }
+
+    async fn partition_consumer(&self, n: u32) -> Result<consumer::PullConsumer> {
+        let stream = self
+            .js
+            .get_stream(self.subjects.work_stream())
+            .await
+            .map_err(|e| Error::nats("open the work stream", e))?;
+        let name = format!("{}-p{n}", consumer_name(&self.config.group));
+        let config = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            description: Some(format!(
+                "turnstile worker group {} (strict), partition {n}",
+                self.config.group
+            )),
+            filter_subject: self.subjects.work_partition(&self.config.group, n),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.config.ack_wait,
+            max_ack_pending: 100_000,
+            max_deliver: -1,
+            ..Default::default()
+        };
+        stream
+            .get_or_create_consumer(&name, config)
+            .await
+            .map_err(|e| Error::nats("open a partition's consumer", e))
+    }
+
     async fn fetch_loop(&self, consumer: consumer::PullConsumer) -> Result<()> {
+        self.fetch_from(consumer, &self.closing).await
+    }
+
+    /// Fetches from `consumer` into the buffer as it has room, until `stop`.
+    async fn fetch_from(
+        &self,
+        consumer: consumer::PullConsumer,
+        stop: &CancellationToken,
+    ) -> Result<()> {
         let mut failures = 0u32;
-        while !self.closing.is_cancelled() {
+        while !stop.is_cancelled() {
             let room = self.with(|s| s.buffer.room()).unwrap_or(0);
             if room == 0 {
                 tokio::select! {
                     _ = self.changed.notified() => {}
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    _ = self.closing.cancelled() => {}
+                    _ = stop.cancelled() => {}
                 }
                 continue;
             }
@@ -588,11 +773,13 @@ impl Instance {
         } else {
             None
         };
+        let partition = crate::job::partition_of(&job.process, crate::job::PARTITIONS);
         let held = Held {
             job: Arc::new(job),
             msg: Arc::new(m),
             attempt,
             pushed_ms: (self.clock)(),
+            partition,
         };
         let now = held.pushed_ms;
         debug!(job = %held.job.id(), key = ?key, headers = ?held.job.headers, "taken");
@@ -618,10 +805,18 @@ impl Instance {
         loop {
             // The oldest job whose queue is not paused (a cancelled one goes anyway:
             // it only needs recording).
+            let strict = self.config.order == Order::Strict;
             let next = self
                 .with(|s| {
-                    s.buffer
-                        .pop_first(|h| !self.is_paused(&h.job.process) || self.is_cancelled(&h.job))
+                    let State_ { buffer, busy, .. } = s;
+                    let p = buffer.pop_first(|h| {
+                        (!self.is_paused(&h.job.process) || self.is_cancelled(&h.job))
+                            && !(strict && busy.contains(&h.job.process))
+                    });
+                    if let (true, Some(p)) = (strict, &p) {
+                        busy.insert(p.item.job.process.clone());
+                    }
+                    p
                 })
                 .flatten();
             let Some(p) = next else {
@@ -635,7 +830,12 @@ impl Instance {
                 continue;
             };
             self.changed.notify_waiters();
+            let process = p.item.job.process.clone();
             self.execute(p.item).await;
+            if strict {
+                self.with(|s| s.busy.remove(&process));
+                self.changed.notify_waiters();
+            }
         }
     }
 
@@ -707,45 +907,89 @@ impl Instance {
             self.settle_cancelled(&h, None, None).await;
             return;
         }
-        let cancel = self.hard_stop.child_token();
-        let started = (self.clock)();
-        let id = h.job.id();
-        self.with(|s| {
-            s.running
-                .insert(id.clone(), (h.clone(), started, cancel.clone()))
-        });
-        let handler = Arc::clone(&self.handler);
-        let job = Arc::clone(&h.job);
-        let c2 = cancel.clone();
-        let run = tokio::spawn(async move { handler.handle(&job, c2).await });
-        let t0 = std::time::Instant::now();
-        let outcome = match tokio::time::timeout(self.config.job_timeout, run).await {
-            Ok(Ok(o)) => o,
-            Ok(Err(e)) if e.is_panic() => {
-                self.counts.panics.fetch_add(1, Ordering::Relaxed);
-                Outcome::Failed(format!("handler panicked: {}", panic_text(e)))
+        let mut h = h;
+        loop {
+            let cancel = self.hard_stop.child_token();
+            let started = (self.clock)();
+            let id = h.job.id();
+            self.with(|s| {
+                s.running
+                    .insert(id.clone(), (h.clone(), started, cancel.clone()))
+            });
+            let handler = Arc::clone(&self.handler);
+            let job = Arc::clone(&h.job);
+            let c2 = cancel.clone();
+            let run = tokio::spawn(async move { handler.handle(&job, c2).await });
+            let t0 = std::time::Instant::now();
+            let outcome = match tokio::time::timeout(self.config.job_timeout, run).await {
+                Ok(Ok(o)) => o,
+                Ok(Err(e)) if e.is_panic() => {
+                    self.counts.panics.fetch_add(1, Ordering::Relaxed);
+                    Outcome::Failed(format!("handler panicked: {}", panic_text(e)))
+                }
+                Ok(Err(e)) => Outcome::Failed(format!("handler task: {e}")),
+                Err(_) => {
+                    cancel.cancel();
+                    Outcome::Failed(format!(
+                        "timed out after {} ms",
+                        self.config.job_timeout.as_millis()
+                    ))
+                }
+            };
+            let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+            if self.is_cancelled(&h.job) {
+                self.with(|s| s.running.remove(&id));
+                self.settle_cancelled(&h, Some(started), Some(ms)).await;
+                return;
             }
-            Ok(Err(e)) => Outcome::Failed(format!("handler task: {e}")),
-            Err(_) => {
-                cancel.cancel();
-                Outcome::Failed(format!(
-                    "timed out after {} ms",
-                    self.config.job_timeout.as_millis()
-                ))
+            if self.hard_stop.is_cancelled() {
+                // Stopped by the shutdown, not by its own fault: hand it back untouched.
+                self.with(|s| s.running.remove(&id));
+                let _ = h.msg.ack_with(AckKind::Nak(None)).await;
+                return;
             }
-        };
-        let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.with(|s| s.running.remove(&id));
-        if self.is_cancelled(&h.job) {
-            self.settle_cancelled(&h, Some(started), Some(ms)).await;
-            return;
+            // Strict order: a failed attempt is retried here, after its delay, with
+            // the job still held (kept alive, shown running): nothing of its process
+            // overtakes it, as a redelivery later could.
+            let again = self.config.order == Order::Strict
+                && h.attempt < self.config.max_attempts
+                && matches!(outcome, Outcome::Retry { .. } | Outcome::Failed(_));
+            if !again {
+                self.with(|s| s.running.remove(&id));
+                self.settle(&h, outcome, started, ms).await;
+                return;
+            }
+            let (delay, reason) = match outcome {
+                Outcome::Retry { after, reason } => {
+                    (after.unwrap_or_else(|| self.backoff(h.attempt)), reason)
+                }
+                Outcome::Failed(reason) => (self.backoff(h.attempt), reason),
+                Outcome::Done | Outcome::Fatal(_) => (Duration::ZERO, String::new()),
+            };
+            let mut ev = self.event(&h, State::Failed);
+            ev.started_ms = Some(started);
+            ev.duration_ms = Some(ms);
+            ev.reason = Some(reason.clone());
+            if let Err(e) = self.store_result(&ev).await {
+                self.with(|s| s.running.remove(&id));
+                self.record(Level::Error, format!("{id}: {e}; handed back"));
+                let _ = h.msg.ack_with(AckKind::Nak(None)).await;
+                return;
+            }
+            self.counts.failed.fetch_add(1, Ordering::Relaxed);
+            self.record(
+                Level::Warn,
+                format!(
+                    "{id} attempt {} failed: {reason}; again in {delay:?}",
+                    h.attempt
+                ),
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled() => {}
+            }
+            h.attempt += 1;
         }
-        if self.hard_stop.is_cancelled() {
-            // Stopped by the shutdown, not by its own fault: hand it back untouched.
-            let _ = h.msg.ack_with(AckKind::Nak(None)).await;
-            return;
-        }
-        self.settle(&h, outcome, started, ms).await;
     }
 
     /// Records a cancelled job (before it ran, or stopped while running) and

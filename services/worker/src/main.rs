@@ -52,6 +52,11 @@ struct Args {
     /// keep-newest).
     #[arg(long, env = "TS_BUFFER", default_value = "bounded:256")]
     buffer: worker::buffer::Kind,
+    /// `unordered` (any concurrency) or `strict` (a process's jobs one at a time, in
+    /// slot order, across the group; processes in parallel). Every instance of a group
+    /// must say the same.
+    #[arg(long, env = "TS_ORDERING", default_value = "unordered")]
+    ordering: worker::instance::Order,
     /// Jobs run at once by this instance.
     #[arg(long, env = "TS_CONCURRENCY", default_value_t = 16)]
     concurrency: usize,
@@ -76,7 +81,8 @@ struct Args {
     /// The header holding a job's merge key (dropbox).
     #[arg(long, env = "TS_MERGE_HEADER", default_value = "Merge-Key")]
     merge_header: String,
-    /// The feeder's lease (ms): a dead feeder is replaced after about this long.
+    /// The feeder's lease, and in a strict group each work partition's (ms): a dead
+    /// instance's share is taken over after about this long.
     #[arg(long, env = "TS_LEASE_MS", default_value_t = 10_000)]
     lease_ms: u64,
     /// Replicas of the work and results streams when this instance creates them.
@@ -183,6 +189,9 @@ async fn start() -> anyhow::Result<()> {
             ack_wait: Duration::from_millis(args.ack_wait_ms.max(1_000)),
             drain: Duration::from_millis(args.drain_ms),
             merge_header: args.merge_header,
+            order: args.ordering,
+            lease: Duration::from_millis(args.lease_ms.max(1_000)),
+            replicas: args.replicas,
         },
         lease: Duration::from_millis(args.lease_ms.max(1_000)),
         trusted: None,
