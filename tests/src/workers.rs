@@ -927,3 +927,131 @@ async fn a_strict_group_runs_each_process_one_job_at_a_time_in_slot_order() -> R
     }
     Ok(())
 }
+
+/// A bounded buffer: the instance fetches only while it has room, so it never holds
+/// more than its bound (plus what runs) however far the producer runs ahead; nothing
+/// is dropped: every job is done once in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_buffer_holds_no_more_than_its_bound_and_drops_nothing() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(83))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let _a = spawn_worker(
+        &server,
+        "g12",
+        "sleep 0.3",
+        &["--buffer", "bounded:2", "--concurrency", "1"],
+    )?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let id = crate::support::ping_instances(&nats, "turnstile-worker")
+        .await?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let client = Client::new(nats.clone(), Subjects::default());
+    let ids = schedule_many(&client, 2, 6, "bb").await?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator);
+    let work = js.get_stream("TS_WORK").await?;
+    let mut max_pending = 0;
+    let mut max_held = 0;
+    for _ in 0..15 {
+        let reply = nats
+            .request(format!("ts.worker.inspect.{id}"), Bytes::new())
+            .await?;
+        let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+        let pending = v["pending"].as_array().map(Vec::len).unwrap_or(0);
+        let running = v["running"].as_array().map(Vec::len).unwrap_or(0);
+        max_pending = max_pending.max(pending);
+        assert!(running <= 1, "{v}");
+        let held = work.consumer_info("group-g12").await?.num_ack_pending;
+        max_held = max_held.max(held);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(max_pending <= 2, "the buffer held {max_pending}");
+    assert!(
+        max_pending >= 1,
+        "the buffer never held anything: the test saw no backlog"
+    );
+    assert!(
+        max_held <= 3,
+        "{max_held} jobs delivered and not acknowledged"
+    );
+    let r = wait_final(&js, "g12", ids.len(), 60).await?;
+    assert!(r
+        .values()
+        .all(|evs| evs.iter().map(|e| e.state).collect::<Vec<_>>() == vec![State::Done]));
+    Ok(())
+}
+
+/// Hostile requests to an instance's introspection subject, as raw protocol bytes (a
+/// header block that does not parse, a huge body, a reply subject inside our own
+/// space): the instance answers what it can, never into our space, and goes on
+/// running jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_introspection_requests_do_not_stop_an_instance() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(84))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let _a = spawn_worker(&server, "g13", &appender(&out), &[])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let id = crate::support::ping_instances(&nats, "turnstile-worker")
+        .await?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let subject = format!("ts.worker.inspect.{id}");
+    let mut raw = crate::raw::RawClient::connect(server.url()).await?;
+    let s = subject.as_bytes();
+    use crate::raw::publish;
+    raw.send(&publish(
+        s,
+        Some(b"_INBOX.x"),
+        Some(b"NATS/1.0\r\nno colon here\r\n\r\n"),
+        b"x",
+    ))
+    .await?;
+    raw.send(&publish(
+        s,
+        Some(b"ts.log.evil"),
+        Some(b"NATS/1.0\r\n\r\n"),
+        b"",
+    ))
+    .await?;
+    raw.send(&publish(
+        s,
+        Some(b"$JS.API.STREAM.DELETE.TS_LOG"),
+        None,
+        &vec![b'x'; 512 * 1024],
+    ))
+    .await?;
+    raw.send(&publish(s, Some(b"_INBOX.\xff\xfe"), None, b""))
+        .await?;
+    raw.send(&publish(s, None, None, b"")).await?;
+    raw.flush().await?;
+    // Still answering, still running jobs.
+    let reply = nats.request(subject, Bytes::new()).await?;
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    assert_eq!(v["status"]["status"], "running");
+    let client = Client::new(nats, Subjects::default());
+    let r = client
+        .schedule(
+            &ProcessId::new("hx")?,
+            Bytes::from("x"),
+            &Schedule::default(),
+        )
+        .await?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator);
+    wait_final(&js, "g13", 1, 30).await?;
+    assert_eq!(lines(&out), vec![format!("hx:{}", r.slot)]);
+    assert!(js.get_stream("TS_LOG").await.is_ok(), "the log is gone");
+    Ok(())
+}
