@@ -1055,3 +1055,64 @@ async fn hostile_introspection_requests_do_not_stop_an_instance() -> Result<()> 
     assert!(js.get_stream("TS_LOG").await.is_ok(), "the log is gone");
     Ok(())
 }
+
+/// A hung handler is ended by the job timeout (its child killed) and the attempt
+/// fails; with the attempts used up the job is dead, the reason says why; the
+/// instance goes on with the next job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_handler_is_ended_by_its_timeout() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(85))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let script = format!(
+        "b=$(cat); [ \"$b\" = hang ] && sleep 60; echo \"$TS_PROCESS:$TS_SLOT\" >> {}",
+        out.display()
+    );
+    let _a = spawn_worker(
+        &server,
+        "g14",
+        &script,
+        &[
+            "--job-timeout-ms",
+            "700",
+            "--max-attempts",
+            "2",
+            "--backoff-ms",
+            "100",
+            "--concurrency",
+            "1",
+        ],
+    )?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let client = Client::new(nats, Subjects::default());
+    let p = ProcessId::new("hung")?;
+    let hung = client
+        .schedule(&p, Bytes::from("hang"), &Schedule::default())
+        .await?;
+    let next = client
+        .schedule(&p, Bytes::from("fine"), &Schedule::default())
+        .await?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator);
+    let r = wait_final(&js, "g14", 2, 30).await?;
+    let evs = &r[&format!("hung:{}", hung.slot)];
+    let states: Vec<State> = evs.iter().map(|e| e.state).collect();
+    assert_eq!(states, vec![State::Failed, State::Dead], "{evs:?}");
+    assert!(
+        evs.iter().all(|e| e
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("timed out after 700 ms"))),
+        "{evs:?}"
+    );
+    assert!(
+        evs.iter().all(|e| e.duration_ms.is_some_and(|d| d < 5_000)),
+        "{evs:?}"
+    );
+    assert_eq!(lines(&out), vec![format!("hung:{}", next.slot)]);
+    Ok(())
+}

@@ -213,6 +213,101 @@ impl Handler for Command {
     }
 }
 
+/// POSTs each job to a URL: the body as is, the job in headers (`Ts-Group`,
+/// `Ts-Process`, `Ts-Slot`, `Ts-Message-Id`) beside the message's own headers (those a
+/// valid HTTP header can carry). 2xx: done; 429 or 503: retry, after `Retry-After`
+/// seconds if it says; anything else: failed, with the status and the start of the
+/// answer (at most [`MAX_CAPTURE`] bytes read). An endpoint that never answers is
+/// ended by the job timeout. Plain HTTP (no TLS stack).
+#[derive(Debug, Clone)]
+pub struct Http {
+    client: reqwest::Client,
+    url: reqwest::Url,
+}
+
+impl Http {
+    /// A handler for `url` (`http://…`).
+    pub fn new(url: &str) -> Result<Http, String> {
+        let url = reqwest::Url::parse(url).map_err(|e| format!("--http {url:?}: {e}"))?;
+        if url.scheme() != "http" {
+            return Err(format!(
+                "--http {url}: only http:// (no TLS stack here: put a local proxy in front of an https endpoint)"
+            ));
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Http { client, url })
+    }
+
+    async fn run(&self, job: &Job, cancel: CancellationToken) -> Outcome {
+        let mut req = self
+            .client
+            .post(self.url.clone())
+            .body(job.body.clone())
+            .header("Ts-Group", &job.group)
+            .header("Ts-Process", &job.process)
+            .header("Ts-Slot", job.slot.to_string())
+            .header("Ts-Message-Id", &job.message_id);
+        for (k, v) in &job.headers {
+            if let (Ok(name), Ok(value)) = (
+                reqwest::header::HeaderName::from_bytes(k.as_bytes()),
+                reqwest::header::HeaderValue::from_str(v),
+            ) {
+                req = req.header(name, value);
+            }
+        }
+        let send = async {
+            let mut resp = req.send().await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let mut text = Vec::new();
+            while text.len() < MAX_CAPTURE {
+                match resp.chunk().await {
+                    Ok(Some(c)) => {
+                        text.extend_from_slice(&c[..c.len().min(MAX_CAPTURE - text.len())])
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            Ok::<_, String>((status, retry_after, text))
+        };
+        tokio::select! {
+            r = send => match r {
+                Ok((status, _, _)) if status.is_success() => Outcome::Done,
+                Ok((status, after, text))
+                    if status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                        || status == reqwest::StatusCode::SERVICE_UNAVAILABLE =>
+                {
+                    Outcome::Retry {
+                        after,
+                        reason: format!("HTTP {}: {}", status.as_u16(), String::from_utf8_lossy(&text).trim_end()),
+                    }
+                }
+                Ok((status, _, text)) => Outcome::Failed(format!(
+                    "HTTP {}: {}",
+                    status.as_u16(),
+                    String::from_utf8_lossy(&text).trim_end()
+                )),
+                Err(e) => Outcome::Failed(format!("POST {}: {e}", self.url)),
+            },
+            _ = cancel.cancelled() => Outcome::Failed("cancelled: request abandoned".into()),
+        }
+    }
+}
+
+impl Handler for Http {
+    fn handle<'a>(&'a self, job: &'a Job, cancel: CancellationToken) -> BoxFuture<'a, Outcome> {
+        Box::pin(self.run(job, cancel))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,6 +392,99 @@ mod tests {
         let o = sh("sleep 30").handle(&job(""), cancel).await;
         assert!(matches!(o, Outcome::Failed(r) if r.starts_with("cancelled")));
         assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    /// A one-connection-at-a-time HTTP server answering `answers` in turn; returns its
+    /// URL and what it received (head and body of each request).
+    async fn http_server(
+        answers: Vec<&'static str>,
+    ) -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jobs", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            for answer in answers {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Read the head, then as much body as Content-Length says.
+                loop {
+                    let n = sock.read(&mut buf).await.unwrap();
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).to_string();
+                    if let Some(i) = text.find("\r\n\r\n") {
+                        let len = text
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if got.len() >= i + 4 + len {
+                            break;
+                        }
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                }
+                tx.send(String::from_utf8_lossy(&got).to_string()).unwrap();
+                if answer == "hang" {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    continue;
+                }
+                sock.write_all(answer.as_bytes()).await.unwrap();
+                let _ = sock.shutdown().await;
+            }
+        });
+        (url, rx)
+    }
+
+    #[tokio::test]
+    async fn http_posts_the_job_and_reads_the_status() {
+        let (url, mut got) = http_server(vec![
+            "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 7\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbusy",
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\nConnection: close\r\n\r\nboom",
+            "hang",
+        ])
+        .await;
+        let h = Http::new(&url).unwrap();
+        let c = CancellationToken::new;
+        assert_eq!(
+            h.handle(&job("the body"), c()).await,
+            Outcome::Retry {
+                after: Some(Duration::from_secs(7)),
+                reason: "HTTP 503: busy".into()
+            }
+        );
+        let req = got.recv().await.unwrap();
+        assert!(req.starts_with("POST /jobs HTTP/1.1"), "{req}");
+        let lower = req.to_ascii_lowercase();
+        assert!(
+            lower.contains("ts-process: p\r\n") && lower.contains("ts-slot: 7\r\n"),
+            "{req}"
+        );
+        assert!(lower.contains("x-kind: blue\r\n"), "{req}");
+        assert!(req.ends_with("the body"), "{req}");
+        assert_eq!(h.handle(&job(""), c()).await, Outcome::Done);
+        assert_eq!(
+            h.handle(&job(""), c()).await,
+            Outcome::Failed("HTTP 500: boom".into())
+        );
+        // An endpoint that never answers: the cancellation (the job timeout's) ends it.
+        let cancel = CancellationToken::new();
+        let c2 = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            c2.cancel();
+        });
+        assert!(
+            matches!(h.handle(&job(""), cancel).await, Outcome::Failed(r) if r.starts_with("cancelled"))
+        );
+        assert!(Http::new("https://example.com").is_err());
+        assert!(Http::new("not a url").is_err());
     }
 
     fn tempfile_dir() -> std::path::PathBuf {

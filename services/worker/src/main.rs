@@ -90,8 +90,12 @@ struct Args {
     replicas: usize,
     /// The handler: run this program per job (body on stdin; exit 0 done, 75 retry,
     /// anything else failed).
-    #[arg(long, env = "TS_COMMAND", required_unless_present = "noop", num_args = 1.., allow_hyphen_values = true)]
+    #[arg(long, env = "TS_COMMAND", required_unless_present_any = ["noop", "http"], num_args = 1.., allow_hyphen_values = true)]
     command: Vec<String>,
+    /// The handler: POST each job to this URL (http://; 2xx done, 429/503 retry after
+    /// Retry-After, anything else failed).
+    #[arg(long, env = "TS_HTTP", conflicts_with = "command")]
+    http: Option<String>,
     /// Benchmarks: a handler that does nothing (every job done at once).
     #[arg(long, hide = true)]
     noop: bool,
@@ -159,6 +163,8 @@ async fn start() -> anyhow::Result<()> {
                 worker::handler::Outcome::Done
             },
         )
+    } else if let Some(url) = &args.http {
+        Arc::new(worker::handler::Http::new(url).map_err(|e| anyhow::anyhow!(e))?)
     } else {
         let (program, rest) = args
             .command
