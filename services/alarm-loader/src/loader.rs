@@ -51,6 +51,13 @@ pub fn system_clock() -> Clock {
     })
 }
 
+/// The system clock shifted by `skew_ms` (negative: behind): a testing aid, the
+/// loader's hidden `--clock-skew-ms` (fault injection runs a loader whose clock is off).
+pub fn skewed_clock(skew_ms: i64) -> Clock {
+    let system = system_clock();
+    Arc::new(move || system().saturating_add_signed(skew_ms))
+}
+
 /// How the loader runs.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -1472,6 +1479,23 @@ mod tests {
             description: None,
             length: payload.len(),
         }
+    }
+
+    #[test]
+    fn a_skewed_clock_is_the_system_clock_shifted() {
+        let (system, ahead, behind) = (system_clock(), skewed_clock(5_000), skewed_clock(-5_000));
+        let before = system();
+        let (a, b) = (ahead(), behind());
+        let after = system();
+        assert!(
+            (before + 5_000..=after + 5_000).contains(&a),
+            "{a} vs {before}..{after}"
+        );
+        assert!(
+            (before..=after).contains(&(b + 5_000)),
+            "{b} vs {before}..{after}"
+        );
+        assert_eq!(skewed_clock(-i64::MAX)(), 0, "saturates at the epoch");
     }
 
     #[test]
