@@ -780,3 +780,47 @@ async fn fired_buckets_are_emptied_at_once_and_a_replaced_alarms_new_entry_survi
     sched.stop().await?;
     Ok(())
 }
+
+/// The dead letter is stored before the record that makes the alarm `dead`: a loader
+/// that dies between the two leaves the claim (taken over, the last attempt made
+/// again), never a dead alarm whose letter was not sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_stored_before_the_record_that_ends_the_alarm() -> Result<()> {
+    let server = server()?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    set(
+        &client,
+        json!({
+            "id": "gone", "due_ms": now_ms() + 300, "target": {"subject": "jobs.nobody"},
+            "dispatch_timeout_ms": 200,
+            "retry": {"attempts": 2, "backoff_ms": 100, "max_backoff_ms": 100}
+        }),
+    )
+    .await?;
+    let got = wait_status(&client, "gone", "dead", 20).await?;
+    let dead_seq = got["history"]
+        .as_array()
+        .and_then(|h| h.iter().find(|e| e["event"]["event"] == "dead_lettered"))
+        .and_then(|e| e["seq"].as_u64())
+        .context("a dead_lettered record")?;
+    let op = connect_as(&server, Role::Operator).await?;
+    let stream = async_nats::jetstream::new(op)
+        .get_stream("TS_ALARMS")
+        .await?;
+    let letter = stream
+        .get_last_raw_message_by_subject("ts.alarms.dead")
+        .await
+        .context("the dead letter is stored")?;
+    let body: Value = serde_json::from_slice(&letter.payload)?;
+    assert_eq!(body["alarm"]["id"], "gone", "{body}");
+    assert_eq!(body["status"]["status"], "dead", "{body}");
+    assert!(
+        letter.sequence < dead_seq,
+        "dead letter at {}, the dead record at {dead_seq}: the record came first",
+        letter.sequence
+    );
+    loader.terminate(Duration::from_secs(10));
+    Ok(())
+}

@@ -1093,13 +1093,17 @@ impl Loader {
                 // The entry first, then the record that needs it.
                 self.store.put_due(id, at, done).await?;
             }
+            if dead {
+                // The dead letter first, then the record that ends the alarm: a crash
+                // in between leaves the claim, whose takeover tries the last attempt
+                // again (a second dead letter at worst), never a dead alarm whose
+                // letter was not sent.
+                self.store.dead_letter(&outcome).await?;
+                Metrics::bump(&self.metrics.dead);
+            }
             // What stands is what was appended: the outcome, or (when a client changed
             // the alarm meanwhile) the client's state with the outcome as its event.
             let (last, last_seq) = self.record_outcome(outcome.clone(), claim_seq).await?;
-            if dead {
-                Metrics::bump(&self.metrics.dead);
-                self.store.dead_letter(&outcome).await?;
-            }
             let next = last.next_action_ms(grace);
             return Ok(Next::settled(next.map(Rearm::InWindow), last_seq, next));
         }
