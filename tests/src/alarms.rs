@@ -824,3 +824,63 @@ async fn a_dead_letter_is_stored_before_the_record_that_ends_the_alarm() -> Resu
     loader.terminate(Duration::from_secs(10));
     Ok(())
 }
+
+/// A message someone else appends to an alarm's subject while it is being dispatched
+/// makes the outcome's compare-and-set fail; the record still stands as the claim left
+/// it, so the outcome is written after that message and the claim ends at once (it
+/// used to be left `dispatching`, and the firing was sent again at its takeover).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_whose_write_lost_to_a_foreign_message_still_ends_the_claim() -> Result<()> {
+    let server = server()?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    let op = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(op);
+    let responder = connect(server.url()).await?;
+    let mut sub = responder.subscribe("jobs.fenced").await?;
+    responder.flush().await?;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = std::sync::Arc::clone(&calls);
+    let answering = tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            // While the loader waits for this answer, a foreign message lands after
+            // its claim.
+            if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                let ack = js
+                    .publish("ts.alarms.rec.fenced", Bytes::from_static(b"not a record"))
+                    .await;
+                if let Ok(ack) = ack {
+                    let _ = ack.await;
+                }
+            }
+            if let Some(r) = m.reply {
+                let _ = responder.publish(r, Bytes::from_static(b"")).await;
+                let _ = responder.flush().await;
+            }
+        }
+    });
+    set(
+        &client,
+        json!({
+            "id": "fenced", "due_ms": now_ms() + 300, "target": {"subject": "jobs.fenced"},
+            "dispatch_timeout_ms": 60_000
+        }),
+    )
+    .await?;
+    // Well within the claim's takeover (60 s and the grace).
+    let got = wait_status(&client, "fenced", "done", 15).await?;
+    let events: Vec<&str> = got["history"]
+        .as_array()
+        .context("history")?
+        .iter()
+        .filter_map(|h| h["event"]["event"].as_str())
+        .collect();
+    assert_eq!(events, ["set", "attempt", "delivered"], "{got}");
+    assert_eq!(got["foreign"].as_array().map(Vec::len), Some(1), "{got}");
+    loader.terminate(Duration::from_secs(10));
+    answering.abort();
+    let calls = calls.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(calls, 1, "the target was called {calls} times");
+    Ok(())
+}

@@ -136,6 +136,10 @@ const DISCOVERY: Duration = Duration::from_millis(300);
 /// skew between the loader and the scheduler).
 const FIND_MARGIN_MS: u64 = 60_000;
 
+/// How many times a dispatch's outcome is written before the claim is left to its
+/// takeover.
+const OUTCOME_WRITES: usize = 5;
+
 /// How many ticks skipped for the overlap are walked back to find the running one.
 const MAX_OVERLAP_WALK: usize = 1_000;
 
@@ -1103,7 +1107,7 @@ impl Loader {
             }
             // What stands is what was appended: the outcome, or (when a client changed
             // the alarm meanwhile) the client's state with the outcome as its event.
-            let (last, last_seq) = self.record_outcome(outcome.clone(), claim_seq).await?;
+            let (last, last_seq) = self.record_outcome(&outcome, &claim, claim_seq).await?;
             let next = last.next_action_ms(grace);
             return Ok(Next::settled(next.map(Rearm::InWindow), last_seq, next));
         }
@@ -1111,28 +1115,48 @@ impl Loader {
         Ok(keep(Rearm::Always((self.clock)().saturating_add(1_000))))
     }
 
-    /// Appends a dispatch's outcome after its claim; if a client changed the alarm
-    /// meanwhile (replaced, cancelled), the outcome is still recorded as an event, and
-    /// the state the client gave stands. The record appended last, and its sequence.
-    async fn record_outcome(&self, outcome: Record, claim_seq: u64) -> Result<(Record, u64)> {
+    /// Appends a dispatch's outcome after its claim (stored at `claim_seq`). When that
+    /// compare-and-set fails, or its fate is unknown, the alarm is read again: if the
+    /// outcome landed, that is it; if the record still stands as the claim left it (a
+    /// foreign message came after it, or the failed write did not land), the outcome
+    /// is written again after what is there now, so the claim ends here rather than at
+    /// its takeover; if a client changed the alarm meanwhile (replaced, cancelled), the
+    /// outcome is still recorded as an event, and the state the client gave stands.
+    /// The record appended last, and its sequence.
+    async fn record_outcome(
+        &self,
+        outcome: &Record,
+        claim: &Record,
+        claim_seq: u64,
+    ) -> Result<(Record, u64)> {
         let mut expected = claim_seq;
-        let mut record = outcome;
-        for _ in 0..5 {
+        let mut record = outcome.clone();
+        for round in 0..OUTCOME_WRITES {
             match self.store.append(&record, expected).await {
                 Ok(seq) => return Ok((record, seq)),
-                Err(Error::Conflict(_)) => {
-                    Metrics::bump(&self.metrics.conflicts);
-                    let Some((current, seq)) = self.store.read(&record.alarm.id).await? else {
-                        return Err(Error::Conflict(record.alarm.id));
-                    };
-                    record = Record {
-                        event: record.event,
-                        ..current
-                    };
-                    expected = seq;
+                Err(Error::Conflict(_)) => Metrics::bump(&self.metrics.conflicts),
+                Err(e) => {
+                    // Perhaps stored, perhaps not: the read below tells.
+                    debug!(alarm = %record.alarm.id, error = %e, "writing a dispatch's outcome failed; reading the alarm again");
+                    tokio::time::sleep(Duration::from_millis(200 * (round as u64 + 1))).await;
                 }
-                Err(e) => return Err(e),
             }
+            let current = self.store.current(&record.alarm.id).await?;
+            let Some((stands, stands_seq)) = current.record else {
+                return Err(Error::Conflict(record.alarm.id));
+            };
+            if stands == record {
+                return Ok((stands, stands_seq));
+            }
+            record = if stands == *claim {
+                outcome.clone()
+            } else {
+                Record {
+                    event: outcome.event.clone(),
+                    ..stands
+                }
+            };
+            expected = current.last_seq;
         }
         Err(Error::Conflict(record.alarm.id))
     }
