@@ -155,6 +155,11 @@ const ENTRY_GRACE_MS: u64 = 15_000;
 /// How soon such an entry is looked at again.
 const RECHECK_MS: u64 = 500;
 
+/// How far behind the loader's clock a partition's sweep checkpoint stays: a loader
+/// whose clock runs behind (or this one's ahead) by less than this still indexes
+/// after it (ARCHITECTURE.md, "The alarm-loader").
+pub const SWEEP_LAG_MS: u64 = 60_000;
+
 /// How many lateness samples the percentiles use.
 const LATENESS_SAMPLES: usize = 200_000;
 
@@ -423,8 +428,7 @@ impl Loader {
                     &mut open,
                 )
                 .await;
-                self.sweep(&owned, &mut swept, &mut open, bucket_of(now))
-                    .await;
+                self.sweep(&owned, &mut swept, &mut open, now).await;
                 self.plan_jobs(&owned, now, now.saturating_add(2 * interval_ms))
                     .await;
                 next_load = tokio::time::Instant::now() + interval;
@@ -717,34 +721,45 @@ impl Loader {
         }
     }
 
-    /// Advances each partition's checkpoint over past buckets that are empty (at most
-    /// a bounded number of checks a round).
+    /// Purges each partition's past buckets whose entries this loader saw are all
+    /// settled, and advances its checkpoint over past buckets that are empty (at most a
+    /// bounded number of checks a round), [`SWEEP_LAG_MS`] behind this loader's clock.
     async fn sweep(
         &self,
         partitions: &[u32],
         swept: &mut HashMap<u32, u64>,
         open: &mut Open,
-        now_bucket: u64,
+        now: u64,
     ) {
         const CHECKS_PER_ROUND: usize = 360;
+        let now_bucket = bucket_of(now);
+        // Another loader's clock may run behind this one (or this one ahead): a set it
+        // answers, or a retry it re-arms, indexes at what is the present for it. The
+        // checkpoint must not pass that, or a holder that catches the partition up
+        // from it would never see the entry; so it stays a minute behind.
+        let sweep_bucket = bucket_of(now.saturating_sub(SWEEP_LAG_MS));
         for &p in partitions {
             let Some(&done) = swept.get(&p) else { continue };
-            let mut b = done + 1;
-            let mut checks = 0;
-            // The bucket before the current one may still receive a re-arm; stop there.
-            while b + 1 < now_bucket && checks < CHECKS_PER_ROUND {
-                checks += 1;
-                // Its entries that this loader saw are all settled: remove them at once.
-                match open.quiet(p, b) {
-                    None => break,
-                    Some(Some(below)) => match self.store.purge_bucket(p, b, below).await {
+            // Its entries that this loader saw are all settled: remove them at once,
+            // whatever the clocks (only what was seen, and settled, goes). The bucket
+            // before the current one may still receive a re-arm; stop there.
+            for b in open.past_buckets(p, done, now_bucket) {
+                if let Some(Some(below)) = open.quiet(p, b) {
+                    match self.store.purge_bucket(p, b, below).await {
                         Ok(()) => open.purged(p, b),
                         Err(e) => {
                             debug!(partition = p, bucket = b, error = %e, "purging a due bucket failed");
                             break;
                         }
-                    },
-                    Some(None) => {}
+                    }
+                }
+            }
+            let mut b = done + 1;
+            let mut checks = 0;
+            while b + 1 < sweep_bucket && checks < CHECKS_PER_ROUND {
+                checks += 1;
+                if open.quiet(p, b).is_none() {
+                    break;
                 }
                 match self.store.bucket_is_empty(p, b).await {
                     Ok(true) => b += 1,
@@ -1485,6 +1500,19 @@ impl Open {
             .and_then(|m| m.get(&b))
             .is_some_and(|ids| !ids.is_empty());
         (!open).then(|| self.seen.get(&(p, b)).map(|s| s + 1))
+    }
+
+    /// The buckets of partition `p` after `done` and before the one before
+    /// `now_bucket` in which this loader saw entries, in order.
+    fn past_buckets(&self, p: u32, done: u64, now_bucket: u64) -> Vec<u64> {
+        let mut out: Vec<u64> = self
+            .seen
+            .keys()
+            .filter(|(q, b)| *q == p && *b > done && b + 1 < now_bucket)
+            .map(|(_, b)| *b)
+            .collect();
+        out.sort_unstable();
+        out
     }
 
     /// Bucket `b` of partition `p` purged.
