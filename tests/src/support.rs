@@ -168,22 +168,43 @@ pub async fn connections(server: &NatsServer) -> Result<scheduler::Connections> 
 
 /// Waits until `n` schedulers answer the services-API PING.
 pub async fn wait_for_schedulers(client: &async_nats::Client, n: usize) -> Result<()> {
+    wait_for_service(client, "turnstile-scheduler", n).await
+}
+
+/// Waits until `n` instances of `service` answer the services-API PING (a "no
+/// responders" status is no answer).
+pub async fn wait_for_service(client: &async_nats::Client, service: &str, n: usize) -> Result<()> {
     for _ in 0..200 {
         let inbox = client.new_inbox();
         let mut sub = client.subscribe(inbox.clone()).await?;
         client
-            .publish_with_reply("$SRV.PING.turnstile-scheduler", inbox, Bytes::new())
+            .publish_with_reply(format!("$SRV.PING.{service}"), inbox, Bytes::new())
             .await?;
         let mut seen = 0;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
-        while let Ok(Some(_)) = tokio::time::timeout_at(deadline, sub.next()).await {
-            seen += 1;
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
+            if m.status.is_none() {
+                seen += 1;
+            }
         }
         if seen >= n {
             return Ok(());
         }
     }
-    bail!("fewer than {n} schedulers answered PING within 20 s")
+    bail!("fewer than {n} instances of {service} answered PING within 20 s")
+}
+
+/// The command that starts an alarm-loader on `server` (a server or a cluster) as a
+/// separate process, with its two identities ([`Role::AlarmLoader`],
+/// [`Role::AlarmIntake`]), as deployed.
+pub fn loader_command(server: &impl harness::Urls, extra: &[&str]) -> Result<Command> {
+    let bin = harness::workspace_bin("alarm-loader")?;
+    let mut cmd = Command::new(bin);
+    cmd.args(extra)
+        .env("NATS_URL", server.url_as(Role::AlarmLoader))
+        .env("TS_INTAKE_URL", server.url_as(Role::AlarmIntake))
+        .env("RUST_LOG", "warn");
+    Ok(cmd)
 }
 
 /// Starts a scheduler on `server` (a server or a cluster) as a separate process (so a
