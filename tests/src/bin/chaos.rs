@@ -1,5 +1,6 @@
-//! `make chaos DURATION=<seconds> [SEED=<n>] [CLUSTER=1]`: the scheduler under injected
-//! faults, checked from the log alone.
+//! `make chaos DURATION=<seconds> [SEED=<n>] [CLUSTER=1] [ALARMS=1]`: the scheduler
+//! (or the alarm-loader) under injected faults, checked from the log (and the
+//! alarms' histories).
 //!
 //! Several scheduler replicas (the real binary, `target/<profile>/scheduler`, each
 //! with its output in a log file) run against a private nats-server, or with
@@ -43,6 +44,10 @@
 //! only the system account, and deploy/accounts.conf has no system user, on purpose;
 //! the meta leader moves when its node is the one killed or stalled), and the whole
 //! cluster killed at once.
+//!
+//! With `--alarms` (`make chaos ALARMS=1`) it runs the alarm-loader scenario instead:
+//! alarm-loaders, alarms and cron jobs under the loaders' faults and the server's,
+//! checked from the log and the alarms' histories (`chaos/alarms.rs` says how).
 //!
 //! At the end it reads every process's chain (the rule of schemas/chain.md) and checks,
 //! from the log alone:

@@ -161,6 +161,7 @@ struct Job {
 struct Call {
     id: String,
     firing: String,
+    attempt: String,
     answered: &'static str,
 }
 
@@ -376,6 +377,7 @@ async fn responder(work: Arc<Work>, nats: async_nats::Client) -> Result<()> {
                     .unwrap_or_default()
             };
             let (id, firing) = (header("Ts-Alarm-Id"), header("Ts-Alarm-Firing"));
+            let attempt = header("Ts-Alarm-Attempt");
             let (answered, answer) = match m.subject.as_str() {
                 "chaos.alarms.retry" if &m.payload[..] == b"first" => (
                     "retry",
@@ -396,6 +398,7 @@ async fn responder(work: Arc<Work>, nats: async_nats::Client) -> Result<()> {
                 c.push(Call {
                     id,
                     firing,
+                    attempt,
                     answered,
                 });
             }
@@ -697,9 +700,13 @@ fn judge(
         *verdict.calls_by_answer.entry(c.answered).or_default() += 1;
     }
     verdict.subject_calls = calls.len();
-    let mut per_firing: HashMap<&str, usize> = HashMap::new();
+    // A duplicate: the same attempt of a firing delivered again (another attempt of
+    // it is a retry, not a duplicate).
+    let mut per_firing: HashMap<(&str, &str), usize> = HashMap::new();
     for c in calls {
-        *per_firing.entry(c.firing.as_str()).or_default() += 1;
+        *per_firing
+            .entry((c.firing.as_str(), c.attempt.as_str()))
+            .or_default() += 1;
     }
     verdict.duplicate_calls = per_firing.values().map(|n| n - 1).sum();
     verdict.dead_letters = dead.values().sum();
@@ -1251,7 +1258,7 @@ pub(super) fn summary(args: &Args, o: &Outcome, a: &Verdict) -> Vec<(&'static st
         (
             "subject",
             format!(
-                "{} calls ({}), {} duplicates of a firing; {} dead letters",
+                "{} calls ({}), {} duplicates (a firing's attempt again); {} dead letters",
                 a.subject_calls,
                 join(&a.calls_by_answer),
                 a.duplicate_calls,
