@@ -148,14 +148,17 @@ stop:
 	done
 
 # Every test: unit tests (no server) and system tests (each starts its own nats-server),
-# then a 90-second chaos run (debug build, lighter load) and a 60-second one against a
-# 3-node cluster with only the cluster's faults (~3 minutes on 2 cores).
+# then a 60-second chaos run (debug build, lighter load), a 60-second one against a
+# 3-node cluster with only the cluster's faults (~3 minutes on 2 cores), and a 60-second
+# alarm-loader run (~2 minutes).
 test: tools build
 	cargo test --workspace --no-fail-fast
 	@$(MAKE) --no-print-directory vectors
-	./target/debug/chaos --duration 90 --scale 0.3 --workers 4 --out bench-results/chaos-test.json
+	./target/debug/chaos --duration 60 --scale 0.3 --workers 4 --out bench-results/chaos-test.json
 	./target/debug/chaos --cluster --duration 60 --scale 0.2 --workers 3 \
 	  --faults node_stall,node_kill,leader_kill,leader_stepdown --out bench-results/chaos-cluster-test.json
+	./target/debug/chaos --alarms --duration 60 --scale 0.3 --replicas 2 --settle 60 \
+	  --out bench-results/chaos-alarms-test.json
 
 # The golden vectors (schemas/vectors.json, schemas/alarm-vectors.json), recomputed by an
 # independent Python implementation of schemas/.
@@ -166,12 +169,15 @@ vectors:
 
 # Fault injection (README "Chaos"): DURATION seconds of seeded workload and faults
 # against scheduler replicas, checked from the log; SEED (default: random, printed)
-# replays a run; CLUSTER=1 runs against a 3-node cluster (R3, leader changes).
+# replays a run; CLUSTER=1 runs against a 3-node cluster (R3, leader changes); ALARMS=1
+# runs the alarm-loader scenario (alarm-loaders, alarms and cron jobs, checked from the
+# log and the alarms' histories).
 DURATION ?= 120
 SEED     ?=
 CLUSTER  ?=
+ALARMS   ?=
 chaos: tools release
-	./target/release/chaos --duration $(DURATION) $(if $(SEED),--seed $(SEED)) $(if $(filter 1,$(CLUSTER)),--cluster)
+	./target/release/chaos --duration $(DURATION) $(if $(SEED),--seed $(SEED)) $(if $(filter 1,$(CLUSTER)),--cluster) $(if $(filter 1,$(ALARMS)),--alarms)
 
 bench: tools release
 	./target/release/bench --out bench-results/bench.json

@@ -719,27 +719,18 @@ async fn fired_buckets_are_emptied_at_once_and_a_replaced_alarms_new_entry_survi
     for id in &ids {
         wait_status(&client, id, "done", 30).await?;
     }
-    // Every partition those alarms live in gets its checkpoint past their bucket, and
-    // the bucket holds nothing any more.
+    // Their bucket holds nothing any more once it is past (the partitions'
+    // checkpoints pass it only a minute later: tested by
+    // a_loader_whose_clock_runs_ahead_does_not_sweep_past_an_entry_others_still_write).
     let bucket = due / 10_000;
-    let partitions: std::collections::BTreeSet<u32> = ids
-        .iter()
-        .map(|id| alarm_loader::alarm::partition_of(id))
-        .collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
     loop {
-        let mut behind = Vec::new();
-        for &p in &partitions {
-            if swept(&server, p).await?.is_none_or(|b| b < bucket) {
-                behind.push(p);
-            }
-        }
         let left = stored_subjects(&server, &format!("ts.alarms.due.*.{bucket}.*")).await?;
-        if behind.is_empty() && left.is_empty() {
+        if left.is_empty() {
             break;
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("after 40 s: partitions {behind:?} not swept past bucket {bucket}; entries left: {left:?}");
+            bail!("after 40 s: bucket {bucket} still holds {left:?}");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -760,5 +751,259 @@ async fn fired_buckets_are_emptied_at_once_and_a_replaced_alarms_new_entry_survi
     assert_eq!(log.len(), ids.len() + 1);
     loader.terminate(Duration::from_secs(10));
     sched.stop().await?;
+    Ok(())
+}
+
+/// The dead letter is stored before the record that makes the alarm `dead`: a loader
+/// that dies between the two leaves the claim (taken over, the last attempt made
+/// again), never a dead alarm whose letter was not sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_stored_before_the_record_that_ends_the_alarm() -> Result<()> {
+    let server = server()?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    set(
+        &client,
+        json!({
+            "id": "gone", "due_ms": now_ms() + 300, "target": {"subject": "jobs.nobody"},
+            "dispatch_timeout_ms": 200,
+            "retry": {"attempts": 2, "backoff_ms": 100, "max_backoff_ms": 100}
+        }),
+    )
+    .await?;
+    let got = wait_status(&client, "gone", "dead", 20).await?;
+    let dead_seq = got["history"]
+        .as_array()
+        .and_then(|h| h.iter().find(|e| e["event"]["event"] == "dead_lettered"))
+        .and_then(|e| e["seq"].as_u64())
+        .context("a dead_lettered record")?;
+    let op = connect_as(&server, Role::Operator).await?;
+    let stream = async_nats::jetstream::new(op)
+        .get_stream("TS_ALARMS")
+        .await?;
+    let letter = stream
+        .get_last_raw_message_by_subject("ts.alarms.dead")
+        .await
+        .context("the dead letter is stored")?;
+    let body: Value = serde_json::from_slice(&letter.payload)?;
+    assert_eq!(body["alarm"]["id"], "gone", "{body}");
+    assert_eq!(body["status"]["status"], "dead", "{body}");
+    assert!(
+        letter.sequence < dead_seq,
+        "dead letter at {}, the dead record at {dead_seq}: the record came first",
+        letter.sequence
+    );
+    loader.terminate(Duration::from_secs(10));
+    Ok(())
+}
+
+/// A message someone else appends to an alarm's subject while it is being dispatched
+/// makes the outcome's compare-and-set fail; the record still stands as the claim left
+/// it, so the outcome is written after that message and the claim ends at once (it
+/// used to be left `dispatching`, and the firing was sent again at its takeover).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_whose_write_lost_to_a_foreign_message_still_ends_the_claim() -> Result<()> {
+    let server = server()?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    let op = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(op);
+    let responder = connect(server.url()).await?;
+    let mut sub = responder.subscribe("jobs.fenced").await?;
+    responder.flush().await?;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = std::sync::Arc::clone(&calls);
+    let answering = tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            // While the loader waits for this answer, a foreign message lands after
+            // its claim.
+            if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                let ack = js
+                    .publish("ts.alarms.rec.fenced", Bytes::from_static(b"not a record"))
+                    .await;
+                if let Ok(ack) = ack {
+                    let _ = ack.await;
+                }
+            }
+            if let Some(r) = m.reply {
+                let _ = responder.publish(r, Bytes::from_static(b"")).await;
+                let _ = responder.flush().await;
+            }
+        }
+    });
+    set(
+        &client,
+        json!({
+            "id": "fenced", "due_ms": now_ms() + 300, "target": {"subject": "jobs.fenced"},
+            "dispatch_timeout_ms": 60_000
+        }),
+    )
+    .await?;
+    // Well within the claim's takeover (60 s and the grace).
+    let got = wait_status(&client, "fenced", "done", 15).await?;
+    let events: Vec<&str> = got["history"]
+        .as_array()
+        .context("history")?
+        .iter()
+        .filter_map(|h| h["event"]["event"].as_str())
+        .collect();
+    assert_eq!(events, ["set", "attempt", "delivered"], "{got}");
+    assert_eq!(got["foreign"].as_array().map(Vec::len), Some(1), "{got}");
+    loader.terminate(Duration::from_secs(10));
+    answering.abort();
+    let calls = calls.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(calls, 1, "the target was called {calls} times");
+    Ok(())
+}
+
+/// A loader in this process (300 ms loads, 2 s lease) whose clock is the system's
+/// shifted by `offset` ms, which the test may move; cancel the token to stop it.
+async fn loader_with_clock(
+    server: &NatsServer,
+    offset: &std::sync::Arc<std::sync::atomic::AtomicI64>,
+) -> Result<(
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<alarm_loader::Result<()>>,
+)> {
+    let offset = std::sync::Arc::clone(offset);
+    let system = alarm_loader::loader::system_clock();
+    let clock: alarm_loader::loader::Clock = std::sync::Arc::new(move || {
+        system().saturating_add_signed(offset.load(std::sync::atomic::Ordering::Relaxed))
+    });
+    let settings = alarm_loader::Settings {
+        prefix: "ts".into(),
+        replicas: 1,
+        loader: alarm_loader::loader::Config {
+            in_memory_interval: Duration::from_millis(300),
+            lease: Duration::from_secs(2),
+            ..Default::default()
+        },
+    };
+    let connections = alarm_loader::Connections {
+        core: connect_as(server, Role::AlarmLoader).await?,
+        intake: Some(connect_as(server, Role::AlarmIntake).await?),
+        events: Default::default(),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(alarm_loader::run(
+        settings,
+        connections,
+        shutdown.clone(),
+        clock,
+    ));
+    Ok((shutdown, handle))
+}
+
+/// The window loads a loader has made (`loads` in its STATS; one loader).
+async fn loads(client: &async_nats::Client) -> Result<u64> {
+    let reply = client
+        .request("$SRV.STATS.turnstile-alarm-loader", Bytes::new())
+        .await?;
+    let v: Value = serde_json::from_slice(&reply.payload)?;
+    v["endpoints"][0]["data"]["loads"]
+        .as_u64()
+        .context("loads in STATS")
+}
+
+/// A loader whose clock runs ahead sweeps no closer than a minute to its present: a
+/// set answered by a loader whose clock is right (or behind) indexes at its own
+/// present, and a holder that catches the partition up from a checkpoint past that
+/// entry would never fire it. The loader restarted with its fast clock finds the
+/// alarm; the checkpoint passes its bucket once that is a minute behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_whose_clock_runs_ahead_does_not_sweep_past_an_entry_others_still_write(
+) -> Result<()> {
+    use alarm_loader::alarm::{bucket_of, partition_of, Alarm, Record, RetryPolicy, Target};
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let server = server()?;
+    let client = connect(server.url()).await?;
+    let responder = connect(server.url()).await?;
+    let mut sub = responder.subscribe("jobs.lag").await?;
+    responder.flush().await?;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = std::sync::Arc::clone(&calls);
+    let answering = tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            if let Some(r) = m.reply {
+                let _ = responder.publish(r, Bytes::new()).await;
+                let _ = responder.flush().await;
+            }
+        }
+    });
+    let offset = std::sync::Arc::new(AtomicI64::new(0));
+    let (stop, first) = loader_with_clock(&server, &offset).await?;
+    wait_for_partitions(&client, 1).await?;
+    // Its clock jumps 45 s ahead (as a loader restarted with a fast clock); it loads
+    // and sweeps a few rounds with it.
+    let before = loads(&client).await?;
+    offset.store(45_000, Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while loads(&client).await? <= before {
+        if tokio::time::Instant::now() > deadline {
+            bail!("no window load within 10 s of the clock's jump");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    stop.cancel();
+    first.await??;
+    // Now a loader whose clock is right answers a set due now: its entry is in the
+    // bucket of the present (written here as that set writes it).
+    let id = "lagged";
+    let p = partition_of(id);
+    let now = now_ms();
+    let checkpoint = swept(&server, p).await?;
+    assert!(
+        checkpoint.is_none_or(|c| c < bucket_of(now)),
+        "the fast loader swept partition {p} through bucket {checkpoint:?}, past the present's {}",
+        bucket_of(now)
+    );
+    let operator = connect_as(&server, Role::Operator).await?;
+    let store = alarm_loader::store::Store::open(
+        async_nats::jetstream::new(operator),
+        journal::subjects::Subjects::default(),
+        &journal::setup::LogOptions::default(),
+    )
+    .await?;
+    let alarm = Alarm {
+        id: id.into(),
+        due_ms: now,
+        target: Target::Subject("jobs.lag".into()),
+        body: Vec::new(),
+        headers: Vec::new(),
+        dispatch_timeout_ms: 5_000,
+        retry: RetryPolicy::default(),
+        cron: None,
+    };
+    store.put_due(id, now, now).await?;
+    store.append(&Record::set(alarm, now), 0).await?;
+    // The fast loader, restarted, catches the partition up and fires it.
+    let (stop, second) = loader_with_clock(&server, &offset).await?;
+    wait_status(&client, id, "done", 20).await?;
+    // A minute on (by its clock), the checkpoint passes the alarm's bucket, emptied.
+    offset.store(45_000 + 90_000, Ordering::Relaxed);
+    let bucket = bucket_of(now);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let c = swept(&server, p).await?;
+        let left = stored_subjects(&server, &format!("ts.alarms.due.{p}.{bucket}.*")).await?;
+        if c.is_some_and(|c| c >= bucket) && left.is_empty() {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "partition {p}: checkpoint {c:?}, not past bucket {bucket}; entries left: {left:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.cancel();
+    second.await??;
+    answering.abort();
+    let calls = calls.load(Ordering::SeqCst);
+    assert_eq!(calls, 1, "the target was called {calls} times");
     Ok(())
 }

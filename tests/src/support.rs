@@ -211,6 +211,19 @@ pub async fn ping_instances(
     Ok(ids)
 }
 
+/// The command that starts an alarm-loader on `server` (a server or a cluster) as a
+/// separate process, with its two identities ([`Role::AlarmLoader`],
+/// [`Role::AlarmIntake`]), as deployed.
+pub fn loader_command(server: &impl harness::Urls, extra: &[&str]) -> Result<Command> {
+    let bin = harness::workspace_bin("alarm-loader")?;
+    let mut cmd = Command::new(bin);
+    cmd.args(extra)
+        .env("NATS_URL", server.url_as(Role::AlarmLoader))
+        .env("TS_INTAKE_URL", server.url_as(Role::AlarmIntake))
+        .env("RUST_LOG", "warn");
+    Ok(cmd)
+}
+
 /// Starts a scheduler on `server` (a server or a cluster) as a separate process (so a
 /// test can SIGKILL it), with its three identities ([`Role::Scheduler`],
 /// [`Role::SchedulerIntake`], [`Role::SchedulerReplies`]), as deployed.

@@ -40,6 +40,13 @@ const PREFETCH_MAX_BODY: usize = 16 * 1024;
 
 pub use service::{system_clock, Clock};
 
+/// The system clock shifted by `skew_ms` (negative: behind): a testing aid, the
+/// loader's hidden `--clock-skew-ms` (fault injection runs a loader whose clock is off).
+pub fn skewed_clock(skew_ms: i64) -> Clock {
+    let system = system_clock();
+    Arc::new(move || system().saturating_add_signed(skew_ms))
+}
+
 /// How the loader runs.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -118,6 +125,10 @@ const DISCOVERY: Duration = Duration::from_millis(300);
 /// skew between the loader and the scheduler).
 const FIND_MARGIN_MS: u64 = 60_000;
 
+/// How many times a dispatch's outcome is written before the claim is left to its
+/// takeover.
+const OUTCOME_WRITES: usize = 5;
+
 /// How many ticks skipped for the overlap are walked back to find the running one.
 const MAX_OVERLAP_WALK: usize = 1_000;
 
@@ -132,6 +143,11 @@ pub const OWNERSHIP_GROUP: &str = "alarm-loader";
 const ENTRY_GRACE_MS: u64 = 15_000;
 /// How soon such an entry is looked at again.
 const RECHECK_MS: u64 = 500;
+
+/// How far behind the loader's clock a partition's sweep checkpoint stays: a loader
+/// whose clock runs behind (or this one's ahead) by less than this still indexes
+/// after it (ARCHITECTURE.md, "The alarm-loader").
+pub const SWEEP_LAG_MS: u64 = 60_000;
 
 /// How many lateness samples the percentiles use.
 const LATENESS_SAMPLES: usize = 200_000;
@@ -401,8 +417,7 @@ impl Loader {
                     &mut open,
                 )
                 .await;
-                self.sweep(&owned, &mut swept, &mut open, bucket_of(now))
-                    .await;
+                self.sweep(&owned, &mut swept, &mut open, now).await;
                 self.plan_jobs(&owned, now, now.saturating_add(2 * interval_ms))
                     .await;
                 next_load = tokio::time::Instant::now() + interval;
@@ -695,34 +710,45 @@ impl Loader {
         }
     }
 
-    /// Advances each partition's checkpoint over past buckets that are empty (at most
-    /// a bounded number of checks a round).
+    /// Purges each partition's past buckets whose entries this loader saw are all
+    /// settled, and advances its checkpoint over past buckets that are empty (at most a
+    /// bounded number of checks a round), [`SWEEP_LAG_MS`] behind this loader's clock.
     async fn sweep(
         &self,
         partitions: &[u32],
         swept: &mut HashMap<u32, u64>,
         open: &mut Open,
-        now_bucket: u64,
+        now: u64,
     ) {
         const CHECKS_PER_ROUND: usize = 360;
+        let now_bucket = bucket_of(now);
+        // Another loader's clock may run behind this one (or this one ahead): a set it
+        // answers, or a retry it re-arms, indexes at what is the present for it. The
+        // checkpoint must not pass that, or a holder that catches the partition up
+        // from it would never see the entry; so it stays a minute behind.
+        let sweep_bucket = bucket_of(now.saturating_sub(SWEEP_LAG_MS));
         for &p in partitions {
             let Some(&done) = swept.get(&p) else { continue };
-            let mut b = done + 1;
-            let mut checks = 0;
-            // The bucket before the current one may still receive a re-arm; stop there.
-            while b + 1 < now_bucket && checks < CHECKS_PER_ROUND {
-                checks += 1;
-                // Its entries that this loader saw are all settled: remove them at once.
-                match open.quiet(p, b) {
-                    None => break,
-                    Some(Some(below)) => match self.store.purge_bucket(p, b, below).await {
+            // Its entries that this loader saw are all settled: remove them at once,
+            // whatever the clocks (only what was seen, and settled, goes). The bucket
+            // before the current one may still receive a re-arm; stop there.
+            for b in open.past_buckets(p, done, now_bucket) {
+                if let Some(Some(below)) = open.quiet(p, b) {
+                    match self.store.purge_bucket(p, b, below).await {
                         Ok(()) => open.purged(p, b),
                         Err(e) => {
                             debug!(partition = p, bucket = b, error = %e, "purging a due bucket failed");
                             break;
                         }
-                    },
-                    Some(None) => {}
+                    }
+                }
+            }
+            let mut b = done + 1;
+            let mut checks = 0;
+            while b + 1 < sweep_bucket && checks < CHECKS_PER_ROUND {
+                checks += 1;
+                if open.quiet(p, b).is_none() {
+                    break;
                 }
                 match self.store.bucket_is_empty(p, b).await {
                     Ok(true) => b += 1,
@@ -1075,13 +1101,17 @@ impl Loader {
                 // The entry first, then the record that needs it.
                 self.store.put_due(id, at, done).await?;
             }
+            if dead {
+                // The dead letter first, then the record that ends the alarm: a crash
+                // in between leaves the claim, whose takeover tries the last attempt
+                // again (a second dead letter at worst), never a dead alarm whose
+                // letter was not sent.
+                self.store.dead_letter(&outcome).await?;
+                Metrics::bump(&self.metrics.dead);
+            }
             // What stands is what was appended: the outcome, or (when a client changed
             // the alarm meanwhile) the client's state with the outcome as its event.
-            let (last, last_seq) = self.record_outcome(outcome.clone(), claim_seq).await?;
-            if dead {
-                Metrics::bump(&self.metrics.dead);
-                self.store.dead_letter(&outcome).await?;
-            }
+            let (last, last_seq) = self.record_outcome(&outcome, &claim, claim_seq).await?;
             let next = last.next_action_ms(grace);
             return Ok(Next::settled(next.map(Rearm::InWindow), last_seq, next));
         }
@@ -1089,28 +1119,48 @@ impl Loader {
         Ok(keep(Rearm::Always((self.clock)().saturating_add(1_000))))
     }
 
-    /// Appends a dispatch's outcome after its claim; if a client changed the alarm
-    /// meanwhile (replaced, cancelled), the outcome is still recorded as an event, and
-    /// the state the client gave stands. The record appended last, and its sequence.
-    async fn record_outcome(&self, outcome: Record, claim_seq: u64) -> Result<(Record, u64)> {
+    /// Appends a dispatch's outcome after its claim (stored at `claim_seq`). When that
+    /// compare-and-set fails, or its fate is unknown, the alarm is read again: if the
+    /// outcome landed, that is it; if the record still stands as the claim left it (a
+    /// foreign message came after it, or the failed write did not land), the outcome
+    /// is written again after what is there now, so the claim ends here rather than at
+    /// its takeover; if a client changed the alarm meanwhile (replaced, cancelled), the
+    /// outcome is still recorded as an event, and the state the client gave stands.
+    /// The record appended last, and its sequence.
+    async fn record_outcome(
+        &self,
+        outcome: &Record,
+        claim: &Record,
+        claim_seq: u64,
+    ) -> Result<(Record, u64)> {
         let mut expected = claim_seq;
-        let mut record = outcome;
-        for _ in 0..5 {
+        let mut record = outcome.clone();
+        for round in 0..OUTCOME_WRITES {
             match self.store.append(&record, expected).await {
                 Ok(seq) => return Ok((record, seq)),
-                Err(Error::Conflict(_)) => {
-                    Metrics::bump(&self.metrics.conflicts);
-                    let Some((current, seq)) = self.store.read(&record.alarm.id).await? else {
-                        return Err(Error::Conflict(record.alarm.id));
-                    };
-                    record = Record {
-                        event: record.event,
-                        ..current
-                    };
-                    expected = seq;
+                Err(Error::Conflict(_)) => Metrics::bump(&self.metrics.conflicts),
+                Err(e) => {
+                    // Perhaps stored, perhaps not: the read below tells.
+                    debug!(alarm = %record.alarm.id, error = %e, "writing a dispatch's outcome failed; reading the alarm again");
+                    tokio::time::sleep(Duration::from_millis(200 * (round as u64 + 1))).await;
                 }
-                Err(e) => return Err(e),
             }
+            let current = self.store.current(&record.alarm.id).await?;
+            let Some((stands, stands_seq)) = current.record else {
+                return Err(Error::Conflict(record.alarm.id));
+            };
+            if stands == record {
+                return Ok((stands, stands_seq));
+            }
+            record = if stands == *claim {
+                outcome.clone()
+            } else {
+                Record {
+                    event: outcome.event.clone(),
+                    ..stands
+                }
+            };
+            expected = current.last_seq;
         }
         Err(Error::Conflict(record.alarm.id))
     }
@@ -1441,6 +1491,19 @@ impl Open {
         (!open).then(|| self.seen.get(&(p, b)).map(|s| s + 1))
     }
 
+    /// The buckets of partition `p` after `done` and before the one before
+    /// `now_bucket` in which this loader saw entries, in order.
+    fn past_buckets(&self, p: u32, done: u64, now_bucket: u64) -> Vec<u64> {
+        let mut out: Vec<u64> = self
+            .seen
+            .keys()
+            .filter(|(q, b)| *q == p && *b > done && b + 1 < now_bucket)
+            .map(|(_, b)| *b)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
     /// Bucket `b` of partition `p` purged.
     fn purged(&mut self, p: u32, b: u64) {
         self.seen.remove(&(p, b));
@@ -1461,6 +1524,23 @@ mod tests {
             description: None,
             length: payload.len(),
         }
+    }
+
+    #[test]
+    fn a_skewed_clock_is_the_system_clock_shifted() {
+        let (system, ahead, behind) = (system_clock(), skewed_clock(5_000), skewed_clock(-5_000));
+        let before = system();
+        let (a, b) = (ahead(), behind());
+        let after = system();
+        assert!(
+            (before + 5_000..=after + 5_000).contains(&a),
+            "{a} vs {before}..{after}"
+        );
+        assert!(
+            (before..=after).contains(&(b + 5_000)),
+            "{b} vs {before}..{after}"
+        );
+        assert_eq!(skewed_clock(-i64::MAX)(), 0, "saturates at the epoch");
     }
 
     #[test]

@@ -46,6 +46,16 @@ struct Args {
     /// Replicas of the alarm stream (and the ownership bucket) when this loader creates it.
     #[arg(long, env = "TS_REPLICAS", default_value_t = 1)]
     replicas: usize,
+    /// Testing aid (fault injection, `make chaos ALARMS=1`): run with the system clock
+    /// shifted by this many milliseconds (negative: behind).
+    #[arg(
+        long,
+        env = "TS_CLOCK_SKEW_MS",
+        default_value_t = 0,
+        allow_hyphen_values = true,
+        hide = true
+    )]
+    clock_skew_ms: i64,
 }
 
 #[tokio::main]
@@ -84,6 +94,12 @@ async fn start() -> anyhow::Result<()> {
         tracing::warn!("no intake identity (TS_INTAKE_URL / TS_INTAKE_CREDS): alarm requests are taken, and subject targets called, with the core user's rights");
         None
     };
+    if args.clock_skew_ms != 0 {
+        tracing::warn!(
+            skew_ms = args.clock_skew_ms,
+            "clock skewed on purpose (--clock-skew-ms)"
+        );
+    }
     let shutdown = service::runtime::shutdown_on_signals();
     let settings = alarm_loader::Settings {
         prefix: args.prefix,
@@ -105,7 +121,7 @@ async fn start() -> anyhow::Result<()> {
         settings,
         connections,
         shutdown,
-        alarm_loader::loader::system_clock(),
+        alarm_loader::loader::skewed_clock(args.clock_skew_ms),
     )
     .await?;
     Ok(())

@@ -1,5 +1,6 @@
-//! `make chaos DURATION=<seconds> [SEED=<n>] [CLUSTER=1]`: the scheduler under injected
-//! faults, checked from the log alone.
+//! `make chaos DURATION=<seconds> [SEED=<n>] [CLUSTER=1] [ALARMS=1]`: the scheduler
+//! (or the alarm-loader) under injected faults, checked from the log (and the
+//! alarms' histories).
 //!
 //! Several scheduler replicas (the real binary, `target/<profile>/scheduler`, each
 //! with its output in a log file) run against a private nats-server, or with
@@ -44,6 +45,10 @@
 //! the meta leader moves when its node is the one killed or stalled), and the whole
 //! cluster killed at once.
 //!
+//! With `--alarms` (`make chaos ALARMS=1`) it runs the alarm-loader scenario instead:
+//! alarm-loaders, alarms and cron jobs under the loaders' faults and the server's,
+//! checked from the log and the alarms' histories (`chaos/alarms.rs` says how).
+//!
 //! At the end it reads every process's chain (the rule of schemas/chain.md) and checks,
 //! from the log alone:
 //! 1. no foreign message and no loss on any subject; slots `0..n` in order, none twice,
@@ -82,6 +87,9 @@
 //! `--seed` replays the same workload and fault schedule (what a fault hits depends on
 //! timing too, so a replay is close, not identical).
 
+#[path = "chaos/alarms.rs"]
+mod alarms;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -108,7 +116,8 @@ use protocol::seal::Seal;
 use protocol::wire::{ErrorCode, Mode, Receipt};
 use protocol::{Hash32, ProcessId};
 use tests::support::{
-    connect, key_file, published_keys, scheduler_command, test_key, wait_for_schedulers,
+    connect, key_file, loader_command, published_keys, scheduler_command, test_key,
+    wait_for_schedulers, wait_for_service,
 };
 
 #[derive(Parser, Debug, Clone)]
@@ -150,6 +159,18 @@ struct Args {
     /// [default: every kind of the mode].
     #[arg(long, value_delimiter = ',')]
     faults: Vec<String>,
+    /// The alarm-loader scenario (`make chaos ALARMS=1`, module `alarms`): alarm-loaders
+    /// under seeded alarms, cron jobs and faults (loader kills, stops and skewed clocks,
+    /// the server's stalls and kills), checked from the log and the alarms' histories;
+    /// the schedulers take only the firings.
+    #[arg(long)]
+    alarms: bool,
+    /// Alarm-loaders (with `--alarms`).
+    #[arg(long, default_value_t = 3)]
+    loaders: usize,
+    /// Seconds after the workload for what fell due to fire (with `--alarms`).
+    #[arg(long, default_value_t = 60)]
+    settle: u64,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench-results/chaos.json")]
     out: PathBuf,
@@ -716,6 +737,21 @@ enum Fault {
     FullStore {
         hold_ms: u64,
     },
+    /// An alarm-loader killed (SIGKILL), restarted after `down_ms`.
+    LoaderKill {
+        loader: usize,
+        down_ms: u64,
+    },
+    /// An alarm-loader stopped (SIGTERM), restarted.
+    LoaderTerm {
+        loader: usize,
+    },
+    /// An alarm-loader restarted with its clock skewed (`--clock-skew-ms`) for a while.
+    LoaderSkew {
+        loader: usize,
+        skew_ms: i64,
+        hold_ms: u64,
+    },
     /// Cluster: a node stopped (SIGSTOP) for `ms`, then continued.
     NodeStall {
         node: Node,
@@ -772,6 +808,25 @@ impl Fault {
         "full_store",
     ];
 
+    /// The kinds of the alarm-loader scenario against one nats-server.
+    const ALARM_KINDS: [&'static str; 5] = [
+        "loader_kill",
+        "loader_term",
+        "loader_skew",
+        "nats_stall",
+        "nats_kill",
+    ];
+    /// The kinds of the alarm-loader scenario against a cluster.
+    const ALARM_CLUSTER_KINDS: [&'static str; 7] = [
+        "loader_kill",
+        "loader_term",
+        "loader_skew",
+        "node_stall",
+        "node_kill",
+        "leader_kill",
+        "leader_stepdown",
+    ];
+
     fn name(&self) -> &'static str {
         match self {
             Fault::NatsStall { .. } => "nats_stall",
@@ -781,6 +836,9 @@ impl Fault {
             Fault::ClockSkew { .. } => "clock_skew",
             Fault::Flags { .. } => "flags",
             Fault::FullStore { .. } => "full_store",
+            Fault::LoaderKill { .. } => "loader_kill",
+            Fault::LoaderTerm { .. } => "loader_term",
+            Fault::LoaderSkew { .. } => "loader_skew",
             Fault::NodeStall { .. } => "node_stall",
             Fault::NodeKill { .. } => "node_kill",
             Fault::LeaderKill { .. } => "leader_kill",
@@ -839,6 +897,18 @@ impl Fault {
             Fault::FullStore { hold_ms } => {
                 format!("log stream max_bytes = its size for {} s", secs(*hold_ms))
             }
+            Fault::LoaderKill { loader, down_ms } => {
+                format!("loader {loader} SIGKILL, down {} s", secs(*down_ms))
+            }
+            Fault::LoaderTerm { loader } => format!("loader {loader} SIGTERM, restarted"),
+            Fault::LoaderSkew {
+                loader,
+                skew_ms,
+                hold_ms,
+            } => format!(
+                "loader {loader} restarted with --clock-skew-ms {skew_ms} for {} s",
+                secs(*hold_ms)
+            ),
             Fault::NodeStall { node, ms } => format!(
                 "{} stalled (SIGSTOP) {} s",
                 match node {
@@ -861,11 +931,12 @@ impl Fault {
 }
 
 /// The kinds a run injects: `only` (each a kind of the mode), or every kind of the mode.
-fn fault_kinds(cluster: bool, only: &[String]) -> Result<Vec<&'static str>> {
-    let all: &[&'static str] = if cluster {
-        &Fault::CLUSTER_KINDS
-    } else {
-        &Fault::KINDS
+fn fault_kinds(cluster: bool, alarms: bool, only: &[String]) -> Result<Vec<&'static str>> {
+    let all: &[&'static str] = match (cluster, alarms) {
+        (true, false) => &Fault::CLUSTER_KINDS,
+        (false, false) => &Fault::KINDS,
+        (true, true) => &Fault::ALARM_CLUSTER_KINDS,
+        (false, true) => &Fault::ALARM_KINDS,
     };
     if only.is_empty() {
         return Ok(all.to_vec());
@@ -877,12 +948,13 @@ fn fault_kinds(cluster: bool, only: &[String]) -> Result<Vec<&'static str>> {
                 .copied()
                 .with_context(|| {
                     format!(
-                        "--faults: no fault {k:?} {}; there are {}",
+                        "--faults: no fault {k:?} {}{}; there are {}",
                         if cluster {
                             "with --cluster"
                         } else {
                             "without --cluster"
                         },
+                        if alarms { " and --alarms" } else { "" },
                         all.join(", ")
                     )
                 })
@@ -892,7 +964,12 @@ fn fault_kinds(cluster: bool, only: &[String]) -> Result<Vec<&'static str>> {
 
 /// The fault schedule: every kind of `kinds` once in a seeded order, again and again,
 /// each with the pause after it.
-fn plan_faults(seed: u64, replicas: usize, kinds: &[&'static str]) -> Vec<(Fault, u64)> {
+fn plan_faults(
+    seed: u64,
+    replicas: usize,
+    loaders: usize,
+    kinds: &[&'static str],
+) -> Vec<(Fault, u64)> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(STREAM_FAULTS);
     let flag_sets: [[&str; 2]; 7] = [
@@ -931,6 +1008,21 @@ fn plan_faults(seed: u64, replicas: usize, kinds: &[&'static str]) -> Vec<(Fault
                     down_ms: rng.gen_range(0..=3_000),
                 },
                 "replica_term" => Fault::ReplicaTerm { replica },
+                "loader_kill" => Fault::LoaderKill {
+                    loader: rng.gen_range(0..loaders.max(1)),
+                    down_ms: rng.gen_range(0..=3_000),
+                },
+                "loader_term" => Fault::LoaderTerm {
+                    loader: rng.gen_range(0..loaders.max(1)),
+                },
+                "loader_skew" => {
+                    let skew: i64 = rng.gen_range(2_000..=8_000);
+                    Fault::LoaderSkew {
+                        loader: rng.gen_range(0..loaders.max(1)),
+                        skew_ms: if rng.gen_bool(0.5) { skew } else { -skew },
+                        hold_ms: rng.gen_range(8_000..=20_000),
+                    }
+                }
                 "clock_skew" => {
                     let skew: i64 = rng.gen_range(1_000..=20_000);
                     Fault::ClockSkew {
@@ -997,8 +1089,10 @@ fn violation(rule: &'static str, detail: impl Into<String>) -> Violation {
     }
 }
 
+/// A scheduler replica or an alarm-loader: the process, its log, how often it started.
 struct Replica {
-    key: PathBuf,
+    /// A scheduler's key (none for a loader).
+    key: Option<PathBuf>,
     process: Option<harness::Process>,
     log: PathBuf,
     starts: usize,
@@ -1044,6 +1138,15 @@ impl Nats {
             Nats::Cluster(_) => ["--replicas", "3", "--singles-in-flight", "16"]
                 .map(String::from)
                 .to_vec(),
+        }
+    }
+
+    /// The flags every alarm-loader runs with: on a cluster, its stream and the
+    /// ownership bucket R3.
+    fn loader_flags(&self) -> Vec<String> {
+        match self {
+            Nats::Single(_) => Vec::new(),
+            Nats::Cluster(_) => ["--replicas", "3"].map(String::from).to_vec(),
         }
     }
 
@@ -1165,12 +1268,33 @@ async fn step_down(operator: &async_nats::Client, stream: &str) -> Result<Vec<St
     )])
 }
 
-/// The servers and the replicas, owned by the fault injector while it runs.
+/// Which service a member of the rig runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Svc {
+    Scheduler,
+    Loader,
+}
+
+impl Svc {
+    fn name(self) -> &'static str {
+        match self {
+            Svc::Scheduler => "replica",
+            Svc::Loader => "loader",
+        }
+    }
+}
+
+/// The servers, the replicas and the loaders, owned by the fault injector while it
+/// runs.
 struct Rig {
     nats: Nats,
     replicas: Vec<Replica>,
     /// Flags every replica starts with ([`Nats::scheduler_flags`]).
     flags: Vec<String>,
+    /// The alarm-loaders (none unless `--alarms`).
+    loaders: Vec<Replica>,
+    /// Flags every loader starts with ([`Nats::loader_flags`]).
+    loader_flags: Vec<String>,
     /// A connection for PING (reconnects by itself after a server restart).
     ping: async_nats::Client,
     /// The operator's connection (every node's URL): leaders, step-downs.
@@ -1179,18 +1303,41 @@ struct Rig {
 }
 
 impl Rig {
-    fn start(&mut self, r: usize, flags: &[String]) -> Result<()> {
-        let flags = with_flags(&self.flags, flags);
-        let rep = &mut self.replicas[r];
+    fn members(&mut self, svc: Svc) -> &mut Vec<Replica> {
+        match svc {
+            Svc::Scheduler => &mut self.replicas,
+            Svc::Loader => &mut self.loaders,
+        }
+    }
+
+    /// Starts member `r` of `svc` with its usual flags, `flags` in place of the same
+    /// options.
+    fn start(&mut self, svc: Svc, r: usize, flags: &[String]) -> Result<()> {
+        let base = match svc {
+            Svc::Scheduler => &self.flags,
+            Svc::Loader => &self.loader_flags,
+        };
+        let flags = with_flags(base, flags);
         let args: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let mut cmd = scheduler_command(&self.nats, &rep.key, &args)?;
+        let mut cmd = match svc {
+            Svc::Scheduler => {
+                let key = self.replicas[r]
+                    .key
+                    .clone()
+                    .context("a scheduler replica without a key")?;
+                scheduler_command(&self.nats, &key, &args)?
+            }
+            Svc::Loader => loader_command(&self.nats, &args)?,
+        };
+        let rep = &mut self.members(svc)[r];
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&rep.log)?;
         writeln!(
             log,
-            "=== chaos: replica {r} started at {} s with {flags:?}",
+            "=== chaos: {} {r} started at {} s with {flags:?}",
+            svc.name(),
             secs(now_ms())
         )?;
         cmd.stderr(log);
@@ -1199,25 +1346,45 @@ impl Rig {
         Ok(())
     }
 
-    /// SIGTERM; a replica that does not exit within 20 s is a violation (then killed).
-    fn stop(&mut self, r: usize, notes: &mut Vec<String>) {
-        let Some(mut p) = self.replicas[r].process.take() else {
+    /// SIGTERM; a member that does not exit within 20 s is a violation (then killed).
+    fn stop(&mut self, svc: Svc, r: usize, notes: &mut Vec<String>) {
+        let Some(mut p) = self.members(svc)[r].process.take() else {
             return;
         };
         let started = Instant::now();
+        let what = svc.name();
         if p.terminate(Duration::from_secs(20)) {
             notes.push(format!(
-                "replica {r} exited {:.1} s after SIGTERM",
+                "{what} {r} exited {:.1} s after SIGTERM",
                 started.elapsed().as_secs_f64()
             ));
         } else {
             self.violations.push(violation(
-                "replica",
+                what,
                 format!(
-                    "replica {r} did not exit within 20 s of SIGTERM at {} s (killed)",
+                    "{what} {r} did not exit within 20 s of SIGTERM at {} s (killed)",
                     secs(now_ms())
                 ),
             ));
+        }
+    }
+
+    /// SIGKILLs member `r` of `svc`, starts it again after `down_ms`.
+    fn kill(&mut self, svc: Svc, r: usize, down_ms: u64) -> Result<()> {
+        if let Some(mut p) = self.members(svc)[r].process.take() {
+            p.kill();
+        }
+        std::thread::sleep(Duration::from_millis(down_ms));
+        self.start(svc, r, &[])
+    }
+
+    /// A graceful stop of every replica and loader, as at the end of any deployment.
+    fn stop_all(&mut self) {
+        for svc in [Svc::Scheduler, Svc::Loader] {
+            for r in 0..self.members(svc).len() {
+                let mut notes = Vec::new();
+                self.stop(svc, r, &mut notes);
+            }
         }
     }
 
@@ -1253,31 +1420,44 @@ impl Rig {
                 ),
             ));
         }
-        for r in 0..self.replicas.len() {
-            let exited = self.replicas[r].process.as_mut().and_then(|p| p.exited());
-            if let Some(status) = exited {
-                self.violations.push(violation(
-                    "replica",
-                    format!(
-                        "replica {r} exited by itself ({status}) before {} s",
-                        secs(now_ms())
-                    ),
-                ));
-                self.start(r, &[])?;
+        for svc in [Svc::Scheduler, Svc::Loader] {
+            for r in 0..self.members(svc).len() {
+                let exited = self.members(svc)[r]
+                    .process
+                    .as_mut()
+                    .and_then(|p| p.exited());
+                if let Some(status) = exited {
+                    let what = svc.name();
+                    self.violations.push(violation(
+                        what,
+                        format!(
+                            "{what} {r} exited by itself ({status}) before {} s",
+                            secs(now_ms())
+                        ),
+                    ));
+                    self.start(svc, r, &[])?;
+                }
             }
         }
         Ok(())
     }
 
-    /// Waits until every replica answers PING.
+    /// Waits until every replica and every loader answers PING.
     fn ready(&mut self, rt: &tokio::runtime::Handle, after: &str) {
-        let n = self.replicas.len();
         let ping = self.ping.clone();
-        if let Err(e) = rt.block_on(wait_for_schedulers(&ping, n)) {
-            self.violations.push(violation(
-                "replica",
-                format!("after {after}: {e} (at {} s)", secs(now_ms())),
-            ));
+        for (svc, service, n) in [
+            (Svc::Scheduler, "turnstile-scheduler", self.replicas.len()),
+            (Svc::Loader, "turnstile-alarm-loader", self.loaders.len()),
+        ] {
+            if n == 0 {
+                continue;
+            }
+            if let Err(e) = rt.block_on(wait_for_service(&ping, service, n)) {
+                self.violations.push(violation(
+                    svc.name(),
+                    format!("after {after}: {e} (at {} s)", secs(now_ms())),
+                ));
+            }
         }
     }
 
@@ -1352,15 +1532,16 @@ impl Rig {
                 server.restart_in_place()?;
             }
             Fault::ReplicaKill { replica, down_ms } => {
-                if let Some(mut p) = self.replicas[*replica].process.take() {
-                    p.kill();
-                }
-                sleep(*down_ms);
-                self.start(*replica, &[])?;
+                self.kill(Svc::Scheduler, *replica, *down_ms)?
             }
+            Fault::LoaderKill { loader, down_ms } => self.kill(Svc::Loader, *loader, *down_ms)?,
             Fault::ReplicaTerm { replica } => {
-                self.stop(*replica, &mut notes);
-                self.start(*replica, &[])?;
+                self.stop(Svc::Scheduler, *replica, &mut notes);
+                self.start(Svc::Scheduler, *replica, &[])?;
+            }
+            Fault::LoaderTerm { loader } => {
+                self.stop(Svc::Loader, *loader, &mut notes);
+                self.start(Svc::Loader, *loader, &[])?;
             }
             Fault::ClockSkew {
                 replica,
@@ -1368,13 +1549,21 @@ impl Rig {
                 hold_ms,
             } => {
                 let flags = vec!["--clock-skew-ms".to_string(), skew_ms.to_string()];
-                self.hold_with(*replica, &flags, *hold_ms, rt, &mut notes)?;
+                self.hold_with(Svc::Scheduler, *replica, &flags, *hold_ms, rt, &mut notes)?;
+            }
+            Fault::LoaderSkew {
+                loader,
+                skew_ms,
+                hold_ms,
+            } => {
+                let flags = vec!["--clock-skew-ms".to_string(), skew_ms.to_string()];
+                self.hold_with(Svc::Loader, *loader, &flags, *hold_ms, rt, &mut notes)?;
             }
             Fault::Flags {
                 replica,
                 flags,
                 hold_ms,
-            } => self.hold_with(*replica, flags, *hold_ms, rt, &mut notes)?,
+            } => self.hold_with(Svc::Scheduler, *replica, flags, *hold_ms, rt, &mut notes)?,
             Fault::FullStore { hold_ms } => {
                 let url = self.nats.url_as(Role::Operator);
                 notes.extend(rt.block_on(full_store(&url, *hold_ms))?);
@@ -1425,21 +1614,23 @@ impl Rig {
         self.settle(rt, notes)
     }
 
-    /// Restarts `r` with `flags`, lets it serve `hold_ms`, restarts it as it was.
+    /// Restarts member `r` of `svc` with `flags`, lets it serve `hold_ms`, restarts
+    /// it as it was.
     fn hold_with(
         &mut self,
+        svc: Svc,
         r: usize,
         flags: &[String],
         hold_ms: u64,
         rt: &tokio::runtime::Handle,
         notes: &mut Vec<String>,
     ) -> Result<()> {
-        self.stop(r, notes);
-        self.start(r, flags)?;
+        self.stop(svc, r, notes);
+        self.start(svc, r, flags)?;
         self.ready(rt, "a restart with other flags");
         std::thread::sleep(Duration::from_millis(hold_ms));
-        self.stop(r, notes);
-        self.start(r, &[])
+        self.stop(svc, r, notes);
+        self.start(svc, r, &[])
     }
 }
 
@@ -2137,10 +2328,23 @@ struct Outcome {
     /// The servers' logs, each with the name it is kept under.
     nats_logs: Vec<(String, PathBuf)>,
     injector_error: Option<String>,
+    /// The alarm-loader scenario's verdict (`--alarms`).
+    alarms: Option<alarms::Verdict>,
 }
 
-async fn run(args: &Args, seed: u64) -> Result<Outcome> {
-    let kinds = fault_kinds(args.cluster, &args.faults)?;
+/// What a run starts with: the servers, replicas (and loaders) up and answering.
+struct Setup {
+    rig: Rig,
+    work: tempfile::TempDir,
+    ping: async_nats::Client,
+    client_url: String,
+    operator_url: String,
+    nats_logs: Vec<(String, PathBuf)>,
+}
+
+/// Starts the servers, `args.replicas` scheduler replicas and `loaders` alarm-loaders,
+/// and waits until every one answers PING.
+async fn setup(args: &Args, loaders: usize) -> Result<Setup> {
     let nats = if args.cluster {
         Nats::Cluster(NatsCluster::start(3)?)
     } else {
@@ -2153,7 +2357,7 @@ async fn run(args: &Args, seed: u64) -> Result<Outcome> {
     let mut replicas = Vec::new();
     for r in 0..args.replicas {
         replicas.push(Replica {
-            key: key_file(work.path(), &keys[r % keys.len()])?,
+            key: Some(key_file(work.path(), &keys[r % keys.len()])?),
             process: None,
             log: work.path().join(format!("replica-{r}.log")),
             starts: 0,
@@ -2163,18 +2367,52 @@ async fn run(args: &Args, seed: u64) -> Result<Outcome> {
     let operator_url = nats.url_as(Role::Operator);
     let ping = connect(&client_url).await?;
     let nats_logs = nats.logs();
+    let loaders = (0..loaders)
+        .map(|l| Replica {
+            key: None,
+            process: None,
+            log: work.path().join(format!("loader-{l}.log")),
+            starts: 0,
+        })
+        .collect();
     let mut rig = Rig {
         flags: nats.scheduler_flags(),
+        loader_flags: nats.loader_flags(),
         nats,
         replicas,
+        loaders,
         ping: ping.clone(),
         operator: connect(&operator_url).await?,
         violations: Vec::new(),
     };
-    for r in 0..args.replicas {
-        rig.start(r, &[])?;
+    for r in 0..rig.replicas.len() {
+        rig.start(Svc::Scheduler, r, &[])?;
     }
-    wait_for_schedulers(&ping, args.replicas).await?;
+    for l in 0..rig.loaders.len() {
+        rig.start(Svc::Loader, l, &[])?;
+    }
+    wait_for_schedulers(&ping, rig.replicas.len()).await?;
+    wait_for_service(&ping, "turnstile-alarm-loader", rig.loaders.len()).await?;
+    Ok(Setup {
+        rig,
+        work,
+        ping,
+        client_url,
+        operator_url,
+        nats_logs,
+    })
+}
+
+async fn run(args: &Args, seed: u64) -> Result<Outcome> {
+    let kinds = fault_kinds(args.cluster, false, &args.faults)?;
+    let Setup {
+        rig,
+        work,
+        ping,
+        client_url,
+        operator_url,
+        nats_logs,
+    } = setup(args, 0).await?;
     let limits = Limits::fetch(&ping).await?;
     let mut clients = Vec::new();
     for _ in 0..CONNECTIONS {
@@ -2223,7 +2461,7 @@ async fn run(args: &Args, seed: u64) -> Result<Outcome> {
     let plan = if args.no_faults {
         Vec::new()
     } else {
-        plan_faults(seed, args.replicas, &kinds)
+        plan_faults(seed, args.replicas, 0, &kinds)
     };
     let rt = tokio::runtime::Handle::current();
     let last_start = stop_ms.saturating_sub(20_000);
@@ -2304,11 +2542,7 @@ async fn run(args: &Args, seed: u64) -> Result<Outcome> {
             "NOT ok"
         }
     );
-    // A graceful stop of every replica, as at the end of any deployment.
-    for r in 0..rig.replicas.len() {
-        let mut notes = Vec::new();
-        rig.stop(r, &mut notes);
-    }
+    rig.stop_all();
     let server_logs: Vec<String> = nats_logs
         .iter()
         .map(|(_, path)| std::fs::read_to_string(path).unwrap_or_default())
@@ -2338,6 +2572,7 @@ async fn run(args: &Args, seed: u64) -> Result<Outcome> {
         logs: logs.clone(),
         nats_logs: nats_logs.clone(),
         injector_error,
+        alarms: None,
     };
     if !outcome.violations.is_empty() || outcome.injector_error.is_some() {
         keep_logs(seed, &logs, &nats_logs);
@@ -2363,6 +2598,12 @@ fn keep_logs(seed: u64, logs: &[PathBuf], nats_logs: &[(String, PathBuf)]) {
 }
 
 fn summary(args: &Args, o: &Outcome) -> String {
+    if let Some(a) = &o.alarms {
+        return alarms::summary(args, o, a)
+            .iter()
+            .map(|(k, v)| format!("  {k:<13} {v}\n"))
+            .collect();
+    }
     let c = &o.counts;
     let mut faults: BTreeMap<&str, usize> = BTreeMap::new();
     for f in &o.faults {
@@ -2483,16 +2724,18 @@ fn profile() -> &'static str {
 fn replay(args: &Args, seed: u64) -> String {
     if args.faults.is_empty() {
         format!(
-            "make chaos DURATION={} SEED={seed}{}",
+            "make chaos DURATION={} SEED={seed}{}{}",
             args.duration,
-            if args.cluster { " CLUSTER=1" } else { "" }
+            if args.cluster { " CLUSTER=1" } else { "" },
+            if args.alarms { " ALARMS=1" } else { "" }
         )
     } else {
         format!(
-            "./target/{}/chaos --duration {} --seed {seed}{} --faults {}",
+            "./target/{}/chaos --duration {} --seed {seed}{}{} --faults {}",
             profile(),
             args.duration,
             if args.cluster { " --cluster" } else { "" },
+            if args.alarms { " --alarms" } else { "" },
             args.faults.join(",")
         )
     }
@@ -2515,6 +2758,7 @@ fn write_json(args: &Args, o: &Outcome) -> Result<()> {
         "violations": o.violations.iter().take(200).collect::<Vec<_>>(),
         "injector_error": o.injector_error,
         "verify": {"ok": o.verify["ok"], "totals": o.verify["totals"]},
+        "alarms": o.alarms,
         "logs": o.logs,
         "nats_logs": o.nats_logs.iter().map(|(_, p)| p).collect::<Vec<_>>(),
     });
@@ -2535,7 +2779,12 @@ async fn main() -> Result<()> {
         args.duration,
         replay(&args, seed)
     );
-    let outcome = match run(&args, seed).await {
+    let ran = if args.alarms {
+        alarms::run(&args, seed).await
+    } else {
+        run(&args, seed).await
+    };
+    let outcome = match ran {
         Ok(o) => o,
         Err(e) => {
             eprintln!(
