@@ -1116,3 +1116,71 @@ async fn a_hung_handler_is_ended_by_its_timeout() -> Result<()> {
     assert_eq!(lines(&out), vec![format!("hung:{}", next.slot)]);
     Ok(())
 }
+
+/// The data of the worker instances' STATS endpoints, one object per instance that
+/// answered within a second.
+async fn worker_stats(nats: &async_nats::Client) -> Result<Vec<serde_json::Value>> {
+    let inbox = nats.new_inbox();
+    let mut sub = nats.subscribe(inbox.clone()).await?;
+    nats.publish_with_reply("$SRV.STATS.turnstile-worker", inbox, Bytes::new())
+        .await?;
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(1), sub.next()).await {
+        let v: serde_json::Value = serde_json::from_slice(&m.payload)?;
+        if let Some(data) = v["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| e["data"].clone())
+            .find(|d| d.get("feed_preloaded").is_some())
+        {
+            out.push(data);
+        }
+    }
+    Ok(out)
+}
+
+/// A feeder that takes over reads every process checkpoint at once: the processes it
+/// meets again cost no read of the log or of their checkpoint, and no job is lost or
+/// run twice across the handover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_feeder_preloads_every_checkpoint_in_one_read() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(79))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let mut a = spawn_worker(&server, "gp", &appender(&out), &[])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator);
+    let client = Client::new(nats.clone(), Subjects::default());
+    let mut ids = schedule_many(&client, 8, 10, "first").await?;
+    wait_final(&js, "gp", 80, 60).await?;
+    let first = worker_stats(&nats).await?;
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(
+        first[0]["feed_loads"], 8,
+        "a new group meets each process once: {first:?}"
+    );
+    // The checkpoint covers everything fed (written every second).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let exited = tokio::task::spawn_blocking(move || a.terminate(Duration::from_secs(15))).await?;
+    assert!(exited, "the instance did not exit on SIGTERM");
+    let _b = spawn_worker(&server, "gp", &appender(&out), &[])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    ids.extend(schedule_many(&client, 8, 5, "second").await?);
+    let r = wait_final(&js, "gp", 120, 60).await?;
+    let stats = worker_stats(&nats).await?;
+    assert_eq!(stats.len(), 1, "{stats:?}");
+    assert_eq!(stats[0]["feed_preloaded"], 8, "{stats:?}");
+    assert_eq!(stats[0]["feed_loads"], 0, "{stats:?}");
+    assert_eq!(stats[0]["feed_log_reads"], 0, "{stats:?}");
+    let ran = lines(&out);
+    assert_eq!(ran.len(), ids.len(), "a job ran twice or not at all");
+    assert_eq!(ran.into_iter().collect::<BTreeSet<_>>(), ids);
+    assert_eq!(r.keys().cloned().collect::<BTreeSet<_>>(), ids);
+    Ok(())
+}

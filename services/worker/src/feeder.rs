@@ -14,7 +14,7 @@
 //! after it are handed out again under the same `Nats-Msg-Id` (`<process>:<slot>`), and
 //! the work stream drops them as duplicates (ARCHITECTURE.md "Workers").
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +52,15 @@ type AckFuture = std::pin::Pin<
 
 /// Job publishes awaiting their acknowledgement at most.
 const IN_FLIGHT: usize = 4096;
+
+/// Log messages read ahead of the one being fed, so that processes met for the first
+/// time are loaded concurrently.
+const LOOK_AHEAD: usize = 256;
+
+/// A log message made ready to feed: its stream sequence and — none for a message
+/// the group does not serve — the process, the message and, for a process met for
+/// the first time, its loaded state.
+type Admitted = (u64, Option<(ProcessId, LogMessage, Option<Fed>)>);
 
 /// Which processes a group serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +159,12 @@ pub struct FeedStats {
     pub foreign: AtomicU64,
     /// Stream sequence fed through (checkpointed).
     pub checkpoint: AtomicU64,
+    /// Process checkpoints read at the feed's start (one read for all).
+    pub preloaded: AtomicU64,
+    /// Processes met without a checkpoint, whose place was read from the log.
+    pub loads: AtomicU64,
+    /// Reads of the log those loads made (two for most: the fast path).
+    pub log_reads: AtomicU64,
 }
 
 /// What a feeder needs.
@@ -175,6 +190,9 @@ pub struct Feed {
     pub keys: Option<kv::Store>,
     /// When the keys were last read again.
     pub keys_read: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    /// Bumped each time the keys are read again: the feed makes every verifier it
+    /// holds trust the new set.
+    pub trusted_generation: Arc<AtomicU64>,
     /// Counters.
     pub stats: Arc<FeedStats>,
 }
@@ -233,11 +251,20 @@ impl Feed {
             .create_consumer(config)
             .await
             .map_err(|e| Error::nats("read the log", e))?;
-        let mut messages = consumer
+        let messages = consumer
             .messages()
             .await
             .map_err(|e| Error::nats("read the log", e))?;
-        let mut procs: HashMap<ProcessId, Fed> = HashMap::new();
+        // Every checkpointed process at once (one read), rather than a read each when
+        // the feed meets it.
+        let mut procs = self.preload().await?;
+        // Look-ahead: a process met for the first time is loaded (a few reads) while
+        // the messages before it are fed; the feed itself stays in stream order.
+        let mut requested: HashSet<ProcessId> = procs.keys().cloned().collect();
+        let mut pipeline = messages
+            .map(|m| self.admit(m, &reader, &mut requested))
+            .buffered(LOOK_AHEAD);
+        let mut trusted_seen = self.trusted_generation.load(Ordering::Acquire);
         let mut acks: FuturesUnordered<AckFuture> = FuturesUnordered::new();
         let mut seen_through = fed_through;
         let mut checkpointing: Option<tokio::task::JoinHandle<Written>> = None;
@@ -277,28 +304,29 @@ impl Feed {
                         break Err(Error::nats("hand out a job", e));
                     }
                 }
-                m = messages.next() => {
-                    let m = match m {
-                        Some(Ok(m)) => m,
-                        Some(Err(e)) => break Err(Error::nats("read the log", e)),
+                item = pipeline.next() => {
+                    let (seq, item) = match item {
+                        Some(Ok(item)) => item,
+                        Some(Err(e)) => break Err(e),
                         None => break Err(Error::nats("read the log", "the log reader ended")),
                     };
-                    let seq = match m.info() {
-                        Ok(i) => i.stream_sequence,
-                        Err(e) => break Err(Error::nats("read the log", e)),
-                    };
                     seen_through = seq;
-                    let Some(process) = self.subjects.process_of_log(m.subject.as_str()) else {
+                    let Some((process, msg, loaded)) = item else {
                         continue;
                     };
-                    if !self.serves.covers(&process) {
-                        continue;
+                    // Keys read again since: every verifier trusts the new set.
+                    let generation = self.trusted_generation.load(Ordering::Acquire);
+                    if generation != trusted_seen {
+                        trusted_seen = generation;
+                        let trusted = self.trusted();
+                        for f in procs.values_mut() {
+                            f.verifier.set_trusted(trusted.clone());
+                        }
                     }
-                    let msg = LogMessage {
-                        seq,
-                        headers: m.headers.clone().unwrap_or_default(),
-                        payload: m.payload.clone(),
-                    };
+                    if let Some(mut fed) = loaded {
+                        fed.verifier.set_trusted(self.trusted());
+                        procs.insert(process.clone(), fed);
+                    }
                     if let Err(e) = self.feed_one(&reader, &mut procs, &mut acks, process, msg).await {
                         break Err(e);
                     }
@@ -321,9 +349,155 @@ impl Feed {
         }
         // The ordered consumer goes with its stream; delete it now rather than after
         // the server's inactivity threshold.
-        drop(messages);
+        drop(pipeline);
         let _ = log.delete_consumer(&name).await;
         result
+    }
+
+    /// A delivered log message made ready to feed: which process it is (none: not
+    /// one the group serves) and, the first time a process is met, its state loaded
+    /// (every checkpoint was preloaded: a process met for the first time has none).
+    fn admit<'a>(
+        &'a self,
+        m: std::result::Result<jetstream::Message, consumer::pull::OrderedError>,
+        reader: &'a LogReader,
+        requested: &mut HashSet<ProcessId>,
+    ) -> impl std::future::Future<Output = Result<Admitted>> + 'a {
+        let ready = (|| -> Result<(u64, Option<(ProcessId, LogMessage, bool)>)> {
+            let m = m.map_err(|e| Error::nats("read the log", e))?;
+            let seq = m
+                .info()
+                .map_err(|e| Error::nats("read the log", e))?
+                .stream_sequence;
+            let Some(process) = self.subjects.process_of_log(m.subject.as_str()) else {
+                return Ok((seq, None));
+            };
+            if !self.serves.covers(&process) {
+                return Ok((seq, None));
+            }
+            let msg = LogMessage {
+                seq,
+                headers: m.headers.clone().unwrap_or_default(),
+                payload: m.payload.clone(),
+            };
+            let first = requested.insert(process.clone());
+            Ok((seq, Some((process, msg, first))))
+        })();
+        async move {
+            let (seq, item) = ready?;
+            let Some((process, msg, first)) = item else {
+                return Ok((seq, None));
+            };
+            if !first {
+                return Ok((seq, Some((process, msg, None))));
+            }
+            self.refresh_keys_for(&process, &msg).await?;
+            let fed = self.load(reader, &process, &msg, true).await?;
+            Ok((seq, Some((process, msg, Some(fed)))))
+        }
+    }
+
+    /// Every process checkpoint of the group, read at once (the last value of each
+    /// key of `feed.<group>.>`).
+    async fn preload(&self) -> Result<HashMap<ProcessId, Fed>> {
+        let bucket = self.subjects.workers_bucket();
+        let prefix = format!("$KV.{bucket}.feed.{}.", self.group);
+        let stream = self
+            .js
+            .get_stream(format!("KV_{bucket}"))
+            .await
+            .map_err(|e| Error::nats("open the workers bucket", e))?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: format!("{prefix}>"),
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::nats("read the feed checkpoints", e))?;
+        let mut pending = consumer.cached_info().num_pending;
+        let mut procs = HashMap::new();
+        if pending == 0 {
+            return Ok(procs);
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| Error::nats("read the feed checkpoints", e))?;
+        let trusted = self.trusted();
+        while pending > 0 {
+            let m = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
+                Ok(Some(m)) => m.map_err(|e| Error::nats("read the feed checkpoints", e))?,
+                Ok(None) | Err(_) => {
+                    return Err(Error::nats("read the feed checkpoints", "the read stalled"))
+                }
+            };
+            pending = m.info().map(|i| i.pending).unwrap_or(0);
+            let Some(name) = m.subject.as_str().strip_prefix(prefix.as_str()) else {
+                continue;
+            };
+            let deleted = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(journal::subjects::KV_OPERATION))
+                .is_some_and(|v| v.as_str() != "PUT");
+            let Ok(process) = ProcessId::new(name.to_string()) else {
+                continue;
+            };
+            if deleted {
+                continue;
+            }
+            let revision = m
+                .info()
+                .map_err(|e| Error::nats("read the feed checkpoints", e))?
+                .stream_sequence;
+            let verifier = serde_json::from_slice::<ProcessPoint>(&m.payload)
+                .ok()
+                .and_then(|p| p.verifier(&process, &trusted))
+                .ok_or_else(|| {
+                    Error::Config(format!("process checkpoint {name} does not parse"))
+                })?;
+            procs.insert(
+                process,
+                Fed {
+                    verifier,
+                    revision: Some(revision),
+                    dirty: false,
+                    generation: 0,
+                },
+            );
+        }
+        self.stats
+            .preloaded
+            .fetch_add(procs.len() as u64, Ordering::Relaxed);
+        Ok(procs)
+    }
+
+    /// Reads the published keys again (at most once a second) when the run in `msg`
+    /// is sealed by a key not trusted yet. True: the trusted set changed.
+    async fn refresh_keys_for(&self, process: &ProcessId, msg: &LogMessage) -> Result<bool> {
+        let (Some(keys), Ok(run)) = (&self.keys, msg.decode()) else {
+            return Ok(false);
+        };
+        if run.process != process.as_str() {
+            return Ok(false);
+        }
+        let trusted = self.trusted();
+        let unknown = run.seal.commitments.is_empty()
+            || run
+                .seal
+                .commitments
+                .iter()
+                .any(|c| !trusted.contains(&c.key_id));
+        if !unknown || !self.may_read_keys() {
+            return Ok(false);
+        }
+        let fresh = journal::keyring::trust(&journal::keyring::fetch(keys).await?);
+        if let Ok(mut t) = self.trusted.write() {
+            *t = fresh;
+        }
+        self.trusted_generation.fetch_add(1, Ordering::AcqRel);
+        Ok(true)
     }
 
     /// Where the group's feed stands: (fed through, revision of the global key). A
@@ -393,15 +567,25 @@ impl Feed {
     }
 
     /// The verifier of `process` right before stream sequence `seq`: from its
-    /// checkpoint, or (none yet) by reading its subject from the start.
-    async fn load(&self, reader: &LogReader, process: &ProcessId, msg: &LogMessage) -> Result<Fed> {
+    /// checkpoint (unless `preloaded`: every checkpoint was read at the start and this
+    /// process has none), or (none yet) by reading its subject from the start.
+    async fn load(
+        &self,
+        reader: &LogReader,
+        process: &ProcessId,
+        msg: &LogMessage,
+        preloaded: bool,
+    ) -> Result<Fed> {
         let seq = msg.seq;
         let key = process_key(&self.group, process);
-        let entry = self
-            .kv
-            .entry(&key)
-            .await
-            .map_err(|e| Error::nats("read a process checkpoint", e))?;
+        let entry = if preloaded {
+            None
+        } else {
+            self.kv
+                .entry(&key)
+                .await
+                .map_err(|e| Error::nats("read a process checkpoint", e))?
+        };
         if let Some(e) = entry.filter(|e| e.operation == kv::Operation::Put) {
             let verifier = serde_json::from_slice::<ProcessPoint>(&e.value)
                 .ok()
@@ -414,6 +598,7 @@ impl Feed {
                 generation: 0,
             });
         }
+        self.stats.loads.fetch_add(1, Ordering::Relaxed);
         if let Some(verifier) = self.fast_load(reader, process, msg).await? {
             return Ok(Fed {
                 verifier,
@@ -429,6 +614,7 @@ impl Feed {
             let mut earlier = reader.messages(process, 1, Some(seq - 1)).await?;
             while let Some(m) = earlier.next().await {
                 let m = m?;
+                self.stats.log_reads.fetch_add(1, Ordering::Relaxed);
                 if m.seq >= seq {
                     break;
                 }
@@ -462,6 +648,7 @@ impl Feed {
             return Ok(None);
         }
         let after = run.prev_seq + 1;
+        self.stats.log_reads.fetch_add(1, Ordering::Relaxed);
         let next = reader.next_message(process, after.max(1)).await?;
         if next.map(|m| m.seq) != Some(seq) {
             return Ok(None);
@@ -473,6 +660,7 @@ impl Feed {
                 vec![],
             )));
         }
+        self.stats.log_reads.fetch_add(1, Ordering::Relaxed);
         let Some(prev) = reader.message_at(process, run.prev_seq).await? else {
             return Ok(None);
         };
@@ -501,32 +689,14 @@ impl Feed {
     ) -> Result<()> {
         // A run sealed by a key we do not know yet: read the published keys again (at
         // most once a second) before judging it.
-        if let (Some(keys), Ok(run)) = (&self.keys, msg.decode()) {
+        if self.refresh_keys_for(&process, &msg).await? {
             let trusted = self.trusted();
-            if matches!(
-                check_run(&run, &process, &trusted, &[]),
-                Err(protocol::verify::FaultKind::UntrustedKey(_)
-                    | protocol::verify::FaultKind::Unsigned)
-            ) && self.may_read_keys()
-            {
-                let fresh = journal::keyring::trust(&journal::keyring::fetch(keys).await?);
-                if let Ok(mut t) = self.trusted.write() {
-                    *t = fresh;
-                }
-                let trusted = self.trusted();
-                for f in procs.values_mut() {
-                    f.verifier = LogVerifier::resume(
-                        f.verifier.process().clone(),
-                        trusted.clone(),
-                        vec![],
-                        f.verifier.point().cloned(),
-                        f.verifier.last_seq(),
-                    );
-                }
+            for f in procs.values_mut() {
+                f.verifier.set_trusted(trusted.clone());
             }
         }
         if !procs.contains_key(&process) {
-            let fed = self.load(reader, &process, &msg).await?;
+            let fed = self.load(reader, &process, &msg, false).await?;
             procs.insert(process.clone(), fed);
         }
         let Some(fed) = procs.get_mut(&process) else {

@@ -160,6 +160,9 @@ pub async fn run(
             "feed_runs": fs.runs.load(Relaxed),
             "feed_foreign": fs.foreign.load(Relaxed),
             "feed_checkpoint": fs.checkpoint.load(Relaxed),
+            "feed_preloaded": fs.preloaded.load(Relaxed),
+            "feed_loads": fs.loads.load(Relaxed),
+            "feed_log_reads": fs.log_reads.load(Relaxed),
         })
     })
     .await
@@ -193,6 +196,7 @@ pub async fn run(
         trusted: Arc::new(std::sync::RwLock::new(trusted)),
         keys,
         keys_read: Arc::new(std::sync::Mutex::new(None)),
+        trusted_generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         stats: feed_stats,
     };
     // The group exists (its place in the log is fixed) before the instance says it

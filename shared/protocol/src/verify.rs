@@ -479,6 +479,12 @@ impl LogVerifier {
         &self.trusted
     }
 
+    /// Trusts `keys` from now on (the published keys read again); where the chain
+    /// stands does not change.
+    pub fn set_trusted(&mut self, keys: TrustedKeys) {
+        self.trusted = keys;
+    }
+
     /// The key ids every run must carry a commitment of on top of those it declares
     /// (a verifier's own demand; empty for the scheduler).
     pub fn required(&self) -> &[String] {
