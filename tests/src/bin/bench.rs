@@ -1485,6 +1485,72 @@ async fn stream_messages(js: &async_nats::jetstream::Context, stream: &str) -> R
     Ok(js.get_stream(stream).await?.info().await?.state.messages)
 }
 
+/// One measured phase of a worker group: what it did while a closed-loop producer
+/// saturated the scheduler.
+struct GroupPhase {
+    /// Results stored per second over the measured seconds (after a 1 s warm-up).
+    rate: f64,
+    /// Seconds from the producer's end until the last job was done.
+    drained_s: f64,
+    /// Jobs the phase recorded in all.
+    total: u64,
+    /// `total` over the time from the producer's start to the last job done.
+    through_rate: f64,
+    /// The producer's own figures.
+    produced: Throughput,
+}
+
+/// Runs the producer for a warm-up second plus `seconds`, counts the results stored
+/// in the measured seconds, then waits until every job is done: nothing in the work
+/// stream and the results unchanged for 2 s (the feeder may still be behind the log
+/// while the work stream is momentarily empty).
+async fn group_phase(
+    js: &async_nats::jetstream::Context,
+    conns: &[async_nats::Client],
+    body: &Bytes,
+    window: usize,
+    seconds: f64,
+) -> Result<GroupPhase> {
+    let results_before = stream_messages(js, "TS_RESULTS").await?;
+    let producer = {
+        let (conns, body) = (conns.to_vec(), body.clone());
+        tokio::spawn(async move { closed_loop(&conns, &body, PROCESSES, window, seconds).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let r0 = stream_messages(js, "TS_RESULTS").await?;
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    let r1 = stream_messages(js, "TS_RESULTS").await?;
+    let produced = producer.await??;
+    let rate = (r1 - r0) as f64 / seconds;
+    let drain_start = Instant::now();
+    let mut drained_s = f64::NAN;
+    let (mut last, mut still) = (0u64, Instant::now());
+    while drain_start.elapsed() < Duration::from_secs(300) {
+        let queued = stream_messages(js, "TS_WORK").await?;
+        let n = stream_messages(js, "TS_RESULTS").await?;
+        if n != last {
+            (last, still) = (n, Instant::now());
+        }
+        if queued == 0 && still.elapsed() >= Duration::from_secs(2) {
+            drained_s = (still - drain_start).as_secs_f64().max(0.0);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let total = stream_messages(js, "TS_RESULTS").await? - results_before;
+    // Every job of the phase, from the producer's start until the last is done: the
+    // rate the whole pipeline sustained (the window rate undercounts while the
+    // feeder meets 1,000 processes for the first time).
+    let through_rate = total as f64 / (1.0 + seconds + drained_s.max(0.0));
+    Ok(GroupPhase {
+        rate,
+        drained_s,
+        total,
+        through_rate,
+        produced,
+    })
+}
+
 /// The workers, end to end: a client schedules into 1,000 processes, the scheduler
 /// assigns, one group of two instances (`worker --noop`: a Rust handler that does
 /// nothing) runs each job and records its outcome. Jobs/s is the growth of the results
@@ -1549,48 +1615,14 @@ async fn workers_section(body: &Bytes, seconds: f64, window: usize) -> Result<se
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
-    let results_before = stream_messages(&js, "TS_RESULTS").await?;
     let (before, t0) = (meter.sample(), Instant::now());
-    // The producer runs a 1 s warm-up, then `seconds`: count the results of the
-    // measured seconds.
-    let producer = {
-        let (conns, body) = (conns.clone(), body.clone());
-        tokio::spawn(async move { closed_loop(&conns, &body, PROCESSES, window, seconds).await })
-    };
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let r0 = stream_messages(&js, "TS_RESULTS").await?;
-    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
-    let r1 = stream_messages(&js, "TS_RESULTS").await?;
-    let produced = producer.await??;
-    let jobs_rate = (r1 - r0) as f64 / seconds;
+    let phase = group_phase(&js, &conns, body, window, seconds).await?;
+    let (jobs_rate, drained_s, total_jobs, through_rate) =
+        (phase.rate, phase.drained_s, phase.total, phase.through_rate);
+    let produced = phase.produced;
     let cpu = meter.usage(&before, t0.elapsed(), jobs_rate);
-    // Drain: how long until every job is done — nothing waits in the work stream and
-    // the results have stopped growing for 2 s (the feeder may still be behind the
-    // log when the work stream is momentarily empty).
-    let work = js.get_stream("TS_WORK").await?;
-    let drain_start = Instant::now();
-    let mut drained_s = f64::NAN;
-    let (mut last, mut still) = (0u64, Instant::now());
-    while drain_start.elapsed() < Duration::from_secs(300) {
-        let i = work.consumer_info("group-bench").await?;
-        let n = stream_messages(&js, "TS_RESULTS").await?;
-        if n != last {
-            (last, still) = (n, Instant::now());
-        }
-        if i.num_pending == 0 && i.num_ack_pending == 0 && still.elapsed() >= Duration::from_secs(2)
-        {
-            drained_s = (still - drain_start).as_secs_f64().max(0.0);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     sampler.abort();
     let rss_peak = peak.load(Ordering::Relaxed);
-    let total_jobs = stream_messages(&js, "TS_RESULTS").await? - results_before;
-    // Every job of the phase, from the producer's start until the last is done: the
-    // rate the whole pipeline sustained (the window rate above undercounts while the
-    // feeder meets 1,000 processes for the first time).
-    let through_rate = total_jobs as f64 / (1.0 + seconds + drained_s.max(0.0));
     eprintln!(
         "workers: {jobs_rate:.0} jobs/s ({:.2} of the scheduler alone; producer {:.0}/s); drained {drained_s:.1} s after; {total_jobs} jobs; cpu {cpu}",
         jobs_rate / alone.rate,
@@ -1642,6 +1674,45 @@ async fn workers_section(body: &Bytes, seconds: f64, window: usize) -> Result<se
         "schedule to start at {rate:.0}/s: p50 {p50} ms, p99 {p99} ms ({} jobs)",
         lat.len()
     );
+    // 4. Strict ordering: the same two instances' worth, as a strict group (a
+    // process's jobs one at a time, in slot order), the unordered group stopped.
+    let (mut w1, mut w2) = (w1, w2);
+    let _ = tokio::task::spawn_blocking(move || {
+        w1.terminate(Duration::from_secs(20));
+        w2.terminate(Duration::from_secs(20));
+    })
+    .await;
+    let strict_spawn = |n: usize| -> Result<harness::Process> {
+        let mut cmd = std::process::Command::new(harness::workspace_bin("worker")?);
+        cmd.args([
+            "--group",
+            "bench-strict",
+            "--ordering",
+            "strict",
+            "--noop",
+            "--concurrency",
+            "64",
+            "--buffer",
+            "bounded:1024",
+        ])
+        .env("NATS_URL", server.url_as(Role::JobWorker))
+        .env("TS_INTAKE_URL", server.url_as(Role::Worker))
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .env("BENCH_INSTANCE", n.to_string());
+        Ok(harness::Process::spawn(cmd)?)
+    };
+    let _s1 = strict_spawn(1)?;
+    let _s2 = strict_spawn(2)?;
+    tests::support::wait_for_service(&probe, "turnstile-worker", 2).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await; // the feeder's and partitions' leases
+    let strict = group_phase(&js, &conns, body, window, seconds).await?;
+    eprintln!(
+        "strict: {:.0} jobs/s (unordered {jobs_rate:.0}); drained {:.1} s after; {} jobs",
+        strict.rate, strict.drained_s, strict.total
+    );
     Ok(json!({
         "scheduler_alone_per_s": alone.rate.round(),
         "jobs_per_s": jobs_rate.round(),
@@ -1652,6 +1723,13 @@ async fn workers_section(body: &Bytes, seconds: f64, window: usize) -> Result<se
         "jobs_per_s_start_to_drained": through_rate.round(),
         "cpu": cpu,
         "latency_at_half_rate": {"rate": rate.round(), "p50_ms": p50, "p99_ms": p99, "jobs": lat.len()},
+        "strict": {
+            "jobs_per_s": strict.rate.round(),
+            "vs_unordered": (strict.rate / jobs_rate.max(1.0) * 1000.0).round() / 1000.0,
+            "drained_after_s": (strict.drained_s * 10.0).round() / 10.0,
+            "jobs_total": strict.total,
+            "jobs_per_s_start_to_drained": strict.through_rate.round(),
+        },
         "workers_rss_mb": {"start": rss_start / 1024, "peak": rss_peak / 1024},
         "instances": 2,
         "handler": "noop (Rust)",
@@ -1694,6 +1772,12 @@ fn print_workers_table(w: &serde_json::Value) {
         w["latency_at_half_rate"]["rate"],
         w["latency_at_half_rate"]["p50_ms"],
         w["latency_at_half_rate"]["p99_ms"]
+    );
+    println!(
+        "| strict ordering (jobs/s; vs unordered) | {} ({}); start → last done {} |",
+        w["strict"]["jobs_per_s"],
+        w["strict"]["vs_unordered"],
+        w["strict"]["jobs_per_s_start_to_drained"]
     );
     println!(
         "| worker RSS, start → peak (MB, bounded:1024) | {} → {} |",
