@@ -48,6 +48,8 @@ struct Taken {
     /// Created by this request (false: the hold of an earlier request with the same
     /// message id, let through to deduplication).
     owned: bool,
+    /// The hold as it stands at `revision`.
+    hold: Hold,
 }
 
 /// Whether a refusal means that nothing of the request was written (its hold can go).
@@ -103,24 +105,15 @@ async fn settle(shared: &Shared, taken: &Taken, answer: Option<Answer>) {
             slot,
             duplicate: false,
         }) => {
-            // Assigned: the hold now names its slot. Read it first: only the hold
-            // we know (same token), at the revision we know, is updated.
-            let Ok(Some(entry)) = kv.entry(&taken.name).await else {
-                return;
-            };
-            if entry.operation != kv::Operation::Put {
-                return; // released already: the job started
-            }
-            let Ok(hold) = Hold::decode(&entry.value) else {
-                return;
-            };
-            if hold.token(entry.revision) != taken.token || hold.slot.is_some() {
+            // Assigned: the hold now names its slot — an update expecting the revision
+            // we know, so a hold the worker freed meanwhile is never brought back.
+            if taken.hold.slot.is_some() {
                 return;
             }
-            let Ok(bytes) = hold.assigned(entry.revision, slot).encode() else {
+            let Ok(bytes) = taken.hold.assigned(taken.revision, slot).encode() else {
                 return;
             };
-            if let Err(e) = kv.update(&taken.name, bytes.into(), entry.revision).await {
+            if let Err(e) = kv.update(&taken.name, bytes.into(), taken.revision).await {
                 debug!(hold = %taken.name, error = %e, "hold not updated (released meanwhile?)");
             }
         }
@@ -159,36 +152,51 @@ async fn acquire(
     let unavailable = |what: &str, e: &dyn std::fmt::Display| {
         Refusal::new(ErrorCode::Unavailable, format!("queue key: {what}: {e}"))
     };
+    // The revision the create expects: 0 (no message), or the marker a release left.
+    let mut expected = 0;
     for _ in 0..4 {
         let now = shared.clock.now_ms();
-        let value = Hold::pending(key, now, message_id.map(str::to_string))
+        let pending = Hold::pending(key, now, message_id.map(str::to_string));
+        let value = pending
             .encode()
             .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
-        match kv.create(&name, value.into()).await {
+        // The create: one publish expecting the key's last revision.
+        match kv.update(&name, value.into(), expected).await {
             Ok(revision) => {
                 return Ok(Taken {
                     name,
                     token: revision,
                     revision,
                     owned: true,
+                    hold: pending,
                 })
             }
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Err(e) => return Err(unavailable("take the hold", &e)),
+            Err(e) if e.kind() == kv::UpdateErrorKind::TimedOut => {
+                // Fate unknown: if it landed, the hold is pending and a retry with
+                // the same message id uses it (or it goes stale).
+                return Err(unavailable("take the hold", &e));
+            }
+            // Refused: the key has a message (a hold, or a release's marker).
+            Err(_) => {}
         }
         let entry = kv
             .entry(&name)
             .await
             .map_err(|e| unavailable("read the hold", &e))?;
-        let Some(entry) = entry else { continue };
+        let Some(entry) = entry else {
+            expected = 0;
+            continue;
+        };
         if entry.operation != kv::Operation::Put {
-            continue; // released between our create and our read
+            expected = entry.revision; // free: created over the marker
+            continue;
         }
         let hold = match Hold::decode(&entry.value) {
             Ok(h) => h,
             Err(e) => {
                 // Not a hold any turnstile wrote: it would block the key forever.
                 warn!(hold = %name, error = %e, "removing a queue-key hold that does not decode");
+                // The next round reads what is there (the purge's marker) again.
                 let _ = kv.purge_expect_revision(&name, Some(entry.revision)).await;
                 continue;
             }
@@ -201,6 +209,7 @@ async fn acquire(
                 token: hold.token(entry.revision),
                 revision: entry.revision,
                 owned: false,
+                hold,
             });
         }
         let bound = u64::try_from(stale_after(shared).as_millis()).unwrap_or(u64::MAX);
