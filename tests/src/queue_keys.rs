@@ -429,3 +429,47 @@ async fn hostile_queue_key_headers_are_refused_and_plain_requests_leave_the_buck
     );
     Ok(())
 }
+
+/// A job cancelled while its queue is paused leaves the not-yet-started state
+/// without starting: its key is free again, the queue still paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_before_it_started_frees_its_key() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(95))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let _w = spawn_worker(&server, "qc", &out)?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let op = server.url_as(Role::Operator);
+    cli_ok(&op, &["queue", "pause", "qc"]).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let p = ProcessId::new("qc")?;
+    let first = schedule_key(&client, &p, "c").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_refused(
+        schedule_key(&client, &p, "c").await,
+        ErrorCode::QueueKeyHeld,
+    );
+    let slot = first.slot.to_string();
+    cli_ok(&op, &["job", "cancel", "qc", "qc", &slot]).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match schedule_key(&client, &p, "c").await {
+            Ok(_) => break,
+            Err(journal::Error::Refused {
+                code: ErrorCode::QueueKeyHeld,
+                ..
+            }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => bail!("the cancelled job's key never came free: {e}"),
+        }
+    }
+    // Nothing ran: the queue is still paused and the first job was cancelled.
+    assert_eq!(std::fs::read_to_string(&out).unwrap_or_default(), "");
+    Ok(())
+}
