@@ -93,8 +93,14 @@ impl Holds {
             }
             match kv.purge_expect_revision(&name, Some(entry.revision)).await {
                 Ok(()) => return Ok(Released::Freed),
-                // Changed since we read it (the scheduler recorded the slot): again.
-                Err(e) => last = Some(Error::nats("release a queue-key hold", e)),
+                // Changed since we read it (the scheduler recorded the slot): read it
+                // again; any other failure (the server away) waits a little first.
+                Err(e) => {
+                    if e.kind() != kv::UpdateErrorKind::WrongLastRevision {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    last = Some(Error::nats("release a queue-key hold", e));
+                }
             }
         }
         Err(last.unwrap_or(Error::nats("release a queue-key hold", "gave up")))
