@@ -473,3 +473,87 @@ async fn a_job_cancelled_before_it_started_frees_its_key() -> Result<()> {
     assert_eq!(std::fs::read_to_string(&out).unwrap_or_default(), "");
     Ok(())
 }
+
+/// Raw protocol bytes no client library would send: every request with a bad
+/// `Ts-Queue-Key` is answered with its typed error (a header block that is not valid
+/// NATS: `malformed_request`), the service keeps answering, and only the good
+/// request took a hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_hostile_queue_key_headers_get_typed_errors_and_take_no_hold() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(96))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let long = format!("NATS/1.0\r\nTs-Queue-Key: {}\r\n\r\n", "k".repeat(300));
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "not_utf8",
+            b"NATS/1.0\r\nTs-Queue-Key: \xff\xfe\r\n\r\n".to_vec(),
+            "malformed_request",
+        ),
+        (
+            "empty",
+            b"NATS/1.0\r\nTs-Queue-Key:\r\n\r\n".to_vec(),
+            "malformed",
+        ),
+        (
+            "twice",
+            b"NATS/1.0\r\nts-queue-key: a\r\nTs-Queue-Key: b\r\n\r\n".to_vec(),
+            "malformed",
+        ),
+        ("too_long", long.into_bytes(), "malformed"),
+        (
+            "hold_forged",
+            b"NATS/1.0\r\nTs-Queue-Key: z\r\nTs-Queue-Hold: 1\r\n\r\n".to_vec(),
+            "malformed",
+        ),
+        ("good", b"NATS/1.0\r\nTs-Queue-Key: ok\r\n\r\n".to_vec(), ""),
+    ];
+    let mut raw = crate::raw::RawClient::connect(server.url()).await?;
+    raw.subscribe("_INBOX.qk.>", 1).await?;
+    for (name, header, _) in &cases {
+        raw.send(&crate::raw::publish(
+            b"ts.schedule.qraw",
+            Some(format!("_INBOX.qk.{name}").as_bytes()),
+            Some(header),
+            b"body",
+        ))
+        .await?;
+    }
+    let answers = raw.collect(cases.len(), Duration::from_secs(20)).await?;
+    let got: std::collections::BTreeMap<String, String> = answers
+        .iter()
+        .map(|m| {
+            (
+                String::from_utf8_lossy(&m.subject).replace("_INBOX.qk.", ""),
+                m.header("Ts-Error").unwrap_or_default(),
+            )
+        })
+        .collect();
+    for (name, _, want) in &cases {
+        assert_eq!(
+            got.get(*name).map(String::as_str),
+            Some(*want),
+            "{name}: {got:?}"
+        );
+    }
+    // One key in the bucket (its create and its slot's update are two messages).
+    let store = bucket(&server).await?;
+    let p = ProcessId::new("qraw")?;
+    let keys: Vec<String> = futures::TryStreamExt::try_collect(store.keys().await?).await?;
+    assert_eq!(
+        keys,
+        vec![hold_key(&p, "ok")],
+        "only the good request holds a key"
+    );
+    // Still serving: the good key is held, another is free.
+    let client = Client::new(nats.clone(), Subjects::default());
+    assert_refused(
+        schedule_key(&client, &p, "ok").await,
+        ErrorCode::QueueKeyHeld,
+    );
+    schedule_key(&client, &p, "other").await?;
+    Ok(())
+}
