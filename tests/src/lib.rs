@@ -22,6 +22,7 @@
 //! - `cluster`: a three-node cluster: an R3 stream across a leader's death, the
 //!   scheduler started on a cluster that has just formed, misconfigurations refused.
 //! - `ownership`: partitions split among live members, handovers, crashes, stalls, restarts.
+//! - `queue_keys`: Ts-Queue-Key: refused while its job waits, freed when it starts.
 //! - `workers`: worker groups: every job once, an instance killed mid-job, foreign runs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -55,6 +56,8 @@ mod malformed;
 mod ownership;
 #[cfg(test)]
 mod privilege;
+#[cfg(test)]
+mod queue_keys;
 #[cfg(test)]
 mod refusals;
 #[cfg(test)]

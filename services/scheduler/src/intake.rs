@@ -68,34 +68,54 @@ pub(crate) async fn schedule_loop(
             continue;
         }
         match validate(&shared, reply.message()) {
-            Ok((process, parts)) => {
-                let job = Job {
-                    reply,
-                    message_id: parts.message_id,
-                    mode: parts.mode,
-                    headers: parts.headers,
-                    body: parts.body,
-                    admission: None,
-                    queued: tokio::time::Instant::now(),
-                };
-                if let Err((job, refusal)) = shared.actors.submit(&shared, process, job) {
-                    if refusal.code == ErrorCode::Busy {
-                        Metrics::bump(&shared.metrics.busy);
-                    }
-                    job.reply.refuse(refusal).await;
+            // A queue key costs a bucket round trip (or more): in a task of its own,
+            // so the requests behind it do not wait for it.
+            Ok((process, mut parts)) => match parts.queue_key.take() {
+                Some(key) => {
+                    let shared2 = Arc::clone(&shared);
+                    shared.tracker.spawn(crate::queue::schedule_keyed(
+                        shared2, process, key, reply, parts,
+                    ));
                 }
-            }
+                None => submit(&shared, process, reply, parts).await,
+            },
             Err(refusal) => reply.refuse(refusal).await,
         }
     }
 }
 
+/// Queues a validated request with its process's actor, or answers it `busy`.
+pub(crate) async fn submit(
+    shared: &Arc<Shared>,
+    process: ProcessId,
+    reply: Replier,
+    parts: JobParts,
+) {
+    let job = Job {
+        reply,
+        message_id: parts.message_id,
+        mode: parts.mode,
+        headers: parts.headers,
+        body: parts.body,
+        admission: None,
+        queued: tokio::time::Instant::now(),
+    };
+    if let Err((job, refusal)) = shared.actors.submit(shared, process, job) {
+        if refusal.code == ErrorCode::Busy {
+            Metrics::bump(&shared.metrics.busy);
+        }
+        job.reply.refuse(refusal).await;
+    }
+}
+
 /// A validated scheduling request, before it gets its reply handle.
-struct JobParts {
-    message_id: Option<String>,
-    mode: Mode,
-    headers: Vec<(String, String)>,
-    body: bytes::Bytes,
+pub(crate) struct JobParts {
+    pub(crate) message_id: Option<String>,
+    pub(crate) mode: Mode,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: bytes::Bytes,
+    /// The request's `Ts-Queue-Key`, checked.
+    pub(crate) queue_key: Option<String>,
 }
 
 /// Checks one scheduling request: process, size, message id, mode, settings, keys.
@@ -116,6 +136,7 @@ fn validate(shared: &Shared, msg: &async_nats::Message) -> Result<(ProcessId, Jo
     }
     let mut message_id = None;
     let mut requested = None;
+    let mut queue_key = None;
     let mut headers = Vec::new();
     let mut header_bytes = 0;
     if let Some(h) = &msg.headers {
@@ -144,13 +165,13 @@ fn validate(shared: &Shared, msg: &async_nats::Message) -> Result<(ProcessId, Jo
         };
         for (name, _) in h.iter() {
             let name: &str = name.as_ref();
-            let ours = [subjects::MSG_ID, subjects::MODE];
+            let ours = [subjects::MSG_ID, subjects::MODE, subjects::QUEUE_KEY];
             if name.to_ascii_lowercase().starts_with("ts-")
                 && !ours.iter().any(|o| o.eq_ignore_ascii_case(name))
             {
                 return Err(Refusal::new(
                     ErrorCode::Malformed,
-                    format!("unknown control header {name}: Ts-* names are reserved (Ts-Mode is the only one a request may carry)"),
+                    format!("unknown control header {name}: Ts-* names are reserved (Ts-Mode and Ts-Queue-Key are the only ones a request may carry)"),
                 ));
             }
         }
@@ -173,6 +194,11 @@ fn validate(shared: &Shared, msg: &async_nats::Message) -> Result<(ProcessId, Jo
                     .map_err(|e| Refusal::new(ErrorCode::UnknownMode, e.to_string()))?,
             );
         }
+        if let Some(k) = control(subjects::QUEUE_KEY)? {
+            protocol::queue::check_key(&k)
+                .map_err(|e| Refusal::new(ErrorCode::Malformed, e.to_string()))?;
+            queue_key = Some(k);
+        }
         for (name, values) in h.iter() {
             let name: &str = name.as_ref();
             if subjects::is_control_header(name) {
@@ -192,8 +218,12 @@ fn validate(shared: &Shared, msg: &async_nats::Message) -> Result<(ProcessId, Jo
             format!("headers are {header_bytes} bytes; the maximum is {MAX_HEADER_BYTES}"),
         ));
     }
+    // A queue key is stored in the entry, with its hold's token (at most 20 digits).
+    let queue_bytes = queue_key.as_ref().map_or(0, |k| {
+        subjects::QUEUE_KEY.len() + k.len() + subjects::QUEUE_HOLD.len() + 20
+    });
     let request_bytes =
-        msg.payload.len() + header_bytes + message_id.as_ref().map_or(0, String::len);
+        msg.payload.len() + header_bytes + queue_bytes + message_id.as_ref().map_or(0, String::len);
     if request_bytes > shared.limits.max_request {
         return Err(Refusal::new(
             ErrorCode::TooLarge,
@@ -239,6 +269,7 @@ fn validate(shared: &Shared, msg: &async_nats::Message) -> Result<(ProcessId, Jo
             mode,
             headers,
             body: msg.payload.clone(),
+            queue_key,
         },
     ))
 }

@@ -16,6 +16,7 @@
 //! - `signer`: one task sealing the runs of all processes in batches.
 //! - [`writer`]: one task writing the runs of many processes: pipelined single
 //!   publishes, and atomic batches for the backlog.
+//! - `queue`: queue keys: the hold taken before a keyed request is assigned.
 //! - [`metrics`]: counters published through the services API's STATS.
 //! - [`config`]: configuration and the signing keyring.
 //! - [`error`]: the crate's error type.
@@ -29,6 +30,7 @@ pub mod core;
 pub mod error;
 pub mod intake;
 pub mod metrics;
+mod queue;
 pub mod reply;
 mod signer;
 pub mod writer;
@@ -123,6 +125,8 @@ pub(crate) struct Shared {
     /// The published-keys bucket (a key met in the log and not yet trusted is looked
     /// up there before its run is judged foreign).
     pub keys_kv: async_nats::jetstream::kv::Store,
+    /// The queue-keys bucket (only requests with `Ts-Queue-Key` touch it).
+    pub queue_keys: async_nats::jetstream::kv::Store,
     /// Turns for head loads and re-checks (`config.concurrent_loads` at once): after a
     /// server restart every live actor reloads, and unbounded, their reads made the
     /// server hold gigabytes (ARCHITECTURE.md "Loads take turns").
@@ -502,6 +506,7 @@ pub async fn run_with_clock(
     let log_stream = setup::ensure_log(&js, &subjects, &options).await?;
     let processes_kv = setup::ensure_processes(&js, &subjects, &options).await?;
     let keys_kv = setup::ensure_keys(&js, &subjects, &options).await?;
+    let queue_keys = setup::ensure_queue_keys(&js, &subjects, &options).await?;
     let ours = keyring.all();
     retry
         .run("publish keys", || {
@@ -597,6 +602,7 @@ pub async fn run_with_clock(
         trusted: RwLock::new(trusted),
         core: client.clone(),
         keys_kv: keys_kv.clone(),
+        queue_keys,
         loads,
         abandon: tokio_util::sync::CancellationToken::new(),
     });

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub busy: AtomicU64,
     /// Requests answered `busy` after waiting past `max_queue_wait` in their queue.
     pub shed: AtomicU64,
+    /// Requests refused `queue_key_held`.
+    pub queue_key_held: AtomicU64,
     /// The newest revision of the process-settings bucket this replica applied
     /// (`turnstile process set` waits until every replica reports its write).
     pub settings_revision: AtomicU64,
@@ -56,6 +58,7 @@ impl Metrics {
             "head_scans": get(&self.head_scans),
             "busy": get(&self.busy),
             "shed": get(&self.shed),
+            "queue_key_held": get(&self.queue_key_held),
             "settings_revision": get(&self.settings_revision),
         })
     }

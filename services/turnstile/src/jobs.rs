@@ -45,6 +45,18 @@ pub enum QueueAction {
         #[arg(long)]
         process: Option<String>,
     },
+    /// Shows the hold of a queue key (Ts-Queue-Key) in a process; `--release` removes
+    /// it (for a hold whose job's instance could not free it: the key is taken again
+    /// by the next request).
+    Key {
+        /// The process.
+        process: String,
+        /// The queue key, as requests carry it.
+        key: String,
+        /// Remove the hold (expecting the revision shown).
+        #[arg(long)]
+        release: bool,
+    },
 }
 
 /// `turnstile job …`.
@@ -155,11 +167,16 @@ pub async fn queue(
     action: QueueAction,
 ) -> Result<i32> {
     let js = jetstream::new(nats);
-    let kv = workers_bucket(&js, subjects).await?;
     let (group, process, pause) = match action {
         QueueAction::Pause { group, process } => (group, process, true),
         QueueAction::Resume { group, process } => (group, process, false),
+        QueueAction::Key {
+            process,
+            key,
+            release,
+        } => return queue_key(&js, subjects, process, key, release).await,
     };
+    let kv = workers_bucket(&js, subjects).await?;
     check_group(&group)?;
     if let Some(p) = &process {
         ProcessId::new(p.clone())?;
@@ -173,6 +190,48 @@ pub async fn queue(
     println!(
         "{}",
         serde_json::json!({"group": group, "process": process, "paused": pause})
+    );
+    Ok(0)
+}
+
+/// `turnstile queue key`.
+async fn queue_key(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    process: String,
+    key: String,
+    release: bool,
+) -> Result<i32> {
+    let p = ProcessId::new(process)?;
+    protocol::queue::check_key(&key)?;
+    let kv = js
+        .get_key_value(subjects.queue_keys_bucket())
+        .await
+        .context("no queue-keys bucket (no scheduler has started yet?)")?;
+    let name = protocol::queue::hold_key(&p, &key);
+    let entry = kv
+        .entry(&name)
+        .await?
+        .filter(|e| e.operation == jetstream::kv::Operation::Put);
+    let hold: Option<Value> = entry
+        .as_ref()
+        .map(|e| serde_json::from_slice(&e.value).unwrap_or(Value::Null));
+    let mut released = false;
+    if let (true, Some(e)) = (release, &entry) {
+        kv.purge_expect_revision(&name, Some(e.revision)).await?;
+        released = true;
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "process": p.as_str(),
+            "key": key,
+            "bucket_key": name,
+            "held": entry.is_some() && !released,
+            "hold": hold,
+            "revision": entry.as_ref().map(|e| e.revision),
+            "released": released,
+        })
     );
     Ok(0)
 }

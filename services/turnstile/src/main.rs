@@ -91,6 +91,10 @@ enum Command {
         /// A header to store with the message, NAME=VALUE (repeatable).
         #[arg(long = "header", short = 'H')]
         headers: Vec<String>,
+        /// Queue key (Ts-Queue-Key): refused queue_key_held while a job of the
+        /// process with this key has not started.
+        #[arg(long)]
+        queue_key: Option<String>,
     },
     /// The current slot and chain head of a process.
     Slot {
@@ -278,6 +282,7 @@ async fn run(cli: Cli) -> Result<i32> {
             id,
             mode,
             headers,
+            queue_key,
         } => {
             let process = ProcessId::new(process)?;
             let body = match data {
@@ -297,6 +302,10 @@ async fn run(cli: Cli) -> Result<i32> {
                         .context("headers are NAME=VALUE")
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let mut headers = headers;
+            if let Some(k) = queue_key {
+                headers.push((journal::subjects::QUEUE_KEY.to_string(), k));
+            }
             let client = Client::new(connect(&cli.nats_url).await?, subjects);
             let receipt = client
                 .schedule(

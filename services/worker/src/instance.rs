@@ -280,6 +280,8 @@ pub struct Instance {
     control: Mutex<Control>,
     /// The workers bucket, if control is watched.
     kv: Option<async_nats::jetstream::kv::Store>,
+    /// Queue-key holds, released as jobs leave the not-yet-started state.
+    holds: crate::queue::Holds,
 }
 
 impl Instance {
@@ -314,6 +316,7 @@ impl Instance {
             hard_stop: CancellationToken::new(),
             control: Mutex::new(Control::default()),
             kv,
+            holds: crate::queue::Holds::default(),
         })
     }
 
@@ -795,6 +798,7 @@ impl Instance {
             let mut ev = self.event(&old, State::Merged);
             ev.merged_into = kept;
             if self.store_result(&ev).await.is_ok() {
+                self.release_key(&old.job).await;
                 self.counts.merged.fetch_add(1, Ordering::Relaxed);
                 let _ = old.msg.ack().await;
             }
@@ -836,6 +840,17 @@ impl Instance {
                 self.with(|s| s.busy.remove(&process));
                 self.changed.notify_waiters();
             }
+        }
+    }
+
+    /// The job leaves its not-yet-started state: its queue key's hold, if it is still
+    /// the job's, goes (crate::queue).
+    async fn release_key(&self, job: &Job) {
+        if let Err(e) = self.holds.release(&self.js, &self.subjects, job).await {
+            self.record(
+                Level::Warn,
+                format!("{}: queue key not released: {e}", job.id()),
+            );
         }
     }
 
@@ -888,6 +903,7 @@ impl Instance {
         if h.attempt > 1 {
             match self.last_result(&h.job).await {
                 Ok(Some(ev)) if ev.state.is_final() => {
+                    self.release_key(&h.job).await;
                     self.counts.already_final.fetch_add(1, Ordering::Relaxed);
                     let _ = h.msg.ack().await;
                     return;
@@ -903,6 +919,8 @@ impl Instance {
                 }
             }
         }
+        // It starts now, or is recorded cancelled: no longer queued.
+        self.release_key(&h.job).await;
         if self.is_cancelled(&h.job) {
             self.settle_cancelled(&h, None, None).await;
             return;

@@ -9,6 +9,7 @@
 //! - [`control`]: cancelled jobs and paused queues, cluster-wide (the workers bucket).
 //! - [`handler`]: the [`handler::Handler`] trait and the `command` handler.
 //! - [`feeder`]: one per group: the log, verified, into one job per assignment.
+//! - [`queue`]: queue keys: a job frees its key's hold when it leaves the queue.
 //! - [`instance`]: fetch, run, record, keep alive, introspect, drain.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -20,6 +21,7 @@ pub mod feeder;
 pub mod handler;
 pub mod instance;
 pub mod job;
+pub mod queue;
 
 pub use error::{Error, Result};
 

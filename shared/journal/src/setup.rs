@@ -364,6 +364,22 @@ pub async fn ensure_workers(
     .await
 }
 
+/// Opens the queue-keys bucket (holds of queued jobs' queue keys), creating it if
+/// missing.
+pub async fn ensure_queue_keys(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    options: &LogOptions,
+) -> Result<kv::Store> {
+    ensure_bucket(
+        js,
+        subjects.queue_keys_bucket(),
+        "turnstile queue keys: a hold per key of a job not yet started",
+        options,
+    )
+    .await
+}
+
 /// Opens `bucket`, or creates it when the server says it does not exist; retried
 /// with `options.retry` while that fails transiently.
 async fn ensure_bucket(

@@ -19,6 +19,7 @@
 //! | alarms that failed for good | `ts.alarms.dead` (stored in `TS_ALARMS`) |
 //! | cron-job requests (add, delete, activate, deactivate, get, list) | `ts.cron.<op>` |
 //! | a cron job (definition) and its last planned tick | `ts.alarms.cron.<partition>.<job>`, `ts.alarms.crontick.<partition>.<job>` in `TS_ALARMS` |
+//! | queue-key holds (a queued job's key) | KV bucket `TS_QUEUE_KEYS`: keys `<process>.<hash of the key>` |
 //! | cluster-wide ownership (leases) | KV bucket `TS_OWNERSHIP`: keys `<group>.m.<member>`, `<group>.p.<partition>` |
 
 use protocol::ProcessId;
@@ -27,6 +28,12 @@ use protocol::ProcessId;
 pub const MSG_ID: &str = "Nats-Msg-Id";
 /// Request header: the confirmation mode.
 pub const MODE: &str = "Ts-Mode";
+/// Request header: the request's queue key (refused `queue_key_held` while a job of
+/// the process with that key has not started). Stored in the entry.
+pub const QUEUE_KEY: &str = "Ts-Queue-Key";
+/// Entry header the scheduler adds beside [`QUEUE_KEY`]: the hold's token (the
+/// revision of its create in the queue-keys bucket); a request may not carry it.
+pub const QUEUE_HOLD: &str = "Ts-Queue-Hold";
 /// Reply header: the error code of a refused request.
 pub const ERROR: &str = "Ts-Error";
 /// Services-API reply header: the error message.
@@ -318,6 +325,10 @@ impl Subjects {
     /// once with `multi_last`, ADR-31).
     pub fn direct_get(&self, stream: &str) -> String {
         format!("$JS.API.DIRECT.GET.{stream}")
+    }
+    /// The queue-keys bucket (holds of queued jobs' keys): `<PREFIX>_QUEUE_KEYS`.
+    pub fn queue_keys_bucket(&self) -> String {
+        format!("{}_QUEUE_KEYS", self.upper())
     }
     /// The ownership bucket (leases of every group): `<PREFIX>_OWNERSHIP`.
     pub fn ownership_bucket(&self) -> String {

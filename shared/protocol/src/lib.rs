@@ -8,6 +8,7 @@
 //! # Layout
 //! - [`hash`]: the 32-byte hash type used everywhere.
 //! - [`process`]: validated process ids (they become NATS subject tokens).
+//! - [`queue`]: queue keys: validation, the hold record and the rule that releases it.
 //! - [`chain`]: canonical assignment encoding, genesis hash and chain step.
 //! - [`merkle`]: the RFC 6962-shaped Merkle tree over one run's chain hashes.
 //! - [`keys`]: key files, key ids, signing and checking commitments.
@@ -23,6 +24,7 @@ pub mod hash;
 pub mod keys;
 pub mod merkle;
 pub mod process;
+pub mod queue;
 pub mod seal;
 pub mod vectors;
 pub mod verify;

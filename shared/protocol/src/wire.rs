@@ -470,6 +470,9 @@ pub enum ErrorCode {
     NotFound,
     /// A bug: the scheduler could not do what it should have been able to.
     Internal,
+    /// The request's `Ts-Queue-Key` is held by a job of the same process that has not
+    /// started yet (or by a request not yet written): refused at once, nothing written.
+    QueueKeyHeld,
 }
 
 impl ErrorCode {
@@ -492,6 +495,7 @@ impl ErrorCode {
             ErrorCode::InvalidAlarm => "invalid_alarm",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Internal => "internal",
+            ErrorCode::QueueKeyHeld => "queue_key_held",
         }
     }
 
@@ -518,12 +522,13 @@ impl ErrorCode {
             ErrorCode::Busy => 429,
             ErrorCode::RemoteTimeout => 504,
             ErrorCode::Internal => 500,
+            ErrorCode::QueueKeyHeld => 409,
         }
     }
 }
 
 /// Every error code, for parsing and documentation.
-pub const ALL_ERROR_CODES: [ErrorCode; 16] = [
+pub const ALL_ERROR_CODES: [ErrorCode; 17] = [
     ErrorCode::InvalidProcess,
     ErrorCode::Malformed,
     ErrorCode::MalformedRequest,
@@ -540,6 +545,7 @@ pub const ALL_ERROR_CODES: [ErrorCode; 16] = [
     ErrorCode::InvalidAlarm,
     ErrorCode::NotFound,
     ErrorCode::Internal,
+    ErrorCode::QueueKeyHeld,
 ];
 
 /// Per-process settings, stored in the `<PREFIX>_PROCESSES` key-value bucket under the

@@ -77,6 +77,10 @@ struct Args {
     /// Only the alarm-loader's section.
     #[arg(long)]
     only_alarms: bool,
+    /// Profiling aid: only the queue-keys phases (on the default storage setting
+    /// unless --only-sync-always).
+    #[arg(long)]
+    only_queue_keys: bool,
     /// Skip the alarm-loader's section.
     #[arg(long)]
     no_alarms: bool,
@@ -200,6 +204,13 @@ async fn main() -> Result<()> {
             println!("writer: {}", writer_stats(&probe).await);
             return Ok(());
         }
+        if args.only_queue_keys {
+            let q = queue_keys_section(&conns, &body, args.window, args.seconds).await?;
+            let doc = json!({"runs": [{"storage": label, "queue_keys": q}]});
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+            print_queue_keys_table(&doc);
+            return Ok(());
+        }
         if let Some(rate) = args.open_rate {
             let l = open_loop(&conns, &body, PROCESSES, rate, args.seconds).await?;
             println!("open loop {rate}/s over {PROCESSES} processes: p50 {:.2} ms, p99 {:.2} ms, achieved {:.0}/s", l.p50_ms, l.p99_ms, l.achieved);
@@ -244,6 +255,8 @@ async fn main() -> Result<()> {
         );
         let burst = id_burst(&conns, &body).await?;
         eprintln!("1,000 requests at once, 256-byte ids, one process: {burst}");
+        let queue_keys = queue_keys_section(&conns, &body, args.window, args.seconds).await?;
+        eprintln!("queue keys: {queue_keys}");
         // Overload: twice the peak this run measured, offered for 10 s to 1,000
         // processes; every request must be answered (a receipt or `busy`).
         let overload = if sync_always {
@@ -271,6 +284,7 @@ async fn main() -> Result<()> {
             "storage": label,
             "log_reads": log_reads,
             "id_burst_1000x256": burst,
+            "queue_keys": queue_keys,
             "overload_2x_peak_10s": overload,
             "scheduler_singles_in_flight": singles,
             "raw_ceiling_msgs_per_s": raw.round(),
@@ -317,6 +331,7 @@ async fn main() -> Result<()> {
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&doc)?)?;
     print_table(&doc);
+    print_queue_keys_table(&doc);
     print_log_reads_table(&doc);
     print_alarms_table(&doc["alarms"]);
     print_workers_table(&doc["workers"]);
@@ -712,6 +727,210 @@ async fn closed_loop(
         rate: counted.load(Ordering::Relaxed) as f64 / seconds,
         errors: errors.load(Ordering::Relaxed),
     })
+}
+
+/// What a request carries in the queue-keys phases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyMode {
+    /// No `Ts-Queue-Key` (the path that must not touch the bucket).
+    Plain,
+    /// A new key every request: every request takes a hold (one create) and is assigned.
+    Fresh,
+    /// One key per process, never released (no worker): all but the first request
+    /// are refused `queue_key_held` (the create fails, the hold is read).
+    Held,
+}
+
+struct Measured {
+    rate: f64,
+    refused: u64,
+    errors: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// A closed loop of `window` requests in flight over `processes`, like
+/// [`closed_loop`], whose requests carry what `mode` says; counts answers of the
+/// kind the mode expects (receipts; for `Held`, `queue_key_held` refusals) and their
+/// latencies.
+async fn keyed_loop(
+    conns: &[async_nats::Client],
+    body: &Bytes,
+    processes: usize,
+    window: usize,
+    seconds: f64,
+    mode: KeyMode,
+) -> Result<Measured> {
+    let warmup = Duration::from_millis(1000);
+    let total = warmup + Duration::from_secs_f64(seconds);
+    let counted = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let lat: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let started = Instant::now();
+    let tag = uuid_like();
+    let per_conn = (window / conns.len()).max(1);
+    let mut tasks = Vec::new();
+    for (ci, client) in conns.iter().enumerate() {
+        let client = client.clone();
+        let inbox = Arc::new(inbox(&client).await?);
+        let permits = Arc::new(Semaphore::new(per_conn));
+        let (counted, refused, errors, lat, body, tag) = (
+            counted.clone(),
+            refused.clone(),
+            errors.clone(),
+            lat.clone(),
+            body.clone(),
+            tag.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while started.elapsed() < total {
+                let permit = permits.clone().acquire_owned().await?;
+                n += 1;
+                let p = (n as usize * conns_hint() + ci) % processes;
+                let subject = format!("ts.schedule.q{tag}-{p}");
+                let headers = match mode {
+                    KeyMode::Plain => None,
+                    KeyMode::Fresh => {
+                        let mut h = async_nats::HeaderMap::new();
+                        h.insert("Ts-Queue-Key", format!("k-{ci}-{n}").as_str());
+                        Some(h)
+                    }
+                    KeyMode::Held => {
+                        let mut h = async_nats::HeaderMap::new();
+                        h.insert("Ts-Queue-Key", "the-key");
+                        Some(h)
+                    }
+                };
+                let (client, inbox, body, counted, refused, errors, lat) = (
+                    client.clone(),
+                    inbox.clone(),
+                    body.clone(),
+                    counted.clone(),
+                    refused.clone(),
+                    errors.clone(),
+                    lat.clone(),
+                );
+                tokio::spawn(async move {
+                    let r = send_with(&client, &inbox, n, subject, headers, body).await;
+                    let in_window = started.elapsed() >= warmup && started.elapsed() <= total;
+                    if in_window {
+                        // A receipt, a `queue_key_held` refusal, or anything else (an error).
+                        let (assigned, held) = match &r {
+                            Ok((_, Ok(()))) => (true, false),
+                            Ok((_, Err(code))) => (false, code == "queue_key_held"),
+                            Err(_) => (false, false),
+                        };
+                        if held {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        } else if !assigned {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // Counted: what the mode expects.
+                        if (assigned && mode != KeyMode::Held) || (held && mode == KeyMode::Held) {
+                            counted.fetch_add(1, Ordering::Relaxed);
+                            if let (Ok((d, _)), Ok(mut l)) = (&r, lat.lock()) {
+                                l.push(*d);
+                            }
+                        }
+                    }
+                    drop(permit);
+                });
+            }
+            let _ = permits.acquire_many(per_conn as u32).await;
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let mut l = lat.lock().map(|l| l.clone()).unwrap_or_default();
+    l.sort();
+    Ok(Measured {
+        rate: counted.load(Ordering::Relaxed) as f64 / seconds,
+        refused: refused.load(Ordering::Relaxed),
+        errors: errors.load(Ordering::Relaxed),
+        p50_ms: percentile_ms(&l, 0.50),
+        p99_ms: percentile_ms(&l, 0.99),
+    })
+}
+
+/// Queue keys' cost, in one run: 1,000 processes, closed loop at the full window
+/// (throughput) and at one request in flight per connection (latency), without a
+/// key, with a fresh key per request (a hold taken: one atomic create), and with a
+/// key that is held (refused at once).
+async fn queue_keys_section(
+    conns: &[async_nats::Client],
+    body: &Bytes,
+    window: usize,
+    seconds: f64,
+) -> Result<serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for (name, mode) in [
+        ("plain", KeyMode::Plain),
+        ("fresh_key", KeyMode::Fresh),
+        ("held_key", KeyMode::Held),
+    ] {
+        let full = keyed_loop(conns, body, PROCESSES, window, seconds, mode).await?;
+        let light = keyed_loop(conns, body, PROCESSES, conns.len(), seconds.min(3.0), mode).await?;
+        out.insert(
+            name.into(),
+            json!({
+                "per_s": full.rate.round(),
+                "p50_ms": full.p50_ms,
+                "p99_ms": full.p99_ms,
+                "refused": full.refused,
+                "errors": full.errors + light.errors,
+                "light_per_s": light.rate.round(),
+                "light_p50_ms": light.p50_ms,
+                "light_p99_ms": light.p99_ms,
+            }),
+        );
+    }
+    let plain = out["plain"]["per_s"].as_f64().unwrap_or(0.0);
+    let fresh = out["fresh_key"]["per_s"].as_f64().unwrap_or(0.0);
+    out.insert(
+        "fresh_vs_plain".into(),
+        json!(if plain > 0.0 {
+            (fresh / plain * 1000.0).round() / 1000.0
+        } else {
+            0.0
+        }),
+    );
+    Ok(serde_json::Value::Object(out))
+}
+
+fn print_queue_keys_table(doc: &serde_json::Value) {
+    println!();
+    println!("| storage | schedule request | per s (window) | p50/p99 ms | per s (1 in flight a connection) | p50/p99 ms | errors |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in doc["runs"].as_array().into_iter().flatten() {
+        let q = &r["queue_keys"];
+        for (name, label) in [
+            ("plain", "no Ts-Queue-Key"),
+            ("fresh_key", "Ts-Queue-Key, free (hold taken)"),
+            ("held_key", "Ts-Queue-Key, held (refused)"),
+        ] {
+            let m = &q[name];
+            println!(
+                "| {} | {label} | {} | {:.2} / {:.2} | {} | {:.2} / {:.2} | {} |",
+                r["storage"].as_str().unwrap_or(""),
+                m["per_s"],
+                m["p50_ms"].as_f64().unwrap_or(f64::NAN),
+                m["p99_ms"].as_f64().unwrap_or(f64::NAN),
+                m["light_per_s"],
+                m["light_p50_ms"].as_f64().unwrap_or(f64::NAN),
+                m["light_p99_ms"].as_f64().unwrap_or(f64::NAN),
+                m["errors"],
+            );
+        }
+        println!(
+            "| {} | keyed vs plain (window) | {} | | | | |",
+            r["storage"].as_str().unwrap_or(""),
+            q["fresh_vs_plain"]
+        );
+    }
 }
 
 fn conns_hint() -> usize {
