@@ -929,6 +929,13 @@ impl Actor {
             .await?
         {
             head.seq = msg.seq;
+            // What its unsigned header claims, kept as hints if the message is foreign
+            // (as a window load keeps every header's): each is checked against its
+            // sealed run before it answers anything.
+            let claims = decode_ids(&msg.headers);
+            let claimed_at = RunMeta::from_headers(msg.seq, &msg.headers)
+                .map(|r| r.timestamp_ms)
+                .unwrap_or_else(|| self.shared.clock.now_ms());
             match chain::judge(&mut verifier, msg) {
                 Judged::Chain { run, lost } => {
                     for f in &lost {
@@ -964,6 +971,7 @@ impl Actor {
                             });
                         }
                     }
+                    self.index.insert_hints(f.seq, claims, claimed_at);
                     self.shared.fault(&self.process, &f)
                 }
             }
