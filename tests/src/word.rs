@@ -1120,3 +1120,136 @@ async fn reading_many_processes_leaves_no_consumer_behind() -> Result<()> {
     s.stop().await?;
     Ok(())
 }
+
+/// A head dropped after an ambiguous write (the server stalled past the publish
+/// timeout and past the catch-up's read) is loaded again without rebuilding the
+/// dedupe window: the reload keeps the index it held and reads only the messages
+/// after the head it held (`$SRV.STATS`: `window_loads`, `window_reloads`,
+/// `window_messages_read`), and every id sent before or during the stall still gets
+/// its original slot, `duplicate: true`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_reload_keeps_the_dedupe_index_and_reads_only_what_came_after() -> Result<()> {
+    use std::collections::HashMap;
+    use std::time::Duration;
+    let server = server()?;
+    let pid = server.pid().expect("running") as i32;
+    let s = InProcess::start(&server, Config::default(), vec![test_key(56)]).await?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let client = Client::new(nats, Subjects::default()).with_timeout(Duration::from_secs(60));
+    let p = ProcessId::new("reload")?;
+    let with_id = |id: &str| journal::client::Schedule {
+        message_id: Some(id.to_string()),
+        ..Default::default()
+    };
+    // 40 runs, one id each, written by this replica: its index holds them all.
+    let mut slots: HashMap<String, u64> = HashMap::new();
+    for i in 0..40 {
+        let id = format!("held-{i}");
+        let r = client
+            .schedule(&p, Bytes::from(id.clone()), &with_id(&id))
+            .await?;
+        slots.insert(id, r.slot);
+    }
+    let before = scheduler_counters(server.url(), 1).await?;
+    assert_eq!(
+        (before["window_loads"], before["window_reloads"]),
+        (1, 0),
+        "one load, on first use: {before:?}"
+    );
+
+    // Writes in flight when the server stalls for 18 s: the acknowledgement times
+    // out (5 s), then the catch-up's read does (10 s more), so the head is dropped
+    // and loaded again once the server is back. A burst of 2,048 requests in flight
+    // keeps the actor's queue full, so a write is on its way when the server stops
+    // (stalled once more, should none have been).
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+    };
+    for round in 0..2 {
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let burst = tokio::spawn({
+            let (client, p, answered) = (client.clone(), p.clone(), answered.clone());
+            async move {
+                use futures::StreamExt;
+                futures::stream::iter(0..20_000)
+                    .map(|i| {
+                        let (client, p, answered) = (client.clone(), p.clone(), answered.clone());
+                        async move {
+                            let id = format!("during-{round}-{i}");
+                            let opts = journal::client::Schedule {
+                                message_id: Some(id.clone()),
+                                ..Default::default()
+                            };
+                            let r = client.schedule(&p, Bytes::from(id.clone()), &opts).await;
+                            answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            r.ok().map(|r| (id, r.slot))
+                        }
+                    })
+                    .buffer_unordered(2048)
+                    .filter_map(|r| async move { r })
+                    .collect::<Vec<_>>()
+                    .await
+            }
+        });
+        while answered.load(std::sync::atomic::Ordering::Relaxed) < 1000 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        signal("-STOP")?;
+        tokio::time::sleep(Duration::from_secs(18)).await;
+        signal("-CONT")?;
+        for (id, slot) in burst.await? {
+            assert_eq!(slots.insert(id.clone(), slot), None, "{id} answered twice");
+        }
+        if scheduler_counters(server.url(), 1).await?["window_reloads"] > 0 {
+            break;
+        }
+    }
+    let after = scheduler_counters(server.url(), 1).await?;
+    let log = read_log(server.url(), &p).await?;
+    assert_eq!(
+        after["window_loads"], 1,
+        "the window was never read again: {after:?}"
+    );
+    assert!(
+        after["window_reloads"] >= 1,
+        "the stall made the actor reload its head: {after:?}"
+    );
+    // One attempt at a time per process: after the head it held, a reload finds at
+    // most that attempt's run (landed late); never the window of earlier runs.
+    assert!(
+        after["window_messages_read"] <= after["window_reloads"],
+        "a reload read more than what came after its head ({} runs in the log): {after:?}",
+        log.len()
+    );
+    assert!(log.len() > 40, "{} assignments", log.len());
+
+    eprintln!("{} assignments; after the stall: {after:?}", log.len());
+    // Dedupe held across the reload: every id written before the stall, and one in
+    // fifty of those answered around it, gets its original slot, as a duplicate.
+    let mut resend: Vec<(&String, &u64)> = slots.iter().collect();
+    resend.sort();
+    let resend = resend
+        .into_iter()
+        .enumerate()
+        .filter(|(i, (id, _))| id.starts_with("held-") || i % 50 == 0)
+        .map(|(_, r)| r);
+    for (id, slot) in resend {
+        let r = client
+            .schedule(&p, Bytes::from(id.clone()), &with_id(id))
+            .await?;
+        assert_eq!((r.slot, r.duplicate), (*slot, true), "{id}");
+    }
+    let end = scheduler_counters(server.url(), 1).await?;
+    assert_eq!(
+        (end["window_loads"], end["window_reloads"]),
+        (after["window_loads"], after["window_reloads"]),
+        "{end:?}"
+    );
+    let entries = read_log(server.url(), &p).await?;
+    assert_eq!(entries.len(), log.len(), "a duplicate wrote nothing");
+    s.stop().await?;
+    Ok(())
+}

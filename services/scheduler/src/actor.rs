@@ -24,7 +24,9 @@ use protocol::verify::{check_run, ChainPoint, Fault, FaultKind, LogVerifier};
 use protocol::wire::{ErrorCode, Mode, Run};
 use protocol::ProcessId;
 
-use crate::core::{self, Decision, DedupeIndex, Head, KeyPlan, NewMessage, Seen};
+use crate::core::{
+    self, Decision, DedupeIndex, Head, Indexed, KeyPlan, NewMessage, Seen, WindowRead,
+};
 use crate::metrics::Metrics;
 use crate::reply::{Refusal, Replier};
 use crate::writer::{Outcome, Write};
@@ -107,6 +109,7 @@ pub(crate) async fn run(
             process,
             head: None,
             index: DedupeIndex::new(0),
+            indexed: None,
             expect: None,
         };
         let mut carry: Option<Job> = None;
@@ -214,6 +217,9 @@ struct Actor {
     process: ProcessId,
     head: Option<Head>,
     index: DedupeIndex,
+    /// How far `index` has taken the log in (none: not loaded). It outlives a dropped
+    /// head: a reload keeps the index and reads only what came after this.
+    indexed: Option<Indexed>,
     /// What the next write must expect when the server's record of the subject's last
     /// message differs from what its store holds (after a loss); normally none.
     expect: Option<u64>,
@@ -447,7 +453,14 @@ impl Actor {
                 run.entries.len() as u64,
                 std::sync::atomic::Ordering::Relaxed,
             );
-            self.head = Some(Head::after(&run, seq));
+            let head = Head::after(&run, seq);
+            // The run was written right after what the write expected: if the index
+            // covered that, it covers the run too (its ids are inserted below).
+            let written_after = self.expect.unwrap_or(run.prev_seq).max(run.prev_seq);
+            if let Some(indexed) = &mut self.indexed {
+                indexed.advance(written_after, seq, head.next_slot);
+            }
+            self.head = Some(head);
             self.expect = None;
             for (e, supplied) in run.entries.iter().zip(&supplied) {
                 if *supplied {
@@ -610,10 +623,29 @@ impl Actor {
             timestamp_ms,
             keys: loaded.point.keys,
         };
-        self.index = DedupeIndex::new(self.shared.config.dedupe_window.as_millis() as u64);
-        if loaded.tail_seq > 0 {
-            self.load_window(&head).await?;
+        // The dedupe index outlives a dropped head (an ambiguous write, a lost race, a
+        // failed read): a reload keeps it and reads only the messages after the head it
+        // held; only a first load, or a log now behind the index, reads the window.
+        match core::window_read(self.indexed, &head) {
+            WindowRead::Full => {
+                Metrics::bump(&self.shared.metrics.window_loads);
+                self.indexed = None;
+                self.index = DedupeIndex::new(self.shared.config.dedupe_window.as_millis() as u64);
+                if loaded.tail_seq > 0 {
+                    self.load_window(&head, None).await?;
+                }
+            }
+            WindowRead::After(seq) => {
+                Metrics::bump(&self.shared.metrics.window_reloads);
+                if head.seq > seq {
+                    self.load_window(&head, Some(seq)).await?;
+                }
+            }
         }
+        self.indexed = Some(Indexed {
+            seq: head.seq,
+            next_slot: head.next_slot,
+        });
         self.head = Some(head.clone());
         Ok(head)
     }
@@ -629,19 +661,28 @@ impl Actor {
             })
     }
 
-    /// Reads the message ids of the runs within the dedupe window, headers only. The
-    /// `Ts-Ids` headers are unsigned, so what they say is kept as hints, each checked
-    /// against its signed run before a request is answered as a duplicate.
-    async fn load_window(&mut self, head: &Head) -> journal::Result<()> {
+    /// Reads the message ids of the runs within the dedupe window through `head`,
+    /// headers only: the whole window, or (`after`) only the messages after that
+    /// stream sequence, which the index already took in. The `Ts-Ids` headers are
+    /// unsigned, so what they say is kept as hints, each checked against its signed
+    /// run before a request is answered as a duplicate.
+    async fn load_window(&mut self, head: &Head, after: Option<u64>) -> journal::Result<()> {
         let window = self.shared.config.dedupe_window.as_millis() as u64;
         let now = self.shared.clock.now_ms();
         if window == 0 || head.timestamp_ms < now.saturating_sub(window) {
             return Ok(());
         }
-        let start = time::OffsetDateTime::from_unix_timestamp_nanos(
-            i128::from(now.saturating_sub(window)) * 1_000_000,
-        )
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let deliver_policy = match after {
+            Some(seq) => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: seq + 1,
+            },
+            None => consumer::DeliverPolicy::ByStartTime {
+                start_time: time::OffsetDateTime::from_unix_timestamp_nanos(
+                    i128::from(now.saturating_sub(window)) * 1_000_000,
+                )
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+            },
+        };
         let err = |e: &dyn std::fmt::Display| journal::Error::JetStream {
             op: "load dedupe window",
             reason: e.to_string(),
@@ -651,7 +692,7 @@ impl Actor {
             .log_stream
             .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: self.shared.subjects.log(&self.process),
-                deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: start },
+                deliver_policy,
                 headers_only: true,
                 // The server copies each whole run to send its headers and holds the
                 // copy until it is sent: few at a time (the library's default is 500).
@@ -699,14 +740,13 @@ impl Actor {
             let Some(m) = next else { break };
             let m = m.map_err(|e| err(&e))?;
             read += 1;
+            Metrics::bump(&self.shared.metrics.window_messages_read);
             let seq = m.info().map(|i| i.stream_sequence).map_err(|e| err(&e))?;
             if let Some(h) = &m.headers {
                 let ts = RunMeta::from_headers(seq, h)
                     .map(|r| r.timestamp_ms)
                     .unwrap_or(now);
-                for (slot, id) in decode_ids(h) {
-                    self.index.insert_hint(id, Seen { slot, seq }, ts);
-                }
+                self.index.insert_hints(seq, decode_ids(h), ts);
             }
             if seq >= head.seq || read >= pending {
                 break;
@@ -867,6 +907,8 @@ impl Actor {
         let Some(mut head) = self.head.clone() else {
             return Ok(None);
         };
+        // Every message after this one is judged below, its chain runs' ids learnt.
+        let judged_after = head.seq;
         let point = ChainPoint {
             next_slot: head.next_slot,
             prev: head.prev,
@@ -887,6 +929,13 @@ impl Actor {
             .await?
         {
             head.seq = msg.seq;
+            // What its unsigned header claims, kept as hints if the message is foreign
+            // (as a window load keeps every header's): each is checked against its
+            // sealed run before it answers anything.
+            let claims = decode_ids(&msg.headers);
+            let claimed_at = RunMeta::from_headers(msg.seq, &msg.headers)
+                .map(|r| r.timestamp_ms)
+                .unwrap_or_else(|| self.shared.clock.now_ms());
             match chain::judge(&mut verifier, msg) {
                 Judged::Chain { run, lost } => {
                     for f in &lost {
@@ -922,9 +971,13 @@ impl Actor {
                             });
                         }
                     }
+                    self.index.insert_hints(f.seq, claims, claimed_at);
                     self.shared.fault(&self.process, &f)
                 }
             }
+        }
+        if let Some(indexed) = &mut self.indexed {
+            indexed.advance(judged_after, head.seq, head.next_slot);
         }
         self.head = Some(head);
         Ok(found)

@@ -130,6 +130,19 @@ impl DedupeIndex {
         }
     }
 
+    /// Records the claims of one stored message's `Ts-Ids` header (`[slot, id]`
+    /// pairs of the run at `seq`, stamped `timestamp_ms`), each as a hint.
+    pub fn insert_hints(
+        &mut self,
+        seq: u64,
+        ids: impl IntoIterator<Item = (u64, String)>,
+        timestamp_ms: u64,
+    ) {
+        for (slot, id) in ids {
+            self.insert_hint(id, Seen { slot, seq }, timestamp_ms);
+        }
+    }
+
     /// The unchecked claims about `id`, oldest first (none once confirmed).
     pub fn hints(&self, id: &str) -> &[Seen] {
         self.hints.get(id).map(Vec::as_slice).unwrap_or(&[])
@@ -173,6 +186,51 @@ impl DedupeIndex {
     /// True when no id is remembered.
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
+    }
+}
+
+/// How far a process's [`DedupeIndex`] has taken its log in: every message of the
+/// subject through stream sequence `seq` (its ids, as facts or hints, where within
+/// the window), when the chain's next slot was `next_slot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Indexed {
+    /// The last stream sequence taken in.
+    pub seq: u64,
+    /// The chain's next slot then.
+    pub next_slot: u64,
+}
+
+impl Indexed {
+    /// After a run with `prev_seq` was stored (or judged) at `seq`, with `next_slot`
+    /// next: the index covers it too if it covered everything up to the message the
+    /// run was written after (it was then the very next message of the subject).
+    pub fn advance(&mut self, prev_seq: u64, seq: u64, next_slot: u64) {
+        if prev_seq <= self.seq && seq > self.seq {
+            self.seq = seq;
+            self.next_slot = self.next_slot.max(next_slot);
+        }
+    }
+}
+
+/// How a head (re)load brings the dedupe index up to the head it loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowRead {
+    /// Build the index anew from the whole window: the first load, or a log that
+    /// is now behind what the index took in (messages were lost: their sequences and
+    /// slots may be given again, and what the index says of them is void).
+    Full,
+    /// Keep the index: read only the messages after this stream sequence (the one it
+    /// already took in), through the loaded head's.
+    After(u64),
+}
+
+/// How to bring the index that took in `held` (none: nothing yet) up to `loaded`.
+pub fn window_read(held: Option<Indexed>, loaded: &Head) -> WindowRead {
+    match held {
+        Some(h) if loaded.seq >= h.seq && loaded.next_slot >= h.next_slot => {
+            WindowRead::After(h.seq)
+        }
+        _ => WindowRead::Full,
     }
 }
 
@@ -410,6 +468,98 @@ mod tests {
         assert_eq!(index.hints("b").len(), 2);
         index.prune(2101);
         assert!(index.hints("b").is_empty() && index.is_empty());
+    }
+
+    /// A stored message as the window reader sees it: (seq, `Ts-Ids` pairs, time).
+    type Stored = (u64, Vec<(u64, String)>, u64);
+
+    /// Takes the messages of `log` after `after` through `through` into `index`, as
+    /// the window reader does; returns how many it read.
+    fn take_in(index: &mut DedupeIndex, log: &[Stored], after: u64, through: u64) -> usize {
+        let mut read = 0;
+        for (seq, ids, ts) in log.iter().filter(|m| m.0 > after && m.0 <= through) {
+            index.insert_hints(*seq, ids.clone(), *ts);
+            read += 1;
+        }
+        read
+    }
+
+    fn head_at(seq: u64, next_slot: u64) -> Head {
+        Head {
+            next_slot,
+            prev: Hash32::ZERO,
+            seq,
+            run_seq: seq,
+            timestamp_ms: 0,
+            keys: None,
+        }
+    }
+
+    #[test]
+    fn a_reload_keeps_the_index_and_reads_only_what_came_after_the_held_head() {
+        // Runs of one assignment each: seq n holds slot n - 1 with id "m<n>".
+        let log: Vec<Stored> = (1..=8u64)
+            .map(|n| (n, vec![(n - 1, format!("m{n}"))], 1000 + n))
+            .collect();
+        let mut index = DedupeIndex::new(60_000);
+        // First load: the whole window, through the head at seq 5.
+        let first = head_at(5, 5);
+        assert_eq!(window_read(None, &first), WindowRead::Full);
+        assert_eq!(take_in(&mut index, &log, 0, first.seq), 5);
+        let mut held = Indexed {
+            seq: first.seq,
+            next_slot: first.next_slot,
+        };
+        // The actor's own write of slot 5 at seq 6 (the very next message): a fact.
+        index.insert("m6".into(), Seen { slot: 5, seq: 6 }, 1006);
+        held.advance(5, 6, 6);
+        assert_eq!(
+            held,
+            Indexed {
+                seq: 6,
+                next_slot: 6
+            }
+        );
+        // A confirmed id, as a duplicate answer left it.
+        index.confirm("m2", Some(Seen { slot: 1, seq: 2 }));
+        // Another replica wrote seq 7 and 8; the head is dropped (an ambiguous write,
+        // a lost race) and loaded again at seq 8: only 7 and 8 are read.
+        let reloaded = head_at(8, 8);
+        let WindowRead::After(after) = window_read(Some(held), &reloaded) else {
+            panic!("a reload past the held head keeps the index");
+        };
+        assert_eq!(after, 6);
+        assert_eq!(take_in(&mut index, &log, after, reloaded.seq), 2);
+        // What the index held is still there, facts as facts; the new ids are hints.
+        assert_eq!(index.get("m2"), Some(Seen { slot: 1, seq: 2 }));
+        assert_eq!(index.get("m6"), Some(Seen { slot: 5, seq: 6 }));
+        assert_eq!(index.hints("m1"), &[Seen { slot: 0, seq: 1 }]);
+        assert_eq!(index.hints("m8"), &[Seen { slot: 7, seq: 8 }]);
+        // A run that was not the next message does not move what the index covers.
+        let mut gap = Indexed {
+            seq: 8,
+            next_slot: 8,
+        };
+        gap.advance(9, 10, 10);
+        assert_eq!(
+            gap,
+            Indexed {
+                seq: 8,
+                next_slot: 8
+            }
+        );
+        // A log behind what was taken in (a loss): the index is rebuilt.
+        let behind = Indexed {
+            seq: 8,
+            next_slot: 8,
+        };
+        assert_eq!(window_read(Some(behind), &head_at(7, 8)), WindowRead::Full);
+        assert_eq!(window_read(Some(behind), &head_at(9, 7)), WindowRead::Full);
+        // Nothing new: nothing to read.
+        assert_eq!(
+            window_read(Some(behind), &head_at(8, 8)),
+            WindowRead::After(8)
+        );
     }
 
     #[test]

@@ -25,6 +25,13 @@ pub struct Metrics {
     pub faults: AtomicU64,
     /// Heads loaded by reading a whole subject (the tail was not a verified run).
     pub head_scans: AtomicU64,
+    /// Dedupe windows built anew (an actor's first load, or a log behind its index).
+    pub window_loads: AtomicU64,
+    /// Head reloads that kept the dedupe index and read only the messages after the
+    /// head it held.
+    pub window_reloads: AtomicU64,
+    /// Messages read by window loads and reloads (headers only).
+    pub window_messages_read: AtomicU64,
     /// Requests answered `busy` at intake: an admission bound (bytes or count) was full.
     pub busy: AtomicU64,
     /// Requests answered `busy` after waiting past `max_queue_wait` in their queue.
@@ -56,6 +63,9 @@ impl Metrics {
             "duplicates": get(&self.duplicates),
             "faults": get(&self.faults),
             "head_scans": get(&self.head_scans),
+            "window_loads": get(&self.window_loads),
+            "window_reloads": get(&self.window_reloads),
+            "window_messages_read": get(&self.window_messages_read),
             "busy": get(&self.busy),
             "shed": get(&self.shed),
             "queue_key_held": get(&self.queue_key_held),

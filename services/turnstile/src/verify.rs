@@ -1,5 +1,6 @@
 //! `turnstile verify`: one process or every process of the deployment, by the rule of
-//! schemas/chain.md ("Verifying a log"), each read to the end of its subject. Every
+//! schemas/chain.md ("Verifying a log"), each read to the end of its subject — all of
+//! them in one read of the log stream (`journal::audit::verify_log`). Every
 //! fault is printed with its stream sequence, the slot the chain expected there, its
 //! code and what is wrong; `--json` prints one document instead.
 
@@ -10,16 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde_json::json;
-use tokio::task::JoinSet;
-
-use journal::audit::{self, Listed, Report, Scope};
+use journal::audit::{self, Report, Scope, Selection, Tally};
 use journal::reader::LogReader;
 use journal::subjects::Subjects;
 use journal::{keyring, setup};
 use protocol::keys::KeyFile;
 use protocol::verify::{Fault, TrustedKeys};
 use protocol::ProcessId;
+use serde_json::json;
 
 /// Exit status: every message of every process verified, no fault.
 pub const OK: i32 = 0;
@@ -43,7 +42,7 @@ pub struct Args {
     #[arg(required_unless_present = "all", conflicts_with = "all")]
     process: Option<String>,
     /// Verify every process of the deployment (every subject of the log stream), in
-    /// parallel.
+    /// one read of the whole log stream.
     #[arg(long)]
     all: bool,
     /// First slot to verify (its whole run is checked). The chain must reach it.
@@ -68,7 +67,8 @@ pub struct Args {
     /// instead of text.
     #[arg(long)]
     json: bool,
-    /// How many processes to verify at once with --all [default: 2 × cores].
+    /// How many chunks of runs are checked at once, ahead of the one being judged
+    /// [default: 2 × cores].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=4096))]
     jobs: Option<u64>,
     /// No progress line on standard error (it is shown only on a terminal anyway).
@@ -83,93 +83,105 @@ struct Outcome {
     result: Result<Report, String>,
 }
 
-/// Counters the verifying tasks bump and the progress line reads.
+/// The totals the verification stores and the progress line reads.
 #[derive(Default)]
 struct Progress {
+    expected: AtomicU64,
     assignments: AtomicU64,
     messages: AtomicU64,
     faults: AtomicU64,
+    subjects: AtomicU64,
+}
+
+impl Progress {
+    fn store(&self, t: &Tally) {
+        self.expected.store(t.expected, Ordering::Relaxed);
+        self.assignments.store(t.assignments, Ordering::Relaxed);
+        self.messages.store(t.messages, Ordering::Relaxed);
+        self.faults.store(t.faults, Ordering::Relaxed);
+        self.subjects.store(t.subjects, Ordering::Relaxed);
+    }
 }
 
 /// Runs `turnstile verify`; returns the exit status.
 pub async fn run(client: async_nats::Client, subjects: Subjects, args: Args) -> Result<i32> {
     let js = async_nats::jetstream::new(client);
     let trusted = trusted_keys(&js, &subjects, &args.trust).await?;
-    let targets: Vec<Listed> = match &args.process {
-        Some(p) => {
-            let process = ProcessId::new(p.clone())?;
-            vec![Listed {
-                subject: subjects.log(&process),
-                process: Some(process),
-                messages: 0,
-            }]
-        }
-        None => audit::processes(&js, &subjects).await?,
+    let selection = match &args.process {
+        Some(p) => Selection::One(Scope {
+            process: ProcessId::new(p.clone())?,
+            from: args.from,
+            to: args.to,
+            required: args.require.clone(),
+        }),
+        None => Selection::All {
+            required: args.require.clone(),
+        },
     };
-    let reader = LogReader::open(js, subjects).await?;
-    let jobs = match args.jobs {
+    let reader = LogReader::open(js, subjects.clone()).await?;
+    let parallel = match args.jobs {
         Some(n) => n as usize,
         None => 2 * std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     let show_progress = !args.no_progress && std::io::stderr().is_terminal();
-    let total_messages: u64 = targets.iter().map(|t| t.messages).sum();
-    let total = targets.len();
 
     let started = Instant::now();
     let cpu_before = cpu_seconds();
     let progress = Arc::new(Progress::default());
-    let mut pending = targets.into_iter();
-    let mut running: JoinSet<Outcome> = JoinSet::new();
-    let mut outcomes = Vec::with_capacity(total);
+    // One read of the log for every process (journal::audit::verify_log).
+    let verified = {
+        let progress = Arc::clone(&progress);
+        audit::verify_log(&reader, &selection, trusted, parallel, move |t, _| {
+            progress.store(t)
+        })
+    };
+    tokio::pin!(verified);
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
     let mut drawn = false;
-    loop {
-        while running.len() < jobs {
-            let Some(target) = pending.next() else { break };
-            let scope = target.process.clone().map(|process| Scope {
-                process,
-                from: args.from,
-                to: args.to,
-                required: args.require.clone(),
-            });
-            running.spawn(verify_one(
-                reader.clone(),
-                target,
-                scope,
-                trusted.clone(),
-                Arc::clone(&progress),
-            ));
-        }
+    let verified = loop {
         tokio::select! {
-            done = running.join_next() => {
-                let Some(done) = done else { break };
-                let outcome = done.context("a verifying task failed")?;
-                let to_print = match (&outcome.process, &outcome.result) {
-                    (Some(_), Ok(r)) => !args.json && !r.faults.is_empty(),
-                    (None, _) => !args.json,
-                    (Some(_), Err(_)) => true,
-                };
-                if to_print {
-                    if drawn {
-                        eprint!("\r\x1b[2K");
-                        drawn = false;
-                    }
-                    print_faults(&outcome)?;
-                }
-                outcomes.push(outcome);
-            }
+            v = &mut verified => break v,
             _ = ticker.tick(), if show_progress => {
-                draw(&progress, outcomes.len(), total, total_messages, started.elapsed());
+                draw(&progress, started.elapsed());
                 drawn = true;
             }
         }
-    }
+    };
     if drawn {
         eprint!("\r\x1b[2K");
     }
+    let mut outcomes: Vec<Outcome> = match (verified, &selection) {
+        (Ok(v), _) => v
+            .into_iter()
+            .map(|v| Outcome {
+                subject: v.subject,
+                process: v.process,
+                result: Ok(v.report),
+            })
+            .collect(),
+        (Err(e), Selection::One(scope)) => vec![Outcome {
+            subject: subjects.log(&scope.process),
+            process: Some(scope.process.clone()),
+            result: Err(e.to_string()),
+        }],
+        (Err(e), Selection::All { .. }) => {
+            eprintln!("turnstile: could not verify the log: {e}");
+            return Ok(ERROR);
+        }
+    };
     let elapsed = started.elapsed();
     let cpu = cpu_seconds().zip(cpu_before).map(|(a, b)| a - b);
     outcomes.sort_by(|a, b| a.subject.cmp(&b.subject));
+    for outcome in &outcomes {
+        let to_print = match (&outcome.process, &outcome.result) {
+            (Some(_), Ok(r)) => !args.json && !r.faults.is_empty(),
+            (None, _) => !args.json,
+            (Some(_), Err(_)) => true,
+        };
+        if to_print {
+            print_faults(outcome)?;
+        }
+    }
 
     let totals = Totals::of(&outcomes);
     if args.json {
@@ -210,51 +222,6 @@ async fn trusted_keys(
         bail!("no trusted keys: none are published and none were given with --trust");
     }
     Ok(trusted)
-}
-
-/// Verifies one target, bumping the shared progress counters as it goes.
-async fn verify_one(
-    reader: LogReader,
-    target: Listed,
-    scope: Option<Scope>,
-    trusted: TrustedKeys,
-    progress: Arc<Progress>,
-) -> Outcome {
-    let Some(scope) = scope else {
-        // A subject that names no process: not verified, reported.
-        progress.faults.fetch_add(1, Ordering::Relaxed);
-        return Outcome {
-            subject: target.subject,
-            process: None,
-            result: Ok(Report::default()),
-        };
-    };
-    let (mut checked, mut messages, mut faults) = (0u64, 0u64, 0usize);
-    let result = audit::verify(&reader, &scope, trusted, |r| {
-        progress
-            .assignments
-            .fetch_add(r.checked - checked, Ordering::Relaxed);
-        progress
-            .messages
-            .fetch_add(r.messages - messages, Ordering::Relaxed);
-        progress
-            .faults
-            .fetch_add((r.faults.len() - faults) as u64, Ordering::Relaxed);
-        (checked, messages, faults) = (r.checked, r.messages, r.faults.len());
-    })
-    .await
-    .map_err(|e| e.to_string());
-    if let Ok(r) = &result {
-        // The final gap check adds faults after the last message.
-        progress
-            .faults
-            .fetch_add((r.faults.len() - faults) as u64, Ordering::Relaxed);
-    }
-    Outcome {
-        subject: target.subject,
-        process: Some(scope.process),
-        result,
-    }
 }
 
 /// One line per fault on standard output; errors on standard error.
@@ -485,31 +452,28 @@ fn document(
 }
 
 /// Redraws the progress line on standard error.
-fn draw(p: &Progress, done: usize, total: usize, total_messages: u64, elapsed: Duration) {
+fn draw(p: &Progress, elapsed: Duration) {
     const WIDTH: usize = 24;
+    let expected = p.expected.load(Ordering::Relaxed);
     let assignments = p.assignments.load(Ordering::Relaxed);
     let messages = p.messages.load(Ordering::Relaxed);
     let faults = p.faults.load(Ordering::Relaxed);
+    let subjects = p.subjects.load(Ordering::Relaxed);
     let rate = assignments as f64 / elapsed.as_secs_f64().max(1e-3);
-    // By messages read when the listing counted them, else by processes done.
-    let fraction = if total_messages > 0 {
-        messages as f64 / total_messages as f64
-    } else if total > 1 {
-        done as f64 / total as f64
-    } else {
-        -1.0
-    };
-    let bar = if fraction >= 0.0 {
+    // By messages read of those the read expects.
+    let bar = if expected > 0 {
+        let fraction = messages as f64 / expected as f64;
         let filled = ((fraction.min(1.0) * WIDTH as f64) as usize).min(WIDTH);
         format!("[{}{}] ", "#".repeat(filled), "-".repeat(WIDTH - filled))
     } else {
         String::new()
     };
     eprint!(
-        "\r\x1b[2K{bar}{}/{} process{} · {} assignments · {}/s · {} fault{}",
-        thousands(done as u64),
-        thousands(total as u64),
-        if total == 1 { "" } else { "es" },
+        "\r\x1b[2K{bar}{} process{} · {}/{} messages · {} assignments · {}/s · {} fault{}",
+        thousands(subjects),
+        if subjects == 1 { "" } else { "es" },
+        thousands(messages),
+        thousands(expected),
         thousands(assignments),
         thousands(rate as u64),
         thousands(faults),

@@ -16,7 +16,10 @@
 //!    process of 100,000 assignments written through the scheduler (assignments/s,
 //!    and per core of this process's CPU time), and cold head loads
 //!    (`journal::chain::load_head`) of 1,000 processes of a few runs each,
-//!    sequentially and 32 at once.
+//!    sequentially and 32 at once; and `verify --all` over a log of 1,000 processes
+//!    (its own server, `--only-verify-all`): one read of the stream against the raw
+//!    read ceiling (the same pull consumer, nothing judged) and against the old way
+//!    (a consumer per process), plus the CLI.
 //!
 //! 6. the alarm-loader: alarms set through the NATS API per second (pipelined, vs the
 //!    raw ceiling), lateness p50/p99/max of 10,000 alarms a second for 10 s into 1,000
@@ -74,6 +77,10 @@ struct Args {
     /// default storage setting.
     #[arg(long)]
     only_log_reads: bool,
+    /// Only phase 5's `verify --all` comparison (its own server: raw read ceiling,
+    /// one read of the stream, per-process reads, the CLI).
+    #[arg(long)]
+    only_verify_all: bool,
     /// Only the alarm-loader's section.
     #[arg(long)]
     only_alarms: bool,
@@ -112,6 +119,12 @@ async fn main() -> Result<()> {
     let body = Bytes::from(vec![b'x'; BODY]);
     if args.only_log_reads {
         return log_reads_only(&body).await;
+    }
+    if args.only_verify_all {
+        let v = verify_all_section(&body).await?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        print_verify_all_table(&v);
+        return Ok(());
     }
     if args.only_workers {
         let w = workers_section(&body, args.seconds, args.window).await?;
@@ -1199,7 +1212,8 @@ async fn log_reads(
     eprintln!("verify: {verify}");
     let cold = cold_loads(conns, body, &reader, &trust).await?;
     eprintln!("cold loads: {cold}");
-    Ok(json!({"verify": verify, "cold_loads": cold}))
+    let all = verify_all_section(body).await?;
+    Ok(json!({"verify": verify, "cold_loads": cold, "verify_all": all}))
 }
 
 /// Writes `VERIFY_ASSIGNMENTS` to one process through the scheduler (runs of up to
@@ -1367,6 +1381,266 @@ async fn fill(
     Ok(ok.load(Ordering::Relaxed))
 }
 
+/// The log `verify --all` reads in phase 5: processes, runs of each, assignments a run.
+const ALL_PROCESSES: usize = 1000;
+const ALL_RUNS: usize = 10;
+const ALL_PER_RUN: usize = 10;
+
+/// Phase 5, `verify --all`: on a server of its own, a log of `ALL_PROCESSES` processes
+/// (`ALL_RUNS` sealed runs of `ALL_PER_RUN` assignments each, written straight to the
+/// stream as the scheduler writes them), then, in the same run over the same log:
+/// the raw read ceiling (`LogReader::read_range`, the pull consumer `verify --all`
+/// reads through, nothing decoded), `journal::audit::verify_log` over every process
+/// (one read of the stream), the old way for comparison (every process read by a
+/// consumer of its own, `2 × cores` at once, as `verify --all` did before), and the
+/// CLI's `turnstile verify --all` (its own process).
+async fn verify_all_section(body: &Bytes) -> Result<serde_json::Value> {
+    use journal::audit::{self, Scope, Selection};
+    let server = NatsServer::start_with(Options::default())?;
+    let js =
+        async_nats::jetstream::new(tests::support::connect(&server.url_as(Role::Operator)).await?);
+    let subjects = journal::subjects::Subjects::default();
+    journal::setup::ensure_log(&js, &subjects, &Default::default()).await?;
+    let key = protocol::keys::Keypair::generate();
+    let dir = tempfile::tempdir()?;
+    let key_path = dir.path().join("key.json");
+    std::fs::write(&key_path, key.to_key_file())?;
+    let trusted = || {
+        let mut t = protocol::verify::TrustedKeys::default();
+        t.insert(key.public_key());
+        t
+    };
+
+    // The log: round by round, one run of every process, sealed in one batch and
+    // published pipelined, each expecting its process's last sequence.
+    let tag = uuid_like();
+    let processes = (0..ALL_PROCESSES)
+        .map(|i| protocol::ProcessId::new(format!("a{tag}-{i}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut heads: Vec<scheduler::core::Head> = processes
+        .iter()
+        .map(scheduler::core::Head::genesis)
+        .collect();
+    let t0 = Instant::now();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    for round in 0..ALL_RUNS {
+        let mut built = Vec::with_capacity(processes.len());
+        for (p, head) in processes.iter().zip(&heads) {
+            let messages = (0..ALL_PER_RUN)
+                .map(|i| scheduler::core::NewMessage {
+                    message_id: format!("{round}-{i}"),
+                    headers: vec![],
+                    body: body.to_vec(),
+                })
+                .collect();
+            built.push(scheduler::core::build_run(p, head, messages, now));
+        }
+        let digests: Vec<_> = built
+            .iter()
+            .map(|(run, tree)| protocol::seal::run_digest(&run.statement_for(tree)))
+            .collect();
+        let seals = protocol::seal::seal(&digests, &[&key]);
+        let mut acks = Vec::with_capacity(built.len());
+        for (((mut run, _), seal), p) in built.into_iter().zip(seals).zip(&processes) {
+            run.seal = seal;
+            let publish = async_nats::jetstream::message::PublishMessage::build()
+                .payload(run.encode()?.into())
+                .headers(journal::reader::RunMeta::headers_of(&run))
+                .expected_last_subject_sequence(run.prev_seq);
+            acks.push((run, js.send_publish(subjects.log(p), publish).await?));
+        }
+        for ((run, ack), head) in acks.into_iter().zip(heads.iter_mut()) {
+            let seq = ack.await?.sequence;
+            *head = scheduler::core::Head::after(&run, seq);
+        }
+    }
+    let write_s = t0.elapsed().as_secs_f64();
+    let reader = journal::reader::LogReader::open(js.clone(), subjects.clone()).await?;
+    let last = reader.last_sequence().await?;
+    let assignments = (ALL_PROCESSES * ALL_RUNS * ALL_PER_RUN) as u64;
+    let parallel = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
+    let meter = CpuMeter::new(&[("nats", server.pid())]);
+    let row = |what: &str,
+               wall: Duration,
+               self_cpu: f64,
+               messages: u64,
+               checked: u64,
+               before: &[f64],
+               meter: &CpuMeter| {
+        let s = wall.as_secs_f64().max(1e-9);
+        json!({
+            "read": what,
+            "seconds": (s * 1000.0).round() / 1000.0,
+            "messages": messages,
+            "messages_per_s": (messages as f64 / s).round(),
+            "assignments": checked,
+            "assignments_per_s": (checked as f64 / s).round(),
+            "bench_process_cpu_seconds": (self_cpu * 100.0).round() / 100.0,
+            "cpu": meter.usage(before, wall, messages as f64 / s),
+        })
+    };
+
+    // 1. The raw read ceiling: the same pull consumer, nothing decoded or judged.
+    let (before, self_before, t0) = (meter.sample(), cpu_seconds("self"), Instant::now());
+    let (_, mut stream) = reader.read_range(subjects.log_all(), 1, last).await?;
+    let (mut raw_messages, mut raw_bytes) = (0u64, 0u64);
+    while let Some(m) = stream.next().await {
+        let m = m?;
+        raw_messages += 1;
+        raw_bytes += m.message.payload.len() as u64;
+    }
+    drop(stream);
+    let raw = row(
+        "raw read (pull consumer, no verification)",
+        t0.elapsed(),
+        cpu_seconds("self") - self_before,
+        raw_messages,
+        0,
+        &before,
+        &meter,
+    );
+    eprintln!("verify --all: raw read: {raw}");
+
+    // 2. verify --all: one read of the stream, every process judged as it arrives.
+    let (before, self_before, t0) = (meter.sample(), cpu_seconds("self"), Instant::now());
+    let all = audit::verify_log(
+        &reader,
+        &Selection::All { required: vec![] },
+        trusted(),
+        parallel,
+        |_, _| {},
+    )
+    .await?;
+    let wall = t0.elapsed();
+    let all_checked: u64 = all.iter().map(|v| v.report.checked).sum();
+    let all_messages: u64 = all.iter().map(|v| v.report.messages).sum();
+    let all_faults: usize = all.iter().map(|v| v.report.faults.len()).sum();
+    let mut one_read = row(
+        "verify --all: one read of the stream (journal::audit::verify_log)",
+        wall,
+        cpu_seconds("self") - self_before,
+        all_messages,
+        all_checked,
+        &before,
+        &meter,
+    );
+    one_read["processes"] = json!(all.len());
+    one_read["faults"] = json!(all_faults);
+    eprintln!("verify --all: one read: {one_read}");
+
+    // 3. The old way, for comparison: a consumer of its own per process.
+    let (before, self_before, t0) = (meter.sample(), cpu_seconds("self"), Instant::now());
+    let listed = audit::processes(&js, &subjects).await?;
+    // One trust set for the pass, its clones sharing the signatures verified (as the
+    // CLI's parallel readers did).
+    let shared = trusted();
+    let reports: Vec<_> = futures::stream::iter(listed.iter().filter_map(|l| l.process.clone()))
+        .map(|process| {
+            let (reader, trusted) = (&reader, shared.clone());
+            async move {
+                let scope = Scope {
+                    process,
+                    from: 0,
+                    to: None,
+                    required: vec![],
+                };
+                audit::verify(reader, &scope, trusted, |_| {}).await
+            }
+        })
+        .buffer_unordered(parallel)
+        .collect()
+        .await;
+    let wall = t0.elapsed();
+    let (mut per_checked, mut per_messages, mut per_faults) = (0u64, 0u64, 0usize);
+    for r in reports {
+        let r = r?;
+        per_checked += r.checked;
+        per_messages += r.messages;
+        per_faults += r.faults.len();
+    }
+    let mut per_process = row(
+        "per-process reads (a consumer per process, the old way)",
+        wall,
+        cpu_seconds("self") - self_before,
+        per_messages,
+        per_checked,
+        &before,
+        &meter,
+    );
+    per_process["processes"] = json!(listed.len());
+    per_process["in_flight"] = json!(parallel);
+    per_process["faults"] = json!(per_faults);
+    eprintln!("verify --all: per-process reads: {per_process}");
+
+    // 4. The CLI, its own process: its --json totals carry its own wall time.
+    let cli = tokio::process::Command::new(harness::workspace_bin("turnstile")?)
+        .args(["verify", "--all", "--json", "--no-progress", "--trust"])
+        .arg(&key_path)
+        .env("NATS_URL", server.url())
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let cli_exit = cli.status.code();
+    let cli = serde_json::from_slice::<serde_json::Value>(&cli.stdout)
+        .map(|doc| doc["totals"].clone())
+        .unwrap_or_else(|e| json!({"error": e.to_string()}));
+    eprintln!("verify --all: CLI: {cli}");
+
+    let rate = |v: &serde_json::Value| v["messages_per_s"].as_f64().unwrap_or(0.0);
+    let ratio = |a: f64, b: f64| ((a / b.max(1e-9)) * 1000.0).round() / 1000.0;
+    Ok(json!({
+        "processes": ALL_PROCESSES,
+        "runs_per_process": ALL_RUNS,
+        "assignments_per_run": ALL_PER_RUN,
+        "messages": last,
+        "assignments": assignments,
+        "payload_bytes": raw_bytes,
+        "write_seconds": (write_s * 100.0).round() / 100.0,
+        "raw": raw,
+        "one_read": one_read,
+        "per_process": per_process,
+        "cli": cli,
+        "cli_exit": cli_exit,
+        "one_read_vs_raw": ratio(rate(&one_read), rate(&raw)),
+        "one_read_vs_per_process": ratio(rate(&one_read), rate(&per_process)),
+        "same_verdicts": all_checked == assignments && per_checked == assignments
+            && all_faults == 0 && per_faults == 0,
+    }))
+}
+
+fn print_verify_all_table(v: &serde_json::Value) {
+    if !v.is_object() {
+        return;
+    }
+    println!();
+    println!(
+        "verify --all over {} processes ({} messages, {} assignments; same verdicts: {}; one read vs raw {}, vs per-process {}):",
+        v["processes"], v["messages"], v["assignments"], v["same_verdicts"],
+        v["one_read_vs_raw"], v["one_read_vs_per_process"]
+    );
+    println!("| read | seconds | messages/s | assignments/s | bench CPU s | nats-server cores |");
+    println!("|---|---|---|---|---|---|");
+    for key in ["raw", "one_read", "per_process"] {
+        let r = &v[key];
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r["read"].as_str().unwrap_or(key),
+            r["seconds"],
+            r["messages_per_s"],
+            r["assignments_per_s"],
+            r["bench_process_cpu_seconds"],
+            r["cpu"]["nats_cores"],
+        );
+    }
+    let c = &v["cli"];
+    println!(
+        "| turnstile verify --all (CLI process, exit {}) | {} | — | {} | {} (its own) | — |",
+        v["cli_exit"], c["seconds"], c["assignments_per_s"], c["cpu_seconds"]
+    );
+}
+
 fn print_log_reads_table(doc: &serde_json::Value) {
     let rows: Vec<&serde_json::Value> = doc["runs"]
         .as_array()
@@ -1405,6 +1679,9 @@ fn print_log_reads_table(doc: &serde_json::Value) {
             c["sequential"]["fast_path"],
             c["processes"],
         );
+    }
+    for r in doc["runs"].as_array().into_iter().flatten() {
+        print_verify_all_table(&r["log_reads"]["verify_all"]);
     }
 }
 
