@@ -144,13 +144,13 @@ fn validate(shared: &Shared, msg: &async_nats::Message) -> Result<(ProcessId, Jo
         };
         for (name, _) in h.iter() {
             let name: &str = name.as_ref();
-            let ours = [subjects::MSG_ID, subjects::MODE];
+            let ours = [subjects::MSG_ID, subjects::MODE, subjects::EXECUTION_KEY];
             if name.to_ascii_lowercase().starts_with("ts-")
                 && !ours.iter().any(|o| o.eq_ignore_ascii_case(name))
             {
                 return Err(Refusal::new(
                     ErrorCode::Malformed,
-                    format!("unknown control header {name}: Ts-* names are reserved (Ts-Mode is the only one a request may carry)"),
+                    format!("unknown control header {name}: Ts-* names are reserved (a request may carry Ts-Mode and Ts-Execution-Key)"),
                 ));
             }
         }
@@ -172,6 +172,21 @@ fn validate(shared: &Shared, msg: &async_nats::Message) -> Result<(ProcessId, Jo
                     .parse::<Mode>()
                     .map_err(|e| Refusal::new(ErrorCode::UnknownMode, e.to_string()))?,
             );
+        }
+        // The execution key is stored with the message (the job's workers read it).
+        if let Some(k) = control(subjects::EXECUTION_KEY)? {
+            if !subjects::is_execution_key(&k) {
+                return Err(Refusal::new(
+                    ErrorCode::Malformed,
+                    format!(
+                        "{} must be 1-{} bytes without control characters",
+                        subjects::EXECUTION_KEY,
+                        subjects::MAX_EXECUTION_KEY
+                    ),
+                ));
+            }
+            header_bytes += subjects::EXECUTION_KEY.len() + k.len();
+            headers.push((subjects::EXECUTION_KEY.to_string(), k));
         }
         for (name, values) in h.iter() {
             let name: &str = name.as_ref();
