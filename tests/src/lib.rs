@@ -23,6 +23,8 @@
 //!   scheduler started on a cluster that has just formed, misconfigurations refused.
 //! - `ownership`: partitions split among live members, handovers, crashes, stalls, restarts.
 //! - `workers`: worker groups: every job once, an instance killed mid-job, foreign runs.
+//! - `exec_keys`: execution keys: never two jobs of a key at once, a dead holder's key
+//!   freed after its lease and its token stale, hostile header values.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -43,6 +45,8 @@ mod cluster;
 mod cron_cli;
 #[cfg(test)]
 mod cron_jobs;
+#[cfg(test)]
+mod exec_keys;
 #[cfg(test)]
 mod hostile;
 #[cfg(test)]
