@@ -364,3 +364,122 @@ async fn hostile_execution_keys_are_refused_at_the_scheduler() -> Result<()> {
     );
     Ok(())
 }
+
+/// The holder of K is stopped (SIGSTOP) past its lease while its job's child goes on:
+/// the key expires, a job of K waiting elsewhere runs with a greater token and makes a
+/// fenced write; the stopped job's child, waking, is refused by the same fence (its
+/// token is smaller); its instance, resumed, finds its lease lost and records the
+/// attempt failed, and the retry runs under a new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_stalled_past_its_lease_is_fenced_off_and_its_attempt_fails() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(94))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let mark = dir.path().join("slow-once");
+    let fence = dir.path().join("fence");
+    // The resource keeps the greatest token it accepted and refuses smaller ones.
+    let script = format!(
+        "b=$(cat); t=${{TS_EXECUTION_TOKEN:-0}}; j=\"$TS_PROCESS:$TS_SLOT\"; \
+         echo \"start K $j $t $PPID\" >> {o}; \
+         if [ \"$b\" = slow ] && [ ! -e {m} ]; then touch {m}; sleep 7; fi; \
+         g=$(cat {f} 2>/dev/null || echo 0); \
+         if [ \"$t\" -ge \"$g\" ]; then echo \"$t\" > {f}; echo \"wrote K $j $t\" >> {o}; \
+         else echo \"refused K $j $t\" >> {o}; fi",
+        o = out.display(),
+        m = mark.display(),
+        f = fence.display()
+    );
+    let extra = [
+        "--exec-key-lease-ms",
+        "3000",
+        "--ack-wait-ms",
+        "30000",
+        "--backoff-ms",
+        "200",
+    ];
+    let a = spawn_worker(&server, "xk3", &script, &extra)?;
+    let b = spawn_worker(&server, "xk3", &script, &extra)?;
+    wait_for_service(&nats, "turnstile-worker", 2).await?;
+    let client = Client::new(nats, Subjects::default());
+    let slow = client
+        .schedule(&ProcessId::new("sa")?, Bytes::from("slow"), &with_key("K"))
+        .await?;
+    let slow_id = format!("sa:{}", slow.slot);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (t1, pid) = loop {
+        if let Some(l) = lines(&out).first() {
+            let (_, _, _, rest) = parse(l);
+            match (
+                rest.first().and_then(|t| t.parse::<u64>().ok()),
+                rest.get(1).and_then(|p| p.parse::<u32>().ok()),
+            ) {
+                (Some(t), Some(p)) => break (t, p),
+                _ => bail!("no token or pid in {l}"),
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the slow job never started");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    ensure!(
+        Some(pid) == a.pid() || Some(pid) == b.pid(),
+        "the slow job's parent {pid} is neither instance"
+    );
+    let stop = |sig: &str| {
+        std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+    };
+    ensure!(stop("STOP")?.success(), "SIGSTOP");
+    // Scheduled while the holder is stopped: the other instance takes it.
+    let fast = client
+        .schedule(&ProcessId::new("sb")?, Bytes::from("fast"), &with_key("K"))
+        .await?;
+    let fast_id = format!("sb:{}", fast.slot);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    ensure!(stop("CONT")?.success(), "SIGCONT");
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator);
+    let r = wait_final(&js, "xk3", 2, 60).await?;
+    let all = lines(&out);
+    let find = |kind: &str, job: &str| {
+        all.iter()
+            .map(|l| parse(l))
+            .find(|(k, _, j, _)| k == kind && j == job)
+            .and_then(|(_, _, _, rest)| rest.first().and_then(|t| t.parse::<u64>().ok()))
+    };
+    let t2 = find("wrote", &fast_id);
+    assert!(
+        t2.is_some_and(|t2| t2 > t1),
+        "the waiting job ran while the holder was stopped, with a greater token: {all:?}"
+    );
+    assert_eq!(
+        find("refused", &slow_id),
+        Some(t1),
+        "the stalled holder's write was refused by the fence: {all:?}"
+    );
+    let evs = r.get(slow_id.as_str()).cloned().unwrap_or_default();
+    assert!(
+        evs.iter()
+            .any(|e| e.state == State::Failed
+                && e.reason.as_deref().is_some_and(|r| r.contains("lost"))),
+        "the stalled attempt is recorded failed, its lease lost: {evs:?}"
+    );
+    assert_eq!(evs.last().map(|e| e.state), Some(State::Done), "{evs:?}");
+    let t3 = all
+        .iter()
+        .map(|l| parse(l))
+        .filter(|(k, _, j, _)| k == "wrote" && *j == slow_id)
+        .find_map(|(_, _, _, rest)| rest.first().and_then(|t| t.parse::<u64>().ok()));
+    assert!(
+        t3.is_some_and(|t3| Some(t3) > t2),
+        "the retry holds a newer lease: {all:?}"
+    );
+    Ok(())
+}

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use journal::subjects::{self, Subjects};
-use ownership::keyed::{Acquire, KeyLease, KeyState, Locks};
+use ownership::keyed::{Acquire, KeyLease, KeyState, Locks, Released};
 
 use crate::job::Job;
 use crate::Result;
@@ -301,12 +301,16 @@ impl Hold {
     }
 
     /// Lets the key go (a delete expecting the lease's last revision; a lost lease is
-    /// left as it is).
-    pub async fn release(mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.release().await;
-        }
+    /// left as it is). Whether the lease held to the end: false if it was lost before
+    /// (renewal refused, local deadline passed, or the delete found it taken).
+    pub async fn release(mut self) -> bool {
+        let held = self.is_current();
+        let released = match self.lease.take() {
+            Some(lease) => lease.release().await,
+            None => Released::Lost,
+        };
         self.forget();
+        held && released != Released::Lost
     }
 
     fn forget(&self) {

@@ -980,11 +980,10 @@ impl Instance {
         let Some(key) = key else {
             return outcome;
         };
-        let lost = !key.is_current();
         let (name, token) = (key.fencing().key.clone(), key.fencing().token);
-        key.release().await;
+        let held = key.release().await;
         self.changed.notify_waiters();
-        if !lost {
+        if held {
             return outcome;
         }
         self.counts.keys_lost.fetch_add(1, Ordering::Relaxed);

@@ -27,6 +27,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
@@ -331,6 +332,7 @@ impl Locks {
         let lost = CancellationToken::new();
         let stop = CancellationToken::new();
         let deadline = Instant::now() + self.lease - self.lease / 5;
+        let (deadline_tx, deadline_rx) = watch::channel(deadline);
         let task = tokio::spawn(renew(
             self.clone(),
             Renewing {
@@ -339,7 +341,7 @@ impl Locks {
                 token,
             },
             revision,
-            deadline,
+            deadline_tx,
             lost.clone(),
             stop.clone(),
         ));
@@ -348,6 +350,7 @@ impl Locks {
             key: key.to_string(),
             token,
             lost,
+            deadline: deadline_rx,
             stop,
             task: Some(task),
         }
@@ -377,13 +380,14 @@ impl Locks {
     }
 
     /// Deletes `key`, expecting `revision` to be its last write.
-    async fn delete(&self, key: &str, revision: u64) -> bool {
+    async fn delete(&self, key: &str, revision: u64) -> Released {
         match self.publish(key, revision, true, Bytes::new()).await {
             Write::Done(marker) => {
                 self.saw_free(key, marker);
-                true
+                Released::Released
             }
-            Write::Refused | Write::Unknown(_) => false,
+            Write::Refused => Released::Lost,
+            Write::Unknown(_) => Released::Unknown,
         }
     }
 }
@@ -409,11 +413,12 @@ async fn renew(
     locks: Locks,
     Renewing { key, holder, token }: Renewing,
     mut revision: u64,
-    mut deadline: Instant,
+    deadline_tx: watch::Sender<Instant>,
     lost: CancellationToken,
     stop: CancellationToken,
 ) -> Option<u64> {
     let every = locks.lease / 3;
+    let mut deadline = *deadline_tx.borrow();
     let mut next = Instant::now() + every;
     loop {
         tokio::select! {
@@ -430,6 +435,7 @@ async fn renew(
             Renewal::Extended(r) => {
                 revision = r;
                 deadline = sent + locks.lease - locks.lease / 5;
+                let _ = deadline_tx.send(deadline);
             }
             Renewal::Adopted(r) => revision = r,
             Renewal::Refused => {
@@ -451,8 +457,20 @@ pub struct KeyLease {
     key: String,
     token: Token,
     lost: CancellationToken,
+    deadline: watch::Receiver<Instant>,
     stop: CancellationToken,
     task: Option<JoinHandle<Option<u64>>>,
+}
+
+/// How a release ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Released {
+    /// Deleted: the key is free.
+    Released,
+    /// It was not ours any more (lost before: expired, taken after expiry).
+    Lost,
+    /// The delete's outcome is unknown: the key expires after the lease at the latest.
+    Unknown,
 }
 
 impl KeyLease {
@@ -469,7 +487,7 @@ impl KeyLease {
     /// Whether it still holds as far as this holder knows (not lost, not past its
     /// local deadline).
     pub fn is_current(&self) -> bool {
-        !self.lost.is_cancelled()
+        !self.lost.is_cancelled() && Instant::now() < *self.deadline.borrow()
     }
 
     /// Completes when the lease is lost: a renewal refused (it expired, or was taken
@@ -484,10 +502,9 @@ impl KeyLease {
         self.lost.child_token()
     }
 
-    /// Stops renewing and deletes the key if it is still ours. Whether it was released
-    /// (false: it was lost already, or the delete's outcome is unknown — then it
-    /// expires after the lease).
-    pub async fn release(mut self) -> bool {
+    /// Stops renewing and deletes the key if it is still ours (a delete expecting the
+    /// lease's last revision).
+    pub async fn release(mut self) -> Released {
         self.stop.cancel();
         let last = match self.task.take() {
             Some(t) => t.await.ok().flatten(),
@@ -495,7 +512,7 @@ impl KeyLease {
         };
         match last {
             Some(revision) => self.locks.delete(&self.key, revision).await,
-            None => false,
+            None => Released::Lost,
         }
     }
 }
