@@ -483,3 +483,85 @@ async fn a_holder_stalled_past_its_lease_is_fenced_off_and_its_attempt_fails() -
     );
     Ok(())
 }
+
+/// A strict group with bounded buffers of two: half the jobs of four processes share
+/// the key K, the others have none. Every job is done (a parked job neither deadlocks
+/// a full buffer nor is lost), each process runs one job at a time in slot order (a
+/// job waiting for K holds back its process), and K's jobs never overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_in_a_strict_group_with_bounded_buffers_keep_slot_order_and_all_run() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(95))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let script = format!(
+        "j=\"$TS_PROCESS:$TS_SLOT\"; \
+         if [ -n \"$TS_HEADER_TS_EXECUTION_KEY\" ]; then \
+           echo \"start K $j $TS_EXECUTION_TOKEN\" >> {o}; sleep 0.05; echo \"end K $j\" >> {o}; \
+         else echo \"free - $j\" >> {o}; sleep 0.05; echo \"done - $j\" >> {o}; fi",
+        o = out.display()
+    );
+    let extra = [
+        "--ordering",
+        "strict",
+        "--buffer",
+        "bounded:2",
+        "--concurrency",
+        "4",
+        "--exec-key-lease-ms",
+        "3000",
+    ];
+    let _a = spawn_worker(&server, "xk4", &script, &extra)?;
+    let _b = spawn_worker(&server, "xk4", &script, &extra)?;
+    wait_for_service(&nats, "turnstile-worker", 2).await?;
+    let client = Client::new(nats, Subjects::default());
+    let mut tasks = Vec::new();
+    for p in 0..4 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let process = ProcessId::new(format!("sk{p}"))?;
+            for i in 0..6 {
+                let opts = if i % 2 == 0 {
+                    with_key("K")
+                } else {
+                    Schedule::default()
+                };
+                client
+                    .schedule(&process, Bytes::from(format!("{i}")), &opts)
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator);
+    let r = wait_final(&js, "xk4", 24, 90).await?;
+    for (id, evs) in &r {
+        let states: Vec<State> = evs.iter().map(|e| e.state).collect();
+        assert_eq!(states, vec![State::Done], "{id}: {evs:?}");
+    }
+    let tokens = no_overlap(&out, None)?;
+    assert_eq!(tokens.get("K").map(Vec::len), Some(12), "{:?}", lines(&out));
+    let all = lines(&out);
+    for p in 0..4 {
+        let name = format!("sk{p}");
+        let mine: Vec<(bool, u64)> = all
+            .iter()
+            .map(|l| parse(l))
+            .filter_map(|(kind, _, job, _)| {
+                let (proc_, slot) = job.split_once(':')?;
+                let begin = kind == "start" || kind == "free";
+                (proc_ == name).then(|| (begin, slot.parse().unwrap_or(u64::MAX)))
+            })
+            .collect();
+        let expected: Vec<(bool, u64)> = (0..6u64).flat_map(|k| [(true, k), (false, k)]).collect();
+        assert_eq!(mine, expected, "process {name}: {all:?}");
+    }
+    Ok(())
+}
