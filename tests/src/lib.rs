@@ -24,6 +24,8 @@
 //! - `ownership`: partitions split among live members, handovers, crashes, stalls, restarts.
 //! - `queue_keys`: Ts-Queue-Key: refused while its job waits, freed when it starts.
 //! - `workers`: worker groups: every job once, an instance killed mid-job, foreign runs.
+//! - `exec_keys`: execution keys: never two jobs of a key at once, a dead holder's key
+//!   freed after its lease and its token stale, hostile header values.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -44,6 +46,8 @@ mod cluster;
 mod cron_cli;
 #[cfg(test)]
 mod cron_jobs;
+#[cfg(test)]
+mod exec_keys;
 #[cfg(test)]
 mod hostile;
 #[cfg(test)]

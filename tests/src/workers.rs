@@ -20,7 +20,7 @@ use crate::support::{
 };
 
 /// A worker instance of `group` whose handler runs `script` with `sh -c`.
-fn spawn_worker(
+pub(crate) fn spawn_worker(
     server: &NatsServer,
     group: &str,
     script: &str,
@@ -51,7 +51,7 @@ fn appender(out: &Path) -> String {
 }
 
 /// Every event of every job of `group` in the results stream, by job id.
-async fn results(
+pub(crate) async fn results(
     js: &async_nats::jetstream::Context,
     group: &str,
 ) -> Result<BTreeMap<String, Vec<ResultEvent>>> {
@@ -86,7 +86,7 @@ async fn results(
 }
 
 /// Waits until `n` jobs of `group` have a final result (at most `secs`).
-async fn wait_final(
+pub(crate) async fn wait_final(
     js: &async_nats::jetstream::Context,
     group: &str,
     n: usize,
@@ -109,7 +109,7 @@ async fn wait_final(
     }
 }
 
-fn lines(path: &Path) -> Vec<String> {
+pub(crate) fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()

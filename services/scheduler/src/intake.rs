@@ -165,13 +165,18 @@ fn validate(shared: &Shared, msg: &async_nats::Message) -> Result<(ProcessId, Jo
         };
         for (name, _) in h.iter() {
             let name: &str = name.as_ref();
-            let ours = [subjects::MSG_ID, subjects::MODE, subjects::QUEUE_KEY];
+            let ours = [
+                subjects::MSG_ID,
+                subjects::MODE,
+                subjects::QUEUE_KEY,
+                subjects::EXECUTION_KEY,
+            ];
             if name.to_ascii_lowercase().starts_with("ts-")
                 && !ours.iter().any(|o| o.eq_ignore_ascii_case(name))
             {
                 return Err(Refusal::new(
                     ErrorCode::Malformed,
-                    format!("unknown control header {name}: Ts-* names are reserved (Ts-Mode and Ts-Queue-Key are the only ones a request may carry)"),
+                    format!("unknown control header {name}: Ts-* names are reserved (a request may carry Ts-Mode, Ts-Queue-Key and Ts-Execution-Key)"),
                 ));
             }
         }
@@ -198,6 +203,21 @@ fn validate(shared: &Shared, msg: &async_nats::Message) -> Result<(ProcessId, Jo
             protocol::queue::check_key(&k)
                 .map_err(|e| Refusal::new(ErrorCode::Malformed, e.to_string()))?;
             queue_key = Some(k);
+        }
+        // The execution key is stored with the message (the job's workers read it).
+        if let Some(k) = control(subjects::EXECUTION_KEY)? {
+            if !subjects::is_execution_key(&k) {
+                return Err(Refusal::new(
+                    ErrorCode::Malformed,
+                    format!(
+                        "{} must be 1-{} bytes without control characters",
+                        subjects::EXECUTION_KEY,
+                        subjects::MAX_EXECUTION_KEY
+                    ),
+                ));
+            }
+            header_bytes += subjects::EXECUTION_KEY.len() + k.len();
+            headers.push((subjects::EXECUTION_KEY.to_string(), k));
         }
         for (name, values) in h.iter() {
             let name: &str = name.as_ref();

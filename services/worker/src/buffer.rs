@@ -124,6 +124,16 @@ impl<T> Buffer<T> {
         None
     }
 
+    /// Puts a job taken out back at the front (it keeps its push time; a dropbox
+    /// does not merge it: it is not new).
+    pub fn put_back(&mut self, item: T, key: Option<String>, pushed_ms: u64) {
+        self.items.push_front(Pending {
+            item,
+            pushed_ms,
+            key,
+        });
+    }
+
     /// The oldest job.
     pub fn pop(&mut self) -> Option<Pending<T>> {
         self.items.pop_front()
@@ -243,6 +253,21 @@ mod tests {
         assert_eq!(b.remove_where(|x| *x >= 4), vec![4, 5]);
         let rest: Vec<u32> = b.drain().into_iter().map(|p| p.item).collect();
         assert_eq!(rest, vec![0, 2, 3]);
+    }
+
+    #[test]
+    fn a_job_put_back_goes_first_with_its_push_time() {
+        let mut b = Buffer::new(Kind::Bounded(2));
+        b.push(1u32, None, 10, newest);
+        b.push(2, None, 11, newest);
+        let p = b.pop_first(|x| *x == 2).unwrap();
+        b.put_back(p.item, p.key, p.pushed_ms);
+        let got: Vec<(u32, u64)> = b
+            .drain()
+            .into_iter()
+            .map(|p| (p.item, p.pushed_ms))
+            .collect();
+        assert_eq!(got, vec![(2, 11), (1, 10)]);
     }
 
     proptest::proptest! {

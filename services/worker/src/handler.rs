@@ -32,13 +32,39 @@ pub enum Outcome {
     Fatal(String),
 }
 
+/// What an attempt runs under, beside its job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Context {
+    /// The job's execution key and the fencing token of the lease this attempt holds
+    /// on it (`Ts-Execution-Key` header; none without one). A side effect that must not
+    /// be made by a holder whose lease lapsed (it was stalled past it, and another job
+    /// with the key has started since) carries the token to a resource that refuses
+    /// a token smaller than the greatest it has seen; or the handler checks
+    /// `ownership::keyed::Locks::is_current` just before it acts.
+    pub fencing: Option<crate::exec_keys::Fencing>,
+}
+
 /// Runs jobs. One handler serves every job of an instance, many at once (unordered
-/// groups) — so it takes `&self`. `cancel` fires when the job is cancelled, times out
-/// or the instance must stop at once: the handler should end soon after (a `command`
-/// kills its child). A panic is caught: the attempt fails, the instance lives on.
+/// groups) — so it takes `&self`. `cancel` fires when the job is cancelled, times out,
+/// loses its execution key's lease, or the instance must stop at once: the handler
+/// should end soon after (a `command` kills its child). A panic is caught: the attempt
+/// fails, the instance lives on.
 pub trait Handler: Send + Sync + 'static {
     /// Runs one attempt of `job`.
     fn handle<'a>(&'a self, job: &'a Job, cancel: CancellationToken) -> BoxFuture<'a, Outcome>;
+
+    /// Runs one attempt of `job` under `context` (its execution key's fencing token).
+    /// What the instance calls; by default [`Handler::handle`], which ignores the
+    /// context.
+    fn handle_in<'a>(
+        &'a self,
+        job: &'a Job,
+        context: &'a Context,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Outcome> {
+        let _ = context;
+        self.handle(job, cancel)
+    }
 }
 
 impl<F, Fut> Handler for F
@@ -59,7 +85,9 @@ pub const EXIT_RETRY: i32 = 75;
 
 /// Runs a program per job: the body on its standard input, the job in its environment
 /// (`TS_PROCESS`, `TS_SLOT`, `TS_MESSAGE_ID`, `TS_GROUP`, `TS_ATTEMPT` is not known
-/// here), each header as `TS_HEADER_<NAME>` (name upper-cased, `-` → `_`). Exit 0:
+/// here), each header as `TS_HEADER_<NAME>` (name upper-cased, `-` → `_`; the execution
+/// key is `TS_HEADER_TS_EXECUTION_KEY`) and, for a job with an execution key, the
+/// lease's fencing token as `TS_EXECUTION_TOKEN`. Exit 0:
 /// done; 75: retry; 126 or 127 (cannot be run): dead at once; any other status or a
 /// signal: failed, with the end of its standard
 /// error (at most [`MAX_CAPTURE`] bytes; output beyond is read and discarded, so a
@@ -94,7 +122,7 @@ impl Command {
         }
     }
 
-    async fn run(&self, job: &Job, cancel: CancellationToken) -> Outcome {
+    async fn run(&self, job: &Job, context: &Context, cancel: CancellationToken) -> Outcome {
         let mut cmd = match &self.setpriv {
             Some(setpriv) => {
                 let mut c = tokio::process::Command::new(setpriv);
@@ -112,6 +140,9 @@ impl Command {
             .env("TS_PROCESS", &job.process)
             .env("TS_SLOT", job.slot.to_string())
             .env("TS_MESSAGE_ID", &job.message_id);
+        if let Some(f) = &context.fencing {
+            cmd.env("TS_EXECUTION_TOKEN", f.token.to_string());
+        }
         for (k, v) in &job.headers {
             let name: String = k
                 .chars()
@@ -209,12 +240,22 @@ async fn capture(pipe: Option<impl tokio::io::AsyncRead + Unpin>) -> Vec<u8> {
 
 impl Handler for Command {
     fn handle<'a>(&'a self, job: &'a Job, cancel: CancellationToken) -> BoxFuture<'a, Outcome> {
-        Box::pin(self.run(job, cancel))
+        Box::pin(async move { self.run(job, &Context::default(), cancel).await })
+    }
+
+    fn handle_in<'a>(
+        &'a self,
+        job: &'a Job,
+        context: &'a Context,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Outcome> {
+        Box::pin(self.run(job, context, cancel))
     }
 }
 
 /// POSTs each job to a URL: the body as is, the job in headers (`Ts-Group`,
-/// `Ts-Process`, `Ts-Slot`, `Ts-Message-Id`) beside the message's own headers (those a
+/// `Ts-Process`, `Ts-Slot`, `Ts-Message-Id`, and `Ts-Execution-Token` for a job with an
+/// execution key) beside the message's own headers (those a
 /// valid HTTP header can carry). 2xx: done; 429 or 503: retry, after `Retry-After`
 /// seconds if it says; anything else: failed, with the status and the start of the
 /// answer (at most [`MAX_CAPTURE`] bytes read). An endpoint that never answers is
@@ -241,7 +282,7 @@ impl Http {
         Ok(Http { client, url })
     }
 
-    async fn run(&self, job: &Job, cancel: CancellationToken) -> Outcome {
+    async fn run(&self, job: &Job, context: &Context, cancel: CancellationToken) -> Outcome {
         let mut req = self
             .client
             .post(self.url.clone())
@@ -250,6 +291,9 @@ impl Http {
             .header("Ts-Process", &job.process)
             .header("Ts-Slot", job.slot.to_string())
             .header("Ts-Message-Id", &job.message_id);
+        if let Some(f) = &context.fencing {
+            req = req.header("Ts-Execution-Token", f.token.to_string());
+        }
         for (k, v) in &job.headers {
             if let (Ok(name), Ok(value)) = (
                 reqwest::header::HeaderName::from_bytes(k.as_bytes()),
@@ -304,7 +348,16 @@ impl Http {
 
 impl Handler for Http {
     fn handle<'a>(&'a self, job: &'a Job, cancel: CancellationToken) -> BoxFuture<'a, Outcome> {
-        Box::pin(self.run(job, cancel))
+        Box::pin(async move { self.run(job, &Context::default(), cancel).await })
+    }
+
+    fn handle_in<'a>(
+        &'a self,
+        job: &'a Job,
+        context: &'a Context,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Outcome> {
+        Box::pin(self.run(job, context, cancel))
     }
 }
 

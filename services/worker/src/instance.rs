@@ -27,7 +27,8 @@ use service::Clock;
 
 use crate::buffer::{Buffer, Kind};
 use crate::control::Control;
-use crate::handler::{Handler, Outcome};
+use crate::exec_keys::{self, ExecKeys, Hold, Step};
+use crate::handler::{Context, Handler, Outcome};
 use crate::job::{backoff, Job, ResultEvent, State};
 use crate::{Error, Result};
 
@@ -63,6 +64,9 @@ pub struct Config {
     pub lease: Duration,
     /// Strict groups: replicas of the ownership bucket if this instance creates it.
     pub replicas: usize,
+    /// The lease on an execution key: a key held by an instance that died frees this
+    /// long after its last renewal (renewed every third of it while its job runs).
+    pub exec_key_lease: Duration,
 }
 
 /// How a group orders its jobs.
@@ -103,6 +107,7 @@ impl Default for Config {
             order: Order::Unordered,
             lease: Duration::from_secs(10),
             replicas: 1,
+            exec_key_lease: Duration::from_secs(15),
         }
     }
 }
@@ -214,6 +219,8 @@ struct Held {
     pushed_ms: u64,
     /// The work partition it came from.
     partition: u32,
+    /// Its execution key (`Err`: a header that is not one).
+    exec: Option<Result<exec_keys::Key, String>>,
 }
 
 impl Held {
@@ -248,6 +255,10 @@ pub struct Counts {
     pub cancelled: AtomicU64,
     /// Messages of the work stream that are not jobs.
     pub malformed: AtomicU64,
+    /// Times a job was parked: its execution key was held elsewhere.
+    pub key_waits: AtomicU64,
+    /// Attempts stopped because their execution key's lease was lost.
+    pub keys_lost: AtomicU64,
 }
 
 struct State_ {
@@ -282,6 +293,8 @@ pub struct Instance {
     kv: Option<async_nats::jetstream::kv::Store>,
     /// Queue-key holds, released as jobs leave the not-yet-started state.
     holds: crate::queue::Holds,
+    /// Execution keys (opened when the instance runs).
+    exec_keys: std::sync::OnceLock<Arc<ExecKeys>>,
 }
 
 impl Instance {
@@ -317,6 +330,7 @@ impl Instance {
             control: Mutex::new(Control::default()),
             kv,
             holds: crate::queue::Holds::default(),
+            exec_keys: std::sync::OnceLock::new(),
         })
     }
 
@@ -404,6 +418,8 @@ impl Instance {
             ("panics", c.panics.load(Ordering::Relaxed)),
             ("cancelled", c.cancelled.load(Ordering::Relaxed)),
             ("malformed", c.malformed.load(Ordering::Relaxed)),
+            ("key_waits", c.key_waits.load(Ordering::Relaxed)),
+            ("keys_lost", c.keys_lost.load(Ordering::Relaxed)),
         ]);
         self.with(|s| Inspection {
             instance: self.id.clone(),
@@ -477,6 +493,7 @@ impl Instance {
             },
             None => None,
         };
+        let following = self.open_exec_keys().await?;
         self.set_status(Status::Running {
             since_ms: (self.clock)(),
         });
@@ -540,6 +557,7 @@ impl Instance {
         if let Some(w) = watching {
             w.abort();
         }
+        following.abort();
         let now = (self.clock)();
         match &fetched {
             Ok(()) => self.set_status(Status::Closed { since_ms: now }),
@@ -652,11 +670,24 @@ impl Instance {
         if self.closing.is_cancelled() {
             return Some(lease);
         }
+        // Also jobs an executor took that are not running yet (taking an execution
+        // key): one parked meanwhile is back in the buffer, handed back below.
         while self
-            .with(|s| s.running.values().any(|(h, _, _)| h.partition == n))
+            .with(|s| {
+                s.running.values().any(|(h, _, _)| h.partition == n)
+                    || s.busy
+                        .iter()
+                        .any(|p| crate::job::partition_of(p, crate::job::PARTITIONS) == n)
+            })
             .unwrap_or(false)
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for h in self
+            .with(|s| s.buffer.remove_where(|h| h.partition == n))
+            .unwrap_or_default()
+        {
+            let _ = h.msg.ack_with(AckKind::Nak(None)).await;
         }
         self.record(
             Level::Info,
@@ -777,12 +808,14 @@ impl Instance {
             None
         };
         let partition = crate::job::partition_of(&job.process, crate::job::PARTITIONS);
+        let exec = exec_keys::key_of(&job);
         let held = Held {
             job: Arc::new(job),
             msg: Arc::new(m),
             attempt,
             pushed_ms: (self.clock)(),
             partition,
+            exec,
         };
         let now = held.pushed_ms;
         debug!(job = %held.job.id(), key = ?key, headers = ?held.job.headers, "taken");
@@ -798,7 +831,7 @@ impl Instance {
             let mut ev = self.event(&old, State::Merged);
             ev.merged_into = kept;
             if self.store_result(&ev).await.is_ok() {
-                self.release_key(&old.job).await;
+                self.release_queue_key(&old.job).await;
                 self.counts.merged.fetch_add(1, Ordering::Relaxed);
                 let _ = old.msg.ack().await;
             }
@@ -810,12 +843,26 @@ impl Instance {
             // The oldest job whose queue is not paused (a cancelled one goes anyway:
             // it only needs recording).
             let strict = self.config.order == Order::Strict;
+            let keys = self.exec_keys.get();
             let next = self
                 .with(|s| {
                     let State_ { buffer, busy, .. } = s;
+                    // Strict order: a job waiting for its execution key holds back
+                    // the later jobs of its process.
+                    let mut blocked = std::collections::HashSet::new();
                     let p = buffer.pop_first(|h| {
-                        (!self.is_paused(&h.job.process) || self.is_cancelled(&h.job))
-                            && !(strict && busy.contains(&h.job.process))
+                        if blocked.contains(&h.job.process) {
+                            return false;
+                        }
+                        let ready = (!self.is_paused(&h.job.process) || self.is_cancelled(&h.job))
+                            && !(strict && busy.contains(&h.job.process));
+                        if ready && !keys.is_none_or(|k| k.may_start(h.exec.as_ref())) {
+                            if strict {
+                                blocked.insert(h.job.process.clone());
+                            }
+                            return false;
+                        }
+                        ready
                     });
                     if let (true, Some(p)) = (strict, &p) {
                         busy.insert(p.item.job.process.clone());
@@ -845,13 +892,121 @@ impl Instance {
 
     /// The job leaves its not-yet-started state: its queue key's hold, if it is still
     /// the job's, goes (crate::queue).
-    async fn release_key(&self, job: &Job) {
+    async fn release_queue_key(&self, job: &Job) {
         if let Err(e) = self.holds.release(&self.js, &self.subjects, job).await {
             self.record(
                 Level::Warn,
                 format!("{}: queue key not released: {e}", job.id()),
             );
         }
+    }
+
+    /// Opens the execution keys and follows their bucket (the task is returned).
+    async fn open_exec_keys(self: &Arc<Self>) -> Result<tokio::task::JoinHandle<()>> {
+        let keys = ExecKeys::open(
+            &self.js,
+            &self.subjects,
+            self.config.exec_key_lease,
+            self.config.replicas,
+            &self.id,
+        )
+        .await?;
+        let _ = self.exec_keys.set(Arc::clone(&keys));
+        let me = Arc::clone(self);
+        Ok(tokio::spawn(
+            keys.follow(move || me.changed.notify_waiters()),
+        ))
+    }
+
+    /// Takes `h`'s execution key for an attempt: `Some(None)` without a key,
+    /// `Some(Some(hold))` taken; `None` when the job is not to run now: parked (held
+    /// elsewhere) or recorded dead (a header that is not a key).
+    async fn take_key(&self, h: &Held) -> Option<Option<Hold>> {
+        let key = match &h.exec {
+            None => return Some(None),
+            Some(Err(reason)) => {
+                self.settle(h, Outcome::Fatal(reason.clone()), (self.clock)(), 0)
+                    .await;
+                return None;
+            }
+            Some(Ok(key)) => key,
+        };
+        let why = match self.exec_keys.get() {
+            Some(keys) => {
+                let note = format!("{} {} attempt {}", h.job.group, h.job.id(), h.attempt);
+                match keys.acquire(key, &note).await {
+                    Step::Held(hold) => return Some(Some(hold)),
+                    Step::Busy(why) => why,
+                    Step::Failed(why) => {
+                        self.record(
+                            Level::Warn,
+                            format!("{}: execution key: {why}; tried again", h.job.id()),
+                        );
+                        why
+                    }
+                }
+            }
+            None => "execution keys not open".into(),
+        };
+        self.counts.key_waits.fetch_add(1, Ordering::Relaxed);
+        debug!(job = %h.job.id(), key = %key.key, "waits for its execution key: {why}");
+        self.park(h.clone()).await;
+        None
+    }
+
+    /// Puts a job whose execution key is held elsewhere back at the front of the
+    /// buffer (held, kept alive, passed over until the key frees); handed back if the
+    /// instance is closing.
+    async fn park(&self, h: Held) {
+        let merge = (self.config.buffer == Kind::Dropbox)
+            .then(|| h.job.header(&self.config.merge_header).map(str::to_string))
+            .flatten();
+        let pushed = h.pushed_ms;
+        let closing = &self.closing;
+        let back = self
+            .with(|s| {
+                // Under the lock: the closing drain either took it or is not yet due.
+                if closing.is_cancelled() {
+                    Some(h)
+                } else {
+                    s.buffer.put_back(h, merge, pushed);
+                    None
+                }
+            })
+            .flatten();
+        if let Some(h) = back {
+            let _ = h.msg.ack_with(AckKind::Nak(None)).await;
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// After an attempt: lets its execution key go; an attempt whose lease was lost
+    /// while it ran (it was cancelled then) has failed, whatever its handler said.
+    async fn release_key(
+        &self,
+        h: &Held,
+        key: Option<Hold>,
+        link: Option<tokio::task::JoinHandle<()>>,
+        outcome: Outcome,
+    ) -> Outcome {
+        if let Some(l) = link {
+            l.abort();
+        }
+        let Some(key) = key else {
+            return outcome;
+        };
+        let (name, token) = (key.fencing().key.clone(), key.fencing().token);
+        let held = key.release().await;
+        self.changed.notify_waiters();
+        if held {
+            return outcome;
+        }
+        self.counts.keys_lost.fetch_add(1, Ordering::Relaxed);
+        let reason = format!(
+            "execution key {name:?}: the lease (token {token}) was lost while it ran; stopped"
+        );
+        self.record(Level::Error, format!("{}: {reason}", h.job.id()));
+        Outcome::Failed(reason)
     }
 
     fn event(&self, h: &Held, state: State) -> ResultEvent {
@@ -903,7 +1058,7 @@ impl Instance {
         if h.attempt > 1 {
             match self.last_result(&h.job).await {
                 Ok(Some(ev)) if ev.state.is_final() => {
-                    self.release_key(&h.job).await;
+                    self.release_queue_key(&h.job).await;
                     self.counts.already_final.fetch_add(1, Ordering::Relaxed);
                     let _ = h.msg.ack().await;
                     return;
@@ -920,13 +1075,18 @@ impl Instance {
             }
         }
         // It starts now, or is recorded cancelled: no longer queued.
-        self.release_key(&h.job).await;
+        self.release_queue_key(&h.job).await;
         if self.is_cancelled(&h.job) {
             self.settle_cancelled(&h, None, None).await;
             return;
         }
         let mut h = h;
         loop {
+            // Its execution key is taken before each attempt; held elsewhere, the job
+            // is parked in the buffer and this executor goes on to other jobs.
+            let Some(key) = self.take_key(&h).await else {
+                return;
+            };
             let cancel = self.hard_stop.child_token();
             let started = (self.clock)();
             let id = h.job.id();
@@ -937,7 +1097,17 @@ impl Instance {
             let handler = Arc::clone(&self.handler);
             let job = Arc::clone(&h.job);
             let c2 = cancel.clone();
-            let run = tokio::spawn(async move { handler.handle(&job, c2).await });
+            let context = Context {
+                fencing: key.as_ref().map(|k| k.fencing().clone()),
+            };
+            let link = key.as_ref().map(|k| {
+                let (lost, cancel) = (k.lost(), cancel.clone());
+                tokio::spawn(async move {
+                    lost.cancelled().await;
+                    cancel.cancel();
+                })
+            });
+            let run = tokio::spawn(async move { handler.handle_in(&job, &context, c2).await });
             let t0 = std::time::Instant::now();
             let outcome = match tokio::time::timeout(self.config.job_timeout, run).await {
                 Ok(Ok(o)) => o,
@@ -955,6 +1125,7 @@ impl Instance {
                 }
             };
             let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let outcome = self.release_key(&h, key, link, outcome).await;
             if self.is_cancelled(&h.job) {
                 self.with(|s| s.running.remove(&id));
                 self.settle_cancelled(&h, Some(started), Some(ms)).await;

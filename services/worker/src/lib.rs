@@ -7,6 +7,7 @@
 //! - [`job`]: jobs, results and faults as stored (pure).
 //! - [`buffer`]: an instance's buffer: queue, bounded, dropbox (pure).
 //! - [`control`]: cancelled jobs and paused queues, cluster-wide (the workers bucket).
+//! - [`exec_keys`]: execution keys: jobs with the same key never run at once.
 //! - [`handler`]: the [`handler::Handler`] trait and the `command` handler.
 //! - [`feeder`]: one per group: the log, verified, into one job per assignment.
 //! - [`queue`]: queue keys: a job frees its key's hold when it leaves the queue.
@@ -17,6 +18,7 @@
 pub mod buffer;
 pub mod control;
 mod error;
+pub mod exec_keys;
 pub mod feeder;
 pub mod handler;
 pub mod instance;

@@ -85,6 +85,10 @@ struct Args {
     /// instance's share is taken over after about this long.
     #[arg(long, env = "TS_LEASE_MS", default_value_t = 10_000)]
     lease_ms: u64,
+    /// The lease on an execution key (ms): a key held by an instance that died frees
+    /// this long after its last renewal (renewed every third of it).
+    #[arg(long, env = "TS_EXEC_KEY_LEASE_MS", default_value_t = 15_000)]
+    exec_key_lease_ms: u64,
     /// Replicas of the work and results streams when this instance creates them.
     #[arg(long, env = "TS_REPLICAS", default_value_t = 1)]
     replicas: usize,
@@ -198,6 +202,7 @@ async fn start() -> anyhow::Result<()> {
             order: args.ordering,
             lease: Duration::from_millis(args.lease_ms.max(1_000)),
             replicas: args.replicas,
+            exec_key_lease: Duration::from_millis(args.exec_key_lease_ms.max(1_000)),
         },
         lease: Duration::from_millis(args.lease_ms.max(1_000)),
         trusted: None,

@@ -315,18 +315,50 @@ pub async fn ensure_ownership(
     subjects: &Subjects,
     options: &LogOptions,
 ) -> Result<kv::Store> {
-    let bucket = subjects.ownership_bucket();
+    ensure_lease_bucket(
+        js,
+        subjects.ownership_bucket(),
+        "turnstile cluster-wide ownership: members and partition leases",
+        options,
+    )
+    .await
+}
+
+/// Creates (or opens) the execution keys' bucket, a lease bucket like the ownership
+/// bucket (per-key TTL, delete markers, one message a key): a key held by a running
+/// job, renewed while it runs, expired by the server when its holder died.
+pub async fn ensure_exec_keys(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    options: &LogOptions,
+) -> Result<kv::Store> {
+    ensure_lease_bucket(
+        js,
+        subjects.exec_keys_bucket(),
+        "turnstile execution keys: one lease per key held by a running job",
+        options,
+    )
+    .await
+}
+
+/// A bucket of leases: file storage, per-key TTL and subject delete markers
+/// (`allow_msg_ttl`, `subject_delete_marker_ttl`: nats-server 2.11), history 1.
+async fn ensure_lease_bucket(
+    js: &jetstream::Context,
+    bucket: String,
+    description: &str,
+    options: &LogOptions,
+) -> Result<kv::Store> {
     options
         .retry
-        .run("open ownership bucket", || async {
+        .run("open a lease bucket", || async {
             if let Ok(store) = js.get_key_value(&bucket).await {
                 return Ok(store);
             }
             let created = js
                 .create_key_value(kv::Config {
                     bucket: bucket.clone(),
-                    description: "turnstile cluster-wide ownership: members and partition leases"
-                        .into(),
+                    description: description.into(),
                     // One message a key: nats-server raises a message's TTL to the marker
                     // TTL unless a subject keeps a single message (nats-server #6741,
                     // #6818), and a lease is only ever its newest write.
@@ -343,7 +375,7 @@ pub async fn ensure_ownership(
                 Err(e) => js
                     .get_key_value(&bucket)
                     .await
-                    .map_err(|_| Error::nats("create ownership bucket", &e)),
+                    .map_err(|_| Error::nats("create a lease bucket", &e)),
             }
         })
         .await

@@ -21,6 +21,7 @@
 //! | a cron job (definition) and its last planned tick | `ts.alarms.cron.<partition>.<job>`, `ts.alarms.crontick.<partition>.<job>` in `TS_ALARMS` |
 //! | queue-key holds (a queued job's key) | KV bucket `TS_QUEUE_KEYS`: keys `<process>.<hash of the key>` |
 //! | cluster-wide ownership (leases) | KV bucket `TS_OWNERSHIP`: keys `<group>.m.<member>`, `<group>.p.<partition>` |
+//! | execution keys (leases on named locks) | KV bucket `TS_EXEC_KEYS`: key `x<hex of BLAKE3(tag ‖ key)>` |
 
 use protocol::ProcessId;
 
@@ -34,6 +35,12 @@ pub const QUEUE_KEY: &str = "Ts-Queue-Key";
 /// Entry header the scheduler adds beside [`QUEUE_KEY`]: the hold's token (the
 /// revision of its create in the queue-keys bucket); a request may not carry it.
 pub const QUEUE_HOLD: &str = "Ts-Queue-Hold";
+/// Request (and stored message) header: the job's execution key — jobs with the same
+/// key never run at the same time anywhere in the cluster (schemas/workers.md). Stored
+/// with the message as the request carried it.
+pub const EXECUTION_KEY: &str = "Ts-Execution-Key";
+/// Longest execution key (bytes).
+pub const MAX_EXECUTION_KEY: usize = 256;
 /// Reply header: the error code of a refused request.
 pub const ERROR: &str = "Ts-Error";
 /// Services-API reply header: the error message.
@@ -334,6 +341,26 @@ impl Subjects {
     pub fn ownership_bucket(&self) -> String {
         format!("{}_OWNERSHIP", self.upper())
     }
+    /// The execution keys' bucket (a lease per key held): `<PREFIX>_EXEC_KEYS`.
+    pub fn exec_keys_bucket(&self) -> String {
+        format!("{}_EXEC_KEYS", self.upper())
+    }
+}
+
+/// Whether `key` is a valid execution key: 1–[`MAX_EXECUTION_KEY`] bytes, no control
+/// characters (it travels in a NATS header and in a bucket record).
+pub fn is_execution_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= MAX_EXECUTION_KEY && !key.chars().any(char::is_control)
+}
+
+/// The bucket key of execution key `key`: `x` and the hex of the first 16 bytes of
+/// BLAKE3(`"turnstile/exec-key/v1"` ‖ key) (any bytes of a key become one valid KV token).
+pub fn exec_key_name(key: &str) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"turnstile/exec-key/v1");
+    h.update(key.as_bytes());
+    let d = h.finalize();
+    format!("x{}", hex::encode(&d.as_bytes()[..16]))
 }
 
 /// Whether `name` may be an ownership group or member id: one token of
@@ -428,6 +455,20 @@ mod tests {
         for r in ["_INBOX.abc.1", "tsx.log.V", "my.reply", "ts_reply"] {
             assert!(!s.is_reserved_reply(r), "{r}");
         }
+    }
+
+    #[test]
+    fn execution_keys_are_checked_and_named_by_their_hash() {
+        assert!(is_execution_key("invoice-42") && is_execution_key(&"k".repeat(256)));
+        assert!(!is_execution_key("") && !is_execution_key(&"k".repeat(257)));
+        assert!(!is_execution_key("a\nb") && !is_execution_key("a\u{7f}"));
+        let a = exec_key_name("invoice-42");
+        assert_eq!(a.len(), 33);
+        assert!(a.starts_with('x') && a[1..].chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(a, exec_key_name("invoice-42"));
+        assert_ne!(a, exec_key_name("Invoice-42"));
+        assert_ne!(exec_key_name("a.b"), exec_key_name("a.c"));
+        assert_eq!(Subjects::default().exec_keys_bucket(), "TS_EXEC_KEYS");
     }
 
     #[test]

@@ -58,11 +58,14 @@
 //! - [`assign`]: the desired assignment (pure).
 //! - [`plan`]: what a member does next from what it has seen (pure).
 //! - [`lease`]: [`Lease`] and [`Token`], what the user holds.
+//! - [`keyed`]: leases on named keys taken on demand (exclusive locks with the same
+//!   acquire/renew/release/expiry and tokens; the workers' execution keys).
 //! - `member`: [`Membership`], the driver task that watches the bucket and writes it.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod assign;
+pub mod keyed;
 pub mod lease;
 mod member;
 pub mod plan;

@@ -228,7 +228,7 @@ impl Drop for Membership {
 
 /// The server's TTL for a lease: whole seconds, rounded up (never shorter than the
 /// lease the holder counts with).
-fn ttl_secs(lease: Duration) -> u64 {
+pub(crate) fn ttl_secs(lease: Duration) -> u64 {
     let s = lease.as_secs();
     if lease.subsec_nanos() > 0 { s + 1 } else { s }.max(1)
 }
@@ -306,7 +306,7 @@ enum Outcome {
 
 /// The bucket writes of one member.
 #[derive(Clone)]
-struct Writer {
+pub(crate) struct Writer {
     js: jetstream::Context,
     store: kv::Store,
     group: String,
@@ -348,7 +348,7 @@ impl Writer {
         }
     }
 
-    fn headers(expect: Option<u64>, ttl: u64, delete: bool) -> HeaderMap {
+    pub(crate) fn headers(expect: Option<u64>, ttl: u64, delete: bool) -> HeaderMap {
         let mut h = HeaderMap::new();
         if let Some(expect) = expect {
             h.insert(
@@ -463,7 +463,7 @@ fn key_state(operation: kv::Operation, revision: u64, value: &[u8]) -> KeyState 
 /// Whether a refused publish means "the expectation failed": 10071, or 10164 on a
 /// replicated stream with a conflicting write in flight (ANCHORS.md: async-nats reports
 /// that one as `Other`, so read the code).
-fn is_conflict(e: &jetstream::context::PublishError) -> bool {
+pub(crate) fn is_conflict(e: &jetstream::context::PublishError) -> bool {
     use std::error::Error as _;
     if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence {
         return true;

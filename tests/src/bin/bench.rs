@@ -2170,7 +2170,17 @@ async fn workers_section(body: &Bytes, seconds: f64, window: usize) -> Result<se
         "schedule to start at {rate:.0}/s: p50 {p50} ms, p99 {p99} ms ({} jobs)",
         lat.len()
     );
-    // 4. Strict ordering: the same two instances' worth, as a strict group (a
+    // 4. The cost of an execution key: a paused group's backlog of jobs, drained by
+    // the two instances once resumed, without and then with a key per job (every key
+    // distinct: what is measured is the lease's writes, not waiting).
+    let backlog = ((jobs_rate * 2.0) as u64).clamp(2_000, 20_000);
+    let plain = drain_backlog(&js, &conns, body, backlog, window, false).await?;
+    let keyed = drain_backlog(&js, &conns, body, backlog, window, true).await?;
+    eprintln!(
+        "execution keys: a backlog of {backlog} jobs drained at {plain:.0} jobs/s without, {keyed:.0} jobs/s with a key per job ({:.2})",
+        keyed / plain
+    );
+    // 5. Strict ordering: the same two instances' worth, as a strict group (a
     // process's jobs one at a time, in slot order), the unordered group stopped.
     let (mut w1, mut w2) = (w1, w2);
     let _ = tokio::task::spawn_blocking(move || {
@@ -2210,6 +2220,12 @@ async fn workers_section(body: &Bytes, seconds: f64, window: usize) -> Result<se
         strict.rate, strict.drained_s, strict.total
     );
     Ok(json!({
+        "exec_keys": {
+            "backlog": backlog,
+            "plain_per_s": plain.round(),
+            "keyed_per_s": keyed.round(),
+            "keyed_vs_plain": (keyed / plain * 1000.0).round() / 1000.0,
+        },
         "scheduler_alone_per_s": alone.rate.round(),
         "jobs_per_s": jobs_rate.round(),
         "jobs_vs_scheduler_alone": (jobs_rate / alone.rate * 1000.0).round() / 1000.0,
@@ -2233,6 +2249,64 @@ async fn workers_section(body: &Bytes, seconds: f64, window: usize) -> Result<se
         "targets": {"jobs_per_s_min": 35000},
         "meets_target": jobs_rate >= 35000.0,
     }))
+}
+
+/// Pauses the `bench` group, schedules `n` jobs (each with its own execution key if
+/// `keyed`), waits until the group holds or has them all waiting, resumes it and
+/// returns the jobs/s from the resume until all are recorded.
+async fn drain_backlog(
+    js: &async_nats::jetstream::Context,
+    conns: &[async_nats::Client],
+    body: &Bytes,
+    n: u64,
+    window: usize,
+    keyed: bool,
+) -> Result<f64> {
+    let control = js.get_key_value("TS_WORKERS").await?;
+    control.put("pause.bench", Bytes::from("bench")).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tag = uuid_like();
+    let mut inboxes = Vec::new();
+    for c in conns {
+        inboxes.push(Arc::new(inbox(c).await?));
+    }
+    let permits = Arc::new(Semaphore::new(window));
+    for i in 0..n {
+        let permit = permits.clone().acquire_owned().await?;
+        let ci = (i as usize) % conns.len();
+        let subject = format!("ts.schedule.x{tag}-{}", i as usize % PROCESSES);
+        let headers = keyed.then(|| {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Ts-Execution-Key", format!("{tag}-{i}").as_str());
+            h
+        });
+        let (client, inbox, body) = (conns[ci].clone(), inboxes[ci].clone(), body.clone());
+        tokio::spawn(async move {
+            let _ = send_with(&client, &inbox, i, subject, headers, body).await;
+            drop(permit);
+        });
+    }
+    let _ = permits.acquire_many(window as u32).await?;
+    let work = js.get_stream("TS_WORK").await?;
+    let fed = Instant::now();
+    loop {
+        let i = work.consumer_info("group-bench").await?;
+        if i.num_pending + i.num_ack_pending as u64 >= n || fed.elapsed() > Duration::from_secs(120)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r0 = stream_messages(js, "TS_RESULTS").await?;
+    control.delete("pause.bench").await?;
+    let t0 = Instant::now();
+    while stream_messages(js, "TS_RESULTS").await? < r0 + n
+        && t0.elapsed() < Duration::from_secs(300)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let done = stream_messages(js, "TS_RESULTS").await? - r0;
+    Ok(done as f64 / t0.elapsed().as_secs_f64())
 }
 
 fn print_workers_table(w: &serde_json::Value) {
@@ -2278,6 +2352,13 @@ fn print_workers_table(w: &serde_json::Value) {
     println!(
         "| worker RSS, start → peak (MB, bounded:1024) | {} → {} |",
         w["workers_rss_mb"]["start"], w["workers_rss_mb"]["peak"]
+    );
+    println!(
+        "| a paused backlog of {} jobs drained: without / with an execution key per job (jobs/s) | {} / {} ({}) |",
+        w["exec_keys"]["backlog"],
+        w["exec_keys"]["plain_per_s"],
+        w["exec_keys"]["keyed_per_s"],
+        w["exec_keys"]["keyed_vs_plain"]
     );
     println!("| CPU (cores) | {} |", w["cpu"]);
 }
