@@ -363,7 +363,7 @@ impl Feed {
         reader: &'a LogReader,
         requested: &mut HashSet<ProcessId>,
     ) -> impl std::future::Future<Output = Result<Admitted>> + 'a {
-        let ready = (|| -> Result<(u64, Option<(ProcessId, LogMessage, bool)>)> {
+        let ready = (|| -> Result<(u64, Option<Delivered>)> {
             let m = m.map_err(|e| Error::nats("read the log", e))?;
             let seq = m
                 .info()
@@ -833,3 +833,7 @@ impl Feed {
         })
     }
 }
+
+/// A log message of a process the group serves, and whether the process is met for
+/// the first time.
+type Delivered = (ProcessId, LogMessage, bool);

@@ -437,26 +437,30 @@ impl Instance {
             let bucket = kv.name.clone();
             let (tx, rx) = tokio::sync::oneshot::channel();
             let task = tokio::spawn(async move {
+                // Told once, by the first watch that loads the current values; a
+                // re-watch replays them over the ones held.
                 let mut tx = Some(tx);
                 loop {
                     let m = Arc::clone(&me);
-                    // Only the first watch tells the start; a re-watch replays the
-                    // current values over the ones held.
-                    let loaded = tx
-                        .take()
-                        .unwrap_or_else(|| tokio::sync::oneshot::channel().0);
                     let r = crate::control::watch(
                         me.js.clone(),
                         bucket.clone(),
                         group.clone(),
                         move |k, present| m.control_changed(k, present),
-                        loaded,
+                        &mut tx,
                     )
                     .await;
-                    if let Err(e) = r {
-                        me.record(Level::Warn, format!("control watch: {e}; again in 1 s"));
+                    match r {
+                        // Reconnected: the consumer may be gone with the server.
+                        Ok(()) => me.record(
+                            Level::Info,
+                            "control watch: reconnected; watching again".to_string(),
+                        ),
+                        Err(e) => {
+                            me.record(Level::Warn, format!("control watch: {e}; again in 1 s"));
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
                     }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             });
             (task, rx)
