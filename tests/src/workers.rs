@@ -865,6 +865,90 @@ async fn a_cancel_sent_after_a_server_restart_stops_a_job_at_once() -> Result<()
     Ok(())
 }
 
+/// Control changes while the instance holds many paused jobs: it applies each change
+/// (the control, then the running jobs) while its executor scans the buffer (the
+/// jobs, then the control) — one lock order only, or the two wait on each other and
+/// the instance freezes (it did: `make chaos WORKERS=1`, seed 1, a cancel of a job
+/// queued in a paused process). Every job cancelled is recorded so, the rest run
+/// after the resume, and the instance answers PING throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_while_many_jobs_wait_paused_do_not_freeze_the_instance() -> Result<()> {
+    const JOBS: u64 = 1_000;
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(84))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let _a = spawn_worker(&server, "g13", &appender(&out), &["--buffer", "queue"])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let op = operator_env(&server);
+    crate::support::cli_ok(&op, &["queue", "pause", "g13", "--process", "w0"]).await?;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let ids = schedule_many(&client, 1, JOBS as usize, "c").await?;
+    assert_eq!(ids.len(), JOBS as usize);
+    // Held (paused) by the instance.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let js = async_nats::jetstream::new(connect_as(&server, Role::Operator).await?);
+    let kv = js
+        .get_key_value(Subjects::default().workers_bucket())
+        .await?;
+    // Meanwhile the executor scans the buffer again and again: jobs of another
+    // process come and go.
+    let busy = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let p = ProcessId::new("busy")?;
+            let mut n = 0;
+            for i in 0..300 {
+                let opts = Schedule {
+                    message_id: Some(format!("b-{i}")),
+                    ..Default::default()
+                };
+                crate::support::schedule_retrying(&client, &p, Bytes::from("b"), &opts).await?;
+                n += 1;
+            }
+            anyhow::Ok(n)
+        })
+    };
+    // Every second job cancelled, 50 keys at a time.
+    let mut cancelled = BTreeSet::new();
+    let slots: Vec<u64> = (0..JOBS).step_by(2).collect();
+    for chunk in slots.chunks(50) {
+        let puts = chunk.iter().map(|slot| {
+            kv.put(
+                worker::control::cancel_key("g13", "w0", *slot),
+                Bytes::from_static(b"test"),
+            )
+        });
+        for r in futures::future::join_all(puts).await {
+            r?;
+        }
+        cancelled.extend(chunk.iter().map(|slot| format!("w0:{slot}")));
+    }
+    let busy = busy.await??;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    crate::support::cli_ok(&op, &["queue", "resume", "g13", "--process", "w0"]).await?;
+    let r = wait_final(&js, "g13", JOBS as usize + busy, 120).await?;
+    for (id, evs) in r.iter().filter(|(id, _)| id.starts_with("w0:")) {
+        let want = if cancelled.contains(id) {
+            State::Cancelled
+        } else {
+            State::Done
+        };
+        assert_eq!(evs.last().map(|e| e.state), Some(want), "{id}: {evs:?}");
+    }
+    let ran: BTreeSet<String> = lines(&out)
+        .into_iter()
+        .filter(|l| l.starts_with("w0:"))
+        .collect();
+    assert_eq!(ran.len() as u64, JOBS / 2, "{ran:?}");
+    assert!(ran.is_disjoint(&cancelled), "a cancelled job ran");
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    Ok(())
+}
+
 /// Strict order: two instances of a strict group, six processes, 15 jobs each, one
 /// of them failing its first attempt, and one instance stopped half-way (its
 /// partitions move): every process's jobs ran one at a time, in slot order, the

@@ -323,15 +323,24 @@ impl Instance {
             return;
         };
         c.apply(&self.config.group, key, present);
-        // Stop what runs here and is now cancelled.
-        self.with(|s| {
-            for (h, _, token) in s.running.values() {
-                if c.is_cancelled(&h.job.process, h.job.slot) {
-                    token.cancel();
-                }
-            }
-        });
         drop(c);
+        // Stop what runs here and is now cancelled. The state is locked with the
+        // control released: the executor locks the state, then the control (its
+        // buffer scan asks what is paused), so holding both here in the other order
+        // froze the instance when a change met a scan (chaos --workers, seed 1).
+        let running: Vec<(Arc<Job>, CancellationToken)> = self
+            .with(|s| {
+                s.running
+                    .values()
+                    .map(|(h, _, token)| (Arc::clone(&h.job), token.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (job, token) in running {
+            if self.is_cancelled(&job) {
+                token.cancel();
+            }
+        }
         self.changed.notify_waiters();
     }
 
@@ -920,6 +929,11 @@ impl Instance {
                 s.running
                     .insert(id.clone(), (h.clone(), started, cancel.clone()))
             });
+            // A cancel applied between the check above and the insert found nothing
+            // running to stop: stop it here.
+            if self.is_cancelled(&h.job) {
+                cancel.cancel();
+            }
             let handler = Arc::clone(&self.handler);
             let job = Arc::clone(&h.job);
             let c2 = cancel.clone();
