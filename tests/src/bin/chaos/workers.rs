@@ -413,6 +413,11 @@ pub(super) struct Verdict {
     /// stops, expiries) that a failure met the last attempt.
     dead_by_redelivery: usize,
     pauses: Vec<Pause>,
+    /// From a job's assignment to its first recorded start (paused processes aside),
+    /// ms: how long faults kept jobs waiting.
+    start_p50_ms: u64,
+    start_p99_ms: u64,
+    start_max_ms: u64,
     cancels: usize,
     cancels_queued: usize,
     instance_starts: usize,
@@ -478,6 +483,26 @@ fn judge(
         }
     }
     v.jobs = jobs.len();
+    let paused: BTreeSet<&str> = pauses.iter().map(|p| p.process.as_str()).collect();
+    let mut waits: Vec<u64> = results
+        .jobs
+        .iter()
+        .filter(|(job, _)| job.split_once(':').is_none_or(|(p, _)| !paused.contains(p)))
+        .filter_map(|(_, evs)| {
+            let e = evs.iter().find(|e| e.started_ms.is_some())?;
+            Some(e.started_ms?.saturating_sub(e.scheduled_ms))
+        })
+        .collect();
+    waits.sort_unstable();
+    let at = |q: f64| {
+        waits
+            .get(((waits.len() as f64 * q) as usize).min(waits.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    v.start_p50_ms = at(0.5);
+    v.start_p99_ms = at(0.99);
+    v.start_max_ms = waits.last().copied().unwrap_or(0);
     for job in results.jobs.keys() {
         if !jobs.contains(job) {
             out.push(violation(
@@ -1002,6 +1027,13 @@ pub(super) fn summary(args: &Args, o: &Outcome, w: &Verdict) -> Vec<(&'static st
                 w.retries,
                 join(&w.reruns),
                 w.dead_by_redelivery
+            ),
+        ),
+        (
+            "to start",
+            format!(
+                "p50 {} ms, p99 {} ms, max {} ms (assignment to first start)",
+                w.start_p50_ms, w.start_p99_ms, w.start_max_ms
             ),
         ),
         (
