@@ -865,6 +865,51 @@ async fn a_cancel_sent_after_a_server_restart_stops_a_job_at_once() -> Result<()
     Ok(())
 }
 
+/// The server killed and restarted in place under a running group: a job scheduled
+/// right after the restart runs within seconds (the feeder's and the instance's
+/// readers are made again on reconnect, not after their heartbeats' 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_scheduled_after_a_server_restart_runs_at_once() -> Result<()> {
+    let mut server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(85))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let _a = spawn_worker(&server, "g14", &appender(&out), &[])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let p = ProcessId::new("s")?;
+    client
+        .schedule(&p, Bytes::from("before"), &Schedule::default())
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while lines(&out).is_empty() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("the first job never ran");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.kill();
+    server.restart_in_place()?;
+    wait_for_schedulers(&nats, 1).await?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let opts = Schedule {
+        message_id: Some("after".into()),
+        ..Default::default()
+    };
+    crate::support::schedule_retrying(&client, &p, Bytes::from("after"), &opts).await?;
+    let scheduled = tokio::time::Instant::now();
+    while lines(&out).len() < 2 {
+        if scheduled.elapsed() > Duration::from_secs(8) {
+            bail!("a job scheduled after the server's restart did not run within 8 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 /// Control changes while the instance holds many paused jobs: it applies each change
 /// (the control, then the running jobs) while its executor scans the buffer (the
 /// jobs, then the control) — one lock order only, or the two wait on each other and
