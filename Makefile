@@ -149,16 +149,18 @@ stop:
 
 # Every test: unit tests (no server) and system tests (each starts its own nats-server),
 # then a 60-second chaos run (debug build, lighter load), a 60-second one against a
-# 3-node cluster with only the cluster's faults (~3 minutes on 2 cores), and a 60-second
-# alarm-loader run (~2 minutes).
+# 3-node cluster with only the cluster's faults (~3 minutes on 2 cores), a 60-second
+# alarm-loader run (~2 minutes) and a 60-second worker run (~70 s).
 test: tools build
 	cargo test --workspace --no-fail-fast
 	@$(MAKE) --no-print-directory vectors
-	./target/debug/chaos --duration 60 --scale 0.3 --workers 4 --out bench-results/chaos-test.json
-	./target/debug/chaos --cluster --duration 60 --scale 0.2 --workers 3 \
+	./target/debug/chaos --duration 60 --scale 0.3 --clients 4 --out bench-results/chaos-test.json
+	./target/debug/chaos --cluster --duration 60 --scale 0.2 --clients 3 \
 	  --faults node_stall,node_kill,leader_kill,leader_stepdown --out bench-results/chaos-cluster-test.json
 	./target/debug/chaos --alarms --duration 60 --scale 0.3 --replicas 2 --settle 60 \
 	  --out bench-results/chaos-alarms-test.json
+	./target/debug/chaos --workers --duration 60 --replicas 2 --settle 60 \
+	  --out bench-results/chaos-workers-test.json
 
 # The golden vectors (schemas/vectors.json, schemas/alarm-vectors.json), recomputed by an
 # independent Python implementation of schemas/.
@@ -171,13 +173,16 @@ vectors:
 # against scheduler replicas, checked from the log; SEED (default: random, printed)
 # replays a run; CLUSTER=1 runs against a 3-node cluster (R3, leader changes); ALARMS=1
 # runs the alarm-loader scenario (alarm-loaders, alarms and cron jobs, checked from the
-# log and the alarms' histories).
+# log and the alarms' histories); WORKERS=1 the worker scenario (a worker group's
+# instances killed, stopped, added and removed, queues paused and jobs cancelled, checked
+# from the log, the jobs' results and what the handler saw).
 DURATION ?= 120
 SEED     ?=
 CLUSTER  ?=
 ALARMS   ?=
+WORKERS  ?=
 chaos: tools release
-	./target/release/chaos --duration $(DURATION) $(if $(SEED),--seed $(SEED)) $(if $(filter 1,$(CLUSTER)),--cluster) $(if $(filter 1,$(ALARMS)),--alarms)
+	./target/release/chaos --duration $(DURATION) $(if $(SEED),--seed $(SEED)) $(if $(filter 1,$(CLUSTER)),--cluster) $(if $(filter 1,$(ALARMS)),--alarms) $(if $(filter 1,$(WORKERS)),--workers)
 
 bench: tools release
 	./target/release/bench --out bench-results/bench.json

@@ -224,6 +224,34 @@ pub fn loader_command(server: &impl harness::Urls, extra: &[&str]) -> Result<Com
     Ok(cmd)
 }
 
+/// The command that starts a worker instance of `group` on `server` (a server or a
+/// cluster) as a separate process, with its two identities ([`Role::JobWorker`],
+/// [`Role::Worker`]), as deployed; its handler runs `script` with `sh -c`. Its log
+/// level is `$TS_TEST_WORKER_LOG`, else `log`.
+pub fn worker_command(
+    server: &impl harness::Urls,
+    group: &str,
+    script: &str,
+    extra: &[&str],
+    log: &str,
+) -> Result<Command> {
+    let mut cmd = Command::new(harness::workspace_bin("worker")?);
+    cmd.arg("--group")
+        .arg(group)
+        .args(extra)
+        .arg("--command")
+        .arg("sh")
+        .arg("-c")
+        .arg(script)
+        .env("NATS_URL", server.url_as(Role::JobWorker))
+        .env("TS_INTAKE_URL", server.url_as(Role::Worker))
+        .env(
+            "RUST_LOG",
+            std::env::var("TS_TEST_WORKER_LOG").unwrap_or_else(|_| log.into()),
+        );
+    Ok(cmd)
+}
+
 /// Starts a scheduler on `server` (a server or a cluster) as a separate process (so a
 /// test can SIGKILL it), with its three identities ([`Role::Scheduler`],
 /// [`Role::SchedulerIntake`], [`Role::SchedulerReplies`]), as deployed.
@@ -487,4 +515,49 @@ pub fn patch_files(dir: &std::path::Path, from: &[u8], to: &[u8]) -> anyhow::Res
         }
     }
     Ok(changed)
+}
+
+/// What the results stream holds for a worker group: every event of every job, by job
+/// id (`<process>:<slot>`), in order, and the fault events (their subjects).
+#[derive(Debug, Default)]
+pub struct JobResults {
+    /// Every job's events, in order.
+    pub jobs: BTreeMap<String, Vec<worker::job::ResultEvent>>,
+    /// The subjects of the fault events (a foreign message the feeder met).
+    pub faults: Vec<String>,
+}
+
+/// Reads every event of `group` in the results stream (`TS_RESULTS`, as the operator).
+pub async fn job_results(js: &async_nats::jetstream::Context, group: &str) -> Result<JobResults> {
+    let stream = js.get_stream(Subjects::default().results_stream()).await?;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: format!("ts.result.{group}.>"),
+            ..Default::default()
+        })
+        .await?;
+    let pending = consumer.cached_info().num_pending;
+    let mut out = JobResults::default();
+    if pending == 0 {
+        return Ok(out);
+    }
+    let mut msgs = consumer.messages().await?;
+    let mut n = 0;
+    while let Some(m) = msgs.next().await {
+        let m = m?;
+        n += 1;
+        if m.subject.ends_with(".fault") {
+            out.faults.push(m.subject.to_string());
+        } else {
+            let ev: worker::job::ResultEvent = serde_json::from_slice(&m.payload)?;
+            out.jobs
+                .entry(format!("{}:{}", ev.process, ev.slot))
+                .or_default()
+                .push(ev);
+        }
+        if n >= pending {
+            break;
+        }
+    }
+    Ok(out)
 }

@@ -15,8 +15,8 @@ use protocol::ProcessId;
 use worker::job::{ResultEvent, State};
 
 use crate::support::{
-    connect, connect_as, key_file, server, spawn_scheduler, test_key, wait_for_schedulers,
-    wait_for_service,
+    connect, connect_as, job_results, key_file, server, spawn_scheduler, test_key,
+    wait_for_schedulers, wait_for_service, worker_command,
 };
 
 /// A worker instance of `group` whose handler runs `script` with `sh -c`.
@@ -26,23 +26,11 @@ pub(crate) fn spawn_worker(
     script: &str,
     extra: &[&str],
 ) -> Result<harness::Process> {
-    let mut cmd = std::process::Command::new(harness::workspace_bin("worker")?);
-    cmd.arg("--group")
-        .arg(group)
-        .arg("--lease-ms")
-        .arg("2000")
-        .args(extra)
-        .arg("--command")
-        .arg("sh")
-        .arg("-c")
-        .arg(script)
-        .env("NATS_URL", server.url_as(Role::JobWorker))
-        .env("TS_INTAKE_URL", server.url_as(Role::Worker))
-        .env(
-            "RUST_LOG",
-            std::env::var("TS_TEST_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
-        );
-    Ok(harness::Process::spawn(cmd)?)
+    let mut args = vec!["--lease-ms", "2000"];
+    args.extend_from_slice(extra);
+    Ok(harness::Process::spawn(worker_command(
+        server, group, script, &args, "warn",
+    )?)?)
 }
 
 /// A handler that appends `<process>:<slot>` to `out`.
@@ -55,34 +43,7 @@ pub(crate) async fn results(
     js: &async_nats::jetstream::Context,
     group: &str,
 ) -> Result<BTreeMap<String, Vec<ResultEvent>>> {
-    let stream = js.get_stream("TS_RESULTS").await?;
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subject: format!("ts.result.{group}.>"),
-            ..Default::default()
-        })
-        .await?;
-    let pending = consumer.cached_info().num_pending;
-    let mut out: BTreeMap<String, Vec<ResultEvent>> = BTreeMap::new();
-    if pending == 0 {
-        return Ok(out);
-    }
-    let mut msgs = consumer.messages().await?;
-    let mut n = 0;
-    while let Some(m) = msgs.next().await {
-        let m = m?;
-        n += 1;
-        if !m.subject.ends_with(".fault") {
-            let ev: ResultEvent = serde_json::from_slice(&m.payload)?;
-            out.entry(format!("{}:{}", ev.process, ev.slot))
-                .or_default()
-                .push(ev);
-        }
-        if n >= pending {
-            break;
-        }
-    }
-    Ok(out)
+    Ok(job_results(js, group).await?.jobs)
 }
 
 /// Waits until `n` jobs of `group` have a final result (at most `secs`).
@@ -837,6 +798,199 @@ async fn pause_survives_a_restart_and_cancel_skips_a_queued_job_and_stops_a_runn
     let by_id =
         crate::support::cli_ok(&op, &["job", "cancel", "g10", "q", "--id", &msg_id]).await?;
     assert!(by_id.contains(&format!("\"slot\":{}", slots[0])), "{by_id}");
+    Ok(())
+}
+
+/// The server killed and restarted in place under a running instance: the instance's
+/// control watch (an ordered consumer, gone with the server) is made again as soon as
+/// it reconnects, so a cancel sent right after the restart stops the job it names at
+/// once. (Before, the watch noticed its loss only after two missed heartbeats, 30 s
+/// and more, and meanwhile ran paused and cancelled jobs: `make chaos WORKERS=1`,
+/// seed 1.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_after_a_server_restart_stops_a_job_at_once() -> Result<()> {
+    let mut server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(83))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let pids = dir.path().join("pids");
+    let script = format!(
+        "echo $$ >> {p}; sleep 60; echo \"$TS_PROCESS:$TS_SLOT\" >> {o}",
+        p = pids.display(),
+        o = out.display()
+    );
+    let _a = spawn_worker(&server, "g12", &script, &[])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let p = ProcessId::new("r")?;
+    let long = client
+        .schedule(&p, Bytes::from("long"), &Schedule::default())
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let pid = loop {
+        if let Some(l) = lines(&pids).first() {
+            break l.trim().parse::<u32>()?;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the long job never started");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    server.kill();
+    server.restart_in_place()?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let op = operator_env(&server);
+    let slot = long.slot.to_string();
+    crate::support::cli_ok(&op, &["job", "cancel", "g12", "r", &slot]).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("the job cancelled after the server's restart still runs 5 s later");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let js = async_nats::jetstream::new(connect_as(&server, Role::Operator).await?);
+    let r = wait_final(&js, "g12", 1, 10).await?;
+    let evs = &r[&format!("r:{}", long.slot)];
+    assert_eq!(
+        evs.last().map(|e| e.state),
+        Some(State::Cancelled),
+        "{evs:?}"
+    );
+    assert!(lines(&out).is_empty(), "the cancelled job finished");
+    Ok(())
+}
+
+/// The server killed and restarted in place under a running group: a job scheduled
+/// right after the restart runs within seconds (the feeder's and the instance's
+/// readers are made again on reconnect, not after their heartbeats' 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_scheduled_after_a_server_restart_runs_at_once() -> Result<()> {
+    let mut server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(85))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let _a = spawn_worker(&server, "g14", &appender(&out), &[])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let p = ProcessId::new("s")?;
+    client
+        .schedule(&p, Bytes::from("before"), &Schedule::default())
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while lines(&out).is_empty() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("the first job never ran");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.kill();
+    server.restart_in_place()?;
+    wait_for_schedulers(&nats, 1).await?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let opts = Schedule {
+        message_id: Some("after".into()),
+        ..Default::default()
+    };
+    crate::support::schedule_retrying(&client, &p, Bytes::from("after"), &opts).await?;
+    let scheduled = tokio::time::Instant::now();
+    while lines(&out).len() < 2 {
+        if scheduled.elapsed() > Duration::from_secs(8) {
+            bail!("a job scheduled after the server's restart did not run within 8 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Control changes while the instance holds many paused jobs: it applies each change
+/// (the control, then the running jobs) while its executor scans the buffer (the
+/// jobs, then the control) — one lock order only, or the two wait on each other and
+/// the instance freezes (it did: `make chaos WORKERS=1`, seed 1, a cancel of a job
+/// queued in a paused process). Every job cancelled is recorded so, the rest run
+/// after the resume, and the instance answers PING throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_while_many_jobs_wait_paused_do_not_freeze_the_instance() -> Result<()> {
+    const JOBS: u64 = 1_000;
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(84))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let _a = spawn_worker(&server, "g13", &appender(&out), &["--buffer", "queue"])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let op = operator_env(&server);
+    crate::support::cli_ok(&op, &["queue", "pause", "g13", "--process", "w0"]).await?;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let ids = schedule_many(&client, 1, JOBS as usize, "c").await?;
+    assert_eq!(ids.len(), JOBS as usize);
+    // Held (paused) by the instance.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let js = async_nats::jetstream::new(connect_as(&server, Role::Operator).await?);
+    let kv = js
+        .get_key_value(Subjects::default().workers_bucket())
+        .await?;
+    // Meanwhile the executor scans the buffer again and again: jobs of another
+    // process come and go.
+    let busy = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let p = ProcessId::new("busy")?;
+            let mut n = 0;
+            for i in 0..300 {
+                let opts = Schedule {
+                    message_id: Some(format!("b-{i}")),
+                    ..Default::default()
+                };
+                crate::support::schedule_retrying(&client, &p, Bytes::from("b"), &opts).await?;
+                n += 1;
+            }
+            anyhow::Ok(n)
+        })
+    };
+    // Every second job cancelled, 50 keys at a time.
+    let mut cancelled = BTreeSet::new();
+    let slots: Vec<u64> = (0..JOBS).step_by(2).collect();
+    for chunk in slots.chunks(50) {
+        let puts = chunk.iter().map(|slot| {
+            kv.put(
+                worker::control::cancel_key("g13", "w0", *slot),
+                Bytes::from_static(b"test"),
+            )
+        });
+        for r in futures::future::join_all(puts).await {
+            r?;
+        }
+        cancelled.extend(chunk.iter().map(|slot| format!("w0:{slot}")));
+    }
+    let busy = busy.await??;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    crate::support::cli_ok(&op, &["queue", "resume", "g13", "--process", "w0"]).await?;
+    let r = wait_final(&js, "g13", JOBS as usize + busy, 120).await?;
+    for (id, evs) in r.iter().filter(|(id, _)| id.starts_with("w0:")) {
+        let want = if cancelled.contains(id) {
+            State::Cancelled
+        } else {
+            State::Done
+        };
+        assert_eq!(evs.last().map(|e| e.state), Some(want), "{id}: {evs:?}");
+    }
+    let ran: BTreeSet<String> = lines(&out)
+        .into_iter()
+        .filter(|l| l.starts_with("w0:"))
+        .collect();
+    assert_eq!(ran.len() as u64, JOBS / 2, "{ran:?}");
+    assert!(ran.is_disjoint(&cancelled), "a cancelled job ran");
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
     Ok(())
 }
 

@@ -50,6 +50,8 @@ type AckFuture = std::pin::Pin<
     >,
 >;
 
+/// How often a feed looks whether its connection has reconnected.
+const RECONNECT_CHECK: Duration = Duration::from_millis(250);
 /// Job publishes awaiting their acknowledgement at most.
 const IN_FLIGHT: usize = 4096;
 
@@ -271,9 +273,22 @@ impl Feed {
         let mut never = tokio::spawn(std::future::pending::<Written>());
         let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The log reader is an ordered consumer: a restarted server has lost it, and
+        // the client would notice only after two missed heartbeats (30 s and more, no
+        // job handed out meanwhile). So a reconnect ends this feed: the next resumes
+        // from the checkpoint (what was fed since is handed out again and dropped by
+        // the work stream's duplicate window).
+        let connection = self.js.client().statistics();
+        let connects = connection.connects.load(Ordering::Relaxed);
+        let mut reconnect_check = tokio::time::interval(RECONNECT_CHECK);
         let result = loop {
             tokio::select! {
                 _ = stop.cancelled() => break Ok(()),
+                _ = reconnect_check.tick() => {
+                    if connection.connects.load(Ordering::Relaxed) != connects {
+                        break Err(Error::nats("read the log", "reconnected: the reader may be gone with the server"));
+                    }
+                }
                 _ = tick.tick(), if checkpointing.is_none() => {
                     if seen_through > fed_through {
                         checkpointing = Some(self.start_checkpoint(&mut acks, &procs, seen_through, global_rev));
@@ -363,7 +378,7 @@ impl Feed {
         reader: &'a LogReader,
         requested: &mut HashSet<ProcessId>,
     ) -> impl std::future::Future<Output = Result<Admitted>> + 'a {
-        let ready = (|| -> Result<(u64, Option<(ProcessId, LogMessage, bool)>)> {
+        let ready = (|| -> Result<(u64, Option<Delivered>)> {
             let m = m.map_err(|e| Error::nats("read the log", e))?;
             let seq = m
                 .info()
@@ -833,3 +848,7 @@ impl Feed {
         })
     }
 }
+
+/// A log message of a process the group serves, and whether the process is met for
+/// the first time.
+type Delivered = (ProcessId, LogMessage, bool);

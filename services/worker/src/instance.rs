@@ -340,15 +340,24 @@ impl Instance {
             return;
         };
         c.apply(&self.config.group, key, present);
-        // Stop what runs here and is now cancelled.
-        self.with(|s| {
-            for (h, _, token) in s.running.values() {
-                if c.is_cancelled(&h.job.process, h.job.slot) {
-                    token.cancel();
-                }
-            }
-        });
         drop(c);
+        // Stop what runs here and is now cancelled. The state is locked with the
+        // control released: the executor locks the state, then the control (its
+        // buffer scan asks what is paused), so holding both here in the other order
+        // froze the instance when a change met a scan (chaos --workers, seed 1).
+        let running: Vec<(Arc<Job>, CancellationToken)> = self
+            .with(|s| {
+                s.running
+                    .values()
+                    .map(|(h, _, token)| (Arc::clone(&h.job), token.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (job, token) in running {
+            if self.is_cancelled(&job) {
+                token.cancel();
+            }
+        }
         self.changed.notify_waiters();
     }
 
@@ -456,26 +465,30 @@ impl Instance {
             let bucket = kv.name.clone();
             let (tx, rx) = tokio::sync::oneshot::channel();
             let task = tokio::spawn(async move {
+                // Told once, by the first watch that loads the current values; a
+                // re-watch replays them over the ones held.
                 let mut tx = Some(tx);
                 loop {
                     let m = Arc::clone(&me);
-                    // Only the first watch tells the start; a re-watch replays the
-                    // current values over the ones held.
-                    let loaded = tx
-                        .take()
-                        .unwrap_or_else(|| tokio::sync::oneshot::channel().0);
                     let r = crate::control::watch(
                         me.js.clone(),
                         bucket.clone(),
                         group.clone(),
                         move |k, present| m.control_changed(k, present),
-                        loaded,
+                        &mut tx,
                     )
                     .await;
-                    if let Err(e) = r {
-                        me.record(Level::Warn, format!("control watch: {e}; again in 1 s"));
+                    match r {
+                        // Reconnected: the consumer may be gone with the server.
+                        Ok(()) => me.record(
+                            Level::Info,
+                            "control watch: reconnected; watching again".to_string(),
+                        ),
+                        Err(e) => {
+                            me.record(Level::Warn, format!("control watch: {e}; again in 1 s"));
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
                     }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             });
             (task, rx)
@@ -1094,6 +1107,11 @@ impl Instance {
                 s.running
                     .insert(id.clone(), (h.clone(), started, cancel.clone()))
             });
+            // A cancel applied between the check above and the insert found nothing
+            // running to stop: stop it here.
+            if self.is_cancelled(&h.job) {
+                cancel.cancel();
+            }
             let handler = Arc::clone(&self.handler);
             let job = Arc::clone(&h.job);
             let c2 = cancel.clone();

@@ -89,6 +89,8 @@
 
 #[path = "chaos/alarms.rs"]
 mod alarms;
+#[path = "chaos/workers.rs"]
+mod workers;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
@@ -116,8 +118,8 @@ use protocol::seal::Seal;
 use protocol::wire::{ErrorCode, Mode, Receipt};
 use protocol::{Hash32, ProcessId};
 use tests::support::{
-    connect, key_file, loader_command, published_keys, scheduler_command, test_key,
-    wait_for_schedulers, wait_for_service,
+    connect, job_results, key_file, loader_command, published_keys, scheduler_command, test_key,
+    wait_for_schedulers, wait_for_service, worker_command,
 };
 
 #[derive(Parser, Debug, Clone)]
@@ -139,7 +141,7 @@ struct Args {
     processes: usize,
     /// Steady clients (each sends one request at a time).
     #[arg(long, default_value_t = 8)]
-    workers: usize,
+    clients: usize,
     /// Seconds a client waits for an answer.
     #[arg(long, default_value_t = 45)]
     timeout: u64,
@@ -165,10 +167,21 @@ struct Args {
     /// the schedulers take only the firings.
     #[arg(long)]
     alarms: bool,
+    /// The worker scenario (`make chaos WORKERS=1`, module `workers`): a worker group
+    /// of real instances running seeded jobs (some failing, some long) while instances
+    /// are killed, stopped, added and removed and the server stalls and restarts;
+    /// queues paused and jobs cancelled meanwhile; checked from the log, the jobs'
+    /// results and what the handler saw.
+    #[arg(long, conflicts_with = "alarms")]
+    workers: bool,
+    /// Worker instances (with `--workers`; a scale-out fault adds one more for a while).
+    #[arg(long, default_value_t = 2)]
+    instances: usize,
     /// Alarm-loaders (with `--alarms`).
     #[arg(long, default_value_t = 3)]
     loaders: usize,
-    /// Seconds after the workload for what fell due to fire (with `--alarms`).
+    /// Seconds after the workload for what fell due to fire (with `--alarms`), or for
+    /// every job to end (with `--workers`).
     #[arg(long, default_value_t = 60)]
     settle: u64,
     /// Where to write the JSON results.
@@ -752,6 +765,26 @@ enum Fault {
         skew_ms: i64,
         hold_ms: u64,
     },
+    /// A worker instance killed (SIGKILL, its jobs' children with it), restarted after
+    /// `down_ms`.
+    WorkerKill {
+        worker: usize,
+        down_ms: u64,
+    },
+    /// A worker instance stopped (SIGTERM: it hands back what waits, drains what
+    /// runs), restarted.
+    WorkerTerm {
+        worker: usize,
+    },
+    /// One more worker instance started, serving `hold_ms`, then stopped (SIGTERM).
+    WorkerScale {
+        hold_ms: u64,
+    },
+    /// The worker instance that feeds the group killed (SIGKILL), restarted after
+    /// `down_ms` (another one takes the feed lease meanwhile).
+    FeederKill {
+        down_ms: u64,
+    },
     /// Cluster: a node stopped (SIGSTOP) for `ms`, then continued.
     NodeStall {
         node: Node,
@@ -827,8 +860,22 @@ impl Fault {
         "leader_stepdown",
     ];
 
+    /// The kinds of the worker scenario (one nats-server only).
+    const WORKER_KINDS: [&'static str; 6] = [
+        "worker_kill",
+        "worker_term",
+        "worker_scale",
+        "feeder_kill",
+        "nats_stall",
+        "nats_kill",
+    ];
+
     fn name(&self) -> &'static str {
         match self {
+            Fault::WorkerKill { .. } => "worker_kill",
+            Fault::WorkerTerm { .. } => "worker_term",
+            Fault::WorkerScale { .. } => "worker_scale",
+            Fault::FeederKill { .. } => "feeder_kill",
             Fault::NatsStall { .. } => "nats_stall",
             Fault::NatsKill { .. } => "nats_kill",
             Fault::ReplicaKill { .. } => "replica_kill",
@@ -909,6 +956,17 @@ impl Fault {
                 "loader {loader} restarted with --clock-skew-ms {skew_ms} for {} s",
                 secs(*hold_ms)
             ),
+            Fault::WorkerKill { worker, down_ms } => {
+                format!("worker {worker} SIGKILL, down {} s", secs(*down_ms))
+            }
+            Fault::WorkerTerm { worker } => format!("worker {worker} SIGTERM, restarted"),
+            Fault::WorkerScale { hold_ms } => format!(
+                "one more worker instance for {} s, then SIGTERM",
+                secs(*hold_ms)
+            ),
+            Fault::FeederKill { down_ms } => {
+                format!("the feeding worker SIGKILL, down {} s", secs(*down_ms))
+            }
             Fault::NodeStall { node, ms } => format!(
                 "{} stalled (SIGSTOP) {} s",
                 match node {
@@ -930,13 +988,38 @@ impl Fault {
     }
 }
 
+/// Which scenario a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Scheduler,
+    Alarms,
+    Workers,
+}
+
+impl Scenario {
+    fn of(args: &Args) -> Scenario {
+        if args.alarms {
+            Scenario::Alarms
+        } else if args.workers {
+            Scenario::Workers
+        } else {
+            Scenario::Scheduler
+        }
+    }
+}
+
 /// The kinds a run injects: `only` (each a kind of the mode), or every kind of the mode.
-fn fault_kinds(cluster: bool, alarms: bool, only: &[String]) -> Result<Vec<&'static str>> {
-    let all: &[&'static str] = match (cluster, alarms) {
-        (true, false) => &Fault::CLUSTER_KINDS,
-        (false, false) => &Fault::KINDS,
-        (true, true) => &Fault::ALARM_CLUSTER_KINDS,
-        (false, true) => &Fault::ALARM_KINDS,
+fn fault_kinds(cluster: bool, scenario: Scenario, only: &[String]) -> Result<Vec<&'static str>> {
+    let all: &[&'static str] = match (cluster, scenario) {
+        (true, Scenario::Scheduler) => &Fault::CLUSTER_KINDS,
+        (false, Scenario::Scheduler) => &Fault::KINDS,
+        (true, Scenario::Alarms) => &Fault::ALARM_CLUSTER_KINDS,
+        (false, Scenario::Alarms) => &Fault::ALARM_KINDS,
+        (true, Scenario::Workers) => bail!(
+            "--workers --cluster is not built: the worker scenario runs against one nats-server \
+             (the cluster's faults are exercised by the scheduler and alarm scenarios)"
+        ),
+        (false, Scenario::Workers) => &Fault::WORKER_KINDS,
     };
     if only.is_empty() {
         return Ok(all.to_vec());
@@ -954,7 +1037,11 @@ fn fault_kinds(cluster: bool, alarms: bool, only: &[String]) -> Result<Vec<&'sta
                         } else {
                             "without --cluster"
                         },
-                        if alarms { " and --alarms" } else { "" },
+                        match scenario {
+                            Scenario::Scheduler => "",
+                            Scenario::Alarms => " and --alarms",
+                            Scenario::Workers => " and --workers",
+                        },
                         all.join(", ")
                     )
                 })
@@ -968,6 +1055,7 @@ fn plan_faults(
     seed: u64,
     replicas: usize,
     loaders: usize,
+    workers: usize,
     kinds: &[&'static str],
 ) -> Vec<(Fault, u64)> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -1008,6 +1096,19 @@ fn plan_faults(
                     down_ms: rng.gen_range(0..=3_000),
                 },
                 "replica_term" => Fault::ReplicaTerm { replica },
+                "worker_kill" => Fault::WorkerKill {
+                    worker: rng.gen_range(0..workers.max(1)),
+                    down_ms: rng.gen_range(0..=3_000),
+                },
+                "worker_term" => Fault::WorkerTerm {
+                    worker: rng.gen_range(0..workers.max(1)),
+                },
+                "worker_scale" => Fault::WorkerScale {
+                    hold_ms: rng.gen_range(6_000..=15_000),
+                },
+                "feeder_kill" => Fault::FeederKill {
+                    down_ms: rng.gen_range(0..=3_000),
+                },
                 "loader_kill" => Fault::LoaderKill {
                     loader: rng.gen_range(0..loaders.max(1)),
                     down_ms: rng.gen_range(0..=3_000),
@@ -1273,6 +1374,7 @@ async fn step_down(operator: &async_nats::Client, stream: &str) -> Result<Vec<St
 enum Svc {
     Scheduler,
     Loader,
+    Worker,
 }
 
 impl Svc {
@@ -1280,6 +1382,7 @@ impl Svc {
         match self {
             Svc::Scheduler => "replica",
             Svc::Loader => "loader",
+            Svc::Worker => "worker",
         }
     }
 }
@@ -1295,6 +1398,11 @@ struct Rig {
     loaders: Vec<Replica>,
     /// Flags every loader starts with ([`Nats::loader_flags`]).
     loader_flags: Vec<String>,
+    /// The worker instances (none unless `--workers`); the last one is the spare a
+    /// scale-out fault starts for a while.
+    workers: Vec<Replica>,
+    /// How every worker instance starts.
+    worker: Option<WorkerSpec>,
     /// A connection for PING (reconnects by itself after a server restart).
     ping: async_nats::Client,
     /// The operator's connection (every node's URL): leaders, step-downs.
@@ -1307,6 +1415,7 @@ impl Rig {
         match svc {
             Svc::Scheduler => &mut self.replicas,
             Svc::Loader => &mut self.loaders,
+            Svc::Worker => &mut self.workers,
         }
     }
 
@@ -1316,6 +1425,13 @@ impl Rig {
         let base = match svc {
             Svc::Scheduler => &self.flags,
             Svc::Loader => &self.loader_flags,
+            Svc::Worker => {
+                &self
+                    .worker
+                    .as_ref()
+                    .context("a worker without a spec")?
+                    .flags
+            }
         };
         let flags = with_flags(base, flags);
         let args: Vec<&str> = flags.iter().map(String::as_str).collect();
@@ -1328,6 +1444,11 @@ impl Rig {
                 scheduler_command(&self.nats, &key, &args)?
             }
             Svc::Loader => loader_command(&self.nats, &args)?,
+            Svc::Worker => {
+                let spec = self.worker.as_ref().context("a worker without a spec")?;
+                // Info: the worker says when it is ready and when it feeds the group.
+                worker_command(&self.nats, &spec.group, &spec.script, &args, "info")?
+            }
         };
         let rep = &mut self.members(svc)[r];
         let mut log = std::fs::OpenOptions::new()
@@ -1378,9 +1499,10 @@ impl Rig {
         self.start(svc, r, &[])
     }
 
-    /// A graceful stop of every replica and loader, as at the end of any deployment.
+    /// A graceful stop of every replica, loader and worker, as at the end of any
+    /// deployment.
     fn stop_all(&mut self) {
-        for svc in [Svc::Scheduler, Svc::Loader] {
+        for svc in [Svc::Worker, Svc::Scheduler, Svc::Loader] {
             for r in 0..self.members(svc).len() {
                 let mut notes = Vec::new();
                 self.stop(svc, r, &mut notes);
@@ -1420,7 +1542,7 @@ impl Rig {
                 ),
             ));
         }
-        for svc in [Svc::Scheduler, Svc::Loader] {
+        for svc in [Svc::Scheduler, Svc::Loader, Svc::Worker] {
             for r in 0..self.members(svc).len() {
                 let exited = self.members(svc)[r]
                     .process
@@ -1442,13 +1564,23 @@ impl Rig {
         Ok(())
     }
 
-    /// Waits until every replica and every loader answers PING.
+    /// The members of `svc` that run now.
+    fn running(&mut self, svc: Svc) -> usize {
+        self.members(svc)
+            .iter()
+            .filter(|m| m.process.is_some())
+            .count()
+    }
+
+    /// Waits until every replica, loader and running worker answers PING.
     fn ready(&mut self, rt: &tokio::runtime::Handle, after: &str) {
         let ping = self.ping.clone();
-        for (svc, service, n) in [
-            (Svc::Scheduler, "turnstile-scheduler", self.replicas.len()),
-            (Svc::Loader, "turnstile-alarm-loader", self.loaders.len()),
+        for (svc, service) in [
+            (Svc::Scheduler, "turnstile-scheduler"),
+            (Svc::Loader, "turnstile-alarm-loader"),
+            (Svc::Worker, WORKER_SERVICE),
         ] {
+            let n = self.running(svc);
             if n == 0 {
                 continue;
             }
@@ -1539,6 +1671,28 @@ impl Rig {
                 self.stop(Svc::Scheduler, *replica, &mut notes);
                 self.start(Svc::Scheduler, *replica, &[])?;
             }
+            Fault::WorkerKill { worker, down_ms } => {
+                notes.push(self.pid_note(Svc::Worker, *worker));
+                self.kill(Svc::Worker, *worker, *down_ms)?;
+            }
+            Fault::WorkerTerm { worker } => {
+                notes.push(self.pid_note(Svc::Worker, *worker));
+                self.stop(Svc::Worker, *worker, &mut notes);
+                self.start(Svc::Worker, *worker, &[])?;
+            }
+            Fault::WorkerScale { hold_ms } => {
+                let spare = self.workers.len().saturating_sub(1);
+                self.start(Svc::Worker, spare, &[])?;
+                notes.push(self.pid_note(Svc::Worker, spare));
+                self.ready(rt, "a worker added");
+                sleep(*hold_ms);
+                self.stop(Svc::Worker, spare, &mut notes);
+            }
+            Fault::FeederKill { down_ms } => {
+                let feeder = workers::feeder(self, &mut notes);
+                notes.push(self.pid_note(Svc::Worker, feeder));
+                self.kill(Svc::Worker, feeder, *down_ms)?;
+            }
             Fault::LoaderTerm { loader } => {
                 self.stop(Svc::Loader, *loader, &mut notes);
                 self.start(Svc::Loader, *loader, &[])?;
@@ -1591,6 +1745,16 @@ impl Rig {
             }
         }
         Ok(notes)
+    }
+
+    /// "worker 1 pid 1234": which process a fault hit.
+    fn pid_note(&mut self, svc: Svc, r: usize) -> String {
+        let pid = self.members(svc)[r].process.as_ref().and_then(|p| p.pid());
+        format!(
+            "{} {r} pid {}",
+            svc.name(),
+            pid.map_or_else(|| "-".to_string(), |p| p.to_string())
+        )
     }
 
     /// SIGKILLs node `i`, restarts it in place after `down_ms`, waits for the log.
@@ -2330,6 +2494,8 @@ struct Outcome {
     injector_error: Option<String>,
     /// The alarm-loader scenario's verdict (`--alarms`).
     alarms: Option<alarms::Verdict>,
+    /// The worker scenario's verdict (`--workers`).
+    workers: Option<workers::Verdict>,
 }
 
 /// What a run starts with: the servers, replicas (and loaders) up and answering.
@@ -2342,9 +2508,21 @@ struct Setup {
     nats_logs: Vec<(String, PathBuf)>,
 }
 
-/// Starts the servers, `args.replicas` scheduler replicas and `loaders` alarm-loaders,
-/// and waits until every one answers PING.
-async fn setup(args: &Args, loaders: usize) -> Result<Setup> {
+/// How the worker scenario's instances start: their group, handler script and flags,
+/// how many run from the start (one more is the spare of a scale-out).
+struct WorkerSpec {
+    group: String,
+    script: String,
+    flags: Vec<String>,
+    instances: usize,
+}
+
+/// The worker instances' service name (services API).
+const WORKER_SERVICE: &str = "turnstile-worker";
+
+/// Starts the servers, `args.replicas` scheduler replicas, `loaders` alarm-loaders and
+/// the worker instances of `worker`, and waits until every one answers PING.
+async fn setup(args: &Args, loaders: usize, worker: Option<WorkerSpec>) -> Result<Setup> {
     let nats = if args.cluster {
         Nats::Cluster(NatsCluster::start(3)?)
     } else {
@@ -2375,9 +2553,21 @@ async fn setup(args: &Args, loaders: usize) -> Result<Setup> {
             starts: 0,
         })
         .collect();
+    let workers = worker.as_ref().map_or(0, |w| w.instances + 1);
+    let workers = (0..workers)
+        .map(|w| Replica {
+            key: None,
+            process: None,
+            log: work.path().join(format!("worker-{w}.log")),
+            starts: 0,
+        })
+        .collect();
+    let worker_instances = worker.as_ref().map_or(0, |w| w.instances);
     let mut rig = Rig {
         flags: nats.scheduler_flags(),
         loader_flags: nats.loader_flags(),
+        workers,
+        worker,
         nats,
         replicas,
         loaders,
@@ -2393,6 +2583,11 @@ async fn setup(args: &Args, loaders: usize) -> Result<Setup> {
     }
     wait_for_schedulers(&ping, rig.replicas.len()).await?;
     wait_for_service(&ping, "turnstile-alarm-loader", rig.loaders.len()).await?;
+    // After the schedulers: a worker's feeder reads their published keys.
+    for w in 0..worker_instances {
+        rig.start(Svc::Worker, w, &[])?;
+    }
+    wait_for_service(&ping, WORKER_SERVICE, worker_instances).await?;
     Ok(Setup {
         rig,
         work,
@@ -2404,7 +2599,7 @@ async fn setup(args: &Args, loaders: usize) -> Result<Setup> {
 }
 
 async fn run(args: &Args, seed: u64) -> Result<Outcome> {
-    let kinds = fault_kinds(args.cluster, false, &args.faults)?;
+    let kinds = fault_kinds(args.cluster, Scenario::Scheduler, &args.faults)?;
     let Setup {
         rig,
         work,
@@ -2412,7 +2607,7 @@ async fn run(args: &Args, seed: u64) -> Result<Outcome> {
         client_url,
         operator_url,
         nats_logs,
-    } = setup(args, 0).await?;
+    } = setup(args, 0, None).await?;
     let limits = Limits::fetch(&ping).await?;
     let mut clients = Vec::new();
     for _ in 0..CONNECTIONS {
@@ -2455,13 +2650,13 @@ async fn run(args: &Args, seed: u64) -> Result<Outcome> {
             .collect()
     }));
     let mut workers = Vec::new();
-    for w in 0..args.workers {
+    for w in 0..args.clients {
         workers.push(tokio::spawn(steady(Arc::clone(&ctx), w as u64)));
     }
     let plan = if args.no_faults {
         Vec::new()
     } else {
-        plan_faults(seed, args.replicas, 0, &kinds)
+        plan_faults(seed, args.replicas, 0, 0, &kinds)
     };
     let rt = tokio::runtime::Handle::current();
     let last_start = stop_ms.saturating_sub(20_000);
@@ -2573,6 +2768,7 @@ async fn run(args: &Args, seed: u64) -> Result<Outcome> {
         nats_logs: nats_logs.clone(),
         injector_error,
         alarms: None,
+        workers: None,
     };
     if !outcome.violations.is_empty() || outcome.injector_error.is_some() {
         keep_logs(seed, &logs, &nats_logs);
@@ -2600,6 +2796,12 @@ fn keep_logs(seed: u64, logs: &[PathBuf], nats_logs: &[(String, PathBuf)]) {
 fn summary(args: &Args, o: &Outcome) -> String {
     if let Some(a) = &o.alarms {
         return alarms::summary(args, o, a)
+            .iter()
+            .map(|(k, v)| format!("  {k:<13} {v}\n"))
+            .collect();
+    }
+    if let Some(w) = &o.workers {
+        return workers::summary(args, o, w)
             .iter()
             .map(|(k, v)| format!("  {k:<13} {v}\n"))
             .collect();
@@ -2727,7 +2929,11 @@ fn replay(args: &Args, seed: u64) -> String {
             "make chaos DURATION={} SEED={seed}{}{}",
             args.duration,
             if args.cluster { " CLUSTER=1" } else { "" },
-            if args.alarms { " ALARMS=1" } else { "" }
+            match Scenario::of(args) {
+                Scenario::Alarms => " ALARMS=1",
+                Scenario::Workers => " WORKERS=1",
+                Scenario::Scheduler => "",
+            }
         )
     } else {
         format!(
@@ -2735,7 +2941,11 @@ fn replay(args: &Args, seed: u64) -> String {
             profile(),
             args.duration,
             if args.cluster { " --cluster" } else { "" },
-            if args.alarms { " --alarms" } else { "" },
+            match Scenario::of(args) {
+                Scenario::Alarms => " --alarms",
+                Scenario::Workers => " --workers",
+                Scenario::Scheduler => "",
+            },
             args.faults.join(",")
         )
     }
@@ -2759,6 +2969,7 @@ fn write_json(args: &Args, o: &Outcome) -> Result<()> {
         "injector_error": o.injector_error,
         "verify": {"ok": o.verify["ok"], "totals": o.verify["totals"]},
         "alarms": o.alarms,
+        "workers": o.workers,
         "logs": o.logs,
         "nats_logs": o.nats_logs.iter().map(|(_, p)| p).collect::<Vec<_>>(),
     });
@@ -2779,10 +2990,10 @@ async fn main() -> Result<()> {
         args.duration,
         replay(&args, seed)
     );
-    let ran = if args.alarms {
-        alarms::run(&args, seed).await
-    } else {
-        run(&args, seed).await
+    let ran = match Scenario::of(&args) {
+        Scenario::Alarms => alarms::run(&args, seed).await,
+        Scenario::Workers => workers::run(&args, seed).await,
+        Scenario::Scheduler => run(&args, seed).await,
     };
     let outcome = match ran {
         Ok(o) => o,

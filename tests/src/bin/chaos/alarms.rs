@@ -1043,7 +1043,7 @@ fn judge(
 
 /// The alarm-loader scenario (the module doc).
 pub(super) async fn run(args: &Args, seed: u64) -> Result<Outcome> {
-    let kinds = fault_kinds(args.cluster, true, &args.faults)?;
+    let kinds = fault_kinds(args.cluster, Scenario::Alarms, &args.faults)?;
     let Setup {
         rig,
         work: dir,
@@ -1051,7 +1051,7 @@ pub(super) async fn run(args: &Args, seed: u64) -> Result<Outcome> {
         client_url,
         operator_url,
         nats_logs,
-    } = setup(args, args.loaders).await?;
+    } = setup(args, args.loaders, None).await?;
     let limits = Limits::fetch(&ping).await?;
     println!(
         "chaos: {} loaders and {} replicas on {}",
@@ -1078,7 +1078,7 @@ pub(super) async fn run(args: &Args, seed: u64) -> Result<Outcome> {
     let plan = if args.no_faults {
         Vec::new()
     } else {
-        plan_faults(seed, args.replicas, args.loaders, &kinds)
+        plan_faults(seed, args.replicas, args.loaders, 0, &kinds)
     };
     let rt = tokio::runtime::Handle::current();
     let last_start = stop_ms.saturating_sub(20_000);
@@ -1190,6 +1190,7 @@ pub(super) async fn run(args: &Args, seed: u64) -> Result<Outcome> {
         nats_logs: nats_logs.clone(),
         injector_error,
         alarms: Some(verdict),
+        workers: None,
     };
     if !outcome.violations.is_empty() || outcome.injector_error.is_some() {
         keep_logs(seed, &logs, &nats_logs);
