@@ -169,6 +169,19 @@ pub struct FeedStats {
     pub log_reads: AtomicU64,
 }
 
+/// When the published keys were last read again, and the key ids read for.
+#[derive(Debug, Default)]
+pub struct KeysRead {
+    last: Option<tokio::time::Instant>,
+    /// Key ids a read was made for (bounded): a run sealed by a key id not yet looked
+    /// up reads the keys at once, whatever the time since the last read — judging the
+    /// run foreign for want of a read would be final.
+    looked_up: HashSet<String>,
+}
+
+/// Key ids remembered as looked up, at most.
+const LOOKED_UP_MAX: usize = 4096;
+
 /// What a feeder needs.
 #[derive(Clone)]
 pub struct Feed {
@@ -190,8 +203,8 @@ pub struct Feed {
     /// The published keys' bucket: read again when a run is sealed by a key not yet
     /// trusted (a scheduler started after the group, a new key); none: pinned keys.
     pub keys: Option<kv::Store>,
-    /// When the keys were last read again.
-    pub keys_read: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    /// When the keys were last read again, and for which key ids.
+    pub keys_read: Arc<std::sync::Mutex<KeysRead>>,
     /// Bumped each time the keys are read again: the feed makes every verifier it
     /// holds trust the new set.
     pub trusted_generation: Arc<AtomicU64>,
@@ -498,13 +511,15 @@ impl Feed {
             return Ok(false);
         }
         let trusted = self.trusted();
-        let unknown = run.seal.commitments.is_empty()
-            || run
-                .seal
-                .commitments
-                .iter()
-                .any(|c| !trusted.contains(&c.key_id));
-        if !unknown || !self.may_read_keys() {
+        let untrusted: Vec<&str> = run
+            .seal
+            .commitments
+            .iter()
+            .filter(|c| !trusted.contains(&c.key_id))
+            .map(|c| c.key_id.as_str())
+            .collect();
+        let unknown = run.seal.commitments.is_empty() || !untrusted.is_empty();
+        if !unknown || !self.may_read_keys(&untrusted) {
             return Ok(false);
         }
         let fresh = journal::keyring::trust(&journal::keyring::fetch(keys).await?);
@@ -568,16 +583,30 @@ impl Feed {
         self.trusted.read().map(|t| t.clone()).unwrap_or_default()
     }
 
-    /// Whether the published keys may be read again now (once a second at most).
-    fn may_read_keys(&self) -> bool {
-        let Ok(mut last) = self.keys_read.lock() else {
+    /// Whether the published keys may be read again now for a run sealed by
+    /// `untrusted` key ids: at once for a key id never looked up (a new scheduler's
+    /// key), else once a second at most (a flood of runs sealed by one unknown key
+    /// costs one read a second).
+    fn may_read_keys(&self, untrusted: &[&str]) -> bool {
+        let Ok(mut read) = self.keys_read.lock() else {
             return false;
         };
         let now = tokio::time::Instant::now();
-        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+        let new_id = untrusted.iter().any(|id| !read.looked_up.contains(*id))
+            && read.looked_up.len() < LOOKED_UP_MAX;
+        if !new_id
+            && read
+                .last
+                .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
             return false;
         }
-        *last = Some(now);
+        for id in untrusted {
+            if read.looked_up.len() < LOOKED_UP_MAX {
+                read.looked_up.insert((*id).to_string());
+            }
+        }
+        read.last = Some(now);
         true
     }
 

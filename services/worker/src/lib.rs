@@ -199,7 +199,7 @@ pub async fn run(
         kv,
         trusted: Arc::new(std::sync::RwLock::new(trusted)),
         keys,
-        keys_read: Arc::new(std::sync::Mutex::new(None)),
+        keys_read: Arc::default(),
         trusted_generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         stats: feed_stats,
     };
