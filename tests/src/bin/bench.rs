@@ -2070,28 +2070,23 @@ async fn workers_section(body: &Bytes, seconds: f64, window: usize) -> Result<se
         alone.rate
     );
     // 2. Two instances of one group.
-    let spawn = |n: usize| -> Result<harness::Process> {
+    // An instance of `group` (no-op handler, bounded buffer), with `extra` flags.
+    let spawn = |group: &str, extra: &[&str], n: usize| -> Result<harness::Process> {
         let mut cmd = std::process::Command::new(harness::workspace_bin("worker")?);
-        cmd.args([
-            "--group",
-            "bench",
-            "--noop",
-            "--concurrency",
-            "64",
-            "--buffer",
-            "bounded:1024",
-        ])
-        .env("NATS_URL", server.url_as(Role::JobWorker))
-        .env("TS_INTAKE_URL", server.url_as(Role::Worker))
-        .env(
-            "RUST_LOG",
-            std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .env("BENCH_INSTANCE", n.to_string());
+        cmd.args(["--group", group, "--noop", "--concurrency", "64"])
+            .args(["--buffer", "bounded:1024"])
+            .args(extra)
+            .env("NATS_URL", server.url_as(Role::JobWorker))
+            .env("TS_INTAKE_URL", server.url_as(Role::Worker))
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .env("BENCH_INSTANCE", n.to_string());
         Ok(harness::Process::spawn(cmd)?)
     };
-    let w1 = spawn(1)?;
-    let w2 = spawn(2)?;
+    let w1 = spawn("bench", &[], 1)?;
+    let w2 = spawn("bench", &[], 2)?;
     tests::support::wait_for_service(&probe, "turnstile-worker", 2).await?;
     tokio::time::sleep(Duration::from_secs(3)).await; // the feeder's lease
     let operator = tests::support::connect(&server.url_as(Role::Operator)).await?;
@@ -2188,30 +2183,9 @@ async fn workers_section(body: &Bytes, seconds: f64, window: usize) -> Result<se
         w2.terminate(Duration::from_secs(20));
     })
     .await;
-    let strict_spawn = |n: usize| -> Result<harness::Process> {
-        let mut cmd = std::process::Command::new(harness::workspace_bin("worker")?);
-        cmd.args([
-            "--group",
-            "bench-strict",
-            "--ordering",
-            "strict",
-            "--noop",
-            "--concurrency",
-            "64",
-            "--buffer",
-            "bounded:1024",
-        ])
-        .env("NATS_URL", server.url_as(Role::JobWorker))
-        .env("TS_INTAKE_URL", server.url_as(Role::Worker))
-        .env(
-            "RUST_LOG",
-            std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .env("BENCH_INSTANCE", n.to_string());
-        Ok(harness::Process::spawn(cmd)?)
-    };
-    let _s1 = strict_spawn(1)?;
-    let _s2 = strict_spawn(2)?;
+    let strict_flags = ["--ordering", "strict"];
+    let _s1 = spawn("bench-strict", &strict_flags, 1)?;
+    let _s2 = spawn("bench-strict", &strict_flags, 2)?;
     tests::support::wait_for_service(&probe, "turnstile-worker", 2).await?;
     tokio::time::sleep(Duration::from_secs(4)).await; // the feeder's and partitions' leases
     let strict = group_phase(&js, &conns, body, window, seconds).await?;
