@@ -557,3 +557,123 @@ async fn raw_hostile_queue_key_headers_get_typed_errors_and_take_no_hold() -> Re
     schedule_key(&client, &p, "other").await?;
     Ok(())
 }
+
+/// A job with a queue key and an execution key held by another running job waits in
+/// its instance's buffer, and waiting it has not started: its queue key stays held (a request with it is
+/// refused) until the execution key frees and the job starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_parked_for_its_execution_key_keeps_its_queue_key_until_it_starts() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(96))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let o = out.display();
+    let script = format!(
+        "b=$(cat); j=\"$TS_PROCESS:$TS_SLOT\"; echo \"start $j\" >> {o}; \
+         if [ \"$b\" = slow ]; then sleep 4; fi; echo \"end $j\" >> {o}"
+    );
+    let _w = crate::workers::spawn_worker(
+        &server,
+        "qx",
+        &script,
+        &["--exec-key-lease-ms", "3000", "--concurrency", "4"],
+    )?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let instance = crate::support::ping_instances(&nats, "turnstile-worker")
+        .await?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let client = Client::new(nats.clone(), Subjects::default());
+    let exec = |queue: Option<&str>| Schedule {
+        headers: std::iter::once(("Ts-Execution-Key".to_string(), "X".to_string()))
+            .chain(queue.map(|q| (subjects::QUEUE_KEY.to_string(), q.to_string())))
+            .collect(),
+        ..Default::default()
+    };
+    let (p1, p2) = (ProcessId::new("qx1")?, ProcessId::new("qx2")?);
+    let first = client
+        .schedule(&p1, Bytes::from("slow"), &exec(None))
+        .await?;
+    let started = |job: String| {
+        let out = out.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while !crate::workers::lines(&out).contains(&format!("start {job}")) {
+                if tokio::time::Instant::now() > deadline {
+                    bail!("{job} never started: {:?}", crate::workers::lines(&out));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(())
+        }
+    };
+    started(format!("qx1:{}", first.slot)).await?;
+
+    let second = client
+        .schedule(&p2, Bytes::from("fast"), &exec(Some("k")))
+        .await?;
+    // The instance took it, and it waits (execution key X is held by the first).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = nats
+            .request(format!("ts.worker.inspect.{instance}"), Bytes::new())
+            .await?;
+        let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+        // Waiting for its key: passed over in the buffer (the instance's watch saw X
+        // taken) or parked after a create that found X held.
+        let waiting = v["pending"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|j| j["id"] == format!("qx2:{}", second.slot).as_str());
+        if waiting || v["counts"]["key_waits"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "the second job was never parked: {v}; {:?}",
+                crate::workers::lines(&out)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_refused(
+        schedule_key(&client, &p2, "k").await,
+        ErrorCode::QueueKeyHeld,
+    );
+    let end_first = format!("end qx1:{}", first.slot);
+    assert!(
+        !crate::workers::lines(&out).contains(&end_first),
+        "the first job ended before the refusal: the test saw no parked job"
+    );
+
+    // The first ends, the second starts (after it) and its queue key is free again.
+    started(format!("qx2:{}", second.slot)).await?;
+    let seen = crate::workers::lines(&out);
+    let at = |l: &str| seen.iter().position(|x| x == l);
+    assert!(
+        at(&end_first) < at(&format!("start qx2:{}", second.slot)),
+        "the second job started before the first ended: {seen:?}"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match schedule_key(&client, &p2, "k").await {
+            Ok(r) => {
+                assert!(r.slot > second.slot);
+                break;
+            }
+            Err(journal::Error::Refused {
+                code: ErrorCode::QueueKeyHeld,
+                ..
+            }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => bail!("the started job's queue key never came free: {e}"),
+        }
+    }
+    Ok(())
+}

@@ -938,6 +938,8 @@ impl Instance {
         let key = match &h.exec {
             None => return Some(None),
             Some(Err(reason)) => {
+                // Dead without running: no longer queued either.
+                self.release_queue_key(&h.job).await;
                 self.settle(h, Outcome::Fatal(reason.clone()), (self.clock)(), 0)
                     .await;
                 return None;
@@ -1087,19 +1089,25 @@ impl Instance {
                 }
             }
         }
-        // It starts now, or is recorded cancelled: no longer queued.
-        self.release_queue_key(&h.job).await;
         if self.is_cancelled(&h.job) {
+            // Recorded cancelled: no longer queued.
+            self.release_queue_key(&h.job).await;
             self.settle_cancelled(&h, None, None).await;
             return;
         }
         let mut h = h;
+        let mut queued = true;
         loop {
             // Its execution key is taken before each attempt; held elsewhere, the job
-            // is parked in the buffer and this executor goes on to other jobs.
+            // is parked in the buffer (still queued: its queue key stays held) and
+            // this executor goes on to other jobs.
             let Some(key) = self.take_key(&h).await else {
                 return;
             };
+            if std::mem::take(&mut queued) {
+                // It starts now: no longer queued.
+                self.release_queue_key(&h.job).await;
+            }
             let cancel = self.hard_stop.child_token();
             let started = (self.clock)();
             let id = h.job.id();
