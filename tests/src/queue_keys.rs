@@ -677,3 +677,83 @@ async fn a_job_parked_for_its_execution_key_keeps_its_queue_key_until_it_starts(
     }
     Ok(())
 }
+
+/// Two scheduler replicas race on queue keys: 40 requests with one key at once, and
+/// 10 keys × 6 requests at once, spread over both replicas by the queue group: for
+/// each key exactly one request is written, every other one is refused
+/// `queue_key_held`, and the bucket's hold names the one written slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_racing_on_one_queue_key_write_it_once() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(97))?;
+    let _a = spawn_scheduler(&server, &key, &[])?;
+    let _b = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 2).await?;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let p = ProcessId::new("qr")?;
+    let store = bucket(&server).await?;
+
+    let rounds: [(&str, Vec<String>); 2] = [
+        ("one key, 40 requests", vec!["hot".to_string(); 40]),
+        (
+            "10 keys, 6 requests each",
+            (0..60).map(|i| format!("k{}", i % 10)).collect(),
+        ),
+    ];
+    for (what, keys) in rounds {
+        let answers = futures::future::join_all(keys.iter().map(|k| {
+            let (client, p) = (client.clone(), p.clone());
+            async move { (k.clone(), schedule_key(&client, &p, k).await) }
+        }))
+        .await;
+        let mut written: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+        for (k, answer) in answers {
+            match answer {
+                Ok(r) => written.entry(k).or_default().push(r.slot),
+                Err(journal::Error::Refused {
+                    code: ErrorCode::QueueKeyHeld,
+                    ..
+                }) => {}
+                Err(e) => bail!("{what}: key {k}: {e}"),
+            }
+        }
+        let distinct: std::collections::BTreeSet<&String> = keys.iter().collect();
+        assert_eq!(written.len(), distinct.len(), "{what}: {written:?}");
+        for (k, slots) in &written {
+            assert_eq!(slots.len(), 1, "{what}: key {k} written at {slots:?}");
+            let (hold, _) = assigned_hold(&store, &p, k).await?;
+            assert_eq!(hold.slot, Some(slots[0]), "{what}: key {k}");
+        }
+    }
+    // What was written is exactly the receipts: 11 entries in the process's log.
+    assert_eq!(read_log(server.url(), &p).await?.len(), 11);
+    // Both replicas raced: each refused some of the 89 losers.
+    let inbox = nats.new_inbox();
+    let mut sub = nats.subscribe(inbox.clone()).await?;
+    nats.publish_with_reply("$SRV.STATS.turnstile-scheduler", inbox, Bytes::new())
+        .await?;
+    let mut refused = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(
+        Duration::from_millis(500),
+        futures::StreamExt::next(&mut sub),
+    )
+    .await
+    {
+        let stats: serde_json::Value = serde_json::from_slice(&m.payload)?;
+        let held = stats["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find_map(|e| e["data"]["queue_key_held"].as_u64());
+        refused.push(held.unwrap_or(0));
+    }
+    assert_eq!(refused.len(), 2, "two replicas answered STATS: {refused:?}");
+    assert_eq!(refused.iter().sum::<u64>(), 89, "{refused:?}");
+    assert!(
+        refused.iter().all(|&n| n > 0),
+        "one replica took no part in the race: {refused:?}"
+    );
+    Ok(())
+}
