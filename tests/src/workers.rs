@@ -1338,3 +1338,101 @@ async fn a_new_feeder_preloads_every_checkpoint_in_one_read() -> Result<()> {
     assert_eq!(r.keys().cloned().collect::<BTreeSet<_>>(), ids);
     Ok(())
 }
+
+/// A group has one ordering: a strict instance started beside a live unordered one
+/// ends at once with one clear line (and the live one goes on); once the unordered
+/// instance has stopped, a strict one takes the group over — the old consumer is
+/// removed — and every job the old one held runs once, in slot order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_has_one_ordering_and_can_switch_once_its_instances_are_gone() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(98))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let mut unordered = spawn_worker(&server, "oc", &appender(&out), &[])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let op = server.url_as(Role::Operator);
+    crate::support::cli_ok(&op, &["queue", "pause", "oc"]).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let ids = schedule_many(&client, 2, 5, "oc").await?;
+
+    let strict = ["--lease-ms", "2000", "--ordering", "strict"];
+    let mut cmd = tokio::process::Command::from(worker_command(
+        &server,
+        "oc",
+        &appender(&out),
+        &strict,
+        "warn",
+    )?);
+    cmd.kill_on_drop(true)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let mut stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+    let read = tokio::spawn(async move {
+        let mut said = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut stderr, &mut said).await;
+        said
+    });
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    if status.is_err() {
+        let _ = child.kill().await;
+    }
+    let said = String::from_utf8_lossy(&read.await?).to_string();
+    let Ok(status) = status else {
+        bail!("the strict instance did not end within 30 s: {said}");
+    };
+    let refused = status?;
+    assert!(!refused.success(), "a strict instance joined: {said}");
+    assert!(
+        said.contains("group oc runs with --ordering unordered (live instances: "),
+        "{said}"
+    );
+    assert!(lines(&out).is_empty(), "a job ran while paused");
+
+    // The unordered instance stops (its held jobs handed back); a strict one takes the
+    // group over.
+    let stopped =
+        tokio::task::spawn_blocking(move || unordered.terminate(Duration::from_secs(20))).await?;
+    assert!(stopped, "the unordered instance did not stop");
+    let _strict = spawn_worker(&server, "oc", &appender(&out), &strict[2..])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    crate::support::cli_ok(&op, &["queue", "resume", "oc"]).await?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator);
+    let r = wait_final(&js, "oc", ids.len(), 60).await?;
+    assert_eq!(r.keys().cloned().collect::<BTreeSet<_>>(), ids);
+    for (id, evs) in &r {
+        let states: Vec<State> = evs.iter().map(|e| e.state).collect();
+        assert_eq!(states, vec![State::Done], "{id}: {evs:?}");
+    }
+    let ran = lines(&out);
+    assert_eq!(ran.len(), ids.len(), "every job ran once: {ran:?}");
+    for p in ["w0", "w1"] {
+        let slots: Vec<u64> = ran
+            .iter()
+            .filter_map(|l| l.strip_prefix(&format!("{p}:")))
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        assert_eq!(slots, (0..5).collect::<Vec<u64>>(), "{p} in slot order");
+    }
+    let work = js.get_stream("TS_WORK").await?;
+    let names: Vec<String> = work
+        .consumer_names()
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    assert!(
+        !names.contains(&"group-oc".to_string()),
+        "the unordered consumer is still there: {names:?}"
+    );
+    Ok(())
+}

@@ -1250,27 +1250,13 @@ impl Loader {
 
     /// The ids of the live instances of `group` (services-API PING).
     async fn instances(&self, group: &str) -> Result<Vec<String>> {
-        let inbox = self.dispatch.new_inbox();
-        let mut sub = self
-            .dispatch
-            .subscribe(inbox.clone())
+        let ids: BTreeSet<String> = service::ask_all(&self.dispatch, "PING", group, DISCOVERY)
             .await
-            .map_err(|e| Error::js("discover instances", e))?;
-        self.dispatch
-            .publish_with_reply(format!("$SRV.PING.{group}"), inbox, Bytes::new())
-            .await
-            .map_err(|e| Error::js("discover instances", e))?;
-        let mut ids = BTreeSet::new();
-        let deadline = tokio::time::Instant::now() + DISCOVERY;
-        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
-            if let Some(id) = serde_json::from_slice::<Value>(&m.payload)
-                .ok()
-                .and_then(|v| v["id"].as_str().map(str::to_string))
-                .filter(|id| crate::alarm::is_token(id, 64))
-            {
-                ids.insert(id);
-            }
-        }
+            .map_err(|e| Error::js("discover instances", e))?
+            .into_iter()
+            .filter_map(|v| v["id"].as_str().map(str::to_string))
+            .filter(|id| crate::alarm::is_token(id, 64))
+            .collect();
         Ok(ids.into_iter().collect())
     }
 

@@ -91,19 +91,15 @@ pub enum JobAction {
 
 /// The live instances of every worker group (services-API INFO), grouped.
 pub async fn workers(nats: async_nats::Client) -> Result<i32> {
-    let inbox = nats.new_inbox();
-    let mut sub = nats.subscribe(inbox.clone()).await?;
-    nats.publish_with_reply("$SRV.INFO.turnstile-worker", inbox, Bytes::new())
-        .await?;
+    let answers = service::ask_all(
+        &nats,
+        "INFO",
+        "turnstile-worker",
+        Duration::from_millis(500),
+    )
+    .await?;
     let mut groups: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
-        if m.status.is_some() {
-            continue;
-        }
-        let Ok(info) = serde_json::from_slice::<Value>(&m.payload) else {
-            continue;
-        };
+    for info in answers {
         let group = info["metadata"]["group"]
             .as_str()
             .unwrap_or("?")
@@ -112,6 +108,7 @@ pub async fn workers(nats: async_nats::Client) -> Result<i32> {
             "id": info["id"],
             "buffer": info["metadata"]["buffer"],
             "concurrency": info["metadata"]["concurrency"],
+            "ordering": info["metadata"]["ordering"],
             "version": info["version"],
         }));
     }

@@ -80,6 +80,29 @@ pub enum Order {
     Strict,
 }
 
+impl Order {
+    /// As the `--ordering` flag spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Order::Unordered => "unordered",
+            Order::Strict => "strict",
+        }
+    }
+}
+
+/// Which ordering a consumer of the work stream whose filter is `filter` serves
+/// `group` with, if it is one of the group's: the group's subjects (unordered) or one
+/// of its work partitions (strict). By filter, not by name: group names may contain
+/// `-`, so `group-a-p1` could be group `a-p1`'s unordered consumer.
+pub fn consumer_order(subjects: &Subjects, group: &str, filter: &str) -> Option<Order> {
+    if filter == subjects.work_group(group) {
+        return Some(Order::Unordered);
+    }
+    (0..crate::job::PARTITIONS)
+        .any(|n| filter == subjects.work_partition(group, n))
+        .then_some(Order::Strict)
+}
+
 impl std::str::FromStr for Order {
     type Err = String;
     fn from_str(s: &str) -> Result<Order, String> {

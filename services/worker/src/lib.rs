@@ -69,6 +69,110 @@ pub struct Settings {
     pub trusted: Option<protocol::verify::TrustedKeys>,
 }
 
+/// A group has one ordering: its unordered instances share the durable consumer
+/// `group-<group>` over all its work subjects, its strict ones one consumer per work
+/// partition, and the work stream (work-queue retention) refuses the two at once. An
+/// instance whose ordering is not the one the group's consumers serve ends here with
+/// one clear line while they are in use: a live instance of the other ordering
+/// answers the services API's INFO (this instance, `me`, must answer too, or the
+/// discovery is not trusted), or a pull request waits on one of them. Consumers of the
+/// other ordering that nobody uses any more (the operator stopped every instance to
+/// switch the group's ordering) are removed; the jobs they had delivered and not
+/// acknowledged are delivered again through the new ones.
+async fn one_ordering(
+    js: &async_nats::jetstream::Context,
+    subjects: &Subjects,
+    intake: &async_nats::Client,
+    me: &str,
+    config: &instance::Config,
+) -> Result<()> {
+    use futures::TryStreamExt;
+    let group = &config.group;
+    let stream = js
+        .get_stream(subjects.work_stream())
+        .await
+        .map_err(|e| Error::nats("open the work stream", e))?;
+    let other = match config.order {
+        instance::Order::Strict => instance::Order::Unordered,
+        instance::Order::Unordered => instance::Order::Strict,
+    };
+    // A stopped instance's last pull request lingers until it expires (1 s): look
+    // again before judging the consumers in use.
+    let mut looks = 0;
+    let others = loop {
+        looks += 1;
+        let consumers: Vec<async_nats::jetstream::consumer::Info> = stream
+            .consumers()
+            .try_collect()
+            .await
+            .map_err(|e| Error::nats("list the work stream's consumers", e))?;
+        let others: Vec<_> = consumers
+            .into_iter()
+            .filter(|c| {
+                instance::consumer_order(subjects, group, &c.config.filter_subject)
+                    .is_some_and(|o| o != config.order)
+            })
+            .collect();
+        if others.is_empty() {
+            return Ok(());
+        }
+        let waiting: usize = others.iter().map(|c| c.num_waiting).sum();
+        let answers = service::ask_all(
+            intake,
+            "INFO",
+            "turnstile-worker",
+            Duration::from_millis(500),
+        )
+        .await
+        .map_err(|e| Error::Service(e.to_string()))?;
+        let seen_me = answers.iter().any(|i| i["id"].as_str() == Some(me));
+        let live: Vec<&str> = answers
+            .iter()
+            .filter(|i| i["metadata"]["group"].as_str() == Some(group.as_str()))
+            .filter(|i| i["metadata"]["ordering"].as_str() != Some(config.order.name()))
+            .filter_map(|i| i["id"].as_str())
+            .collect();
+        if waiting == 0 && live.is_empty() && seen_me {
+            break others;
+        }
+        if looks >= 3 {
+            let why = if !live.is_empty() {
+                format!("live instances: {}", live.join(", "))
+            } else if waiting > 0 {
+                format!("{waiting} pull requests wait on its consumers")
+            } else {
+                "whether instances of it are live cannot be told: not even this instance \
+                 answered the services API's INFO"
+                    .to_string()
+            };
+            return Err(Error::Config(format!(
+                "group {group} runs with --ordering {} ({why}); this instance was started \
+                 with --ordering {}: a group has one ordering — stop those instances first, \
+                 or use another --group",
+                other.name(),
+                config.order.name()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+    };
+    let removed: Vec<&str> = others.iter().map(|c| c.name.as_str()).collect();
+    for name in &removed {
+        stream
+            .delete_consumer(name)
+            .await
+            .map_err(|e| Error::nats("remove the group's consumers of its old ordering", e))?;
+    }
+    warn!(
+        %group,
+        ?removed,
+        "the group ran with --ordering {} and none of its instances is live: its consumers \
+         were removed; this instance runs the group with --ordering {}",
+        other.name(),
+        config.order.name()
+    );
+    Ok(())
+}
+
 /// Runs one instance of a worker group until `shutdown`: the services API with its
 /// introspection endpoint, a turn at feeding the group when it holds the feed lease,
 /// and the jobs.
@@ -152,6 +256,10 @@ pub async fn run(
                 "concurrency".to_string(),
                 settings.instance.concurrency.to_string(),
             ),
+            (
+                "ordering".to_string(),
+                settings.instance.order.name().to_string(),
+            ),
         ]),
     };
     let feed_stats = Arc::new(feeder::FeedStats::default());
@@ -210,6 +318,11 @@ pub async fn run(
     svc.announce()
         .await
         .map_err(|e| Error::Service(e.to_string()))?;
+    // Announced first: the check asks the group's live instances, this one included.
+    if let Err(e) = one_ordering(&js, &subjects, &intake, &id, &settings.instance).await {
+        svc.stop();
+        return Err(e);
+    }
     info!(%group, instance = %id, "worker ready");
 
     let stop_feeding = CancellationToken::new();

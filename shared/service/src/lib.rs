@@ -436,6 +436,47 @@ fn bounded(text: &str, max: usize) -> String {
     format!("{}…", &text[..end])
 }
 
+/// Asks every live instance of the service `name` (`verb`: `PING`, `INFO` or `STATS`
+/// of the services API) and gathers the answers that arrive `within`: one JSON object
+/// per instance that answered, status messages and bodies that are not JSON skipped.
+/// The one discovery every service and the CLI use.
+pub async fn ask_all(
+    client: &async_nats::Client,
+    verb: &str,
+    name: &str,
+    within: std::time::Duration,
+) -> Result<Vec<Value>> {
+    let subject = format!("$SRV.{verb}.{name}");
+    let inbox = client.new_inbox();
+    let mut sub = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| Error::Subscribe {
+            subject: inbox.clone(),
+            reason: e.to_string(),
+        })?;
+    client
+        .publish_with_reply(subject.clone(), inbox, Bytes::new())
+        .await
+        .map_err(|e| Error::Publish {
+            subject,
+            reason: e.to_string(),
+        })?;
+    let deadline = tokio::time::Instant::now() + within;
+    let mut answers = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
+        if m.status.is_some() {
+            continue;
+        }
+        if let Ok(v) = serde_json::from_slice::<Value>(&m.payload) {
+            if v.is_object() {
+                answers.push(v);
+            }
+        }
+    }
+    Ok(answers)
+}
+
 /// Why the client library could not parse `msg`, if it could not.
 pub fn malformed(msg: &Message) -> Option<String> {
     msg.malformed_reason().map(str::to_string)
