@@ -794,10 +794,30 @@ async fn pause_survives_a_restart_and_cancel_skips_a_queued_job_and_stops_a_runn
         "the cancelled job finished: {:?}",
         lines(&out)
     );
-    // By message id: the CLI finds the slot in the verified log.
+    // Both cancels did their work: once their jobs were recorded cancelled, the keys
+    // are gone from the bucket (and from every instance's memory).
+    let kv = js.get_key_value("TS_WORKERS").await?;
+    for slot in [slots[1], long.slot] {
+        let key = worker::control::cancel_key("g10", "q", slot);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while kv.get(&key).await?.is_some() {
+            if tokio::time::Instant::now() > deadline {
+                bail!("{key} is still there after its job was recorded cancelled");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // By message id: the CLI finds the slot in the verified log; that job is done, so
+    // the cancel is refused (exit 1) and taken back.
     let by_id =
-        crate::support::cli_ok(&op, &["job", "cancel", "g10", "q", "--id", &msg_id]).await?;
-    assert!(by_id.contains(&format!("\"slot\":{}", slots[0])), "{by_id}");
+        crate::support::turnstile(&op, &["job", "cancel", "g10", "q", "--id", &msg_id]).await?;
+    let said = String::from_utf8_lossy(&by_id.stdout).to_string();
+    assert_eq!(by_id.status.code(), Some(1), "{said}");
+    assert!(said.contains(&format!("\"slot\":{}", slots[0])), "{said}");
+    assert!(said.contains("\"already\":\"done\""), "{said}");
+    assert!(said.contains("\"cancelled\":false"), "{said}");
+    let key = worker::control::cancel_key("g10", "q", slots[0]);
+    assert!(kv.get(&key).await?.is_none(), "{key} kept for a done job");
     Ok(())
 }
 

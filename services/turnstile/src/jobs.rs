@@ -261,11 +261,33 @@ pub async fn job(nats: async_nats::Client, subjects: &Subjects, action: JobActio
                 (None, None) => bail!("a slot or --id"),
             };
             let kv = workers_bucket(&js, subjects).await?;
-            kv.put(
-                worker::control::cancel_key(&group, p.as_str(), slot),
-                Bytes::from_static(b"cancelled"),
+            let key = worker::control::cancel_key(&group, p.as_str(), slot);
+            kv.put(&key, Bytes::from_static(b"cancelled")).await?;
+            // Written first, then the history read: a job already final (done, dead,
+            // merged) never runs again, so its cancel is taken back at once rather
+            // than kept for good (an instance deletes a cancel once it has recorded
+            // its job final).
+            let subject = subjects.result(&group, &p, slot);
+            let last = read(
+                js.client(),
+                subjects,
+                subject,
+                consumer::DeliverPolicy::Last,
             )
-            .await?;
+            .await?
+            .pop();
+            let ended = last
+                .as_ref()
+                .and_then(|e| e["state"].as_str())
+                .filter(|s| matches!(*s, "done" | "dead" | "merged"));
+            if let Some(state) = ended {
+                kv.delete(&key).await?;
+                println!(
+                    "{}",
+                    serde_json::json!({"group": group, "process": p.as_str(), "slot": slot, "cancelled": false, "already": state})
+                );
+                return Ok(1);
+            }
             println!(
                 "{}",
                 serde_json::json!({"group": group, "process": p.as_str(), "slot": slot, "cancelled": true})

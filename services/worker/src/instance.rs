@@ -1099,6 +1099,7 @@ impl Instance {
                     self.release_queue_key(&h.job).await;
                     self.counts.already_final.fetch_add(1, Ordering::Relaxed);
                     let _ = h.msg.ack().await;
+                    self.forget_cancel(&h.job).await;
                     return;
                 }
                 Ok(_) => {}
@@ -1248,6 +1249,24 @@ impl Instance {
         self.counts.cancelled.fetch_add(1, Ordering::Relaxed);
         self.record(Level::Info, format!("{} cancelled", h.job.id()));
         let _ = h.msg.ack().await;
+        self.forget_cancel(&h.job).await;
+    }
+
+    /// After `job`'s final outcome is recorded: its cancel, if it has one, has done
+    /// its work (a delivery again finds the final history first), so it is deleted —
+    /// every instance's watch drops it from memory, and the bucket keeps one marker.
+    async fn forget_cancel(&self, job: &Job) {
+        if !self.is_cancelled(job) {
+            return;
+        }
+        let Some(kv) = &self.kv else { return };
+        let key = crate::control::cancel_key(&job.group, &job.process, job.slot);
+        if let Err(e) = kv.delete(&key).await {
+            self.record(
+                Level::Warn,
+                format!("{}: its cancel was not deleted ({e}); it stays", job.id()),
+            );
+        }
     }
 
     async fn settle(&self, h: &Held, outcome: Outcome, started: u64, ms: u64) {
@@ -1284,6 +1303,9 @@ impl Instance {
                 .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                 .await;
             return;
+        }
+        if state.is_final() {
+            self.forget_cancel(&h.job).await;
         }
         match state {
             State::Done => {
