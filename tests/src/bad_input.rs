@@ -225,18 +225,15 @@ async fn bad_input_mixed_into_load_costs_no_connection_and_no_answer() -> Result
 
     // No replica lost its connection; the malformed requests were counted.
     let mut malformed_counted = 0;
-    let inbox = nats.new_inbox();
-    let mut sub = nats.subscribe(inbox.clone()).await?;
-    nats.publish_with_reply("$SRV.STATS.turnstile-scheduler", inbox, Bytes::new())
-        .await?;
     let mut seen = HashSet::new();
-    while let Ok(Some(m)) = tokio::time::timeout(
+    for stats in service::ask_all(
+        &nats,
+        "STATS",
+        "turnstile-scheduler",
         Duration::from_millis(500),
-        futures::StreamExt::next(&mut sub),
     )
-    .await
+    .await?
     {
-        let stats: serde_json::Value = serde_json::from_slice(&m.payload)?;
         assert_eq!(stats["connects"], 1, "a scheduler reconnected: {stats}");
         malformed_counted += stats["malformed_requests"].as_u64().unwrap_or(0);
         seen.insert(stats["id"].to_string());

@@ -730,25 +730,23 @@ async fn two_replicas_racing_on_one_queue_key_write_it_once() -> Result<()> {
     // What was written is exactly the receipts: 11 entries in the process's log.
     assert_eq!(read_log(server.url(), &p).await?.len(), 11);
     // Both replicas raced: each refused some of the 89 losers.
-    let inbox = nats.new_inbox();
-    let mut sub = nats.subscribe(inbox.clone()).await?;
-    nats.publish_with_reply("$SRV.STATS.turnstile-scheduler", inbox, Bytes::new())
-        .await?;
-    let mut refused = Vec::new();
-    while let Ok(Some(m)) = tokio::time::timeout(
+    let refused: Vec<u64> = service::ask_all(
+        &nats,
+        "STATS",
+        "turnstile-scheduler",
         Duration::from_millis(500),
-        futures::StreamExt::next(&mut sub),
     )
-    .await
-    {
-        let stats: serde_json::Value = serde_json::from_slice(&m.payload)?;
-        let held = stats["endpoints"]
+    .await?
+    .iter()
+    .map(|stats| {
+        stats["endpoints"]
             .as_array()
             .into_iter()
             .flatten()
-            .find_map(|e| e["data"]["queue_key_held"].as_u64());
-        refused.push(held.unwrap_or(0));
-    }
+            .find_map(|e| e["data"]["queue_key_held"].as_u64())
+            .unwrap_or(0)
+    })
+    .collect();
     assert_eq!(refused.len(), 2, "two replicas answered STATS: {refused:?}");
     assert_eq!(refused.iter().sum::<u64>(), 89, "{refused:?}");
     assert!(

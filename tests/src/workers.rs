@@ -1294,24 +1294,19 @@ async fn a_hung_handler_is_ended_by_its_timeout() -> Result<()> {
 /// The data of the worker instances' STATS endpoints, one object per instance that
 /// answered within a second.
 async fn worker_stats(nats: &async_nats::Client) -> Result<Vec<serde_json::Value>> {
-    let inbox = nats.new_inbox();
-    let mut sub = nats.subscribe(inbox.clone()).await?;
-    nats.publish_with_reply("$SRV.STATS.turnstile-worker", inbox, Bytes::new())
-        .await?;
-    let mut out = Vec::new();
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(1), sub.next()).await {
-        let v: serde_json::Value = serde_json::from_slice(&m.payload)?;
-        if let Some(data) = v["endpoints"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|e| e["data"].clone())
-            .find(|d| d.get("feed_preloaded").is_some())
-        {
-            out.push(data);
-        }
-    }
-    Ok(out)
+    let answers =
+        service::ask_all(nats, "STATS", "turnstile-worker", Duration::from_secs(1)).await?;
+    Ok(answers
+        .iter()
+        .filter_map(|v| {
+            v["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| e["data"].clone())
+                .find(|d| d.get("feed_preloaded").is_some())
+        })
+        .collect())
 }
 
 /// A feeder that takes over reads every process checkpoint at once: the processes it
