@@ -1,11 +1,9 @@
 //! `alarm-loader`: the turnstile alarm-loader service. See the library for the parts.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use service::runtime::{connect, Identity};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -15,24 +13,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// NATS server URL(s) of the loader's own connection (user `alarm-loader` in
-    /// deploy/accounts.conf); may carry `user:password@`.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
-    /// NATS credentials file of that connection.
-    #[arg(long, env = "NATS_CREDS")]
-    creds: Option<PathBuf>,
-    /// NATS server URL(s) of the intake connection, in the clients' account (user
-    /// `alarm-intake`): takes the alarm requests, answers them, sends alarms to subject
-    /// targets. Default: the core connection.
-    #[arg(long, env = "TS_INTAKE_URL")]
-    intake_url: Option<String>,
-    /// NATS credentials file of the intake connection.
-    #[arg(long, env = "TS_INTAKE_CREDS")]
-    intake_creds: Option<PathBuf>,
-    /// Subject prefix.
-    #[arg(long, env = "TS_PREFIX", default_value = "ts")]
-    prefix: String,
+    #[command(flatten)]
+    nats: service::runtime::NatsArgs,
     /// How often the window of due alarms is loaded (it reaches twice this ahead).
     #[arg(long, env = "TS_IN_MEMORY_INTERVAL_MS", default_value_t = 10_000)]
     in_memory_interval_ms: u64,
@@ -74,26 +56,18 @@ async fn start() -> anyhow::Result<()> {
     service::runtime::init_tracing();
     let args = Args::parse();
     let events = Arc::new(service::ConnectionEvents::default());
-    let core = connect(
-        "turnstile-alarm-loader",
-        &args.nats_url,
-        args.creds.as_deref(),
-        &events,
-        None,
-    )
-    .await?;
-    let intake_identity = Identity {
-        url: args.intake_url,
-        creds: args.intake_creds,
-    };
-    let intake = if intake_identity.is_given() {
-        let (url, creds) = intake_identity.resolve(&args.nats_url)?;
-        let name = "turnstile-alarm-intake";
-        Some(connect(name, &url, creds.as_deref(), &events, None).await?)
-    } else {
-        tracing::warn!("no intake identity (TS_INTAKE_URL / TS_INTAKE_CREDS): alarm requests are taken, and subject targets called, with the core user's rights");
-        None
-    };
+    let core = args
+        .nats
+        .core("turnstile-alarm-loader", &events, None)
+        .await?;
+    let intake = args
+        .nats
+        .intake_if_given(
+            "turnstile-alarm-intake",
+            &events,
+            "alarm requests are taken, and subject targets called, with the core user's rights",
+        )
+        .await?;
     if args.clock_skew_ms != 0 {
         tracing::warn!(
             skew_ms = args.clock_skew_ms,
@@ -102,7 +76,7 @@ async fn start() -> anyhow::Result<()> {
     }
     let shutdown = service::runtime::shutdown_on_signals();
     let settings = alarm_loader::Settings {
-        prefix: args.prefix,
+        prefix: args.nats.prefix,
         replicas: args.replicas,
         loader: alarm_loader::loader::Config {
             in_memory_interval: Duration::from_millis(args.in_memory_interval_ms.max(100)),

@@ -19,20 +19,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// NATS server URL(s), comma-separated, of the core connection (writes the log and
-    /// the buckets: user `scheduler` in deploy/accounts.conf); may carry `user:password@`.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
-    /// NATS credentials file of the core connection.
-    #[arg(long, env = "NATS_CREDS")]
-    creds: Option<PathBuf>,
-    /// NATS server URL(s) of the intake connection (takes client requests, publishes only
-    /// replies: user `scheduler-intake`); may carry `user:password@`. Default: the core URL.
-    #[arg(long, env = "TS_INTAKE_URL")]
-    intake_url: Option<String>,
-    /// NATS credentials file of the intake connection.
-    #[arg(long, env = "TS_INTAKE_CREDS")]
-    intake_creds: Option<PathBuf>,
+    #[command(flatten)]
+    nats: service::runtime::NatsArgs,
     /// Intake connections: every endpoint subscribes on each (one queue group), so
     /// requests are read in parallel and a burst meets the server's per-connection
     /// `max_pending` once per connection.
@@ -49,9 +37,6 @@ struct Args {
     /// Key file(s) made by `turnstile keygen`; the first is the default signer.
     #[arg(long = "key", env = "TS_KEYS", value_delimiter = ',', required = true)]
     keys: Vec<String>,
-    /// Subject prefix.
-    #[arg(long, env = "TS_PREFIX", default_value = "ts")]
-    prefix: String,
     /// Mode of requests that name none: aggressive, local_confirmation, remote_confirmation, disabled.
     #[arg(long, env = "TS_DEFAULT_MODE", default_value = "local_confirmation")]
     default_mode: String,
@@ -126,7 +111,7 @@ async fn start() -> anyhow::Result<()> {
     let args = Args::parse();
     let default_mode: Mode = args.default_mode.parse()?;
     let config = Config {
-        prefix: args.prefix,
+        prefix: args.nats.prefix.clone(),
         default_mode,
         max_body: args.max_body,
         dedupe_window: Duration::from_secs(args.dedupe_window_secs),
@@ -141,23 +126,16 @@ async fn start() -> anyhow::Result<()> {
     };
     let keyring = Keyring::from_files(&args.keys)?;
     let events = scheduler::ConnectionsEvents::default();
-    let core = connect(
-        "turnstile-scheduler",
-        &args.nats_url,
-        args.creds.as_deref(),
-        &events.core,
-        None,
-    )
-    .await?;
+    let core = args
+        .nats
+        .core("turnstile-scheduler", &events.core, None)
+        .await?;
     // The intake identity takes requests on one connection and answers on another.
-    let intake_identity = Identity {
-        url: args.intake_url,
-        creds: args.intake_creds,
-    };
+    let intake_identity = args.nats.intake();
     if !intake_identity.is_given() {
         tracing::warn!("no intake identity (TS_INTAKE_URL / TS_INTAKE_CREDS): client requests are taken and answered with the core user's rights");
     }
-    let (intake_url, intake_creds) = intake_identity.resolve(&args.nats_url)?;
+    let (intake_url, intake_creds) = intake_identity.resolve(&args.nats.nats_url)?;
     let mut intake = Vec::new();
     for _ in 0..args.intake_connections.max(1) {
         intake.push(
@@ -176,7 +154,7 @@ async fn start() -> anyhow::Result<()> {
         creds: args.replies_creds,
     };
     let replies = if replies_identity.is_given() {
-        let (url, creds) = replies_identity.resolve(&args.nats_url)?;
+        let (url, creds) = replies_identity.resolve(&args.nats.nats_url)?;
         let name = "turnstile-scheduler-replies";
         Some(connect(name, &url, creds.as_deref(), &events.replies, None).await?)
     } else {

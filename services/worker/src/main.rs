@@ -1,11 +1,9 @@
 //! `worker`: one instance of a turnstile worker group. See the library for the parts.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use service::runtime::connect;
 
 use protocol::ProcessId;
 use worker::feeder::{From, Serves};
@@ -18,23 +16,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// NATS server URL(s) (user `worker` in deploy/accounts.conf); may carry
-    /// `user:password@`.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
-    /// NATS credentials file.
-    #[arg(long, env = "NATS_CREDS")]
-    creds: Option<PathBuf>,
-    /// NATS server URL(s) of the public connection, in the clients' account (user
-    /// `worker`): the services API and introspection. Default: the core connection.
-    #[arg(long, env = "TS_INTAKE_URL")]
-    intake_url: Option<String>,
-    /// NATS credentials file of the public connection.
-    #[arg(long, env = "TS_INTAKE_CREDS")]
-    intake_creds: Option<PathBuf>,
-    /// Subject prefix.
-    #[arg(long, env = "TS_PREFIX", default_value = "ts")]
-    prefix: String,
+    #[command(flatten)]
+    nats: service::runtime::NatsArgs,
     /// The worker group (1–48 of A-Z a-z 0-9 - _).
     #[arg(long, env = "TS_GROUP")]
     group: String,
@@ -132,34 +115,15 @@ async fn start() -> anyhow::Result<()> {
         Serves::All
     };
     let events = Arc::new(service::ConnectionEvents::default());
-    let core = connect(
-        "turnstile-worker",
-        &args.nats_url,
-        args.creds.as_deref(),
-        &events,
-        None,
-    )
-    .await?;
-    let intake_identity = service::runtime::Identity {
-        url: args.intake_url,
-        creds: args.intake_creds,
-    };
-    let intake = if intake_identity.is_given() {
-        let (url, creds) = intake_identity.resolve(&args.nats_url)?;
-        Some(
-            connect(
-                "turnstile-worker-intake",
-                &url,
-                creds.as_deref(),
-                &events,
-                None,
-            )
-            .await?,
+    let core = args.nats.core("turnstile-worker", &events, None).await?;
+    let intake = args
+        .nats
+        .intake_if_given(
+            "turnstile-worker-intake",
+            &events,
+            "the services API answers on the core connection, in its account only",
         )
-    } else {
-        tracing::warn!("no intake identity (TS_INTAKE_URL / TS_INTAKE_CREDS): the services API answers on the core connection, in its account only");
-        None
-    };
+        .await?;
     let shutdown = service::runtime::shutdown_on_signals();
     let handler: Arc<dyn worker::handler::Handler> = if args.noop {
         Arc::new(
@@ -180,7 +144,7 @@ async fn start() -> anyhow::Result<()> {
         ))
     };
     let settings = worker::Settings {
-        prefix: args.prefix,
+        prefix: args.nats.prefix,
         replicas: args.replicas,
         serves,
         from: if args.from_start {

@@ -47,6 +47,78 @@ pub fn shutdown_on_signals() -> CancellationToken {
     shutdown
 }
 
+/// The NATS flags every service takes (flattened into its own `clap` arguments): its
+/// core identity, its intake identity in the clients' account, and the subject prefix.
+/// Each service's user names are in deploy/accounts.conf.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated, of the core connection (the service's own
+    /// user: `scheduler`, `alarm-loader`, `job-worker`); may carry `user:password@`.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// NATS credentials file of the core connection.
+    #[arg(long, env = "NATS_CREDS")]
+    pub creds: Option<PathBuf>,
+    /// NATS server URL(s) of the intake connection, in the clients' account (user
+    /// `scheduler-intake`, `alarm-intake`, `worker`): client requests and their answers,
+    /// the services API; may carry `user:password@`. Default: the core URL.
+    #[arg(long, env = "TS_INTAKE_URL")]
+    pub intake_url: Option<String>,
+    /// NATS credentials file of the intake connection.
+    #[arg(long, env = "TS_INTAKE_CREDS")]
+    pub intake_creds: Option<PathBuf>,
+    /// Subject prefix.
+    #[arg(long, env = "TS_PREFIX", default_value = "ts")]
+    pub prefix: String,
+}
+
+impl NatsArgs {
+    /// The core connection, as `name`.
+    pub async fn core(
+        &self,
+        name: &str,
+        events: &Arc<ConnectionEvents>,
+        capacity: Option<usize>,
+    ) -> Result<async_nats::Client> {
+        connect(
+            name,
+            &self.nats_url,
+            self.creds.as_deref(),
+            events,
+            capacity,
+        )
+        .await
+    }
+
+    /// The intake identity as the flags give it (the core URL where only a creds file
+    /// is given).
+    pub fn intake(&self) -> Identity {
+        Identity {
+            url: self.intake_url.clone(),
+            creds: self.intake_creds.clone(),
+        }
+    }
+
+    /// The intake connection as `name` if the flags name an intake identity; none (with
+    /// `without`, a warning saying what the core user then does) if they do not.
+    pub async fn intake_if_given(
+        &self,
+        name: &str,
+        events: &Arc<ConnectionEvents>,
+        without: &str,
+    ) -> Result<Option<async_nats::Client>> {
+        let identity = self.intake();
+        if !identity.is_given() {
+            tracing::warn!("no intake identity (TS_INTAKE_URL / TS_INTAKE_CREDS): {without}");
+            return Ok(None);
+        }
+        let (url, creds) = identity.resolve(&self.nats_url)?;
+        Ok(Some(
+            connect(name, &url, creds.as_deref(), events, None).await?,
+        ))
+    }
+}
+
 /// One NATS identity of a service as its flags give it: URL(s), which may carry
 /// `user:password@` or `token@`, and a credentials file.
 #[derive(Debug, Clone, Default)]
