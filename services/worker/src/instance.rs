@@ -606,16 +606,31 @@ impl Instance {
     }
 
     async fn consumer(&self) -> Result<consumer::PullConsumer> {
+        self.work_consumer(
+            consumer_name(&self.config.group),
+            format!("turnstile worker group {}", self.config.group),
+            self.subjects.work_group(&self.config.group),
+        )
+        .await
+    }
+
+    /// The durable pull consumer `name` of the work stream over `filter` (created if
+    /// missing), with the group's ack wait and explicit acks.
+    async fn work_consumer(
+        &self,
+        name: String,
+        description: String,
+        filter: String,
+    ) -> Result<consumer::PullConsumer> {
         let stream = self
             .js
             .get_stream(self.subjects.work_stream())
             .await
             .map_err(|e| Error::nats("open the work stream", e))?;
-        let name = consumer_name(&self.config.group);
         let config = consumer::pull::Config {
             durable_name: Some(name.clone()),
-            description: Some(format!("turnstile worker group {}", self.config.group)),
-            filter_subject: self.subjects.work_group(&self.config.group),
+            description: Some(description),
+            filter_subject: filter,
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: self.config.ack_wait,
             max_ack_pending: 100_000,
@@ -625,7 +640,7 @@ impl Instance {
         stream
             .get_or_create_consumer(&name, config)
             .await
-            .map_err(|e| Error::nats("open the group's consumer", e))
+            .map_err(|e| Error::nats("open a consumer of the work stream", e))
     }
 
     /// Strict order: holds some of the group's work partitions (the ownership crate
@@ -733,29 +748,15 @@ impl Instance {
     }
 
     async fn partition_consumer(&self, n: u32) -> Result<consumer::PullConsumer> {
-        let stream = self
-            .js
-            .get_stream(self.subjects.work_stream())
-            .await
-            .map_err(|e| Error::nats("open the work stream", e))?;
-        let name = format!("{}-p{n}", consumer_name(&self.config.group));
-        let config = consumer::pull::Config {
-            durable_name: Some(name.clone()),
-            description: Some(format!(
+        self.work_consumer(
+            format!("{}-p{n}", consumer_name(&self.config.group)),
+            format!(
                 "turnstile worker group {} (strict), partition {n}",
                 self.config.group
-            )),
-            filter_subject: self.subjects.work_partition(&self.config.group, n),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: self.config.ack_wait,
-            max_ack_pending: 100_000,
-            max_deliver: -1,
-            ..Default::default()
-        };
-        stream
-            .get_or_create_consumer(&name, config)
-            .await
-            .map_err(|e| Error::nats("open a partition's consumer", e))
+            ),
+            self.subjects.work_partition(&self.config.group, n),
+        )
+        .await
     }
 
     async fn fetch_loop(&self, consumer: consumer::PullConsumer) -> Result<()> {

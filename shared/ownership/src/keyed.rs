@@ -35,7 +35,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use journal::setup::OWNERSHIP_MARKER_TTL;
 
 use crate::lease::Token;
-use crate::member::{is_conflict, ttl_secs, Writer};
+use crate::member::{ttl_secs, write_key, Write, Writer};
 use crate::{Error, Result};
 
 /// Free revisions remembered (then forgotten all at once: a miss costs one read).
@@ -110,13 +110,6 @@ pub enum Acquire {
     },
 }
 
-/// The outcome of one conditional write.
-enum Write {
-    Done(u64),
-    Refused,
-    Unknown(String),
-}
-
 /// The keys of one bucket, leased for `lease` each. Cheap to clone.
 #[derive(Clone)]
 pub struct Locks {
@@ -188,11 +181,6 @@ impl Locks {
         self.lease
     }
 
-    fn subject(&self, key: &str) -> String {
-        let prefix = self.store.put_prefix.as_ref().unwrap_or(&self.store.prefix);
-        format!("{prefix}{key}")
-    }
-
     async fn publish(&self, key: &str, expect: u64, delete: bool, payload: Bytes) -> Write {
         let ttl = if delete {
             OWNERSHIP_MARKER_TTL.as_secs()
@@ -200,19 +188,7 @@ impl Locks {
             self.ttl
         };
         let headers = Writer::headers(Some(expect), ttl, delete);
-        let attempt = async {
-            let ack = self
-                .js
-                .publish_with_headers(self.subject(key), headers, payload)
-                .await?;
-            ack.await
-        };
-        match tokio::time::timeout(self.timeout, attempt).await {
-            Err(_) => Write::Unknown("timed out".into()),
-            Ok(Ok(ack)) => Write::Done(ack.sequence),
-            Ok(Err(e)) if is_conflict(&e) => Write::Refused,
-            Ok(Err(e)) => Write::Unknown(e.to_string()),
-        }
+        write_key(&self.js, &self.store, key, headers, payload, self.timeout).await
     }
 
     /// `key` as stored now.

@@ -235,7 +235,7 @@ pub(crate) fn ttl_secs(lease: Duration) -> u64 {
 
 /// The outcome of a conditional write.
 #[derive(Debug)]
-enum Write {
+pub(crate) enum Write {
     /// Stored at this revision.
     Done(u64),
     /// The expectation failed: the key is not as we thought.
@@ -317,13 +317,39 @@ pub(crate) struct Writer {
     timeout: Duration,
 }
 
-impl Writer {
-    /// The subject of `key` in the bucket (the store's own prefix, as its `put` does).
-    fn subject(&self, key: &str) -> String {
-        let prefix = self.store.put_prefix.as_ref().unwrap_or(&self.store.prefix);
-        format!("{prefix}{key}")
-    }
+/// The subject of `key` in `store`'s bucket (the store's own prefix, as its `put`
+/// does).
+pub(crate) fn key_subject(store: &kv::Store, key: &str) -> String {
+    let prefix = store.put_prefix.as_ref().unwrap_or(&store.prefix);
+    format!("{prefix}{key}")
+}
 
+/// One write of `key` in `store`'s bucket with `headers` (expectation, TTL, marker):
+/// done at its sequence, refused by its expectation, or of unknown fate (an error, or
+/// no acknowledgement within `timeout`).
+pub(crate) async fn write_key(
+    js: &jetstream::Context,
+    store: &kv::Store,
+    key: &str,
+    headers: HeaderMap,
+    payload: Bytes,
+    timeout: Duration,
+) -> Write {
+    let attempt = async {
+        let ack = js
+            .publish_with_headers(key_subject(store, key), headers, payload)
+            .await?;
+        ack.await
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Err(_) => Write::Unknown("timed out".into()),
+        Ok(Ok(ack)) => Write::Done(ack.sequence),
+        Ok(Err(e)) if is_conflict(&e) => Write::Refused,
+        Ok(Err(e)) => Write::Unknown(e.to_string()),
+    }
+}
+
+impl Writer {
     fn member_record(&self, partitions: u32, lease: Duration) -> Bytes {
         let record = MemberRecord {
             partitions,
@@ -333,19 +359,7 @@ impl Writer {
     }
 
     async fn publish(&self, key: &str, headers: HeaderMap, payload: Bytes) -> Write {
-        let attempt = async {
-            let ack = self
-                .js
-                .publish_with_headers(self.subject(key), headers, payload)
-                .await?;
-            ack.await
-        };
-        match tokio::time::timeout(self.timeout, attempt).await {
-            Err(_) => Write::Unknown("timed out".into()),
-            Ok(Ok(ack)) => Write::Done(ack.sequence),
-            Ok(Err(e)) if is_conflict(&e) => Write::Refused,
-            Ok(Err(e)) => Write::Unknown(e.to_string()),
-        }
+        write_key(&self.js, &self.store, key, headers, payload, self.timeout).await
     }
 
     pub(crate) fn headers(expect: Option<u64>, ttl: u64, delete: bool) -> HeaderMap {
