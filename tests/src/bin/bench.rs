@@ -2193,7 +2193,23 @@ async fn workers_section(body: &Bytes, seconds: f64, window: usize) -> Result<se
         "strict: {:.0} jobs/s (unordered {jobs_rate:.0}); drained {:.1} s after; {} jobs",
         strict.rate, strict.drained_s, strict.total
     );
+    // 6. The ceiling: what NATS alone does with the operations a job costs on the
+    // work path, on this server, now (no turnstile process involved).
+    let ceiling_jobs = ((seconds * 10_000.0) as u64).clamp(20_000, 200_000);
+    let ceiling = work_ceiling(&server.url_as(Role::Operator), body, ceiling_jobs).await?;
+    eprintln!(
+        "work path ceiling (NATS alone): {ceiling:.0} jobs/s over {ceiling_jobs}; end to end {:.2} of it, start → done {:.2}",
+        jobs_rate / ceiling,
+        through_rate / ceiling
+    );
     Ok(json!({
+        "work_path_ceiling": {
+            "jobs_per_s": ceiling.round(),
+            "jobs": ceiling_jobs,
+            "end_to_end_vs_ceiling": (jobs_rate / ceiling * 1000.0).round() / 1000.0,
+            "start_to_drained_vs_ceiling": (through_rate / ceiling * 1000.0).round() / 1000.0,
+            "what": "publish to a work-queue stream with a message id (pipelined), two pull consumers on their own connections, each delivered message: a result published with a message id (pipelined per fetched batch), then acked",
+        },
         "exec_keys": {
             "backlog": backlog,
             "plain_per_s": plain.round(),
@@ -2223,6 +2239,119 @@ async fn workers_section(body: &Bytes, seconds: f64, window: usize) -> Result<se
         "targets": {"jobs_per_s_min": 35000},
         "meets_target": jobs_rate >= 35000.0,
     }))
+}
+
+/// The work path's ceiling: the NATS operations one job costs between the log and its
+/// result — a publish to a work-queue stream with a `Nats-Msg-Id`, its delivery to one
+/// of two pull consumers (each on its own connection, as the two instances), a result
+/// published with a `Nats-Msg-Id` to a second stream, and the ack — done by this
+/// process alone, as fast as pipelining allows (publishes with 1,024 in flight; each
+/// fetched batch's results published together, then acked). Returns jobs/s from the
+/// first publish until the last result is stored. The streams are removed after.
+async fn work_ceiling(url: &str, body: &Bytes, n: u64) -> Result<f64> {
+    use async_nats::jetstream::{consumer, stream};
+    let js = async_nats::jetstream::new(tests::support::connect(url).await?);
+    for (name, subjects, retention) in [
+        (
+            "CEIL_WORK",
+            "ceil.work.>",
+            stream::RetentionPolicy::WorkQueue,
+        ),
+        (
+            "CEIL_RESULTS",
+            "ceil.result.>",
+            stream::RetentionPolicy::Limits,
+        ),
+    ] {
+        let _ = js.delete_stream(name).await;
+        js.create_stream(stream::Config {
+            name: name.into(),
+            subjects: vec![subjects.into()],
+            retention,
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(600),
+            ..Default::default()
+        })
+        .await?;
+    }
+    js.get_stream("CEIL_WORK")
+        .await?
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("ceiling".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: 100_000,
+            ..Default::default()
+        })
+        .await?;
+    let done = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let mut consumers = Vec::new();
+    for _ in 0..2 {
+        let js = async_nats::jetstream::new(tests::support::connect(url).await?);
+        let (done, body) = (Arc::clone(&done), body.clone());
+        consumers.push(tokio::spawn(async move {
+            let c: consumer::PullConsumer = js
+                .get_stream("CEIL_WORK")
+                .await?
+                .get_consumer("ceiling")
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            while done.load(Ordering::Relaxed) < n {
+                let mut batch = c
+                    .fetch()
+                    .max_messages(256)
+                    .expires(Duration::from_millis(500))
+                    .messages()
+                    .await?;
+                let mut got = Vec::new();
+                while let Some(m) = batch.next().await {
+                    got.push(m.map_err(|e| anyhow::anyhow!("{e}"))?);
+                }
+                let mut acks = Vec::with_capacity(got.len());
+                for m in &got {
+                    let id = format!("{}:done", m.subject);
+                    let subject = m.subject.replacen("ceil.work.", "ceil.result.", 1);
+                    let publish = async_nats::jetstream::message::PublishMessage::build()
+                        .payload(body.clone())
+                        .message_id(id);
+                    acks.push(js.send_publish(subject, publish).await?);
+                }
+                for a in acks {
+                    a.await?;
+                }
+                for m in &got {
+                    m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                }
+                done.fetch_add(got.len() as u64, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let window = Arc::new(Semaphore::new(1024));
+    for i in 0..n {
+        let permit = Arc::clone(&window).acquire_owned().await?;
+        let subject = format!("ceil.work.{}.p{}", i % 16, i % PROCESSES as u64);
+        let publish = async_nats::jetstream::message::PublishMessage::build()
+            .payload(body.clone())
+            .message_id(format!("p{}:{i}", i % PROCESSES as u64));
+        let ack = js.send_publish(subject, publish).await?;
+        tokio::spawn(async move {
+            let _ = ack.await;
+            drop(permit);
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while done.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rate = done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
+    for c in consumers {
+        c.abort();
+    }
+    for name in ["CEIL_WORK", "CEIL_RESULTS"] {
+        let _ = js.delete_stream(name).await;
+    }
+    Ok(rate)
 }
 
 /// Pauses the `bench` group, schedules `n` jobs (each with its own execution key if
@@ -2302,6 +2431,12 @@ fn print_workers_table(w: &serde_json::Value) {
         } else {
             "✗"
         }
+    );
+    println!(
+        "| work path ceiling, NATS alone (jobs/s; end to end vs it; start → done vs it) | {} ({}; {}) |",
+        w["work_path_ceiling"]["jobs_per_s"],
+        w["work_path_ceiling"]["end_to_end_vs_ceiling"],
+        w["work_path_ceiling"]["start_to_drained_vs_ceiling"]
     );
     println!(
         "| drained after the producer stopped (s) | {} |",
