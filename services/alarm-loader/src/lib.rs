@@ -9,6 +9,9 @@
 //!   time zones and the daylight-saving policy, the next ticks, missed runs, tick ids.
 //! - [`store`]: the stream `<PREFIX>_ALARMS`: histories, the due index, compare-and-set.
 //! - [`loader`]: the window loader and the dispatcher.
+//! - `timeline` (private): the loader's timer and window decisions, pure: which
+//!   buckets a load reads and when, the armed alarms' order, when the loop wakes, how a
+//!   dispatch's conclusion re-arms an alarm.
 //! - [`api`]: the `<prefix>.alarm.*` requests.
 //! - [`vectors`]: the golden vectors of `schemas/alarm-vectors.json`.
 
@@ -21,6 +24,7 @@ mod error;
 pub mod jobs;
 pub mod loader;
 pub mod store;
+mod timeline;
 pub mod vectors;
 
 pub use error::{Error, Result};

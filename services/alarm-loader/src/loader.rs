@@ -28,12 +28,9 @@ use journal::client::Schedule;
 
 use crate::alarm::{bucket_of, partition_of, Record, Target, PARTITIONS};
 use crate::store::{DueEntry, Store};
+use crate::timeline::{self, Entries, Next, Timeline};
 use crate::{Error, Result};
 
-/// How far ahead of their time armed alarms have their records read, in batches.
-const PREFETCH_LEAD_MS: u64 = 1_000;
-/// Alarms one batch read covers at most.
-const PREFETCH_BATCH: usize = 2_048;
 /// A record whose body is larger than this is not kept from a batch read (it is read
 /// alone when its time comes): memory stays bounded whatever the bodies.
 const PREFETCH_MAX_BODY: usize = 16 * 1024;
@@ -138,12 +135,6 @@ pub const MIN_RETRY_MS: u64 = 100;
 /// The loaders' ownership group (shared/ownership).
 pub const OWNERSHIP_GROUP: &str = "alarm-loader";
 
-/// How long an index entry the record does not account for is given to be explained
-/// by a record still being written (a set's entry precedes its record).
-const ENTRY_GRACE_MS: u64 = 15_000;
-/// How soon such an entry is looked at again.
-const RECHECK_MS: u64 = 500;
-
 /// How far behind the loader's clock a partition's sweep checkpoint stays: a loader
 /// whose clock runs behind (or this one's ahead) by less than this still indexes
 /// after it (ARCHITECTURE.md, "The alarm-loader").
@@ -157,7 +148,7 @@ impl Metrics {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn lateness(&self, ms: i64) {
+    pub(crate) fn lateness(&self, ms: i64) {
         if let Ok(mut l) = self.lateness.lock() {
             if l.len() == LATENESS_SAMPLES {
                 l.pop_front();
@@ -211,44 +202,6 @@ impl Metrics {
                 "max": max,
             },
         })
-    }
-}
-
-/// When to look at an alarm again.
-#[derive(Debug, Clone, Copy)]
-enum Rearm {
-    /// At this time if it falls in the loaded window (else its entry is loaded later).
-    InWindow(u64),
-    /// At this time, window or not: no entry will bring it back before a restart.
-    Always(u64),
-}
-
-/// What a dispatch concluded about its alarm's entries in the due index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Entries {
-    /// Every one is still needed (or nothing is known).
-    Keep,
-    /// The alarm's record stored at `seq` decides: the entries stored before it are
-    /// obsolete, except those in the bucket of `except` (the time its next action
-    /// needs an entry for). Entries stored after it wait for their own record.
-    Settled { seq: u64, except: Option<u64> },
-}
-
-/// A dispatch's result.
-#[derive(Debug, Clone, Copy)]
-struct Next {
-    /// When to look at the alarm again, if ever.
-    rearm: Option<Rearm>,
-    /// Which of its entries are obsolete.
-    entries: Entries,
-}
-
-impl Next {
-    fn settled(rearm: Option<Rearm>, seq: u64, except: Option<u64>) -> Next {
-        Next {
-            rearm,
-            entries: Entries::Settled { seq, except },
-        }
     }
 }
 
@@ -330,11 +283,6 @@ impl Loader {
     /// fires the partitions it holds. Dispatches in flight are finished (their
     /// outcomes recorded) and the partitions released before it returns.
     pub async fn run(self, js: jetstream::Context, shutdown: CancellationToken) -> Result<()> {
-        let interval = self
-            .config
-            .in_memory_interval
-            .max(Duration::from_millis(100));
-        let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
         let mut ownership_config = ownership::Config::new(
             OWNERSHIP_GROUP,
             PARTITIONS,
@@ -352,14 +300,15 @@ impl Loader {
             .ok_or_else(|| Error::Invalid("ownership leases taken twice".into()))?;
         let mut leases: Holdings<ownership::Lease> = Holdings::default();
         let mut lost = futures::stream::FuturesUnordered::new();
-        let mut armed: BTreeSet<(u64, String)> = BTreeSet::new();
-        let mut armed_at: ArmedAt = HashMap::new();
+        // The armed alarms, the loaded window and when the next load is due.
+        let mut timeline = Timeline::new(
+            self.config.in_memory_interval,
+            (self.clock)(),
+            tokio::time::Instant::now(),
+        );
         let mut swept: HashMap<u32, u64> = HashMap::new();
         // Partitions taken whose past (checkpoint to window) is not loaded yet.
         let mut catch_up: BTreeSet<u32> = BTreeSet::new();
-        // Every partition's window is loaded through this bucket; a partition taken
-        // over is caught up to it from its own checkpoint.
-        let mut loaded_through = bucket_of((self.clock)()).saturating_sub(1);
         let mut watch = self.watch_new_entries(&js).await?;
         let permits = Arc::new(Semaphore::new(self.config.max_in_flight.max(1)));
         let tracker = tokio_util::task::TaskTracker::new();
@@ -371,32 +320,27 @@ impl Loader {
         let mut prefetching = false;
         let (prefetch_tx, mut prefetch_rx) =
             tokio::sync::mpsc::unbounded_channel::<HashMap<String, (Record, u64)>>();
-        let mut next_load = tokio::time::Instant::now();
         info!(replica = %self.config.replica, "alarm loader running");
         loop {
             let now = (self.clock)();
             // Load the window of the partitions held when its time comes.
-            if tokio::time::Instant::now() >= next_load {
-                let until = bucket_of(now.saturating_add(2 * interval_ms));
+            if timeline.load_due(tokio::time::Instant::now()) {
                 let owned: Vec<u32> = leases.partitions();
-                if loaded_through < until {
+                if let Some(window) = timeline.window(now) {
+                    let until = *window.end();
                     let started = std::time::Instant::now();
-                    match self
-                        .store
-                        .load_checked(&owned, loaded_through + 1..=until)
-                        .await
-                    {
+                    match self.store.load_checked(&owned, window).await {
                         Ok((entries, bad)) => {
                             self.remove_bad_entries(&bad).await;
                             self.metrics
                                 .last_load_entries
                                 .store(entries.len() as u64, Ordering::Relaxed);
                             for e in entries {
-                                if arm(&mut armed, &mut armed_at, e.clone()) {
+                                if timeline.arm(e.clone()) {
                                     open.note(&e);
                                 }
                             }
-                            loaded_through = until;
+                            timeline.loaded(until);
                             Metrics::bump(&self.metrics.loads);
                             let us =
                                 u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -407,43 +351,21 @@ impl Loader {
                         }
                     }
                 }
-                self.catch_up(
-                    &mut catch_up,
-                    &mut swept,
-                    now,
-                    loaded_through,
-                    &mut armed,
-                    &mut armed_at,
-                    &mut open,
-                )
-                .await;
-                self.sweep(&owned, &mut swept, &mut open, now).await;
-                self.plan_jobs(&owned, now, now.saturating_add(2 * interval_ms))
+                self.catch_up(&mut catch_up, &mut swept, now, &mut timeline, &mut open)
                     .await;
-                next_load = tokio::time::Instant::now() + interval;
+                self.sweep(&owned, &mut swept, &mut open, now).await;
+                self.plan_jobs(&owned, now, timeline.horizon(now)).await;
+                timeline.load_done(tokio::time::Instant::now());
             }
             self.metrics
                 .armed
-                .store(armed.len() as u64, Ordering::Relaxed);
+                .store(timeline.len() as u64, Ordering::Relaxed);
             self.metrics
                 .partitions
                 .store(leases.len() as u64, Ordering::Relaxed);
             // Read ahead the records of what is due soon, in one batch.
             if !prefetching {
-                let horizon = now.saturating_add(PREFETCH_LEAD_MS);
-                let wanted: Vec<String> = armed
-                    .iter()
-                    .take_while(|(at, _)| *at <= horizon)
-                    .filter(|(_, id)| !prefetched.contains_key(id))
-                    .take(PREFETCH_BATCH)
-                    .map(|(_, id)| id.clone())
-                    .collect();
-                // Worth a batch when the earliest of them is half the lead away.
-                let soon = armed
-                    .iter()
-                    .find(|(_, id)| !prefetched.contains_key(id))
-                    .is_some_and(|(at, _)| *at <= now.saturating_add(PREFETCH_LEAD_MS / 2));
-                if soon && wanted.len() > 1 {
+                if let Some(wanted) = timeline.read_ahead(now, |id| prefetched.contains_key(id)) {
                     prefetching = true;
                     let store = self.store.clone();
                     let tx = prefetch_tx.clone();
@@ -460,64 +382,34 @@ impl Loader {
                 }
             }
             // Fire what is due.
-            while let Some((at, id)) = armed.first().cloned() {
-                if at > now {
-                    break;
-                }
-                armed.pop_first();
-                let mut entry = armed_at.remove(&id).map_or(
-                    DueEntry {
-                        id: id.clone(),
-                        at_ms: at,
-                        written_ms: 0,
-                        seq: 0,
-                    },
-                    |(_, e)| e,
-                );
-                // An entry is young for a while after it was written; one "written" in
-                // the future (a skewed or a forged clock) is young from now on only:
-                // its grace must run out, or it would be looked at forever.
-                entry.written_ms = entry.written_ms.min(now);
+            while let Some(entry) = timeline.pop_due(now) {
                 // Only for a partition held: one given up is forgotten with its alarms
                 // when its lease ends. Whether the lease is current this instant is not
                 // asked: the claim's compare-and-set is the safety, and a lease whose
                 // renewal is late must not hold its alarms back.
-                if !leases.contains_key(&partition_of(&id)) {
+                if !leases.contains_key(&partition_of(&entry.id)) {
                     continue;
                 }
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
                     break;
                 };
-                let hint = prefetched.remove(&id);
+                let hint = prefetched.remove(&entry.id);
                 let me = self.clone();
                 let rearm = rearm_tx.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
-                    // Looked at again, the entry keeps its write time; looked at later
-                    // for the same entry (`Always`), it keeps its subject too.
-                    match me.dispatch(&entry, hint).await {
-                        Ok(next) => {
-                            let entry = match next.rearm {
-                                Some(Rearm::InWindow(at)) => DueEntry { at_ms: at, ..entry.clone() },
-                                _ => entry.clone(),
-                            };
-                            let _ = rearm.send((next, entry));
-                        }
+                    let next = match me.dispatch(&entry, hint).await {
+                        Ok(next) => next,
                         Err(e) => {
                             // Its entry is still there; keep it in memory too.
                             warn!(alarm = %entry.id, error = %e, "dispatch failed; trying again shortly");
-                            let at = (me.clock)().saturating_add(1_000);
-                            let next = Next { rearm: Some(Rearm::Always(at)), entries: Entries::Keep };
-                            let _ = rearm.send((next, entry.clone()));
+                            Next::again((me.clock)())
                         }
-                    }
+                    };
+                    let _ = rearm.send((next, entry));
                 });
             }
-            let wake = armed
-                .first()
-                .map(|(at, _)| Duration::from_millis(at.saturating_sub(now)))
-                .unwrap_or(interval)
-                .min(next_load.saturating_duration_since(tokio::time::Instant::now()));
+            let wake = timeline.wake(now, tokio::time::Instant::now());
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(wake) => {}
@@ -528,7 +420,7 @@ impl Loader {
                     // Catch the partition up: from its checkpoint to the window (again
                     // at each interval until it worked).
                     catch_up.insert(p);
-                    self.catch_up(&mut catch_up, &mut swept, now, loaded_through, &mut armed, &mut armed_at, &mut open).await;
+                    self.catch_up(&mut catch_up, &mut swept, now, &mut timeline, &mut open).await;
                     debug!(partition = p, "partition taken");
                 }
                 Some((p, token)) = lost.next() => {
@@ -543,15 +435,14 @@ impl Loader {
                     swept.remove(&p);
                     open.forget(p);
                     catch_up.remove(&p);
-                    armed.retain(|(_, id)| partition_of(id) != p);
-                    armed_at.retain(|id, _| partition_of(id) != p);
+                    timeline.forget(p);
                     prefetched.retain(|id, _| partition_of(id) != p);
                     debug!(partition = p, "partition given up");
                 }
                 Some(got) = prefetch_rx.recv() => {
                     prefetching = false;
                     for (id, (record, seq)) in got {
-                        if record.alarm.body.len() <= PREFETCH_MAX_BODY && armed_at.contains_key(&id) {
+                        if record.alarm.body.len() <= PREFETCH_MAX_BODY && timeline.is_armed(&id) {
                             prefetched.insert(id, (record, seq));
                         }
                     }
@@ -560,28 +451,19 @@ impl Loader {
                     // A dispatch of a partition given up meanwhile is not looked at again.
                     if leases.contains_key(&partition_of(&entry.id)) {
                         open.settle(&entry.id, next.entries);
-                        match next.rearm {
-                            Some(Rearm::Always(at)) => {
-                                arm_at(&mut armed, &mut armed_at, at, entry);
-                            }
-                            // Beyond the window its entry is loaded with its bucket.
-                            Some(Rearm::InWindow(_)) if bucket_of(entry.at_ms) <= loaded_through => {
-                                arm(&mut armed, &mut armed_at, entry);
-                            }
-                            _ => {}
-                        }
+                        timeline.rearm(&next, entry);
                     }
                 }
                 m = watch.next() => match m {
                     Some(Ok(m)) => match self.store.due_entry(m.subject.as_str(), &m.payload) {
                         Ok(mut e) => {
                             e.seq = m.info().map_or(0, |i| i.stream_sequence);
-                            if bucket_of(e.at_ms) <= loaded_through
+                            if timeline.in_window(e.at_ms)
                                 && leases.contains_key(&partition_of(&e.id))
                             {
                                 // Set again: what was read ahead is older than that.
                                 prefetched.remove(&e.id);
-                                if arm(&mut armed, &mut armed_at, e.clone()) {
+                                if timeline.arm(e.clone()) {
                                     open.note(&e);
                                 }
                             }
@@ -620,17 +502,15 @@ impl Loader {
     /// Loads the past of each partition in `pending` (from its sweep checkpoint, or the
     /// stream's first message, to the loaded window) and arms it; a partition whose
     /// checkpoint or entries could not be read stays pending (and unswept).
-    #[allow(clippy::too_many_arguments)]
     async fn catch_up(
         &self,
         pending: &mut BTreeSet<u32>,
         swept: &mut HashMap<u32, u64>,
         now: u64,
-        loaded_through: u64,
-        armed: &mut BTreeSet<(u64, String)>,
-        armed_at: &mut ArmedAt,
+        timeline: &mut Timeline,
         open: &mut Open,
     ) {
+        let loaded_through = timeline.loaded_through();
         let todo: Vec<u32> = pending.iter().copied().collect();
         for p in todo {
             let from = match self.store.swept(p).await {
@@ -673,7 +553,7 @@ impl Loader {
                         "partition caught up"
                     );
                     for e in entries {
-                        if arm(armed, armed_at, e.clone()) {
+                        if timeline.arm(e.clone()) {
                             open.note(&e);
                         }
                     }
@@ -946,29 +826,20 @@ impl Loader {
         format!("_INBOX.{}", uuid::Uuid::new_v4().simple())
     }
 
-    /// Handles alarm `id`, armed for `armed_at`: fires it if its record says it is due
-    /// (claim, dispatch, outcome). When to look at it again, if its record says later,
-    /// and which of its due-index entries the record made obsolete (the loop removes
-    /// them a bucket at a time, [`Entries`]).
+    /// Handles the alarm of `entry` (armed for its `at_ms`): fires it if its record says
+    /// it is due (claim, dispatch, outcome; the decision is [`timeline::later`]). When
+    /// to look at it again, if its record says later, and which of its due-index
+    /// entries the record made obsolete (the loop removes them a bucket at a time,
+    /// [`Entries`]).
     ///
     /// `hint` is the record as read ahead in a batch: it may be stale, so it is used
     /// only where a compare-and-set follows (a pending firing that is due: its claim);
     /// anything else is decided on a fresh read.
     async fn dispatch(&self, entry: &DueEntry, mut hint: Option<(Record, u64)>) -> Result<Next> {
         let id = entry.id.as_str();
-        let armed_at = entry.at_ms;
         let grace = u64::try_from(self.config.takeover_grace.as_millis()).unwrap_or(u64::MAX);
-        let keep = |rearm| Next {
-            rearm: Some(rearm),
-            entries: Entries::Keep,
-        };
         for _ in 0..5 {
             let now = (self.clock)();
-            // An entry is written before the record that needs it: a young entry the
-            // record does not (yet) account for may be waiting for that record, so it
-            // is looked at again; an old one is an orphan (its record never came).
-            let young = now < entry.written_ms.saturating_add(ENTRY_GRACE_MS);
-            let orphan_through = entry.seq.saturating_add(1);
             let read = match hint.take() {
                 Some((r, seq))
                     if matches!(r.status, crate::alarm::Status::Pending { .. })
@@ -985,37 +856,14 @@ impl Loader {
             // `seq`: what a write expects (the subject's last message, which may be
             // foreign); `rseq`: the record's own, by which its entries are settled (an
             // entry stored after it, even before a foreign message, waits for its own).
+            // An entry is written before the record that needs it: a young entry the
+            // record does not (yet) account for may be waiting for that record, so it
+            // is looked at again; an old one is an orphan (its record never came).
             let Some((record, seq, rseq)) = read else {
-                if young {
-                    return Ok(keep(Rearm::Always(now.saturating_add(RECHECK_MS))));
-                }
-                return Ok(Next::settled(None, orphan_through, None));
+                return Ok(timeline::unrecorded(entry, now));
             };
-            let Some(next) = record.next_action_ms(grace) else {
-                if young && entry.seq > rseq {
-                    return Ok(keep(Rearm::Always(now.saturating_add(RECHECK_MS))));
-                }
-                return Ok(Next::settled(None, rseq.max(orphan_through), None));
-            };
-            if next > now {
-                return match record.status {
-                    // Replaced or re-armed: its own entry exists (written before the
-                    // record); this one is obsolete unless it is that one (or the
-                    // record that needs it is still on its way).
-                    crate::alarm::Status::Pending { .. } => {
-                        if young && entry.seq > rseq && bucket_of(next) != bucket_of(armed_at) {
-                            Ok(keep(Rearm::Always(
-                                now.saturating_add(RECHECK_MS).min(next),
-                            )))
-                        } else {
-                            Ok(Next::settled(Some(Rearm::InWindow(next)), rseq, Some(next)))
-                        }
-                    }
-                    // Claimed by a loader that may be alive: look again when its claim
-                    // runs out. Its entries stay: a restart finds the alarm by them,
-                    // and the sweep cannot pass them.
-                    _ => Ok(keep(Rearm::Always(next))),
-                };
+            if let Some(next) = timeline::later(entry, &record, rseq, now, grace) {
+                return Ok(next);
             }
             let mut record = record;
             match self.cron_rule(&record, now).await? {
@@ -1112,11 +960,10 @@ impl Loader {
             // What stands is what was appended: the outcome, or (when a client changed
             // the alarm meanwhile) the client's state with the outcome as its event.
             let (last, last_seq) = self.record_outcome(&outcome, &claim, claim_seq).await?;
-            let next = last.next_action_ms(grace);
-            return Ok(Next::settled(next.map(Rearm::InWindow), last_seq, next));
+            return Ok(Next::after_outcome(&last, last_seq, grace));
         }
         // Lost every compare-and-set: another loader is on it; look again soon.
-        Ok(keep(Rearm::Always((self.clock)().saturating_add(1_000))))
+        Ok(Next::again((self.clock)()))
     }
 
     /// Appends a dispatch's outcome after its claim (stored at `claim_seq`). When that
@@ -1377,40 +1224,6 @@ impl<L> Holdings<L> {
     }
 }
 
-/// Per armed alarm: when it is looked at, and the entry that armed it.
-type ArmedAt = HashMap<String, (u64, DueEntry)>;
-
-/// Arms `entry` for its own time.
-fn arm(armed: &mut BTreeSet<(u64, String)>, armed_at: &mut ArmedAt, entry: DueEntry) -> bool {
-    arm_at(armed, armed_at, entry.at_ms, entry)
-}
-
-/// Arms `entry` to be looked at at `at` (keeps the earliest time per alarm, with its
-/// entry, and the youngest write time).
-fn arm_at(
-    armed: &mut BTreeSet<(u64, String)>,
-    armed_at: &mut ArmedAt,
-    mut at: u64,
-    mut entry: DueEntry,
-) -> bool {
-    if !crate::alarm::is_token(&entry.id, crate::alarm::MAX_ID) {
-        return false;
-    }
-    if let Some((old_at, old)) = armed_at.get(&entry.id) {
-        let written_ms = entry.written_ms.max(old.written_ms);
-        if *old_at <= at {
-            at = *old_at;
-            entry = old.clone();
-        } else {
-            armed.remove(&(*old_at, entry.id.clone()));
-        }
-        entry.written_ms = written_ms;
-    }
-    armed.insert((at, entry.id.clone()));
-    armed_at.insert(entry.id.clone(), (at, entry));
-    true
-}
-
 /// The due-index entries this loader has seen (and armed) and not yet settled, by
 /// partition and bucket. A past bucket with none left open is removed in one purge,
 /// bounded by the highest sequence seen in it: entries stored after that (not seen
@@ -1584,33 +1397,6 @@ mod tests {
         h.insert(3, 2, "new");
         assert!(h.contains_key(&3));
         assert!(!h.lose(4, 2), "a partition not held");
-    }
-
-    #[test]
-    fn arming_keeps_the_earliest_time_and_the_youngest_write_per_alarm() {
-        let mut a = BTreeSet::new();
-        let mut at = HashMap::new();
-        let e = |id: &str, at_ms, written_ms| DueEntry {
-            id: id.into(),
-            at_ms,
-            written_ms,
-            seq: 0,
-        };
-        arm(&mut a, &mut at, e("x", 50, 7));
-        arm(&mut a, &mut at, e("x", 90, 9));
-        arm(&mut a, &mut at, e("x", 20, 3));
-        assert!(!arm(&mut a, &mut at, e("bad id", 1, 0)));
-        assert_eq!(
-            a.into_iter().collect::<Vec<_>>(),
-            vec![(20, "x".to_string())]
-        );
-        assert_eq!(at.get("x"), Some(&(20, e("x", 20, 9))));
-        assert_eq!(at.len(), 1);
-        // Looked at again later for the same entry: the entry (its subject) is kept.
-        let (mut a, mut at) = (BTreeSet::new(), HashMap::new());
-        arm_at(&mut a, &mut at, 12_500, e("y", 9_000, 4));
-        assert_eq!(a.first(), Some(&(12_500, "y".to_string())));
-        assert_eq!(at.get("y"), Some(&(12_500, e("y", 9_000, 4))));
     }
 
     #[test]
