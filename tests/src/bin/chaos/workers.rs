@@ -46,7 +46,18 @@
 //! 5. no job of a paused process started from a second after the pause was
 //!    acknowledged until the resume was sent.
 //!
-//! Not checked here: execution keys (`Ts-Execution-Key`), built on another branch.
+//! 6. execution keys (`Ts-Execution-Key`, four keys shared by jobs of many processes):
+//!    no two runs of one key overlapped, from the handler's record (a run cut short is
+//!    bounded by its attempt's result, its instance's exit or its "lease lost" line;
+//!    one none bounds is counted and printed), and the fencing token grew from each
+//!    run of a key to the next; a run after a lost lease is a retry, counted;
+//! 7. queue keys (`Ts-Queue-Key`): every `queue_key_held` refusal had a job of its
+//!    process and key queued (its request sent before the refusal was answered, not
+//!    started when it was sent), or is attributed to a pending hold of a request of
+//!    unknown fate or to a release the instance logged as failed; no job was assigned
+//!    more than a second before an earlier job of its key started unless a fault
+//!    that delays a start lies between (attributed); no hold is left after settling
+//!    for a finished job.
 
 use std::collections::BTreeSet;
 
@@ -349,15 +360,21 @@ async fn steady(work: Arc<Work>, mut rng: ChaCha8Rng) {
 }
 
 /// Jobs with execution keys: bursts of one to three jobs sharing one of
-/// [`EXEC_KEYS`] keys, in any steady process, 200–800 ms long, a quarter failing their
-/// first attempt (the retry takes the key again).
+/// [`EXEC_KEYS`] keys, in any steady process, 200–800 ms long (one in six 2–4 s: a
+/// server stall outlasts their lease's deadline, so holders give keys up mid-run), a
+/// quarter failing their first attempt (the retry takes the key again).
 async fn exec_keyed(work: Arc<Work>, mut rng: ChaCha8Rng) {
     while now_ms() < work.stop_ms {
         let key = format!("e{}", rng.gen_range(0..EXEC_KEYS));
         for _ in 0..rng.gen_range(1..=3) {
             let p = format!("p{}", rng.gen_range(0..PROCESSES));
             let fails = u32::from(rng.gen_bool(0.25));
-            work.spawn_keyed(p, fails, rng.gen_range(200..=800), key.clone());
+            let ms = if rng.gen_ratio(1, 6) {
+                rng.gen_range(2_000..=4_000)
+            } else {
+                rng.gen_range(200..=800)
+            };
+            work.spawn_keyed(p, fails, ms, key.clone());
         }
         tokio::time::sleep(Duration::from_millis(rng.gen_range(300..=900))).await;
     }
