@@ -376,7 +376,7 @@ async fn exec_keyed(work: Arc<Work>, mut rng: ChaCha8Rng) {
             };
             work.spawn_keyed(p, fails, ms, key.clone());
         }
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(300..=900))).await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(500..=1_300))).await;
     }
 }
 
@@ -1959,4 +1959,86 @@ async fn holds_left(js: &async_nats::jetstream::Context) -> Result<Vec<(String, 
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod oracle_tests {
+    use super::*;
+
+    fn run(start_ms: u64, end: Option<u64>, token: u64) -> Run {
+        Run {
+            pid: format!("{start_ms}"),
+            start_ms,
+            end: end.map(|e| (false, e)),
+            ppid: Some(1),
+            key: Some("e0".into()),
+            token: Some(token),
+        }
+    }
+
+    fn judged(runs: &[(Run, Option<u64>)]) -> (Verdict, Vec<Violation>) {
+        let list = runs
+            .iter()
+            .enumerate()
+            .map(|(i, (r, end_ms))| KeyedRun {
+                job: format!("p{i}:0"),
+                run: r,
+                end_ms: *end_ms,
+                lease_lost: false,
+            })
+            .collect();
+        let by_key = BTreeMap::from([("e0".to_string(), list)]);
+        let mut v = Verdict::default();
+        let mut out = Vec::new();
+        judge_exec_keys(&by_key, &mut v, &mut out);
+        (v, out)
+    }
+
+    #[test]
+    fn runs_of_one_key_one_after_the_other_pass_and_an_overlap_or_an_old_token_fails() {
+        let (v, out) = judged(&[
+            (run(100, Some(200), 5), Some(200)),
+            (run(200, None, 7), Some(260)),
+            (run(300, Some(400), 9), Some(400)),
+        ]);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(v.key_overlaps, 0);
+        // The second run's bounded end reaches past the third's start.
+        let (v, out) = judged(&[
+            (run(100, Some(200), 5), Some(200)),
+            (run(200, None, 7), Some(310)),
+            (run(300, Some(400), 9), Some(400)),
+        ]);
+        assert_eq!((v.key_overlaps, out.len()), (1, 1), "{out:?}");
+        // A long first run overlaps every later one, not only the next.
+        let (v, _) = judged(&[
+            (run(100, Some(1_000), 5), Some(1_000)),
+            (run(200, Some(300), 7), Some(300)),
+            (run(400, Some(500), 9), Some(500)),
+        ]);
+        assert_eq!(v.key_overlaps, 2);
+        let (v, out) = judged(&[
+            (run(100, Some(200), 9), Some(200)),
+            (run(300, Some(400), 7), Some(400)),
+        ]);
+        assert_eq!((v.key_tokens_not_growing, out.len()), (1, 1), "{out:?}");
+    }
+
+    #[test]
+    fn tracing_timestamps_and_job_mentions_are_read() {
+        assert_eq!(
+            parse_utc_ms("2026-12-02T11:46:19.814010Z"),
+            Some(1_796_211_979_814)
+        );
+        assert_eq!(parse_utc_ms("1970-01-01T00:00:01Z"), Some(1_000));
+        assert_eq!(parse_utc_ms("not a time"), None);
+        assert!(mentions(
+            "WARN x: p1:5: queue key not released",
+            "p1:5: queue"
+        ));
+        assert!(!mentions(
+            "WARN x: wp1:5: queue key not released",
+            "p1:5: queue"
+        ));
+    }
 }
