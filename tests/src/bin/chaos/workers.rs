@@ -1053,7 +1053,14 @@ fn judge_job(
                     format!("{job}: done, but its handler always fails ({})", states()),
                 ));
             }
-            match runs.last() {
+            // The run that recorded it: the first to start at or after its attempt
+            // started (a later run, handed out again, may have been cut).
+            let done = finals
+                .last()
+                .and_then(|f| f.started_ms)
+                .and_then(|s| runs.iter().find(|r| r.start_ms >= s))
+                .or(runs.last());
+            match done {
                 Some(Run {
                     end: Some((false, _)),
                     ..
@@ -1061,7 +1068,7 @@ fn judge_job(
                 _ => out.push(violation(
                     "handler",
                     format!(
-                        "{job}: done, but no run of its handler ended ({})",
+                        "{job}: done, but the run that recorded it did not end ({})",
                         states()
                     ),
                 )),
