@@ -6,9 +6,10 @@
 //! `--instances` instances of the real `worker` binary in one group (`chaos`, unordered,
 //! `--max-attempts 4`, backoff 300 ms doubling to 2 s, `--ack-wait-ms 20000`: longer
 //! than the longest stall), and one spare instance a scale-out fault starts for a
-//! while. The handler is `sh -c`: it appends `start <process>:<slot> <pid> <ms> <ppid>`
-//! to a file, fails (exit 1, a `fail` line) while the job has started no more times than
-//! its body says, sleeps as long as its body says, then appends `end ...`.
+//! while. The handler is `sh -c`: it appends `start <process>:<slot> <pid> <ms> <ppid>
+//! <execution key> <fencing token>` (`-` for none) to a file, fails (exit 1, a `fail`
+//! line) while the job has started no more times than its body says, sleeps as long as
+//! its body says, then appends `end ...`. The instances' execution-key lease is 3 s.
 //!
 //! A seeded workload schedules (each request with a `Nats-Msg-Id`, sent again with the
 //! same id while its fate is unknown) into 50 processes for `--duration` seconds: quick
@@ -44,8 +45,7 @@
 //!    acknowledged, and ended `cancelled` (or `done` by then); one cancelled while
 //!    queued in a paused process never ran at all; nothing is `cancelled` that was not;
 //! 5. no job of a paused process started from a second after the pause was
-//!    acknowledged until the resume was sent.
-//!
+//!    acknowledged until the resume was sent;
 //! 6. execution keys (`Ts-Execution-Key`, four keys shared by jobs of many processes):
 //!    no two runs of one key overlapped, from the handler's record (a run cut short is
 //!    bounded by its attempt's result, its instance's exit or its "lease lost" line;
