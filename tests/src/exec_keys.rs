@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Result};
@@ -563,5 +564,105 @@ async fn keys_in_a_strict_group_with_bounded_buffers_keep_slot_order_and_all_run
         let expected: Vec<(bool, u64)> = (0..6u64).flat_map(|k| [(true, k), (false, k)]).collect();
         assert_eq!(mine, expected, "process {name}: {all:?}");
     }
+    Ok(())
+}
+
+/// A job that runs past `--job-timeout-ms` is cancelled and fails at once, but its
+/// handler may not stop at once (a library handler may ignore the token): its
+/// execution key stays held until the handler has returned, so a second job of the key
+/// starts only then — not at the timeout, beside the first one's handler. An in-process
+/// instance whose handler ignores its cancellation and runs 1.5 s past a 300 ms timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_job_keeps_its_key_until_its_handler_has_returned() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(97))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    // (slot, start ms, end ms) of every handler run.
+    let runs: Arc<Mutex<Vec<(u64, u64, u64)>>> = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&runs);
+    let handler: Arc<dyn worker::handler::Handler> = Arc::new(
+        move |job: worker::job::Job, _cancel: tokio_util::sync::CancellationToken| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let start = now_ms();
+                // Deaf to its cancellation.
+                tokio::time::sleep(Duration::from_millis(1_500)).await;
+                if let Ok(mut r) = seen.lock() {
+                    r.push((job.slot, start, now_ms()));
+                }
+                worker::handler::Outcome::Done
+            }
+        },
+    );
+    let settings = worker::Settings {
+        prefix: "ts".into(),
+        replicas: 1,
+        serves: worker::feeder::Serves::All,
+        from: worker::feeder::From::Start,
+        instance: worker::instance::Config {
+            group: "xto".into(),
+            max_attempts: 1,
+            job_timeout: Duration::from_millis(300),
+            exec_key_lease: Duration::from_secs(3),
+            ..Default::default()
+        },
+        lease: Duration::from_secs(2),
+        trusted: None,
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let instance = tokio::spawn(worker::run(
+        settings,
+        worker::Connections {
+            core: connect_as(&server, Role::JobWorker).await?,
+            intake: Some(connect_as(&server, Role::Worker).await?),
+            events: Arc::new(service::ConnectionEvents::default()),
+        },
+        handler,
+        shutdown.clone(),
+        service::system_clock(),
+    ));
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let client = Client::new(nats, Subjects::default());
+    let p = ProcessId::new("xto1")?;
+    let mut ids = BTreeSet::new();
+    for i in 0..2 {
+        let r = client
+            .schedule(&p, Bytes::from(format!("job {i}")), &with_key("T"))
+            .await?;
+        ids.insert(format!("{p}:{}", r.slot));
+    }
+    let js = async_nats::jetstream::new(connect_as(&server, Role::Operator).await?);
+    let r = wait_final(&js, "xto", ids.len(), 60).await?;
+    for (id, evs) in &r {
+        let states: Vec<State> = evs.iter().map(|e| e.state).collect();
+        assert_eq!(states, vec![State::Dead], "{id} timed out: {evs:?}");
+    }
+    // Both handlers have returned (the second one's key is let go after it).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut seen: Vec<(u64, u64, u64)> = Vec::new();
+    while tokio::time::Instant::now() < deadline {
+        seen = runs.lock().map(|r| r.clone()).unwrap_or_default();
+        if seen.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    let _ = instance.await;
+    seen.sort_by_key(|r| r.1);
+    let [a, b] = seen.as_slice() else {
+        bail!("two handler runs, not {seen:?}");
+    };
+    assert!(
+        b.1 >= a.2,
+        "job {} started at {} while the timed-out job {} ran until {} (key T)",
+        b.0,
+        b.1,
+        a.0,
+        a.2
+    );
     Ok(())
 }

@@ -1158,9 +1158,11 @@ impl Instance {
                     cancel.cancel();
                 })
             });
-            let run = tokio::spawn(async move { handler.handle_in(&job, &context, c2).await });
+            let mut run = tokio::spawn(async move { handler.handle_in(&job, &context, c2).await });
             let t0 = std::time::Instant::now();
-            let outcome = match tokio::time::timeout(self.config.job_timeout, run).await {
+            let mut key = key;
+            let mut link = link;
+            let outcome = match tokio::time::timeout(self.config.job_timeout, &mut run).await {
                 Ok(Ok(o)) => o,
                 Ok(Err(e)) if e.is_panic() => {
                     self.counts.panics.fetch_add(1, Ordering::Relaxed);
@@ -1169,6 +1171,20 @@ impl Instance {
                 Ok(Err(e)) => Outcome::Failed(format!("handler task: {e}")),
                 Err(_) => {
                     cancel.cancel();
+                    // Told to stop, the handler may not have yet (a `command` kills
+                    // its child and waits for it; a library handler may ignore the
+                    // token): its execution key stays held, and renewed, until it
+                    // has returned, so no other holder runs beside it.
+                    if let Some(k) = key.take() {
+                        let l = link.take();
+                        tokio::spawn(async move {
+                            let _ = run.await;
+                            if let Some(l) = l {
+                                l.abort();
+                            }
+                            k.release().await;
+                        });
+                    }
                     Outcome::Failed(format!(
                         "timed out after {} ms",
                         self.config.job_timeout.as_millis()

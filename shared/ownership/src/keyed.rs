@@ -8,9 +8,10 @@
 //!   [`Token`]: every later holder of the key has a greater one.
 //! - **Renew**: every lease/3, a write expecting our last revision (refused: the
 //!   lease is lost — expired, or taken after expiry). The holder counts its lease as
-//!   lost at its own deadline, the send time of its last acknowledged renewal + lease
-//!   − lease/5, before the server (which counts from the later store time, the TTL
-//!   rounded up to whole seconds) can free it.
+//!   lost at its own deadline, the send time of its last acknowledged write (the
+//!   acquiring one, then each renewal) + lease − lease/5, before the server (which
+//!   counts from the later store time, the TTL rounded up to whole seconds) can free
+//!   it.
 //! - **Release**: a delete marker expecting our last revision.
 //! - **A dead holder** stops renewing; the server expires the key one lease after its
 //!   last write and places a marker every watcher sees ([`Locks::watch`]).
@@ -255,10 +256,13 @@ impl Locks {
         let mut expect = self.known_free(key);
         // A stale "free" costs one refusal and a read; the read's answer is tried once.
         for _ in 0..3 {
+            // The lease counts from the send: the server's TTL counts from the later
+            // store, so an answer that comes late cannot stretch it past the server's.
+            let sent = Instant::now();
             let outcome = self.publish(key, expect, false, body.clone()).await;
             let seen = match outcome {
                 Write::Done(revision) => {
-                    return Ok(Acquire::Held(self.start(key, revision, &record)))
+                    return Ok(Acquire::Held(self.start(key, revision, &record, sent)))
                 }
                 Write::Refused => self.read(key).await?,
                 Write::Unknown(reason) => match self.read(key).await {
@@ -268,7 +272,7 @@ impl Locks {
                         record: r,
                         ..
                     }) if r == record => {
-                        return Ok(Acquire::Held(self.start(key, revision, &record)))
+                        return Ok(Acquire::Held(self.start(key, revision, &record, sent)))
                     }
                     Ok(KeyState::Free { .. }) | Err(_) => {
                         return Err(Error::JetStream {
@@ -300,14 +304,15 @@ impl Locks {
         })
     }
 
-    fn start(&self, key: &str, revision: u64, record: &Record) -> KeyLease {
+    /// A lease taken by a write sent at `sent`.
+    fn start(&self, key: &str, revision: u64, record: &Record, sent: Instant) -> KeyLease {
         if let Ok(mut f) = self.free.lock() {
             f.remove(key);
         }
         let token = Token(revision);
         let lost = CancellationToken::new();
         let stop = CancellationToken::new();
-        let deadline = Instant::now() + self.lease - self.lease / 5;
+        let deadline = sent + self.lease - self.lease / 5;
         let (deadline_tx, deadline_rx) = watch::channel(deadline);
         let task = tokio::spawn(renew(
             self.clone(),

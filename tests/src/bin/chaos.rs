@@ -1403,6 +1403,10 @@ struct Rig {
     workers: Vec<Replica>,
     /// How every worker instance starts.
     worker: Option<WorkerSpec>,
+    /// Every worker instance the injector ended (SIGKILL or SIGTERM): its pid and when
+    /// it was reaped (ms, [`now_ms`]). A handler's child dies with its instance (a
+    /// parent-death signal), so this bounds the end of a run it cut.
+    worker_exits: Vec<(u32, u64)>,
     /// A connection for PING (reconnects by itself after a server restart).
     ping: async_nats::Client,
     /// The operator's connection (every node's URL): leaders, step-downs.
@@ -1474,7 +1478,12 @@ impl Rig {
         };
         let started = Instant::now();
         let what = svc.name();
-        if p.terminate(Duration::from_secs(20)) {
+        let pid = p.pid();
+        let exited = p.terminate(Duration::from_secs(20));
+        if let (Svc::Worker, Some(pid)) = (svc, pid) {
+            self.worker_exits.push((pid, now_ms()));
+        }
+        if exited {
             notes.push(format!(
                 "{what} {r} exited {:.1} s after SIGTERM",
                 started.elapsed().as_secs_f64()
@@ -1493,7 +1502,11 @@ impl Rig {
     /// SIGKILLs member `r` of `svc`, starts it again after `down_ms`.
     fn kill(&mut self, svc: Svc, r: usize, down_ms: u64) -> Result<()> {
         if let Some(mut p) = self.members(svc)[r].process.take() {
+            let pid = p.pid();
             p.kill();
+            if let (Svc::Worker, Some(pid)) = (svc, pid) {
+                self.worker_exits.push((pid, now_ms()));
+            }
         }
         std::thread::sleep(Duration::from_millis(down_ms));
         self.start(svc, r, &[])
@@ -2568,6 +2581,7 @@ async fn setup(args: &Args, loaders: usize, worker: Option<WorkerSpec>) -> Resul
         loader_flags: nats.loader_flags(),
         workers,
         worker,
+        worker_exits: Vec::new(),
         nats,
         replicas,
         loaders,
