@@ -1451,3 +1451,106 @@ async fn a_group_has_one_ordering_and_can_switch_once_its_instances_are_gone() -
     );
     Ok(())
 }
+
+/// A job held by an instance across a server restart may have been delivered again
+/// elsewhere (a killed server can lose the record of a delivery) and recorded there:
+/// the instance reads its history before it runs it and, finding it final, acks and
+/// skips it. Here the "elsewhere" is a `done` written into the results while the job
+/// waits in a paused queue; the server is then killed and restarted under the instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_held_across_a_server_restart_is_looked_up_before_it_runs() -> Result<()> {
+    let mut server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(84))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let _a = spawn_worker(&server, "g13", &appender(&out), &[])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let op = operator_env(&server);
+    crate::support::cli_ok(&op, &["queue", "pause", "g13"]).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let p = ProcessId::new("hx")?;
+    let held = client
+        .schedule(&p, Bytes::from("once"), &Schedule::default())
+        .await?;
+    let id = format!("hx:{}", held.slot);
+    let instance = crate::support::ping_instances(&nats, "turnstile-worker")
+        .await?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    // The instance holds it (paused), and reads its work message only from the buffer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let job = loop {
+        let reply = nats
+            .request(format!("ts.worker.inspect.{instance}"), Bytes::new())
+            .await?;
+        let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+        if v["pending"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|j| j["id"] == id.as_str())
+        {
+            let js = async_nats::jetstream::new(connect_as(&server, Role::Operator).await?);
+            let subjects = Subjects::default();
+            let work = subjects.work(
+                "g13",
+                worker::job::partition_of("hx", worker::job::PARTITIONS),
+                &p,
+            );
+            let m = js
+                .get_stream("TS_WORK")
+                .await?
+                .get_last_raw_message_by_subject(&work)
+                .await?;
+            break worker::job::Job::decode(&m.payload)?;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the instance never held {id}: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Another instance's record of it, as if it had been delivered there and run.
+    let js = async_nats::jetstream::new(connect_as(&server, Role::Operator).await?);
+    let done = ResultEvent::of(&job, State::Done, 1, 1, "elsewhere");
+    js.publish(
+        Subjects::default().result("g13", &p, held.slot),
+        Bytes::from(serde_json::to_vec(&done)?),
+    )
+    .await?
+    .await?;
+
+    server.kill();
+    server.restart_in_place()?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    crate::support::cli_ok(&op, &["queue", "resume", "g13"]).await?;
+    // It is acked and skipped: the queue drains, nothing ran, the history is the one
+    // record.
+    let work = async_nats::jetstream::new(connect_as(&server, Role::Operator).await?);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = work
+            .get_stream("TS_WORK")
+            .await?
+            .info()
+            .await?
+            .state
+            .messages;
+        if info == 0 {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{id} was never acknowledged ({info} work messages left)");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(lines(&out).is_empty(), "it ran again: {:?}", lines(&out));
+    let r = results(&work, "g13").await?;
+    let states: Vec<State> = r[&id].iter().map(|e| e.state).collect();
+    assert_eq!(states, vec![State::Done], "{:?}", r[&id]);
+    Ok(())
+}

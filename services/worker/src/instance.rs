@@ -244,6 +244,12 @@ struct Held {
     partition: u32,
     /// Its execution key (`Err`: a header that is not one).
     exec: Option<Result<exec_keys::Key, String>>,
+    /// The connection's connect count when it was delivered: a job held across a
+    /// reconnect may have been delivered again elsewhere meanwhile.
+    connects: u64,
+    /// Delivered within an ack wait of a reconnect: the restarted server may have lost
+    /// the record of an earlier delivery, so its history is read before it runs.
+    suspect: bool,
 }
 
 impl Held {
@@ -318,6 +324,8 @@ pub struct Instance {
     holds: crate::queue::Holds,
     /// Execution keys (opened when the instance runs).
     exec_keys: std::sync::OnceLock<Arc<ExecKeys>>,
+    /// The connect count last seen by a delivery, and when (ms) it was first seen.
+    reconnected: Mutex<(u64, u64)>,
 }
 
 impl Instance {
@@ -354,6 +362,7 @@ impl Instance {
             kv,
             holds: crate::queue::Holds::default(),
             exec_keys: std::sync::OnceLock::new(),
+            reconnected: Mutex::new((1, now)),
         })
     }
 
@@ -844,6 +853,7 @@ impl Instance {
         } else {
             None
         };
+        let (connects, suspect) = self.delivered_since_reconnect();
         let partition = crate::job::partition_of(&job.process, crate::job::PARTITIONS);
         let exec = exec_keys::key_of(&job);
         let held = Held {
@@ -853,6 +863,8 @@ impl Instance {
             pushed_ms: (self.clock)(),
             partition,
             exec,
+            connects,
+            suspect,
         };
         let now = held.pushed_ms;
         debug!(job = %held.job.id(), key = ?key, headers = ?held.job.headers, "taken");
@@ -1091,10 +1103,40 @@ impl Instance {
         }
     }
 
+    /// How many times the instance's connection has connected (1 until a reconnect).
+    fn connects(&self) -> u64 {
+        self.js
+            .client()
+            .statistics()
+            .connects
+            .load(Ordering::Relaxed)
+    }
+
+    /// For a delivery now: the connect count, and whether a reconnect was first seen
+    /// less than an ack wait ago (a delivery lost with a killed server comes back as a
+    /// first delivery, at the latest one ack wait after the restart).
+    fn delivered_since_reconnect(&self) -> (u64, bool) {
+        let connects = self.connects();
+        let now = (self.clock)();
+        let Ok(mut seen) = self.reconnected.lock() else {
+            return (connects, true);
+        };
+        if seen.0 != connects {
+            *seen = (connects, now);
+        }
+        let window = u64::try_from(self.config.ack_wait.as_millis()).unwrap_or(u64::MAX);
+        (connects, connects > 1 && now.saturating_sub(seen.1) < window)
+    }
+
     async fn execute(&self, h: Held) {
         // A job delivered again may have been finished by an instance that died
-        // before it acknowledged: its history decides.
-        if h.attempt > 1 {
+        // before it acknowledged: its history decides. So may one held here across a
+        // reconnect: a server that restarted may have lost the record of its delivery
+        // and delivered it again, as a first attempt, to another instance, which may
+        // have run it meanwhile (seen in `make chaos WORKERS=1`: a job parked for its
+        // execution key before a server SIGKILL ran twice after it); and so may one
+        // delivered soon after a reconnect, as a first delivery that may not be one.
+        if h.attempt > 1 || h.suspect || h.connects != self.connects() {
             match self.last_result(&h.job).await {
                 Ok(Some(ev)) if ev.state.is_final() => {
                     self.release_queue_key(&h.job).await;
