@@ -318,7 +318,16 @@ pub struct Instance {
     holds: crate::queue::Holds,
     /// Execution keys (opened when the instance runs).
     exec_keys: std::sync::OnceLock<Arc<ExecKeys>>,
+    /// Unordered groups: the outcomes being recorded (each its result's publish, its
+    /// acknowledgement, then its work message's ack or NAK), waited for on shutdown.
+    recording: tokio_util::task::TaskTracker,
+    /// Room for more of them ([`RECORDING`]): an executor waits for room.
+    recording_room: Arc<tokio::sync::Semaphore>,
 }
+
+/// Unordered groups: outcomes an instance records at once (results published, their
+/// acknowledgements awaited) while its executors go on to their next jobs.
+pub const RECORDING: usize = 4096;
 
 impl Instance {
     /// A new instance `id` of `config.group`.
@@ -354,6 +363,8 @@ impl Instance {
             kv,
             holds: crate::queue::Holds::default(),
             exec_keys: std::sync::OnceLock::new(),
+            recording: tokio_util::task::TaskTracker::new(),
+            recording_room: Arc::new(tokio::sync::Semaphore::new(RECORDING)),
         })
     }
 
@@ -583,6 +594,11 @@ impl Instance {
             self.hard_stop.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
         }
+        // Every outcome still being recorded is stored and its message acked (or
+        // handed back) before the instance is closed: each ends within the publish
+        // acknowledgement's timeout.
+        self.recording.close();
+        self.recording.wait().await;
         keepalive.abort();
         // Strict order: the partitions are released only now that nothing of them
         // runs here any more, so their next holder cannot overtake a job of ours.
@@ -875,7 +891,7 @@ impl Instance {
         }
     }
 
-    async fn execute_loop(&self) {
+    async fn execute_loop(self: Arc<Self>) {
         loop {
             // The oldest job whose queue is not paused (a cancelled one goes anyway:
             // it only needs recording).
@@ -958,13 +974,13 @@ impl Instance {
     /// Takes `h`'s execution key for an attempt: `Some(None)` without a key,
     /// `Some(Some(hold))` taken; `None` when the job is not to run now: parked (held
     /// elsewhere) or recorded dead (a header that is not a key).
-    async fn take_key(&self, h: &Held) -> Option<Option<Hold>> {
+    async fn take_key(self: &Arc<Self>, h: &Held) -> Option<Option<Hold>> {
         let key = match &h.exec {
             None => return Some(None),
             Some(Err(reason)) => {
                 // Dead without running: no longer queued either.
                 self.release_queue_key(&h.job).await;
-                self.settle(h, Outcome::Fatal(reason.clone()), (self.clock)(), 0)
+                self.finish(h, Outcome::Fatal(reason.clone()), (self.clock)(), 0)
                     .await;
                 return None;
             }
@@ -1091,7 +1107,7 @@ impl Instance {
         }
     }
 
-    async fn execute(&self, h: Held) {
+    async fn execute(self: &Arc<Self>, h: Held) {
         // A job delivered again may have been finished by an instance that died
         // before it acknowledged: its history decides.
         if h.attempt > 1 {
@@ -1212,7 +1228,7 @@ impl Instance {
                 && matches!(outcome, Outcome::Retry { .. } | Outcome::Failed(_));
             if !again {
                 self.with(|s| s.running.remove(&id));
-                self.settle(&h, outcome, started, ms).await;
+                self.finish(&h, outcome, started, ms).await;
                 return;
             }
             let (delay, reason) = match outcome {
@@ -1286,6 +1302,30 @@ impl Instance {
         }
     }
 
+    /// Records an attempt's outcome and acts on it ([`Instance::settle`]). Strict
+    /// order: here and now, so nothing of the job's process starts before. Unordered:
+    /// in the background, once there is room ([`RECORDING`]), so the executor takes
+    /// its next job without waiting for the round trip; the order within the job
+    /// (stored, then acked) is the same.
+    async fn finish(self: &Arc<Self>, h: &Held, outcome: Outcome, started: u64, ms: u64) {
+        if self.config.order == Order::Strict {
+            self.settle(h, outcome, started, ms).await;
+            return;
+        }
+        let Ok(room) = Arc::clone(&self.recording_room).acquire_owned().await else {
+            // Never closed; if it were, record here.
+            self.settle(h, outcome, started, ms).await;
+            return;
+        };
+        let (me, h) = (Arc::clone(self), h.clone());
+        self.recording.spawn(async move {
+            me.settle(&h, outcome, started, ms).await;
+            drop(room);
+        });
+    }
+
+    /// Stores an attempt's outcome in the results, then acks, NAKs (with its backoff)
+    /// or terminates its work message; one not stored is handed back.
     async fn settle(&self, h: &Held, outcome: Outcome, started: u64, ms: u64) {
         let (state, reason, delay) = match outcome {
             Outcome::Done => (State::Done, None, None),
