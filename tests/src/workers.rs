@@ -1457,6 +1457,7 @@ async fn a_group_has_one_ordering_and_can_switch_once_its_instances_are_gone() -
 /// the instance reads its history before it runs it and, finding it final, acks and
 /// skips it. Here the "elsewhere" is a `done` written into the results while the job
 /// waits in a paused queue; the server is then killed and restarted under the instance.
+/// A second job, whose history holds a failed first attempt, runs as attempt 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_held_across_a_server_restart_is_looked_up_before_it_runs() -> Result<()> {
     let mut server = server()?;
@@ -1477,45 +1478,64 @@ async fn a_job_held_across_a_server_restart_is_looked_up_before_it_runs() -> Res
         .schedule(&p, Bytes::from("once"), &Schedule::default())
         .await?;
     let id = format!("hx:{}", held.slot);
+    // A second job, whose history says its first attempt failed elsewhere.
+    let q = ProcessId::new("hy")?;
+    let again = client
+        .schedule(&q, Bytes::from("again"), &Schedule::default())
+        .await?;
+    let again_id = format!("hy:{}", again.slot);
     let instance = crate::support::ping_instances(&nats, "turnstile-worker")
         .await?
         .into_iter()
         .next()
         .unwrap_or_default();
-    // The instance holds it (paused), and reads its work message only from the buffer.
+    // The instance holds both (paused); their work messages are read as stored.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let job = loop {
+    loop {
         let reply = nats
             .request(format!("ts.worker.inspect.{instance}"), Bytes::new())
             .await?;
         let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
-        if v["pending"]
+        let pending: Vec<&str> = v["pending"]
             .as_array()
             .into_iter()
             .flatten()
-            .any(|j| j["id"] == id.as_str())
-        {
-            let js = async_nats::jetstream::new(connect_as(&server, Role::Operator).await?);
-            let subjects = Subjects::default();
-            let work = subjects.work(
+            .filter_map(|j| j["id"].as_str())
+            .collect();
+        if pending.contains(&id.as_str()) && pending.contains(&again_id.as_str()) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the instance never held {id} and {again_id}: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let js = async_nats::jetstream::new(connect_as(&server, Role::Operator).await?);
+    let read_job = |process: &ProcessId| {
+        let (js, process) = (js.clone(), process.clone());
+        async move {
+            let subject = Subjects::default().work(
                 "g13",
-                worker::job::partition_of("hx", worker::job::PARTITIONS),
-                &p,
+                worker::job::partition_of(process.as_str(), worker::job::PARTITIONS),
+                &process,
             );
             let m = js
                 .get_stream("TS_WORK")
                 .await?
-                .get_last_raw_message_by_subject(&work)
+                .get_last_raw_message_by_subject(&subject)
                 .await?;
-            break worker::job::Job::decode(&m.payload)?;
+            anyhow::Ok(worker::job::Job::decode(&m.payload)?)
         }
-        if tokio::time::Instant::now() > deadline {
-            bail!("the instance never held {id}: {v}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let job = read_job(&p).await?;
+    let failed = ResultEvent::of(&read_job(&q).await?, State::Failed, 1, 1, "elsewhere");
+    js.publish(
+        Subjects::default().result("g13", &q, again.slot),
+        Bytes::from(serde_json::to_vec(&failed)?),
+    )
+    .await?
+    .await?;
     // Another instance's record of it, as if it had been delivered there and run.
-    let js = async_nats::jetstream::new(connect_as(&server, Role::Operator).await?);
     let done = ResultEvent::of(&job, State::Done, 1, 1, "elsewhere");
     js.publish(
         Subjects::default().result("g13", &p, held.slot),
@@ -1528,8 +1548,8 @@ async fn a_job_held_across_a_server_restart_is_looked_up_before_it_runs() -> Res
     server.restart_in_place()?;
     wait_for_service(&nats, "turnstile-worker", 1).await?;
     crate::support::cli_ok(&op, &["queue", "resume", "g13"]).await?;
-    // It is acked and skipped: the queue drains, nothing ran, the history is the one
-    // record.
+    // The first is acked and skipped (its history is the one record); the second
+    // runs as its second attempt, the one after its history's last.
     let work = async_nats::jetstream::new(connect_as(&server, Role::Operator).await?);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -1548,9 +1568,16 @@ async fn a_job_held_across_a_server_restart_is_looked_up_before_it_runs() -> Res
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(lines(&out).is_empty(), "it ran again: {:?}", lines(&out));
-    let r = results(&work, "g13").await?;
+    assert_eq!(lines(&out), vec![again_id.clone()], "what ran");
+    let r = wait_final(&work, "g13", 2, 20).await?;
     let states: Vec<State> = r[&id].iter().map(|e| e.state).collect();
     assert_eq!(states, vec![State::Done], "{:?}", r[&id]);
+    let attempts: Vec<(State, u32)> = r[&again_id].iter().map(|e| (e.state, e.attempt)).collect();
+    assert_eq!(
+        attempts,
+        vec![(State::Failed, 1), (State::Done, 2)],
+        "{:?}",
+        r[&again_id]
+    );
     Ok(())
 }

@@ -326,7 +326,16 @@ pub struct Instance {
     exec_keys: std::sync::OnceLock<Arc<ExecKeys>>,
     /// The connect count last seen by a delivery, and when (ms) it was first seen.
     reconnected: Mutex<(u64, u64)>,
+    /// Unordered groups: the outcomes being recorded (each its result's publish, its
+    /// acknowledgement, then its work message's ack or NAK), waited for on shutdown.
+    recording: tokio_util::task::TaskTracker,
+    /// Room for more of them ([`RECORDING`]): an executor waits for room.
+    recording_room: Arc<tokio::sync::Semaphore>,
 }
+
+/// Unordered groups: outcomes an instance records at once (results published, their
+/// acknowledgements awaited) while its executors go on to their next jobs.
+pub const RECORDING: usize = 4096;
 
 impl Instance {
     /// A new instance `id` of `config.group`.
@@ -363,6 +372,8 @@ impl Instance {
             holds: crate::queue::Holds::default(),
             exec_keys: std::sync::OnceLock::new(),
             reconnected: Mutex::new((1, now)),
+            recording: tokio_util::task::TaskTracker::new(),
+            recording_room: Arc::new(tokio::sync::Semaphore::new(RECORDING)),
         })
     }
 
@@ -592,6 +603,11 @@ impl Instance {
             self.hard_stop.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
         }
+        // Every outcome still being recorded is stored and its message acked (or
+        // handed back) before the instance is closed: each ends within the publish
+        // acknowledgement's timeout.
+        self.recording.close();
+        self.recording.wait().await;
         keepalive.abort();
         // Strict order: the partitions are released only now that nothing of them
         // runs here any more, so their next holder cannot overtake a job of ours.
@@ -887,7 +903,7 @@ impl Instance {
         }
     }
 
-    async fn execute_loop(&self) {
+    async fn execute_loop(self: Arc<Self>) {
         loop {
             // The oldest job whose queue is not paused (a cancelled one goes anyway:
             // it only needs recording).
@@ -970,13 +986,13 @@ impl Instance {
     /// Takes `h`'s execution key for an attempt: `Some(None)` without a key,
     /// `Some(Some(hold))` taken; `None` when the job is not to run now: parked (held
     /// elsewhere) or recorded dead (a header that is not a key).
-    async fn take_key(&self, h: &Held) -> Option<Option<Hold>> {
+    async fn take_key(self: &Arc<Self>, h: &Held) -> Option<Option<Hold>> {
         let key = match &h.exec {
             None => return Some(None),
             Some(Err(reason)) => {
                 // Dead without running: no longer queued either.
                 self.release_queue_key(&h.job).await;
-                self.settle(h, Outcome::Fatal(reason.clone()), (self.clock)(), 0)
+                self.finish(h, Outcome::Fatal(reason.clone()), (self.clock)(), 0)
                     .await;
                 return None;
             }
@@ -1128,7 +1144,7 @@ impl Instance {
         (connects, connects > 1 && now.saturating_sub(seen.1) < window)
     }
 
-    async fn execute(&self, h: Held) {
+    async fn execute(self: &Arc<Self>, mut h: Held) {
         // A job delivered again may have been finished by an instance that died
         // before it acknowledged: its history decides. So may one held here across a
         // reconnect: a server that restarted may have lost the record of its delivery
@@ -1145,7 +1161,11 @@ impl Instance {
                     self.forget_cancel(&h.job).await;
                     return;
                 }
-                Ok(_) => {}
+                // Its history counts attempts too: a restarted server that lost the
+                // record of a delivery (or of a NAK) delivers it again as if it were
+                // the first, and the next attempt is the one after the last recorded.
+                Ok(Some(ev)) => h.attempt = h.attempt.max(ev.attempt.saturating_add(1)),
+                Ok(None) => {}
                 Err(e) => {
                     self.record(Level::Warn, format!("{}: {e}; handed back", h.job.id()));
                     let _ = h
@@ -1162,7 +1182,6 @@ impl Instance {
             self.settle_cancelled(&h, None, None).await;
             return;
         }
-        let mut h = h;
         let mut queued = true;
         loop {
             // Its execution key is taken before each attempt; held elsewhere, the job
@@ -1254,7 +1273,7 @@ impl Instance {
                 && matches!(outcome, Outcome::Retry { .. } | Outcome::Failed(_));
             if !again {
                 self.with(|s| s.running.remove(&id));
-                self.settle(&h, outcome, started, ms).await;
+                self.finish(&h, outcome, started, ms).await;
                 return;
             }
             let (delay, reason) = match outcome {
@@ -1328,6 +1347,30 @@ impl Instance {
         }
     }
 
+    /// Records an attempt's outcome and acts on it ([`Instance::settle`]). Strict
+    /// order: here and now, so nothing of the job's process starts before. Unordered:
+    /// in the background, once there is room ([`RECORDING`]), so the executor takes
+    /// its next job without waiting for the round trip; the order within the job
+    /// (stored, then acked) is the same.
+    async fn finish(self: &Arc<Self>, h: &Held, outcome: Outcome, started: u64, ms: u64) {
+        if self.config.order == Order::Strict {
+            self.settle(h, outcome, started, ms).await;
+            return;
+        }
+        let Ok(room) = Arc::clone(&self.recording_room).acquire_owned().await else {
+            // Never closed; if it were, record here.
+            self.settle(h, outcome, started, ms).await;
+            return;
+        };
+        let (me, h) = (Arc::clone(self), h.clone());
+        self.recording.spawn(async move {
+            me.settle(&h, outcome, started, ms).await;
+            drop(room);
+        });
+    }
+
+    /// Stores an attempt's outcome in the results, then acks, NAKs (with its backoff)
+    /// or terminates its work message; one not stored is handed back.
     async fn settle(&self, h: &Held, outcome: Outcome, started: u64, ms: u64) {
         let (state, reason, delay) = match outcome {
             Outcome::Done => (State::Done, None, None),
