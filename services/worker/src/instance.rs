@@ -1141,7 +1141,10 @@ impl Instance {
             *seen = (connects, now);
         }
         let window = u64::try_from(self.config.ack_wait.as_millis()).unwrap_or(u64::MAX);
-        (connects, connects > 1 && now.saturating_sub(seen.1) < window)
+        (
+            connects,
+            connects > 1 && now.saturating_sub(seen.1) < window,
+        )
     }
 
     async fn execute(self: &Arc<Self>, mut h: Held) {
