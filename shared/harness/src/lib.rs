@@ -722,6 +722,24 @@ impl NatsCluster {
         self.nodes[i].kill();
     }
 
+    /// SIGKILLs every node at once: the whole cluster's power lost.
+    pub fn kill_all(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+    }
+
+    /// Starts every node again in place (each stopped first if it runs) and waits until
+    /// the cluster is ready again: after [`NatsCluster::kill_all`], no node can be ready
+    /// alone (a meta leader needs a quorum), so they start together.
+    pub fn restart_all(&mut self) -> Result<()> {
+        for n in &mut self.nodes {
+            n.stop();
+            n.start_in_place()?;
+        }
+        self.wait_ready(NatsCluster::READY_TIMEOUT)
+    }
+
     /// How node `i` ended, if it has by itself (see [`NatsServer::exited`]); it is
     /// reaped then, and [`NatsCluster::restart`] starts it again.
     pub fn exited(&mut self, i: usize) -> Option<std::process::ExitStatus> {
