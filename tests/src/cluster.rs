@@ -292,7 +292,7 @@ async fn the_whole_cluster_killed_at_once_loses_no_acknowledged_write_and_writes
     cluster.restart_all()?;
     receipts.extend(writer.await??);
     // The ids sent before, sent again: duplicates, answered with their slots.
-    for (id, slot) in receipts[..30].to_vec() {
+    for (id, slot) in receipts[..30].iter().cloned() {
         let again = send(client.clone(), p.clone(), id.clone()).await?;
         assert_eq!(again, (id, slot));
     }
