@@ -619,17 +619,10 @@ async fn a_job_parked_for_its_execution_key_keeps_its_queue_key_until_it_starts(
     // The instance took it, and it waits (execution key X is held by the first).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let reply = nats
-            .request(format!("ts.worker.inspect.{instance}"), Bytes::new())
-            .await?;
-        let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+        let (v, pending) = crate::workers::inspect(&nats, &instance).await?;
         // Waiting for its key: passed over in the buffer (the instance's watch saw X
         // taken) or parked after a create that found X held.
-        let waiting = v["pending"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|j| j["id"] == format!("qx2:{}", second.slot).as_str());
+        let waiting = pending.contains(&format!("qx2:{}", second.slot));
         if waiting || v["counts"]["key_waits"].as_u64().unwrap_or(0) >= 1 {
             break;
         }

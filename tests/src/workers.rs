@@ -70,6 +70,25 @@ pub(crate) async fn wait_final(
     }
 }
 
+/// Instance `id`'s introspection (`ts.worker.inspect.<id>`), and the ids of the jobs
+/// waiting in its buffer.
+pub(crate) async fn inspect(
+    nats: &async_nats::Client,
+    id: &str,
+) -> Result<(serde_json::Value, Vec<String>)> {
+    let reply = nats
+        .request(format!("ts.worker.inspect.{id}"), Bytes::new())
+        .await?;
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    let pending = v["pending"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|j| j["id"].as_str().map(str::to_string))
+        .collect();
+    Ok((v, pending))
+}
+
 pub(crate) fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -1133,11 +1152,8 @@ async fn a_bounded_buffer_holds_no_more_than_its_bound_and_drops_nothing() -> Re
     let mut max_pending = 0;
     let mut max_held = 0;
     for _ in 0..15 {
-        let reply = nats
-            .request(format!("ts.worker.inspect.{id}"), Bytes::new())
-            .await?;
-        let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
-        let pending = v["pending"].as_array().map(Vec::len).unwrap_or(0);
+        let (v, pending) = inspect(&nats, &id).await?;
+        let pending = pending.len();
         let running = v["running"].as_array().map(Vec::len).unwrap_or(0);
         max_pending = max_pending.max(pending);
         assert!(running <= 1, "{v}");
@@ -1492,17 +1508,8 @@ async fn a_job_held_across_a_server_restart_is_looked_up_before_it_runs() -> Res
     // The instance holds both (paused); their work messages are read as stored.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let reply = nats
-            .request(format!("ts.worker.inspect.{instance}"), Bytes::new())
-            .await?;
-        let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
-        let pending: Vec<&str> = v["pending"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|j| j["id"].as_str())
-            .collect();
-        if pending.contains(&id.as_str()) && pending.contains(&again_id.as_str()) {
+        let (v, pending) = inspect(&nats, &instance).await?;
+        if pending.contains(&id) && pending.contains(&again_id) {
             break;
         }
         if tokio::time::Instant::now() > deadline {
