@@ -75,7 +75,7 @@ impl Default for Config {
 }
 
 /// What the loader counts (`$SRV.STATS`).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     /// Dispatches started (claims won).
     pub dispatched: AtomicU64,
@@ -112,7 +112,68 @@ pub struct Metrics {
     /// Due-index entries removed because they were none (shared with the store).
     pub bad_entries: Arc<AtomicU64>,
     /// Lateness (fire − due, ms) of the last firings.
-    lateness: Mutex<VecDeque<i64>>,
+    lateness: Samples,
+    /// How long each step of the last dispatches took (µs): reading the record (none
+    /// when it was read ahead), the claim, the firing, the outcome.
+    stages: [Samples; 4],
+}
+
+/// The steps of a dispatch whose durations are kept ([`Metrics::stages`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Stage {
+    Read = 0,
+    Claim = 1,
+    Fire = 2,
+    Outcome = 3,
+}
+
+const STAGE_NAMES: [&str; 4] = ["read", "claim", "fire", "outcome"];
+
+/// The last `cap` values of a measure, for its percentiles.
+#[derive(Debug)]
+struct Samples {
+    cap: usize,
+    values: Mutex<VecDeque<i64>>,
+}
+
+impl Samples {
+    fn new(cap: usize) -> Samples {
+        Samples {
+            cap,
+            values: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn push(&self, v: i64) {
+        if let Ok(mut l) = self.values.lock() {
+            if l.len() == self.cap {
+                l.pop_front();
+            }
+            l.push_back(v);
+        }
+    }
+
+    /// `{samples, p50, p99, max}` (null percentiles when empty).
+    fn summary(&self) -> Value {
+        let mut l: Vec<i64> = self
+            .values
+            .lock()
+            .map(|l| l.iter().copied().collect())
+            .unwrap_or_default();
+        // Selection, not a sort: a STATS request costs O(samples) however often it
+        // comes (a full sort of 200,000 samples was 8% of a busy loader's CPU).
+        let mut pct = |p: f64| -> Option<i64> {
+            if l.is_empty() {
+                return None;
+            }
+            let i = ((l.len() as f64 - 1.0) * p).round() as usize;
+            l.select_nth_unstable(i);
+            l.get(i).copied()
+        };
+        let (p50, p99) = (pct(0.5), pct(0.99));
+        let (samples, max) = (l.len(), l.iter().max().copied());
+        json!({"samples": samples, "p50": p50, "p99": p99, "max": max})
+    }
 }
 
 /// How long the instances of a worker group are given to answer a discovery PING.
@@ -143,39 +204,56 @@ pub const SWEEP_LAG_MS: u64 = 60_000;
 /// How many lateness samples the percentiles use.
 const LATENESS_SAMPLES: usize = 200_000;
 
+/// How many durations of each dispatch step the percentiles use.
+const STAGE_SAMPLES: usize = 20_000;
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            dispatched: AtomicU64::default(),
+            delivered: AtomicU64::default(),
+            failed: AtomicU64::default(),
+            retries_asked: AtomicU64::default(),
+            dead: AtomicU64::default(),
+            conflicts: AtomicU64::default(),
+            loads: AtomicU64::default(),
+            last_load_us: AtomicU64::default(),
+            last_load_entries: AtomicU64::default(),
+            armed: AtomicU64::default(),
+            partitions: AtomicU64::default(),
+            takeovers: AtomicU64::default(),
+            skipped: AtomicU64::default(),
+            cron_missed: AtomicU64::default(),
+            read_ahead: AtomicU64::default(),
+            foreign_records: Arc::default(),
+            bad_entries: Arc::default(),
+            lateness: Samples::new(LATENESS_SAMPLES),
+            stages: std::array::from_fn(|_| Samples::new(STAGE_SAMPLES)),
+        }
+    }
+}
+
 impl Metrics {
     fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn lateness(&self, ms: i64) {
-        if let Ok(mut l) = self.lateness.lock() {
-            if l.len() == LATENESS_SAMPLES {
-                l.pop_front();
-            }
-            l.push_back(ms);
-        }
+        self.lateness.push(ms);
     }
 
-    /// The counters and lateness p50/p99/max as JSON.
+    /// How long step `stage` of a dispatch took.
+    pub(crate) fn stage(&self, stage: Stage, took: Duration) {
+        self.stages[stage as usize].push(i64::try_from(took.as_micros()).unwrap_or(i64::MAX));
+    }
+
+    /// The counters, lateness p50/p99/max and the dispatch steps' durations as JSON.
     pub fn snapshot(&self) -> Value {
-        let mut l: Vec<i64> = self
-            .lateness
-            .lock()
-            .map(|l| l.iter().copied().collect())
-            .unwrap_or_default();
-        // Selection, not a sort: a STATS request costs O(samples) however often it
-        // comes (a full sort of 200,000 samples was 8% of a busy loader's CPU).
-        let mut pct = |p: f64| -> Option<i64> {
-            if l.is_empty() {
-                return None;
-            }
-            let i = ((l.len() as f64 - 1.0) * p).round() as usize;
-            l.select_nth_unstable(i);
-            l.get(i).copied()
-        };
-        let (p50, p99) = (pct(0.5), pct(0.99));
-        let (samples, max) = (l.len(), l.iter().max().copied());
+        let stages: serde_json::Map<String, Value> = STAGE_NAMES
+            .iter()
+            .zip(&self.stages)
+            .map(|(name, s)| (name.to_string(), s.summary()))
+            .collect();
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         json!({
             "dispatched": get(&self.dispatched),
@@ -195,12 +273,8 @@ impl Metrics {
             "cron_missed": get(&self.cron_missed),
             "foreign_records": get(&self.foreign_records),
             "bad_entries": get(&self.bad_entries),
-            "lateness_ms": {
-                "samples": samples,
-                "p50": p50,
-                "p99": p99,
-                "max": max,
-            },
+            "lateness_ms": self.lateness.summary(),
+            "dispatch_us": stages,
         })
     }
 }
@@ -311,6 +385,8 @@ impl Loader {
         let mut catch_up: BTreeSet<u32> = BTreeSet::new();
         let mut watch = self.watch_new_entries(&js).await?;
         let permits = Arc::new(Semaphore::new(self.config.max_in_flight.max(1)));
+        // A permit taken and not used yet.
+        let mut spare: Option<tokio::sync::OwnedSemaphorePermit> = None;
         let tracker = tokio_util::task::TaskTracker::new();
         let (rearm_tx, mut rearm_rx) = tokio::sync::mpsc::unbounded_channel::<(Next, DueEntry)>();
         // Records of alarms due soon, read in batches ahead of their time (a hint: only
@@ -381,23 +457,39 @@ impl Loader {
                     });
                 }
             }
-            // Fire what is due.
-            while let Some(entry) = timeline.pop_due(now) {
+            // Fire what is due, as far as the permits go. The loop never waits for a
+            // permit here: it must go on taking read-aheads, outcomes and leases
+            // meanwhile (it once waited, and every record read ahead sat unread in its
+            // channel while the backlog was fired one read at a time).
+            // Whether what is due waits for permits.
+            let mut starved = false;
+            loop {
+                let permit = match spare.take() {
+                    Some(p) => p,
+                    None => match Arc::clone(&permits).try_acquire_owned() {
+                        Ok(p) => p,
+                        Err(_) => {
+                            starved = timeline.has_due(now);
+                            break;
+                        }
+                    },
+                };
+                let Some(entry) = timeline.pop_due(now) else {
+                    spare = Some(permit);
+                    break;
+                };
                 // Only for a partition held: one given up is forgotten with its alarms
                 // when its lease ends. Whether the lease is current this instant is not
                 // asked: the claim's compare-and-set is the safety, and a lease whose
                 // renewal is late must not hold its alarms back.
                 if !leases.contains_key(&partition_of(&entry.id)) {
+                    spare = Some(permit);
                     continue;
                 }
-                let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-                    break;
-                };
                 let hint = prefetched.remove(&entry.id);
                 let me = self.clone();
                 let rearm = rearm_tx.clone();
                 tracker.spawn(async move {
-                    let _permit = permit;
                     let next = match me.dispatch(&entry, hint).await {
                         Ok(next) => next,
                         Err(e) => {
@@ -406,13 +498,22 @@ impl Loader {
                             Next::again((me.clock)())
                         }
                     };
+                    // The permit goes back before the loop hears of the outcome.
+                    drop(permit);
                     let _ = rearm.send((next, entry));
                 });
             }
-            let wake = timeline.wake(now, tokio::time::Instant::now());
+            // Starved of permits, what is due waits for one (not for its time, which
+            // has come).
+            let wake = if starved {
+                timeline.until_load(tokio::time::Instant::now())
+            } else {
+                timeline.wake(now, tokio::time::Instant::now())
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(wake) => {}
+                Ok(p) = Arc::clone(&permits).acquire_owned(), if starved => spare = Some(p),
                 Some(lease) = lease_rx.recv() => {
                     let (p, token) = (lease.partition(), lease.token().get());
                     lost.push(lease.cancellation().cancelled_owned().map(move |()| (p, token)));
@@ -849,7 +950,9 @@ impl Loader {
                     Some((r, seq, seq))
                 }
                 _ => {
+                    let t = std::time::Instant::now();
                     let c = self.store.current(id).await?;
+                    self.metrics.stage(Stage::Read, t.elapsed());
                     c.record.map(|(r, rseq)| (r, c.last_seq, rseq))
                 }
             };
@@ -896,7 +999,10 @@ impl Loader {
             let Some(claim) = record.claim(now, &self.config.replica) else {
                 return Ok(Next::settled(None, rseq, None));
             };
-            let claim_seq = match self.store.append(&claim, seq).await {
+            let t = std::time::Instant::now();
+            let claimed = self.store.append(&claim, seq).await;
+            self.metrics.stage(Stage::Claim, t.elapsed());
+            let claim_seq = match claimed {
                 Ok(s) => s,
                 Err(Error::Conflict(_)) => {
                     Metrics::bump(&self.metrics.conflicts);
@@ -923,7 +1029,12 @@ impl Loader {
                     slot: Some(slot),
                     duplicate: true,
                 },
-                None => self.fire(&claim).await,
+                None => {
+                    let t = std::time::Instant::now();
+                    let fired = self.fire(&claim).await;
+                    self.metrics.stage(Stage::Fire, t.elapsed());
+                    fired
+                }
             };
             let done = (self.clock)();
             let (outcome, dead) = match fired {
@@ -959,7 +1070,9 @@ impl Loader {
             }
             // What stands is what was appended: the outcome, or (when a client changed
             // the alarm meanwhile) the client's state with the outcome as its event.
+            let t = std::time::Instant::now();
             let (last, last_seq) = self.record_outcome(&outcome, &claim, claim_seq).await?;
+            self.metrics.stage(Stage::Outcome, t.elapsed());
             return Ok(Next::after_outcome(&last, last_seq, grace));
         }
         // Lost every compare-and-set: another loader is on it; look again soon.

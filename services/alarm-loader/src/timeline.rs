@@ -23,6 +23,9 @@ use crate::store::DueEntry;
 pub(crate) const PREFETCH_LEAD_MS: u64 = 1_000;
 /// Alarms one batch read covers at most.
 pub(crate) const PREFETCH_BATCH: usize = 2_048;
+/// How many armed alarms a read-ahead looks at (some may be known already).
+const PREFETCH_SCAN: usize = 2 * PREFETCH_BATCH;
+
 /// The shortest window-load interval.
 pub(crate) const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// How long an index entry the record does not account for is given to be explained
@@ -167,6 +170,8 @@ pub(crate) struct Timeline {
     loaded_through: u64,
     /// When the next window load is due (monotonic).
     next_load: Instant,
+    /// The last alarm a read-ahead asked for: the next one starts after it.
+    ahead: Option<(u64, String)>,
 }
 
 impl Timeline {
@@ -179,6 +184,7 @@ impl Timeline {
             armed_at: HashMap::new(),
             loaded_through: bucket_of(now_ms).saturating_sub(1),
             next_load: mono,
+            ahead: None,
         }
     }
 
@@ -297,32 +303,57 @@ impl Timeline {
             .first()
             .map(|(at, _)| Duration::from_millis(at.saturating_sub(now_ms)))
             .unwrap_or(self.interval)
-            .min(self.next_load.saturating_duration_since(mono))
+            .min(self.until_load(mono))
+    }
+
+    /// How long until the next load (`mono`).
+    pub(crate) fn until_load(&self, mono: Instant) -> Duration {
+        self.next_load.saturating_duration_since(mono)
+    }
+
+    /// Whether an armed alarm is due at `now_ms`.
+    pub(crate) fn has_due(&self, now_ms: u64) -> bool {
+        self.armed.first().is_some_and(|(at, _)| *at <= now_ms)
     }
 
     /// The alarms whose records are worth reading ahead in one batch at `now_ms` (those
-    /// due within [`PREFETCH_LEAD_MS`] not `known` yet), when the earliest of them is
-    /// half the lead away and there are more than one.
+    /// due within [`PREFETCH_LEAD_MS`] not `known` yet, among the [`PREFETCH_SCAN`]
+    /// armed after the last batch asked for), when the earliest of them is half the
+    /// lead away and there are more than one. The loop asks this after every event, so
+    /// it costs a batch's walk only when it gives one: a backlog read ahead is not
+    /// walked again each time. An alarm armed before the last batch's end since then
+    /// is read when it fires.
     pub(crate) fn read_ahead(
-        &self,
+        &mut self,
         now_ms: u64,
         known: impl Fn(&str) -> bool,
     ) -> Option<Vec<String>> {
+        use std::ops::Bound;
         let horizon = now_ms.saturating_add(PREFETCH_LEAD_MS);
-        let wanted: Vec<String> = self
+        // A mark past the horizon: the clock went back; start over.
+        let from = match &self.ahead {
+            Some(k) if k.0 <= horizon => Bound::Excluded(k.clone()),
+            _ => Bound::Unbounded,
+        };
+        let mut unknown = self
             .armed
-            .iter()
+            .range((from, Bound::Unbounded))
+            .take(PREFETCH_SCAN)
             .take_while(|(at, _)| *at <= horizon)
             .filter(|(_, id)| !known(id))
-            .take(PREFETCH_BATCH)
-            .map(|(_, id)| id.clone())
-            .collect();
-        let soon = self
-            .armed
-            .iter()
-            .find(|(_, id)| !known(id))
+            .peekable();
+        let soon = unknown
+            .peek()
             .is_some_and(|(at, _)| *at <= now_ms.saturating_add(PREFETCH_LEAD_MS / 2));
-        (soon && wanted.len() > 1).then_some(wanted)
+        if !soon {
+            return None;
+        }
+        let wanted: Vec<&(u64, String)> = unknown.take(PREFETCH_BATCH).collect();
+        if wanted.len() < 2 {
+            return None;
+        }
+        self.ahead = wanted.last().map(|k| (*k).clone());
+        Some(wanted.into_iter().map(|(_, id)| id.clone()).collect())
     }
 
     /// Whether alarm `id` is armed.
@@ -931,6 +962,32 @@ mod tests {
             t.read_ahead(T0 + 100, |id| id != "b"),
             None,
             "one left to read"
+        );
+    }
+
+    #[test]
+    fn a_read_ahead_starts_after_the_last_batch_and_over_when_the_clock_went_back() {
+        let mut t = Timeline::new(INTERVAL, T0, Instant::now());
+        for (id, ms) in [("a", 50), ("b", 200), ("c", 300), ("d", 400)] {
+            t.arm(entry(id, T0 + ms, 0, 1));
+        }
+        assert_eq!(
+            t.read_ahead(T0, |_| false),
+            Some(vec!["a".into(), "b".into(), "c".into(), "d".into()])
+        );
+        for (id, ms) in [("e", 500), ("f", 600)] {
+            t.arm(entry(id, T0 + ms, 0, 1));
+        }
+        // Nothing known (the answers were lost): still only what came after the batch.
+        assert_eq!(
+            t.read_ahead(T0, |_| false),
+            Some(vec!["e".into(), "f".into()])
+        );
+        assert_eq!(t.read_ahead(T0, |_| false), None, "nothing new");
+        // The clock went back: the mark (f) is past the horizon.
+        assert_eq!(
+            t.read_ahead(T0 - 450, |id| id > "b"),
+            Some(vec!["a".into(), "b".into()])
         );
     }
 }

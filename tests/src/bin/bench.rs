@@ -1830,6 +1830,8 @@ async fn alarms_section(
         "alarms": per_s * spread_s, "set_errors": errs_l, "cpu": spread_cpu,
         "delivered": data["delivered"].as_u64().unwrap_or(0).saturating_sub(base),
         "lateness_ms": data["lateness_ms"].clone(),
+        "dispatch_us": data["dispatch_us"].clone(),
+        "read_ahead": data["read_ahead"].clone(),
         "targets": {"p99_ms_max": 5, "max_ms_max": 20},
     });
     eprintln!("10,000/s for 10 s: {spread}");
