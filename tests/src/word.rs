@@ -409,15 +409,8 @@ async fn a_server_stall_writes_no_request_twice() -> Result<()> {
 /// load never waits for a message that is not there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_skewed_clock_does_not_hang_a_process_after_a_restart() -> Result<()> {
-    struct Ahead;
-    impl scheduler::Clock for Ahead {
-        fn now_ms(&self) -> u64 {
-            scheduler::SystemClock.now_ms() + 3_600_000
-        }
-    }
-    use scheduler::Clock as _;
     let server = server()?;
-    let start = |clock: std::sync::Arc<dyn scheduler::Clock>| {
+    let start = |clock: scheduler::Clock| {
         let server = &server;
         async move {
             let connections = connections(server).await?;
@@ -441,7 +434,7 @@ async fn a_skewed_clock_does_not_hang_a_process_after_a_restart() -> Result<()> 
     let client = Client::new(nats.clone(), Subjects::default())
         .with_timeout(std::time::Duration::from_secs(20));
     let p = ProcessId::new("skew")?;
-    let (stop, handle) = start(std::sync::Arc::new(Ahead)).await?;
+    let (stop, handle) = start(scheduler::skewed_clock(3_600_000)).await?;
     wait_for_schedulers(&nats, 1).await?;
     let opts = journal::client::Schedule {
         message_id: Some("s-1".into()),
@@ -454,7 +447,7 @@ async fn a_skewed_clock_does_not_hang_a_process_after_a_restart() -> Result<()> 
     handle.await??;
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
 
-    let (stop, handle) = start(std::sync::Arc::new(scheduler::SystemClock)).await?;
+    let (stop, handle) = start(scheduler::system_clock()).await?;
     wait_for_schedulers(&nats, 1).await?;
     let started = std::time::Instant::now();
     let r = client
@@ -462,7 +455,7 @@ async fn a_skewed_clock_does_not_hang_a_process_after_a_restart() -> Result<()> 
         .await?;
     assert_eq!(r.slot, 1);
     assert!(
-        r.timestamp_ms >= scheduler::SystemClock.now_ms() + 3_000_000,
+        r.timestamp_ms >= scheduler::system_clock()() + 3_000_000,
         "timestamps never go back, even behind a skewed writer"
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(5));

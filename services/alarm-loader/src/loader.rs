@@ -35,14 +35,7 @@ use crate::{Error, Result};
 /// alone when its time comes): memory stays bounded whatever the bodies.
 const PREFETCH_MAX_BODY: usize = 16 * 1024;
 
-pub use service::{system_clock, Clock};
-
-/// The system clock shifted by `skew_ms` (negative: behind): a testing aid, the
-/// loader's hidden `--clock-skew-ms` (fault injection runs a loader whose clock is off).
-pub fn skewed_clock(skew_ms: i64) -> Clock {
-    let system = system_clock();
-    Arc::new(move || system().saturating_add_signed(skew_ms))
-}
+pub use service::{skewed_clock, system_clock, Clock};
 
 /// How the loader runs.
 #[derive(Debug, Clone)]

@@ -385,7 +385,7 @@ impl Actor {
                         code: ErrorCode::LogFull.as_str().to_string(),
                         message: msg.clone(),
                         detected_by: "scheduler".into(),
-                        time_ms: self.shared.clock.now_ms(),
+                        time_ms: (self.shared.clock)(),
                     };
                     self.shared.event(&event);
                     refuse_all(&jobs, &answered_early, ErrorCode::LogFull, &msg).await;
@@ -502,7 +502,7 @@ impl Actor {
         jobs: Vec<Job>,
         answered_early: Vec<bool>,
     ) -> Option<(Vec<Job>, Vec<bool>, Attempt)> {
-        let now = self.shared.clock.now_ms();
+        let now = (self.shared.clock)();
         self.index.prune(now);
         self.resolve_hints(&jobs).await;
         let ids: Vec<Option<&str>> = jobs.iter().map(|j| j.message_id.as_deref()).collect();
@@ -668,7 +668,7 @@ impl Actor {
     /// run before a request is answered as a duplicate.
     async fn load_window(&mut self, head: &Head, after: Option<u64>) -> journal::Result<()> {
         let window = self.shared.config.dedupe_window.as_millis() as u64;
-        let now = self.shared.clock.now_ms();
+        let now = (self.shared.clock)();
         if window == 0 || head.timestamp_ms < now.saturating_sub(window) {
             return Ok(());
         }
@@ -935,7 +935,7 @@ impl Actor {
             let claims = decode_ids(&msg.headers);
             let claimed_at = RunMeta::from_headers(msg.seq, &msg.headers)
                 .map(|r| r.timestamp_ms)
-                .unwrap_or_else(|| self.shared.clock.now_ms());
+                .unwrap_or_else(|| (self.shared.clock)());
             match chain::judge(&mut verifier, msg) {
                 Judged::Chain { run, lost } => {
                     for f in &lost {

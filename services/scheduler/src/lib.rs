@@ -63,24 +63,9 @@ pub use error::{Error, Result};
 use crate::actor::Job;
 use crate::reply::Refusal;
 
-/// Where time comes from; the only clock the scheduler reads.
-pub trait Clock: Send + Sync + 'static {
-    /// Milliseconds since the Unix epoch.
-    fn now_ms(&self) -> u64;
-}
-
-/// The operating system's clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    }
-}
+/// Where time comes from; the only clock the scheduler reads (the services' one
+/// kind of clock).
+pub use service::{skewed_clock, system_clock, Clock};
 
 /// Limits derived from the configuration and the server's `max_payload`.
 #[derive(Debug, Clone, Copy)]
@@ -115,7 +100,7 @@ pub(crate) struct Shared {
     pub metrics: Arc<metrics::Metrics>,
     pub processes: RwLock<HashMap<String, ProcessConfig>>,
     pub actors: Actors,
-    pub clock: Arc<dyn Clock>,
+    pub clock: Clock,
     pub remote: Option<stream::Stream<()>>,
     pub tracker: TaskTracker,
     /// The keys whose seals make a run genuine: the published ones and our own.
@@ -177,7 +162,7 @@ impl Shared {
             process,
             fault,
             "scheduler",
-            self.clock.now_ms(),
+            (self.clock)(),
         ));
     }
 
@@ -465,14 +450,7 @@ pub async fn run(
     connections: Connections,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    run_with_clock(
-        config,
-        keyring,
-        connections,
-        shutdown,
-        Arc::new(SystemClock),
-    )
-    .await
+    run_with_clock(config, keyring, connections, shutdown, system_clock()).await
 }
 
 /// Runs the scheduler with an injected clock.
@@ -481,7 +459,7 @@ pub async fn run_with_clock(
     keyring: Keyring,
     connections: Connections,
     shutdown: CancellationToken,
-    clock: Arc<dyn Clock>,
+    clock: Clock,
 ) -> Result<()> {
     let Connections {
         core: client,

@@ -82,17 +82,6 @@ struct Args {
     clock_skew_ms: i64,
 }
 
-/// The system clock shifted by a fixed number of milliseconds (`--clock-skew-ms`).
-struct SkewedClock(i64);
-
-impl scheduler::Clock for SkewedClock {
-    fn now_ms(&self) -> u64 {
-        scheduler::SystemClock
-            .now_ms()
-            .saturating_add_signed(self.0)
-    }
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     // One line for an operator (or a supervisor's log) to act on: the whole cause
@@ -173,7 +162,7 @@ async fn start() -> anyhow::Result<()> {
             "clock skewed on purpose (--clock-skew-ms)"
         );
     }
-    let clock = std::sync::Arc::new(SkewedClock(args.clock_skew_ms));
+    let clock = scheduler::skewed_clock(args.clock_skew_ms);
     scheduler::run_with_clock(config, keyring, connections, shutdown, clock).await?;
     Ok(())
 }

@@ -155,7 +155,7 @@ async fn acquire(
     // The revision the create expects: 0 (no message), or the marker a release left.
     let mut expected = 0;
     for _ in 0..4 {
-        let now = shared.clock.now_ms();
+        let now = (shared.clock)();
         let pending = Hold::pending(key, now, message_id.map(str::to_string));
         let value = pending
             .encode()

@@ -53,6 +53,13 @@ pub fn system_clock() -> Clock {
     })
 }
 
+/// The system clock shifted by `skew_ms` (saturating at the epoch): the hidden
+/// `--clock-skew-ms` of the services, a fault-injection knob (`make chaos`).
+pub fn skewed_clock(skew_ms: i64) -> Clock {
+    let system = system_clock();
+    Arc::new(move || system().saturating_add_signed(skew_ms))
+}
+
 /// Everything that can go wrong running a service.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
