@@ -148,6 +148,27 @@ async fn set(store: &Store, clock: &Clock, alarm: Alarm) -> Result<Value, Refusa
             ),
         ));
     }
+    // The common case, an id never set: its record is written expecting an empty
+    // subject, without reading first (a read is a round trip through the JetStream
+    // API, the most expensive part of a set). Anything stored there (a record, a
+    // foreign message) refuses that write; the set then reads and replaces.
+    let now = clock();
+    // Never index behind the present: the sweep may have passed that bucket.
+    let at = alarm.due_ms.max(now);
+    store.put_due(&alarm.id, at, now).await?;
+    match store.append(&Record::set(alarm.clone(), now), 0).await {
+        Ok(seq) => {
+            return Ok(json!({
+                "id": alarm.id,
+                "seq": seq,
+                "due_ms": alarm.due_ms,
+                "replaced": false,
+            }))
+        }
+        // Its entry stays: an extra entry is a hint the record then decides.
+        Err(Error::Conflict(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
     for _ in 0..3 {
         let now = clock();
         // A set replaces whatever is stored, foreign messages included.
