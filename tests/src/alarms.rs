@@ -880,6 +880,7 @@ async fn loader_with_clock(
             lease: Duration::from_secs(2),
             ..Default::default()
         },
+        max_answering: alarm_loader::MAX_ANSWERING,
     };
     let connections = alarm_loader::Connections {
         core: connect_as(server, Role::AlarmLoader).await?,
