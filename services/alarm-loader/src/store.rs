@@ -247,7 +247,8 @@ impl Store {
                 });
             }
         }
-        let (records, foreign, last_seq) = self.judge_subject(id, usize::MAX).await?;
+        // Boxed: the rare path would otherwise size every caller's future (a set's).
+        let (records, foreign, last_seq) = Box::pin(self.judge_subject(id, usize::MAX)).await?;
         Ok(Current {
             record: records.into_iter().last(),
             last_seq: last_seq.max(last.seq),
