@@ -1242,3 +1242,59 @@ async fn requests_past_the_answering_bound_are_refused_busy_and_none_is_left_una
     loader.terminate(Duration::from_secs(10));
     Ok(())
 }
+
+/// A replaced alarm's old entry is removed only up to the record that replaced it: an
+/// entry a later change wrote in that bucket (after reading that record) stays, so a
+/// removal that comes late never takes the entry of the record that wins next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_replaced_entry_keeps_one_written_after_the_replacing_record() -> Result<()> {
+    use alarm_loader::alarm::{bucket_of, Alarm, Record, RetryPolicy, Target};
+    let server = server()?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let store = alarm_loader::store::Store::open(
+        async_nats::jetstream::new(operator.clone()),
+        journal::subjects::Subjects::default(),
+        &journal::setup::LogOptions::default(),
+    )
+    .await?;
+    let now = now_ms();
+    let old_at = now + 3_600_000;
+    let alarm = Alarm {
+        id: "moved-twice".into(),
+        due_ms: old_at,
+        target: Target::Process("p".into()),
+        body: b"x".to_vec(),
+        headers: Vec::new(),
+        dispatch_timeout_ms: 5_000,
+        retry: RetryPolicy::default(),
+        cron: None,
+    };
+    // The first record and its entry.
+    store.put_due(&alarm.id, old_at, now).await?;
+    let first = store.append(&Record::set(alarm.clone(), now), 0).await?;
+    // A set moves it away (its record replaces the first)...
+    let moved = Alarm {
+        due_ms: old_at + 3_600_000,
+        ..alarm.clone()
+    };
+    store.put_due(&moved.id, moved.due_ms, now).await?;
+    let second = store.append(&Record::set(moved, now), first).await?;
+    // ...and a third change, which read the second record, moves it back and writes its
+    // entry before the second set's removal comes.
+    store.put_due(&alarm.id, old_at, now).await?;
+    let third = store
+        .append(&Record::set(alarm.clone(), now), second)
+        .await?;
+    store.remove_due(&alarm.id, old_at, second).await?;
+    let entry = format!("ts.alarms.due.*.{}.moved-twice", bucket_of(old_at));
+    assert_eq!(
+        stored_subjects(&server, &entry).await?.len(),
+        1,
+        "the entry of record {third} was removed"
+    );
+    // The third record's own removal of that bucket (bounded by a later record) does
+    // take it.
+    store.remove_due(&alarm.id, old_at, third + 1).await?;
+    assert!(stored_subjects(&server, &entry).await?.is_empty());
+    Ok(())
+}

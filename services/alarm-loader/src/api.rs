@@ -186,7 +186,7 @@ async fn set(store: &Store, clock: &Clock, alarm: Alarm) -> Result<Value, Refusa
                 if let Some((old, _)) = &existing {
                     if let Some(old_at) = old.next_action_ms(0) {
                         if bucket_of(old_at) != bucket_of(at) {
-                            store.remove_due(&alarm.id, old_at).await?;
+                            store.remove_due(&alarm.id, old_at, seq).await?;
                         }
                     }
                 }
@@ -214,9 +214,9 @@ async fn cancel(store: &Store, clock: &Clock, id: &str) -> Result<Value, Refusal
             return Ok(json!({ "id": id, "cancelled": false, "status": record.status }));
         };
         match store.append(&cancelled, seq).await {
-            Ok(_) => {
+            Ok(cancelled_seq) => {
                 if let Some(at) = record.next_action_ms(0) {
-                    store.remove_due(id, at).await?;
+                    store.remove_due(id, at, cancelled_seq).await?;
                 }
                 return Ok(json!({ "id": id, "cancelled": true, "status": cancelled.status }));
             }

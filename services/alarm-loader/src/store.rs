@@ -590,14 +590,20 @@ impl Store {
         Ok(())
     }
 
-    /// Removes alarm `id`'s entry from the bucket of `at_ms` (nothing if none).
-    pub async fn remove_due(&self, id: &str, at_ms: u64) -> Result<()> {
+    /// Removes alarm `id`'s entries from the bucket of `at_ms` stored before sequence
+    /// `below` (the record that made them obsolete). One stored after it was written
+    /// by a change that read that record or a later one, and may be the entry of the
+    /// record that wins next: it stays. (Unbounded, a set's removal that came late
+    /// purged the entry of a concurrent set of the same alarm in that bucket, made
+    /// after the set's record and before its own.)
+    pub async fn remove_due(&self, id: &str, at_ms: u64, below: u64) -> Result<()> {
         let subject = self
             .subjects
             .alarm_due(partition_of(id), bucket_of(at_ms), id);
         self.stream
             .purge()
             .filter(subject)
+            .sequence(below)
             .await
             .map_err(|e| Error::js("remove due entry", e))?;
         Ok(())
