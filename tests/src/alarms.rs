@@ -1063,6 +1063,23 @@ async fn a_new_id_is_created_without_a_read_and_a_stored_one_is_replaced_with_it
     assert_eq!(got["history"].as_array().map(Vec::len), Some(2), "{got}");
     assert_eq!(got["foreign"], json!([]), "{got}");
 
+    // Its first record replayed after the second (the body alone: a plain publish):
+    // the next set is not misled by it (the replay is foreign, the state the second
+    // record) and writes after it.
+    let replay = js
+        .publish("ts.alarms.rec.fresh", raw.payload.clone())
+        .await?
+        .await?
+        .sequence;
+    let third_due = second_due + 3_600_000;
+    let again = set(&client, set_body("fresh", third_due, "p", "three")).await?;
+    assert_eq!(again["replaced"], true, "{again}");
+    assert!(stored_subjects(&server, &new_entry).await?.is_empty());
+    let got = get_alarm(&client, "fresh").await?;
+    assert_eq!(got["alarm"]["due_ms"], third_due, "{got}");
+    assert_eq!(got["history"].as_array().map(Vec::len), Some(3), "{got}");
+    assert_eq!(got["foreign"][0]["seq"], replay, "{got}");
+
     // A foreign message first on a subject: the set writes after it.
     let garbage = js
         .publish("ts.alarms.rec.squatted", "not a record".into())

@@ -171,10 +171,16 @@ async fn set(store: &Store, clock: &Clock, alarm: Alarm) -> Result<Value, Refusa
         Err(Error::Conflict(_)) => {}
         Err(e) => return Err(e.into()),
     }
-    for _ in 0..3 {
+    for attempt in 0..3 {
         let now = clock();
-        // A set replaces whatever is stored, foreign messages included.
-        let current = store.current(&alarm.id).await?;
+        // A set replaces whatever is stored, foreign messages included. The first read
+        // may be stale (any replica's; the compare-and-set below judges it), those
+        // after a conflict are the leader's.
+        let current = if attempt == 0 {
+            store.current_for_write(&alarm.id).await?
+        } else {
+            store.current(&alarm.id).await?
+        };
         let existing = current.record;
         let record = Record::set(alarm.clone(), now);
         // Never index behind the present: the sweep may have passed that bucket.

@@ -256,6 +256,51 @@ impl Store {
         })
     }
 
+    /// Alarm `id`'s subject read for a write that a compare-and-set on it follows (a
+    /// set's replace): the last message by a direct get, which any replica may answer
+    /// and which skips the JetStream API's queue. It may be stale; a stale read only
+    /// makes that write fail its expectation (and a write that succeeds expected the
+    /// very message read, so what was read was the state). A last message that is not
+    /// plainly a record of `id` written in its place is read by the whole rule, from
+    /// the leader ([`Store::current`]). Nothing that answers or decides without a
+    /// compare-and-set may use this.
+    pub async fn current_for_write(&self, id: &str) -> Result<Current> {
+        /// Direct get's "no message".
+        const NOT_FOUND: u16 = 404;
+        let subject = self.subjects.alarm_record(id);
+        let api = self.subjects.direct_get(&self.subjects.alarms_stream());
+        let body = serde_json::to_vec(&serde_json::json!({ "last_by_subj": subject }))
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let m = self
+            .js
+            .client()
+            .request(api, body.into())
+            .await
+            .map_err(|e| Error::js("read alarm", e))?;
+        match m.status.map(|s| s.as_u16()) {
+            None => {}
+            Some(NOT_FOUND) => return Ok(Current::default()),
+            Some(code) => {
+                return Err(Error::JetStream {
+                    op: "read alarm",
+                    reason: format!("{code} {}", m.description.as_deref().unwrap_or_default()),
+                })
+            }
+        }
+        if let Some((stored_on, seq)) = genuine_direct(&m) {
+            if stored_on == subject {
+                if let Ok(record) = judge_body(&m.payload, id, &subject, seq) {
+                    return Ok(Current {
+                        record: Some((record, seq)),
+                        last_seq: seq,
+                        foreign: Vec::new(),
+                    });
+                }
+            }
+        }
+        self.current(id).await
+    }
+
     /// Reads every message of alarm `id`'s subject (or until `limit` records) and
     /// judges each: its records (state after each, with its sequence), the foreign
     /// messages (each reported), and the last sequence read.
