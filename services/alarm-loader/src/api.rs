@@ -156,8 +156,8 @@ async fn set(store: &Store, clock: &Clock, alarm: Alarm) -> Result<Value, Refusa
     // foreign message) refuses that write; the set then reads and replaces.
     let now = clock();
     // Never index behind the present: the sweep may have passed that bucket.
-    let at = alarm.due_ms.max(now);
-    store.put_due(&alarm.id, at, now).await?;
+    let first_at = alarm.due_ms.max(now);
+    let first_entry = store.put_due(&alarm.id, first_at, now).await?;
     match store.append(&Record::set(alarm.clone(), now), 0).await {
         Ok(seq) => {
             return Ok(json!({
@@ -185,8 +185,15 @@ async fn set(store: &Store, clock: &Clock, alarm: Alarm) -> Result<Value, Refusa
         let record = Record::set(alarm.clone(), now);
         // Never index behind the present: the sweep may have passed that bucket.
         let at = alarm.due_ms.max(now);
-        store.put_due(&alarm.id, at, now).await?;
         let expected = current.last_seq;
+        // The entry written above serves if it is in the same bucket and was stored
+        // after the message this write expects: a removal is bounded by the record
+        // that made an entry obsolete, and every record up to that message is older
+        // than the entry, so none removes it; a record after it would fail this write.
+        let indexed = bucket_of(at) == bucket_of(first_at) && first_entry > expected;
+        if !indexed {
+            store.put_due(&alarm.id, at, now).await?;
+        }
         match store.append(&record, expected).await {
             Ok(seq) => {
                 if let Some((old, _)) = &existing {

@@ -602,8 +602,8 @@ impl Store {
         .await
     }
 
-    /// Writes the due-index entry of alarm `id` for `at_ms`, at `now`.
-    pub async fn put_due(&self, id: &str, at_ms: u64, now: u64) -> Result<()> {
+    /// Writes the due-index entry of alarm `id` for `at_ms`, at `now`; its sequence.
+    pub async fn put_due(&self, id: &str, at_ms: u64, now: u64) -> Result<u64> {
         let subject = self
             .subjects
             .alarm_due(partition_of(id), bucket_of(at_ms), id);
@@ -614,13 +614,14 @@ impl Store {
             seq: 0,
         };
         let body = serde_json::to_vec(&entry).map_err(|e| Error::Invalid(e.to_string()))?;
-        self.js
+        let ack = self
+            .js
             .publish(subject, body.into())
             .await
             .map_err(|e| Error::js("write due entry", e))?
             .await
             .map_err(|e| Error::js("write due entry", e))?;
-        Ok(())
+        Ok(ack.sequence)
     }
 
     /// Removes the entries of bucket `bucket` of `partition` stored before sequence
