@@ -89,7 +89,7 @@ pub(crate) async fn alarm(
     Ok(Ok(serde_json::from_slice(&reply.payload)?))
 }
 
-fn set_body(id: &str, due_ms: u64, process: &str, body: &str) -> Value {
+pub(crate) fn set_body(id: &str, due_ms: u64, process: &str, body: &str) -> Value {
     use base64::Engine as _;
     json!({
         "id": id,
