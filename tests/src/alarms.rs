@@ -89,7 +89,7 @@ pub(crate) async fn alarm(
     Ok(Ok(serde_json::from_slice(&reply.payload)?))
 }
 
-fn set_body(id: &str, due_ms: u64, process: &str, body: &str) -> Value {
+pub(crate) fn set_body(id: &str, due_ms: u64, process: &str, body: &str) -> Value {
     use base64::Engine as _;
     json!({
         "id": id,
@@ -880,6 +880,7 @@ async fn loader_with_clock(
             lease: Duration::from_secs(2),
             ..Default::default()
         },
+        max_answering: alarm_loader::MAX_ANSWERING,
     };
     let connections = alarm_loader::Connections {
         core: connect_as(server, Role::AlarmLoader).await?,
@@ -1005,5 +1006,312 @@ async fn a_loader_whose_clock_runs_ahead_does_not_sweep_past_an_entry_others_sti
     answering.abort();
     let calls = calls.load(Ordering::SeqCst);
     assert_eq!(calls, 1, "the target was called {calls} times");
+    Ok(())
+}
+
+/// The alarm's `get` answer (it must exist).
+async fn get_alarm(client: &async_nats::Client, id: &str) -> Result<Value> {
+    alarm(client, "get", json!({"id": id}))
+        .await?
+        .map_err(anyhow::Error::msg)
+}
+
+/// A set of a new id writes its record without reading first (expecting an empty
+/// subject); a set of a stored id still replaces it and moves its entry at once; a set
+/// of an id whose subject holds only a foreign message is refused by that expectation
+/// and then writes after the foreign message, as a replace does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_id_is_created_without_a_read_and_a_stored_one_is_replaced_with_its_entry_moved(
+) -> Result<()> {
+    use alarm_loader::alarm::bucket_of;
+    let server = server()?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator.clone());
+    let first_due = now_ms() + 3_600_000;
+    let created = set(&client, set_body("fresh", first_due, "p", "one")).await?;
+    assert_eq!(created["replaced"], false, "{created}");
+    let first_seq = created["seq"].as_u64().context("seq")?;
+    // Stored as every genuine write is: its only header the expectation (0: none).
+    let stream = js.get_stream("TS_ALARMS").await?;
+    let raw = stream.get_raw_message(first_seq).await?;
+    assert_eq!(
+        raw.headers
+            .get("Nats-Expected-Last-Subject-Sequence")
+            .map(|v| v.as_str()),
+        Some("0"),
+        "{:?}",
+        raw.headers
+    );
+    assert_eq!(raw.headers.len(), 1, "{:?}", raw.headers);
+    let old_entry = format!("ts.alarms.due.*.{}.fresh", bucket_of(first_due));
+    assert_eq!(stored_subjects(&server, &old_entry).await?.len(), 1);
+
+    // Replaced two hours on: the old entry is gone at once (no firing, no sweep
+    // involved), the new one is there.
+    let second_due = first_due + 3_600_000;
+    let replaced = set(&client, set_body("fresh", second_due, "p", "two")).await?;
+    assert_eq!(replaced["replaced"], true, "{replaced}");
+    assert!(replaced["seq"].as_u64().context("seq")? > first_seq);
+    assert!(stored_subjects(&server, &old_entry).await?.is_empty());
+    let new_entry = format!("ts.alarms.due.*.{}.fresh", bucket_of(second_due));
+    assert_eq!(stored_subjects(&server, &new_entry).await?.len(), 1);
+    let got = get_alarm(&client, "fresh").await?;
+    assert_eq!(got["alarm"]["due_ms"], second_due, "{got}");
+    assert_eq!(got["history"].as_array().map(Vec::len), Some(2), "{got}");
+    assert_eq!(got["foreign"], json!([]), "{got}");
+
+    // Its first record replayed after the second (the body alone: a plain publish):
+    // the next set is not misled by it (the replay is foreign, the state the second
+    // record) and writes after it.
+    let replay = js
+        .publish("ts.alarms.rec.fresh", raw.payload.clone())
+        .await?
+        .await?
+        .sequence;
+    let third_due = second_due + 3_600_000;
+    let again = set(&client, set_body("fresh", third_due, "p", "three")).await?;
+    assert_eq!(again["replaced"], true, "{again}");
+    assert!(stored_subjects(&server, &new_entry).await?.is_empty());
+    let got = get_alarm(&client, "fresh").await?;
+    assert_eq!(got["alarm"]["due_ms"], third_due, "{got}");
+    assert_eq!(got["history"].as_array().map(Vec::len), Some(3), "{got}");
+    assert_eq!(got["foreign"][0]["seq"], replay, "{got}");
+
+    // A foreign message first on a subject: the set writes after it.
+    let garbage = js
+        .publish("ts.alarms.rec.squatted", "not a record".into())
+        .await?
+        .await?
+        .sequence;
+    let over = set(&client, set_body("squatted", first_due, "p", "mine")).await?;
+    assert_eq!(over["replaced"], false, "{over}");
+    let got = get_alarm(&client, "squatted").await?;
+    assert_eq!(got["alarm"]["due_ms"], first_due, "{got}");
+    assert_eq!(got["history"].as_array().map(Vec::len), Some(1), "{got}");
+    assert_eq!(got["foreign"][0]["seq"], garbage, "{got}");
+    let entry = format!("ts.alarms.due.*.{}.squatted", bucket_of(first_due));
+    assert_eq!(stored_subjects(&server, &entry).await?.len(), 1);
+    loader.terminate(Duration::from_secs(10));
+    Ok(())
+}
+
+/// Sets of one new id racing each other: one creates it, every other one that is
+/// accepted replaced it (or is refused `busy` after losing three times); the history
+/// holds exactly the accepted records, and the last one's entry is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_sets_of_a_new_id_create_it_once_and_leave_the_winners_entry() -> Result<()> {
+    use alarm_loader::alarm::bucket_of;
+    let server = server()?;
+    let mut loader = spawn_loader(&server)?;
+    wait_for_loaders(&connect(server.url()).await?, 1).await?;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(connect(server.url()).await?);
+    }
+    let base = now_ms() + 3_600_000;
+    let mut tasks = Vec::new();
+    for i in 0..16u64 {
+        let c = clients[i as usize % clients.len()].clone();
+        // Each in a bucket of its own.
+        let due = base + i * 20_000;
+        tasks.push(tokio::spawn(async move {
+            alarm(&c, "set", set_body("contended", due, "p", &format!("b{i}"))).await
+        }));
+    }
+    let (mut created, mut accepted, mut busy) = (0, Vec::new(), 0);
+    for t in tasks {
+        match t.await?? {
+            Ok(v) => {
+                if v["replaced"] == false {
+                    created += 1;
+                }
+                accepted.push(v["seq"].as_u64().context("seq")?);
+            }
+            Err(code) if code == "busy" => busy += 1,
+            Err(code) => bail!("a set refused {code}"),
+        }
+    }
+    assert_eq!(created, 1, "accepted {accepted:?}, busy {busy}");
+    let client = &clients[0];
+    let got = get_alarm(client, "contended").await?;
+    let mut history: Vec<u64> = got["history"]
+        .as_array()
+        .context("history")?
+        .iter()
+        .filter_map(|h| h["seq"].as_u64())
+        .collect();
+    history.sort_unstable();
+    accepted.sort_unstable();
+    assert_eq!(history, accepted, "{got}");
+    assert_eq!(got["foreign"], json!([]), "{got}");
+    let last_due = got["alarm"]["due_ms"].as_u64().context("due_ms")?;
+    let entry = format!("ts.alarms.due.*.{}.contended", bucket_of(last_due));
+    assert_eq!(
+        stored_subjects(&server, &entry).await?.len(),
+        1,
+        "the state's entry is missing: {got}"
+    );
+    loader.terminate(Duration::from_secs(10));
+    Ok(())
+}
+
+/// Sets of an alarm already due racing the loader's claims of it: each record fires at
+/// most once, and the last one set (which nothing replaced) fires exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sets_racing_the_loaders_claims_fire_each_record_at_most_once_and_the_last_once(
+) -> Result<()> {
+    let server = server()?;
+    let sched = InProcess::start(&server, Config::default(), vec![test_key(1)]).await?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    wait_for_partitions(&client, 1).await?;
+    let n = 20;
+    for i in 0..n {
+        set(
+            &client,
+            set_body(
+                "raced",
+                now_ms().saturating_sub(1_000),
+                "racing",
+                &format!("r{i}"),
+            ),
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(i % 3 * 5)).await;
+    }
+    let last = format!("r{}", n - 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let b = bodies(&server, "racing").await.unwrap_or_default();
+        if b.get(&last) == Some(&1) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the last set never fired: {b:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_status(&client, "raced", "done", 10).await?;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let b = bodies(&server, "racing").await?;
+    assert!(b.values().all(|&c| c == 1), "a record fired twice: {b:?}");
+    assert_eq!(b.get(&last), Some(&1), "{b:?}");
+    loader.terminate(Duration::from_secs(10));
+    sched.stop().await?;
+    Ok(())
+}
+
+/// More requests at once than a loader answers (`--max-answering 4`): the rest are
+/// refused `busy` at once, every request gets one answer, and what was accepted is
+/// stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_answering_bound_are_refused_busy_and_none_is_left_unanswered(
+) -> Result<()> {
+    let server = server()?;
+    let mut cmd = std::process::Command::new(harness::workspace_bin("alarm-loader")?);
+    cmd.arg("--max-answering")
+        .arg("4")
+        .env("NATS_URL", server.url_as(Role::AlarmLoader))
+        .env("TS_INTAKE_URL", server.url_as(Role::AlarmIntake))
+        .env("RUST_LOG", "warn");
+    let mut loader = harness::Process::spawn(cmd)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    let n = 400usize;
+    let inbox = client.new_inbox();
+    let mut answers = client.subscribe(format!("{inbox}.*")).await?;
+    let due = now_ms() + 3_600_000;
+    for i in 0..n {
+        client
+            .publish_with_reply(
+                "ts.alarm.set",
+                format!("{inbox}.{i}"),
+                serde_json::to_vec(&set_body(&format!("flood-{i}"), due, "p", "x"))?.into(),
+            )
+            .await?;
+    }
+    client.flush().await?;
+    let (mut ok, mut busy) = (Vec::new(), 0);
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(20), answers.next())
+            .await
+            .with_context(|| format!("{} of {n} answered", seen.len()))?
+            .context("answers ended")?;
+        let i: usize = m.subject.rsplit('.').next().context("token")?.parse()?;
+        assert!(seen.insert(i), "request {i} answered twice");
+        match m.headers.as_ref().and_then(|h| h.get("Ts-Error")) {
+            None => ok.push(i),
+            Some(code) if code.as_str() == "busy" => busy += 1,
+            Some(code) => bail!("request {i} refused {code}"),
+        }
+    }
+    assert!(busy > 0, "nothing refused busy with 4 answered at once");
+    assert!(!ok.is_empty(), "nothing accepted");
+    for i in ok.iter().take(20) {
+        let got = get_alarm(&client, &format!("flood-{i}")).await?;
+        assert_eq!(got["alarm"]["due_ms"], due, "{got}");
+    }
+    loader.terminate(Duration::from_secs(10));
+    Ok(())
+}
+
+/// A replaced alarm's old entry is removed only up to the record that replaced it: an
+/// entry a later change wrote in that bucket (after reading that record) stays, so a
+/// removal that comes late never takes the entry of the record that wins next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_replaced_entry_keeps_one_written_after_the_replacing_record() -> Result<()> {
+    use alarm_loader::alarm::{bucket_of, Alarm, Record, RetryPolicy, Target};
+    let server = server()?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let store = alarm_loader::store::Store::open(
+        async_nats::jetstream::new(operator.clone()),
+        journal::subjects::Subjects::default(),
+        &journal::setup::LogOptions::default(),
+    )
+    .await?;
+    let now = now_ms();
+    let old_at = now + 3_600_000;
+    let alarm = Alarm {
+        id: "moved-twice".into(),
+        due_ms: old_at,
+        target: Target::Process("p".into()),
+        body: b"x".to_vec(),
+        headers: Vec::new(),
+        dispatch_timeout_ms: 5_000,
+        retry: RetryPolicy::default(),
+        cron: None,
+    };
+    // The first record and its entry.
+    store.put_due(&alarm.id, old_at, now).await?;
+    let first = store.append(&Record::set(alarm.clone(), now), 0).await?;
+    // A set moves it away (its record replaces the first)...
+    let moved = Alarm {
+        due_ms: old_at + 3_600_000,
+        ..alarm.clone()
+    };
+    store.put_due(&moved.id, moved.due_ms, now).await?;
+    let second = store.append(&Record::set(moved, now), first).await?;
+    // ...and a third change, which read the second record, moves it back and writes its
+    // entry before the second set's removal comes.
+    store.put_due(&alarm.id, old_at, now).await?;
+    let third = store
+        .append(&Record::set(alarm.clone(), now), second)
+        .await?;
+    store.remove_due(&alarm.id, old_at, second).await?;
+    let entry = format!("ts.alarms.due.*.{}.moved-twice", bucket_of(old_at));
+    assert_eq!(
+        stored_subjects(&server, &entry).await?.len(),
+        1,
+        "the entry of record {third} was removed"
+    );
+    // The third record's own removal of that bucket (bounded by a later record) does
+    // take it.
+    store.remove_due(&alarm.id, old_at, third + 1).await?;
+    assert!(stored_subjects(&server, &entry).await?.is_empty());
     Ok(())
 }

@@ -321,3 +321,66 @@ async fn the_whole_cluster_killed_at_once_loses_no_acknowledged_write_and_writes
     );
     Ok(())
 }
+
+/// On an R3 alarm stream a replace's first read (a direct get) may come from a follower
+/// that has not stored the last write yet: that only fails its compare-and-set, and the
+/// leader's read after it succeeds. Sequential replaces are all accepted, and racing
+/// ones leave exactly the accepted records with the last one's entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaces_on_an_r3_alarm_stream_are_accepted_whatever_replica_answers_the_read(
+) -> Result<()> {
+    use crate::alarms::{alarm, now_ms, set_body};
+    use harness::Role;
+    let cluster = NatsCluster::start(3)?;
+    let mut cmd = std::process::Command::new(harness::workspace_bin("alarm-loader")?);
+    cmd.arg("--replicas")
+        .arg("3")
+        .env("NATS_URL", cluster.url_as(Role::AlarmLoader))
+        .env("TS_INTAKE_URL", cluster.url_as(Role::AlarmIntake))
+        .env("RUST_LOG", "warn");
+    let mut loader = harness::Process::spawn(cmd)?;
+    let client = connect(&cluster.url()).await?;
+    crate::alarms::wait_for_loaders(&client, 1).await?;
+    let base = now_ms() + 3_600_000;
+    let mut last = 0;
+    for i in 0..40u64 {
+        let answer = alarm(
+            &client,
+            "set",
+            set_body("r3", base + i * 20_000, "p", &format!("b{i}")),
+        )
+        .await?
+        .map_err(|code| anyhow::anyhow!("replace {i} refused {code}"))?;
+        assert_eq!(answer["replaced"], i > 0, "{answer}");
+        let seq = answer["seq"].as_u64().context("seq")?;
+        assert!(seq > last, "{answer}");
+        last = seq;
+    }
+    let mut tasks = Vec::new();
+    for i in 0..16u64 {
+        let c = connect(&cluster.url()).await?;
+        tasks.push(tokio::spawn(async move {
+            alarm(&c, "set", set_body("r3", base + i * 20_000, "p", "raced")).await
+        }));
+    }
+    let mut accepted = 0;
+    for t in tasks {
+        match t.await?? {
+            Ok(_) => accepted += 1,
+            Err(code) if code == "busy" => {}
+            Err(code) => bail!("a racing replace refused {code}"),
+        }
+    }
+    assert!(accepted > 0);
+    let got = alarm(&client, "get", serde_json::json!({"id": "r3"}))
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    assert_eq!(
+        got["history"].as_array().map(Vec::len),
+        Some(40 + accepted),
+        "{got}"
+    );
+    assert_eq!(got["foreign"], serde_json::json!([]), "{got}");
+    loader.terminate(Duration::from_secs(10));
+    Ok(())
+}

@@ -59,6 +59,9 @@ pub struct Settings {
     pub replicas: usize,
     /// The loader's timing.
     pub loader: loader::Config,
+    /// Requests answered at once (past it: `busy` at once); [`MAX_ANSWERING`] by
+    /// default.
+    pub max_answering: usize,
 }
 
 /// Runs a loader replica until `shutdown`: the `<prefix>.alarm.*` endpoint, the window
@@ -128,6 +131,8 @@ pub async fn run(
         clock: Arc::clone(&clock),
         subjects: subjects.clone(),
         tracker: answering.clone(),
+        room: Arc::new(tokio::sync::Semaphore::new(settings.max_answering.max(1))),
+        max_answering: settings.max_answering.max(1),
     };
     let requests = [
         tasks.spawn(serve(alarms, Kind::Alarm, ctx.clone(), shutdown.clone())),
@@ -160,6 +165,14 @@ enum Kind {
     Cron,
 }
 
+/// Requests a loader answers at once by default (both endpoints); one more is refused
+/// `busy` at once, so a flood costs bounded memory and every request still gets its
+/// answer.
+pub const MAX_ANSWERING: usize = 8192;
+
+/// How soon a request refused `busy` for lack of room may come again.
+const BUSY_RETRY_MS: u64 = 100;
+
 /// What answering needs.
 #[derive(Clone)]
 struct Answering {
@@ -167,10 +180,14 @@ struct Answering {
     clock: loader::Clock,
     subjects: journal::subjects::Subjects,
     tracker: tokio_util::task::TaskTracker,
+    /// Room for requests being answered (`max_answering` permits).
+    room: Arc<tokio::sync::Semaphore>,
+    /// The room's size.
+    max_answering: usize,
 }
 
 /// Takes `endpoint`'s requests until `shutdown`, then drains it: each answered on a
-/// task of its own.
+/// task of its own, at most `max_answering` at once (past that, `busy` at once).
 async fn serve(
     mut endpoint: service::Endpoint,
     kind: Kind,
@@ -186,9 +203,25 @@ async fn serve(
             }
         };
         let Some(req) = req else { break };
+        let Ok(permit) = Arc::clone(&ctx.room).try_acquire_owned() else {
+            let c = protocol::wire::ErrorCode::Busy;
+            let why = format!(
+                "{} requests are being answered; retry in {BUSY_RETRY_MS} ms",
+                ctx.max_answering
+            );
+            if let Err(e) = req.refuse(c.as_str(), c.status(), &why).await {
+                warn!(error = %e, "answer not sent");
+            }
+            continue;
+        };
         let ctx2 = ctx.clone();
-        ctx.tracker
-            .spawn(async move { answer(&ctx2, kind, req).await });
+        // Boxed: the task then holds a pointer, not the whole (large) answer future,
+        // which tokio moved at spawn and at completion (a tenth of the loader's CPU
+        // under a flood of sets).
+        ctx.tracker.spawn(Box::pin(async move {
+            let _permit = permit;
+            answer(&ctx2, kind, req).await
+        }));
     }
 }
 

@@ -1105,7 +1105,16 @@ impl Loader {
             if stands == record {
                 return Ok((stands, stands_seq));
             }
-            record = if stands == *claim {
+            // As the claim left it: its state, whatever event is on it (an older
+            // claim's outcome may have been recorded as an event over it; compared
+            // whole, that record counted as a client's change, and this claim's
+            // outcome was written as one more event: the alarm stayed `dispatching`
+            // until the takeover).
+            let as_claim_left = Record {
+                event: claim.event.clone(),
+                ..stands.clone()
+            } == *claim;
+            record = if as_claim_left {
                 outcome.clone()
             } else {
                 Record {

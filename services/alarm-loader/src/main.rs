@@ -25,6 +25,10 @@ struct Args {
     /// long (at least 1000).
     #[arg(long, env = "TS_LEASE_MS", default_value_t = 10_000)]
     lease_ms: u64,
+    /// Requests answered at once; past it a request is refused `busy` at once (bounded
+    /// memory under a flood, and every request answered).
+    #[arg(long, env = "TS_MAX_ANSWERING", default_value_t = alarm_loader::MAX_ANSWERING)]
+    max_answering: usize,
     /// Replicas of the alarm stream (and the ownership bucket) when this loader creates it.
     #[arg(long, env = "TS_REPLICAS", default_value_t = 1)]
     replicas: usize,
@@ -85,6 +89,7 @@ async fn start() -> anyhow::Result<()> {
             replicas: args.replicas,
             ..Default::default()
         },
+        max_answering: args.max_answering,
     };
     let connections = alarm_loader::Connections {
         core,

@@ -247,12 +247,58 @@ impl Store {
                 });
             }
         }
-        let (records, foreign, last_seq) = self.judge_subject(id, usize::MAX).await?;
+        // Boxed: the rare path would otherwise size every caller's future (a set's).
+        let (records, foreign, last_seq) = Box::pin(self.judge_subject(id, usize::MAX)).await?;
         Ok(Current {
             record: records.into_iter().last(),
             last_seq: last_seq.max(last.seq),
             foreign,
         })
+    }
+
+    /// Alarm `id`'s subject read for a write that a compare-and-set on it follows (a
+    /// set's replace): the last message by a direct get, which any replica may answer
+    /// and which skips the JetStream API's queue. It may be stale; a stale read only
+    /// makes that write fail its expectation (and a write that succeeds expected the
+    /// very message read, so what was read was the state). A last message that is not
+    /// plainly a record of `id` written in its place is read by the whole rule, from
+    /// the leader ([`Store::current`]). Nothing that answers or decides without a
+    /// compare-and-set may use this.
+    pub async fn current_for_write(&self, id: &str) -> Result<Current> {
+        /// Direct get's "no message".
+        const NOT_FOUND: u16 = 404;
+        let subject = self.subjects.alarm_record(id);
+        let api = self.subjects.direct_get(&self.subjects.alarms_stream());
+        let body = serde_json::to_vec(&serde_json::json!({ "last_by_subj": subject }))
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let m = self
+            .js
+            .client()
+            .request(api, body.into())
+            .await
+            .map_err(|e| Error::js("read alarm", e))?;
+        match m.status.map(|s| s.as_u16()) {
+            None => {}
+            Some(NOT_FOUND) => return Ok(Current::default()),
+            Some(code) => {
+                return Err(Error::JetStream {
+                    op: "read alarm",
+                    reason: format!("{code} {}", m.description.as_deref().unwrap_or_default()),
+                })
+            }
+        }
+        if let Some((stored_on, seq)) = genuine_direct(&m) {
+            if stored_on == subject {
+                if let Ok(record) = judge_body(&m.payload, id, &subject, seq) {
+                    return Ok(Current {
+                        record: Some((record, seq)),
+                        last_seq: seq,
+                        foreign: Vec::new(),
+                    });
+                }
+            }
+        }
+        self.current(id).await
     }
 
     /// Reads every message of alarm `id`'s subject (or until `limit` records) and
@@ -556,8 +602,8 @@ impl Store {
         .await
     }
 
-    /// Writes the due-index entry of alarm `id` for `at_ms`, at `now`.
-    pub async fn put_due(&self, id: &str, at_ms: u64, now: u64) -> Result<()> {
+    /// Writes the due-index entry of alarm `id` for `at_ms`, at `now`; its sequence.
+    pub async fn put_due(&self, id: &str, at_ms: u64, now: u64) -> Result<u64> {
         let subject = self
             .subjects
             .alarm_due(partition_of(id), bucket_of(at_ms), id);
@@ -568,13 +614,14 @@ impl Store {
             seq: 0,
         };
         let body = serde_json::to_vec(&entry).map_err(|e| Error::Invalid(e.to_string()))?;
-        self.js
+        let ack = self
+            .js
             .publish(subject, body.into())
             .await
             .map_err(|e| Error::js("write due entry", e))?
             .await
             .map_err(|e| Error::js("write due entry", e))?;
-        Ok(())
+        Ok(ack.sequence)
     }
 
     /// Removes the entries of bucket `bucket` of `partition` stored before sequence
@@ -589,14 +636,20 @@ impl Store {
         Ok(())
     }
 
-    /// Removes alarm `id`'s entry from the bucket of `at_ms` (nothing if none).
-    pub async fn remove_due(&self, id: &str, at_ms: u64) -> Result<()> {
+    /// Removes alarm `id`'s entries from the bucket of `at_ms` stored before sequence
+    /// `below` (the record that made them obsolete). One stored after it was written
+    /// by a change that read that record or a later one, and may be the entry of the
+    /// record that wins next: it stays. (Unbounded, a set's removal that came late
+    /// purged the entry of a concurrent set of the same alarm in that bucket, made
+    /// after the set's record and before its own.)
+    pub async fn remove_due(&self, id: &str, at_ms: u64, below: u64) -> Result<()> {
         let subject = self
             .subjects
             .alarm_due(partition_of(id), bucket_of(at_ms), id);
         self.stream
             .purge()
             .filter(subject)
+            .sequence(below)
             .await
             .map_err(|e| Error::js("remove due entry", e))?;
         Ok(())

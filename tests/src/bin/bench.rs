@@ -100,6 +100,9 @@ struct Args {
     /// Profiling aid: in the alarm-loader's section, skip the capacity phase.
     #[arg(long)]
     no_alarm_capacity: bool,
+    /// Profiling aid: in the alarm-loader's section, stop after the set phase.
+    #[arg(long, hide = true)]
+    only_alarm_set: bool,
     /// Internal: serve as the echo responder at this NATS URL (the request/reply
     /// transport ceiling: replies at once with a receipt-sized payload).
     #[arg(long, hide = true)]
@@ -133,7 +136,13 @@ async fn main() -> Result<()> {
         return Ok(());
     }
     if args.only_alarms {
-        let a = alarms_section(&body, args.seconds, !args.no_alarm_capacity).await?;
+        let a = alarms_section(
+            &body,
+            args.seconds,
+            !args.no_alarm_capacity,
+            args.only_alarm_set,
+        )
+        .await?;
         println!("{}", serde_json::to_string_pretty(&a)?);
         print_alarms_table(&a);
         return Ok(());
@@ -320,7 +329,7 @@ async fn main() -> Result<()> {
         serde_json::Value::Null
     } else {
         eprintln!("== alarm-loader");
-        alarms_section(&body, args.seconds, true).await?
+        alarms_section(&body, args.seconds, true, false).await?
     };
     let workers = if args.no_workers || args.closed_processes.is_some() || args.open_rate.is_some()
     {
@@ -1694,6 +1703,7 @@ async fn alarms_section(
     body: &Bytes,
     seconds: f64,
     with_capacity: bool,
+    only_set: bool,
 ) -> Result<serde_json::Value> {
     use base64::Engine as _;
     let server = NatsServer::start_with(Options::default())?;
@@ -1794,6 +1804,26 @@ async fn alarms_section(
     let (set_rate, set_errors) = set_many("s", 50_000, Arc::new(move |_| far)).await?;
     let set_cpu = meter.usage(&before, t0.elapsed(), set_rate);
     eprintln!("alarms set: {set_rate:.0}/s ({set_errors} errors); cpu {set_cpu}");
+    // 1b. Replacing: the same 50,000 moved a minute on (another bucket: each replace
+    // reads the alarm, writes its entry and record, and removes its old entry).
+    let (before, t0) = (meter.sample(), Instant::now());
+    let (replace_rate, replace_errors) =
+        set_many("s", 50_000, Arc::new(move |_| far + 60_000)).await?;
+    let replace_cpu = meter.usage(&before, t0.elapsed(), replace_rate);
+    eprintln!("alarms replaced: {replace_rate:.0}/s ({replace_errors} errors); cpu {replace_cpu}");
+    let replace = json!({
+        "replace_per_s": replace_rate.round(), "replace_errors": replace_errors,
+        "cpu_replace": replace_cpu,
+    });
+    if only_set {
+        return Ok(json!({
+            "raw_ceiling_msgs_per_s": raw.round(),
+            "set_per_s": set_rate.round(), "set_errors": set_errors,
+            "set_vs_raw": (set_rate / raw * 1000.0).round() / 1000.0,
+            "set_target_min": 50000, "cpu_set": set_cpu,
+            "replace": replace,
+        }));
+    }
 
     // 2. Lateness: 1,000 and 10,000 a second for 10 s, set ahead of time; each on a
     // loader started afresh, whose STATS then hold that phase's firings alone.
@@ -1931,6 +1961,7 @@ async fn alarms_section(
         "raw_ceiling_msgs_per_s": raw.round(),
         "set_per_s": set_rate.round(), "set_errors": set_errors, "set_vs_raw": (set_rate / raw * 1000.0).round() / 1000.0,
         "set_target_min": 50000, "cpu_set": set_cpu,
+        "replace": replace,
         "lateness_1k_per_s_10s": spreads.get("lateness_1k_per_s_10s"),
         "lateness_10k_per_s_10s": spreads.get("lateness_10k_per_s_10s"),
         "burst_100k_in_one_second": burst,
@@ -1988,6 +2019,16 @@ fn print_alarms_table(a: &serde_json::Value) {
         a["lateness_10k_per_s_10s"]["cpu"]["cpu_us_per_op"],
         a["lateness_1k_per_s_10s"]["cpu"]["cpu_us_per_op"],
         a["burst_100k_in_one_second"]["cpu"]["cpu_us_per_op"],
+    );
+    println!();
+    println!("| alarm-loader | set /s (CPU µs per set) | replace /s (CPU µs per replace) |");
+    println!("|---|---|---|");
+    println!(
+        "| default sync | {} ({}) | {} ({}) |",
+        a["set_per_s"],
+        a["cpu_set"]["cpu_us_per_op"],
+        a["replace"]["replace_per_s"],
+        a["replace"]["cpu_replace"]["cpu_us_per_op"],
     );
 }
 
