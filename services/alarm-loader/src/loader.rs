@@ -1528,6 +1528,24 @@ mod tests {
         assert!(Metrics::default().snapshot()["lateness_ms"]["p50"].is_null());
     }
 
+    #[test]
+    fn each_dispatch_step_keeps_its_own_durations_and_only_the_last_ones() {
+        let m = Metrics::default();
+        for us in 1..=(STAGE_SAMPLES as u64 + 10) {
+            m.stage(Stage::Claim, Duration::from_micros(us));
+        }
+        m.stage(Stage::Fire, Duration::from_millis(3));
+        let d = &m.snapshot()["dispatch_us"];
+        assert_eq!(d["claim"]["samples"], STAGE_SAMPLES);
+        assert_eq!(d["claim"]["max"], STAGE_SAMPLES as u64 + 10);
+        // The ten oldest were dropped: the smallest left is 11.
+        assert_eq!(d["claim"]["p50"], 11 + STAGE_SAMPLES as u64 / 2);
+        assert_eq!(d["fire"]["samples"], 1);
+        assert_eq!(d["fire"]["p99"], 3_000);
+        assert_eq!(d["read"]["samples"], 0);
+        assert!(d["outcome"]["p50"].is_null());
+    }
+
     fn entry(id: &str, at_ms: u64, seq: u64) -> DueEntry {
         DueEntry {
             id: id.into(),
