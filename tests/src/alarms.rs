@@ -28,17 +28,14 @@ pub(crate) fn now_ms() -> u64 {
 /// Starts the alarm-loader binary on `server` with its two identities, loading
 /// every 300 ms.
 pub(crate) fn spawn_loader(server: &NatsServer) -> Result<harness::Process> {
-    let mut cmd = std::process::Command::new(harness::workspace_bin("alarm-loader")?);
-    cmd.arg("--in-memory-interval-ms")
-        .arg("300")
-        .arg("--lease-ms")
-        .arg("2000")
-        .env("NATS_URL", server.url_as(Role::AlarmLoader))
-        .env("TS_INTAKE_URL", server.url_as(Role::AlarmIntake))
-        .env(
-            "RUST_LOG",
-            std::env::var("TS_TEST_LOADER_LOG").unwrap_or_else(|_| "warn".into()),
-        );
+    let mut cmd = crate::support::loader_command(
+        server,
+        &["--in-memory-interval-ms", "300", "--lease-ms", "2000"],
+    )?;
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("TS_TEST_LOADER_LOG").unwrap_or_else(|_| "warn".into()),
+    );
     Ok(harness::Process::spawn(cmd)?)
 }
 
@@ -1212,13 +1209,10 @@ async fn sets_racing_the_loaders_claims_fire_each_record_at_most_once_and_the_la
 async fn requests_past_the_answering_bound_are_refused_busy_and_none_is_left_unanswered(
 ) -> Result<()> {
     let server = server()?;
-    let mut cmd = std::process::Command::new(harness::workspace_bin("alarm-loader")?);
-    cmd.arg("--max-answering")
-        .arg("4")
-        .env("NATS_URL", server.url_as(Role::AlarmLoader))
-        .env("TS_INTAKE_URL", server.url_as(Role::AlarmIntake))
-        .env("RUST_LOG", "warn");
-    let mut loader = harness::Process::spawn(cmd)?;
+    let mut loader = harness::Process::spawn(crate::support::loader_command(
+        &server,
+        &["--max-answering", "4"],
+    )?)?;
     let client = connect(server.url()).await?;
     wait_for_loaders(&client, 1).await?;
     let n = 400usize;

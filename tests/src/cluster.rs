@@ -330,15 +330,11 @@ async fn the_whole_cluster_killed_at_once_loses_no_acknowledged_write_and_writes
 async fn replaces_on_an_r3_alarm_stream_are_accepted_whatever_replica_answers_the_read(
 ) -> Result<()> {
     use crate::alarms::{alarm, now_ms, set_body};
-    use harness::Role;
     let cluster = NatsCluster::start(3)?;
-    let mut cmd = std::process::Command::new(harness::workspace_bin("alarm-loader")?);
-    cmd.arg("--replicas")
-        .arg("3")
-        .env("NATS_URL", cluster.url_as(Role::AlarmLoader))
-        .env("TS_INTAKE_URL", cluster.url_as(Role::AlarmIntake))
-        .env("RUST_LOG", "warn");
-    let mut loader = harness::Process::spawn(cmd)?;
+    let mut loader = harness::Process::spawn(crate::support::loader_command(
+        &cluster,
+        &["--replicas", "3"],
+    )?)?;
     let client = connect(&cluster.url()).await?;
     crate::alarms::wait_for_loaders(&client, 1).await?;
     let base = now_ms() + 3_600_000;

@@ -1718,13 +1718,10 @@ async fn alarms_section(
     // A loader of its own process, serving (its partitions taken), and the meter of
     // the three processes.
     let start_loader = || async {
-        let mut cmd = std::process::Command::new(harness::workspace_bin("alarm-loader")?);
-        cmd.arg("--in-memory-interval-ms")
-            .arg("1000")
-            .env("NATS_URL", server.url_as(Role::AlarmLoader))
-            .env("TS_INTAKE_URL", server.url_as(Role::AlarmIntake))
-            .env("RUST_LOG", "warn");
-        let loader = harness::Process::spawn(cmd)?;
+        let loader = harness::Process::spawn(tests::support::loader_command(
+            &server,
+            &["--in-memory-interval-ms", "1000"],
+        )?)?;
         // The loader answers PING once its endpoints serve; give its partitions a moment.
         for _ in 0..100 {
             if probe
