@@ -155,12 +155,13 @@ pub async fn stored_runs(
 
 /// A scheduler's connections to `server`, each under its identity.
 pub async fn connections(server: &NatsServer) -> Result<scheduler::Connections> {
+    let mut intake = Vec::new();
+    for _ in 0..scheduler::DEFAULT_INTAKE_CONNECTIONS {
+        intake.push(connect_as(server, Role::SchedulerIntake).await?);
+    }
     Ok(scheduler::Connections {
         core: connect_as(server, Role::Scheduler).await?,
-        intake: vec![
-            connect_as(server, Role::SchedulerIntake).await?,
-            connect_as(server, Role::SchedulerIntake).await?,
-        ],
+        intake,
         replies: Some(connect_as(server, Role::SchedulerReplies).await?),
         events: Default::default(),
     })

@@ -24,7 +24,7 @@ struct Args {
     /// Intake connections: every endpoint subscribes on each (one queue group), so
     /// requests are read in parallel and a burst meets the server's per-connection
     /// `max_pending` once per connection.
-    #[arg(long, env = "TS_INTAKE_CONNECTIONS", default_value_t = 2)]
+    #[arg(long, env = "TS_INTAKE_CONNECTIONS", default_value_t = scheduler::DEFAULT_INTAKE_CONNECTIONS)]
     intake_connections: usize,
     /// NATS server URL(s) of the replies connection (publishes the answers, subscribes
     /// to nothing: user `scheduler-replies`); may carry `user:password@`. Default: none,
