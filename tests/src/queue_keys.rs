@@ -355,6 +355,136 @@ async fn a_stale_pending_hold_is_resolved_from_the_log() -> Result<()> {
     Ok(())
 }
 
+/// The last message stored for the hold of `key` in `process`, if any.
+async fn hold_message(
+    store: &kv::Store,
+    process: &ProcessId,
+    key: &str,
+) -> Result<Option<jetstream::message::StreamMessage>> {
+    let subject = format!("$KV.TS_QUEUE_KEYS.{}", hold_key(process, key));
+    match store.stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A released hold leaves one marker that the server removes after
+/// `RELEASE_MARKER_TTL` (the bucket a scheduler creates allows per-message TTLs), so
+/// the bucket keeps nothing of a key once it is released; the key is free over the
+/// marker and over nothing. (Markers used to stay for good, one per key ever used.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_hold_leaves_a_marker_the_server_removes() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(96))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let p = ProcessId::new("qm")?;
+    let store = bucket(&server).await?;
+    assert!(store.stream.cached_info().config.allow_message_ttl);
+
+    let first = settled(&client, &p, "k").await?;
+    assigned_hold(&store, &p, "k").await?;
+    let op = server.url_as(Role::Operator);
+    cli_ok(&op, &["queue", "key", "qm", "k", "--release"]).await?;
+    let marker = hold_message(&store, &p, "k")
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no marker after the release"))?;
+    let headers = marker.headers.clone();
+    assert_eq!(
+        headers.get("KV-Operation").map(|v| v.as_str()),
+        Some("PURGE")
+    );
+    let ttl = journal::setup::RELEASE_MARKER_TTL.as_secs().to_string();
+    assert_eq!(
+        headers.get("Nats-TTL").map(|v| v.as_str()),
+        Some(ttl.as_str()),
+        "{headers:?}"
+    );
+
+    // Free over the marker.
+    let second = schedule_key(&client, &p, "k").await?;
+    assert!(second.slot > first.slot);
+    assigned_hold(&store, &p, "k").await?;
+    assert_refused(
+        schedule_key(&client, &p, "k").await,
+        ErrorCode::QueueKeyHeld,
+    );
+
+    // The server's side of it, in a bucket made the same way with a marker TTL of one
+    // second: the marker goes, no other takes its place, and the key is free over
+    // nothing.
+    let js = jetstream::new(connect_as(&server, Role::Operator).await?);
+    let scratch = js
+        .create_key_value(journal::setup::bucket_config(
+            "TS_SCRATCH",
+            "markers that expire",
+            &journal::setup::LogOptions::default(),
+            Some(Duration::from_secs(1)),
+        ))
+        .await?;
+    let rev = scratch.create("k", Bytes::from_static(b"held")).await?;
+    journal::setup::purge_released_within(&scratch, "k", Some(rev), Duration::from_secs(1)).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = scratch.stream.clone().info().await?.state.messages;
+        if left == 0 {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{left} messages left 15 s after a purge with a one-second marker");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    scratch.create("k", Bytes::from_static(b"again")).await?;
+    Ok(())
+}
+
+/// A queue-keys bucket made without per-message TTLs (before turnstile asked for
+/// them) is used as it is: a release leaves a marker without a TTL, and the key is
+/// free over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_without_message_ttls_still_releases() -> Result<()> {
+    let server = server()?;
+    let js = jetstream::new(connect_as(&server, Role::Operator).await?);
+    js.create_key_value(kv::Config {
+        bucket: "TS_QUEUE_KEYS".into(),
+        history: 5,
+        ..Default::default()
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(97))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let p = ProcessId::new("qo")?;
+    let store = bucket(&server).await?;
+    assert!(!store.stream.cached_info().config.allow_message_ttl);
+    settled(&client, &p, "k").await?;
+    assigned_hold(&store, &p, "k").await?;
+    let op = server.url_as(Role::Operator);
+    cli_ok(&op, &["queue", "key", "qo", "k", "--release"]).await?;
+    let marker = hold_message(&store, &p, "k")
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no marker after the release"))?;
+    let headers = marker.headers.clone();
+    assert_eq!(
+        headers.get("KV-Operation").map(|v| v.as_str()),
+        Some("PURGE")
+    );
+    assert!(headers.get("Nats-TTL").is_none(), "{headers:?}");
+    schedule_key(&client, &p, "k").await?;
+    assigned_hold(&store, &p, "k").await?;
+    Ok(())
+}
+
 /// Hostile values are refused `malformed` and take no hold; a client may not set the
 /// hold header; requests without a key never write the bucket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

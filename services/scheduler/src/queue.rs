@@ -18,7 +18,7 @@ use async_nats::jetstream::kv;
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-use journal::subjects;
+use journal::{setup, subjects};
 use protocol::queue::{hold_key, Hold};
 use protocol::wire::ErrorCode;
 use protocol::ProcessId;
@@ -132,10 +132,7 @@ async fn settle(shared: &Shared, taken: &Taken, answer: Option<Answer>) {
 }
 
 async fn release(kv: &kv::Store, taken: &Taken) {
-    if let Err(e) = kv
-        .purge_expect_revision(&taken.name, Some(taken.revision))
-        .await
-    {
+    if let Err(e) = setup::purge_released(kv, &taken.name, Some(taken.revision)).await {
         debug!(hold = %taken.name, error = %e, "hold not removed (changed meanwhile)");
     }
 }
@@ -197,7 +194,7 @@ async fn acquire(
                 // Not a hold any turnstile wrote: it would block the key forever.
                 warn!(hold = %name, error = %e, "removing a queue-key hold that does not decode");
                 // The next round reads what is there (the purge's marker) again.
-                let _ = kv.purge_expect_revision(&name, Some(entry.revision)).await;
+                let _ = setup::purge_released(kv, &name, Some(entry.revision)).await;
                 continue;
             }
         };
@@ -232,7 +229,7 @@ async fn acquire(
                 }
                 Ok(None) => {
                     warn!(hold = %name, token, "a stale queue-key hold whose request is not in the log: removed");
-                    let _ = kv.purge_expect_revision(&name, Some(entry.revision)).await;
+                    let _ = setup::purge_released(kv, &name, Some(entry.revision)).await;
                     continue;
                 }
                 Err(e) => return Err(unavailable("resolve a stale hold", &e)),

@@ -182,7 +182,7 @@ pub async fn queue(
     if pause {
         kv.put(&key, Bytes::from_static(b"paused")).await?;
     } else {
-        kv.delete(&key).await?;
+        journal::setup::purge_released(&kv, &key, None).await?;
     }
     println!(
         "{}",
@@ -215,7 +215,7 @@ async fn queue_key(
         .map(|e| serde_json::from_slice(&e.value).unwrap_or(Value::Null));
     let mut released = false;
     if let (true, Some(e)) = (release, &entry) {
-        kv.purge_expect_revision(&name, Some(e.revision)).await?;
+        journal::setup::purge_released(&kv, &name, Some(e.revision)).await?;
         released = true;
     }
     println!(
@@ -281,7 +281,7 @@ pub async fn job(nats: async_nats::Client, subjects: &Subjects, action: JobActio
                 .and_then(|e| e["state"].as_str())
                 .filter(|s| matches!(*s, "done" | "dead" | "merged"));
             if let Some(state) = ended {
-                kv.delete(&key).await?;
+                journal::setup::purge_released(&kv, &key, None).await?;
                 println!(
                     "{}",
                     serde_json::json!({"group": group, "process": p.as_str(), "slot": slot, "cancelled": false, "already": state})

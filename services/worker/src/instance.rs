@@ -1342,7 +1342,7 @@ impl Instance {
         }
         let Some(kv) = &self.kv else { return };
         let key = crate::control::cancel_key(&job.group, &job.process, job.slot);
-        if let Err(e) = kv.delete(&key).await {
+        if let Err(e) = journal::setup::purge_released(kv, &key, None).await {
             self.record(
                 Level::Warn,
                 format!("{}: its cancel was not deleted ({e}); it stays", job.id()),

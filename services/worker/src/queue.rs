@@ -91,7 +91,7 @@ impl Holds {
             if !may_release(&hold, entry.revision, job.slot, token) {
                 return Ok(Released::NotOurs);
             }
-            match kv.purge_expect_revision(&name, Some(entry.revision)).await {
+            match journal::setup::purge_released(kv, &name, Some(entry.revision)).await {
                 Ok(()) => return Ok(Released::Freed),
                 // Changed since we read it (the scheduler recorded the slot): read it
                 // again; any other failure (the server away) waits a little first.

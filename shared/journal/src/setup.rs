@@ -281,6 +281,7 @@ pub async fn ensure_processes(
         subjects.processes_bucket(),
         "turnstile per-process settings",
         options,
+        None,
     )
     .await
 }
@@ -296,6 +297,7 @@ pub async fn ensure_keys(
         subjects.keys_bucket(),
         "turnstile scheduler public keys",
         options,
+        None,
     )
     .await
 }
@@ -392,6 +394,7 @@ pub async fn ensure_workers(
         subjects.workers_bucket(),
         "turnstile workers: feed checkpoints and job control",
         options,
+        Some(RELEASE_MARKER_TTL),
     )
     .await
 }
@@ -408,8 +411,32 @@ pub async fn ensure_queue_keys(
         subjects.queue_keys_bucket(),
         "turnstile queue keys: a hold per key of a job not yet started",
         options,
+        Some(RELEASE_MARKER_TTL),
     )
     .await
+}
+
+/// The configuration turnstile creates its (non-lease) buckets with: file storage,
+/// five revisions a key and, with `markers`, per-message TTLs, so that a release's
+/// marker does not stay for good ([`purge_released`]). nats-server raises a message's
+/// TTL to `markers` in such a bucket (it keeps more than one message a key), and it
+/// leaves no marker for a removed marker, so a purge's marker goes after `markers`
+/// and the key is left with no message.
+pub fn bucket_config(
+    bucket: &str,
+    description: &str,
+    options: &LogOptions,
+    markers: Option<std::time::Duration>,
+) -> kv::Config {
+    kv::Config {
+        bucket: bucket.to_string(),
+        description: description.into(),
+        history: 5,
+        storage: stream::StorageType::File,
+        num_replicas: options.replicas,
+        limit_markers: markers,
+        ..Default::default()
+    }
 }
 
 /// Opens `bucket`, or creates it when the server says it does not exist; retried
@@ -419,15 +446,9 @@ async fn ensure_bucket(
     bucket: String,
     description: &str,
     options: &LogOptions,
+    markers: Option<std::time::Duration>,
 ) -> Result<kv::Store> {
-    let config = kv::Config {
-        bucket: bucket.clone(),
-        description: description.into(),
-        history: 5,
-        storage: stream::StorageType::File,
-        num_replicas: options.replicas,
-        ..Default::default()
-    };
+    let config = bucket_config(&bucket, description, options, markers);
     options
         .retry
         .run("create bucket", || async {
@@ -448,6 +469,42 @@ async fn ensure_bucket(
             }
         })
         .await
+}
+
+/// How long the server keeps the marker a released queue-key hold or a forgotten
+/// cancel leaves ([`purge_released`]): long enough for every watcher and for an
+/// operator looking at recent releases; a key without a message means the same
+/// (free, no cancel).
+pub const RELEASE_MARKER_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Purges `key` (if `revision` is given, only while that is its last revision),
+/// leaving one marker that the server removes after [`RELEASE_MARKER_TTL`], so a
+/// bucket of queue keys or cancels keeps nothing of a key once it is released. A
+/// bucket made before turnstile asked for per-message TTLs does not allow them: the
+/// marker then stays for good, as it always did (`nats stream edit <stream>
+/// --allow-msg-ttl` turns them on).
+pub async fn purge_released(
+    kv: &kv::Store,
+    key: &str,
+    revision: Option<u64>,
+) -> std::result::Result<(), kv::PurgeError> {
+    purge_released_within(kv, key, revision, RELEASE_MARKER_TTL).await
+}
+
+/// [`purge_released`], the marker kept for `ttl` (whole seconds, at least one; the
+/// server raises it to the bucket's marker TTL, [`bucket_config`]).
+pub async fn purge_released_within(
+    kv: &kv::Store,
+    key: &str,
+    revision: Option<u64>,
+    ttl: std::time::Duration,
+) -> std::result::Result<(), kv::PurgeError> {
+    let ttl = ttl.max(std::time::Duration::from_secs(1));
+    match (kv.stream.cached_info().config.allow_message_ttl, revision) {
+        (false, revision) => kv.purge_expect_revision(key, revision).await,
+        (true, None) => kv.purge_with_ttl(key, ttl).await,
+        (true, Some(r)) => kv.purge_expect_revision_with_ttl(key, r, ttl).await,
+    }
 }
 
 /// Opens an existing bucket without creating it (readers, the CLI).
