@@ -13,6 +13,8 @@ use tokio::net::TcpStream;
 pub struct RawMsg {
     /// Its subject.
     pub subject: Vec<u8>,
+    /// Its reply subject, if it has one.
+    pub reply: Option<Vec<u8>>,
     /// Its header block (empty for `MSG`).
     pub header: Vec<u8>,
     /// Its payload.
@@ -176,6 +178,7 @@ impl RawClient {
                 let body = &self.buf[end + 2..end + 2 + total];
                 let m = RawMsg {
                     subject: args[1].to_vec(),
+                    reply: (args.len() == 4 + sizes).then(|| args[3].to_vec()),
                     header: body[..hlen].to_vec(),
                     payload: body[hlen..].to_vec(),
                 };

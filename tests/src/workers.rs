@@ -1370,6 +1370,177 @@ async fn a_new_feeder_preloads_every_checkpoint_in_one_read() -> Result<()> {
     Ok(())
 }
 
+/// Starts an instance of `group` with `extra` flags and waits (30 s at most) for it
+/// to end: how it ended and what it said on stderr.
+async fn run_to_its_end(
+    server: &NatsServer,
+    group: &str,
+    command: &str,
+    extra: &[&str],
+) -> Result<(std::process::ExitStatus, String)> {
+    let mut cmd =
+        tokio::process::Command::from(worker_command(server, group, command, extra, "warn")?);
+    cmd.kill_on_drop(true)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let mut stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+    let read = tokio::spawn(async move {
+        let mut said = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut stderr, &mut said).await;
+        said
+    });
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    if status.is_err() {
+        let _ = child.kill().await;
+    }
+    let said = String::from_utf8_lossy(&read.await?).to_string();
+    let Ok(status) = status else {
+        bail!("the instance did not end within 30 s: {said}");
+    };
+    Ok((status?, said))
+}
+
+/// The names of the work stream's consumers.
+async fn work_consumers(server: &NatsServer) -> Result<Vec<String>> {
+    let js = async_nats::jetstream::new(connect_as(server, Role::Operator).await?);
+    let work = js.get_stream("TS_WORK").await?;
+    Ok(work
+        .consumer_names()
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?)
+}
+
+/// A client answering every services-API INFO request for the workers with `answers`
+/// (raw protocol frames: whatever bytes, headers or none), until the task is aborted.
+/// It connects as `worker`, the users' responders and workers: any of them may
+/// answer there.
+async fn info_forger(
+    server: &NatsServer,
+    answers: Vec<(Option<Vec<u8>>, Vec<u8>)>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let mut raw = crate::raw::RawClient::connect(&server.url_as(Role::Worker)).await?;
+    raw.subscribe("$SRV.INFO", 1).await?;
+    raw.subscribe("$SRV.INFO.turnstile-worker", 2).await?;
+    raw.flush().await?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok(asked) = raw.collect(1, Duration::from_secs(1)).await else {
+                return;
+            };
+            for m in asked {
+                let Some(reply) = &m.reply else { continue };
+                for (header, body) in &answers {
+                    let frame = crate::raw::publish(reply, None, header.as_deref(), body);
+                    if raw.send(&frame).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }))
+}
+
+/// Any users' responder (user `worker`) can answer the services API's INFO for the
+/// workers. Answers that
+/// are not INFO (bytes that are not JSON, JSON that is not an object, a status
+/// message, an object without an id) are skipped; a forged INFO of a live instance of
+/// the other ordering can only keep a new instance from switching the group's
+/// ordering (it ends, naming the forged id), never make it remove consumers in use.
+/// Once the forger is gone, the switch happens and every job runs once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_info_answers_only_block_an_ordering_switch() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(99))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let out = dir.path().join("out");
+    let mut unordered = spawn_worker(&server, "of", &appender(&out), &[])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let op = server.url_as(Role::Operator);
+    crate::support::cli_ok(&op, &["queue", "pause", "of"]).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let ids = schedule_many(&client, 2, 4, "of").await?;
+    let stopped =
+        tokio::task::spawn_blocking(move || unordered.terminate(Duration::from_secs(20))).await?;
+    assert!(stopped, "the unordered instance did not stop");
+    assert!(work_consumers(&server)
+        .await?
+        .contains(&"group-of".to_string()));
+
+    let garbage: Vec<(Option<Vec<u8>>, Vec<u8>)> = vec![
+        (None, b"\xff\xfe not json".to_vec()),
+        (None, b"[1, 2, 3]".to_vec()),
+        (None, b"{}".to_vec()),
+        (None, br#"{"id": 7, "metadata": "group"}"#.to_vec()),
+        (Some(b"NATS/1.0 503\r\n\r\n".to_vec()), Vec::new()),
+        (
+            Some(b"NATS/1.0\r\nbroken header\r\n\r\n".to_vec()),
+            b"{".to_vec(),
+        ),
+        (None, vec![b'{'; 100_000]),
+    ];
+    let mut forged = garbage.clone();
+    forged.push((
+        None,
+        serde_json::to_vec(&serde_json::json!({
+            "id": "forged-1", "name": "turnstile-worker", "type": "io.nats.micro.v1.info_response",
+            "metadata": {"group": "of", "ordering": "unordered"}
+        }))?,
+    ));
+    let strict = ["--lease-ms", "2000", "--ordering", "strict"];
+    let forger = info_forger(&server, forged).await?;
+    let (status, said) = run_to_its_end(&server, "of", &appender(&out), &strict).await?;
+    forger.abort();
+    assert!(
+        !status.success(),
+        "a strict instance switched the group: {said}"
+    );
+    assert!(
+        said.contains("group of runs with --ordering unordered (live instances: forged-1)"),
+        "{said}"
+    );
+    assert!(
+        work_consumers(&server)
+            .await?
+            .contains(&"group-of".to_string()),
+        "a forged answer made an instance remove the group's consumer"
+    );
+    assert!(lines(&out).is_empty(), "a job ran while paused");
+
+    // Garbage alone blocks nothing: the switch goes through.
+    let forger = info_forger(&server, garbage).await?;
+    let _strict = spawn_worker(&server, "of", &appender(&out), &strict[2..])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    crate::support::cli_ok(&op, &["queue", "resume", "of"]).await?;
+    let js = async_nats::jetstream::new(connect_as(&server, Role::Operator).await?);
+    let r = wait_final(&js, "of", ids.len(), 60).await?;
+    forger.abort();
+    assert_eq!(r.keys().cloned().collect::<BTreeSet<_>>(), ids);
+    let ran = lines(&out);
+    assert_eq!(ran.len(), ids.len(), "every job ran once: {ran:?}");
+    for p in ["w0", "w1"] {
+        let slots: Vec<u64> = ran
+            .iter()
+            .filter_map(|l| l.strip_prefix(&format!("{p}:")))
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        assert_eq!(slots, (0..4).collect::<Vec<u64>>(), "{p} in slot order");
+    }
+    assert!(!work_consumers(&server)
+        .await?
+        .contains(&"group-of".to_string()));
+    Ok(())
+}
+
 /// A group has one ordering: a strict instance started beside a live unordered one
 /// ends at once with one clear line (and the live one goes on); once the unordered
 /// instance has stopped, a strict one takes the group over — the old consumer is
@@ -1392,35 +1563,7 @@ async fn a_group_has_one_ordering_and_can_switch_once_its_instances_are_gone() -
     let ids = schedule_many(&client, 2, 5, "oc").await?;
 
     let strict = ["--lease-ms", "2000", "--ordering", "strict"];
-    let mut cmd = tokio::process::Command::from(worker_command(
-        &server,
-        "oc",
-        &appender(&out),
-        &strict,
-        "warn",
-    )?);
-    cmd.kill_on_drop(true)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn()?;
-    let mut stderr = child
-        .stderr
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
-    let read = tokio::spawn(async move {
-        let mut said = Vec::new();
-        let _ = tokio::io::AsyncReadExt::read_to_end(&mut stderr, &mut said).await;
-        said
-    });
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
-    if status.is_err() {
-        let _ = child.kill().await;
-    }
-    let said = String::from_utf8_lossy(&read.await?).to_string();
-    let Ok(status) = status else {
-        bail!("the strict instance did not end within 30 s: {said}");
-    };
-    let refused = status?;
+    let (refused, said) = run_to_its_end(&server, "oc", &appender(&out), &strict).await?;
     assert!(!refused.success(), "a strict instance joined: {said}");
     assert!(
         said.contains("group oc runs with --ordering unordered (live instances: "),
@@ -1454,13 +1597,7 @@ async fn a_group_has_one_ordering_and_can_switch_once_its_instances_are_gone() -
             .collect();
         assert_eq!(slots, (0..5).collect::<Vec<u64>>(), "{p} in slot order");
     }
-    let work = js.get_stream("TS_WORK").await?;
-    let names: Vec<String> = work
-        .consumer_names()
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
+    let names = work_consumers(&server).await?;
     assert!(
         !names.contains(&"group-oc".to_string()),
         "the unordered consumer is still there: {names:?}"
