@@ -100,6 +100,11 @@ struct Args {
     /// Profiling aid: in the alarm-loader's section, skip the capacity phase.
     #[arg(long)]
     no_alarm_capacity: bool,
+    /// The alarm-loader's capacity phase: how many alarms pending in each round (due in
+    /// 1–2 h, each round adding to the one before). 10,000,000 is the target:
+    /// about 10 minutes of sets and 4 GB of store on this kind of machine.
+    #[arg(long, value_delimiter = ',', default_values_t = [100_000usize, 1_000_000])]
+    alarm_capacity: Vec<usize>,
     /// Profiling aid: in the alarm-loader's section, stop after the set phase.
     #[arg(long, hide = true)]
     only_alarm_set: bool,
@@ -139,7 +144,11 @@ async fn main() -> Result<()> {
         let a = alarms_section(
             &body,
             args.seconds,
-            !args.no_alarm_capacity,
+            if args.no_alarm_capacity {
+                &[]
+            } else {
+                &args.alarm_capacity
+            },
             args.only_alarm_set,
         )
         .await?;
@@ -329,7 +338,7 @@ async fn main() -> Result<()> {
         serde_json::Value::Null
     } else {
         eprintln!("== alarm-loader");
-        alarms_section(&body, args.seconds, true, false).await?
+        alarms_section(&body, args.seconds, &args.alarm_capacity, false).await?
     };
     let workers = if args.no_workers || args.closed_processes.is_some() || args.open_rate.is_some()
     {
@@ -1702,7 +1711,7 @@ fn print_log_reads_table(doc: &serde_json::Value) {
 async fn alarms_section(
     body: &Bytes,
     seconds: f64,
-    with_capacity: bool,
+    rounds: &[usize],
     only_set: bool,
 ) -> Result<serde_json::Value> {
     use base64::Engine as _;
@@ -1925,15 +1934,15 @@ async fn alarms_section(
     };
     let mut capacity = Vec::new();
     let mut pending = 50_000usize; // the set phase's, due in an hour
-    let rounds: &[usize] = if with_capacity {
-        &[100_000, 1_000_000]
-    } else {
-        &[]
-    };
     for (round, &total) in rounds.iter().enumerate() {
+        if total <= pending {
+            continue;
+        }
         let add = total - pending;
         let base = now_ms() + 3_600_000;
-        let prefix: &'static str = if round == 0 { "c" } else { "d" };
+        let Some(&prefix) = ["c", "d", "e", "f", "g", "h"].get(round) else {
+            anyhow::bail!("at most six capacity rounds");
+        };
         let (rate, errs) = set_many(
             prefix,
             add,
