@@ -371,6 +371,26 @@ async fn hold_message(
     }
 }
 
+/// Releases the hold of `key` in `process` with `turnstile queue key --release`: the
+/// headers of the purge marker left in its place.
+async fn release_by_cli(
+    server: &NatsServer,
+    store: &kv::Store,
+    process: &ProcessId,
+    key: &str,
+) -> Result<async_nats::HeaderMap> {
+    let op = server.url_as(Role::Operator);
+    cli_ok(&op, &["queue", "key", process.as_str(), key, "--release"]).await?;
+    let marker = hold_message(store, process, key)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no marker after the release"))?;
+    assert_eq!(
+        marker.headers.get("KV-Operation").map(|v| v.as_str()),
+        Some("PURGE")
+    );
+    Ok(marker.headers)
+}
+
 /// A released hold leaves one marker that the server removes after
 /// `RELEASE_MARKER_TTL` (the bucket a scheduler creates allows per-message TTLs), so
 /// the bucket keeps nothing of a key once it is released; the key is free over the
@@ -390,16 +410,7 @@ async fn a_released_hold_leaves_a_marker_the_server_removes() -> Result<()> {
 
     let first = settled(&client, &p, "k").await?;
     assigned_hold(&store, &p, "k").await?;
-    let op = server.url_as(Role::Operator);
-    cli_ok(&op, &["queue", "key", "qm", "k", "--release"]).await?;
-    let marker = hold_message(&store, &p, "k")
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("no marker after the release"))?;
-    let headers = marker.headers.clone();
-    assert_eq!(
-        headers.get("KV-Operation").map(|v| v.as_str()),
-        Some("PURGE")
-    );
+    let headers = release_by_cli(&server, &store, &p, "k").await?;
     let ttl = journal::setup::RELEASE_MARKER_TTL.as_secs().to_string();
     assert_eq!(
         headers.get("Nats-TTL").map(|v| v.as_str()),
@@ -469,16 +480,7 @@ async fn a_bucket_without_message_ttls_still_releases() -> Result<()> {
     assert!(!store.stream.cached_info().config.allow_message_ttl);
     settled(&client, &p, "k").await?;
     assigned_hold(&store, &p, "k").await?;
-    let op = server.url_as(Role::Operator);
-    cli_ok(&op, &["queue", "key", "qo", "k", "--release"]).await?;
-    let marker = hold_message(&store, &p, "k")
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("no marker after the release"))?;
-    let headers = marker.headers.clone();
-    assert_eq!(
-        headers.get("KV-Operation").map(|v| v.as_str()),
-        Some("PURGE")
-    );
+    let headers = release_by_cli(&server, &store, &p, "k").await?;
     assert!(headers.get("Nats-TTL").is_none(), "{headers:?}");
     schedule_key(&client, &p, "k").await?;
     assigned_hold(&store, &p, "k").await?;

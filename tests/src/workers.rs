@@ -1370,6 +1370,119 @@ async fn a_new_feeder_preloads_every_checkpoint_in_one_read() -> Result<()> {
     Ok(())
 }
 
+/// A scheduler and an unordered instance of `group`, paused, with `per` jobs queued in
+/// each of processes w0 and w1 (their ids, `process:slot`): a group about to switch
+/// its ordering.
+struct PausedGroup {
+    server: NatsServer,
+    _dir: tempfile::TempDir,
+    _scheduler: harness::Process,
+    nats: async_nats::Client,
+    out: std::path::PathBuf,
+    unordered: Option<harness::Process>,
+    op: String,
+    group: String,
+    per: u64,
+    ids: BTreeSet<String>,
+}
+
+/// The flags of a strict instance.
+const STRICT: [&str; 4] = ["--lease-ms", "2000", "--ordering", "strict"];
+
+impl PausedGroup {
+    async fn start(group: &str, seed: u8, per: u64) -> Result<PausedGroup> {
+        let server = server()?;
+        let dir = tempfile::tempdir()?;
+        let key = key_file(dir.path(), &test_key(seed))?;
+        let scheduler = spawn_scheduler(&server, &key, &[])?;
+        let nats = connect(server.url()).await?;
+        wait_for_schedulers(&nats, 1).await?;
+        let out = dir.path().join("out");
+        let unordered = spawn_worker(&server, group, &appender(&out), &[])?;
+        wait_for_service(&nats, "turnstile-worker", 1).await?;
+        let op = server.url_as(Role::Operator);
+        crate::support::cli_ok(&op, &["queue", "pause", group]).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let client = Client::new(nats.clone(), Subjects::default());
+        let ids = schedule_many(&client, 2, per as usize, group).await?;
+        Ok(PausedGroup {
+            server,
+            _dir: dir,
+            _scheduler: scheduler,
+            nats,
+            out,
+            unordered: Some(unordered),
+            op,
+            group: group.to_string(),
+            per,
+            ids,
+        })
+    }
+
+    /// The group's unordered consumer, by name.
+    fn consumer(&self) -> String {
+        format!("group-{}", self.group)
+    }
+
+    /// A strict instance started now: how it ended (within 30 s) and what it said.
+    async fn strict_ends(&self) -> Result<(std::process::ExitStatus, String)> {
+        let out = appender(&self.out);
+        let r = run_to_its_end(&self.server, &self.group, &out, &STRICT).await?;
+        assert!(lines(&self.out).is_empty(), "a job ran while paused");
+        Ok(r)
+    }
+
+    /// Stops the unordered instance (its held jobs handed back).
+    async fn stop_unordered(&mut self) -> Result<()> {
+        if let Some(mut w) = self.unordered.take() {
+            let stopped =
+                tokio::task::spawn_blocking(move || w.terminate(Duration::from_secs(20))).await?;
+            assert!(stopped, "the unordered instance did not stop");
+        }
+        Ok(())
+    }
+
+    /// A strict instance takes the group over and is resumed: every job is done once,
+    /// each process's in slot order, and the unordered consumer is gone.
+    async fn switch_to_strict(&self) -> Result<()> {
+        let _strict = spawn_worker(
+            &self.server,
+            &self.group,
+            &appender(&self.out),
+            &STRICT[2..],
+        )?;
+        wait_for_service(&self.nats, "turnstile-worker", 1).await?;
+        crate::support::cli_ok(&self.op, &["queue", "resume", &self.group]).await?;
+        let js = async_nats::jetstream::new(connect_as(&self.server, Role::Operator).await?);
+        let r = wait_final(&js, &self.group, self.ids.len(), 60).await?;
+        assert_eq!(r.keys().cloned().collect::<BTreeSet<_>>(), self.ids);
+        for (id, evs) in &r {
+            let states: Vec<State> = evs.iter().map(|e| e.state).collect();
+            assert_eq!(states, vec![State::Done], "{id}: {evs:?}");
+        }
+        let ran = lines(&self.out);
+        assert_eq!(ran.len(), self.ids.len(), "every job ran once: {ran:?}");
+        for p in ["w0", "w1"] {
+            let slots: Vec<u64> = ran
+                .iter()
+                .filter_map(|l| l.strip_prefix(&format!("{p}:")))
+                .filter_map(|s| s.parse().ok())
+                .collect();
+            assert_eq!(
+                slots,
+                (0..self.per).collect::<Vec<u64>>(),
+                "{p} in slot order"
+            );
+        }
+        let names = work_consumers(&self.server).await?;
+        assert!(
+            !names.contains(&self.consumer()),
+            "the unordered consumer is still there: {names:?}"
+        );
+        Ok(())
+    }
+}
+
 /// Starts an instance of `group` with `extra` flags and waits (30 s at most) for it
 /// to end: how it ended and what it said on stderr.
 async fn run_to_its_end(
@@ -1455,26 +1568,9 @@ async fn info_forger(
 /// Once the forger is gone, the switch happens and every job runs once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_info_answers_only_block_an_ordering_switch() -> Result<()> {
-    let server = server()?;
-    let dir = tempfile::tempdir()?;
-    let key = key_file(dir.path(), &test_key(99))?;
-    let _s = spawn_scheduler(&server, &key, &[])?;
-    let nats = connect(server.url()).await?;
-    wait_for_schedulers(&nats, 1).await?;
-    let out = dir.path().join("out");
-    let mut unordered = spawn_worker(&server, "of", &appender(&out), &[])?;
-    wait_for_service(&nats, "turnstile-worker", 1).await?;
-    let op = server.url_as(Role::Operator);
-    crate::support::cli_ok(&op, &["queue", "pause", "of"]).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let client = Client::new(nats.clone(), Subjects::default());
-    let ids = schedule_many(&client, 2, 4, "of").await?;
-    let stopped =
-        tokio::task::spawn_blocking(move || unordered.terminate(Duration::from_secs(20))).await?;
-    assert!(stopped, "the unordered instance did not stop");
-    assert!(work_consumers(&server)
-        .await?
-        .contains(&"group-of".to_string()));
+    let mut g = PausedGroup::start("of", 99, 4).await?;
+    g.stop_unordered().await?;
+    assert!(work_consumers(&g.server).await?.contains(&g.consumer()));
 
     let garbage: Vec<(Option<Vec<u8>>, Vec<u8>)> = vec![
         (None, b"\xff\xfe not json".to_vec()),
@@ -1496,9 +1592,8 @@ async fn forged_info_answers_only_block_an_ordering_switch() -> Result<()> {
             "metadata": {"group": "of", "ordering": "unordered"}
         }))?,
     ));
-    let strict = ["--lease-ms", "2000", "--ordering", "strict"];
-    let forger = info_forger(&server, forged).await?;
-    let (status, said) = run_to_its_end(&server, "of", &appender(&out), &strict).await?;
+    let forger = info_forger(&g.server, forged).await?;
+    let (status, said) = g.strict_ends().await?;
     forger.abort();
     assert!(
         !status.success(),
@@ -1509,35 +1604,14 @@ async fn forged_info_answers_only_block_an_ordering_switch() -> Result<()> {
         "{said}"
     );
     assert!(
-        work_consumers(&server)
-            .await?
-            .contains(&"group-of".to_string()),
+        work_consumers(&g.server).await?.contains(&g.consumer()),
         "a forged answer made an instance remove the group's consumer"
     );
-    assert!(lines(&out).is_empty(), "a job ran while paused");
 
     // Garbage alone blocks nothing: the switch goes through.
-    let forger = info_forger(&server, garbage).await?;
-    let _strict = spawn_worker(&server, "of", &appender(&out), &strict[2..])?;
-    wait_for_service(&nats, "turnstile-worker", 1).await?;
-    crate::support::cli_ok(&op, &["queue", "resume", "of"]).await?;
-    let js = async_nats::jetstream::new(connect_as(&server, Role::Operator).await?);
-    let r = wait_final(&js, "of", ids.len(), 60).await?;
+    let forger = info_forger(&g.server, garbage).await?;
+    g.switch_to_strict().await?;
     forger.abort();
-    assert_eq!(r.keys().cloned().collect::<BTreeSet<_>>(), ids);
-    let ran = lines(&out);
-    assert_eq!(ran.len(), ids.len(), "every job ran once: {ran:?}");
-    for p in ["w0", "w1"] {
-        let slots: Vec<u64> = ran
-            .iter()
-            .filter_map(|l| l.strip_prefix(&format!("{p}:")))
-            .filter_map(|s| s.parse().ok())
-            .collect();
-        assert_eq!(slots, (0..4).collect::<Vec<u64>>(), "{p} in slot order");
-    }
-    assert!(!work_consumers(&server)
-        .await?
-        .contains(&"group-of".to_string()));
     Ok(())
 }
 
@@ -1547,62 +1621,15 @@ async fn forged_info_answers_only_block_an_ordering_switch() -> Result<()> {
 /// removed — and every job the old one held runs once, in slot order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_has_one_ordering_and_can_switch_once_its_instances_are_gone() -> Result<()> {
-    let server = server()?;
-    let dir = tempfile::tempdir()?;
-    let key = key_file(dir.path(), &test_key(98))?;
-    let _s = spawn_scheduler(&server, &key, &[])?;
-    let nats = connect(server.url()).await?;
-    wait_for_schedulers(&nats, 1).await?;
-    let out = dir.path().join("out");
-    let mut unordered = spawn_worker(&server, "oc", &appender(&out), &[])?;
-    wait_for_service(&nats, "turnstile-worker", 1).await?;
-    let op = server.url_as(Role::Operator);
-    crate::support::cli_ok(&op, &["queue", "pause", "oc"]).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let client = Client::new(nats.clone(), Subjects::default());
-    let ids = schedule_many(&client, 2, 5, "oc").await?;
-
-    let strict = ["--lease-ms", "2000", "--ordering", "strict"];
-    let (refused, said) = run_to_its_end(&server, "oc", &appender(&out), &strict).await?;
+    let mut g = PausedGroup::start("oc", 98, 5).await?;
+    let (refused, said) = g.strict_ends().await?;
     assert!(!refused.success(), "a strict instance joined: {said}");
     assert!(
         said.contains("group oc runs with --ordering unordered (live instances: "),
         "{said}"
     );
-    assert!(lines(&out).is_empty(), "a job ran while paused");
-
-    // The unordered instance stops (its held jobs handed back); a strict one takes the
-    // group over.
-    let stopped =
-        tokio::task::spawn_blocking(move || unordered.terminate(Duration::from_secs(20))).await?;
-    assert!(stopped, "the unordered instance did not stop");
-    let _strict = spawn_worker(&server, "oc", &appender(&out), &strict[2..])?;
-    wait_for_service(&nats, "turnstile-worker", 1).await?;
-    crate::support::cli_ok(&op, &["queue", "resume", "oc"]).await?;
-    let operator = connect_as(&server, Role::Operator).await?;
-    let js = async_nats::jetstream::new(operator);
-    let r = wait_final(&js, "oc", ids.len(), 60).await?;
-    assert_eq!(r.keys().cloned().collect::<BTreeSet<_>>(), ids);
-    for (id, evs) in &r {
-        let states: Vec<State> = evs.iter().map(|e| e.state).collect();
-        assert_eq!(states, vec![State::Done], "{id}: {evs:?}");
-    }
-    let ran = lines(&out);
-    assert_eq!(ran.len(), ids.len(), "every job ran once: {ran:?}");
-    for p in ["w0", "w1"] {
-        let slots: Vec<u64> = ran
-            .iter()
-            .filter_map(|l| l.strip_prefix(&format!("{p}:")))
-            .filter_map(|s| s.parse().ok())
-            .collect();
-        assert_eq!(slots, (0..5).collect::<Vec<u64>>(), "{p} in slot order");
-    }
-    let names = work_consumers(&server).await?;
-    assert!(
-        !names.contains(&"group-oc".to_string()),
-        "the unordered consumer is still there: {names:?}"
-    );
-    Ok(())
+    g.stop_unordered().await?;
+    g.switch_to_strict().await
 }
 
 /// A job held by an instance across a server restart may have been delivered again
