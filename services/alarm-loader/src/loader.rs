@@ -235,6 +235,18 @@ impl Metrics {
         self.lateness.push(ms);
     }
 
+    /// Awaits `work`, counting how long it took as a `stage` step.
+    pub(crate) async fn timed<T>(
+        &self,
+        stage: Stage,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        let t = std::time::Instant::now();
+        let out = work.await;
+        self.stage(stage, t.elapsed());
+        out
+    }
+
     /// How long step `stage` of a dispatch took.
     pub(crate) fn stage(&self, stage: Stage, took: Duration) {
         self.stages[stage as usize].push(i64::try_from(took.as_micros()).unwrap_or(i64::MAX));
@@ -943,9 +955,10 @@ impl Loader {
                     Some((r, seq, seq))
                 }
                 _ => {
-                    let t = std::time::Instant::now();
-                    let c = self.store.current(id).await?;
-                    self.metrics.stage(Stage::Read, t.elapsed());
+                    let c = self
+                        .metrics
+                        .timed(Stage::Read, self.store.current(id))
+                        .await?;
                     c.record.map(|(r, rseq)| (r, c.last_seq, rseq))
                 }
             };
@@ -992,9 +1005,10 @@ impl Loader {
             let Some(claim) = record.claim(now, &self.config.replica) else {
                 return Ok(Next::settled(None, rseq, None));
             };
-            let t = std::time::Instant::now();
-            let claimed = self.store.append(&claim, seq).await;
-            self.metrics.stage(Stage::Claim, t.elapsed());
+            let claimed = self
+                .metrics
+                .timed(Stage::Claim, self.store.append(&claim, seq))
+                .await;
             let claim_seq = match claimed {
                 Ok(s) => s,
                 Err(Error::Conflict(_)) => {
@@ -1022,12 +1036,7 @@ impl Loader {
                     slot: Some(slot),
                     duplicate: true,
                 },
-                None => {
-                    let t = std::time::Instant::now();
-                    let fired = self.fire(&claim).await;
-                    self.metrics.stage(Stage::Fire, t.elapsed());
-                    fired
-                }
+                None => self.metrics.timed(Stage::Fire, self.fire(&claim)).await,
             };
             let done = (self.clock)();
             let (outcome, dead) = match fired {
@@ -1063,9 +1072,13 @@ impl Loader {
             }
             // What stands is what was appended: the outcome, or (when a client changed
             // the alarm meanwhile) the client's state with the outcome as its event.
-            let t = std::time::Instant::now();
-            let (last, last_seq) = self.record_outcome(&outcome, &claim, claim_seq).await?;
-            self.metrics.stage(Stage::Outcome, t.elapsed());
+            let (last, last_seq) = self
+                .metrics
+                .timed(
+                    Stage::Outcome,
+                    self.record_outcome(&outcome, &claim, claim_seq),
+                )
+                .await?;
             return Ok(Next::after_outcome(&last, last_seq, grace));
         }
         // Lost every compare-and-set: another loader is on it; look again soon.
