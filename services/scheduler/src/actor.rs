@@ -334,6 +334,20 @@ impl Actor {
             let attempt = match kept {
                 Some(a) => a,
                 None => {
+                    // An id an unsigned header says was scheduled is settled against
+                    // its signed run before anything is planned: unsettled, it might
+                    // be a duplicate, and it never gets a new slot.
+                    if let Err(e) = self.resolve_hints(&jobs).await {
+                        if started.elapsed() > self.shared.config.write_deadline {
+                            let msg = format!("cannot check whether the message id was scheduled already ({e}); retry with the same message id");
+                            refuse_all(&jobs, &answered_early, ErrorCode::Unavailable, &msg).await;
+                            return;
+                        }
+                        warn!(error = %e, "cannot check a dedupe claim yet; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
                     let Some((kept, early, attempt)) =
                         self.prepare(head.clone(), jobs, answered_early).await
                     else {
@@ -504,7 +518,6 @@ impl Actor {
     ) -> Option<(Vec<Job>, Vec<bool>, Attempt)> {
         let now = (self.shared.clock)();
         self.index.prune(now);
-        self.resolve_hints(&jobs).await;
         let ids: Vec<Option<&str>> = jobs.iter().map(|j| j.message_id.as_deref()).collect();
         let planned = core::plan(&self.index, &ids);
 
@@ -514,6 +527,18 @@ impl Actor {
         for ((job, d), early) in jobs.into_iter().zip(planned).zip(answered_early) {
             match d {
                 Decision::Duplicate(seen) => self.answer_duplicate(job, seen).await,
+                // Settled just before planning; should one remain, the request is not
+                // written: its fate is clear (nothing), a retry with its id is safe.
+                Decision::Unchecked => {
+                    if !early {
+                        job.reply
+                            .refuse(Refusal::new(
+                                ErrorCode::Unavailable,
+                                "cannot check yet whether this message id was scheduled already; retry with the same message id".to_string(),
+                            ))
+                            .await;
+                    }
+                }
                 d => {
                     keep.push(job);
                     keep_early.push(early);
@@ -758,7 +783,7 @@ impl Actor {
     /// Settles the unchecked dedupe hints of the ids in `jobs`: a hint is believed
     /// only if its run is sealed by a trusted key and holds the id at that slot (a
     /// copy of a genuine run holds the very same assignment, so it answers the same).
-    async fn resolve_hints(&mut self, jobs: &[Job]) {
+    async fn resolve_hints(&mut self, jobs: &[Job]) -> journal::Result<()> {
         let trusted = self.shared.trusted();
         for id in jobs.iter().filter_map(|j| j.message_id.as_deref()) {
             // Newest first: an id scheduled again after its window answers with its
@@ -778,8 +803,8 @@ impl Actor {
                                 .iter()
                                 .any(|e| e.slot == seen.slot && e.message_id == id)
                     }),
-                    // Cannot read it now: leave the claim for the next request.
-                    Err(_) => return,
+                    // Cannot read it now: the claim stays, and the id gets no slot.
+                    Err(e) => return Err(e),
                     Ok(None) => false,
                 };
                 if holds {
@@ -798,6 +823,7 @@ impl Actor {
             }
             self.index.confirm(id, found);
         }
+        Ok(())
     }
 
     /// Handles what the audit signalled: a re-check after a reconnect, and messages
@@ -1050,7 +1076,7 @@ fn position(d: Decision) -> (usize, bool) {
     match d {
         Decision::Assign(i) => (i, false),
         Decision::SameAs(i) => (i, true),
-        Decision::Duplicate(_) => (0, true),
+        Decision::Duplicate(_) | Decision::Unchecked => (0, true),
     }
 }
 

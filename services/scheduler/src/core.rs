@@ -244,6 +244,10 @@ pub enum Decision {
     /// Its id appears earlier in this same batch: answer with that request's
     /// assignment (the position in the new run).
     SameAs(usize),
+    /// An unsigned header claims its id was scheduled and the claim is not yet checked
+    /// against its signed run (the run could not be read): it may be a duplicate, so
+    /// it is never given a new slot until the claim is settled.
+    Unchecked,
 }
 
 /// Decides, for each request's optional message id, whether it gets a new slot.
@@ -255,6 +259,8 @@ pub fn plan(index: &DedupeIndex, ids: &[Option<&str>]) -> Vec<Decision> {
             Some(id) => {
                 if let Some(seen) = index.get(id) {
                     Decision::Duplicate(seen)
+                } else if !index.hints(id).is_empty() {
+                    Decision::Unchecked
                 } else if let Some(pos) = in_batch.get(id) {
                     Decision::SameAs(*pos)
                 } else {
@@ -403,6 +409,30 @@ mod tests {
                 Decision::Assign(3),
             ]
         );
+    }
+
+    #[test]
+    fn given_an_unchecked_claim_when_planning_then_the_id_gets_no_slot_until_settled() {
+        let mut index = DedupeIndex::new(1000);
+        index.insert_hints(7, [(4, "claimed".to_string())], 100);
+        let d = plan(&index, &[Some("claimed"), Some("claimed"), Some("new")]);
+        assert_eq!(
+            d,
+            vec![
+                Decision::Unchecked,
+                Decision::Unchecked,
+                Decision::Assign(0)
+            ]
+        );
+        // Its signed run holds it: a duplicate. Disproved: a new slot.
+        index.confirm("claimed", Some(Seen { slot: 4, seq: 7 }));
+        assert_eq!(
+            plan(&index, &[Some("claimed")]),
+            vec![Decision::Duplicate(Seen { slot: 4, seq: 7 })]
+        );
+        index.insert_hints(8, [(5, "forged".to_string())], 100);
+        index.confirm("forged", None);
+        assert_eq!(plan(&index, &[Some("forged")]), vec![Decision::Assign(0)]);
     }
 
     #[test]
