@@ -343,6 +343,7 @@ impl Actor {
                             refuse_all(&jobs, &answered_early, ErrorCode::Unavailable, &msg).await;
                             return;
                         }
+                        Metrics::bump(&self.shared.metrics.dedupe_checks_deferred);
                         warn!(error = %e, "cannot check a dedupe claim yet; retrying");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(1));

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub window_reloads: AtomicU64,
     /// Messages read by window loads and reloads (headers only).
     pub window_messages_read: AtomicU64,
+    /// Batches that waited because an id's dedupe claim (an unsigned `Ts-Ids` hint)
+    /// could not be checked against its run yet (the log could not be read).
+    pub dedupe_checks_deferred: AtomicU64,
     /// Requests answered `busy` at intake: an admission bound (bytes or count) was full.
     pub busy: AtomicU64,
     /// Requests answered `busy` after waiting past `max_queue_wait` in their queue.
@@ -66,6 +69,7 @@ impl Metrics {
             "window_loads": get(&self.window_loads),
             "window_reloads": get(&self.window_reloads),
             "window_messages_read": get(&self.window_messages_read),
+            "dedupe_checks_deferred": get(&self.dedupe_checks_deferred),
             "busy": get(&self.busy),
             "shed": get(&self.shed),
             "queue_key_held": get(&self.queue_key_held),
