@@ -43,12 +43,18 @@ async fn connect_watching(
     Ok((options.connect(url).await?, rx))
 }
 
+/// How long a test waits for something that must happen (a delivery, the server's
+/// violation error). Each wait returns as soon as it happens; the bound is generous
+/// because CI runs many servers on 2 cores (a 5 s wait for a plain delivery once
+/// ran out there, while other tests saw 10 s JetStream timeouts).
+const MUST_HAPPEN: Duration = Duration::from_secs(20);
+
 /// Waits for the server's permissions violation for a publish to `subject`.
 async fn expect_violation(
     errors: &mut mpsc::UnboundedReceiver<String>,
     subject: &str,
 ) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + MUST_HAPPEN;
     loop {
         match tokio::time::timeout_at(deadline, errors.recv()).await {
             Ok(Some(e)) if e.contains("Permissions Violation") && e.contains(subject) => {
@@ -406,7 +412,7 @@ async fn the_replies_user_publishes_answers_but_never_into_our_space() -> Result
     client_nats.flush().await?;
     replies.publish(inbox, Bytes::from("an answer")).await?;
     replies.flush().await?;
-    let got = tokio::time::timeout(Duration::from_secs(5), answers.next())
+    let got = tokio::time::timeout(MUST_HAPPEN, answers.next())
         .await
         .context("the answer did not arrive")?
         .context("inbox closed")?;
@@ -429,7 +435,7 @@ async fn the_replies_user_publishes_answers_but_never_into_our_space() -> Result
     // It receives nothing.
     let _sub = replies.subscribe("_INBOX.>").await?;
     replies.flush().await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + MUST_HAPPEN;
     loop {
         match tokio::time::timeout_at(deadline, errors.recv()).await {
             Ok(Some(e)) if e.contains("Permissions Violation for Subscription") => break,
