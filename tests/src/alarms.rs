@@ -16,7 +16,7 @@ use harness::{NatsServer, Role};
 use protocol::ProcessId;
 use scheduler::Config;
 
-use crate::support::{connect, connect_as, read_log, server, test_key, InProcess};
+use crate::support::{connect, connect_as, read_log, server, settled, test_key, InProcess};
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
@@ -299,6 +299,7 @@ async fn subject_targets_retry_when_asked_and_dead_letter_when_they_fail() -> Re
     wait_for_loaders(&client, 1).await?;
     let responder = connect(server.url()).await?;
     let mut sub = responder.subscribe("jobs.work").await?;
+    settled(&responder).await?;
     let seen = tokio::spawn(async move {
         let mut bodies = Vec::new();
         while let Some(m) = sub.next().await {
@@ -328,7 +329,7 @@ async fn subject_targets_retry_when_asked_and_dead_letter_when_they_fail() -> Re
     });
     let ops = connect_as(&server, Role::Operator).await?;
     let mut dead = ops.subscribe("ts.alarms.dead").await?;
-    ops.flush().await?;
+    settled(&ops).await?;
     let now = now_ms();
     alarm(&client, "set", json!({"id": "s1", "due_ms": now + 300, "target": {"subject": "jobs.work"}, "body": "Zmlyc3Q="}))
         .await?
@@ -809,7 +810,7 @@ async fn an_outcome_whose_write_lost_to_a_foreign_message_still_ends_the_claim()
     let js = async_nats::jetstream::new(op);
     let responder = connect(server.url()).await?;
     let mut sub = responder.subscribe("jobs.fenced").await?;
-    responder.flush().await?;
+    settled(&responder).await?;
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let counted = std::sync::Arc::clone(&calls);
     let answering = tokio::spawn(async move {
@@ -919,7 +920,7 @@ async fn a_loader_whose_clock_runs_ahead_does_not_sweep_past_an_entry_others_sti
     let client = connect(server.url()).await?;
     let responder = connect(server.url()).await?;
     let mut sub = responder.subscribe("jobs.lag").await?;
-    responder.flush().await?;
+    settled(&responder).await?;
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let counted = std::sync::Arc::clone(&calls);
     let answering = tokio::spawn(async move {

@@ -15,7 +15,7 @@ use protocol::ProcessId;
 use scheduler::Config;
 
 use crate::alarms::{now_ms, spawn_loader, wait_for_loaders, wait_status};
-use crate::support::{connect, connect_as, read_log, server, test_key, InProcess};
+use crate::support::{connect, connect_as, read_log, server, settled, test_key, InProcess};
 
 /// One cron request; the JSON answer, or the `Ts-Error` code.
 async fn cron(client: &async_nats::Client, op: &str, body: Value) -> Result<Result<Value, String>> {
@@ -164,7 +164,7 @@ async fn overlapping_ticks_are_skipped_and_a_deleted_job_fires_no_more() -> Resu
     wait_for_loaders(&client, 1).await?;
     let worker = connect_as(&server, Role::Worker).await?;
     let mut sub = worker.subscribe("jobs.slow").await?;
-    worker.flush().await?;
+    settled(&worker).await?;
     let responder = tokio::spawn(async move {
         let mut calls = Vec::new();
         while let Some(m) = sub.next().await {
@@ -306,7 +306,7 @@ async fn strategy_all_sends_each_tick_to_every_instance() -> Result<()> {
         let nats = connect_as(&server, Role::Worker).await?;
         let mut ping = nats.subscribe("$SRV.PING.pool").await?;
         let mut work = nats.subscribe(format!("jobs.pool.{id}")).await?;
-        nats.flush().await?;
+        settled(&nats).await?;
         instances.push(tokio::spawn(async move {
             let mut firings = Vec::new();
             loop {

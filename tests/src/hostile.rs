@@ -301,7 +301,7 @@ async fn replies_into_our_own_space_are_never_sent() -> Result<()> {
     // The attacker watches where the answers would land.
     let mut landed = operator.subscribe("ts.log.>").await?;
     let mut kv_landed = operator.subscribe("$KV.>").await?;
-    operator.flush().await?;
+    settled(&operator).await?;
     for (subject, reply) in hostile {
         nats.publish_with_reply(subject, reply, Bytes::from_static(b"\x80"))
             .await?;

@@ -51,6 +51,23 @@ pub async fn connect(url: &str) -> Result<async_nats::Client> {
     Ok(options.connect(addrs).await?)
 }
 
+/// Returns once the server has processed everything `nats` sent before: its
+/// subscriptions above all. `flush` only writes the socket, so a message another
+/// connection publishes right after it can reach the server before the SUB does and
+/// go to no one (seen on a loaded CI machine). The barrier is a request that the
+/// server itself answers (no responders) after what came before it on the connection.
+pub async fn settled(nats: &async_nats::Client) -> Result<()> {
+    let subject = format!("{}.settle", nats.new_inbox());
+    let request = async_nats::Request::new()
+        .payload(Bytes::new())
+        .timeout(Some(Duration::from_secs(20)));
+    match nats.send_request(subject, request).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("the server did not answer a barrier: {e}")),
+    }
+}
+
 /// Connects to `server` as `role`.
 pub async fn connect_as(server: &NatsServer, role: Role) -> Result<async_nats::Client> {
     connect(&server.url_as(role)).await

@@ -15,7 +15,7 @@ use protocol::ProcessId;
 use worker::job::{ResultEvent, State};
 
 use crate::support::{
-    connect, connect_as, job_results, key_file, server, spawn_scheduler, test_key,
+    connect, connect_as, job_results, key_file, server, settled, spawn_scheduler, test_key,
     wait_for_schedulers, wait_for_service, worker_command,
 };
 
@@ -324,7 +324,7 @@ async fn a_failing_job_is_retried_then_dead_and_the_cli_shows_its_history() -> R
     wait_for_service(&nats, "turnstile-worker", 1).await?;
     let operator = connect_as(&server, Role::Operator).await?;
     let mut dead = operator.subscribe("ts.worker.dead.g4").await?;
-    operator.flush().await?;
+    settled(&operator).await?;
     let client = Client::new(nats, Subjects::default());
     let p = ProcessId::new("failing")?;
     let r = client
