@@ -128,13 +128,25 @@ pub async fn run(client: async_nats::Client, subjects: Subjects, args: Args) -> 
     let started = Instant::now();
     let cpu_before = cpu_seconds();
     let progress = Arc::new(Progress::default());
-    // One read of the log for every process (journal::audit::verify_log).
-    let verified = {
+    // One read of the log for every process (journal::audit::verify_log), read again
+    // whole while it fails transiently (a stream or consumer whose server is not
+    // ready yet: right after a cluster restart a pull had no responders): reading is
+    // idempotent, and a verdict comes only from a read that went through.
+    let retry = journal::retry::Retry::new(journal::retry::Backoff {
+        first: Duration::from_millis(250),
+        max: Duration::from_secs(2),
+        total: Duration::from_secs(30),
+    });
+    let verified = retry.run("read the log", || {
         let progress = Arc::clone(&progress);
-        audit::verify_log(&reader, &selection, trusted, parallel, move |t, _| {
-            progress.store(t)
-        })
-    };
+        audit::verify_log(
+            &reader,
+            &selection,
+            trusted.clone(),
+            parallel,
+            move |t, _| progress.store(t),
+        )
+    });
     tokio::pin!(verified);
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
     let mut drawn = false;

@@ -462,10 +462,7 @@ impl LogReader {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| Error::JetStream {
-                    op: "create reader",
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| Error::nats("create reader", &e))?;
             guard = Some(ConsumerGuard {
                 stream: self.stream.clone(),
                 name,
@@ -498,7 +495,12 @@ impl LogReader {
                 }
                 let m = match s.next().await? {
                     Ok(m) => m,
-                    Err(e) => return Some((Err(read_err(&e)), (s, delivered, read, true, guard))),
+                    // Classified: a pull nobody answered is transient (a caller may read
+                    // again), unlike a lost message or a bad one.
+                    Err(e) => {
+                        let e = Error::nats("read the log", &e);
+                        return Some((Err(e), (s, delivered, read, true, guard)));
+                    }
                 };
                 let (seq, consumer_seq) = match m.info() {
                     Ok(i) => (i.stream_sequence, i.consumer_sequence),

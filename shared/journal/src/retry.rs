@@ -10,6 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::pull::{MessagesError, MessagesErrorKind};
 use async_nats::jetstream::context::{
     AccountError, AccountErrorKind, CreateKeyValueError, CreateKeyValueErrorKind,
     CreateStreamError, CreateStreamErrorKind, GetStreamError, GetStreamErrorKind, PublishError,
@@ -113,6 +114,15 @@ impl Failure {
             return match e.kind() {
                 ConsumerErrorKind::JetStream(api) => Some(Failure::api(&api)),
                 ConsumerErrorKind::TimedOut => Some(TimedOut),
+                _ => None,
+            };
+        }
+        if let Some(e) = e.downcast_ref::<MessagesError>() {
+            // A pull nobody answered (the consumer's server not ready yet, e.g. right
+            // after a cluster restart) or whose heartbeats stopped.
+            return match e.kind() {
+                MessagesErrorKind::NoResponders => Some(NoResponders),
+                MessagesErrorKind::MissingHeartbeat => Some(TimedOut),
                 _ => None,
             };
         }
@@ -444,6 +454,17 @@ mod tests {
         }
         assert!(api(404, 10059).is_not_found());
         assert!(!api(503, 10008).is_not_found());
+    }
+
+    #[test]
+    fn a_pull_nobody_answered_is_transient_wherever_it_is_wrapped() {
+        let unanswered = MessagesError::new(MessagesErrorKind::NoResponders);
+        assert_eq!(Failure::of(&unanswered), Failure::NoResponders);
+        assert!(Error::nats("read the log", &unanswered).is_transient());
+        let silent = MessagesError::new(MessagesErrorKind::MissingHeartbeat);
+        assert_eq!(Failure::of(&silent), Failure::TimedOut);
+        let push = MessagesError::new(MessagesErrorKind::PushBasedConsumer);
+        assert!(!Error::nats("read the log", &push).is_transient());
     }
 
     #[test]
