@@ -515,13 +515,30 @@ async fn hostile_alarm_requests_get_typed_refusals_and_hurt_nothing() -> Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_firing_older_than_the_idempotency_window_is_found_in_the_log_not_sent_again(
 ) -> Result<()> {
+    firing_beyond_the_window(false).await
+}
+
+/// An attempt that failed on the loader's side (its dispatch timed out) but whose
+/// write landed, retried after a backoff longer than the scheduler's idempotency
+/// window: the retry finds the firing in the log and records it, and does not send it
+/// again (it used to: the same message id, past the window, got a second slot). The
+/// failed attempt's records are written here by hand, and its late write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_past_the_idempotency_window_finds_an_attempt_that_landed_late() -> Result<()> {
+    firing_beyond_the_window(true).await
+}
+
+/// The two cases above: a dead loader's claim (`failed` false), or a failed attempt
+/// whose retry is due (`failed` true); in both the firing is in the log, older than
+/// the scheduler's idempotency window.
+async fn firing_beyond_the_window(failed: bool) -> Result<()> {
     use alarm_loader::alarm::{Alarm, Record, RetryPolicy, Target};
     let server = server()?;
     let config = Config {
         dedupe_window: Duration::from_secs(1),
         ..Config::default()
     };
-    let sched = InProcess::start(&server, config, vec![test_key(1)]).await?;
+    let sched = InProcess::start(&server, config.clone(), vec![test_key(1)]).await?;
     let operator = connect_as(&server, Role::Operator).await?;
     let store = alarm_loader::store::Store::open(
         async_nats::jetstream::new(operator.clone()),
@@ -551,7 +568,14 @@ async fn a_firing_older_than_the_idempotency_window_is_found_in_the_log_not_sent
     let claim = set
         .claim(now - 10_000, "dead-loader")
         .context("a pending alarm can be claimed")?;
-    store.append(&claim, seq).await?;
+    let claim_seq = store.append(&claim, seq).await?;
+    if failed {
+        // Its dispatch timed out at -5 s; the retry is due at -4 s.
+        let (retry, dead) = claim.failed(now - 5_000, "timed out");
+        assert!(!dead);
+        store.put_due("orphan", now - 4_000, now - 5_000).await?;
+        store.append(&retry, claim_seq).await?;
+    }
     // ...and its firing, which reached the log.
     let nats = connect(server.url()).await?;
     crate::support::wait_for_schedulers(&nats, 1).await?;
@@ -566,8 +590,23 @@ async fn a_firing_older_than_the_idempotency_window_is_found_in_the_log_not_sent
             },
         )
         .await?;
-    // Past the scheduler's idempotency window: the same message id would get a new slot.
+    // Past the scheduler's idempotency window: the same message id would get a new slot
+    // (a scheduler started now reads only the window's ids; a running one may still
+    // hold an older id until it prunes).
+    // The process moves on (the head run no longer holds the firing).
     tokio::time::sleep(Duration::from_millis(2_500)).await;
+    for i in 0..3 {
+        client
+            .schedule(
+                &ProcessId::new("orphaned")?,
+                Bytes::from(format!("later {i}")),
+                &journal::client::Schedule::default(),
+            )
+            .await?;
+    }
+    sched.stop().await?;
+    let sched = InProcess::start(&server, config, vec![test_key(1)]).await?;
+    crate::support::wait_for_schedulers(&nats, 1).await?;
     let mut loader = spawn_loader(&server)?;
     wait_for_loaders(&nats, 1).await?;
     let got = wait_status(&nats, "orphan", "done", 30).await?;
@@ -580,7 +619,7 @@ async fn a_firing_older_than_the_idempotency_window_is_found_in_the_log_not_sent
     let log = read_log(server.url(), &ProcessId::new("orphaned")?).await?;
     assert_eq!(
         log.len(),
-        1,
+        4,
         "the firing was sent again: {} entries",
         log.len()
     );

@@ -94,6 +94,13 @@ pub struct Metrics {
     pub partitions: AtomicU64,
     /// Claims taken over from a loader that died mid-dispatch.
     pub takeovers: AtomicU64,
+    /// Firings looked for in the log before an attempt (a takeover, or a retry whose
+    /// earlier attempt may have landed), and how many were found there.
+    pub firing_lookups: AtomicU64,
+    /// Of those, found in the log (recorded, not sent again).
+    pub firings_found: AtomicU64,
+    /// Lookups that could not read the log: the claim is left to its takeover.
+    pub firing_lookups_failed: AtomicU64,
     /// Cron-tick alarms skipped by their job's rules.
     pub skipped: AtomicU64,
     /// Cron ticks that fell while no loader planned them and were not fired.
@@ -215,6 +222,9 @@ impl Default for Metrics {
             armed: AtomicU64::default(),
             partitions: AtomicU64::default(),
             takeovers: AtomicU64::default(),
+            firing_lookups: AtomicU64::default(),
+            firings_found: AtomicU64::default(),
+            firing_lookups_failed: AtomicU64::default(),
             skipped: AtomicU64::default(),
             cron_missed: AtomicU64::default(),
             read_ahead: AtomicU64::default(),
@@ -274,6 +284,9 @@ impl Metrics {
             "partitions": get(&self.partitions),
             "skipped": get(&self.skipped),
             "takeovers": get(&self.takeovers),
+            "firing_lookups": get(&self.firing_lookups),
+            "firings_found": get(&self.firings_found),
+            "firing_lookups_failed": get(&self.firing_lookups_failed),
             "read_ahead": get(&self.read_ahead),
             "cron_missed": get(&self.cron_missed),
             "foreign_records": get(&self.foreign_records),
@@ -756,61 +769,88 @@ impl Loader {
         }
     }
 
-    /// The slot of the entry with message id `firing` in `process`'s log written after
-    /// `since_ms` (less a margin for skewed clocks), if there is one: the first slot
-    /// from then is found by bisection on timestamps, then the entries from there are
-    /// read in pages, through the scheduler's public `slot` and `range` requests (the
-    /// loader cannot read the log stream itself). Errors count as not found: the
-    /// firing is then sent again, which the scheduler deduplicates within its window.
-    async fn find_firing(&self, process: &str, firing: &str, since_ms: u64) -> Option<u64> {
-        let process = protocol::ProcessId::new(process).ok()?;
-        let from_ms = since_ms.saturating_sub(FIND_MARGIN_MS);
-        let head = self.scheduler.slot(&process).await.ok()?.slot?;
-        let (mut lo, mut hi) = (0u64, head + 1);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let page = self
-                .scheduler
-                .range(
-                    &process,
-                    &protocol::wire::RangeRequest {
-                        from: mid,
-                        to: Some(mid),
-                        limit: Some(1),
-                    },
-                )
-                .await
-                .ok()?;
-            let ts = page.entries.first()?.timestamp_ms;
-            if ts < from_ms {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
+    /// Looks for `firing` (a message id) in `process`'s log among the entries the
+    /// scheduler wrote between `from_ms` and `to_ms`, each widened by
+    /// [`FIND_MARGIN_MS`] (clock skew, and a write that landed after its request timed
+    /// out: at most the scheduler's write deadline later): its slot, or none. Both ends
+    /// are found by bisection on the entries' timestamps, so only the span of the
+    /// attempts is paged. A read that fails is an error, never "not found": a firing
+    /// whose earlier attempt may have landed is not sent blind.
+    async fn find_firing(
+        &self,
+        process: &str,
+        firing: &str,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Option<u64>> {
+        let Ok(process) = protocol::ProcessId::new(process) else {
+            return Ok(None);
+        };
+        let Some(head) = self.scheduler.slot(&process).await?.slot else {
+            return Ok(None);
+        };
+        let lo = self
+            .first_written_at(&process, head, from_ms.saturating_sub(FIND_MARGIN_MS))
+            .await?;
+        let hi = self
+            .first_written_at(&process, head, to_ms.saturating_add(FIND_MARGIN_MS))
+            .await?;
         let mut from = Some(lo);
-        while let Some(f) = from {
-            if f > head {
-                break;
-            }
+        while let Some(f) = from.filter(|f| *f < hi) {
             let page = self
                 .scheduler
                 .range(
                     &process,
                     &protocol::wire::RangeRequest {
                         from: f,
-                        to: Some(head),
+                        to: Some(hi - 1),
                         limit: None,
                     },
                 )
-                .await
-                .ok()?;
+                .await?;
             if let Some(e) = page.entries.iter().find(|e| e.message_id == firing) {
-                return Some(e.slot);
+                return Ok(Some(e.slot));
             }
             from = page.next;
         }
-        None
+        Ok(None)
+    }
+
+    /// The first slot of `process` (through `head`) written at or after `ms` (the
+    /// scheduler's timestamp), `head + 1` when none.
+    async fn first_written_at(
+        &self,
+        process: &protocol::ProcessId,
+        head: u64,
+        ms: u64,
+    ) -> Result<u64> {
+        let (mut lo, mut hi) = (0u64, head + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let page = self
+                .scheduler
+                .range(
+                    process,
+                    &protocol::wire::RangeRequest {
+                        from: mid,
+                        to: Some(mid),
+                        limit: Some(1),
+                    },
+                )
+                .await?;
+            let Some(e) = page.entries.first() else {
+                return Err(Error::js(
+                    "look for a firing in the log",
+                    format!("slot {mid} of {process} was not returned"),
+                ));
+            };
+            if e.timestamp_ms < ms {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
     }
 
     /// Makes the coming ticks of the cron jobs in `partitions` into alarms (each
@@ -1018,19 +1058,47 @@ impl Loader {
                 Err(e) => return Err(e),
             };
             Metrics::bump(&self.metrics.dispatched);
-            // A claim taken over from a loader that died mid-dispatch: its firing may be
-            // in the log already, beyond the scheduler's idempotency window (every loader
-            // down for longer): look there first.
-            let taken_over = matches!(record.status, crate::alarm::Status::Dispatching { .. });
-            let found = match (&record.alarm.target, &record.status) {
-                (Target::Process(p), crate::alarm::Status::Dispatching { since_ms, .. })
-                    if taken_over =>
-                {
+            // An earlier attempt of this firing may be in the log already, beyond the
+            // scheduler's idempotency window, where the same message id would get a new
+            // slot: a claim taken over from a loader that died mid-dispatch (every
+            // loader down for longer), or a retry after an attempt that failed on our
+            // side (a timeout) but landed (the backoff may outlast the window). Every
+            // attempt of a firing is sent at or after its due time: look there first.
+            let earlier_until = match &record.status {
+                crate::alarm::Status::Dispatching { .. } => {
                     Metrics::bump(&self.metrics.takeovers);
-                    self.find_firing(p, &claim.firing_id(), *since_ms).await
+                    Some(now)
+                }
+                crate::alarm::Status::Pending { attempts, .. } if *attempts > 0 => {
+                    match record.event {
+                        crate::alarm::Event::Failed { at_ms, .. } => Some(at_ms),
+                        _ => Some(now),
+                    }
                 }
                 _ => None,
             };
+            let found = match (&record.alarm.target, earlier_until) {
+                (Target::Process(p), Some(until)) => {
+                    Metrics::bump(&self.metrics.firing_lookups);
+                    match self
+                        .find_firing(p, &claim.firing_id(), record.alarm.due_ms, until)
+                        .await
+                    {
+                        Ok(found) => found,
+                        Err(e) => {
+                            // Sent again now, it might be written twice: the claim stays,
+                            // and its takeover (this loader's or another's) looks again.
+                            Metrics::bump(&self.metrics.firing_lookups_failed);
+                            warn!(alarm = %id, error = %e, "could not look for an earlier attempt in the log; trying again at the claim's takeover");
+                            return Ok(Next::after_outcome(&claim, claim_seq, grace));
+                        }
+                    }
+                }
+                _ => None,
+            };
+            if found.is_some() {
+                Metrics::bump(&self.metrics.firings_found);
+            }
             let fired = match found {
                 Some(slot) => Fired::Delivered {
                     slot: Some(slot),
