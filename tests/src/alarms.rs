@@ -528,6 +528,68 @@ async fn a_retry_past_the_idempotency_window_finds_an_attempt_that_landed_late()
     firing_beyond_the_window(true).await
 }
 
+/// The loader's STATS counters (one loader).
+async fn loader_data(client: &async_nats::Client) -> Result<Value> {
+    let m = client
+        .request("$SRV.STATS.turnstile-alarm-loader", Bytes::new())
+        .await?;
+    let v: Value = serde_json::from_slice(&m.payload)?;
+    Ok(v["endpoints"][0]["data"].clone())
+}
+
+/// A retry after an attempt the scheduler refused with nothing written (the process
+/// was disabled) does not look for the firing in the log first: that look (a
+/// bisection of the process's log) is paid only where an earlier attempt may have
+/// landed (a timeout), so a flood of `busy` refusals does not become a flood of reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_refusal_that_wrote_nothing_does_not_look_in_the_log() -> Result<()> {
+    use protocol::wire::{Mode, ProcessConfig};
+    let server = server()?;
+    let js = async_nats::jetstream::new(connect_as(&server, Role::Operator).await?);
+    let settings = journal::setup::ensure_processes(
+        &js,
+        &journal::subjects::Subjects::default(),
+        &Default::default(),
+    )
+    .await?;
+    let config = |mode| ProcessConfig { mode, keys: vec![] }.encode();
+    settings
+        .put("shut", config(Some(Mode::Disabled))?.into())
+        .await?;
+    let sched = InProcess::start(&server, Config::default(), vec![test_key(1)]).await?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    set(
+        &client,
+        set_body("knock", now_ms() + 300, "shut", "let me in"),
+    )
+    .await?;
+    // Refused (disabled), then opened: a retry delivers it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while loader_data(&client).await?["failed"].as_u64() < Some(1) {
+        if tokio::time::Instant::now() > deadline {
+            bail!("the attempt was not refused");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    settings.put("shut", config(None)?.into()).await?;
+    let got = wait_status(&client, "knock", "done", 60).await?;
+    let data = loader_data(&client).await?;
+    assert!(data["failed"].as_u64() >= Some(1), "{data}");
+    assert_eq!(data["firing_lookups"], 0, "{data}");
+    assert_eq!(
+        read_log(server.url(), &ProcessId::new("shut")?)
+            .await?
+            .len(),
+        1
+    );
+    assert!(got["history"].to_string().contains("disabled"), "{got}");
+    loader.terminate(Duration::from_secs(10));
+    sched.stop().await?;
+    Ok(())
+}
+
 /// The two cases above: a dead loader's claim (`failed` false), or a failed attempt
 /// whose retry is due (`failed` true); in both the firing is in the log, older than
 /// the scheduler's idempotency window.
@@ -610,6 +672,9 @@ async fn firing_beyond_the_window(failed: bool) -> Result<()> {
     let mut loader = spawn_loader(&server)?;
     wait_for_loaders(&nats, 1).await?;
     let got = wait_status(&nats, "orphan", "done", 30).await?;
+    let data = loader_data(&nats).await?;
+    assert_eq!(data["firing_lookups"], 1, "{data}");
+    assert_eq!(data["firings_found"], 1, "{data}");
     assert_eq!(got["status"]["slot"].as_u64(), Some(receipt.slot), "{got}");
     let delivered = got["history"]
         .as_array()

@@ -9,7 +9,7 @@
 //! loader that starts reads from the oldest bucket that may still hold work: alarms
 //! due while every loader was down fire on recovery.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -309,9 +309,67 @@ enum CronCheck {
 /// What a dispatch came to.
 #[derive(Debug)]
 enum Fired {
-    Delivered { slot: Option<u64>, duplicate: bool },
-    RetryAsked { in_ms: u64, body: Option<Vec<u8>> },
+    Delivered {
+        slot: Option<u64>,
+        duplicate: bool,
+    },
+    RetryAsked {
+        in_ms: u64,
+        body: Option<Vec<u8>>,
+    },
+    /// Failed, perhaps after the firing was written (a timeout, `unavailable`).
     Failed(String),
+    /// Failed, and nothing was written: the scheduler refused it for a reason that
+    /// means so (busy, disabled, too large, ...), or no scheduler received it.
+    Refused(String),
+}
+
+/// Whether a failed schedule request certainly wrote nothing: no scheduler received
+/// it, or the scheduler refused it with a code that means nothing was written. A
+/// timeout, `unavailable`, `remote_timeout` (written locally) or `internal` may have.
+fn wrote_nothing(e: &journal::Error) -> bool {
+    use protocol::wire::ErrorCode as C;
+    match e {
+        journal::Error::NoResponders(_) => true,
+        journal::Error::Refused { code, .. } => matches!(
+            code,
+            C::InvalidProcess
+                | C::Malformed
+                | C::MalformedRequest
+                | C::TooLarge
+                | C::UnknownMode
+                | C::Disabled
+                | C::RemoteNotConfigured
+                | C::MissingKey
+                | C::LogFull
+                | C::Busy
+                | C::QueueKeyHeld
+        ),
+        _ => false,
+    }
+}
+
+/// Firing ids none of whose attempts so far can be in the log (each was refused with
+/// nothing written): their retry need not look there first. Memory only: after a
+/// restart every retry looks (the safe side). Bounded: when full it is emptied.
+#[derive(Default)]
+struct Unwritten(std::sync::Mutex<HashSet<String>>);
+
+const UNWRITTEN_MAX: usize = 100_000;
+
+impl Unwritten {
+    fn take(&self, firing: &str) -> bool {
+        self.0.lock().map(|mut s| s.remove(firing)).unwrap_or(false)
+    }
+
+    fn insert(&self, firing: String) {
+        if let Ok(mut s) = self.0.lock() {
+            if s.len() >= UNWRITTEN_MAX {
+                s.clear();
+            }
+            s.insert(firing);
+        }
+    }
 }
 
 /// A subject target's answer (schemas/alarms.md, "Subject targets").
@@ -339,6 +397,7 @@ pub struct Loader {
     config: Config,
     clock: Clock,
     metrics: Arc<Metrics>,
+    unwritten: Arc<Unwritten>,
 }
 
 impl Loader {
@@ -363,6 +422,7 @@ impl Loader {
                 bad_entries,
                 ..Metrics::default()
             }),
+            unwritten: Arc::default(),
         }
     }
 
@@ -1069,7 +1129,10 @@ impl Loader {
                     Metrics::bump(&self.metrics.takeovers);
                     Some(now)
                 }
-                crate::alarm::Status::Pending { attempts, .. } if *attempts > 0 => {
+                // Unless every attempt so far was refused with nothing written.
+                crate::alarm::Status::Pending { attempts, .. }
+                    if *attempts > 0 && !self.unwritten.take(&claim.firing_id()) =>
+                {
                     match record.event {
                         crate::alarm::Event::Failed { at_ms, .. } => Some(at_ms),
                         _ => Some(now),
@@ -1077,6 +1140,9 @@ impl Loader {
                 }
                 _ => None,
             };
+            // Whether this firing can be in the log from an earlier attempt: if not, and
+            // this attempt too writes nothing, its retry need not look.
+            let clean = earlier_until.is_none();
             let found = match (&record.alarm.target, earlier_until) {
                 (Target::Process(p), Some(until)) => {
                     Metrics::bump(&self.metrics.firing_lookups);
@@ -1119,6 +1185,15 @@ impl Loader {
                 Fired::RetryAsked { in_ms, body } => {
                     Metrics::bump(&self.metrics.retries_asked);
                     (claim.retry_asked(done, in_ms, body), false)
+                }
+                Fired::Refused(reason) => {
+                    Metrics::bump(&self.metrics.failed);
+                    debug!(alarm = %id, %reason, "dispatch refused, nothing written");
+                    let (outcome, dead) = claim.failed(done, &reason);
+                    if clean && !dead {
+                        self.unwritten.insert(claim.firing_id());
+                    }
+                    (outcome, dead)
                 }
                 Fired::Failed(reason) => {
                     Metrics::bump(&self.metrics.failed);
@@ -1232,6 +1307,7 @@ impl Loader {
                         slot: Some(r.slot),
                         duplicate: r.duplicate,
                     },
+                    Err(e) if wrote_nothing(&e) => Fired::Refused(e.to_string()),
                     Err(e) => Fired::Failed(e.to_string()),
                 }
             }
@@ -1272,7 +1348,7 @@ impl Loader {
             .zip(results)
             .filter_map(|(id, r)| match r {
                 Fired::Delivered { .. } => None,
-                Fired::Failed(why) => Some(format!("{id}: {why}")),
+                Fired::Failed(why) | Fired::Refused(why) => Some(format!("{id}: {why}")),
                 Fired::RetryAsked { .. } => Some(format!("{id}: asked for a retry")),
             })
             .collect();
@@ -1519,6 +1595,38 @@ mod tests {
             description: None,
             length: payload.len(),
         }
+    }
+
+    #[test]
+    fn only_a_refusal_that_wrote_nothing_spares_the_retry_its_look_in_the_log() {
+        use protocol::wire::ErrorCode as C;
+        let refused = |code| journal::Error::Refused {
+            code,
+            message: String::new(),
+        };
+        for code in [
+            C::Busy,
+            C::Disabled,
+            C::TooLarge,
+            C::LogFull,
+            C::QueueKeyHeld,
+        ] {
+            assert!(wrote_nothing(&refused(code)), "{code:?}");
+        }
+        // Perhaps written: the log must be read before the same id is sent again.
+        for code in [C::Unavailable, C::RemoteTimeout, C::Internal] {
+            assert!(!wrote_nothing(&refused(code)), "{code:?}");
+        }
+        assert!(!wrote_nothing(&journal::Error::Timeout(
+            "ts.schedule.p".into()
+        )));
+        assert!(wrote_nothing(&journal::Error::NoResponders(
+            "ts.schedule.p".into()
+        )));
+        let seen = Unwritten::default();
+        seen.insert("alarm-a-1-2".into());
+        assert!(seen.take("alarm-a-1-2"));
+        assert!(!seen.take("alarm-a-1-2"), "taken once");
     }
 
     #[test]

@@ -623,7 +623,7 @@ impl Actor {
         let mut learned = false;
         for f in &loaded.faults {
             if let FaultKind::UntrustedKey(k) = &f.kind {
-                learned |= self.shared.learn_key(k).await;
+                learned |= self.shared.learn_key(k).await?;
             }
         }
         if learned {
@@ -989,7 +989,15 @@ impl Actor {
                 }
                 Judged::Foreign(f) => {
                     if let FaultKind::UntrustedKey(k) = &f.kind {
-                        if self.shared.learn_key(k).await {
+                        let learned = match self.shared.learn_key(k).await {
+                            Ok(learned) => learned,
+                            Err(e) => {
+                                // Not judged on a failed read: load and judge again.
+                                self.head = None;
+                                return Err(e);
+                            }
+                        };
+                        if learned {
                             // Not foreign after all: judge it again from a fresh load.
                             self.head = None;
                             return Err(journal::Error::JetStream {

@@ -129,27 +129,32 @@ impl Shared {
     }
 
     /// Looks `key_id` up in the published keys and trusts it if it is there and is
-    /// what its id says; true when a key was newly trusted. Another replica may have
-    /// published its key after we last read the bucket: its runs are not foreign.
-    pub async fn learn_key(&self, key_id: &str) -> bool {
-        let Ok(Some(bytes)) = self.keys_kv.get(key_id).await else {
-            return false;
+    /// what its id says; true when a key was newly trusted, false when none is
+    /// published under that id (or what is there is not that key). Another replica may
+    /// have published its key after we last read the bucket: its runs are not foreign.
+    /// A read that fails is an error, not "unpublished": judged foreign on a failed
+    /// read, an honest replica's run was reported as a fault.
+    pub async fn learn_key(&self, key_id: &str) -> journal::Result<bool> {
+        let bytes = match self.keys_kv.get(key_id).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Ok(false),
+            Err(e) => return Err(journal::Error::nats("read a published key", &e)),
         };
         let Ok(key) = protocol::wire::PublishedKey::decode(&bytes) else {
-            return false;
+            return Ok(false);
         };
         let Ok(pk) = <[u8; 32]>::try_from(key.public_key.as_slice()) else {
-            return false;
+            return Ok(false);
         };
         if protocol::keys::key_id(&pk) != key_id || key.key_id != key_id {
-            return false;
+            return Ok(false);
         }
         match self.trusted.write() {
             Ok(mut t) if !t.contains(key_id) => {
                 t.insert(pk);
-                true
+                Ok(true)
             }
-            _ => false,
+            _ => Ok(false),
         }
     }
 
