@@ -35,6 +35,23 @@ use crate::{Error, Result};
 /// alone when its time comes): memory stays bounded whatever the bodies.
 const PREFETCH_MAX_BODY: usize = 16 * 1024;
 
+/// A stored record larger than this is dropped from a batch read before it is decoded
+/// (a body of [`PREFETCH_MAX_BODY`] is 4/3 of it in base64, plus the other fields).
+const PREFETCH_MAX_RECORD: usize = 2 * PREFETCH_MAX_BODY + 16 * 1024;
+
+/// The bodies of the dispatches in progress, in KiB, at most (beside their count,
+/// `max_in_flight`): a dispatch holds its record, claim and outcome, each with the
+/// body, so 256 dispatches of 256 KiB bodies held about a gigabyte. A dispatch waits
+/// for its share after it read its record; one body larger than the whole budget
+/// takes all of it.
+const DISPATCH_BODY_BUDGET_KIB: u32 = 16 * 1024;
+
+/// Records read alone (not read ahead) at once. Their size is not known before they
+/// come: 256 dispatches reading records of 256 KiB bodies at once asked the server
+/// for more than its per-connection pending limit, and it cut the loader's connection
+/// as a slow consumer (every lease lost with it).
+const LONE_READS: usize = 16;
+
 pub use service::{skewed_clock, system_clock, Clock};
 
 /// How the loader runs.
@@ -398,6 +415,10 @@ pub struct Loader {
     clock: Clock,
     metrics: Arc<Metrics>,
     unwritten: Arc<Unwritten>,
+    /// [`DISPATCH_BODY_BUDGET_KIB`].
+    bodies: Arc<Semaphore>,
+    /// [`LONE_READS`].
+    lone_reads: Arc<Semaphore>,
 }
 
 impl Loader {
@@ -423,6 +444,8 @@ impl Loader {
                 ..Metrics::default()
             }),
             unwritten: Arc::default(),
+            bodies: Arc::new(Semaphore::new(DISPATCH_BODY_BUDGET_KIB as usize)),
+            lone_reads: Arc::new(Semaphore::new(LONE_READS)),
         }
     }
 
@@ -524,7 +547,7 @@ impl Loader {
                     let store = self.store.clone();
                     let tx = prefetch_tx.clone();
                     tracker.spawn(async move {
-                        let got = match store.read_many(&wanted).await {
+                        let got = match store.read_many(&wanted, PREFETCH_MAX_RECORD).await {
                             Ok(got) => got,
                             Err(e) => {
                                 debug!(error = %e, "batch read of due records failed; read alone");
@@ -1055,6 +1078,11 @@ impl Loader {
                     Some((r, seq, seq))
                 }
                 _ => {
+                    let _reading = self
+                        .lone_reads
+                        .acquire()
+                        .await
+                        .map_err(|e| Error::js("wait for a turn to read", e))?;
                     let c = self
                         .metrics
                         .timed(Stage::Read, self.store.current(id))
@@ -1071,6 +1099,15 @@ impl Loader {
             let Some((record, seq, rseq)) = read else {
                 return Ok(timeline::unrecorded(entry, now));
             };
+            // This dispatch's share of the bodies in flight, for its rest.
+            let kib = u32::try_from(record.alarm.body.len().div_ceil(1024))
+                .unwrap_or(u32::MAX)
+                .min(DISPATCH_BODY_BUDGET_KIB);
+            let _bodies = self
+                .bodies
+                .acquire_many(kib)
+                .await
+                .map_err(|e| Error::js("wait for room for a body", e))?;
             if let Some(next) = timeline::later(entry, &record, rseq, now, grace) {
                 return Ok(next);
             }

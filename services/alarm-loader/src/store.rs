@@ -44,6 +44,10 @@ const FILTERS_PER_READ: usize = 256;
 /// alone when needed).
 const RECORDS_PER_BATCH: usize = 512;
 
+/// How many bytes one batch read asks the server for at most (it stops after the
+/// message that reaches it; those left out are read alone when they fire).
+const BATCH_READ_MAX_BYTES: usize = 4 * 1024 * 1024;
+
 /// How long one read of the stream may take.
 const READ_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -166,8 +170,14 @@ impl Store {
     /// subjects). One the server left out of a batch, or that is not plainly genuine,
     /// is not returned: a caller reads it alone, by the whole rule. What this returns
     /// may be stale by the time it is used: only a compare-and-set against its
-    /// sequence may act on it.
-    pub async fn read_many(&self, ids: &[String]) -> Result<HashMap<String, (Record, u64)>> {
+    /// sequence may act on it. A record of more than `max_bytes` (stored) is not kept
+    /// either, before it is decoded: a batch of the largest records would otherwise
+    /// be held whole (2,048 × 256 KiB bodies).
+    pub async fn read_many(
+        &self,
+        ids: &[String],
+        max_bytes: usize,
+    ) -> Result<HashMap<String, (Record, u64)>> {
         let mut out = HashMap::with_capacity(ids.len());
         let client = self.js.client();
         let api = self.subjects.direct_get(&self.subjects.alarms_stream());
@@ -176,8 +186,14 @@ impl Store {
                 .iter()
                 .map(|id| self.subjects.alarm_record(id))
                 .collect();
-            let body = serde_json::to_vec(&serde_json::json!({ "multi_last": subjects }))
-                .map_err(|e| Error::Invalid(e.to_string()))?;
+            // Bounded in bytes too: unbounded, the server sends up to its max_pending
+            // (64 MB) for one request, and a batch of the largest records cut the
+            // loader's connection as a slow consumer (every lease lost with it).
+            let body = serde_json::to_vec(&serde_json::json!({
+                "multi_last": subjects,
+                "max_bytes": BATCH_READ_MAX_BYTES,
+            }))
+            .map_err(|e| Error::Invalid(e.to_string()))?;
             let inbox = client.new_inbox();
             let mut answers = client
                 .subscribe(inbox.clone())
@@ -201,6 +217,9 @@ impl Store {
                                 ),
                             }),
                         };
+                    }
+                    if m.payload.len() > max_bytes {
+                        continue;
                     }
                     let Some((subject, seq)) = genuine_direct(&m) else {
                         continue;
