@@ -1161,18 +1161,20 @@ impl Loader {
             // loader down for longer), or a retry after an attempt that failed on our
             // side (a timeout) but landed (the backoff may outlast the window). Every
             // attempt of a firing is sent at or after its due time: look there first.
+            let firing = claim.firing_id();
             let earlier_until = match &record.status {
                 crate::alarm::Status::Dispatching { .. } => {
                     Metrics::bump(&self.metrics.takeovers);
                     Some(now)
                 }
                 // Unless every attempt so far was refused with nothing written.
-                crate::alarm::Status::Pending { attempts, .. }
-                    if *attempts > 0 && !self.unwritten.take(&claim.firing_id()) =>
-                {
-                    match record.event {
-                        crate::alarm::Event::Failed { at_ms, .. } => Some(at_ms),
-                        _ => Some(now),
+                crate::alarm::Status::Pending { attempts, .. } if *attempts > 0 => {
+                    if self.unwritten.take(&firing) {
+                        None
+                    } else if let crate::alarm::Event::Failed { at_ms, .. } = record.event {
+                        Some(at_ms)
+                    } else {
+                        Some(now)
                     }
                 }
                 _ => None,
@@ -1184,7 +1186,7 @@ impl Loader {
                 (Target::Process(p), Some(until)) => {
                     Metrics::bump(&self.metrics.firing_lookups);
                     match self
-                        .find_firing(p, &claim.firing_id(), record.alarm.due_ms, until)
+                        .find_firing(p, &firing, record.alarm.due_ms, until)
                         .await
                     {
                         Ok(found) => found,
@@ -1223,19 +1225,14 @@ impl Loader {
                     Metrics::bump(&self.metrics.retries_asked);
                     (claim.retry_asked(done, in_ms, body), false)
                 }
-                Fired::Refused(reason) => {
-                    Metrics::bump(&self.metrics.failed);
-                    debug!(alarm = %id, %reason, "dispatch refused, nothing written");
-                    let (outcome, dead) = claim.failed(done, &reason);
-                    if clean && !dead {
-                        self.unwritten.insert(claim.firing_id());
-                    }
-                    (outcome, dead)
-                }
-                Fired::Failed(reason) => {
+                Fired::Failed(ref reason) | Fired::Refused(ref reason) => {
                     Metrics::bump(&self.metrics.failed);
                     debug!(alarm = %id, %reason, "dispatch failed");
-                    claim.failed(done, &reason)
+                    let (outcome, dead) = claim.failed(done, reason);
+                    if clean && !dead && matches!(fired, Fired::Refused(_)) {
+                        self.unwritten.insert(firing);
+                    }
+                    (outcome, dead)
                 }
             };
             if let Some(at) = outcome.next_action_ms(grace) {
