@@ -633,11 +633,36 @@ impl NatsCluster {
         NatsCluster::start_with(n, ClusterOptions::default())
     }
 
-    /// Starts `n` nodes with `options`.
+    /// Starts `n` nodes with `options`. Ports are chosen before the servers bind them,
+    /// so another process may take one meanwhile: a start that fails on a port in use
+    /// is tried again with new ports (up to three times).
     pub fn start_with(n: usize, options: ClusterOptions) -> Result<NatsCluster> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match NatsCluster::launch(n, options.clone()) {
+                Err(e) if tries < 3 && e.to_string().contains("address already in use") => {}
+                other => return other,
+            }
+        }
+    }
+
+    fn launch(n: usize, options: ClusterOptions) -> Result<NatsCluster> {
         let passwords = Passwords::random()?;
-        // Route ports are named in every node's config, so they are chosen first.
-        let routes = (0..n).map(|_| free_port()).collect::<Result<Vec<_>>>()?;
+        // Route ports are named in every node's config, so they are chosen first; the
+        // client ports with them, all held at once so that none is another's (a client
+        // port left to the server, `-p -1`, was once the node's own route port, just
+        // released: "Error listening on router port ... address already in use").
+        let held = (0..2 * n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let ports = held
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        drop(held);
+        let (routes, clients) = ports.split_at(n);
+        let routes = routes.to_vec();
         let mut nodes = Vec::with_capacity(n);
         for (i, port) in routes.iter().enumerate() {
             let node = NodeConfig {
@@ -649,8 +674,8 @@ impl NatsCluster {
             nodes.push(NatsServer::new(Layout::Node(node), passwords.clone())?);
         }
         // All at once: a node waits for its peers before JetStream is up.
-        for node in &mut nodes {
-            node.spawn_on("-1")?;
+        for (node, port) in nodes.iter_mut().zip(clients) {
+            node.spawn_on(&port.to_string())?;
         }
         for node in &mut nodes {
             node.wait_for_port(Duration::from_secs(20))?;
