@@ -797,6 +797,13 @@ impl Instance {
         let mut failures = 0u32;
         while !stop.is_cancelled() {
             let room = self.with(|s| s.buffer.room()).unwrap_or(0);
+            // A bounded buffer's jobs whose outcomes are still being recorded (not
+            // yet acknowledged) count against its bound: what the instance holds
+            // unacknowledged is at most the bound plus what runs.
+            let room = match self.config.buffer {
+                Kind::Bounded(_) => room.saturating_sub(self.recording_now()),
+                Kind::Queue | Kind::Dropbox => room,
+            };
             if room == 0 {
                 tokio::select! {
                     _ = self.changed.notified() => {}
@@ -1369,7 +1376,24 @@ impl Instance {
         self.recording.spawn(async move {
             me.settle(&h, outcome, started, ms).await;
             drop(room);
+            // A bounded buffer may have room again ([`Instance::recording_now`]).
+            me.changed.notify_waiters();
         });
+    }
+
+    /// Outcomes being recorded in the background (stored, not yet acknowledged).
+    fn recording_now(&self) -> usize {
+        RECORDING.saturating_sub(self.recording_room.available_permits())
+    }
+
+    /// Acknowledges a job done. Behind a bounded buffer the server confirms the ack
+    /// before the room it frees is fetched into; an ack still in flight would let
+    /// the server hand out one job more than the bound for a moment.
+    async fn ack_done(&self, h: &Held) {
+        let _ = match self.config.buffer {
+            Kind::Bounded(_) => h.msg.double_ack().await,
+            Kind::Queue | Kind::Dropbox => h.msg.ack().await,
+        };
     }
 
     /// Stores an attempt's outcome in the results, then acks, NAKs (with its backoff)
@@ -1415,7 +1439,7 @@ impl Instance {
         match state {
             State::Done => {
                 self.counts.done.fetch_add(1, Ordering::Relaxed);
-                let _ = h.msg.ack().await;
+                self.ack_done(h).await;
             }
             State::Failed => {
                 self.counts.failed.fetch_add(1, Ordering::Relaxed);
