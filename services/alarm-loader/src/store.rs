@@ -48,6 +48,10 @@ const RECORDS_PER_BATCH: usize = 512;
 /// message that reaches it; those left out are read alone when they fire).
 const BATCH_READ_MAX_BYTES: usize = 4 * 1024 * 1024;
 
+/// Settled due entries removed at once (each a purge by its own subject, through
+/// the JetStream API).
+const REMOVALS_AT_ONCE: usize = 32;
+
 /// How long one read of the stream may take.
 const READ_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -643,16 +647,26 @@ impl Store {
         Ok(ack.sequence)
     }
 
-    /// Removes the entries of bucket `bucket` of `partition` stored before sequence
-    /// `below` (those after it are left: the caller has not seen them).
-    pub async fn purge_bucket(&self, partition: u32, bucket: u64, below: u64) -> Result<()> {
-        self.stream
-            .purge()
-            .filter(self.subjects.alarm_due_bucket(partition, bucket))
-            .sequence(below)
+    /// Removes settled entries of bucket `bucket` of `partition`: each alarm's
+    /// stored before its sequence, by its own subject ([`REMOVALS_AT_ONCE`] at once).
+    /// Those whose removal failed are returned.
+    pub async fn remove_settled(
+        &self,
+        partition: u32,
+        bucket: u64,
+        entries: Vec<(String, u64)>,
+    ) -> Vec<(String, u64)> {
+        use futures::StreamExt as _;
+        futures::stream::iter(entries)
+            .map(|(id, below)| async move {
+                let subject = self.subjects.alarm_due(partition, bucket, &id);
+                let r = self.stream.purge().filter(subject).sequence(below).await;
+                (id, below, r)
+            })
+            .buffer_unordered(REMOVALS_AT_ONCE)
+            .filter_map(|(id, below, r)| async move { r.is_err().then_some((id, below)) })
+            .collect()
             .await
-            .map_err(|e| Error::js("purge due bucket", e))?;
-        Ok(())
     }
 
     /// Removes alarm `id`'s entries from the bucket of `at_ms` stored before sequence
