@@ -1621,11 +1621,10 @@ impl Open {
 
     /// Whether every entry seen in bucket `b` of partition `p` is settled.
     fn quiet(&self, p: u32, b: u64) -> bool {
-        !self
-            .entries
+        self.entries
             .get(&p)
             .and_then(|m| m.get(&b))
-            .is_some_and(|ids| !ids.is_empty())
+            .is_none_or(HashMap::is_empty)
     }
 
     /// The buckets of partition `p` after `done` and before the one before
