@@ -1475,3 +1475,79 @@ async fn removing_a_replaced_entry_keeps_one_written_after_the_replacing_record(
     assert!(stored_subjects(&server, &entry).await?.is_empty());
     Ok(())
 }
+
+/// The window is loaded beside the loop, which fires meanwhile: an alarm set while a
+/// load reads its bucket (the load may have read the bucket before the alarm's entry
+/// was stored, and the entry's watch came before the bucket counted as loaded) is
+/// armed all the same. A bucket of 3,000 alarms makes its load long; alarms are set
+/// into it one after another while the horizon reaches it; every one fires, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alarms_set_while_their_bucket_is_being_loaded_fire() -> Result<()> {
+    let server = server()?;
+    let sched = InProcess::start(&server, Config::default(), vec![test_key(1)]).await?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    // A bucket starting 8 to 18 s from now.
+    let bucket_ms = (now_ms() + 8_000) / 10_000 * 10_000 + 10_000;
+    let prefill: Vec<Value> = (0..3_000u64)
+        .map(|i| {
+            set_body(
+                &format!("bulk-{i}"),
+                bucket_ms + 5_000 + i % 1_000,
+                "loading",
+                &format!("bulk-{i}"),
+            )
+        })
+        .collect();
+    for chunk in prefill.chunks(200) {
+        let sets = chunk.iter().map(|b| set(&client, b.clone()));
+        for r in futures::future::join_all(sets).await {
+            r?;
+        }
+    }
+    assert!(
+        now_ms() + 2_000 < bucket_ms,
+        "the prefill took too long to set ahead of its bucket's load"
+    );
+    // The loader loads every 300 ms through now + 600 ms: the bucket is read when the
+    // horizon enters it, about 600 ms before it starts. Set into it, one after
+    // another, from 1 s before that until 500 ms after it starts.
+    while now_ms() < bucket_ms - 1_600 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut late = Vec::new();
+    let mut k = 0u64;
+    while now_ms() < bucket_ms + 500 {
+        let id = format!("late-{k}");
+        set(
+            &client,
+            set_body(&id, bucket_ms + 4_000 + k, "loading", &id),
+        )
+        .await?;
+        late.push(id);
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let expected = prefill.len() + late.len();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let fired = loop {
+        let fired = bodies(&server, "loading").await?;
+        if fired.len() >= expected || tokio::time::Instant::now() > deadline {
+            break fired;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let missing: Vec<&String> = late.iter().filter(|id| !fired.contains_key(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} alarms set during the load never fired: {missing:?}",
+        missing.len(),
+        late.len()
+    );
+    assert_eq!(fired.len(), expected, "every alarm fired");
+    assert!(fired.values().all(|&n| n == 1), "each once");
+    loader.terminate(Duration::from_secs(10));
+    sched.stop().await?;
+    Ok(())
+}

@@ -133,6 +133,9 @@ pub struct Metrics {
     /// How long each step of the last dispatches took (µs): reading the record (none
     /// when it was read ahead), the claim, the firing, the outcome.
     stages: [Samples; 4],
+    /// How long the loop spent in each of its last rounds of upkeep (load, catch-up,
+    /// sweep, cron planning; µs): nothing due is fired meanwhile.
+    upkeep: Samples,
 }
 
 /// The steps of a dispatch whose durations are kept ([`Metrics::stages`]).
@@ -223,6 +226,8 @@ const LATENESS_SAMPLES: usize = 200_000;
 
 /// How many durations of each dispatch step the percentiles use.
 const STAGE_SAMPLES: usize = 20_000;
+/// Rounds of upkeep whose durations are kept.
+const UPKEEP_SAMPLES: usize = 1_000;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -249,6 +254,7 @@ impl Default for Metrics {
             bad_entries: Arc::default(),
             lateness: Samples::new(LATENESS_SAMPLES),
             stages: std::array::from_fn(|_| Samples::new(STAGE_SAMPLES)),
+            upkeep: Samples::new(UPKEEP_SAMPLES),
         }
     }
 }
@@ -272,6 +278,12 @@ impl Metrics {
         let out = work.await;
         self.stage(stage, t.elapsed());
         out
+    }
+
+    /// How long a round of the loop's upkeep took.
+    pub(crate) fn upkeep(&self, took: Duration) {
+        self.upkeep
+            .push(i64::try_from(took.as_micros()).unwrap_or(i64::MAX));
     }
 
     /// How long step `stage` of a dispatch took.
@@ -310,6 +322,7 @@ impl Metrics {
             "bad_entries": get(&self.bad_entries),
             "lateness_ms": self.lateness.summary(),
             "dispatch_us": stages,
+            "upkeep_us": self.upkeep.summary(),
         })
     }
 }
@@ -497,6 +510,11 @@ impl Loader {
         let mut prefetching = false;
         let (prefetch_tx, mut prefetch_rx) =
             tokio::sync::mpsc::unbounded_channel::<HashMap<String, (Record, u64)>>();
+        // The window load under way (through which bucket), its result, and the
+        // entries watched meanwhile for the buckets it reads (armed when it ends).
+        let mut loading: Option<u64> = None;
+        let (load_tx, mut load_rx) = tokio::sync::mpsc::unbounded_channel::<Loaded>();
+        let mut held_back: Vec<DueEntry> = Vec::new();
         // Removals of settled due entries, run beside the loop: what each left.
         let (removed_tx, mut removed_rx) =
             tokio::sync::mpsc::unbounded_channel::<(u32, u64, Removal)>();
@@ -505,30 +523,27 @@ impl Loader {
             let now = (self.clock)();
             // Load the window of the partitions held when its time comes.
             if timeline.load_due(tokio::time::Instant::now()) {
+                let upkeep = std::time::Instant::now();
                 let owned: Vec<u32> = leases.partitions();
-                if let Some(window) = timeline.window(now) {
-                    let until = *window.end();
-                    let started = std::time::Instant::now();
-                    match self.store.load_checked(&owned, window).await {
-                        Ok((entries, bad)) => {
-                            self.remove_bad_entries(&bad).await;
-                            self.metrics
-                                .last_load_entries
-                                .store(entries.len() as u64, Ordering::Relaxed);
-                            for e in entries {
-                                if timeline.arm(e.clone()) {
-                                    open.note(&e);
-                                }
-                            }
-                            timeline.loaded(until);
-                            Metrics::bump(&self.metrics.loads);
-                            let us =
-                                u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                            self.metrics.last_load_us.store(us, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "loading the alarm window failed; retrying at the next interval")
-                        }
+                // The window is read beside the loop, which goes on firing what is
+                // due meanwhile (a load of a busy bucket takes long: read inline, it
+                // once held every firing back for as long).
+                if loading.is_none() {
+                    if let Some(window) = timeline.window(now) {
+                        let until = *window.end();
+                        loading = Some(until);
+                        let (store, tx) = (self.store.clone(), load_tx.clone());
+                        let owned = owned.clone();
+                        tracker.spawn(async move {
+                            let started = std::time::Instant::now();
+                            let read = store.load_checked(&owned, window).await;
+                            let _ = tx.send(Loaded {
+                                until,
+                                owned,
+                                started,
+                                read,
+                            });
+                        });
                     }
                 }
                 self.catch_up(&mut catch_up, &mut swept, now, &mut timeline, &mut open)
@@ -545,6 +560,7 @@ impl Loader {
                 }
                 self.plan_jobs(&owned, now, timeline.horizon(now)).await;
                 timeline.load_done(tokio::time::Instant::now());
+                self.metrics.upkeep(upkeep.elapsed());
             }
             self.metrics
                 .armed
@@ -661,6 +677,49 @@ impl Loader {
                         }
                     }
                 }
+                Some(loaded) = load_rx.recv() => {
+                    loading = None;
+                    let held: Vec<DueEntry> = std::mem::take(&mut held_back);
+                    match loaded.read {
+                        Ok((entries, bad)) => {
+                            self.remove_bad_entries(&bad).await;
+                            self.metrics
+                                .last_load_entries
+                                .store(entries.len() as u64, Ordering::Relaxed);
+                            // A partition given up meanwhile is not armed; one taken
+                            // meanwhile was caught up only through the buckets loaded
+                            // before: it is caught up again, through these.
+                            for e in entries.into_iter().chain(held) {
+                                if leases.contains_key(&partition_of(&e.id)) {
+                                    prefetched.remove(&e.id);
+                                    if timeline.arm(e.clone()) {
+                                        open.note(&e);
+                                    }
+                                }
+                            }
+                            timeline.loaded(loaded.until);
+                            Metrics::bump(&self.metrics.loads);
+                            let us = u64::try_from(loaded.started.elapsed().as_micros())
+                                .unwrap_or(u64::MAX);
+                            self.metrics.last_load_us.store(us, Ordering::Relaxed);
+                            let taken: Vec<u32> = leases
+                                .partitions()
+                                .into_iter()
+                                .filter(|p| !loaded.owned.contains(p))
+                                .collect();
+                            if !taken.is_empty() {
+                                catch_up.extend(taken);
+                                self.catch_up(&mut catch_up, &mut swept, now, &mut timeline, &mut open)
+                                    .await;
+                            }
+                        }
+                        Err(e) => {
+                            // Those buckets are read again by the next load, with what
+                            // was held back.
+                            warn!(error = %e, "loading the alarm window failed; retrying at the next interval")
+                        }
+                    }
+                }
                 Some((p, b, failed)) = removed_rx.recv() => {
                     if !failed.is_empty() {
                         debug!(partition = p, bucket = b, left = failed.len(), "removing settled due entries failed; again at the next sweep");
@@ -686,6 +745,10 @@ impl Loader {
                                 if timeline.arm(e.clone()) {
                                     open.note(&e);
                                 }
+                            } else if loading.is_some_and(|until| bucket_of(e.at_ms) <= until) {
+                                // In the buckets a load under way reads: it may have
+                                // read them before this entry was stored.
+                                held_back.push(e);
                             }
                         }
                         Err(why) => {
@@ -1542,6 +1605,17 @@ impl<L> Holdings<L> {
     fn partitions(&self) -> Vec<u32> {
         self.by_partition.keys().copied().collect()
     }
+}
+
+/// A window load's result, sent back to the loop.
+struct Loaded {
+    /// The last bucket read.
+    until: u64,
+    /// The partitions read.
+    owned: Vec<u32>,
+    started: std::time::Instant,
+    /// The entries, and the subjects that hold none.
+    read: Result<(Vec<DueEntry>, Vec<String>)>,
 }
 
 /// The due-index entries this loader has seen (and armed), by partition and bucket:

@@ -1881,6 +1881,7 @@ async fn alarms_section(
             "lateness_ms": data["lateness_ms"].clone(),
             "dispatch_us": data["dispatch_us"].clone(),
             "read_ahead": data["read_ahead"].clone(),
+            "upkeep_us": data["upkeep_us"].clone(),
             "targets": {"p99_ms_max": 5, "max_ms_max": 20},
         });
         eprintln!("{per_s}/s for 10 s: {spread}");
