@@ -515,6 +515,8 @@ impl Loader {
         let mut loading: Option<u64> = None;
         let (load_tx, mut load_rx) = tokio::sync::mpsc::unbounded_channel::<Loaded>();
         let mut held_back: Vec<DueEntry> = Vec::new();
+        // Whether a round of cron planning is under way.
+        let planning = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // Removals of settled due entries, run beside the loop: what each left.
         let (removed_tx, mut removed_rx) =
             tokio::sync::mpsc::unbounded_channel::<(u32, u64, Removal)>();
@@ -558,7 +560,17 @@ impl Loader {
                         let _ = tx.send((p, b, failed));
                     });
                 }
-                self.plan_jobs(&owned, now, timeline.horizon(now)).await;
+                // Cron planning reads every job of the partitions held (a consumer
+                // made and deleted): beside the loop too, one round at a time. The
+                // ticks it makes come back through the watch, as any set does.
+                if !planning.swap(true, Ordering::AcqRel) {
+                    let (me, planning) = (self.clone(), Arc::clone(&planning));
+                    let horizon = timeline.horizon(now);
+                    tracker.spawn(async move {
+                        me.plan_jobs(&owned, now, horizon).await;
+                        planning.store(false, Ordering::Release);
+                    });
+                }
                 timeline.load_done(tokio::time::Instant::now());
                 self.metrics.upkeep(upkeep.elapsed());
             }
