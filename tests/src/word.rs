@@ -538,8 +538,11 @@ async fn a_replica_stopped_with_sigterm_answers_every_request_it_received() -> R
     let mut b = spawn_scheduler(&server, &key, &[])?;
     let nats = connect(server.url()).await?;
     wait_for_schedulers(&nats, 2).await?;
-    let client =
-        Client::new(nats, Subjects::default()).with_timeout(std::time::Duration::from_secs(10));
+    // The scheduler answers within its write deadline (30 s), not sooner: a client
+    // that gives up before that counts a slow answer as none (CI, two busy cores: 2 of
+    // 4,188 requests waited more than 10 s).
+    let deadline = Config::default().write_deadline + std::time::Duration::from_secs(5);
+    let client = Client::new(nats, Subjects::default()).with_timeout(deadline);
     let stop_at = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let tasks: Vec<_> = (0..16)
         .map(|t| {
