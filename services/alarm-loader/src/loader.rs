@@ -515,6 +515,10 @@ impl Loader {
         let mut loading: Option<u64> = None;
         let (load_tx, mut load_rx) = tokio::sync::mpsc::unbounded_channel::<Loaded>();
         let mut held_back: Vec<DueEntry> = Vec::new();
+        // Whether checkpoints are being advanced, and what moved.
+        let mut sweeping = false;
+        let (swept_tx, mut swept_rx) =
+            tokio::sync::mpsc::unbounded_channel::<Vec<(u32, u64, u64)>>();
         // Whether a round of cron planning is under way.
         let planning = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // Removals of settled due entries, run beside the loop: what each left.
@@ -551,8 +555,16 @@ impl Loader {
                 self.catch_up(&mut catch_up, &mut swept, now, &mut timeline, &mut open)
                     .await;
                 let mut removals = Vec::new();
-                self.sweep(&owned, &mut swept, &mut open, now, &mut removals)
-                    .await;
+                let plans = Self::plan_sweep(&owned, &swept, &mut open, now, &mut removals);
+                // The checks that buckets are empty (JetStream API requests, queued
+                // behind everyone else's) run beside the loop, one round at a time.
+                if !plans.is_empty() && !sweeping {
+                    sweeping = true;
+                    let (me, tx) = (self.clone(), swept_tx.clone());
+                    tracker.spawn(async move {
+                        let _ = tx.send(me.advance_checkpoints(plans).await);
+                    });
+                }
                 for (p, b, entries) in removals {
                     let (store, tx) = (self.store.clone(), removed_tx.clone());
                     tracker.spawn(async move {
@@ -732,6 +744,15 @@ impl Loader {
                         }
                     }
                 }
+                Some(moved) = swept_rx.recv() => {
+                    sweeping = false;
+                    // Not for a partition given up, or caught up anew, meanwhile.
+                    for (p, from, to) in moved {
+                        if swept.get(&p) == Some(&from) && leases.contains_key(&p) {
+                            swept.insert(p, to);
+                        }
+                    }
+                }
                 Some((p, b, failed)) = removed_rx.recv() => {
                     if !failed.is_empty() {
                         debug!(partition = p, bucket = b, left = failed.len(), "removing settled due entries failed; again at the next sweep");
@@ -887,23 +908,25 @@ impl Loader {
 
     /// Hands out the removal of the settled entries of each partition's past buckets
     /// whose entries this loader saw are all settled ([`Open`]; the caller runs them),
-    /// and advances its checkpoint over past buckets that are empty (at most a bounded
-    /// number of checks a round), [`SWEEP_LAG_MS`] behind this loader's clock.
-    async fn sweep(
-        &self,
+    /// and plans how far each partition's checkpoint may move: over the past buckets
+    /// whose seen entries are all settled (at most a bounded number a round),
+    /// [`SWEEP_LAG_MS`] behind this loader's clock. [`Loader::advance_checkpoints`]
+    /// then checks that they are empty, beside the loop.
+    fn plan_sweep(
         partitions: &[u32],
-        swept: &mut HashMap<u32, u64>,
+        swept: &HashMap<u32, u64>,
         open: &mut Open,
         now: u64,
         removals: &mut Vec<(u32, u64, Removal)>,
-    ) {
-        const CHECKS_PER_ROUND: usize = 360;
+    ) -> Vec<SweepPlan> {
+        const CHECKS_PER_ROUND: u64 = 360;
         let now_bucket = bucket_of(now);
         // Another loader's clock may run behind this one (or this one ahead): a set it
         // answers, or a retry it re-arms, indexes at what is the present for it. The
         // checkpoint must not pass that, or a holder that catches the partition up
         // from it would never see the entry; so it stays a minute behind.
         let sweep_bucket = bucket_of(now.saturating_sub(SWEEP_LAG_MS));
+        let mut plans = Vec::new();
         for &p in partitions {
             let Some(&done) = swept.get(&p) else { continue };
             // Its entries that this loader saw are all settled: remove them at once,
@@ -914,13 +937,27 @@ impl Loader {
                     removals.push((p, b, r));
                 }
             }
+            let mut limit = done.saturating_add(1);
+            while limit.saturating_add(1) < sweep_bucket
+                && limit - done <= CHECKS_PER_ROUND
+                && open.quiet(p, limit)
+            {
+                limit += 1;
+            }
+            if limit > done.saturating_add(1) {
+                plans.push(SweepPlan { p, done, limit });
+            }
+        }
+        plans
+    }
+
+    /// Moves each planned partition's checkpoint over the buckets after it that are
+    /// empty, up to its limit; what moved: (partition, from, to).
+    async fn advance_checkpoints(&self, plans: Vec<SweepPlan>) -> Vec<(u32, u64, u64)> {
+        let mut moved = Vec::new();
+        for SweepPlan { p, done, limit } in plans {
             let mut b = done + 1;
-            let mut checks = 0;
-            while b + 1 < sweep_bucket && checks < CHECKS_PER_ROUND {
-                checks += 1;
-                if !open.quiet(p, b) {
-                    break;
-                }
+            while b < limit {
                 match self.store.bucket_is_empty(p, b).await {
                     Ok(true) => b += 1,
                     Ok(false) => break,
@@ -932,13 +969,12 @@ impl Loader {
             }
             if b > done + 1 {
                 match self.store.set_swept(p, b - 1).await {
-                    Ok(()) => {
-                        swept.insert(p, b - 1);
-                    }
+                    Ok(()) => moved.push((p, done, b - 1)),
                     Err(e) => debug!(partition = p, error = %e, "sweep checkpoint not written"),
                 }
             }
         }
+        moved
     }
 
     /// Looks for `firing` (a message id) in `process`'s log among the entries the
@@ -1619,6 +1655,14 @@ impl<L> Holdings<L> {
     }
 }
 
+/// How far a partition's checkpoint may move this round: from `done` over the
+/// buckets before `limit` that are empty.
+struct SweepPlan {
+    p: u32,
+    done: u64,
+    limit: u64,
+}
+
 /// A window load's result, sent back to the loop.
 struct Loaded {
     /// The last bucket read.
@@ -1985,6 +2029,42 @@ mod tests {
         // An entry without a known sequence is never counted (nor removed by it).
         open.note(&entry(&x, 10_000, 0));
         assert!(open.quiet(p, 1));
+    }
+
+    #[test]
+    fn a_sweep_plans_checkpoints_over_settled_buckets_a_minute_behind_and_hands_out_removals() {
+        let (x, y) = two_in_one_partition();
+        let p = partition_of(&x);
+        let mut open = Open::default();
+        // Now is bucket 106; the checkpoint may not pass a minute before: bucket 100.
+        let now = 106 * 10_000 + 5_000;
+        let swept = HashMap::from([(p, 90)]);
+        let mut removals = Vec::new();
+        let plans = Loader::plan_sweep(&[p, p + 1], &swept, &mut open, now, &mut removals);
+        assert_eq!(
+            plans.len(),
+            1,
+            "a partition without a checkpoint is not swept"
+        );
+        assert_eq!((plans[0].p, plans[0].done, plans[0].limit), (p, 90, 99));
+        assert!(removals.is_empty());
+        // An entry still open in bucket 95 stops it there; a settled one in bucket 93
+        // is handed out for removal.
+        open.note(&entry(&x, 95_000 * 10, 7));
+        open.note(&entry(&y, 93_000 * 10, 4));
+        open.settle(
+            &y,
+            Entries::Settled {
+                seq: 5,
+                except: None,
+            },
+        );
+        let plans = Loader::plan_sweep(&[p], &swept, &mut open, now, &mut removals);
+        assert_eq!((plans[0].done, plans[0].limit), (90, 95));
+        assert_eq!(removals, vec![(p, 93, vec![(y.clone(), 5)])]);
+        // Nothing to check: no plan.
+        let swept = HashMap::from([(p, 98)]);
+        assert!(Loader::plan_sweep(&[p], &swept, &mut open, now, &mut Vec::new()).is_empty());
     }
 
     #[test]
