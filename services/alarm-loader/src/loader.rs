@@ -133,8 +133,9 @@ pub struct Metrics {
     /// How long each step of the last dispatches took (µs): reading the record (none
     /// when it was read ahead), the claim, the firing, the outcome.
     stages: [Samples; 4],
-    /// How long the loop spent in each of its last rounds of upkeep (load, catch-up,
-    /// sweep, cron planning; µs): nothing due is fired meanwhile.
+    /// How long the loop spent in each of its last rounds of upkeep (µs): nothing due
+    /// is fired meanwhile. What it still awaits is the catch-up of partitions taken;
+    /// the load, the sweep's checks and cron planning only start there.
     upkeep: Samples,
 }
 

@@ -659,8 +659,7 @@ impl Store {
         use futures::StreamExt as _;
         futures::stream::iter(entries)
             .map(|(id, below)| async move {
-                let subject = self.subjects.alarm_due(partition, bucket, &id);
-                let r = self.stream.purge().filter(subject).sequence(below).await;
+                let r = self.remove_due_in(partition, bucket, &id, below).await;
                 (id, below, r)
             })
             .buffer_unordered(REMOVALS_AT_ONCE)
@@ -676,9 +675,14 @@ impl Store {
     /// purged the entry of a concurrent set of the same alarm in that bucket, made
     /// after the set's record and before its own.)
     pub async fn remove_due(&self, id: &str, at_ms: u64, below: u64) -> Result<()> {
-        let subject = self
-            .subjects
-            .alarm_due(partition_of(id), bucket_of(at_ms), id);
+        self.remove_due_in(partition_of(id), bucket_of(at_ms), id, below)
+            .await
+    }
+
+    /// [`Store::remove_due`] by partition and bucket: one purge by the entry's own
+    /// subject, found through the server's subject index.
+    async fn remove_due_in(&self, partition: u32, bucket: u64, id: &str, below: u64) -> Result<()> {
+        let subject = self.subjects.alarm_due(partition, bucket, id);
         self.stream
             .purge()
             .filter(subject)
