@@ -496,8 +496,14 @@ impl Loader {
             tokio::time::Instant::now(),
         );
         let mut swept: HashMap<u32, u64> = HashMap::new();
-        // Partitions taken whose past (checkpoint to window) is not loaded yet.
-        let mut catch_up: BTreeSet<u32> = BTreeSet::new();
+        // Partitions taken whose past (checkpoint to window) is not loaded yet, each
+        // with the number of its latest ask; the catch-up under way (beside the loop,
+        // one round at a time), the last ask it or an earlier round took, its results.
+        let mut catch_up: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut asks: u64 = 0;
+        let mut catching = false;
+        let mut tried: u64 = 0;
+        let (caught_tx, mut caught_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<Caught>>();
         let mut watch = self.watch_new_entries(&js).await?;
         let permits = Arc::new(Semaphore::new(self.config.max_in_flight.max(1)));
         // A permit taken and not used yet.
@@ -553,8 +559,12 @@ impl Loader {
                         });
                     }
                 }
-                self.catch_up(&mut catch_up, &mut swept, now, &mut timeline, &mut open)
-                    .await;
+                // Partitions whose catch-up failed are tried again, once an interval.
+                if !catching && !catch_up.is_empty() {
+                    catching = true;
+                    tried = asks;
+                    self.start_catch_up(&catch_up, &leases, now, &timeline, &tracker, &caught_tx);
+                }
                 let mut removals = Vec::new();
                 let plans = Self::plan_sweep(&owned, &swept, &mut open, now, &mut removals);
                 // The checks that buckets are empty (JetStream API requests, queued
@@ -586,6 +596,13 @@ impl Loader {
                 }
                 timeline.load_done(tokio::time::Instant::now());
                 self.metrics.upkeep(upkeep.elapsed());
+            }
+            // Catch up partitions taken since the last round (at once; what failed waits
+            // for the next interval).
+            if !catching && catch_up.values().any(|&ask| ask > tried) {
+                catching = true;
+                tried = asks;
+                self.start_catch_up(&catch_up, &leases, now, &timeline, &tracker, &caught_tx);
             }
             self.metrics
                 .armed
@@ -672,10 +689,10 @@ impl Loader {
                     let (p, token) = (lease.partition(), lease.token().get());
                     lost.push(lease.cancellation().cancelled_owned().map(move |()| (p, token)));
                     leases.insert(p, token, lease);
-                    // Catch the partition up: from its checkpoint to the window (again
-                    // at each interval until it worked).
-                    catch_up.insert(p);
-                    self.catch_up(&mut catch_up, &mut swept, now, &mut timeline, &mut open).await;
+                    // Catch the partition up: from its checkpoint to the window, beside
+                    // the loop (again at each interval until it worked).
+                    asks += 1;
+                    catch_up.insert(p, asks);
                     debug!(partition = p, "partition taken");
                 }
                 Some((p, token)) = lost.next() => {
@@ -732,16 +749,39 @@ impl Loader {
                                 .into_iter()
                                 .filter(|p| !loaded.owned.contains(p))
                                 .collect();
-                            if !taken.is_empty() {
-                                catch_up.extend(taken);
-                                self.catch_up(&mut catch_up, &mut swept, now, &mut timeline, &mut open)
-                                    .await;
+                            for p in taken {
+                                asks += 1;
+                                catch_up.insert(p, asks);
                             }
                         }
                         Err(e) => {
                             // Those buckets are read again by the next load, with what
                             // was held back.
                             warn!(error = %e, "loading the alarm window failed; retrying at the next interval")
+                        }
+                    }
+                }
+                Some(caught) = caught_rx.recv() => {
+                    catching = false;
+                    for c in caught {
+                        // Not for a partition given up, or taken again, meanwhile: its
+                        // new lease asked anew.
+                        if leases.token(c.p) != Some(c.token) {
+                            continue;
+                        }
+                        let Some((from, entries)) = c.read else {
+                            continue;
+                        };
+                        for e in entries {
+                            if timeline.arm(e.clone()) {
+                                open.note(&e);
+                            }
+                        }
+                        swept.insert(c.p, from);
+                        // Asked again meanwhile (a load it was not part of ended): the
+                        // next round reads it through the buckets loaded since.
+                        if catch_up.get(&c.p) == Some(&c.ask) {
+                            catch_up.remove(&c.p);
                         }
                     }
                 }
@@ -816,70 +856,82 @@ impl Loader {
         Ok(())
     }
 
-    /// Loads the past of each partition in `pending` (from its sweep checkpoint, or the
-    /// stream's first message, to the loaded window) and arms it; a partition whose
-    /// checkpoint or entries could not be read stays pending (and unswept).
-    async fn catch_up(
+    /// Starts a round of catch-up beside the loop for every partition in `pending`
+    /// (held, with the lease it is held under), through the window loaded now; its
+    /// results come back on `tx`. Read inline, a takeover's catch-up (a partition's
+    /// past: every bucket from its checkpoint) held every firing of the loader back.
+    fn start_catch_up(
         &self,
-        pending: &mut BTreeSet<u32>,
-        swept: &mut HashMap<u32, u64>,
+        pending: &BTreeMap<u32, u64>,
+        leases: &Holdings<ownership::Lease>,
         now: u64,
-        timeline: &mut Timeline,
-        open: &mut Open,
+        timeline: &Timeline,
+        tracker: &tokio_util::task::TaskTracker,
+        tx: &tokio::sync::mpsc::UnboundedSender<Vec<Caught>>,
     ) {
-        let loaded_through = timeline.loaded_through();
-        let todo: Vec<u32> = pending.iter().copied().collect();
-        for p in todo {
-            let from = match self.store.swept(p).await {
-                // A sweep writes only buckets before the one before the present; a
-                // checkpoint that says otherwise is not one (forged, or a clock that
-                // ran far ahead) and would hide every alarm behind it.
-                Ok(Some(b)) if b.saturating_add(2) <= bucket_of(now) => Some(b),
-                Ok(Some(b)) => {
-                    warn!(
-                        partition = p,
-                        checkpoint = b,
-                        "a sweep checkpoint ahead of the present: ignored"
-                    );
-                    self.first_bucket(now).await
-                }
-                // Never swept: from the stream's first message as it is now (not as it
-                // was when this loader started: an empty stream then would make this
-                // the present, and skip the buckets a dead holder left behind).
-                Ok(None) => self.first_bucket(now).await,
-                Err(e) => {
-                    warn!(partition = p, error = %e, "reading a sweep checkpoint failed; again at the next interval");
-                    continue;
-                }
-            };
-            let Some(from) = from else {
-                continue;
-            };
-            match self
-                .store
-                .load_checked(&[p], from + 1..=loaded_through)
-                .await
-            {
-                Ok((entries, bad)) => {
-                    self.remove_bad_entries(&bad).await;
-                    debug!(
-                        partition = p,
-                        from,
-                        through = loaded_through,
-                        entries = entries.len(),
-                        "partition caught up"
-                    );
-                    for e in entries {
-                        if timeline.arm(e.clone()) {
-                            open.note(&e);
-                        }
-                    }
-                    swept.insert(p, from);
-                    pending.remove(&p);
-                }
-                Err(e) => {
-                    warn!(partition = p, error = %e, "catching a partition up failed; again at the next interval")
-                }
+        let through = timeline.loaded_through();
+        let todo: Vec<(u32, u64, u64)> = pending
+            .iter()
+            .filter_map(|(&p, &ask)| leases.token(p).map(|token| (p, token, ask)))
+            .collect();
+        let (me, tx) = (self.clone(), tx.clone());
+        tracker.spawn(async move {
+            let mut caught = Vec::with_capacity(todo.len());
+            for (p, token, ask) in todo {
+                let read = me.read_past(p, now, through).await;
+                caught.push(Caught {
+                    p,
+                    token,
+                    ask,
+                    read,
+                });
+            }
+            let _ = tx.send(caught);
+        });
+    }
+
+    /// Reads the past of partition `p` (from its sweep checkpoint, or the stream's
+    /// first message, through bucket `through`): the checkpoint and the entries; none
+    /// if the checkpoint or the entries could not be read (the partition stays
+    /// pending, and unswept).
+    async fn read_past(&self, p: u32, now: u64, through: u64) -> Option<(u64, Vec<DueEntry>)> {
+        let from = match self.store.swept(p).await {
+            // A sweep writes only buckets before the one before the present; a
+            // checkpoint that says otherwise is not one (forged, or a clock that
+            // ran far ahead) and would hide every alarm behind it.
+            Ok(Some(b)) if b.saturating_add(2) <= bucket_of(now) => Some(b),
+            Ok(Some(b)) => {
+                warn!(
+                    partition = p,
+                    checkpoint = b,
+                    "a sweep checkpoint ahead of the present: ignored"
+                );
+                self.first_bucket(now).await
+            }
+            // Never swept: from the stream's first message as it is now (not as it
+            // was when this loader started: an empty stream then would make this
+            // the present, and skip the buckets a dead holder left behind).
+            Ok(None) => self.first_bucket(now).await,
+            Err(e) => {
+                warn!(partition = p, error = %e, "reading a sweep checkpoint failed; again at the next interval");
+                None
+            }
+        }?;
+        match self.store.load_checked(&[p], from + 1..=through).await {
+            Ok((entries, bad)) => {
+                self.remove_bad_entries(&bad).await;
+                debug!(
+                    partition = p,
+                    from,
+                    through,
+                    entries = entries.len(),
+                    "partition caught up"
+                );
+                Some((from, entries))
+            }
+            Err(e) => {
+                warn!(partition = p, error = %e, "catching a partition up failed; again at the next interval");
+                None
             }
         }
     }
@@ -1647,6 +1699,11 @@ impl<L> Holdings<L> {
         self.by_partition.contains_key(p)
     }
 
+    /// The token of the lease partition `p` is held under.
+    fn token(&self, p: u32) -> Option<u64> {
+        self.by_partition.get(&p).map(|(token, _)| *token)
+    }
+
     fn len(&self) -> usize {
         self.by_partition.len()
     }
@@ -1662,6 +1719,15 @@ struct SweepPlan {
     p: u32,
     done: u64,
     limit: u64,
+}
+
+/// A partition's catch-up, sent back to the loop: the lease it was read under, the
+/// ask it answers, and the checkpoint and entries read (none: failed).
+struct Caught {
+    p: u32,
+    token: u64,
+    ask: u64,
+    read: Option<(u64, Vec<DueEntry>)>,
 }
 
 /// A window load's result, sent back to the loop.
