@@ -134,8 +134,8 @@ pub struct Metrics {
     /// when it was read ahead), the claim, the firing, the outcome.
     stages: [Samples; 4],
     /// How long the loop spent in each of its last rounds of upkeep (µs): nothing due
-    /// is fired meanwhile. What it still awaits is the catch-up of partitions taken;
-    /// the load, the sweep's checks and cron planning only start there.
+    /// is fired meanwhile. It awaits nothing on NATS any more: the load, the
+    /// catch-up retries, the sweep's checks and cron planning only start there.
     upkeep: Samples,
 }
 
@@ -597,8 +597,8 @@ impl Loader {
                 timeline.load_done(tokio::time::Instant::now());
                 self.metrics.upkeep(upkeep.elapsed());
             }
-            // Catch up partitions taken since the last round (at once; what failed waits
-            // for the next interval).
+            // Catch up partitions taken since the last round started (at once; what
+            // failed is tried again at the next interval, or with a newer ask's round).
             if !catching && catch_up.values().any(|&ask| ask > tried) {
                 catching = true;
                 tried = asks;
@@ -779,7 +779,7 @@ impl Loader {
                         }
                         swept.insert(c.p, from);
                         // Asked again meanwhile (a load it was not part of ended): the
-                        // next round reads it through the buckets loaded since.
+                        // next round reads its past again, through the window loaded now.
                         if catch_up.get(&c.p) == Some(&c.ask) {
                             catch_up.remove(&c.p);
                         }
@@ -893,7 +893,7 @@ impl Loader {
     /// Reads the past of partition `p` (from its sweep checkpoint, or the stream's
     /// first message, through bucket `through`): the checkpoint and the entries; none
     /// if the checkpoint or the entries could not be read (the partition stays
-    /// pending, and unswept).
+    /// pending; unswept unless an earlier round caught it up).
     async fn read_past(&self, p: u32, now: u64, through: u64) -> Option<(u64, Vec<DueEntry>)> {
         let from = match self.store.swept(p).await {
             // A sweep writes only buckets before the one before the present; a

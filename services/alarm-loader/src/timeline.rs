@@ -192,7 +192,8 @@ impl Timeline {
         u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Whether the window load (with its catch-up, sweep and cron planning) is due.
+    /// Whether the window load (with the sweep, cron planning and the retry of failed
+    /// catch-ups) is due.
     pub(crate) fn load_due(&self, mono: Instant) -> bool {
         mono >= self.next_load
     }
