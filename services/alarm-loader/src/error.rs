@@ -131,6 +131,10 @@ pub enum Error {
     /// From the service skeleton.
     #[error("{0}")]
     Service(String),
+    /// A task of the loader loop's upkeep (window load, catch-up, sweep, ...) panicked:
+    /// a defect; the loader stops rather than run on without it.
+    #[error("the alarm loop's {0} panicked (a defect); the loader stops so that it is restarted")]
+    Panicked(&'static str),
 }
 
 impl Error {

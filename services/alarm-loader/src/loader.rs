@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use journal::client::Schedule;
 
@@ -509,6 +509,14 @@ impl Loader {
         // A permit taken and not used yet.
         let mut spare: Option<tokio::sync::OwnedSemaphorePermit> = None;
         let tracker = tokio_util::task::TaskTracker::new();
+        // The loop's upkeep runs beside it; a panic there would leave its flag set and
+        // the loader alive but deaf (no load, no sweep, ever): it ends the loop.
+        let (panicked_tx, mut panicked_rx) = tokio::sync::mpsc::unbounded_channel();
+        let beside = Beside {
+            tracker: tracker.clone(),
+            panicked: panicked_tx,
+        };
+        let mut failed: Option<&'static str> = None;
         let (rearm_tx, mut rearm_rx) = tokio::sync::mpsc::unbounded_channel::<(Next, DueEntry)>();
         // Records of alarms due soon, read in batches ahead of their time (a hint: only
         // a compare-and-set acts on one), and whether a batch read is under way.
@@ -547,7 +555,7 @@ impl Loader {
                         loading = Some(until);
                         let (store, tx) = (self.store.clone(), load_tx.clone());
                         let owned = owned.clone();
-                        tracker.spawn(async move {
+                        beside.spawn("window load", async move {
                             let started = std::time::Instant::now();
                             let read = store.load_checked(&owned, window).await;
                             let _ = tx.send(Loaded {
@@ -563,7 +571,7 @@ impl Loader {
                 if !catching && !catch_up.is_empty() {
                     catching = true;
                     tried = asks;
-                    self.start_catch_up(&catch_up, &leases, now, &timeline, &tracker, &caught_tx);
+                    self.start_catch_up(&catch_up, &leases, now, &timeline, &beside, &caught_tx);
                 }
                 let mut removals = Vec::new();
                 let plans = Self::plan_sweep(&owned, &swept, &mut open, now, &mut removals);
@@ -572,13 +580,13 @@ impl Loader {
                 if !plans.is_empty() && !sweeping {
                     sweeping = true;
                     let (me, tx) = (self.clone(), swept_tx.clone());
-                    tracker.spawn(async move {
+                    beside.spawn("sweep", async move {
                         let _ = tx.send(me.advance_checkpoints(plans).await);
                     });
                 }
                 for (p, b, entries) in removals {
                     let (store, tx) = (self.store.clone(), removed_tx.clone());
-                    tracker.spawn(async move {
+                    beside.spawn("entry removal", async move {
                         let failed = store.remove_settled(p, b, entries).await;
                         let _ = tx.send((p, b, failed));
                     });
@@ -589,7 +597,7 @@ impl Loader {
                 if !planning.swap(true, Ordering::AcqRel) {
                     let (me, planning) = (self.clone(), Arc::clone(&planning));
                     let horizon = timeline.horizon(now);
-                    tracker.spawn(async move {
+                    beside.spawn("cron planning", async move {
                         me.plan_jobs(&owned, now, horizon).await;
                         planning.store(false, Ordering::Release);
                     });
@@ -602,7 +610,7 @@ impl Loader {
             if !catching && catch_up.values().any(|&ask| ask > tried) {
                 catching = true;
                 tried = asks;
-                self.start_catch_up(&catch_up, &leases, now, &timeline, &tracker, &caught_tx);
+                self.start_catch_up(&catch_up, &leases, now, &timeline, &beside, &caught_tx);
             }
             self.metrics
                 .armed
@@ -616,7 +624,7 @@ impl Loader {
                     prefetching = true;
                     let store = self.store.clone();
                     let tx = prefetch_tx.clone();
-                    tracker.spawn(async move {
+                    beside.spawn("read-ahead", async move {
                         let got = match store.read_many(&wanted, PREFETCH_MAX_RECORD).await {
                             Ok(got) => got,
                             Err(e) => {
@@ -661,11 +669,18 @@ impl Loader {
                 let me = self.clone();
                 let rearm = rearm_tx.clone();
                 tracker.spawn(async move {
-                    let next = match me.dispatch(&entry, hint).await {
-                        Ok(next) => next,
-                        Err(e) => {
+                    let dispatch = std::panic::AssertUnwindSafe(me.dispatch(&entry, hint));
+                    let next = match dispatch.catch_unwind().await {
+                        Ok(Ok(next)) => next,
+                        Ok(Err(e)) => {
                             // Its entry is still there; keep it in memory too.
                             warn!(alarm = %entry.id, error = %e, "dispatch failed; trying again shortly");
+                            Next::again((me.clock)())
+                        }
+                        // A defect, not the loader's end: that alarm is looked at again
+                        // (its claim, if one was written, is taken over in time).
+                        Err(_) => {
+                            error!(alarm = %entry.id, "dispatch panicked; trying again shortly");
                             Next::again((me.clock)())
                         }
                     };
@@ -683,6 +698,11 @@ impl Loader {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                Some(what) = panicked_rx.recv() => {
+                    error!(task = what, "a task of the loop's upkeep panicked; the loader stops (restart it: every alarm is in JetStream)");
+                    failed = Some(what);
+                    break;
+                }
                 _ = tokio::time::sleep(wake) => {}
                 Ok(p) = Arc::clone(&permits).acquire_owned(), if starved => spare = Some(p),
                 Some(lease) = lease_rx.recv() => {
@@ -853,7 +873,10 @@ impl Loader {
         if let Err(e) = membership.leave().await {
             warn!(error = %e, "leaving the loaders' group; others take over when the leases expire");
         }
-        Ok(())
+        match failed {
+            Some(task) => Err(Error::Panicked(task)),
+            None => Ok(()),
+        }
     }
 
     /// Starts a round of catch-up beside the loop for every partition in `pending`
@@ -866,7 +889,7 @@ impl Loader {
         leases: &Holdings<ownership::Lease>,
         now: u64,
         timeline: &Timeline,
-        tracker: &tokio_util::task::TaskTracker,
+        beside: &Beside,
         tx: &tokio::sync::mpsc::UnboundedSender<Vec<Caught>>,
     ) {
         let through = timeline.loaded_through();
@@ -875,7 +898,7 @@ impl Loader {
             .filter_map(|(&p, &ask)| leases.token(p).map(|token| (p, token, ask)))
             .collect();
         let (me, tx) = (self.clone(), tx.clone());
-        tracker.spawn(async move {
+        beside.spawn("catch-up", async move {
             let mut caught = Vec::with_capacity(todo.len());
             for (p, token, ask) in todo {
                 let read = me.read_past(p, now, through).await;
@@ -1721,6 +1744,31 @@ struct SweepPlan {
     limit: u64,
 }
 
+/// Spawns the loop's upkeep beside it: a task that panics is reported by name on
+/// `panicked` (the loop then ends with [`Error::Panicked`]).
+struct Beside {
+    tracker: tokio_util::task::TaskTracker,
+    panicked: tokio::sync::mpsc::UnboundedSender<&'static str>,
+}
+
+impl Beside {
+    fn spawn<F>(&self, what: &'static str, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let panicked = self.panicked.clone();
+        self.tracker.spawn(async move {
+            if std::panic::AssertUnwindSafe(task)
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                let _ = panicked.send(what);
+            }
+        });
+    }
+}
+
 /// A partition's catch-up, sent back to the loop: the lease it was read under, the
 /// ask it answers, and the checkpoint and entries read (none: failed).
 struct Caught {
@@ -1866,6 +1914,28 @@ impl Open {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_task_beside_the_loop_that_panics_is_reported_by_name() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let tracker = tokio_util::task::TaskTracker::new();
+        let beside = super::Beside {
+            tracker: tracker.clone(),
+            panicked: tx,
+        };
+        beside.spawn("fine", async {});
+        beside.spawn("window load", async { panic!("a defect") });
+        beside.spawn("also fine", async {});
+        tracker.close();
+        tracker.wait().await;
+        drop(beside);
+        assert_eq!(rx.recv().await, Some("window load"));
+        assert_eq!(
+            rx.recv().await,
+            None,
+            "only the task that panicked is reported"
+        );
+    }
+
     use super::*;
 
     fn msg(payload: &[u8], headers: Option<HeaderMap>) -> async_nats::Message {
