@@ -1170,3 +1170,57 @@ async fn a_forged_sweep_checkpoint_ahead_of_time_hides_no_alarm() -> Result<()> 
     sched.stop().await?;
     Ok(())
 }
+
+/// A message on a due-index subject that is no entry is removed through its own
+/// sequence: a genuine entry stored on the same subject after the load read the stray
+/// one stays. (Unbounded, the removal took that entry too, and its alarm, outside the
+/// loaded window, had nothing left to bring it in.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_stray_due_entry_keeps_a_genuine_entry_stored_after_it() -> Result<()> {
+    use alarm_loader::alarm::{bucket_of, partition_of};
+    let server = server()?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator.clone());
+    let subjects = journal::subjects::Subjects::default();
+    let store = alarm_loader::store::Store::open(
+        js.clone(),
+        subjects.clone(),
+        &journal::setup::LogOptions::default(),
+    )
+    .await?;
+    let (id, at) = ("kept", now_ms() + 3_600_000);
+    let (p, b) = (partition_of(id), bucket_of(at));
+    let subject = subjects.alarm_due(p, b, id);
+    let bad_seq = js
+        .publish(subject.clone(), Bytes::from_static(b"not an entry"))
+        .await?
+        .await?
+        .sequence;
+    // What a load meets: the stray message is the subject's last.
+    let (entries, bad) = store.load_checked(&[p], b..=b).await?;
+    assert!(entries.is_empty(), "{entries:?}");
+    assert_eq!(bad, vec![(subject.clone(), bad_seq)]);
+    // A genuine entry lands on the same subject before the removal.
+    let entry = json!({"id": id, "at_ms": at, "written_ms": now_ms()}).to_string();
+    let good_seq = js
+        .publish(subject.clone(), entry.into())
+        .await?
+        .await?
+        .sequence;
+    store.remove_bad_entry(&subject, bad_seq).await?;
+    assert_eq!(last_seq(&operator, &subject).await?, Some(good_seq));
+    let (entries, bad) = store.load_checked(&[p], b..=b).await?;
+    assert!(bad.is_empty(), "{bad:?}");
+    let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, vec![id]);
+    // And the stray message is gone.
+    let m = operator
+        .request(
+            "$JS.API.STREAM.MSG.GET.TS_ALARMS",
+            json!({ "seq": bad_seq }).to_string().into(),
+        )
+        .await?;
+    let v: Value = serde_json::from_slice(&m.payload)?;
+    assert!(v["message"].is_null(), "still stored: {v}");
+    Ok(())
+}

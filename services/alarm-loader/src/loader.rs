@@ -854,7 +854,14 @@ impl Loader {
                                 .is_some_and(|p| leases.contains_key(&p));
                             if held {
                                 warn!(subject = %m.subject, %why, "not a due entry");
-                                self.remove_bad_entries(&[m.subject.to_string()]).await;
+                                match m.info() {
+                                    Ok(i) => {
+                                        let bad = [(m.subject.to_string(), i.stream_sequence)];
+                                        self.remove_bad_entries(&bad).await;
+                                    }
+                                    // Its bucket's load meets it again, with its sequence.
+                                    Err(e) => debug!(error = %e, "a watched message without its sequence"),
+                                }
                             }
                         }
                     },
@@ -959,12 +966,13 @@ impl Loader {
         }
     }
 
-    /// Removes what is stored on `subjects` of the due index that is no entry (it
-    /// would hold its bucket unswept for ever); a failure is retried at the next load
+    /// Removes the messages of the due index that are no entry (each on its subject,
+    /// through its sequence: a genuine entry stored after it stays); left there, one
+    /// would hold its bucket unswept for ever. A failure is retried at the next load
     /// that meets it.
-    async fn remove_bad_entries(&self, subjects: &[String]) {
-        for s in subjects {
-            if let Err(e) = self.store.remove_bad_entry(s).await {
+    async fn remove_bad_entries(&self, bad: &[(String, u64)]) {
+        for (s, seq) in bad {
+            if let Err(e) = self.store.remove_bad_entry(s, *seq).await {
                 warn!(subject = %s, error = %e, "removing a stray due entry failed");
             }
         }
@@ -1786,7 +1794,7 @@ struct Loaded {
     owned: Vec<u32>,
     started: std::time::Instant,
     /// The entries, and the subjects that hold none.
-    read: Result<(Vec<DueEntry>, Vec<String>)>,
+    read: Result<(Vec<DueEntry>, Vec<(String, u64)>)>,
 }
 
 /// The due-index entries this loader has seen (and armed), by partition and bucket:

@@ -704,13 +704,13 @@ impl Store {
         Ok(self.load_checked(partitions, buckets).await?.0)
     }
 
-    /// [`Store::load`], with the subjects of the entries that are not entries (they do
-    /// not decode, or their body contradicts their subject).
+    /// [`Store::load`], with the subjects and stream sequences of the entries that are
+    /// not entries (they do not decode, or their body contradicts their subject).
     pub async fn load_checked(
         &self,
         partitions: &[u32],
         buckets: std::ops::RangeInclusive<u64>,
-    ) -> Result<(Vec<DueEntry>, Vec<String>)> {
+    ) -> Result<(Vec<DueEntry>, Vec<(String, u64)>)> {
         let filters: Vec<String> = partitions
             .iter()
             .flat_map(|&p| {
@@ -728,7 +728,7 @@ impl Store {
                     Ok(e) => out.push(DueEntry { seq, ..e }),
                     Err(why) => {
                         tracing::warn!(%subject, %why, "not a due entry");
-                        bad.push(subject);
+                        bad.push((subject, seq));
                     }
                 }
             }
@@ -753,14 +753,18 @@ impl Store {
         Ok(e)
     }
 
-    /// Removes what is stored on due-index subject `subject` (an entry that is none).
-    pub async fn remove_bad_entry(&self, subject: &str) -> Result<()> {
+    /// Removes what is stored on due-index subject `subject` through sequence `seq`
+    /// (the message found there that is no entry). A genuine entry stored after it on
+    /// the same subject stays (unbounded, the removal took it too, and an alarm outside
+    /// the loaded window then had no entry to bring it in).
+    pub async fn remove_bad_entry(&self, subject: &str, seq: u64) -> Result<()> {
         if !subject.starts_with(&format!("{}.alarms.due.", self.subjects.prefix())) {
             return Err(Error::Invalid(format!("{subject} is no due-index subject")));
         }
         self.stream
             .purge()
             .filter(subject)
+            .sequence(seq.saturating_add(1))
             .await
             .map_err(|e| Error::js("remove due entry", e))?;
         self.bad_entries.fetch_add(1, Ordering::Relaxed);
