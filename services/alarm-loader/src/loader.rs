@@ -1794,7 +1794,7 @@ struct Loaded {
     owned: Vec<u32>,
     started: std::time::Instant,
     /// The entries, and the subjects that hold none.
-    read: Result<(Vec<DueEntry>, Vec<(String, u64)>)>,
+    read: Result<crate::store::Checked>,
 }
 
 /// The due-index entries this loader has seen (and armed), by partition and bucket:

@@ -55,6 +55,10 @@ const REMOVALS_AT_ONCE: usize = 32;
 /// How long one read of the stream may take.
 const READ_DEADLINE: Duration = Duration::from_secs(10);
 
+/// What a load read: the entries, and each message that is no entry (its subject and
+/// stream sequence).
+pub type Checked = (Vec<DueEntry>, Vec<(String, u64)>);
+
 /// An entry of the due index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DueEntry {
@@ -710,7 +714,7 @@ impl Store {
         &self,
         partitions: &[u32],
         buckets: std::ops::RangeInclusive<u64>,
-    ) -> Result<(Vec<DueEntry>, Vec<(String, u64)>)> {
+    ) -> Result<Checked> {
         let filters: Vec<String> = partitions
             .iter()
             .flat_map(|&p| {
