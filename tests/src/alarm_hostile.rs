@@ -660,13 +660,7 @@ fn alarm_body(id: &str, due_ms: u64, process: &str) -> Value {
 async fn stored(nats: &async_nats::Client, seq: u64) -> Result<(Vec<u8>, Vec<u8>)> {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD;
-    let m = nats
-        .request(
-            "$JS.API.STREAM.MSG.GET.TS_ALARMS",
-            json!({ "seq": seq }).to_string().into(),
-        )
-        .await?;
-    let v: Value = serde_json::from_slice(&m.payload)?;
+    let v = msg_get(nats, json!({ "seq": seq })).await?;
     let hdrs = v["message"]["hdrs"].as_str().unwrap_or_default();
     let data = v["message"]["data"].as_str().unwrap_or_default();
     Ok((b64.decode(hdrs)?, b64.decode(data)?))
@@ -675,14 +669,17 @@ async fn stored(nats: &async_nats::Client, seq: u64) -> Result<(Vec<u8>, Vec<u8>
 /// The stream sequence of the last message on `subject`, if any (read raw: the
 /// message may have headers no client library parses).
 async fn last_seq(nats: &async_nats::Client, subject: &str) -> Result<Option<u64>> {
-    let m = nats
-        .request(
-            "$JS.API.STREAM.MSG.GET.TS_ALARMS",
-            json!({ "last_by_subj": subject }).to_string().into(),
-        )
-        .await?;
-    let v: Value = serde_json::from_slice(&m.payload)?;
+    let v = msg_get(nats, json!({ "last_by_subj": subject })).await?;
     Ok(v["message"]["seq"].as_u64())
+}
+
+/// The alarm stream's `STREAM.MSG.GET` answer to `query`, as JSON (`message` is absent
+/// when nothing matches).
+async fn msg_get(nats: &async_nats::Client, query: Value) -> Result<Value> {
+    let m = nats
+        .request("$JS.API.STREAM.MSG.GET.TS_ALARMS", query.to_string().into())
+        .await?;
+    Ok(serde_json::from_slice(&m.payload)?)
 }
 
 /// Publishes `body` on `subject` as the next message there (the compare-and-set every
@@ -1214,13 +1211,7 @@ async fn removing_a_stray_due_entry_keeps_a_genuine_entry_stored_after_it() -> R
     let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids, vec![id]);
     // And the stray message is gone.
-    let m = operator
-        .request(
-            "$JS.API.STREAM.MSG.GET.TS_ALARMS",
-            json!({ "seq": bad_seq }).to_string().into(),
-        )
-        .await?;
-    let v: Value = serde_json::from_slice(&m.payload)?;
+    let v = msg_get(&operator, json!({ "seq": bad_seq })).await?;
     assert!(v["message"].is_null(), "still stored: {v}");
     Ok(())
 }

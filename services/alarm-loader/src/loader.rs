@@ -503,6 +503,8 @@ impl Loader {
         let mut asks: u64 = 0;
         let mut catching = false;
         let mut tried: u64 = 0;
+        // The interval's upkeep came: partitions still pending are tried again.
+        let mut retry_catch_up = false;
         let (caught_tx, mut caught_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<Caught>>();
         let mut watch = self.watch_new_entries(&js).await?;
         let permits = Arc::new(Semaphore::new(self.config.max_in_flight.max(1)));
@@ -568,11 +570,7 @@ impl Loader {
                     }
                 }
                 // Partitions whose catch-up failed are tried again, once an interval.
-                if !catching && !catch_up.is_empty() {
-                    catching = true;
-                    tried = asks;
-                    self.start_catch_up(&catch_up, &leases, now, &timeline, &beside, &caught_tx);
-                }
+                retry_catch_up = true;
                 let mut removals = Vec::new();
                 let plans = Self::plan_sweep(&owned, &swept, &mut open, now, &mut removals);
                 // The checks that buckets are empty (JetStream API requests, queued
@@ -607,10 +605,13 @@ impl Loader {
             }
             // Catch up partitions taken since the last round started (at once; what
             // failed is tried again at the next interval, or with a newer ask's round).
-            if !catching && catch_up.values().any(|&ask| ask > tried) {
-                catching = true;
-                tried = asks;
-                self.start_catch_up(&catch_up, &leases, now, &timeline, &beside, &caught_tx);
+            if !catching {
+                let retry = std::mem::take(&mut retry_catch_up) && !catch_up.is_empty();
+                if retry || catch_up.values().any(|&ask| ask > tried) {
+                    catching = true;
+                    tried = asks;
+                    self.start_catch_up(&catch_up, &leases, now, &timeline, &beside, &caught_tx);
+                }
             }
             self.metrics
                 .armed
