@@ -162,6 +162,40 @@ async fn a_group_runs_every_job_once_and_records_it() -> Result<()> {
     Ok(())
 }
 
+/// Two groups serving the same processes each get every job: a group's work is its
+/// own (the work stream drops a copy only of the same group's job, never another
+/// group's), and each group's history has every job done once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_groups_serving_the_same_processes_each_run_every_job_once() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(78))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let (out_a, out_b) = (dir.path().join("out-a"), dir.path().join("out-b"));
+    let _a = spawn_worker(&server, "ga", &appender(&out_a), &[])?;
+    let _b = spawn_worker(&server, "gb", &appender(&out_b), &["--ordering", "strict"])?;
+    wait_for_service(&nats, "turnstile-worker", 2).await?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let client = Client::new(nats, Subjects::default());
+    let ids = schedule_many(&client, 4, 10, "two").await?;
+    assert_eq!(ids.len(), 40);
+    let js = async_nats::jetstream::new(operator);
+    for (group, out) in [("ga", &out_a), ("gb", &out_b)] {
+        let r = wait_final(&js, group, ids.len(), 60).await?;
+        assert_eq!(r.keys().cloned().collect::<BTreeSet<_>>(), ids, "{group}");
+        for (id, evs) in &r {
+            let states: Vec<State> = evs.iter().map(|e| e.state).collect();
+            assert_eq!(states, vec![State::Done], "{group} {id}: {evs:?}");
+        }
+        let ran = lines(out);
+        assert_eq!(ran.len(), ids.len(), "{group}: {ran:?}");
+        assert_eq!(ran.into_iter().collect::<BTreeSet<_>>(), ids, "{group}");
+    }
+    Ok(())
+}
+
 /// An instance SIGKILLed while it runs a long job: the job is handed out again once
 /// the work stream's wait for it runs out and is done once; the jobs the dead instance
 /// had finished are not run again.
@@ -1685,17 +1719,19 @@ async fn a_job_held_across_a_server_restart_is_looked_up_before_it_runs() -> Res
     let read_job = |process: &ProcessId| {
         let (js, process) = (js.clone(), process.clone());
         async move {
-            let subject = Subjects::default().work(
-                "g13",
-                worker::job::partition_of(process.as_str(), worker::job::PARTITIONS),
-                &process,
-            );
-            let m = js
-                .get_stream("TS_WORK")
-                .await?
-                .get_last_raw_message_by_subject(&subject)
-                .await?;
-            anyhow::Ok(worker::job::Job::decode(&m.payload)?)
+            // The process's job among what its partition's subject holds.
+            let mut stream = js.get_stream("TS_WORK").await?;
+            let state = stream.info().await?.state.clone();
+            for seq in state.first_sequence..=state.last_sequence {
+                let Ok(m) = stream.get_raw_message(seq).await else {
+                    continue;
+                };
+                let job = worker::job::Job::decode(&m.payload)?;
+                if job.process == process.as_str() {
+                    return anyhow::Ok(job);
+                }
+            }
+            bail!("no job of {process} in the work stream")
         }
     };
     let job = read_job(&p).await?;

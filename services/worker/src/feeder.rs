@@ -11,7 +11,7 @@
 //! [`CHECKPOINT_EVERY`] once every job before it is stored, each key by compare-and-set
 //! on the revision the feeder read or wrote (a feeder that lost its lease and wakes up
 //! is fenced off). A feeder that takes over resumes from the checkpoint; jobs fed
-//! after it are handed out again under the same `Nats-Msg-Id` (`<process>:<slot>`), and
+//! after it are handed out again under the same `Nats-Msg-Id` (`<group>/<process>:<slot>`), and
 //! the work stream drops them as duplicates (ARCHITECTURE.md "Workers").
 
 use std::collections::{HashMap, HashSet};
@@ -760,12 +760,12 @@ impl Feed {
                         .await?;
                 }
                 let partition = partition_of(process.as_str(), PARTITIONS);
-                let subject = self.subjects.work(&self.group, partition, &process);
+                let subject = self.subjects.work(&self.group, partition);
                 for e in &run.run.entries {
                     let job = Job::of_entry(&self.group, &process, seq, e);
                     let publish = async_nats::jetstream::message::PublishMessage::build()
                         .payload(Bytes::from(job.encode()?))
-                        .message_id(job.id());
+                        .message_id(job.work_id());
                     let ack = self
                         .js
                         .send_publish(subject.clone(), publish)
@@ -807,7 +807,7 @@ impl Feed {
         let body = serde_json::to_vec(&event).map_err(|e| Error::Config(e.to_string()))?;
         let publish = async_nats::jetstream::message::PublishMessage::build()
             .payload(Bytes::from(body))
-            .message_id(format!("fault:{process}:{seq}"));
+            .message_id(event.msg_id());
         self.js
             .send_publish(self.subjects.result_fault(&self.group, process), publish)
             .await

@@ -99,7 +99,7 @@ pub fn consumer_order(subjects: &Subjects, group: &str, filter: &str) -> Option<
         return Some(Order::Unordered);
     }
     (0..crate::job::PARTITIONS)
-        .any(|n| filter == subjects.work_partition(group, n))
+        .any(|n| filter == subjects.work(group, n))
         .then_some(Order::Strict)
 }
 
@@ -779,7 +779,7 @@ impl Instance {
                 "turnstile worker group {} (strict), partition {n}",
                 self.config.group
             ),
-            self.subjects.work_partition(&self.config.group, n),
+            self.subjects.work(&self.config.group, n),
         )
         .await
     }
@@ -1094,10 +1094,7 @@ impl Instance {
         let body = serde_json::to_vec(ev).map_err(|e| Error::MalformedJob(e.to_string()))?;
         let publish = async_nats::jetstream::message::PublishMessage::build()
             .payload(Bytes::from(body))
-            .message_id(format!(
-                "{}:{}:{}:{:?}",
-                ev.process, ev.slot, ev.attempt, ev.state
-            ));
+            .message_id(ev.msg_id());
         self.js
             .send_publish(subject, publish)
             .await

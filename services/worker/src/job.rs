@@ -62,10 +62,17 @@ impl Job {
         }
     }
 
-    /// The job's id within its group: `<process>:<slot>` (also its `Nats-Msg-Id` in
-    /// the work stream).
+    /// The job's id within its group: `<process>:<slot>`.
     pub fn id(&self) -> String {
         job_id(&self.process, self.slot)
+    }
+
+    /// Its `Nats-Msg-Id` in the work stream: `<group>/<process>:<slot>`. The stream is
+    /// shared by every group and drops a message whose id it has seen within its
+    /// duplicate window: the group is in the id, or a second group serving the same
+    /// process lost the jobs the first was handed (a group name has no `/`).
+    pub fn work_id(&self) -> String {
+        format!("{}/{}", self.group, self.id())
     }
 
     /// The first value of header `name` (names compared ASCII-case-blind).
@@ -189,6 +196,16 @@ impl ResultEvent {
             merged_into: None,
         }
     }
+
+    /// Its `Nats-Msg-Id` in the results stream:
+    /// `<group>/<process>:<slot>:<attempt>:<state>` (one event per attempt and state;
+    /// the results stream is shared by every group, so the group is in the id).
+    pub fn msg_id(&self) -> String {
+        format!(
+            "{}/{}:{}:{}:{:?}",
+            self.group, self.process, self.slot, self.attempt, self.state
+        )
+    }
 }
 
 /// A run of the log the feeder refused to hand out (JSON on
@@ -208,6 +225,13 @@ pub struct FaultEvent {
     /// Whether the run is genuine but the log lost something before it (its jobs are
     /// handed out) rather than foreign (never a job).
     pub handed_out: bool,
+}
+
+impl FaultEvent {
+    /// Its `Nats-Msg-Id` in the results stream: `<group>/fault:<process>:<log seq>`.
+    pub fn msg_id(&self) -> String {
+        format!("{}/fault:{}:{}", self.group, self.process, self.log_seq)
+    }
 }
 
 /// The delay before attempt `attempt + 1` after attempt `attempt` failed: `initial`
@@ -239,6 +263,9 @@ mod tests {
         let p = ProcessId::new("p-1").unwrap();
         let job = Job::of_entry("g", &p, 42, &entry(3));
         assert_eq!(job.id(), "p-1:3");
+        assert_eq!(job.work_id(), "g/p-1:3");
+        let ev = ResultEvent::of(&job, State::Done, 2, 0, "i");
+        assert_eq!(ev.msg_id(), "g/p-1:3:2:Done");
         assert_eq!(job.header("merge-key"), Some("k"));
         let back = Job::decode(&job.encode().unwrap()).unwrap();
         assert_eq!(back, job);

@@ -253,18 +253,17 @@ impl Subjects {
             .filter(|id| !id.is_empty() && !id.contains('.'))
     }
 
-    /// `<prefix>.work.<group>.<partition>.<process>`: the jobs a group's feeder hands
-    /// out (one message per assignment), in the group's work stream.
-    pub fn work(&self, group: &str, partition: u32, p: &ProcessId) -> String {
-        format!("{}.work.{group}.{partition}.{p}", self.prefix)
+    /// `<prefix>.work.<group>.<partition>`: the jobs a group's feeder hands out (one
+    /// message per assignment; the job names its process), in the work stream. Not a
+    /// subject per process: a consumer's next message is found by matching its filter
+    /// against the subjects of a message block, so a subject per process made every
+    /// delivery cost a walk over every process of the block (ARCHITECTURE.md "Workers").
+    pub fn work(&self, group: &str, partition: u32) -> String {
+        format!("{}.work.{group}.{partition}", self.prefix)
     }
     /// `<prefix>.work.<group>.>`: every job of a group.
     pub fn work_group(&self, group: &str) -> String {
         format!("{}.work.{group}.>", self.prefix)
-    }
-    /// `<prefix>.work.<group>.<partition>.>`: the jobs of one partition of a group.
-    pub fn work_partition(&self, group: &str, partition: u32) -> String {
-        format!("{}.work.{group}.{partition}.>", self.prefix)
     }
     /// `<prefix>.work.>`: the work stream's subjects.
     pub fn work_all(&self) -> String {
