@@ -164,7 +164,9 @@ async fn a_group_runs_every_job_once_and_records_it() -> Result<()> {
 
 /// Two groups serving the same processes each get every job: a group's work is its
 /// own (the work stream drops a copy only of the same group's job, never another
-/// group's), and each group's history has every job done once.
+/// group's), and each group's history has every job done once. The groups are named
+/// to meet where names once did: strict group `gx`'s consumer of the partition of
+/// process `w0` was `group-gx-p<n>`, the name of unordered group `gx-p<n>`'s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_groups_serving_the_same_processes_each_run_every_job_once() -> Result<()> {
     let server = server()?;
@@ -174,15 +176,18 @@ async fn two_groups_serving_the_same_processes_each_run_every_job_once() -> Resu
     let nats = connect(server.url()).await?;
     wait_for_schedulers(&nats, 1).await?;
     let (out_a, out_b) = (dir.path().join("out-a"), dir.path().join("out-b"));
-    let _a = spawn_worker(&server, "ga", &appender(&out_a), &[])?;
-    let _b = spawn_worker(&server, "gb", &appender(&out_b), &["--ordering", "strict"])?;
+    let n = worker::job::partition_of("w0", worker::job::PARTITIONS);
+    let (ga, gb) = (format!("gx-p{n}"), "gx".to_string());
+    let _b = spawn_worker(&server, &gb, &appender(&out_b), &["--ordering", "strict"])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let _a = spawn_worker(&server, &ga, &appender(&out_a), &[])?;
     wait_for_service(&nats, "turnstile-worker", 2).await?;
     let operator = connect_as(&server, Role::Operator).await?;
     let client = Client::new(nats, Subjects::default());
     let ids = schedule_many(&client, 4, 10, "two").await?;
     assert_eq!(ids.len(), 40);
     let js = async_nats::jetstream::new(operator);
-    for (group, out) in [("ga", &out_a), ("gb", &out_b)] {
+    for (group, out) in [(ga.as_str(), &out_a), (gb.as_str(), &out_b)] {
         let r = wait_final(&js, group, ids.len(), 60).await?;
         assert_eq!(r.keys().cloned().collect::<BTreeSet<_>>(), ids, "{group}");
         for (id, evs) in &r {
@@ -871,6 +876,28 @@ async fn pause_survives_a_restart_and_cancel_skips_a_queued_job_and_stops_a_runn
     assert!(said.contains("\"cancelled\":false"), "{said}");
     let key = worker::control::cancel_key("g10", "q", slots[0]);
     assert!(kv.get(&key).await?.is_none(), "{key} kept for a done job");
+    // A job already cancelled is final too: cancelling it again is refused and the
+    // cancel taken back (it was kept for good: no instance would ever delete it).
+    let again = crate::support::turnstile(&op, &["job", "cancel", "g10", "q", &ls]).await?;
+    let said = String::from_utf8_lossy(&again.stdout).to_string();
+    assert_eq!(again.status.code(), Some(1), "{said}");
+    assert!(said.contains("\"already\":\"cancelled\""), "{said}");
+    let key = worker::control::cancel_key("g10", "q", long.slot);
+    assert!(
+        kv.get(&key).await?.is_none(),
+        "{key} kept for a cancelled job"
+    );
+    // A group is a name, never a wildcard over every group's histories.
+    for args in [
+        vec!["job", "get", "*", "q", ls.as_str()],
+        vec!["jobs", "*", "q"],
+        vec!["jobs", "g10.x", "q"],
+    ] {
+        let out = crate::support::turnstile(&op, &args).await?;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(err.contains("1–48 characters"), "{args:?}: {err}");
+    }
     Ok(())
 }
 

@@ -132,7 +132,10 @@ fn check_id(id: &str) -> Result<(), Refusal> {
     } else {
         Err(Refusal::new(
             ErrorCode::InvalidAlarm,
-            "id: 1-128 characters of A-Z a-z 0-9 - _",
+            format!(
+                "id: 1-{} characters of A-Z a-z 0-9 - _",
+                crate::alarm::MAX_ID
+            ),
         ))
     }
 }

@@ -240,6 +240,23 @@ fn check_group(group: &str) -> Result<()> {
     Ok(())
 }
 
+/// The state of the last event in a job's history (`subject`), if it has one.
+async fn last_state(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    subject: &str,
+) -> Result<Option<String>> {
+    let last = read(
+        js.client(),
+        subjects,
+        subject.to_string(),
+        consumer::DeliverPolicy::Last,
+    )
+    .await?
+    .pop();
+    Ok(last.and_then(|e| e["state"].as_str().map(str::to_string)))
+}
+
 /// `turnstile job get|cancel`.
 pub async fn job(nats: async_nats::Client, subjects: &Subjects, action: JobAction) -> Result<i32> {
     match action {
@@ -262,30 +279,33 @@ pub async fn job(nats: async_nats::Client, subjects: &Subjects, action: JobActio
             };
             let kv = workers_bucket(&js, subjects).await?;
             let key = worker::control::cancel_key(&group, p.as_str(), slot);
-            kv.put(&key, Bytes::from_static(b"cancelled")).await?;
-            // Written first, then the history read: a job already final (done, dead,
-            // merged) never runs again, so its cancel is taken back at once rather
-            // than kept for good (an instance deletes a cancel once it has recorded
-            // its job final).
             let subject = subjects.result(&group, &p, slot);
-            let last = read(
-                js.client(),
-                subjects,
-                subject,
-                consumer::DeliverPolicy::Last,
-            )
-            .await?
-            .pop();
-            let ended = last
-                .as_ref()
-                .and_then(|e| e["state"].as_str())
-                .filter(|s| matches!(*s, "done" | "dead" | "merged"));
-            if let Some(state) = ended {
-                journal::setup::purge_released(&kv, &key, None).await?;
+            let already = |state: Option<&str>| {
                 println!(
                     "{}",
                     serde_json::json!({"group": group, "process": p.as_str(), "slot": slot, "cancelled": false, "already": state})
                 );
+            };
+            // A job already cancelled is not cancelled again: its cancel would be kept
+            // for good (the instance that recorded it deleted its own). Read before the
+            // write: once written, a `cancelled` in the history may be this cancel's.
+            let before = last_state(&js, subjects, &subject).await?;
+            if before.as_deref() == Some("cancelled") {
+                already(before.as_deref());
+                return Ok(1);
+            }
+            kv.put(&key, Bytes::from_static(b"cancelled")).await?;
+            // Written first, then the history read: a job already final (done, dead,
+            // merged) never runs again, so its cancel is taken back at once rather
+            // than kept for good (an instance deletes a cancel once it has recorded
+            // its job final). Read after the write, so a job that ends meanwhile is
+            // seen either here or by its instance.
+            let ended = last_state(&js, subjects, &subject)
+                .await?
+                .filter(|s| matches!(s.as_str(), "done" | "dead" | "merged"));
+            if let Some(state) = ended {
+                journal::setup::purge_released(&kv, &key, None).await?;
+                already(Some(&state));
                 return Ok(1);
             }
             println!(
@@ -299,6 +319,7 @@ pub async fn job(nats: async_nats::Client, subjects: &Subjects, action: JobActio
             process,
             slot,
         } => {
+            check_group(&group)?;
             let p = ProcessId::new(process)?;
             let subject = subjects.result(&group, &p, slot);
             let events = read(nats, subjects, subject, consumer::DeliverPolicy::All).await?;
@@ -318,6 +339,7 @@ pub async fn jobs(
     process: String,
     state: Option<String>,
 ) -> Result<i32> {
+    check_group(&group)?;
     let p = ProcessId::new(process)?;
     let subject = subjects.results_of(&group, &p);
     let events = read(

@@ -93,7 +93,7 @@ impl Order {
 /// Which ordering a consumer of the work stream whose filter is `filter` serves
 /// `group` with, if it is one of the group's: the group's subjects (unordered) or one
 /// of its work partitions (strict). By filter, not by name: group names may contain
-/// `-`, so `group-a-p1` could be group `a-p1`'s unordered consumer.
+/// `-`, and a consumer's name once was ambiguous (`group-a-p1`: group `a-p1`, or group `a`'s partition 1).
 pub fn consumer_order(subjects: &Subjects, group: &str, filter: &str) -> Option<Order> {
     if filter == subjects.work_group(group) {
         return Some(Order::Unordered);
@@ -655,17 +655,31 @@ impl Instance {
         let config = consumer::pull::Config {
             durable_name: Some(name.clone()),
             description: Some(description),
-            filter_subject: filter,
+            filter_subject: filter.clone(),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: self.config.ack_wait,
             max_ack_pending: 100_000,
             max_deliver: -1,
             ..Default::default()
         };
-        stream
+        let mut consumer: consumer::PullConsumer = stream
             .get_or_create_consumer(&name, config)
             .await
-            .map_err(|e| Error::nats("open a consumer of the work stream", e))
+            .map_err(|e| Error::nats("open a consumer of the work stream", e))?;
+        // A consumer of that name that is there already is returned as it is: one
+        // over other subjects is not ours to consume (it would hand us another
+        // group's jobs and starve ours).
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| Error::nats("read a consumer of the work stream", e))?;
+        if info.config.filter_subject != filter {
+            return Err(Error::Config(format!(
+                "the work stream's consumer {name} consumes {:?}, not {filter:?}: it is not                  this group's; remove it (nats consumer rm) if nothing uses it",
+                info.config.filter_subject
+            )));
+        }
+        Ok(consumer)
     }
 
     /// Strict order: holds some of the group's work partitions (the ownership crate
@@ -774,7 +788,7 @@ impl Instance {
 
     async fn partition_consumer(&self, n: u32) -> Result<consumer::PullConsumer> {
         self.work_consumer(
-            format!("{}-p{n}", consumer_name(&self.config.group)),
+            partition_consumer_name(&self.config.group, n),
             format!(
                 "turnstile worker group {} (strict), partition {n}",
                 self.config.group
@@ -1505,9 +1519,16 @@ impl Instance {
     }
 }
 
-/// The durable consumer of a group on the work stream.
+/// The durable consumer of an unordered group on the work stream.
 pub fn consumer_name(group: &str) -> String {
     format!("group-{group}")
+}
+
+/// The durable consumer of a strict group's work partition `n`: `p<n>-<group>`, a
+/// prefix no unordered group's name has (`group-<group>-p<n>` was, until group
+/// `a-p1`'s consumer turned out to be group `a`'s partition 1).
+pub fn partition_consumer_name(group: &str, n: u32) -> String {
+    format!("p{n}-{group}")
 }
 
 fn panic_text(e: tokio::task::JoinError) -> String {

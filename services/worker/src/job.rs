@@ -228,9 +228,14 @@ pub struct FaultEvent {
 }
 
 impl FaultEvent {
-    /// Its `Nats-Msg-Id` in the results stream: `<group>/fault:<process>:<log seq>`.
+    /// Its `Nats-Msg-Id` in the results stream:
+    /// `<group>/fault:<process>:<log seq>:<code>` (one log message may have two faults:
+    /// a run after a loss is `lost` and `gap`).
     pub fn msg_id(&self) -> String {
-        format!("{}/fault:{}:{}", self.group, self.process, self.log_seq)
+        format!(
+            "{}/fault:{}:{}:{}",
+            self.group, self.process, self.log_seq, self.code
+        )
     }
 }
 
@@ -266,6 +271,16 @@ mod tests {
         assert_eq!(job.work_id(), "g/p-1:3");
         let ev = ResultEvent::of(&job, State::Done, 2, 0, "i");
         assert_eq!(ev.msg_id(), "g/p-1:3:2:Done");
+        let fault = |code: &str| FaultEvent {
+            group: "g".into(),
+            process: "p-1".into(),
+            log_seq: 9,
+            code: code.into(),
+            detail: String::new(),
+            handed_out: true,
+        };
+        assert_eq!(fault("lost").msg_id(), "g/fault:p-1:9:lost");
+        assert_ne!(fault("lost").msg_id(), fault("gap").msg_id());
         assert_eq!(job.header("merge-key"), Some("k"));
         let back = Job::decode(&job.encode().unwrap()).unwrap();
         assert_eq!(back, job);

@@ -2289,7 +2289,7 @@ async fn workers_section(body: &Bytes, seconds: f64, window: usize) -> Result<se
             "jobs": ceiling_jobs,
             "end_to_end_vs_ceiling": (jobs_rate / ceiling * 1000.0).round() / 1000.0,
             "start_to_drained_vs_ceiling": (through_rate / ceiling * 1000.0).round() / 1000.0,
-            "what": "publish to a work-queue stream with a message id (pipelined), two pull consumers on their own connections, each delivered message: a result published with a message id (pipelined per fetched batch), then acked",
+            "what": "publish to a work-queue stream with a message id on a subject per partition (pipelined), two pull consumers of one filtered durable on their own connections, each delivered message: a result published with its own message id on a subject of its own (pipelined per fetched batch), then acked",
         },
         "exec_keys": {
             "backlog": backlog,
@@ -2324,9 +2324,10 @@ async fn workers_section(body: &Bytes, seconds: f64, window: usize) -> Result<se
 }
 
 /// The work path's ceiling: the NATS operations one job costs between the log and its
-/// result — a publish to a work-queue stream with a `Nats-Msg-Id`, its delivery to one
-/// of two pull consumers (each on its own connection, as the two instances), a result
-/// published with a `Nats-Msg-Id` to a second stream, and the ack — done by this
+/// result — a publish to a work-queue stream with a `Nats-Msg-Id` (on a subject per
+/// partition), its delivery to one of two pull consumers of one filtered durable (each
+/// on its own connection, as the two instances), a result published with its own
+/// `Nats-Msg-Id` to a subject of its own in a second stream, and the ack — done by this
 /// process alone, as fast as pipelining allows (publishes with 1,024 in flight; each
 /// fetched batch's results published together, then acked). Returns jobs/s from the
 /// first publish until the last result is stored. The streams are removed after.
@@ -2360,6 +2361,8 @@ async fn work_ceiling(url: &str, body: &Bytes, n: u64) -> Result<f64> {
         .await?
         .create_consumer(consumer::pull::Config {
             durable_name: Some("ceiling".into()),
+            // Filtered, as a group's consumer is (the stream is every group's).
+            filter_subject: "ceil.work.g.>".into(),
             ack_policy: consumer::AckPolicy::Explicit,
             max_ack_pending: 100_000,
             ..Default::default()
@@ -2391,8 +2394,15 @@ async fn work_ceiling(url: &str, body: &Bytes, n: u64) -> Result<f64> {
                 }
                 let mut acks = Vec::with_capacity(got.len());
                 for m in &got {
-                    let id = format!("{}:done", m.subject);
-                    let subject = m.subject.replacen("ceil.work.", "ceil.result.", 1);
+                    // As an instance records a job: a subject per job, an id per job.
+                    let job = m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Nats-Msg-Id"))
+                        .map(|v| v.to_string())
+                        .unwrap_or_default();
+                    let id = format!("{job}:1:Done");
+                    let subject = format!("ceil.result.g.{}", job.replace(':', "."));
                     let publish = async_nats::jetstream::message::PublishMessage::build()
                         .payload(body.clone())
                         .message_id(id);
@@ -2412,7 +2422,8 @@ async fn work_ceiling(url: &str, body: &Bytes, n: u64) -> Result<f64> {
     let window = Arc::new(Semaphore::new(1024));
     for i in 0..n {
         let permit = Arc::clone(&window).acquire_owned().await?;
-        let subject = format!("ceil.work.{}.p{}", i % 16, i % PROCESSES as u64);
+        // As the feeder hands out a job: a subject per partition of the group.
+        let subject = format!("ceil.work.g.{}", i % 16);
         let publish = async_nats::jetstream::message::PublishMessage::build()
             .payload(body.clone())
             .message_id(format!("p{}:{i}", i % PROCESSES as u64));
