@@ -85,13 +85,17 @@ impl Default for Subjects {
 }
 
 impl Subjects {
-    /// Names under `prefix`: one or more tokens of `A-Z a-z 0-9 - _` joined by dots.
+    /// Names under `prefix`: one or more tokens of `a-z 0-9 -` joined by dots. Streams
+    /// and buckets are named by the prefix upper-cased, dots turned into `_`: with
+    /// neither capitals nor `_` in a prefix, two prefixes never name the same stream
+    /// (`acme.prod`, `acme_prod`, `ACME.PROD` once all named `ACME_PROD_LOG`, and a
+    /// second deployment opened the first's streams and buckets as its own).
     pub fn new(prefix: &str) -> Result<Subjects, protocol::Error> {
         let ok = !prefix.is_empty()
             && prefix.split('.').all(|t| {
                 !t.is_empty()
                     && t.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             });
         if ok {
             Ok(Subjects {
@@ -99,7 +103,7 @@ impl Subjects {
             })
         } else {
             Err(protocol::Error::InvalidProcess(format!(
-                "prefix {prefix:?}"
+                "prefix {prefix:?}: tokens of a-z 0-9 - joined by dots"
             )))
         }
     }
@@ -309,7 +313,7 @@ impl Subjects {
     }
 
     fn upper(&self) -> String {
-        self.prefix.to_ascii_uppercase().replace(['.', '-'], "_")
+        self.prefix.to_ascii_uppercase().replace('.', "_")
     }
     /// The log stream: `<PREFIX>_LOG`.
     pub fn log_stream(&self) -> String {
@@ -434,6 +438,14 @@ mod tests {
         assert_eq!(t.log_stream(), "ACME_PROD_LOG");
         assert_eq!(t.slot(&p), "acme.prod.slot.p-1");
         assert!(Subjects::new("a..b").is_err() && Subjects::new("a.*").is_err());
+        // Two prefixes never name the same streams and buckets.
+        assert_eq!(
+            Subjects::new("acme-prod").unwrap().log_stream(),
+            "ACME-PROD_LOG"
+        );
+        for taken in ["acme_prod", "ACME.PROD", "Acme.prod"] {
+            assert!(Subjects::new(taken).is_err(), "{taken}");
+        }
     }
 
     #[test]

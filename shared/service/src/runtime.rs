@@ -67,7 +67,8 @@ pub struct NatsArgs {
     /// NATS credentials file of the intake connection.
     #[arg(long, env = "TS_INTAKE_CREDS")]
     pub intake_creds: Option<PathBuf>,
-    /// Subject prefix.
+    /// Subject prefix: tokens of a-z 0-9 - joined by dots (streams and buckets are
+    /// named by it, upper-cased).
     #[arg(long, env = "TS_PREFIX", default_value = "ts")]
     pub prefix: String,
 }
