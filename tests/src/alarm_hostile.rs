@@ -1215,3 +1215,64 @@ async fn removing_a_stray_due_entry_keeps_a_genuine_entry_stored_after_it() -> R
     assert!(v["message"].is_null(), "still stored: {v}");
     Ok(())
 }
+
+/// A client allowed to schedule into an alarm's process writes there first under the
+/// alarm's firing id (`alarm-<id>-<set_seq>-<due_ms>`: the set answer gives the
+/// sequence). The scheduler answers the firing as a duplicate of the client's entry;
+/// the loader reads that entry, finds another body, and does not take it for its
+/// firing: the attempt fails (retried, looked for in the log by id *and* content, then
+/// dead with the reason), never `done` with the client's slot while the alarm's body
+/// never reached the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_written_first_under_a_firing_id_does_not_pass_for_the_firing() -> Result<()> {
+    use journal::client::{Client, Schedule};
+    let server = server()?;
+    let _sched = InProcess::start(&server, Config::default(), vec![test_key(1)]).await?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    let p = "taken-p";
+    let due = now_ms() + 3_000;
+    let mut body = alarm_body("taken", due, p);
+    body["retry"] = json!({"attempts": 2, "backoff_ms": 200, "max_backoff_ms": 200});
+    let answer = set(&client, body).await?;
+    let seq = answer["seq"].as_u64().context("set seq")?;
+    let firing = format!("alarm-taken-{seq}-{due}");
+    let scheduler = Client::new(client.clone(), journal::subjects::Subjects::default());
+    let forged = scheduler
+        .schedule(
+            &ProcessId::new(p)?,
+            Bytes::from_static(b"forged"),
+            &Schedule {
+                message_id: Some(firing.clone()),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let got = wait_status(&client, "taken", "dead", 30).await?;
+    let reason = got["status"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("taken in the log") && reason.contains(&format!("slot {}", forged.slot)),
+        "{got}"
+    );
+    let events: Vec<&str> = got["history"]
+        .as_array()
+        .context("history")?
+        .iter()
+        .filter_map(|h| h["event"]["event"].as_str())
+        .collect();
+    assert!(!events.contains(&"delivered"), "{events:?}");
+    assert_eq!(
+        bodies(server.url(), p).await?,
+        HashMap::from([("forged".to_string(), 1)]),
+        "the log holds the client's message alone"
+    );
+    let s = stats(&client).await?;
+    assert!(
+        s["endpoints"][0]["data"]["firing_ids_taken"].as_u64() >= Some(2),
+        "{s}"
+    );
+    assert!(loader.exited().is_none(), "the loader died");
+    loader.terminate(Duration::from_secs(10));
+    Ok(())
+}

@@ -395,6 +395,21 @@ impl Record {
         }
     }
 
+    /// Whether a log entry (its body and stored headers) carrying this firing's message
+    /// id is this firing. The id alone does not say: a message id is any client's to
+    /// choose, and a client allowed to schedule into the process could write one
+    /// first, so that the firing looks done while its body never reaches the log. The
+    /// entry is the firing if it carries the alarm's body and each of its headers
+    /// (values compared without surrounding blanks, which NATS header parsing may drop).
+    pub fn is_fired_as(&self, body: &[u8], headers: &[(String, String)]) -> bool {
+        body == self.alarm.body.as_slice()
+            && self.alarm.headers.iter().all(|(name, value)| {
+                headers
+                    .iter()
+                    .any(|(n, v)| n == name && v.trim() == value.trim())
+            })
+    }
+
     /// The firing's message id on the log: `alarm-<id>-<set_seq>-<due_ms>`. The same for
     /// every attempt of one firing, so an attempt that did land is not written twice.
     pub fn firing_id(&self) -> String {
@@ -645,6 +660,23 @@ mod tests {
         assert_eq!(d.claim(2_000_000, "L2"), None);
         assert_eq!(d.cancelled(2_000_000), None);
         assert_eq!(d.firing_id(), c.firing_id());
+    }
+
+    #[test]
+    fn an_entry_is_the_firing_only_with_its_body_and_headers() {
+        let r = Record::set(alarm("a1"), 0);
+        let stored = |h: &[(&str, &str)]| -> Vec<(String, String)> {
+            h.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+        };
+        let ours = stored(&[("content-type", "text/plain")]);
+        assert!(r.is_fired_as(b"hello", &ours));
+        // The scheduler adds nothing an alarm may carry, but stores more than it
+        // sent when asked (an execution key); values without surrounding blanks.
+        let more = stored(&[("Ts-Execution-Key", "k"), ("content-type", " text/plain")]);
+        assert!(r.is_fired_as(b"hello", &more));
+        assert!(!r.is_fired_as(b"forged", &ours));
+        assert!(!r.is_fired_as(b"hello", &[]));
+        assert!(!r.is_fired_as(b"hello", &stored(&[("content-type", "text/html")])));
     }
 
     #[test]

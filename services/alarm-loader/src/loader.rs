@@ -116,6 +116,9 @@ pub struct Metrics {
     pub firing_lookups: AtomicU64,
     /// Of those, found in the log (recorded, not sent again).
     pub firings_found: AtomicU64,
+    /// Firings answered duplicate of an entry that is not theirs (a client wrote
+    /// under the firing's message id first).
+    pub firing_ids_taken: AtomicU64,
     /// Lookups that could not read the log: the claim is left to its takeover.
     pub firing_lookups_failed: AtomicU64,
     /// Cron-tick alarms skipped by their job's rules.
@@ -247,6 +250,7 @@ impl Default for Metrics {
             takeovers: AtomicU64::default(),
             firing_lookups: AtomicU64::default(),
             firings_found: AtomicU64::default(),
+            firing_ids_taken: AtomicU64::default(),
             firing_lookups_failed: AtomicU64::default(),
             skipped: AtomicU64::default(),
             cron_missed: AtomicU64::default(),
@@ -316,6 +320,7 @@ impl Metrics {
             "takeovers": get(&self.takeovers),
             "firing_lookups": get(&self.firing_lookups),
             "firings_found": get(&self.firings_found),
+            "firing_ids_taken": get(&self.firing_ids_taken),
             "firing_lookups_failed": get(&self.firing_lookups_failed),
             "read_ahead": get(&self.read_ahead),
             "cron_missed": get(&self.cron_missed),
@@ -1072,10 +1077,11 @@ impl Loader {
     async fn find_firing(
         &self,
         process: &str,
-        firing: &str,
+        record: &Record,
         from_ms: u64,
         to_ms: u64,
     ) -> Result<Option<u64>> {
+        let firing = record.firing_id();
         let Ok(process) = protocol::ProcessId::new(process) else {
             return Ok(None);
         };
@@ -1101,7 +1107,13 @@ impl Loader {
                     },
                 )
                 .await?;
-            if let Some(e) = page.entries.iter().find(|e| e.message_id == firing) {
+            // The id and the content: an entry a client wrote under the firing's id
+            // is not the firing ([`Record::is_fired_as`]).
+            if let Some(e) = page
+                .entries
+                .iter()
+                .find(|e| e.message_id == firing && record.is_fired_as(&e.body, &e.headers))
+            {
                 return Ok(Some(e.slot));
             }
             from = page.next;
@@ -1396,7 +1408,7 @@ impl Loader {
                 (Target::Process(p), Some(until)) => {
                     Metrics::bump(&self.metrics.firing_lookups);
                     match self
-                        .find_firing(p, &firing, record.alarm.due_ms, until)
+                        .find_firing(p, &record, record.alarm.due_ms, until)
                         .await
                     {
                         Ok(found) => found,
@@ -1527,6 +1539,50 @@ impl Loader {
         Err(Error::Conflict(record.alarm.id))
     }
 
+    /// The scheduler answered a firing as a duplicate of `slot`: it is this firing's
+    /// earlier attempt only if that entry carries the firing ([`Record::is_fired_as`]);
+    /// an entry a client wrote first under the firing's message id fails the attempt
+    /// (retried, then dead with the reason) rather than passing for it.
+    async fn duplicate_of(
+        &self,
+        process: &protocol::ProcessId,
+        claim: &Record,
+        slot: u64,
+    ) -> Fired {
+        let page = self
+            .scheduler
+            .range(
+                process,
+                &protocol::wire::RangeRequest {
+                    from: slot,
+                    to: Some(slot),
+                    limit: Some(1),
+                },
+            )
+            .await;
+        match page.as_ref().map(|p| p.entries.first()) {
+            Ok(Some(e)) if e.slot == slot && claim.is_fired_as(&e.body, &e.headers) => {
+                Fired::Delivered {
+                    slot: Some(slot),
+                    duplicate: true,
+                }
+            }
+            Ok(Some(_)) => {
+                Metrics::bump(&self.metrics.firing_ids_taken);
+                Fired::Failed(format!(
+                    "message id {} is taken in the log of {process} by another message (slot {slot}): not this alarm's firing",
+                    claim.firing_id()
+                ))
+            }
+            Ok(None) => Fired::Failed(format!(
+                "the scheduler answered duplicate of slot {slot} of {process}, which it does not return"
+            )),
+            Err(e) => Fired::Failed(format!(
+                "could not read slot {slot} of {process}, the firing's earlier attempt: {e}"
+            )),
+        }
+    }
+
     async fn fire(&self, claim: &Record) -> Fired {
         let a = &claim.alarm;
         let timeout = Duration::from_millis(a.dispatch_timeout_ms);
@@ -1547,9 +1603,10 @@ impl Loader {
                     .schedule(&process, Bytes::from(a.body.clone()), &opts)
                     .await
                 {
+                    Ok(r) if r.duplicate => self.duplicate_of(&process, claim, r.slot).await,
                     Ok(r) => Fired::Delivered {
                         slot: Some(r.slot),
-                        duplicate: r.duplicate,
+                        duplicate: false,
                     },
                     Err(e) if wrote_nothing(&e) => Fired::Refused(e.to_string()),
                     Err(e) => Fired::Failed(e.to_string()),
