@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use futures::StreamExt;
 use harness::{NatsServer, Role};
@@ -1813,5 +1813,75 @@ async fn a_job_held_across_a_server_restart_is_looked_up_before_it_runs() -> Res
         "{:?}",
         r[&again_id]
     );
+    Ok(())
+}
+
+/// A feeder that resumes from a checkpoint hands out again what was fed after it; the
+/// work stream drops those copies only within its duplicate window (here 1 s, the work
+/// stream made before the group: 10 minutes in a deployment). A copy handed out later
+/// (every instance down for longer) was a first delivery and ran again. Now the
+/// feeder marks what the log held when it resumed, and the instance reads each marked
+/// job's history first: every job ran once. The checkpoints are rewound to where the
+/// group started (as a feeder killed before its first checkpoint round leaves them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_handed_out_again_after_the_duplicate_window_do_not_run_again() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(80))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator);
+    let subjects = Subjects::default();
+    let options = journal::setup::LogOptions::default();
+    let mut work = journal::setup::work_stream_config(&subjects, &options);
+    work.duplicate_window = Duration::from_secs(1);
+    js.create_stream(work).await?;
+    let out = dir.path().join("out");
+    let mut a = spawn_worker(&server, "gr", &appender(&out), &[])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let ids = schedule_many(&client, 2, 5, "rf").await?;
+    wait_final(&js, "gr", ids.len(), 60).await?;
+    assert!(tokio::task::spawn_blocking(move || a.terminate(Duration::from_secs(15))).await?);
+    // Rewind: the group's sequence to its first value, the processes' points gone.
+    let kv = js.get_key_value("TS_WORKERS").await?;
+    let first = kv
+        .history("feed.gr")
+        .await?
+        .next()
+        .await
+        .context("feed.gr has no history")??;
+    kv.put("feed.gr", first.value).await?;
+    for p in ["w0", "w1"] {
+        kv.purge(format!("feed.gr.{p}")).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let _a2 = spawn_worker(&server, "gr", &appender(&out), &[])?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let instance = crate::support::ping_instances(&nats, "turnstile-worker")
+        .await?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (v, _) = inspect(&nats, &instance).await?;
+        if v["counts"]["already_final"].as_u64() >= Some(ids.len() as u64) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the jobs handed out again were not all found final: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ran = lines(&out);
+    assert_eq!(ran.len(), ids.len(), "a job ran again: {ran:?}");
+    let r = results(&js, "gr").await?;
+    for (id, evs) in &r {
+        let states: Vec<State> = evs.iter().map(|e| e.state).collect();
+        assert_eq!(states, vec![State::Done], "{id}: {evs:?}");
+    }
     Ok(())
 }

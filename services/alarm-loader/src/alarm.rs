@@ -666,7 +666,9 @@ mod tests {
     fn an_entry_is_the_firing_only_with_its_body_and_headers() {
         let r = Record::set(alarm("a1"), 0);
         let stored = |h: &[(&str, &str)]| -> Vec<(String, String)> {
-            h.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+            h.iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
         };
         let ours = stored(&[("content-type", "text/plain")]);
         assert!(r.is_fired_as(b"hello", &ours));

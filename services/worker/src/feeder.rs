@@ -239,15 +239,32 @@ impl Feed {
     /// Feeds until `stop` fires or something fails (the caller starts it again from
     /// the checkpoint while it holds the lease).
     pub async fn run(&self, stop: tokio_util::sync::CancellationToken) -> Result<()> {
-        let (mut fed_through, mut global_rev) = self.start_point().await?;
+        let (mut fed_through, mut global_rev, resumed) = self.start_point().await?;
         self.stats.checkpoint.store(fed_through, Ordering::Relaxed);
         info!(group = %self.group, from = fed_through + 1, "feeding");
         let reader = LogReader::open(self.js.clone(), self.subjects.clone()).await?;
-        let log = self
+        let mut log = self
             .js
             .get_stream(self.subjects.log_stream())
             .await
             .map_err(|e| Error::nats("open the log", e))?;
+        // Resumed from a checkpoint: what the log held when this feed started may have
+        // been handed out already, after the checkpoint (by an earlier feed of this
+        // instance, or by a feeder before us that died or lost its lease). The work
+        // stream drops such a copy only within its duplicate window; a copy handed out
+        // later (every instance was down longer) would run as a first delivery. So
+        // each of those jobs is marked ([`crate::job::REFED`]) and looked up in the
+        // results before it runs. Messages the log receives from now on are ours alone
+        // to hand out (a predecessor's late copies of them fall within the window).
+        let refeed_through = if resumed {
+            log.info()
+                .await
+                .map_err(|e| Error::nats("log info", e))?
+                .state
+                .last_sequence
+        } else {
+            0
+        };
         let name = format!("feed-{}-{}", self.group, uuid::Uuid::new_v4().simple());
         let filters = self.serves.filters(&self.subjects);
         let mut config = consumer::pull::OrderedConfig {
@@ -355,7 +372,7 @@ impl Feed {
                         fed.verifier.set_trusted(self.trusted());
                         procs.insert(process.clone(), fed);
                     }
-                    if let Err(e) = self.feed_one(&reader, &mut procs, &mut acks, process, msg).await {
+                    if let Err(e) = self.feed_one(&reader, &mut procs, &mut acks, process, msg, refeed_through).await {
                         break Err(e);
                     }
                     // Bound what waits for its acknowledgement.
@@ -532,7 +549,8 @@ impl Feed {
 
     /// Where the group's feed stands: (fed through, revision of the global key). A
     /// new group is created here, at the log's end or beginning by `from`.
-    pub(crate) async fn start_point(&self) -> Result<(u64, u64)> {
+    /// Whether it was there already (`false`: created here, nothing fed before).
+    pub(crate) async fn start_point(&self) -> Result<(u64, u64, bool)> {
         let key = global_key(&self.group);
         if let Some(e) = self
             .kv
@@ -547,7 +565,7 @@ impl Feed {
                     .ok_or_else(|| {
                         Error::Config(format!("feed checkpoint {key} is not a number"))
                     })?;
-                return Ok((seq, e.revision));
+                return Ok((seq, e.revision, true));
             }
         }
         let start = match self.from {
@@ -568,7 +586,7 @@ impl Feed {
         match self.kv.create(&key, Bytes::from(start.to_string())).await {
             Ok(rev) => {
                 info!(group = %self.group, start, "new worker group: feeding from here");
-                Ok((start, rev))
+                Ok((start, rev, false))
             }
             // Another instance created it first: take theirs.
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
@@ -730,6 +748,7 @@ impl Feed {
         acks: &mut FuturesUnordered<AckFuture>,
         process: ProcessId,
         msg: LogMessage,
+        refeed_through: u64,
     ) -> Result<()> {
         // A run sealed by a key we do not know yet: read the published keys again (at
         // most once a second) before judging it.
@@ -763,9 +782,12 @@ impl Feed {
                 let subject = self.subjects.work(&self.group, partition);
                 for e in &run.run.entries {
                     let job = Job::of_entry(&self.group, &process, seq, e);
-                    let publish = async_nats::jetstream::message::PublishMessage::build()
+                    let mut publish = async_nats::jetstream::message::PublishMessage::build()
                         .payload(Bytes::from(job.encode()?))
                         .message_id(job.work_id());
+                    if seq <= refeed_through {
+                        publish = publish.header(crate::job::REFED, "1");
+                    }
                     let ack = self
                         .js
                         .send_publish(subject.clone(), publish)

@@ -247,8 +247,9 @@ struct Held {
     /// The connection's connect count when it was delivered: a job held across a
     /// reconnect may have been delivered again elsewhere meanwhile.
     connects: u64,
-    /// Delivered within an ack wait of a reconnect: the restarted server may have lost
-    /// the record of an earlier delivery, so its history is read before it runs.
+    /// Delivered within an ack wait of a reconnect (the restarted server may have lost
+    /// the record of an earlier delivery), or handed out again by a feeder that
+    /// resumed ([`crate::job::REFED`]): its history is read before it runs.
     suspect: bool,
 }
 
@@ -891,6 +892,10 @@ impl Instance {
             None
         };
         let (connects, suspect) = self.delivered_since_reconnect();
+        let suspect = suspect
+            || m.headers
+                .as_ref()
+                .is_some_and(|h| h.get(crate::job::REFED).is_some());
         let partition = crate::job::partition_of(&job.process, crate::job::PARTITIONS);
         let exec = exec_keys::key_of(&job);
         let held = Held {

@@ -100,6 +100,11 @@ impl Job {
     }
 }
 
+/// Work-message header a feeder sets on a job it may be handing out again (it resumed
+/// from a checkpoint and the job's log message was there when it started): the
+/// instance reads the job's history before it runs it, as for a redelivery.
+pub const REFED: &str = "Ts-Refed";
+
 /// `<process>:<slot>`.
 pub fn job_id(process: &str, slot: u64) -> String {
     format!("{process}:{slot}")
