@@ -395,14 +395,15 @@ impl Record {
         }
     }
 
-    /// Whether a log entry (its body and stored headers) carrying this firing's message
-    /// id is this firing. The id alone does not say: a message id is any client's to
-    /// choose, and a client allowed to schedule into the process could write one
-    /// first, so that the firing looks done while its body never reaches the log. The
-    /// entry is the firing if it carries the alarm's body and each of its headers
-    /// (values compared without surrounding blanks, which NATS header parsing may drop).
-    pub fn is_fired_as(&self, body: &[u8], headers: &[(String, String)]) -> bool {
-        body == self.alarm.body.as_slice()
+    /// Whether a log entry (the BLAKE3 of its body, and its stored headers) carrying
+    /// this firing's message id is this firing. The id alone does not say: a message
+    /// id is any client's to choose, and a client allowed to schedule into the process
+    /// could write one first, so that the firing looks done while its body never
+    /// reaches the log. The entry is the firing if it carries the alarm's body and
+    /// each of its headers (values compared without surrounding blanks, which NATS
+    /// header parsing may drop).
+    pub fn is_fired_as(&self, body_hash: &protocol::Hash32, headers: &[(String, String)]) -> bool {
+        *body_hash == protocol::Hash32::digest(&self.alarm.body)
             && self.alarm.headers.iter().all(|(name, value)| {
                 headers
                     .iter()
@@ -671,14 +672,15 @@ mod tests {
                 .collect()
         };
         let ours = stored(&[("content-type", "text/plain")]);
-        assert!(r.is_fired_as(b"hello", &ours));
+        let hello = protocol::Hash32::digest(b"hello");
+        assert!(r.is_fired_as(&hello, &ours));
         // The scheduler adds nothing an alarm may carry, but stores more than it
         // sent when asked (an execution key); values without surrounding blanks.
         let more = stored(&[("Ts-Execution-Key", "k"), ("content-type", " text/plain")]);
-        assert!(r.is_fired_as(b"hello", &more));
-        assert!(!r.is_fired_as(b"forged", &ours));
-        assert!(!r.is_fired_as(b"hello", &[]));
-        assert!(!r.is_fired_as(b"hello", &stored(&[("content-type", "text/html")])));
+        assert!(r.is_fired_as(&hello, &more));
+        assert!(!r.is_fired_as(&protocol::Hash32::digest(b"forged"), &ours));
+        assert!(!r.is_fired_as(&hello, &[]));
+        assert!(!r.is_fired_as(&hello, &stored(&[("content-type", "text/html")])));
     }
 
     #[test]

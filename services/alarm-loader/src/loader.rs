@@ -1109,11 +1109,10 @@ impl Loader {
                 .await?;
             // The id and the content: an entry a client wrote under the firing's id
             // is not the firing ([`Record::is_fired_as`]).
-            if let Some(e) = page
-                .entries
-                .iter()
-                .find(|e| e.message_id == firing && record.is_fired_as(&e.body, &e.headers))
-            {
+            if let Some(e) = page.entries.iter().find(|e| {
+                e.message_id == firing
+                    && record.is_fired_as(&protocol::Hash32::digest(&e.body), &e.headers)
+            }) {
                 return Ok(Some(e.slot));
             }
             from = page.next;
@@ -1351,7 +1350,19 @@ impl Loader {
                         Err(e) => return Err(e),
                     }
                 }
-                CronCheck::Fire(Some(job)) => {
+                // A tick not attempted yet fires the job as it is now (a replaced job's
+                // pending ticks carry its new definition). Once attempted, a tick keeps
+                // what its first attempt sent (its claim stored it): a retry or a
+                // takeover looks for that attempt in the log by id and content, and
+                // where it went, and must send the same again, or an attempt that
+                // landed would be missed and the tick fired twice (or, its id taken by
+                // a content it no longer knows, dead though delivered).
+                CronCheck::Fire(Some(job))
+                    if matches!(
+                        record.status,
+                        crate::alarm::Status::Pending { attempts: 0, .. }
+                    ) =>
+                {
                     let current = job.tick_alarm(0, None);
                     record.alarm.target = current.target;
                     record.alarm.body = current.body;
@@ -1359,7 +1370,7 @@ impl Loader {
                     record.alarm.dispatch_timeout_ms = current.dispatch_timeout_ms;
                     record.alarm.retry = current.retry;
                 }
-                CronCheck::Fire(None) => {}
+                CronCheck::Fire(_) => {}
             }
             let Some(claim) = record.claim(now, &self.config.replica) else {
                 return Ok(Next::settled(None, rseq, None));
@@ -1539,48 +1550,30 @@ impl Loader {
         Err(Error::Conflict(record.alarm.id))
     }
 
-    /// The scheduler answered a firing as a duplicate of `slot`: it is this firing's
-    /// earlier attempt only if that entry carries the firing ([`Record::is_fired_as`]);
-    /// an entry a client wrote first under the firing's message id fails the attempt
-    /// (retried, then dead with the reason) rather than passing for it.
-    async fn duplicate_of(
+    /// The scheduler answered a firing as a duplicate: the receipt is of the entry
+    /// first written under the firing's message id (its stored headers and the BLAKE3
+    /// of its body, read from the signed run). It is this firing's earlier attempt only
+    /// if it carries the firing ([`Record::is_fired_as`]); an entry a client wrote
+    /// first under the id fails the attempt (retried, then dead with the reason)
+    /// rather than passing for it.
+    fn duplicate_of(
         &self,
         process: &protocol::ProcessId,
         claim: &Record,
-        slot: u64,
+        r: &protocol::wire::Receipt,
     ) -> Fired {
-        let page = self
-            .scheduler
-            .range(
-                process,
-                &protocol::wire::RangeRequest {
-                    from: slot,
-                    to: Some(slot),
-                    limit: Some(1),
-                },
-            )
-            .await;
-        match page.as_ref().map(|p| p.entries.first()) {
-            Ok(Some(e)) if e.slot == slot && claim.is_fired_as(&e.body, &e.headers) => {
-                Fired::Delivered {
-                    slot: Some(slot),
-                    duplicate: true,
-                }
-            }
-            Ok(Some(_)) => {
-                Metrics::bump(&self.metrics.firing_ids_taken);
-                Fired::Failed(format!(
-                    "message id {} is taken in the log of {process} by another message (slot {slot}): not this alarm's firing",
-                    claim.firing_id()
-                ))
-            }
-            Ok(None) => Fired::Failed(format!(
-                "the scheduler answered duplicate of slot {slot} of {process}, which it does not return"
-            )),
-            Err(e) => Fired::Failed(format!(
-                "could not read slot {slot} of {process}, the firing's earlier attempt: {e}"
-            )),
+        if claim.is_fired_as(&r.body_hash, &r.headers) {
+            return Fired::Delivered {
+                slot: Some(r.slot),
+                duplicate: true,
+            };
         }
+        Metrics::bump(&self.metrics.firing_ids_taken);
+        Fired::Failed(format!(
+            "message id {} is taken in the log of {process} by another message (slot {}): not this alarm's firing",
+            claim.firing_id(),
+            r.slot
+        ))
     }
 
     async fn fire(&self, claim: &Record) -> Fired {
@@ -1603,7 +1596,7 @@ impl Loader {
                     .schedule(&process, Bytes::from(a.body.clone()), &opts)
                     .await
                 {
-                    Ok(r) if r.duplicate => self.duplicate_of(&process, claim, r.slot).await,
+                    Ok(r) if r.duplicate => self.duplicate_of(&process, claim, &r),
                     Ok(r) => Fired::Delivered {
                         slot: Some(r.slot),
                         duplicate: false,
