@@ -300,13 +300,18 @@ pub async fn job(nats: async_nats::Client, subjects: &Subjects, action: JobActio
             // than kept for good (an instance deletes a cancel once it has recorded
             // its job final). Read after the write, so a job that ends meanwhile is
             // seen either here or by its instance.
-            let ended = last_state(&js, subjects, &subject)
-                .await?
-                .filter(|s| matches!(s.as_str(), "done" | "dead" | "merged"));
-            if let Some(state) = ended {
-                journal::setup::purge_released(&kv, &key, None).await?;
-                already(Some(&state));
-                return Ok(1);
+            let after = last_state(&js, subjects, &subject).await?;
+            match after.as_deref() {
+                Some(state @ ("done" | "dead" | "merged")) => {
+                    journal::setup::purge_released(&kv, &key, None).await?;
+                    already(Some(state));
+                    return Ok(1);
+                }
+                // Cancelled since the read before: by this cancel (its instance purges
+                // the key too) or by another that raced it (whose instance purged only
+                // its own write): taken back, as the job is final either way.
+                Some("cancelled") => journal::setup::purge_released(&kv, &key, None).await?,
+                _ => {}
             }
             println!(
                 "{}",

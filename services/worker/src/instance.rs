@@ -676,7 +676,7 @@ impl Instance {
             .map_err(|e| Error::nats("read a consumer of the work stream", e))?;
         if info.config.filter_subject != filter {
             return Err(Error::Config(format!(
-                "the work stream's consumer {name} consumes {:?}, not {filter:?}: it is not                  this group's; remove it (nats consumer rm) if nothing uses it",
+                "the work stream's consumer {name} consumes {:?}, not {filter:?}: it is not this group's; remove it (nats consumer rm) if nothing uses it",
                 info.config.filter_subject
             )));
         }
@@ -728,12 +728,18 @@ impl Instance {
             match self.partition_consumer(n).await {
                 Ok(c) => break c,
                 Err(e) => {
+                    // A consumer of our name that is not ours needs the operator: said
+                    // as an error, and asked again less often.
+                    let (level, wait) = match e {
+                        Error::Config(_) => (Level::Error, Duration::from_secs(10)),
+                        _ => (Level::Warn, Duration::from_secs(1)),
+                    };
                     self.record(
-                        Level::Warn,
-                        format!("work partition {n}: {e}; again in 1 s"),
+                        level,
+                        format!("work partition {n}: {e}; again in {} s", wait.as_secs()),
                     );
                     tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = lease.lost() => return None,
                         _ = self.closing.cancelled() => return Some(lease),
                     }

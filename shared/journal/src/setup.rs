@@ -211,8 +211,9 @@ pub async fn ensure_alarms(
 }
 
 /// How long the work stream remembers a job's message id (`Nats-Msg-Id` =
-/// `<process>:<slot>`): a feeder that resumes from its last checkpoint hands out again
-/// what it fed after it, and the stream drops those copies within this window.
+/// `<group>/<process>:<slot>`): a feeder that resumes from its last checkpoint hands out
+/// again what it fed after it, and the stream drops those copies within this window
+/// (later copies are marked `Ts-Refed` and looked up before they run).
 pub const WORK_DUPLICATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The work stream's configuration: one message per job, removed once acknowledged

@@ -91,19 +91,25 @@ impl Subjects {
     /// (`acme.prod`, `acme_prod`, `ACME.PROD` once all named `ACME_PROD_LOG`, and a
     /// second deployment opened the first's streams and buckets as its own).
     pub fn new(prefix: &str) -> Result<Subjects, protocol::Error> {
+        // Two names end in two tokens (`_QUEUE_KEYS`, `_EXEC_KEYS`): a prefix ending in
+        // `queue` or `exec` would name another prefix's `_KEYS` bucket as its own.
         let ok = !prefix.is_empty()
             && prefix.split('.').all(|t| {
                 !t.is_empty()
                     && t.bytes()
                         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            });
+            })
+            && !prefix
+                .rsplit('.')
+                .next()
+                .is_some_and(|last| last == "queue" || last == "exec");
         if ok {
             Ok(Subjects {
                 prefix: prefix.to_string(),
             })
         } else {
             Err(protocol::Error::InvalidProcess(format!(
-                "prefix {prefix:?}: tokens of a-z 0-9 - joined by dots"
+                "prefix {prefix:?}: tokens of a-z 0-9 - joined by dots, the last not queue or exec"
             )))
         }
     }
@@ -443,7 +449,17 @@ mod tests {
             Subjects::new("acme-prod").unwrap().log_stream(),
             "ACME-PROD_LOG"
         );
-        for taken in ["acme_prod", "ACME.PROD", "Acme.prod"] {
+        assert_eq!(
+            Subjects::new("acme").unwrap().queue_keys_bucket(),
+            "ACME_QUEUE_KEYS"
+        );
+        for taken in [
+            "acme_prod",
+            "ACME.PROD",
+            "Acme.prod",
+            "acme.queue",
+            "acme.exec",
+        ] {
             assert!(Subjects::new(taken).is_err(), "{taken}");
         }
     }
