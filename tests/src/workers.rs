@@ -1885,3 +1885,94 @@ async fn jobs_handed_out_again_after_the_duplicate_window_do_not_run_again() -> 
     }
     Ok(())
 }
+
+/// The same hand-out again into a dropbox: each job already done comes back (marked)
+/// and waits, paused, beside a newer job with its merge key, which merges it away. A
+/// job already final is not recorded `merged` after its `done` (its history is read
+/// first): every history of the first round stays one `done`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_done_and_handed_out_again_is_not_merged_after_its_end() -> Result<()> {
+    let server = server()?;
+    let dir = tempfile::tempdir()?;
+    let key = key_file(dir.path(), &test_key(81))?;
+    let _s = spawn_scheduler(&server, &key, &[])?;
+    let nats = connect(server.url()).await?;
+    wait_for_schedulers(&nats, 1).await?;
+    let operator = connect_as(&server, Role::Operator).await?;
+    let js = async_nats::jetstream::new(operator);
+    let subjects = Subjects::default();
+    let mut work =
+        journal::setup::work_stream_config(&subjects, &journal::setup::LogOptions::default());
+    work.duplicate_window = Duration::from_secs(1);
+    js.create_stream(work).await?;
+    let out = dir.path().join("out");
+    let flags = ["--buffer", "dropbox"];
+    let mut a = spawn_worker(&server, "gd", &appender(&out), &flags)?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let client = Client::new(nats.clone(), Subjects::default());
+    let p = ProcessId::new("dp")?;
+    let keyed = |i: usize| Schedule {
+        headers: vec![("Merge-Key".into(), format!("k{i}"))],
+        ..Default::default()
+    };
+    let mut first = Vec::new();
+    for i in 0..4 {
+        first.push(
+            client
+                .schedule(&p, Bytes::from(format!("a{i}")), &keyed(i))
+                .await?
+                .slot,
+        );
+        wait_final(&js, "gd", i + 1, 30).await?;
+    }
+    assert!(tokio::task::spawn_blocking(move || a.terminate(Duration::from_secs(15))).await?);
+    let kv = js.get_key_value("TS_WORKERS").await?;
+    let start = kv
+        .history("feed.gd")
+        .await?
+        .next()
+        .await
+        .context("feed.gd has no history")??;
+    kv.put("feed.gd", start.value).await?;
+    kv.purge("feed.gd.dp").await?;
+    // Newer jobs with the same keys, then the group paused: all wait in the buffer.
+    let mut second = Vec::new();
+    for i in 0..4 {
+        second.push(
+            client
+                .schedule(&p, Bytes::from(format!("b{i}")), &keyed(i))
+                .await?
+                .slot,
+        );
+    }
+    let op = operator_env(&server);
+    crate::support::cli_ok(&op, &["queue", "pause", "gd"]).await?;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let _a2 = spawn_worker(&server, "gd", &appender(&out), &flags)?;
+    wait_for_service(&nats, "turnstile-worker", 1).await?;
+    let instance = crate::support::ping_instances(&nats, "turnstile-worker")
+        .await?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (v, pending) = inspect(&nats, &instance).await?;
+        if pending.len() == second.len() && v["counts"]["already_final"].as_u64() >= Some(4) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the instance never held the second round alone: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    crate::support::cli_ok(&op, &["queue", "resume", "gd"]).await?;
+    let r = wait_final(&js, "gd", first.len() + second.len(), 30).await?;
+    for slot in first.iter().chain(&second) {
+        let evs = &r[&format!("dp:{slot}")];
+        let states: Vec<State> = evs.iter().map(|e| e.state).collect();
+        assert_eq!(states, vec![State::Done], "dp:{slot}: {evs:?}");
+    }
+    assert_eq!(lines(&out).len(), first.len() + second.len());
+    Ok(())
+}

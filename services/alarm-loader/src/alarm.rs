@@ -42,8 +42,10 @@ pub enum Target {
     Subject(String),
 }
 
-/// How failed dispatches are retried.
+/// How failed dispatches are retried. A member left out takes its default; an unknown
+/// one (a misspelt member would otherwise pass as its default) is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Dispatch attempts in all (1: no retry).
     pub attempts: u32,
@@ -661,6 +663,22 @@ mod tests {
         assert_eq!(d.claim(2_000_000, "L2"), None);
         assert_eq!(d.cancelled(2_000_000), None);
         assert_eq!(d.firing_id(), c.firing_id());
+    }
+
+    #[test]
+    fn a_retry_policy_member_left_out_takes_its_default() {
+        let r: RetryPolicy = serde_json::from_str(r#"{"attempts": 2, "backoff_ms": 200}"#).unwrap();
+        assert_eq!(
+            r,
+            RetryPolicy {
+                attempts: 2,
+                backoff_ms: 200,
+                ..RetryPolicy::default()
+            }
+        );
+        let r: RetryPolicy = serde_json::from_str("{}").unwrap();
+        assert_eq!(r, RetryPolicy::default());
+        assert!(serde_json::from_str::<RetryPolicy>(r#"{"attempt": 2}"#).is_err());
     }
 
     #[test]

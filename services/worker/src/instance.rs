@@ -924,6 +924,17 @@ impl Instance {
             .flatten();
         self.changed.notify_waiters();
         if let Some(old) = away {
+            // A job handed out again may be final already (done before a crash): its
+            // history is not rewritten with a `merged` after its end.
+            if old.suspect || old.attempt > 1 {
+                if let Ok(Some(ev)) = self.last_result(&old.job).await {
+                    if ev.state.is_final() {
+                        self.counts.already_final.fetch_add(1, Ordering::Relaxed);
+                        let _ = old.msg.ack().await;
+                        return;
+                    }
+                }
+            }
             let kept = Some(new_slot);
             let mut ev = self.event(&old, State::Merged);
             ev.merged_into = kept;
