@@ -1219,8 +1219,7 @@ async fn removing_a_stray_due_entry_keeps_a_genuine_entry_stored_after_it() -> R
 /// A client allowed to schedule into an alarm's process writes there first under the
 /// alarm's firing id (`alarm-<id>-<set_seq>-<due_ms>`: the set answer gives the
 /// sequence). The scheduler answers the firing as a duplicate of the client's entry;
-/// the loader reads that entry, finds another body, and does not take it for its
-/// firing: the attempt fails (retried, looked for in the log by id *and* content, then
+/// the loader finds another body in that receipt and does not take it for its firing: the attempt fails (retried, looked for in the log by id *and* content, then
 /// dead with the reason), never `done` with the client's slot while the alarm's body
 /// never reached the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -714,11 +714,7 @@ async fn a_job_parked_for_its_execution_key_keeps_its_queue_key_until_it_starts(
         &["--exec-key-lease-ms", "3000", "--concurrency", "4"],
     )?;
     wait_for_service(&nats, "turnstile-worker", 1).await?;
-    let instance = crate::support::ping_instances(&nats, "turnstile-worker")
-        .await?
-        .into_iter()
-        .next()
-        .unwrap_or_default();
+    let instance = crate::workers::only_instance(&nats).await?;
     let client = Client::new(nats.clone(), Subjects::default());
     let exec = |queue: Option<&str>| Schedule {
         headers: std::iter::once(("Ts-Execution-Key".to_string(), "X".to_string()))

@@ -1200,11 +1200,7 @@ async fn a_bounded_buffer_holds_no_more_than_its_bound_and_drops_nothing() -> Re
         &["--buffer", "bounded:2", "--concurrency", "1"],
     )?;
     wait_for_service(&nats, "turnstile-worker", 1).await?;
-    let id = crate::support::ping_instances(&nats, "turnstile-worker")
-        .await?
-        .into_iter()
-        .next()
-        .unwrap_or_default();
+    let id = only_instance(&nats).await?;
     let client = Client::new(nats.clone(), Subjects::default());
     let ids = schedule_many(&client, 2, 6, "bb").await?;
     let operator = connect_as(&server, Role::Operator).await?;
@@ -1253,11 +1249,7 @@ async fn hostile_introspection_requests_do_not_stop_an_instance() -> Result<()> 
     let out = dir.path().join("out");
     let _a = spawn_worker(&server, "g13", &appender(&out), &[])?;
     wait_for_service(&nats, "turnstile-worker", 1).await?;
-    let id = crate::support::ping_instances(&nats, "turnstile-worker")
-        .await?
-        .into_iter()
-        .next()
-        .unwrap_or_default();
+    let id = only_instance(&nats).await?;
     let subject = format!("ts.worker.inspect.{id}");
     let mut raw = crate::raw::RawClient::connect(server.url()).await?;
     let s = subject.as_bytes();
@@ -1725,11 +1717,7 @@ async fn a_job_held_across_a_server_restart_is_looked_up_before_it_runs() -> Res
         .schedule(&q, Bytes::from("again"), &Schedule::default())
         .await?;
     let again_id = format!("hy:{}", again.slot);
-    let instance = crate::support::ping_instances(&nats, "turnstile-worker")
-        .await?
-        .into_iter()
-        .next()
-        .unwrap_or_default();
+    let instance = only_instance(&nats).await?;
     // The instance holds both (paused); their work messages are read as stored.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -1816,6 +1804,52 @@ async fn a_job_held_across_a_server_restart_is_looked_up_before_it_runs() -> Res
     Ok(())
 }
 
+/// The id of the live instance of `turnstile-worker` that answers PING first (empty
+/// when none does).
+pub(crate) async fn only_instance(nats: &async_nats::Client) -> Result<String> {
+    Ok(crate::support::ping_instances(nats, "turnstile-worker")
+        .await?
+        .into_iter()
+        .next()
+        .unwrap_or_default())
+}
+
+/// Makes the work stream before any instance does, with a duplicate window of `window`
+/// (an instance opens it as it is).
+async fn work_stream_with_window(
+    js: &async_nats::jetstream::Context,
+    window: Duration,
+) -> Result<()> {
+    let options = journal::setup::LogOptions::default();
+    let mut work = journal::setup::work_stream_config(&Subjects::default(), &options);
+    work.duplicate_window = window;
+    js.create_stream(work).await?;
+    Ok(())
+}
+
+/// Rewinds `group`'s feed to where the group started, as a feeder killed before its
+/// first checkpoint round leaves it: the sequence to its first value, the points of
+/// `processes` gone.
+async fn rewind_feed(
+    js: &async_nats::jetstream::Context,
+    group: &str,
+    processes: &[&str],
+) -> Result<()> {
+    let kv = js.get_key_value("TS_WORKERS").await?;
+    let key = format!("feed.{group}");
+    let first = kv
+        .history(&key)
+        .await?
+        .next()
+        .await
+        .context("the feed checkpoint has no history")??;
+    kv.put(&key, first.value).await?;
+    for p in processes {
+        kv.purge(format!("feed.{group}.{p}")).await?;
+    }
+    Ok(())
+}
+
 /// A feeder that resumes from a checkpoint hands out again what was fed after it; the
 /// work stream drops those copies only within its duplicate window (here 1 s, the work
 /// stream made before the group: 10 minutes in a deployment). A copy handed out later
@@ -1833,11 +1867,7 @@ async fn jobs_handed_out_again_after_the_duplicate_window_do_not_run_again() -> 
     wait_for_schedulers(&nats, 1).await?;
     let operator = connect_as(&server, Role::Operator).await?;
     let js = async_nats::jetstream::new(operator);
-    let subjects = Subjects::default();
-    let options = journal::setup::LogOptions::default();
-    let mut work = journal::setup::work_stream_config(&subjects, &options);
-    work.duplicate_window = Duration::from_secs(1);
-    js.create_stream(work).await?;
+    work_stream_with_window(&js, Duration::from_secs(1)).await?;
     let out = dir.path().join("out");
     let mut a = spawn_worker(&server, "gr", &appender(&out), &[])?;
     wait_for_service(&nats, "turnstile-worker", 1).await?;
@@ -1845,26 +1875,11 @@ async fn jobs_handed_out_again_after_the_duplicate_window_do_not_run_again() -> 
     let ids = schedule_many(&client, 2, 5, "rf").await?;
     wait_final(&js, "gr", ids.len(), 60).await?;
     assert!(tokio::task::spawn_blocking(move || a.terminate(Duration::from_secs(15))).await?);
-    // Rewind: the group's sequence to its first value, the processes' points gone.
-    let kv = js.get_key_value("TS_WORKERS").await?;
-    let first = kv
-        .history("feed.gr")
-        .await?
-        .next()
-        .await
-        .context("feed.gr has no history")??;
-    kv.put("feed.gr", first.value).await?;
-    for p in ["w0", "w1"] {
-        kv.purge(format!("feed.gr.{p}")).await?;
-    }
+    rewind_feed(&js, "gr", &["w0", "w1"]).await?;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let _a2 = spawn_worker(&server, "gr", &appender(&out), &[])?;
     wait_for_service(&nats, "turnstile-worker", 1).await?;
-    let instance = crate::support::ping_instances(&nats, "turnstile-worker")
-        .await?
-        .into_iter()
-        .next()
-        .unwrap_or_default();
+    let instance = only_instance(&nats).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let (v, _) = inspect(&nats, &instance).await?;
@@ -1900,11 +1915,7 @@ async fn a_job_done_and_handed_out_again_is_not_merged_after_its_end() -> Result
     wait_for_schedulers(&nats, 1).await?;
     let operator = connect_as(&server, Role::Operator).await?;
     let js = async_nats::jetstream::new(operator);
-    let subjects = Subjects::default();
-    let mut work =
-        journal::setup::work_stream_config(&subjects, &journal::setup::LogOptions::default());
-    work.duplicate_window = Duration::from_secs(1);
-    js.create_stream(work).await?;
+    work_stream_with_window(&js, Duration::from_secs(1)).await?;
     let out = dir.path().join("out");
     let flags = ["--buffer", "dropbox"];
     let mut a = spawn_worker(&server, "gd", &appender(&out), &flags)?;
@@ -1926,15 +1937,7 @@ async fn a_job_done_and_handed_out_again_is_not_merged_after_its_end() -> Result
         wait_final(&js, "gd", i + 1, 30).await?;
     }
     assert!(tokio::task::spawn_blocking(move || a.terminate(Duration::from_secs(15))).await?);
-    let kv = js.get_key_value("TS_WORKERS").await?;
-    let start = kv
-        .history("feed.gd")
-        .await?
-        .next()
-        .await
-        .context("feed.gd has no history")??;
-    kv.put("feed.gd", start.value).await?;
-    kv.purge("feed.gd.dp").await?;
+    rewind_feed(&js, "gd", &["dp"]).await?;
     // Newer jobs with the same keys, then the group paused: all wait in the buffer.
     let mut second = Vec::new();
     for i in 0..4 {
@@ -1950,11 +1953,7 @@ async fn a_job_done_and_handed_out_again_is_not_merged_after_its_end() -> Result
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let _a2 = spawn_worker(&server, "gd", &appender(&out), &flags)?;
     wait_for_service(&nats, "turnstile-worker", 1).await?;
-    let instance = crate::support::ping_instances(&nats, "turnstile-worker")
-        .await?
-        .into_iter()
-        .next()
-        .unwrap_or_default();
+    let instance = only_instance(&nats).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let (v, pending) = inspect(&nats, &instance).await?;
