@@ -439,6 +439,22 @@ async fn hostile_alarm_requests_get_typed_refusals_and_hurt_nothing() -> Result<
             "invalid_range",
         ),
         ("drop", b"{}".to_vec(), "malformed"),
+        ("set_many", b"".to_vec(), "malformed"),
+        ("set_many", b"\x00\xff garbage".to_vec(), "malformed"),
+        ("set_many", br#"{"alarms":5}"#.to_vec(), "malformed"),
+        ("set_many", br#"{"alarms":[1]}"#.to_vec(), "malformed"),
+        ("set_many", br#"{"alarms":[],"x":1}"#.to_vec(), "malformed"),
+        ("set_many", br#"[{"id":"x"}]"#.to_vec(), "malformed"),
+        ("set_many", vec![b'x'; 600 * 1024], "too_large"),
+        (
+            "set_many",
+            format!(
+                r#"{{"alarms":[{}]}}"#,
+                vec![r#"{"id":"x","due_ms":1,"target":{"process":"p"}}"#; 1001].join(",")
+            )
+            .into_bytes(),
+            "invalid_alarm",
+        ),
     ];
     for (op, body, code) in cases {
         let reply = client
@@ -1547,6 +1563,94 @@ async fn alarms_set_while_their_bucket_is_being_loaded_fire() -> Result<()> {
     );
     assert_eq!(fired.len(), expected, "every alarm fired");
     assert!(fired.values().all(|&n| n == 1), "each once");
+    loader.terminate(Duration::from_secs(10));
+    sched.stop().await?;
+    Ok(())
+}
+
+/// `set_many` sets each alarm as `set` does and answers each in its place: the good
+/// ones are stored (one due at once fires into its process), a bad one and an id given
+/// twice are refused on their own with the field named, and a request that does not
+/// parse or holds too many alarms sets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_many_sets_each_alarm_on_its_own_and_refuses_only_the_bad_ones() -> Result<()> {
+    let server = server()?;
+    let sched = InProcess::start(&server, Config::default(), vec![test_key(1)]).await?;
+    let mut loader = spawn_loader(&server)?;
+    let client = connect(server.url()).await?;
+    wait_for_loaders(&client, 1).await?;
+    let later = now_ms() + 3_600_000;
+    // One stored before: the batch replaces it.
+    set(&client, set_body("m-old", later, "batched", "before")).await?;
+    let mut bad = set_body("m-bad", later, "batched", "x");
+    bad["target"] = json!({"subject": "ts.schedule.batched"});
+    let alarms = json!([
+        set_body("m-now", now_ms(), "batched", "at once"),
+        set_body("m-old", later + 60_000, "batched", "after"),
+        bad,
+        set_body("m-later", later, "batched", "later"),
+        set_body("m-later", later + 1, "batched", "twice"),
+    ]);
+    let got = alarm(&client, "set_many", json!({ "alarms": alarms }))
+        .await?
+        .map_err(|e| anyhow::anyhow!("set_many refused: {e}"))?;
+    let results = got["results"].as_array().context("results")?;
+    assert_eq!(results.len(), 5, "{got}");
+    let ids: Vec<&str> = results.iter().filter_map(|r| r["id"].as_str()).collect();
+    assert_eq!(
+        ids,
+        ["m-now", "m-old", "m-bad", "m-later", "m-later"],
+        "{got}"
+    );
+    assert_eq!(results[0]["replaced"], false, "{got}");
+    assert_eq!(results[1]["replaced"], true, "{got}");
+    assert_eq!(results[3]["replaced"], false, "{got}");
+    assert_eq!(results[2]["error"]["code"], "invalid_alarm", "{got}");
+    assert!(
+        results[2]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("target")),
+        "{got}"
+    );
+    assert_eq!(results[4]["error"]["code"], "invalid_alarm", "{got}");
+    // What was set is stored as set; the refused is not.
+    assert_eq!(
+        get_alarm(&client, "m-old").await?["alarm"]["due_ms"],
+        later + 60_000
+    );
+    assert_eq!(
+        get_alarm(&client, "m-later").await?["alarm"]["due_ms"],
+        later
+    );
+    assert_eq!(
+        alarm(&client, "get", json!({"id": "m-bad"})).await?,
+        Err("not_found".to_string())
+    );
+    let fired = wait_status(&client, "m-now", "done", 20).await?;
+    assert!(fired["status"]["slot"].is_u64(), "{fired}");
+    assert_eq!(bodies(&server, "batched").await?.get("at once"), Some(&1));
+    // Nothing of a request that does not parse, or that holds too many, is set.
+    let mut broken = json!([set_body("m-none", later, "batched", "no")]);
+    broken
+        .as_array_mut()
+        .context("array")?
+        .push(json!({"id": "m-none-2", "due_ms": "soon", "target": {"process": "batched"}}));
+    let refused = alarm(&client, "set_many", json!({ "alarms": broken })).await?;
+    assert_eq!(refused, Err("malformed".to_string()));
+    let many: Vec<Value> = (0..=alarm_loader::api::MAX_SET_MANY)
+        .map(|i| json!({"id": format!("m-many-{i}"), "due_ms": later, "target": {"process": "batched"}}))
+        .collect();
+    let refused = alarm(&client, "set_many", json!({ "alarms": many })).await?;
+    assert_eq!(refused, Err("invalid_alarm".to_string()));
+    let refused = alarm(&client, "set_many", json!({ "alarms": [] })).await?;
+    assert_eq!(refused, Err("invalid_alarm".to_string()));
+    for id in ["m-none", "m-many-0"] {
+        assert_eq!(
+            alarm(&client, "get", json!({"id": id})).await?,
+            Err("not_found".to_string()),
+            "{id}"
+        );
+    }
     loader.terminate(Duration::from_secs(10));
     sched.stop().await?;
     Ok(())

@@ -23,6 +23,12 @@ pub const MAX_LIST_RANGE_MS: u64 = 24 * 3600 * 1000;
 pub const MAX_HISTORY: usize = 1000;
 /// Most alarms one `list` returns.
 pub const MAX_LIST: usize = 1000;
+/// Most alarms one `set_many` sets.
+pub const MAX_SET_MANY: usize = 1000;
+/// `set_many` requests setting at once (each up to [`MAX_SET_MANY`] sets in flight);
+/// more wait their turn, among the requests being answered (`--max-answering`).
+const SET_MANY_AT_ONCE: usize = 16;
+static SET_MANY_TURNS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(SET_MANY_AT_ONCE);
 
 /// A refusal: code and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +74,12 @@ struct IdRequest {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct SetManyRequest {
+    alarms: Vec<Alarm>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListRequest {
     from_ms: u64,
     to_ms: u64,
@@ -108,6 +120,8 @@ pub async fn handle(store: &Store, clock: &Clock, op: &str, body: &[u8]) -> Resu
     }
     match op {
         "set" => set(store, clock, parse(body)?).await,
+        // Boxed: its many sets in flight would size every request's future.
+        "set_many" => Box::pin(set_many(store, clock, parse(body)?)).await,
         "cancel" => {
             let r: IdRequest = parse(body)?;
             cancel(store, clock, &r.id).await
@@ -121,7 +135,7 @@ pub async fn handle(store: &Store, clock: &Clock, op: &str, body: &[u8]) -> Resu
         "list" => Box::pin(list(store, parse(body)?)).await,
         other => Err(Refusal::new(
             ErrorCode::Malformed,
-            format!("unknown operation {other:?}: set, cancel, get, list"),
+            format!("unknown operation {other:?}: set, set_many, cancel, get, list"),
         )),
     }
 }
@@ -218,6 +232,47 @@ async fn set(store: &Store, clock: &Clock, alarm: Alarm) -> Result<Value, Refusa
         }
     }
     Err(Error::Conflict(alarm.id).into())
+}
+
+/// Sets (or replaces) up to [`MAX_SET_MANY`] alarms in one request, each as `set` does
+/// and all at once: what a client pipelining single sets gets, without a request and
+/// an answer per alarm. Each alarm is answered in its place, set or refused on its own
+/// (an id given twice is refused the second time: which of the two stood would depend
+/// on which write came first); a request that does not parse sets nothing.
+async fn set_many(store: &Store, clock: &Clock, r: SetManyRequest) -> Result<Value, Refusal> {
+    if r.alarms.is_empty() || r.alarms.len() > MAX_SET_MANY {
+        return Err(Refusal::new(
+            ErrorCode::InvalidAlarm,
+            format!("alarms: 1-{MAX_SET_MANY} alarms ({} given)", r.alarms.len()),
+        ));
+    }
+    let _turn = SET_MANY_TURNS
+        .acquire()
+        .await
+        .map_err(|e| Refusal::new(ErrorCode::Unavailable, e.to_string()))?;
+    let mut seen = std::collections::HashSet::new();
+    let sets = r.alarms.into_iter().map(|alarm| {
+        let twice = !seen.insert(alarm.id.clone());
+        async move {
+            let id = alarm.id.clone();
+            let done = if twice {
+                Err(Refusal::new(
+                    ErrorCode::InvalidAlarm,
+                    "id: given twice in one request",
+                ))
+            } else {
+                set(store, clock, alarm).await
+            };
+            done.unwrap_or_else(|refusal| {
+                json!({
+                    "id": id,
+                    "error": {"code": refusal.code.as_str(), "message": refusal.message},
+                })
+            })
+        }
+    });
+    let results = futures::future::join_all(sets).await;
+    Ok(json!({ "results": results }))
 }
 
 async fn cancel(store: &Store, clock: &Clock, id: &str) -> Result<Value, Refusal> {

@@ -19,7 +19,7 @@ struct Args {
     #[arg(long, env = "TS_IN_MEMORY_INTERVAL_MS", default_value_t = 10_000)]
     in_memory_interval_ms: u64,
     /// Dispatches at once.
-    #[arg(long, env = "TS_MAX_IN_FLIGHT", default_value_t = 256)]
+    #[arg(long, env = "TS_MAX_IN_FLIGHT", default_value_t = 1024)]
     max_in_flight: usize,
     /// The partitions' lease: a dead loader's alarms are taken over after about this
     /// long (at least 1000).

@@ -575,6 +575,8 @@ pub async fn run_with_clock(
         Arc::clone(&metrics),
     );
     let loads = Arc::new(tokio::sync::Semaphore::new(config.concurrent_loads.max(1)));
+    // Clients (an alarm-loader retrying a firing) learn the idempotency window here.
+    let dedupe_window_ms = config.dedupe_window.as_millis().to_string();
     let shared = Arc::new(Shared {
         config,
         limits,
@@ -626,6 +628,7 @@ pub async fn run_with_clock(
                 "max_run_entries".to_string(),
                 limits.max_run_entries.to_string(),
             ),
+            ("dedupe_window_ms".to_string(), dedupe_window_ms),
         ]),
     };
     let service = service::Service::start_split(
