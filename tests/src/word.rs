@@ -436,6 +436,14 @@ async fn a_skewed_clock_does_not_hang_a_process_after_a_restart() -> Result<()> 
     let p = ProcessId::new("skew")?;
     let (stop, handle) = start(scheduler::skewed_clock(3_600_000)).await?;
     wait_for_schedulers(&nats, 1).await?;
+    // The services API tells a client the idempotency window it runs with.
+    let ping: serde_json::Value = serde_json::from_slice(
+        &nats
+            .request("$SRV.PING.turnstile-scheduler", Bytes::new())
+            .await?
+            .payload,
+    )?;
+    assert_eq!(ping["metadata"]["dedupe_window_ms"], "1000", "{ping}");
     let opts = journal::client::Schedule {
         message_id: Some("s-1".into()),
         ..Default::default()
