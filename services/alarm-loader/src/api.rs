@@ -30,23 +30,7 @@ pub const MAX_SET_MANY: usize = 1000;
 const SET_MANY_AT_ONCE: usize = 16;
 static SET_MANY_TURNS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(SET_MANY_AT_ONCE);
 
-/// A refusal: code and message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    /// The code.
-    pub code: ErrorCode,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl Refusal {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
-        Refusal {
-            code,
-            message: message.into(),
-        }
-    }
-}
+pub use service::Refusal;
 
 impl From<Error> for Refusal {
     fn from(e: Error) -> Refusal {

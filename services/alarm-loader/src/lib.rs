@@ -36,6 +36,9 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use protocol::wire::ErrorCode;
+use service::Refusal;
+
 /// The connections of a loader.
 #[derive(Debug, Clone)]
 pub struct Connections {
@@ -204,12 +207,11 @@ async fn serve(
         };
         let Some(req) = req else { break };
         let Ok(permit) = Arc::clone(&ctx.room).try_acquire_owned() else {
-            let c = protocol::wire::ErrorCode::Busy;
             let why = format!(
                 "{} requests are being answered; retry in {BUSY_RETRY_MS} ms",
                 ctx.max_answering
             );
-            if let Err(e) = req.refuse(c.as_str(), c.status(), &why).await {
+            if let Err(e) = req.refuse(&Refusal::new(ErrorCode::Busy, why)).await {
                 warn!(error = %e, "answer not sent");
             }
             continue;
@@ -228,8 +230,9 @@ async fn serve(
 /// Answers one request.
 async fn answer(ctx: &Answering, kind: Kind, req: service::Request) {
     if let Some(why) = req.malformed() {
-        let c = protocol::wire::ErrorCode::MalformedRequest;
-        let _ = req.refuse(c.as_str(), c.status(), why).await;
+        let _ = req
+            .refuse(&Refusal::new(ErrorCode::MalformedRequest, why))
+            .await;
         return;
     }
     let subject = req.message().subject.as_str();
@@ -249,14 +252,11 @@ async fn answer(ctx: &Answering, kind: Kind, req: service::Request) {
         Ok(v) => match serde_json::to_vec(&v) {
             Ok(body) => req.respond(Bytes::from(body)).await,
             Err(e) => {
-                let c = protocol::wire::ErrorCode::Internal;
-                req.refuse(c.as_str(), c.status(), &e.to_string()).await
+                req.refuse(&Refusal::new(ErrorCode::Internal, e.to_string()))
+                    .await
             }
         },
-        Err(r) => {
-            req.refuse(r.code.as_str(), r.code.status(), &r.message)
-                .await
-        }
+        Err(r) => req.refuse(&r).await,
     };
     if let Err(e) = sent {
         warn!(error = %e, "answer not sent");

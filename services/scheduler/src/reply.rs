@@ -9,24 +9,7 @@ use tracing::warn;
 use protocol::merkle::Tree;
 use protocol::wire::{ErrorCode, Run};
 
-/// A refusal: a code and a message for the client.
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    /// The typed reason.
-    pub code: ErrorCode,
-    /// What to tell the client.
-    pub message: String,
-}
-
-impl Refusal {
-    /// A refusal with `code` and `message`.
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
-        Refusal {
-            code,
-            message: message.into(),
-        }
-    }
-}
+pub use service::Refusal;
 
 /// How a request was answered, told to whoever waits on it (a queue-key hold).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,11 +105,7 @@ impl Replier {
         } else {
             tracing::debug!(code = r.code.as_str(), message = %r.message, "request refused");
         }
-        if let Err(e) = self
-            .0
-            .refuse(r.code.as_str(), r.code.status(), &r.message)
-            .await
-        {
+        if let Err(e) = self.0.refuse(&r).await {
             warn!(error = %e, "could not send a refusal");
         }
     }

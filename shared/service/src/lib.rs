@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use journal::subjects::{self, Subjects};
+use protocol::wire::ErrorCode;
 
 pub mod runtime;
 
@@ -717,6 +718,26 @@ impl Endpoint {
     }
 }
 
+/// Why a request is not served: a typed code (schemas/errors.md) and a message for
+/// the client. Every service answers it the same way ([`Request::refuse`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The typed reason.
+    pub code: ErrorCode,
+    /// What to tell the client.
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
 /// One request; answer it once with [`Request::respond`] or [`Request::refuse`].
 #[derive(Debug)]
 pub struct Request {
@@ -747,14 +768,18 @@ impl Request {
 
     /// Answers with a typed refusal: an empty body and the headers `Ts-Error` (the
     /// code), `Nats-Service-Error-Code` (HTTP-like status) and `Nats-Service-Error`.
-    pub async fn refuse(&self, code: &str, status: u16, message: &str) -> Result<()> {
+    pub async fn refuse(&self, refusal: &Refusal) -> Result<()> {
+        let (code, message) = (refusal.code.as_str(), refusal.message.as_str());
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut last) = self.stats.last_error.lock() {
             *last = format!("{code}: {message}");
         }
         let mut h = HeaderMap::new();
         h.insert(subjects::ERROR, code);
-        h.insert(subjects::SERVICE_ERROR_CODE, status.to_string().as_str());
+        h.insert(
+            subjects::SERVICE_ERROR_CODE,
+            refusal.code.status().to_string().as_str(),
+        );
         // A header value is one line: keep the message on one, and short (it may
         // quote what the client sent, which can be as large as a request).
         h.insert(
