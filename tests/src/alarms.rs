@@ -271,10 +271,24 @@ async fn racing_loaders_a_crash_and_a_full_outage_fire_each_alarm_once() -> Resu
     }
     b.kill();
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let restarted = now_ms();
     let mut c = spawn_loader(&server)?;
     wait_for_loaders(&client, 1).await?;
     for i in 0..20 {
-        wait_status(&client, &format!("o{i}"), "done", 30).await?;
+        let got = wait_status(&client, &format!("o{i}"), "done", 30).await?;
+        // Fired on recovery, and its lateness says how long it waited for it.
+        let lateness = got["history"]
+            .as_array()
+            .context("history")?
+            .iter()
+            .find(|h| h["event"]["event"] == "delivered")
+            .and_then(|h| h["event"]["lateness_ms"].as_u64())
+            .with_context(|| format!("o{i} delivered without its lateness: {got}"))?;
+        assert!(
+            lateness >= restarted - (now + 500),
+            "o{i}: lateness {lateness} ms, yet it was due {} ms before a loader ran again",
+            restarted - (now + 500)
+        );
     }
     let b = bodies(&server, "race").await?;
     for i in 0..n {
@@ -290,7 +304,8 @@ async fn racing_loaders_a_crash_and_a_full_outage_fire_each_alarm_once() -> Resu
 }
 
 /// A subject target that asks for a retry is called again after it with the new
-/// body; one that never answers is retried with backoff, then dead-lettered.
+/// body; one with no responder, and one whose responder hears and never answers (a
+/// dispatch timeout), are retried with backoff, then dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subject_targets_retry_when_asked_and_dead_letter_when_they_fail() -> Result<()> {
     let server = server()?;
@@ -299,6 +314,8 @@ async fn subject_targets_retry_when_asked_and_dead_letter_when_they_fail() -> Re
     wait_for_loaders(&client, 1).await?;
     let responder = connect(server.url()).await?;
     let mut sub = responder.subscribe("jobs.work").await?;
+    // Hears every call and answers none: each attempt must end as a timeout.
+    let mut silent = responder.subscribe("jobs.silent").await?;
     settled(&responder).await?;
     let seen = tokio::spawn(async move {
         let mut bodies = Vec::new();
@@ -331,6 +348,17 @@ async fn subject_targets_retry_when_asked_and_dead_letter_when_they_fail() -> Re
     let mut dead = ops.subscribe("ts.alarms.dead").await?;
     settled(&ops).await?;
     let now = now_ms();
+    alarm(
+        &client,
+        "set",
+        json!({
+            "id": "s3", "due_ms": now + 300, "target": {"subject": "jobs.silent"},
+            "dispatch_timeout_ms": 300,
+            "retry": {"attempts": 2, "backoff_ms": 100, "max_backoff_ms": 100}
+        }),
+    )
+    .await?
+    .map_err(anyhow::Error::msg)?;
     alarm(&client, "set", json!({"id": "s1", "due_ms": now + 300, "target": {"subject": "jobs.work"}, "body": "Zmlyc3Q="}))
         .await?
         .map_err(anyhow::Error::msg)?;
@@ -379,6 +407,39 @@ async fn subject_targets_retry_when_asked_and_dead_letter_when_they_fail() -> Re
             .is_some_and(|r| r.contains("no responders")),
         "{letter}"
     );
+    let got = wait_status(&client, "s3", "dead", 20).await?;
+    let reasons: Vec<&str> = got["history"]
+        .as_array()
+        .context("history")?
+        .iter()
+        .filter(|h| h["event"]["event"] == "failed")
+        .filter_map(|h| h["event"]["reason"].as_str())
+        .collect();
+    assert_eq!(reasons, ["no answer within 300 ms"], "{got}");
+    let last = got["history"]
+        .as_array()
+        .and_then(|h| h.last())
+        .context("history")?;
+    assert_eq!(last["event"]["event"], "dead_lettered", "{got}");
+    assert_eq!(
+        last["event"]["reason"].as_str(),
+        Some("attempt 2 of 2: no answer within 300 ms"),
+        "{got}"
+    );
+    // Both attempts reached the silent responder, each marked with its number.
+    let mut heard = Vec::new();
+    while heard.len() < 2 {
+        let m = tokio::time::timeout(Duration::from_secs(5), silent.next())
+            .await?
+            .context("silent responder")?;
+        heard.push(
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get("Ts-Alarm-Attempt"))
+                .map(|v| v.to_string()),
+        );
+    }
+    assert_eq!(heard, [Some("1".to_string()), Some("2".to_string())]);
     loader.terminate(Duration::from_secs(10));
     Ok(())
 }

@@ -236,8 +236,37 @@ async fn overlapping_ticks_are_skipped_and_a_deleted_job_fires_no_more() -> Resu
     Ok(())
 }
 
-/// Ticks that fell while every loader was down follow the job's missed-run policy
-/// (`skip`: none of them fires); the job goes on afterwards.
+/// The alarms of `job`'s ticks `first, first + period, …` up to `until` that exist:
+/// (tick, status, the status's reason and time if it has them).
+async fn tick_alarms(
+    client: &async_nats::Client,
+    job: &str,
+    first: u64,
+    period: u64,
+    until: u64,
+) -> Result<Vec<(u64, String, String, u64)>> {
+    let mut out = Vec::new();
+    let mut t = first;
+    while t <= until {
+        let id = format!("cron-{job}-{t}");
+        if let Ok(got) = crate::alarms::alarm(client, "get", json!({"id": id})).await? {
+            let status = &got["status"];
+            out.push((
+                t,
+                status["status"].as_str().unwrap_or("").to_string(),
+                status["reason"].as_str().unwrap_or("").to_string(),
+                status["at_ms"].as_u64().unwrap_or(0),
+            ));
+        }
+        t += period;
+    }
+    Ok(out)
+}
+
+/// Ticks that fell while every loader was down follow each job's missed-run policy:
+/// `skip` fires none of them, `latest` the newest (none if by the time it fires a
+/// later tick is due within the grace, which fires instead), `all` every one; each
+/// job goes on afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ticks_missed_during_an_outage_follow_the_policy() -> Result<()> {
     let server = server()?;
@@ -245,49 +274,123 @@ async fn ticks_missed_during_an_outage_follow_the_policy() -> Result<()> {
     let mut a = spawn_loader(&server)?;
     let client = connect(server.url()).await?;
     wait_for_loaders(&client, 1).await?;
-    cron(
-        &client,
-        "add",
-        json!({
-            "name": "gap", "schedule": "@every 1s", "missed": "skip", "missed_grace_ms": 1000,
-            "target": {"process": "gapped"}
-        }),
-    )
-    .await?
-    .map_err(anyhow::Error::msg)?;
+    // `latest` ticks every 3 s, so that the 7 s outage holds two or three of its ticks
+    // and the newest is not always overtaken by a tick within the 1 s grace.
+    let jobs = [("skip", 1_000), ("latest", 3_000), ("all", 1_000)];
+    let mut created = BTreeMap::new();
+    for (policy, period) in jobs {
+        let added = cron(
+            &client,
+            "add",
+            json!({
+                "name": format!("gap-{policy}"), "schedule": format!("@every {}s", period / 1000),
+                "missed": policy, "missed_grace_ms": 1000, "missed_bound": 10,
+                "target": {"process": format!("gapped-{policy}")}
+            }),
+        )
+        .await?
+        .map_err(anyhow::Error::msg)?;
+        let got = cron(&client, "get", json!({"name": format!("gap-{policy}")}))
+            .await?
+            .map_err(anyhow::Error::msg)?;
+        let at = got["job"]["created_ms"]
+            .as_u64()
+            .with_context(|| format!("no created_ms: {got} ({added})"))?;
+        created.insert(policy, at);
+    }
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     a.kill();
     let down_at = now_ms();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Back 1.5 s after a tick of `latest` (its ticks are `created + k × 3 s`), at
+    // least 6 s later: that tick is then late past the grace, and the next one not yet
+    // due, so latest fires it (unless the new loader takes over 1.5 s to fire).
+    let anchor = created["latest"];
+    let back = {
+        let earliest = down_at + 6_000;
+        let k = (earliest.saturating_sub(anchor + 1_500)).div_ceil(3_000);
+        anchor + 1_500 + k * 3_000
+    };
+    tokio::time::sleep(Duration::from_millis(back.saturating_sub(now_ms()))).await;
     let up_at = now_ms();
     let mut b = spawn_loader(&server)?;
     wait_for_loaders(&client, 1).await?;
-    tokio::time::sleep(Duration::from_millis(3_000)).await;
-    let ticks = ticks_in_log(server.url(), "gapped", "gap").await?;
-    let distinct: BTreeSet<u64> = ticks.iter().copied().collect();
-    assert_eq!(distinct.len(), ticks.len(), "{ticks:?}");
-    // Planned before the crash (up to the window's end) may fire late, and so may the
-    // ticks within the job's 1 s grace when planning resumed; nothing else of the
-    // outage.
-    let in_outage: Vec<u64> = ticks
-        .iter()
-        .copied()
-        .filter(|&t| t > down_at + 2_000 && t + 1_100 < up_at)
-        .collect();
+    tokio::time::sleep(Duration::from_millis(4_000)).await;
+    let mut seen = BTreeMap::new();
+    for (policy, period) in jobs {
+        let job = format!("gap-{policy}");
+        let ticks = ticks_in_log(server.url(), &format!("gapped-{policy}"), &job).await?;
+        let distinct: BTreeSet<u64> = ticks.iter().copied().collect();
+        assert_eq!(distinct.len(), ticks.len(), "{policy}: {ticks:?}");
+        let last = distinct.last().copied().unwrap_or(0);
+        assert!(last > up_at, "{policy}: the job went on: {ticks:?}");
+        // The ticks of the outage: due after the killed loader could have fired them
+        // and more than the grace before one ran again. Each has an alarm (planned
+        // ahead) or none (dropped when planning resumed).
+        let first = last - (last - down_at) / period * period;
+        let outage: Vec<(u64, String, String, u64)> =
+            tick_alarms(&client, &job, first, period, last)
+                .await?
+                .into_iter()
+                .filter(|(t, ..)| *t + 1_100 < up_at)
+                .collect();
+        let fired: Vec<u64> = distinct
+            .iter()
+            .copied()
+            .filter(|&t| t > down_at && t + 1_100 < up_at)
+            .collect();
+        seen.insert(policy, (distinct, outage, fired));
+    }
+    let skipped_by = |outage: &[(u64, String, String, u64)], policy: &str| {
+        outage
+            .iter()
+            .filter(|(_, s, r, _)| s == "skipped" && r.contains(&format!("policy {policy}")))
+            .count()
+    };
+    // skip: none of the outage's ticks fired; those planned ahead say why.
+    let (_, outage, fired) = &seen["skip"];
     assert!(
-        in_outage.is_empty(),
-        "ticks of the outage fired: {in_outage:?} (down {down_at}, up {up_at})"
+        fired.is_empty() && skipped_by(outage, "skip") == outage.len(),
+        "skip: {fired:?} fired; {outage:?} (down {down_at}, up {up_at})"
     );
+    // latest: the newest of the outage's ticks fired and the others were skipped for
+    // it; or, if the new loader came to it only once the tick after it was due (so
+    // within the grace), it was skipped too and that one fired.
+    let (latest, outage, fired) = &seen["latest"];
+    let (older, newest) = match outage.as_slice() {
+        [older @ .., newest] => (older, newest),
+        [] => panic!("latest: no tick of the outage has an alarm; log {latest:?}"),
+    };
     assert!(
-        ticks.iter().any(|&t| t > up_at),
-        "the job went on: {ticks:?}"
+        skipped_by(older, "latest") == older.len(),
+        "latest: {outage:?}; log {latest:?} (down {down_at}, up {up_at})"
+    );
+    let (t, status, _, at) = newest;
+    if status == "done" {
+        assert_eq!(fired, &[*t], "latest: {outage:?}; log {latest:?}");
+    } else {
+        assert!(
+            fired.is_empty()
+                && skipped_by(&[newest.clone()], "latest") == 1
+                && *at >= t + 3_000
+                && latest.contains(&(t + 3_000)),
+            "latest: the newest tick of the outage did not fire: {outage:?}; log {latest:?} \
+             (down {down_at}, up {up_at})"
+        );
+    }
+    // all: every tick of the run is in the log, none missing.
+    let (all, outage, fired) = &seen["all"];
+    let all: Vec<u64> = all.iter().copied().collect();
+    let gaps: Vec<&[u64]> = all.windows(2).filter(|w| w[1] - w[0] != 1000).collect();
+    assert!(
+        gaps.is_empty() && fired.len() >= 4 && outage.iter().all(|(_, s, ..)| s == "done"),
+        "all: ticks missing between {gaps:?}: {all:?}; {outage:?}"
     );
     let stats = loader_stats(&client).await?;
     // Dropped as missed when planning resumed, or skipped as late at fire time when
     // they had been planned before the outage: either way by the policy, and said.
     let by_policy =
         stats.get("cron_missed").copied().unwrap_or(0) + stats.get("skipped").copied().unwrap_or(0);
-    assert!(by_policy >= 2, "{stats:?}");
+    assert!(by_policy >= 6, "{stats:?}");
     b.terminate(Duration::from_secs(10));
     sched.stop().await?;
     Ok(())
