@@ -370,7 +370,7 @@ async fn ticks_missed_during_an_outage_follow_the_policy() -> Result<()> {
     } else {
         assert!(
             fired.is_empty()
-                && skipped_by(&[newest.clone()], "latest") == 1
+                && skipped_by(std::slice::from_ref(newest), "latest") == 1
                 && *at >= t + 3_000
                 && latest.contains(&(t + 3_000)),
             "latest: the newest tick of the outage did not fire: {outage:?}; log {latest:?} \
