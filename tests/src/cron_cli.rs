@@ -250,8 +250,22 @@ async fn next_reads_a_stored_job_and_refusals_exit_1() -> Result<()> {
         "3",
     ];
     assert_eq!(ok(&url, &by_hand).await?, stored);
-    // The job's own settings: giving a zone or a policy beside --job is a usage error.
+    // A job may be named without --job: one word that is no alias.
+    let positional = [
+        "cron",
+        "next",
+        "nightly",
+        "--after-ms",
+        after,
+        "--count",
+        "3",
+    ];
+    assert_eq!(ok(&url, &positional).await?, stored);
+    // The job's own settings: giving a zone or a policy beside a job is a usage error.
     let out = turnstile(&url, &["cron", "next", "--job", "nightly", "--tz", "UTC"]).await?;
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(stderr(&out).contains("--tz"), "{}", show(&out));
+    let out = turnstile(&url, &["cron", "next", "nightly", "--tz", "Europe/Paris"]).await?;
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
     assert!(stderr(&out).contains("--tz"), "{}", show(&out));
 
@@ -269,6 +283,7 @@ async fn next_reads_a_stored_job_and_refusals_exit_1() -> Result<()> {
         &["cron", "delete", "nightly"],
         &["cron", "activate", "nightly"],
         &["cron", "next", "--job", "nightly"],
+        &["cron", "next", "nightly"],
     ] {
         refused(&url, args, "not_found").await?;
     }

@@ -39,8 +39,8 @@ pub enum Action {
         #[arg(long)]
         json: bool,
     },
-    /// Print the next fire times of a schedule expression or of a stored job (--job),
-    /// local and UTC, one per line.
+    /// Print the next fire times of a schedule expression or of a stored job (its name,
+    /// or --job NAME), local and UTC, one per line.
     Next(NextArgs),
 }
 
@@ -48,7 +48,10 @@ impl Action {
     /// Whether the command asks the alarm-loader (everything but `next` of an
     /// expression).
     pub fn needs_server(&self) -> bool {
-        !matches!(self, Action::Next(NextArgs { job: None, .. }))
+        match self {
+            Action::Next(args) => args.stored_job().is_some(),
+            _ => true,
+        }
     }
 }
 
@@ -135,7 +138,8 @@ pub struct AddArgs {
 #[command(group(clap::ArgGroup::new("schedule").required(true).args(["expression", "job"])))]
 pub struct NextArgs {
     /// A cron expression (6 fields with seconds, or 5 without), an alias
-    /// (@daily, @hourly, ...) or `@every 1h30m`; quote it.
+    /// (@daily, @hourly, ...) or `@every 1h30m`; quote it. One word that is neither an
+    /// alias nor `@every` names a stored job, as --job does.
     expression: Option<String>,
     /// A stored job instead of an expression: its schedule with its own zone, DST
     /// policy and `@every` anchor (asks the alarm-loader).
@@ -163,6 +167,17 @@ pub struct NextArgs {
     /// One JSON object a line instead of text.
     #[arg(long)]
     json: bool,
+}
+
+impl NextArgs {
+    /// The stored job asked about: `--job`, or a positional of one word not starting
+    /// with `@` (no expression is one word but an alias, and a job name has no space).
+    fn stored_job(&self) -> Option<&str> {
+        self.job.as_deref().or(self
+            .expression
+            .as_deref()
+            .filter(|e| !e.starts_with('@') && !e.trim().contains(char::is_whitespace)))
+    }
 }
 
 /// A tick as the loader names it: its instant and the wall time the schedule named.
@@ -274,8 +289,18 @@ pub async fn run(
             }
         }
         Action::Next(args) => {
-            let schedule = match &args.job {
+            let schedule = match args.stored_job() {
                 Some(name) => {
+                    if args.every_anchor_ms.is_some()
+                        || args.tz != "UTC"
+                        || args.gap != "shift"
+                        || args.fold != "once"
+                    {
+                        bail!(
+                            "{name} names a stored job, read in its own zone and policies: \
+                             --tz, --every-anchor-ms, --gap and --fold are for expressions"
+                        );
+                    }
                     let Some(answer) = named(client()?, &subjects, "get", name).await? else {
                         return Ok(1);
                     };
