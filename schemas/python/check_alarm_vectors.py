@@ -91,6 +91,17 @@ def partition_of(id_: str) -> int:
     return int.from_bytes(h[:4], "little") % PARTITIONS
 
 
+def firing_id(doc: dict, id_: str, set_seq: int, due_ms: int) -> str:
+    """alarms.md "Firing": alarm-<id>-<set_seq>-<due_ms>-<tag>, the tag the first 8
+    bytes (hex) of BLAKE3 keyed with the firing key over the parts, each followed by 0."""
+    key = bytes.fromhex(doc["firing_key_hex"])
+    h = blake3.blake3(key=key)
+    for part in (b"turnstile/alarm-firing/v1", id_.encode(), str(set_seq).encode(), str(due_ms).encode()):
+        h.update(part)
+        h.update(b"\0")
+    return f"alarm-{id_}-{set_seq}-{due_ms}-{h.digest()[:8].hex()}"
+
+
 def bucket_of(ms: int) -> int:
     return ms // BUCKET_MS
 
@@ -334,7 +345,7 @@ def check_lives(doc: dict) -> None:
             else:
                 check_eq(r["set_seq"], set_seq, f"{what}: set_seq is the set record's sequence")
             a = r["alarm"]
-            check_eq(step["firing_id"], f"alarm-{a['id']}-{set_seq}-{a['due_ms']}", f"{what}: firing id")
+            check_eq(step["firing_id"], firing_id(doc, a["id"], set_seq, a["due_ms"]), f"{what}: firing id")
             s = r["status"]
             final = s["status"] in FINAL
             check_eq(step["final"], final, f"{what}: final")
@@ -643,6 +654,8 @@ def alterations(doc: dict):
     yield alt("a dead-letter reason without its attempt", lambda d: rec(d, 1, 5)["event"].__setitem__("reason", "error: disk full"))
     yield alt("a retry_asked keeping the old due time", lambda d: rec(d, 2, 2)["alarm"].__setitem__("due_ms", rec(d, 2, 1)["alarm"]["due_ms"]))
     yield alt("a firing id unchanged by retry_asked", lambda d: d["lives"][2]["records"][2].__setitem__("firing_id", d["lives"][2]["records"][1]["firing_id"]))
+    yield alt("a firing id without its tag", lambda d: d["lives"][0]["records"][1].__setitem__("firing_id", d["lives"][0]["records"][1]["firing_id"].rsplit("-", 1)[0]))
+    yield alt("a firing id tagged under another key", lambda d: d.__setitem__("firing_key_hex", "ff" * 32))
     yield alt("a firing id with the wrong set_seq", lambda d: d["lives"][3]["records"][2].__setitem__("firing_id", d["lives"][3]["records"][0]["firing_id"]))
     yield alt("a record whose alarm changed outside set/retry", lambda d: rec(d, 0, 1)["alarm"].__setitem__("body", ""))
     yield alt("a done alarm cancelled", lambda d: d["lives"][0]["records"].append(

@@ -1217,11 +1217,14 @@ async fn removing_a_stray_due_entry_keeps_a_genuine_entry_stored_after_it() -> R
 }
 
 /// A client allowed to schedule into an alarm's process writes there first under the
-/// alarm's firing id (`alarm-<id>-<set_seq>-<due_ms>`: the set answer gives the
-/// sequence). The scheduler answers the firing as a duplicate of the client's entry;
-/// the loader finds another body in that receipt and does not take it for its firing: the attempt fails (retried, looked for in the log by id *and* content, then
-/// dead with the reason), never `done` with the client's slot while the alarm's body
-/// never reached the log.
+/// alarm's firing id. The id it can make from what it knows (`alarm-<id>-<set_seq>-
+/// <due_ms>`: the set answer gives the sequence) is not the firing's: the firing id ends
+/// in a tag made with the loaders' secret firing key, so the alarm fires with its own
+/// body. And should the key leak, an entry written first under the real id still does
+/// not pass for the firing: the scheduler answers the firing as a duplicate of the
+/// client's entry, the loader finds another body in that receipt and fails the attempt
+/// (retried, looked for in the log by id *and* content, then dead with the reason),
+/// never `done` with the client's slot while the alarm's body never reached the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_written_first_under_a_firing_id_does_not_pass_for_the_firing() -> Result<()> {
     use journal::client::{Client, Schedule};
@@ -1230,24 +1233,54 @@ async fn a_message_written_first_under_a_firing_id_does_not_pass_for_the_firing(
     let mut loader = spawn_loader(&server)?;
     let client = connect(server.url()).await?;
     wait_for_loaders(&client, 1).await?;
+    let scheduler = Client::new(client.clone(), journal::subjects::Subjects::default());
     let p = "taken-p";
+    let write_first = |id: String| {
+        let scheduler = scheduler.clone();
+        async move {
+            scheduler
+                .schedule(
+                    &ProcessId::new(p)?,
+                    Bytes::from_static(b"forged"),
+                    &Schedule {
+                        message_id: Some(id),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(anyhow::Error::from)
+        }
+    };
+
+    // What a client can make: taken first, it takes nothing.
+    let due = now_ms() + 2_000;
+    let answer = set(&client, alarm_body("guessed", due, p)).await?;
+    let seq = answer["seq"].as_u64().context("set seq")?;
+    write_first(format!("alarm-guessed-{seq}-{due}")).await?;
+    let got = wait_status(&client, "guessed", "done", 30).await?;
+    let slot = got["status"]["slot"].as_u64().context("slot")?;
+    let log = read_log(server.url(), &ProcessId::new(p)?).await?;
+    let fired = log
+        .iter()
+        .find(|e| e.slot == slot)
+        .context("the firing's slot is in the log")?;
+    assert_eq!(&fired.body[..], b"guessed", "{got}");
+
+    // The real id, made with the key (as if it leaked; the operator reads it).
+    let operator = connect_as(&server, Role::Operator).await?;
+    let store = alarm_loader::store::Store::open(
+        async_nats::jetstream::new(operator),
+        journal::subjects::Subjects::default(),
+        &journal::setup::LogOptions::default(),
+    )
+    .await?;
     let due = now_ms() + 3_000;
     let mut body = alarm_body("taken", due, p);
     body["retry"] = json!({"attempts": 2, "backoff_ms": 200, "max_backoff_ms": 200});
     let answer = set(&client, body).await?;
     let seq = answer["seq"].as_u64().context("set seq")?;
-    let firing = format!("alarm-taken-{seq}-{due}");
-    let scheduler = Client::new(client.clone(), journal::subjects::Subjects::default());
-    let forged = scheduler
-        .schedule(
-            &ProcessId::new(p)?,
-            Bytes::from_static(b"forged"),
-            &Schedule {
-                message_id: Some(firing.clone()),
-                ..Default::default()
-            },
-        )
-        .await?;
+    let tag = store.firing_key().tag("taken", seq, due);
+    let forged = write_first(format!("alarm-taken-{seq}-{due}-{tag}")).await?;
     let got = wait_status(&client, "taken", "dead", 30).await?;
     let reason = got["status"]["reason"].as_str().unwrap_or_default();
     assert!(
@@ -1263,8 +1296,8 @@ async fn a_message_written_first_under_a_firing_id_does_not_pass_for_the_firing(
     assert!(!events.contains(&"delivered"), "{events:?}");
     assert_eq!(
         bodies(server.url(), p).await?,
-        HashMap::from([("forged".to_string(), 1)]),
-        "the log holds the client's message alone"
+        HashMap::from([("forged".to_string(), 2), ("guessed".to_string(), 1)]),
+        "the log holds the guessed alarm's firing and the client's two messages"
     );
     let s = stats(&client).await?;
     assert!(
@@ -1273,5 +1306,59 @@ async fn a_message_written_first_under_a_firing_id_does_not_pass_for_the_firing(
     );
     assert!(loader.exited().is_none(), "the loader died");
     loader.terminate(Duration::from_secs(10));
+    Ok(())
+}
+
+/// The firing key is made once: loaders starting together on a fresh deployment all
+/// read the one that won the write. A key message that is not 32 bytes is a
+/// misconfiguration: the loader ends at once with one clear line and replaces nothing
+/// (a new key would change the id of every firing under way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_firing_key_is_made_once_and_a_damaged_one_stops_the_loader() -> Result<()> {
+    let server = server()?;
+    let open = || async {
+        alarm_loader::store::Store::open(
+            async_nats::jetstream::new(connect_as(&server, Role::Operator).await?),
+            journal::subjects::Subjects::default(),
+            &journal::setup::LogOptions::default(),
+        )
+        .await
+        .map_err(anyhow::Error::from)
+    };
+    let stores = futures::future::try_join_all((0..4).map(|_| open())).await?;
+    let tags: BTreeSet<String> = stores
+        .iter()
+        .map(|s| s.firing_key().tag("a", 1, 2))
+        .collect();
+    assert_eq!(tags.len(), 1, "four loaders, one key: {tags:?}");
+
+    let damaged = crate::support::server()?;
+    let js = async_nats::jetstream::new(connect_as(&damaged, Role::Operator).await?);
+    let subjects = journal::subjects::Subjects::default();
+    journal::setup::ensure_alarms(&js, &subjects, &journal::setup::LogOptions::default()).await?;
+    let bad_seq = js
+        .publish(subjects.alarm_firing_key(), Bytes::from_static(b"short"))
+        .await?
+        .await?
+        .sequence;
+    let mut cmd = tokio::process::Command::from(crate::support::loader_command(&damaged, &[])?);
+    cmd.kill_on_drop(true).stdout(std::process::Stdio::null());
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .context("the loader did not end within 30 s")??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!out.status.success(), "{}: {stderr}", out.status);
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("firing key") && lines[0].contains("5 bytes"),
+        "{stderr}"
+    );
+    // Nothing replaced it.
+    let stream = js.get_stream(subjects.alarms_stream()).await?;
+    let last = stream
+        .get_last_raw_message_by_subject(&subjects.alarm_firing_key())
+        .await?;
+    assert_eq!(last.sequence, bad_seq);
     Ok(())
 }

@@ -785,7 +785,7 @@ async fn firing_beyond_the_window(failed: bool) -> Result<()> {
             &ProcessId::new("orphaned")?,
             Bytes::from_static(b"once"),
             &journal::client::Schedule {
-                message_id: Some(claim.firing_id()),
+                message_id: Some(claim.firing_id(store.firing_key())),
                 ..Default::default()
             },
         )

@@ -24,6 +24,44 @@ pub const MAX_ID: usize = 160;
 pub const MAX_CLIENT_ID: usize = 128;
 /// Alarm ids starting so are the loader's own (cron ticks).
 pub const RESERVED_ID_PREFIX: &str = "cron-";
+
+/// The alarm-loaders' shared secret for firing ids (journal::setup::ensure_firing_key:
+/// 32 bytes in the alarm stream, which no client reads). A firing id ends in a tag
+/// only a holder of the key can make: a client that may schedule into an alarm's
+/// process cannot write under its firing's id first, which would make the firing a
+/// duplicate of the client's entry and the alarm dead.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FiringKey([u8; 32]);
+
+impl FiringKey {
+    /// The key of these bytes.
+    pub fn new(bytes: [u8; 32]) -> FiringKey {
+        FiringKey(bytes)
+    }
+
+    /// The tag of the firing of alarm `id`, set at `set_seq`, due at `due_ms`: the first
+    /// 8 bytes, in hex, of BLAKE3 keyed with the key over
+    /// `"turnstile/alarm-firing/v1" 0 id 0 set_seq 0 due_ms` (the numbers in decimal).
+    pub fn tag(&self, id: &str, set_seq: u64, due_ms: u64) -> String {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        for part in [
+            b"turnstile/alarm-firing/v1".as_slice(),
+            id.as_bytes(),
+            set_seq.to_string().as_bytes(),
+            due_ms.to_string().as_bytes(),
+        ] {
+            h.update(part);
+            h.update(&[0]);
+        }
+        hex::encode(&h.finalize().as_bytes()[..8])
+    }
+}
+
+impl std::fmt::Debug for FiringKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FiringKey(secret)")
+    }
+}
 /// Largest alarm body (it travels in every record of its history, as base64).
 pub const MAX_BODY: usize = 256 * 1024;
 /// Default dispatch timeout (X3m's).
@@ -413,13 +451,13 @@ impl Record {
             })
     }
 
-    /// The firing's message id on the log: `alarm-<id>-<set_seq>-<due_ms>`. The same for
-    /// every attempt of one firing, so an attempt that did land is not written twice.
-    pub fn firing_id(&self) -> String {
-        format!(
-            "alarm-{}-{}-{}",
-            self.alarm.id, self.set_seq, self.alarm.due_ms
-        )
+    /// The firing's message id on the log: `alarm-<id>-<set_seq>-<due_ms>-<tag>`, the
+    /// tag made with the deployment's firing key. The same for every attempt of one
+    /// firing, so an attempt that did land is not written twice; and no client can
+    /// make it, so none can write under it first.
+    pub fn firing_id(&self, key: &FiringKey) -> String {
+        let (id, seq, due) = (&self.alarm.id, self.set_seq, self.alarm.due_ms);
+        format!("alarm-{id}-{seq}-{due}-{}", key.tag(id, seq, due))
     }
 
     /// The record after a claim of the next attempt at `now` by `by`.
@@ -640,13 +678,44 @@ mod tests {
         }
     }
 
+    fn key() -> FiringKey {
+        FiringKey::new([7; 32])
+    }
+
+    #[test]
+    fn a_firing_id_is_tagged_by_the_key_and_every_part() {
+        let k = key();
+        let tag = k.tag("a1", 7, 1_000_000);
+        assert_eq!(tag, k.tag("a1", 7, 1_000_000), "stable");
+        for other in [
+            FiringKey::new([8; 32]).tag("a1", 7, 1_000_000),
+            k.tag("a2", 7, 1_000_000),
+            k.tag("a1", 8, 1_000_000),
+            k.tag("a1", 7, 1_000_001),
+        ] {
+            assert_ne!(tag, other);
+        }
+        // The parts are delimited: a digit moved from one to the next is another firing.
+        assert_ne!(k.tag("a1", 7, 11_000_000), k.tag("a1", 71, 1_000_000));
+        assert_eq!(
+            format!("{k:?}"),
+            "FiringKey(secret)",
+            "the key is never printed"
+        );
+    }
+
     #[test]
     fn a_firing_goes_pending_dispatching_done_and_keeps_its_id() {
         let mut r = Record::set(alarm("a1"), 10);
         r.set_seq = 7;
         assert_eq!(r.next_action_ms(0), Some(1_000_000));
         let c = r.claim(1_000_020, "L1").unwrap();
-        assert_eq!(c.firing_id(), "alarm-a1-7-1000000");
+        let id = c.firing_id(&key());
+        let tag = id.strip_prefix("alarm-a1-7-1000000-").unwrap();
+        assert!(
+            tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
         assert_eq!(c.next_action_ms(500), Some(1_000_020 + 5_000 + 500));
         let d = c.delivered(1_000_050, Some(4), false);
         assert!(d.status.is_final());
@@ -662,7 +731,7 @@ mod tests {
         );
         assert_eq!(d.claim(2_000_000, "L2"), None);
         assert_eq!(d.cancelled(2_000_000), None);
-        assert_eq!(d.firing_id(), c.firing_id());
+        assert_eq!(d.firing_id(&key()), c.firing_id(&key()));
     }
 
     #[test]
@@ -724,7 +793,11 @@ mod tests {
             }
         );
         let c3 = f2.claim(1_000_320, "L").unwrap();
-        assert_eq!(c3.firing_id(), c1.firing_id(), "one firing, one id");
+        assert_eq!(
+            c3.firing_id(&key()),
+            c1.firing_id(&key()),
+            "one firing, one id"
+        );
         let (f3, dead) = c3.failed(1_000_330, "no responders");
         assert!(dead);
         assert!(matches!(f3.status, Status::Dead { .. }));
@@ -755,7 +828,7 @@ mod tests {
             }
         );
         assert_eq!(again.alarm.body, b"v2");
-        assert_ne!(again.firing_id(), c.firing_id());
+        assert_ne!(again.firing_id(&key()), c.firing_id(&key()));
     }
 
     #[test]

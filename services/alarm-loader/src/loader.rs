@@ -1081,7 +1081,7 @@ impl Loader {
         from_ms: u64,
         to_ms: u64,
     ) -> Result<Option<u64>> {
-        let firing = record.firing_id();
+        let firing = record.firing_id(self.store.firing_key());
         let Ok(process) = protocol::ProcessId::new(process) else {
             return Ok(None);
         };
@@ -1394,7 +1394,7 @@ impl Loader {
             // loader down for longer), or a retry after an attempt that failed on our
             // side (a timeout) but landed (the backoff may outlast the window). Every
             // attempt of a firing is sent at or after its due time: look there first.
-            let firing = claim.firing_id();
+            let firing = claim.firing_id(self.store.firing_key());
             let earlier_until = match &record.status {
                 crate::alarm::Status::Dispatching { .. } => {
                     Metrics::bump(&self.metrics.takeovers);
@@ -1572,7 +1572,7 @@ impl Loader {
         Metrics::bump(&self.metrics.firing_ids_taken);
         Fired::Failed(format!(
             "message id {} is taken in the log of {process} by another message (slot {}): not this alarm's firing",
-            claim.firing_id(),
+            claim.firing_id(self.store.firing_key()),
             r.slot
         ))
     }
@@ -1586,7 +1586,7 @@ impl Loader {
                     return Fired::Failed(format!("invalid process {p}"));
                 };
                 let opts = Schedule {
-                    message_id: Some(claim.firing_id()),
+                    message_id: Some(claim.firing_id(self.store.firing_key())),
                     mode: None,
                     headers: a.headers.clone(),
                 };
@@ -1682,7 +1682,10 @@ impl Loader {
             h.append(k.as_str(), v.as_str());
         }
         h.insert("Ts-Alarm-Id", a.id.as_str());
-        h.insert("Ts-Alarm-Firing", claim.firing_id().as_str());
+        h.insert(
+            "Ts-Alarm-Firing",
+            claim.firing_id(self.store.firing_key()).as_str(),
+        );
         h.insert("Ts-Alarm-Due-Ms", a.due_ms.to_string().as_str());
         if let crate::alarm::Status::Dispatching { attempt, .. } = claim.status {
             h.insert("Ts-Alarm-Attempt", attempt.to_string().as_str());

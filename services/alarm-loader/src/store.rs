@@ -120,23 +120,33 @@ pub struct Store {
     /// Due-index entries removed because they contradicted their subject or did not
     /// decode.
     bad_entries: Arc<AtomicU64>,
+    /// The deployment's firing key.
+    firing_key: crate::alarm::FiringKey,
 }
 
 impl Store {
-    /// Opens (creating it if missing) the alarm stream.
+    /// Opens (creating it if missing) the alarm stream, and reads (or makes) the
+    /// deployment's firing key in it.
     pub async fn open(
         js: jetstream::Context,
         subjects: Subjects,
         options: &journal::setup::LogOptions,
     ) -> Result<Store> {
         let stream = journal::setup::ensure_alarms(&js, &subjects, options).await?;
+        let key = journal::setup::ensure_firing_key(&js, &stream, &subjects, options).await?;
         Ok(Store {
             js,
             stream,
             subjects,
             foreign: Arc::default(),
             bad_entries: Arc::default(),
+            firing_key: crate::alarm::FiringKey::new(key),
         })
+    }
+
+    /// The deployment's firing key (firing ids are made with it).
+    pub fn firing_key(&self) -> &crate::alarm::FiringKey {
+        &self.firing_key
     }
 
     /// Its counters: foreign messages met on alarm subjects (each time a read passes

@@ -23,12 +23,22 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<Value> {
     serde_json::to_value(v).map_err(|e| Error::Invalid(e.to_string()))
 }
 
+/// The firing key of the vectors (a deployment's is secret and random): bytes 0..32.
+fn vector_key() -> crate::alarm::FiringKey {
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    crate::alarm::FiringKey::new(key)
+}
+
 /// Computes the vectors document.
 pub fn compute() -> Result<Value> {
     let subjects = journal::subjects::Subjects::default();
     Ok(json!({
         "about": "golden vectors of schemas/alarms.md, computed by services/alarm-loader/src/vectors.rs; checked independently by schemas/python/check_alarm_vectors.py",
         "prefix": subjects.prefix(),
+        "firing_key_hex": "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
         "constants": {
             "partitions": crate::alarm::PARTITIONS,
             "bucket_ms": BUCKET_MS,
@@ -285,7 +295,7 @@ impl Life {
             records.push(json!({
                 "seq": seq,
                 "record": to_json(r)?,
-                "firing_id": read.firing_id(),
+                "firing_id": read.firing_id(&vector_key()),
                 "final": read.status.is_final(),
                 "next_action_ms": read.next_action_ms(2_000),
                 "index": i,

@@ -210,6 +210,71 @@ pub async fn ensure_alarms(
         .await
 }
 
+/// Length of the alarm-loaders' firing key.
+pub const FIRING_KEY_LEN: usize = 32;
+
+/// The alarm-loaders' firing key: [`FIRING_KEY_LEN`] secret bytes every loader of the
+/// deployment shares, kept at `<prefix>.alarms.firing-key` in the alarm stream (of the
+/// TURNSTILE account: no client reads it). The first loader makes it (a write that
+/// expects the subject empty; a loader that loses that race reads the winner's); every
+/// later one reads it. A message there of another length is a misconfiguration, an
+/// error, never replaced: a new key would change the id of every firing under way.
+/// Transient failures are retried with `options.retry`.
+pub async fn ensure_firing_key(
+    js: &jetstream::Context,
+    alarms: &stream::Stream,
+    subjects: &Subjects,
+    options: &LogOptions,
+) -> Result<[u8; FIRING_KEY_LEN]> {
+    let subject = subjects.alarm_firing_key();
+    let what = "read or make the firing key";
+    options
+        .retry
+        .run(what, || async {
+            loop {
+                match alarms.get_last_raw_message_by_subject(&subject).await {
+                    Ok(m) => {
+                        return <[u8; FIRING_KEY_LEN]>::try_from(&m.payload[..]).map_err(|_| {
+                            Error::Misconfigured(format!(
+                                "the firing key at {subject} (sequence {}) is {} bytes, not \
+                                 {FIRING_KEY_LEN}: an operator must restore it",
+                                m.sequence,
+                                m.payload.len()
+                            ))
+                        })
+                    }
+                    Err(e)
+                        if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => {}
+                    Err(e) => return Err(Error::nats(what, &e)),
+                }
+                let key = random_key();
+                let publish = jetstream::message::PublishMessage::build()
+                    .payload(bytes::Bytes::copy_from_slice(&key))
+                    .expected_last_subject_sequence(0);
+                let ack = match js.send_publish(subject.clone(), publish).await {
+                    Ok(f) => f.await,
+                    Err(e) => Err(e),
+                };
+                match ack {
+                    Ok(_) => return Ok(key),
+                    // Another loader made it first: read theirs.
+                    Err(e) if crate::jserr::is_conflict(&e) => continue,
+                    Err(e) => return Err(Error::nats(what, &e)),
+                }
+            }
+        })
+        .await
+}
+
+/// [`FIRING_KEY_LEN`] bytes from the operating system's generator: two random (v4)
+/// UUIDs, 244 random bits, spread over the key by BLAKE3.
+fn random_key() -> [u8; FIRING_KEY_LEN] {
+    let mut seed = [0u8; 32];
+    seed[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    blake3::derive_key("turnstile/alarms/firing-key/v1", &seed)
+}
+
 /// How long the work stream remembers a job's message id (`Nats-Msg-Id` =
 /// `<group>/<process>:<slot>`): a feeder that resumes from its last checkpoint hands out
 /// again what it fed after it, and the stream drops those copies within this window

@@ -247,6 +247,10 @@ impl Subjects {
     pub fn alarm_swept(&self, partition: u32) -> String {
         format!("{}.alarms.swept.{partition}", self.prefix)
     }
+    /// `<prefix>.alarms.firing-key`: the alarm-loaders' shared secret for firing ids.
+    pub fn alarm_firing_key(&self) -> String {
+        format!("{}.alarms.firing-key", self.prefix)
+    }
     /// `<prefix>.alarms.>`: the alarm stream's subjects.
     pub fn alarms_all(&self) -> String {
         format!("{}.alarms.>", self.prefix)

@@ -50,6 +50,7 @@
 
 use std::collections::BTreeSet;
 
+use alarm_loader::alarm::FiringKey;
 use base64::Engine as _;
 
 use super::*;
@@ -551,7 +552,7 @@ impl Version {
     /// Whether `firing` (a message id or a `Ts-Alarm-Firing`) is this version's.
     fn is(&self, firing: &str) -> bool {
         parse_firing(firing)
-            .is_some_and(|(_, seq, due)| seq == self.set_seq && self.dues.contains(&due))
+            .is_some_and(|(_, seq, due, _)| seq == self.set_seq && self.dues.contains(&due))
     }
 }
 
@@ -608,19 +609,35 @@ fn versions(got: &serde_json::Value, dues: &[u64]) -> Vec<Version> {
     out
 }
 
-/// A firing's message id (`alarm-<id>-<set_seq>-<due>`): the alarm id, the set
-/// sequence, the due time.
-fn parse_firing(message_id: &str) -> Option<(&str, u64, u64)> {
+/// A firing's message id (`alarm-<id>-<set_seq>-<due>-<tag>`): the alarm id, the set
+/// sequence, the due time, the tag.
+fn parse_firing(message_id: &str) -> Option<(&str, u64, u64, &str)> {
     let rest = message_id.strip_prefix("alarm-")?;
-    let mut parts = rest.rsplitn(3, '-');
+    let mut parts = rest.rsplitn(4, '-');
+    let tag = parts.next()?;
     let due = parts.next()?.parse::<u64>().ok()?;
     let seq = parts.next()?.parse::<u64>().ok()?;
-    Some((parts.next()?, seq, due))
+    Some((parts.next()?, seq, due, tag))
 }
 
-/// The alarm id of a firing's message id.
-fn alarm_of_firing(message_id: &str) -> Option<&str> {
-    parse_firing(message_id).map(|(id, _, _)| id)
+/// The alarm id of a firing's message id, if its tag is the one the firing key makes
+/// (no client can make it: anything else is no firing).
+fn alarm_of_firing<'a>(key: &FiringKey, message_id: &'a str) -> Option<&'a str> {
+    parse_firing(message_id)
+        .filter(|&(id, seq, due, tag)| key.tag(id, seq, due) == tag)
+        .map(|(id, ..)| id)
+}
+
+/// The deployment's firing key, read as the operator (alarms.md "Storage").
+async fn firing_key(operator_url: &str) -> Result<FiringKey> {
+    let js = async_nats::jetstream::new(connect(operator_url).await?);
+    let stream = js.get_stream(Subjects::default().alarms_stream()).await?;
+    let m = stream
+        .get_last_raw_message_by_subject(&Subjects::default().alarm_firing_key())
+        .await?;
+    let bytes = <[u8; 32]>::try_from(&m.payload[..])
+        .map_err(|_| anyhow::anyhow!("the firing key is {} bytes", m.payload.len()))?;
+    Ok(FiringKey::new(bytes))
 }
 
 /// What the oracle counted (the JSON's `alarms`, the summary's rows).
@@ -661,6 +678,7 @@ fn judge(
     logs: &BTreeMap<String, ProcessLog>,
     calls: &[Call],
     dead: &BTreeMap<String, usize>,
+    key: &FiringKey,
     verdict: &mut Verdict,
 ) -> Vec<Violation> {
     let mut v = Vec::new();
@@ -668,7 +686,7 @@ fn judge(
     let mut fired: HashMap<&str, Vec<(&str, u64)>> = HashMap::new();
     for (process, log) in logs {
         for e in &log.entries {
-            if alarm_of_firing(&e.message_id).is_some() {
+            if alarm_of_firing(key, &e.message_id).is_some() {
                 fired
                     .entry(e.message_id.as_str())
                     .or_default()
@@ -755,7 +773,10 @@ fn judge(
         let known = |firing: &str| vs.iter().find(|x| x.is(firing));
         if let Some(process) = process {
             // Rule 1 for its firings in the log.
-            for (firing, places) in fired.iter().filter(|(f, _)| alarm_of_firing(f) == Some(id)) {
+            for (firing, places) in fired
+                .iter()
+                .filter(|(f, _)| alarm_of_firing(key, f) == Some(id))
+            {
                 explained.insert(firing);
                 match known(firing) {
                     None => v.push(violation(
@@ -1142,6 +1163,7 @@ pub(super) async fn run(args: &Args, seed: u64) -> Result<Outcome> {
     }
     let (logs, mut violations) = read_all(&operator_url).await?;
     let dead = dead_letters(&operator_url).await?;
+    let key = firing_key(&operator_url).await?;
     let calls = work
         .calls
         .lock()
@@ -1155,6 +1177,7 @@ pub(super) async fn run(args: &Args, seed: u64) -> Result<Outcome> {
         &logs,
         &calls,
         &dead,
+        &key,
         &mut verdict,
     ));
     verdict.requests = work.requests.load(Ordering::Relaxed);
