@@ -1360,5 +1360,44 @@ async fn the_firing_key_is_made_once_and_a_damaged_one_stops_the_loader() -> Res
         .get_last_raw_message_by_subject(&subjects.alarm_firing_key())
         .await?;
     assert_eq!(last.sequence, bad_seq);
+
+    // A good key with a second message written after it (an operator's "restore", a
+    // mistake): no loader follows the later one, none starts.
+    let (doubled, first_key) = {
+        let s = crate::support::server()?;
+        let store = alarm_loader::store::Store::open(
+            async_nats::jetstream::new(connect_as(&s, Role::Operator).await?),
+            subjects.clone(),
+            &journal::setup::LogOptions::default(),
+        )
+        .await?;
+        let tag = store.firing_key().tag("a", 1, 2);
+        (s, tag)
+    };
+    let js = async_nats::jetstream::new(connect_as(&doubled, Role::Operator).await?);
+    js.publish(subjects.alarm_firing_key(), Bytes::from(vec![7u8; 32]))
+        .await?
+        .await?;
+    let reopened = alarm_loader::store::Store::open(
+        js.clone(),
+        subjects.clone(),
+        &journal::setup::LogOptions::default(),
+    )
+    .await;
+    match reopened {
+        Ok(s) => panic!(
+            "opened on a second key (its tag of a/1/2 {}, the first's {first_key})",
+            s.firing_key().tag("a", 1, 2)
+        ),
+        Err(e) => assert!(e.to_string().contains("more than one message"), "{e}"),
+    }
+    let mut cmd = tokio::process::Command::from(crate::support::loader_command(&doubled, &[])?);
+    cmd.kill_on_drop(true).stdout(std::process::Stdio::null());
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .context("the loader did not end within 30 s")??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{}: {stderr}", out.status);
+    assert!(stderr.contains("more than one message"), "{stderr}");
     Ok(())
 }

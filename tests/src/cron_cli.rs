@@ -33,7 +33,7 @@ async fn refused(url: &str, args: &[&str], code: &str) -> Result<()> {
 }
 
 /// The tick (ms) of each entry of `process`'s log, read from its message id
-/// `alarm-cron-<job>-<tick>-<set_seq>-<tick>`; every entry must be a tick of `job`.
+/// `alarm-cron-<job>-<tick>-<set_seq>-<tick>-<tag>`; every entry must be a tick of `job`.
 async fn ticks_in_log(url: &str, process: &str, job: &str) -> Result<Vec<u64>> {
     let prefix = format!("alarm-cron-{job}-");
     let mut ticks = Vec::new();

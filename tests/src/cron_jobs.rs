@@ -54,7 +54,7 @@ async fn loader_stats(client: &async_nats::Client) -> Result<BTreeMap<String, u6
 }
 
 /// The tick (ms) each log entry of `process` came from, by its message id
-/// `alarm-cron-<job>-<tick>-<set_seq>-<due>`.
+/// `alarm-cron-<job>-<tick>-<set_seq>-<due>-<tag>`.
 async fn ticks_in_log(url: &str, process: &str, job: &str) -> Result<Vec<u64>> {
     let prefix = format!("alarm-cron-{job}-");
     let mut ticks = Vec::new();

@@ -41,7 +41,7 @@ impl FiringKey {
 
     /// The tag of the firing of alarm `id`, set at `set_seq`, due at `due_ms`: the first
     /// 8 bytes, in hex, of BLAKE3 keyed with the key over
-    /// `"turnstile/alarm-firing/v1" 0 id 0 set_seq 0 due_ms` (the numbers in decimal).
+    /// `"turnstile/alarm-firing/v1" 0 id 0 set_seq 0 due_ms 0` (the numbers in decimal).
     pub fn tag(&self, id: &str, set_seq: u64, due_ms: u64) -> String {
         let mut h = blake3::Hasher::new_keyed(&self.0);
         for part in [
@@ -460,6 +460,16 @@ impl Record {
         format!("alarm-{id}-{seq}-{due}-{}", key.tag(id, seq, due))
     }
 
+    /// The firing's message id before firing ids were tagged (`alarm-<id>-<set_seq>-
+    /// <due_ms>`): what a loader of an earlier version sent. Looking for an earlier
+    /// attempt in the log, an entry under it counts too, if it carries the alarm's
+    /// content ([`Record::is_fired_as`]), so a firing under way when the loaders were
+    /// upgraded is not sent twice. Never sent.
+    pub fn untagged_firing_id(&self) -> String {
+        let (id, seq, due) = (&self.alarm.id, self.set_seq, self.alarm.due_ms);
+        format!("alarm-{id}-{seq}-{due}")
+    }
+
     /// The record after a claim of the next attempt at `now` by `by`.
     pub fn claim(&self, now: u64, by: &str) -> Option<Record> {
         let attempt = match &self.status {
@@ -716,6 +726,8 @@ mod tests {
             tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit()),
             "{id}"
         );
+        // What a loader of an earlier version sent for it: the id without the tag.
+        assert_eq!(c.untagged_firing_id(), "alarm-a1-7-1000000");
         assert_eq!(c.next_action_ms(500), Some(1_000_020 + 5_000 + 500));
         let d = c.delivered(1_000_050, Some(4), false);
         assert!(d.status.is_final());

@@ -1082,6 +1082,7 @@ impl Loader {
         to_ms: u64,
     ) -> Result<Option<u64>> {
         let firing = record.firing_id(self.store.firing_key());
+        let untagged = record.untagged_firing_id();
         let Ok(process) = protocol::ProcessId::new(process) else {
             return Ok(None);
         };
@@ -1108,9 +1109,10 @@ impl Loader {
                 )
                 .await?;
             // The id and the content: an entry a client wrote under the firing's id
-            // is not the firing ([`Record::is_fired_as`]).
+            // is not the firing ([`Record::is_fired_as`]). The id of a loader from
+            // before ids were tagged counts too: a firing it sent may be under way.
             if let Some(e) = page.entries.iter().find(|e| {
-                e.message_id == firing
+                (e.message_id == firing || e.message_id == untagged)
                     && record.is_fired_as(&protocol::Hash32::digest(&e.body), &e.headers)
             }) {
                 return Ok(Some(e.slot));

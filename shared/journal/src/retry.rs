@@ -17,7 +17,9 @@ use async_nats::jetstream::context::{
     PublishErrorKind, RequestError, RequestErrorKind,
 };
 use async_nats::jetstream::kv::{EntryError, EntryErrorKind, WatchError, WatchErrorKind};
-use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
+use async_nats::jetstream::stream::{
+    ConsumerError, ConsumerErrorKind, LastRawMessageError, LastRawMessageErrorKind,
+};
 use async_nats::jetstream::ErrorCode;
 
 use crate::{Error, Result};
@@ -99,6 +101,13 @@ impl Failure {
             return match e.kind() {
                 GetStreamErrorKind::JetStream(api) => Some(Failure::api(&api)),
                 GetStreamErrorKind::Request => None,
+                _ => Some(Other),
+            };
+        }
+        if let Some(e) = e.downcast_ref::<LastRawMessageError>() {
+            return match e.kind() {
+                LastRawMessageErrorKind::JetStream(api) => Some(Failure::api(&api)),
+                LastRawMessageErrorKind::Other => None,
                 _ => Some(Other),
             };
         }
@@ -423,6 +432,18 @@ mod tests {
         check(
             &PublishError::new(PublishErrorKind::BrokenPipe),
             Failure::Connection,
+        );
+        // A stream message read (the firing key) on a stream not applied yet.
+        check(
+            &LastRawMessageError::new(LastRawMessageErrorKind::JetStream(api(404, 10059))),
+            Failure::Api {
+                status: 404,
+                code: 10059,
+            },
+        );
+        check(
+            &LastRawMessageError::new(LastRawMessageErrorKind::InvalidSubject),
+            Failure::Other,
         );
         check(&std::fmt::Error, Failure::Other);
     }

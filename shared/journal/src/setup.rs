@@ -217,9 +217,12 @@ pub const FIRING_KEY_LEN: usize = 32;
 /// deployment shares, kept at `<prefix>.alarms.firing-key` in the alarm stream (of the
 /// TURNSTILE account: no client reads it). The first loader makes it (a write that
 /// expects the subject empty; a loader that loses that race reads the winner's); every
-/// later one reads it. A message there of another length is a misconfiguration, an
-/// error, never replaced: a new key would change the id of every firing under way.
-/// Transient failures are retried with `options.retry`.
+/// later one reads it. The key is the *first* message there, and the only one: a
+/// second message, or one of another length, is a misconfiguration, an error, never
+/// followed or replaced (a new key would change the id of every firing under way, and
+/// two loaders on two keys would fire a taken-over alarm twice). Transient failures,
+/// a lost race whose winner's write is not readable yet among them, are retried with
+/// `options.retry`.
 pub async fn ensure_firing_key(
     js: &jetstream::Context,
     alarms: &stream::Stream,
@@ -231,39 +234,69 @@ pub async fn ensure_firing_key(
     options
         .retry
         .run(what, || async {
-            loop {
-                match alarms.get_last_raw_message_by_subject(&subject).await {
-                    Ok(m) => {
-                        return <[u8; FIRING_KEY_LEN]>::try_from(&m.payload[..]).map_err(|_| {
-                            Error::Misconfigured(format!(
-                                "the firing key at {subject} (sequence {}) is {} bytes, not \
-                                 {FIRING_KEY_LEN}: an operator must restore it",
-                                m.sequence,
-                                m.payload.len()
-                            ))
-                        })
-                    }
-                    Err(e)
-                        if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => {}
-                    Err(e) => return Err(Error::nats(what, &e)),
-                }
-                let key = random_key();
-                let publish = jetstream::message::PublishMessage::build()
-                    .payload(bytes::Bytes::copy_from_slice(&key))
-                    .expected_last_subject_sequence(0);
-                let ack = match js.send_publish(subject.clone(), publish).await {
-                    Ok(f) => f.await,
-                    Err(e) => Err(e),
-                };
-                match ack {
-                    Ok(_) => return Ok(key),
-                    // Another loader made it first: read theirs.
-                    Err(e) if crate::jserr::is_conflict(&e) => continue,
-                    Err(e) => return Err(Error::nats(what, &e)),
-                }
+            if let Some(key) = read_firing_key(alarms, &subject).await? {
+                return Ok(key);
+            }
+            let key = random_key();
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(bytes::Bytes::copy_from_slice(&key))
+                .expected_last_subject_sequence(0);
+            let ack = match js.send_publish(subject.clone(), publish).await {
+                Ok(f) => f.await,
+                Err(e) => Err(e),
+            };
+            match ack {
+                Ok(_) => Ok(key),
+                // Another loader made it first: read theirs; a write of theirs still in
+                // flight (not readable yet) is waited for by the retry, not spun on.
+                Err(e) if crate::jserr::is_conflict(&e) => read_firing_key(alarms, &subject)
+                    .await?
+                    .ok_or_else(|| Error::Nats {
+                        op: what,
+                        failure: crate::retry::Failure::TimedOut,
+                        reason: format!("another loader's write of {subject} is not readable yet"),
+                    }),
+                Err(e) => Err(Error::nats(what, &e)),
             }
         })
         .await
+}
+
+/// The firing key stored at `subject`, none if nothing is; an error if what is there
+/// is not exactly one message of [`FIRING_KEY_LEN`] bytes.
+async fn read_firing_key(
+    alarms: &stream::Stream,
+    subject: &str,
+) -> Result<Option<[u8; FIRING_KEY_LEN]>> {
+    let what = "read the firing key";
+    let first = match alarms.get_first_raw_message_by_subject(subject, 1).await {
+        Ok(m) => m,
+        Err(e) if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => {
+            return Ok(None)
+        }
+        Err(e) => return Err(Error::nats(what, &e)),
+    };
+    let last = alarms
+        .get_last_raw_message_by_subject(subject)
+        .await
+        .map_err(|e| Error::nats(what, &e))?;
+    if last.sequence != first.sequence {
+        return Err(Error::Misconfigured(format!(
+            "{subject} holds more than one message (sequences {} and {}): the firing key is \
+             the first, and only an operator may remove what came after it",
+            first.sequence, last.sequence
+        )));
+    }
+    <[u8; FIRING_KEY_LEN]>::try_from(&first.payload[..])
+        .map(Some)
+        .map_err(|_| {
+            Error::Misconfigured(format!(
+                "the firing key at {subject} (sequence {}) is {} bytes, not \
+                 {FIRING_KEY_LEN}: an operator must restore it",
+                first.sequence,
+                first.payload.len()
+            ))
+        })
 }
 
 /// [`FIRING_KEY_LEN`] bytes from the operating system's generator: two random (v4)

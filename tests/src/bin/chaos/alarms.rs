@@ -26,7 +26,8 @@
 //! scenario does, and `turnstile verify --all`), the responder's calls and the dead
 //! letters (`ts.alarms.dead` in `TS_ALARMS`), and checks:
 //! 1. the log holds no foreign message, no gap and nothing but firings; a firing's
-//!    message id (`alarm-<id>-<set_seq>-<due_ms>`, schemas/alarms.md) is in the log at
+//!    message id (`alarm-<id>-<set_seq>-<due_ms>-<tag>`, schemas/alarms.md; only an id
+//!    with the tag the firing key makes is a firing) is in the log at
 //!    most once, names a version of its alarm that the history holds (a `set` at that
 //!    sequence with that due time, or a `retry_asked`), and that version was claimed
 //!    (an `attempt`) before anything ended it;
@@ -633,7 +634,7 @@ async fn firing_key(operator_url: &str) -> Result<FiringKey> {
     let js = async_nats::jetstream::new(connect(operator_url).await?);
     let stream = js.get_stream(Subjects::default().alarms_stream()).await?;
     let m = stream
-        .get_last_raw_message_by_subject(&Subjects::default().alarm_firing_key())
+        .get_first_raw_message_by_subject(Subjects::default().alarm_firing_key(), 1)
         .await?;
     let bytes = <[u8; 32]>::try_from(&m.payload[..])
         .map_err(|_| anyhow::anyhow!("the firing key is {} bytes", m.payload.len()))?;
@@ -913,7 +914,9 @@ fn judge(
                 .map(Vec::as_slice)
                 .unwrap_or_default();
             for c in mine {
-                if !vs.iter().any(|x| x.is(&c.firing)) {
+                if alarm_of_firing(key, &c.firing) != Some(p.id.as_str())
+                    || !vs.iter().any(|x| x.is(&c.firing))
+                {
                     v.push(violation(
                         "subject",
                         format!(
@@ -1005,7 +1008,9 @@ fn judge(
                             .map(Vec::as_slice)
                             .unwrap_or_default();
                         for c in mine {
-                            if !vs.iter().any(|x| x.is(&c.firing)) {
+                            if alarm_of_firing(key, &c.firing) != Some(id.as_str())
+                                || !vs.iter().any(|x| x.is(&c.firing))
+                            {
                                 v.push(violation("subject", format!("{id}: called with firing {} that its history does not hold", c.firing)));
                             }
                         }
