@@ -908,12 +908,7 @@ async fn a_loader_stopped_mid_burst_and_continued_after_a_takeover_fires_each_al
     }
     // Read from the stream itself: a request to the loaders' queue group may go to
     // the stopped one (its subscriptions live on until the server gives up on it).
-    let store = alarm_loader::store::Store::open(
-        async_nats::jetstream::new(connect_as(&server, Role::Operator).await?),
-        journal::subjects::Subjects::default(),
-        &journal::setup::LogOptions::default(),
-    )
-    .await?;
+    let store = crate::support::operator_store(&server).await?;
     // Stopped as soon as it is firing the burst (its first claim won).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -1267,13 +1262,7 @@ async fn a_message_written_first_under_a_firing_id_does_not_pass_for_the_firing(
     assert_eq!(&fired.body[..], b"guessed", "{got}");
 
     // The real id, made with the key (as if it leaked; the operator reads it).
-    let operator = connect_as(&server, Role::Operator).await?;
-    let store = alarm_loader::store::Store::open(
-        async_nats::jetstream::new(operator),
-        journal::subjects::Subjects::default(),
-        &journal::setup::LogOptions::default(),
-    )
-    .await?;
+    let store = crate::support::operator_store(&server).await?;
     let due = now_ms() + 3_000;
     let mut body = alarm_body("taken", due, p);
     body["retry"] = json!({"attempts": 2, "backoff_ms": 200, "max_backoff_ms": 200});
@@ -1316,16 +1305,9 @@ async fn a_message_written_first_under_a_firing_id_does_not_pass_for_the_firing(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_firing_key_is_made_once_and_a_damaged_one_stops_the_loader() -> Result<()> {
     let server = server()?;
-    let open = || async {
-        alarm_loader::store::Store::open(
-            async_nats::jetstream::new(connect_as(&server, Role::Operator).await?),
-            journal::subjects::Subjects::default(),
-            &journal::setup::LogOptions::default(),
-        )
-        .await
-        .map_err(anyhow::Error::from)
-    };
-    let stores = futures::future::try_join_all((0..4).map(|_| open())).await?;
+    let stores =
+        futures::future::try_join_all((0..4).map(|_| crate::support::operator_store(&server)))
+            .await?;
     let tags: BTreeSet<String> = stores
         .iter()
         .map(|s| s.firing_key().tag("a", 1, 2))
@@ -1341,14 +1323,9 @@ async fn the_firing_key_is_made_once_and_a_damaged_one_stops_the_loader() -> Res
         .await?
         .await?
         .sequence;
-    let mut cmd = tokio::process::Command::from(crate::support::loader_command(&damaged, &[])?);
-    cmd.kill_on_drop(true).stdout(std::process::Stdio::null());
-    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
-        .await
-        .context("the loader did not end within 30 s")??;
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (status, stderr) = crate::support::loader_that_ends(&damaged).await?;
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(!out.status.success(), "{}: {stderr}", out.status);
+    assert!(!status.success(), "{status}: {stderr}");
     assert_eq!(lines.len(), 1, "{stderr}");
     assert!(
         lines[0].contains("firing key") && lines[0].contains("5 bytes"),
@@ -1363,17 +1340,11 @@ async fn the_firing_key_is_made_once_and_a_damaged_one_stops_the_loader() -> Res
 
     // A good key with a second message written after it (an operator's "restore", a
     // mistake): no loader follows the later one, none starts.
-    let (doubled, first_key) = {
-        let s = crate::support::server()?;
-        let store = alarm_loader::store::Store::open(
-            async_nats::jetstream::new(connect_as(&s, Role::Operator).await?),
-            subjects.clone(),
-            &journal::setup::LogOptions::default(),
-        )
-        .await?;
-        let tag = store.firing_key().tag("a", 1, 2);
-        (s, tag)
-    };
+    let doubled = crate::support::server()?;
+    let first_key = crate::support::operator_store(&doubled)
+        .await?
+        .firing_key()
+        .tag("a", 1, 2);
     let js = async_nats::jetstream::new(connect_as(&doubled, Role::Operator).await?);
     js.publish(subjects.alarm_firing_key(), Bytes::from(vec![7u8; 32]))
         .await?
@@ -1391,13 +1362,8 @@ async fn the_firing_key_is_made_once_and_a_damaged_one_stops_the_loader() -> Res
         ),
         Err(e) => assert!(e.to_string().contains("more than one message"), "{e}"),
     }
-    let mut cmd = tokio::process::Command::from(crate::support::loader_command(&doubled, &[])?);
-    cmd.kill_on_drop(true).stdout(std::process::Stdio::null());
-    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
-        .await
-        .context("the loader did not end within 30 s")??;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{}: {stderr}", out.status);
+    let (status, stderr) = crate::support::loader_that_ends(&doubled).await?;
+    assert!(!status.success(), "{status}: {stderr}");
     assert!(stderr.contains("more than one message"), "{stderr}");
     Ok(())
 }

@@ -1202,13 +1202,7 @@ async fn a_loader_whose_clock_runs_ahead_does_not_sweep_past_an_entry_others_sti
         "the fast loader swept partition {p} through bucket {checkpoint:?}, past the present's {}",
         bucket_of(now)
     );
-    let operator = connect_as(&server, Role::Operator).await?;
-    let store = alarm_loader::store::Store::open(
-        async_nats::jetstream::new(operator),
-        journal::subjects::Subjects::default(),
-        &journal::setup::LogOptions::default(),
-    )
-    .await?;
+    let store = crate::support::operator_store(&server).await?;
     let alarm = Alarm {
         id: id.into(),
         due_ms: now,

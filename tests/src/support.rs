@@ -242,6 +242,31 @@ pub fn loader_command(server: &impl harness::Urls, extra: &[&str]) -> Result<Com
     Ok(cmd)
 }
 
+/// The alarm stream of `server` opened as the operator (it reads what the loaders
+/// keep there: records, due entries, the firing key).
+pub async fn operator_store(server: &NatsServer) -> Result<alarm_loader::store::Store> {
+    Ok(alarm_loader::store::Store::open(
+        async_nats::jetstream::new(connect_as(server, Role::Operator).await?),
+        journal::subjects::Subjects::default(),
+        &journal::setup::LogOptions::default(),
+    )
+    .await?)
+}
+
+/// Starts an alarm-loader on `server` that must end by itself within 30 s (a
+/// misconfiguration): how it ended and what it wrote to stderr.
+pub async fn loader_that_ends(server: &NatsServer) -> Result<(std::process::ExitStatus, String)> {
+    let mut cmd = tokio::process::Command::from(loader_command(server, &[])?);
+    cmd.kill_on_drop(true).stdout(std::process::Stdio::null());
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .context("the loader did not end within 30 s")??;
+    Ok((
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
 /// The command that starts a worker instance of `group` on `server` (a server or a
 /// cluster) as a separate process, with its two identities ([`Role::JobWorker`],
 /// [`Role::Worker`]), as deployed; its handler runs `script` with `sh -c`. Its log

@@ -24,12 +24,12 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<Value> {
 }
 
 /// The firing key of the vectors (a deployment's is secret and random): bytes 0..32.
+fn vector_key_bytes() -> [u8; 32] {
+    std::array::from_fn(|i| i as u8)
+}
+
 fn vector_key() -> crate::alarm::FiringKey {
-    let mut key = [0u8; 32];
-    for (i, b) in key.iter_mut().enumerate() {
-        *b = i as u8;
-    }
-    crate::alarm::FiringKey::new(key)
+    crate::alarm::FiringKey::new(vector_key_bytes())
 }
 
 /// Computes the vectors document.
@@ -38,7 +38,7 @@ pub fn compute() -> Result<Value> {
     Ok(json!({
         "about": "golden vectors of schemas/alarms.md, computed by services/alarm-loader/src/vectors.rs; checked independently by schemas/python/check_alarm_vectors.py",
         "prefix": subjects.prefix(),
-        "firing_key_hex": "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+        "firing_key_hex": hex::encode(vector_key_bytes()),
         "constants": {
             "partitions": crate::alarm::PARTITIONS,
             "bucket_ms": BUCKET_MS,

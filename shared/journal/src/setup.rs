@@ -264,7 +264,7 @@ pub async fn ensure_firing_key(
 
 /// The firing key stored at `subject`, none if nothing is; an error if what is there
 /// is not exactly one message of [`FIRING_KEY_LEN`] bytes.
-async fn read_firing_key(
+pub async fn read_firing_key(
     alarms: &stream::Stream,
     subject: &str,
 ) -> Result<Option<[u8; FIRING_KEY_LEN]>> {

@@ -629,16 +629,21 @@ fn alarm_of_firing<'a>(key: &FiringKey, message_id: &'a str) -> Option<&'a str> 
         .map(|(id, ..)| id)
 }
 
+/// Whether `firing` (a subject call's `Ts-Alarm-Firing`) is a firing of alarm `id`
+/// (its tag the key's) and of one of its versions `vs` (rule 4).
+fn is_called_firing(key: &FiringKey, id: &str, vs: &[Version], firing: &str) -> bool {
+    alarm_of_firing(key, firing) == Some(id) && vs.iter().any(|x| x.is(firing))
+}
+
 /// The deployment's firing key, read as the operator (alarms.md "Storage").
 async fn firing_key(operator_url: &str) -> Result<FiringKey> {
     let js = async_nats::jetstream::new(connect(operator_url).await?);
     let stream = js.get_stream(Subjects::default().alarms_stream()).await?;
-    let m = stream
-        .get_first_raw_message_by_subject(Subjects::default().alarm_firing_key(), 1)
-        .await?;
-    let bytes = <[u8; 32]>::try_from(&m.payload[..])
-        .map_err(|_| anyhow::anyhow!("the firing key is {} bytes", m.payload.len()))?;
-    Ok(FiringKey::new(bytes))
+    let key =
+        journal::setup::read_firing_key(&stream, &Subjects::default().alarm_firing_key()).await?;
+    Ok(FiringKey::new(key.ok_or_else(|| {
+        anyhow::anyhow!("no firing key in the alarm stream")
+    })?))
 }
 
 /// What the oracle counted (the JSON's `alarms`, the summary's rows).
@@ -914,9 +919,7 @@ fn judge(
                 .map(Vec::as_slice)
                 .unwrap_or_default();
             for c in mine {
-                if alarm_of_firing(key, &c.firing) != Some(p.id.as_str())
-                    || !vs.iter().any(|x| x.is(&c.firing))
-                {
+                if !is_called_firing(key, &p.id, &vs, &c.firing) {
                     v.push(violation(
                         "subject",
                         format!(
@@ -1008,9 +1011,7 @@ fn judge(
                             .map(Vec::as_slice)
                             .unwrap_or_default();
                         for c in mine {
-                            if alarm_of_firing(key, &c.firing) != Some(id.as_str())
-                                || !vs.iter().any(|x| x.is(&c.firing))
-                            {
+                            if !is_called_firing(key, &id, &vs, &c.firing) {
                                 v.push(violation("subject", format!("{id}: called with firing {} that its history does not hold", c.firing)));
                             }
                         }
