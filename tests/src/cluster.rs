@@ -214,15 +214,7 @@ async fn run_misconfigured(bad: Misconfiguration) -> Result<(std::process::ExitS
     }
     let dir = tempfile::tempdir()?;
     let path = key_file(dir.path(), &test_key(32))?;
-    let mut cmd = tokio::process::Command::from(scheduler_command(&server, &path, &args)?);
-    cmd.kill_on_drop(true).stdout(std::process::Stdio::null());
-    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
-        .await
-        .context("the scheduler did not end within 30 s")??;
-    Ok((
-        out.status,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
+    crate::support::run_to_its_end(scheduler_command(&server, &path, &args)?, "scheduler").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

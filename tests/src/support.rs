@@ -253,18 +253,27 @@ pub async fn operator_store(server: &NatsServer) -> Result<alarm_loader::store::
     .await?)
 }
 
-/// Starts an alarm-loader on `server` that must end by itself within 30 s (a
+/// Runs service `cmd` (`what`), which must end by itself within 30 s (a
 /// misconfiguration): how it ended and what it wrote to stderr.
-pub async fn loader_that_ends(server: &NatsServer) -> Result<(std::process::ExitStatus, String)> {
-    let mut cmd = tokio::process::Command::from(loader_command(server, &[])?);
+pub async fn run_to_its_end(
+    cmd: Command,
+    what: &str,
+) -> Result<(std::process::ExitStatus, String)> {
+    let mut cmd = tokio::process::Command::from(cmd);
     cmd.kill_on_drop(true).stdout(std::process::Stdio::null());
     let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
         .await
-        .context("the loader did not end within 30 s")??;
+        .with_context(|| format!("the {what} did not end within 30 s"))??;
     Ok((
         out.status,
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+/// Starts an alarm-loader on `server` that must end by itself within 30 s (a
+/// misconfiguration): how it ended and what it wrote to stderr.
+pub async fn loader_that_ends(server: &NatsServer) -> Result<(std::process::ExitStatus, String)> {
+    run_to_its_end(loader_command(server, &[])?, "loader").await
 }
 
 /// The command that starts a worker instance of `group` on `server` (a server or a
